@@ -1,0 +1,852 @@
+//! The YAML an operator writes, checked into typed settings before anything connects.
+//!
+//! Loading goes in three steps, each with errors that name the key path:
+//! 1. the `config` crate reads the YAML file and `CHATWOOT_BRIDGE__A__B` overrides into a tree;
+//! 2. `${VAR}` / `${VAR:-default}` are expanded in every string of that tree;
+//! 3. the tree is deserialized into the `Raw*` schema (unknown keys rejected) and validated into
+//!    [`Config`], whose values are the ones the daemon uses as they are.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use tokio_tungstenite::tungstenite::http::Uri;
+
+use crate::route::{MatchSpec, RouteTable};
+
+/// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
+pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
+
+/// A value that must never reach logs, metrics or error messages.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself: call only where it goes on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Everything that can be wrong with a config file; each names where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML: {0}")]
+    Syntax(String),
+    #[error("{key}: environment variable `{var}` is not set and has no default (write ${{{var}:-default}} to give one)")]
+    MissingEnv { key: String, var: String },
+    #[error("{key}: {message}")]
+    Schema { key: String, message: String },
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// One validation failure: the key path and what is wrong there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schema as written (Raw*). Unknown keys are errors.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    chatwoot: RawChatwoot,
+    tokens: Vec<RawToken>,
+    #[serde(default)]
+    sinks: BTreeMap<String, SinkConfig>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default = "default_shutdown_timeout", deserialize_with = "duration")]
+    shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChatwoot {
+    url: String,
+    origin: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, Secret>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    connect_timeout: Duration,
+    #[serde(default = "default_confirm_timeout", deserialize_with = "duration")]
+    confirm_timeout: Duration,
+    #[serde(default = "default_stale_after", deserialize_with = "duration")]
+    stale_after: Duration,
+    #[serde(default = "default_presence_interval", deserialize_with = "duration")]
+    presence_interval: Duration,
+    #[serde(default = "default_max_frame_bytes", deserialize_with = "number")]
+    max_frame_bytes: u64,
+    #[serde(default)]
+    reconnect: RawReconnect,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconnect {
+    #[serde(default = "default_reconnect_initial", deserialize_with = "duration")]
+    initial: Duration,
+    #[serde(default = "default_reconnect_max", deserialize_with = "duration")]
+    max: Duration,
+    #[serde(
+        default = "default_reconnect_reset_after",
+        deserialize_with = "duration"
+    )]
+    reset_after: Duration,
+    #[serde(default = "default_no_reconnect_delay", deserialize_with = "duration")]
+    after_disconnect_without_reconnect: Duration,
+}
+
+impl Default for RawReconnect {
+    fn default() -> Self {
+        RawReconnect {
+            initial: default_reconnect_initial(),
+            max: default_reconnect_max(),
+            reset_after: default_reconnect_reset_after(),
+            after_disconnect_without_reconnect: default_no_reconnect_delay(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawToken {
+    name: String,
+    pubsub_token: Secret,
+    #[serde(default, deserialize_with = "optional_number")]
+    account_id: Option<u64>,
+    #[serde(default, deserialize_with = "optional_number")]
+    user_id: Option<u64>,
+    url: Option<String>,
+    #[serde(default)]
+    presence: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    #[serde(rename = "match", default)]
+    matches: MatchSpec,
+    to: Vec<String>,
+    #[serde(rename = "continue", default)]
+    continue_matching: bool,
+}
+
+/// A sink as configured; later issues add Kafka, NATS and HTTP.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Append CloudEvents JSON lines to a file.
+    File { path: PathBuf },
+    /// Write CloudEvents JSON lines to standard output.
+    Stdout {},
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stale_after() -> Duration {
+    Duration::from_secs(6)
+}
+fn default_presence_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_frame_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_reconnect_initial() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reconnect_reset_after() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_no_reconnect_delay() -> Duration {
+    Duration::from_secs(300)
+}
+
+/// Durations are written the human way: `10s`, `500ms`, `2h`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration like `10s` or `500ms` ({e})"
+        ))
+    })
+}
+
+/// Numbers may arrive as strings when they come from `${VAR}` expansion.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(n),
+        NumberOrText::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a non-negative integer"))),
+    }
+}
+
+fn optional_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    number(d).map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated config the daemon runs on.
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Timing and size limits shared by every socket.
+    pub cable: CableSettings,
+    /// One entry per socket to keep open, in file order.
+    pub tokens: Vec<TokenSpec>,
+    /// Sinks by their unique name.
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Compiled routes, in file order.
+    pub routes: RouteTable,
+    /// How long shutdown may take to deliver what is in flight before it gives up.
+    pub shutdown_timeout: Duration,
+}
+
+/// Timing and limits of the cable client, the same for every token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CableSettings {
+    /// Bound on TCP connect plus the WebSocket handshake.
+    pub connect_timeout: Duration,
+    /// How long a subscription may stay unconfirmed before the token counts as unconfirmed:
+    /// Chatwoot answers a bad token with silence, not with a reject.
+    pub confirm_timeout: Duration,
+    /// Silence after which the socket is considered dead (the server pings every 3 s).
+    pub stale_after: Duration,
+    /// How often `update_presence` is sent for tokens that ask for it.
+    pub presence_interval: Duration,
+    /// Largest frame accepted; a larger one ends the connection instead of exhausting memory.
+    pub max_frame_bytes: usize,
+    /// Reconnect backoff.
+    pub reconnect: ReconnectSettings,
+}
+
+impl Default for CableSettings {
+    fn default() -> Self {
+        CableSettings {
+            connect_timeout: default_connect_timeout(),
+            confirm_timeout: default_confirm_timeout(),
+            stale_after: default_stale_after(),
+            presence_interval: default_presence_interval(),
+            max_frame_bytes: default_max_frame_bytes() as usize,
+            reconnect: ReconnectSettings::default(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter between reconnects and resubscribes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconnectSettings {
+    /// Ceiling of the first delay.
+    pub initial: Duration,
+    /// Largest ceiling the delays grow to.
+    pub max: Duration,
+    /// A connection must stay subscribed this long before the backoff starts over, so a flapping
+    /// server does not get every token back at the initial delay at once.
+    pub reset_after: Duration,
+    /// Delay after a `disconnect` frame that says `reconnect: false`.
+    pub after_disconnect_without_reconnect: Duration,
+}
+
+impl Default for ReconnectSettings {
+    fn default() -> Self {
+        let raw = RawReconnect::default();
+        ReconnectSettings {
+            initial: raw.initial,
+            max: raw.max,
+            reset_after: raw.reset_after,
+            after_disconnect_without_reconnect: raw.after_disconnect_without_reconnect,
+        }
+    }
+}
+
+/// Who a pubsub token belongs to; it decides the subscription identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// An agent or administrator token: events of the inboxes and account it can see.
+    Agent { account_id: u64, user_id: u64 },
+    /// A contact (widget visitor) token: events of that contact's conversations.
+    Contact,
+}
+
+/// One socket to keep open. Compared as a whole on reload: a changed spec restarts its socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenSpec {
+    /// Unique label used in routes, logs and metrics; never the secret.
+    pub name: Arc<str>,
+    /// The cable endpoint (`ws://` or `wss://`).
+    pub url: String,
+    /// Sent as the `Origin` header; some installs and proxies check it.
+    pub origin: String,
+    /// Extra handshake headers; values may be credentials for a proxy.
+    pub headers: Vec<(String, Secret)>,
+    /// The bearer token of the subscription.
+    pub pubsub_token: Secret,
+    pub identity: Identity,
+    /// Whether to send `update_presence`, which shows the agent online.
+    pub presence: bool,
+}
+
+impl TokenSpec {
+    /// `source` of the events this token yields: the cable URL and the token name.
+    pub fn source(&self) -> String {
+        format!("{}#{}", self.url, self.name)
+    }
+}
+
+impl Config {
+    /// Reads, expands and validates a config file. Environment overrides apply.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_yaml(&text, &|name| std::env::var(name).ok(), true)
+    }
+
+    /// Parses config text. `env` resolves `${VAR}`; `env_overrides` also applies
+    /// `CHATWOOT_BRIDGE__...` variables from the process environment.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        env_overrides: bool,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Yaml));
+        if env_overrides {
+            builder = builder.add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        }
+        let tree: serde_json::Value = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let tree = expand_tree(tree, "", env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Schema {
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        raw.validate()
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+
+        let chatwoot = self.chatwoot;
+        if let Err(message) = check_cable_url(&chatwoot.url) {
+            problem("chatwoot.url".into(), message);
+        }
+        if let Some(origin) = &chatwoot.origin {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                problem(
+                    "chatwoot.origin".into(),
+                    format!("`{origin}` must start with http:// or https://"),
+                );
+            }
+        }
+        let max_frame_bytes = chatwoot.max_frame_bytes;
+        if max_frame_bytes < 1024 {
+            problem(
+                "chatwoot.max_frame_bytes".into(),
+                format!("{max_frame_bytes} is too small; Chatwoot frames are often several KB"),
+            );
+        }
+        for (key, value) in [
+            ("chatwoot.connect_timeout", chatwoot.connect_timeout),
+            ("chatwoot.confirm_timeout", chatwoot.confirm_timeout),
+            ("chatwoot.stale_after", chatwoot.stale_after),
+            ("chatwoot.presence_interval", chatwoot.presence_interval),
+            ("chatwoot.reconnect.initial", chatwoot.reconnect.initial),
+            ("chatwoot.reconnect.max", chatwoot.reconnect.max),
+        ] {
+            if value.is_zero() {
+                problem(key.into(), "must be greater than zero".into());
+            }
+        }
+        if chatwoot.reconnect.max < chatwoot.reconnect.initial {
+            problem(
+                "chatwoot.reconnect.max".into(),
+                "must not be smaller than chatwoot.reconnect.initial".into(),
+            );
+        }
+        let headers: Vec<(String, Secret)> = chatwoot.headers.into_iter().collect();
+
+        if self.tokens.is_empty() {
+            problem("tokens".into(), "at least one token is needed".into());
+        }
+        let mut token_names = BTreeSet::new();
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        for (i, raw) in self.tokens.into_iter().enumerate() {
+            let key = format!("tokens[{i}]");
+            if let Err(message) = check_name(&raw.name) {
+                problem(format!("{key}.name"), message);
+            } else if !token_names.insert(raw.name.clone()) {
+                problem(
+                    format!("{key}.name"),
+                    format!("`{}` is used by another token already", raw.name),
+                );
+            }
+            if raw.pubsub_token.expose().trim().is_empty() {
+                problem(format!("{key}.pubsub_token"), "is empty".into());
+            }
+            let identity = match (raw.account_id, raw.user_id) {
+                (Some(account_id), Some(user_id)) => Identity::Agent {
+                    account_id,
+                    user_id,
+                },
+                (None, None) => Identity::Contact,
+                (Some(_), None) => {
+                    problem(
+                        format!("{key}.user_id"),
+                        "an agent token needs user_id with account_id (Chatwoot ignores the subscription otherwise)".into(),
+                    );
+                    Identity::Contact
+                }
+                (None, Some(_)) => {
+                    problem(
+                        format!("{key}.account_id"),
+                        "an agent token needs account_id with user_id".into(),
+                    );
+                    Identity::Contact
+                }
+            };
+            let url = raw.url.clone().unwrap_or_else(|| chatwoot.url.clone());
+            if raw.url.is_some() {
+                if let Err(message) = check_cable_url(&url) {
+                    problem(format!("{key}.url"), message);
+                }
+            }
+            let origin = match (&raw.url, &chatwoot.origin) {
+                (None, Some(origin)) => origin.clone(),
+                _ => derive_origin(&url).unwrap_or_default(),
+            };
+            tokens.push(TokenSpec {
+                name: Arc::from(raw.name.as_str()),
+                url,
+                origin,
+                headers: headers.clone(),
+                pubsub_token: raw.pubsub_token,
+                identity,
+                presence: raw.presence,
+            });
+        }
+
+        for name in self.sinks.keys() {
+            if let Err(message) = check_name(name) {
+                problem(format!("sinks.{name}"), message);
+            }
+        }
+        let sink_names: BTreeSet<&str> = self.sinks.keys().map(String::as_str).collect();
+        let mut route_names = BTreeSet::new();
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (i, raw) in self.routes.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !route_names.insert(raw.name.clone()) {
+                problem(
+                    format!("{key}.name"),
+                    format!("`{}` is used by another route already", raw.name),
+                );
+            }
+            if raw.to.is_empty() {
+                problem(format!("{key}.to"), "names no sink".into());
+            }
+            for (j, sink) in raw.to.iter().enumerate() {
+                if !sink_names.contains(sink.as_str()) {
+                    problem(
+                        format!("{key}.to[{j}]"),
+                        format!(
+                            "no sink is named `{sink}` (sinks: {})",
+                            sink_names.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                }
+            }
+            routes.push((raw.name, raw.matches, raw.to, raw.continue_matching));
+        }
+        let routes = match RouteTable::compile(routes, &token_names) {
+            Ok(table) => Some(table),
+            Err(route_problems) => {
+                problems.extend(route_problems);
+                None
+            }
+        };
+
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(Config {
+            cable: CableSettings {
+                connect_timeout: chatwoot.connect_timeout,
+                confirm_timeout: chatwoot.confirm_timeout,
+                stale_after: chatwoot.stale_after,
+                presence_interval: chatwoot.presence_interval,
+                max_frame_bytes: max_frame_bytes as usize,
+                reconnect: ReconnectSettings {
+                    initial: chatwoot.reconnect.initial,
+                    max: chatwoot.reconnect.max,
+                    reset_after: chatwoot.reconnect.reset_after,
+                    after_disconnect_without_reconnect: chatwoot
+                        .reconnect
+                        .after_disconnect_without_reconnect,
+                },
+            },
+            tokens,
+            sinks: self.sinks,
+            routes: routes.expect("no problems means the routes compiled"),
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+/// Names appear in metrics labels, log fields and templates, so they stay plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "`{name}` may contain only letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_cable_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("ws") | Some("wss") => {}
+        _ => return Err(format!("`{url}` must start with ws:// or wss://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(())
+}
+
+/// `wss://host:port/cable` -> `https://host:port`.
+pub fn derive_origin(url: &str) -> Option<String> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme = match uri.scheme_str()? {
+        "wss" => "https",
+        _ => "http",
+    };
+    Some(format!("{scheme}://{}", uri.authority()?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// ${VAR} expansion.
+
+fn expand_tree(
+    value: serde_json::Value,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<serde_json::Value, ConfigError> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::String(s) => Value::String(expand_string(&s, key, env)?),
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| expand_tree(v, &format!("{key}[{i}]"), env))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let child = if key.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{key}.{k}")
+                    };
+                    expand_tree(v, &child, env).map(|v| (k, v))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        other => other,
+    })
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$${` stands for a literal `${`.
+pub fn expand_string(
+    input: &str,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(body) = tail.strip_prefix("${") {
+            let Some(end) = body.find('}') else {
+                return Err(ConfigError::Schema {
+                    key: key.into(),
+                    message: "`${` is not closed by `}`".into(),
+                });
+            };
+            let expr = &body[..end];
+            let (var, default) = match expr.split_once(":-") {
+                Some((var, default)) => (var, Some(default)),
+                None => (expr, None),
+            };
+            if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(ConfigError::Schema {
+                    key: key.into(),
+                    message: format!("`${{{expr}}}` does not name an environment variable"),
+                });
+            }
+            match (env(var), default) {
+                (Some(value), _) => out.push_str(&value),
+                (None, Some(default)) => out.push_str(default),
+                (None, None) => {
+                    return Err(ConfigError::MissingEnv {
+                        key: key.into(),
+                        var: var.into(),
+                    })
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "AGENT" => Some("agent-secret-123".into()),
+            "ACCOUNT" => Some("7".into()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, &env, false)
+    }
+
+    const MINIMAL: &str = r#"
+chatwoot:
+  url: wss://chat.example.com/cable
+tokens:
+  - name: support-agent
+    pubsub_token: ${AGENT}
+    account_id: ${ACCOUNT}
+    user_id: 3
+  - name: widget-visitor
+    pubsub_token: contact-token
+    url: ws://127.0.0.1:3000/cable
+sinks:
+  archive: { type: file, path: ./events.jsonl }
+routes:
+  - { name: everything, match: {}, to: [archive] }
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults_and_expansion() {
+        let cfg = load(MINIMAL).unwrap();
+        assert_eq!(cfg.tokens.len(), 2);
+        let agent = &cfg.tokens[0];
+        assert_eq!(agent.pubsub_token.expose(), "agent-secret-123");
+        assert_eq!(
+            agent.identity,
+            Identity::Agent {
+                account_id: 7,
+                user_id: 3
+            }
+        );
+        assert_eq!(agent.origin, "https://chat.example.com");
+        let visitor = &cfg.tokens[1];
+        assert_eq!(visitor.identity, Identity::Contact);
+        assert_eq!(visitor.url, "ws://127.0.0.1:3000/cable");
+        assert_eq!(visitor.origin, "http://127.0.0.1:3000");
+        assert_eq!(cfg.cable.confirm_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.cable.stale_after, Duration::from_secs(6));
+        assert_eq!(cfg.cable.max_frame_bytes, 8 * 1024 * 1024);
+        assert_eq!(
+            cfg.sinks["archive"],
+            SinkConfig::File {
+                path: "./events.jsonl".into()
+            }
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let cfg = load(MINIMAL).unwrap();
+        let dump = format!("{cfg:?}");
+        assert!(!dump.contains("agent-secret-123"), "{dump}");
+        assert!(!dump.contains("contact-token"), "{dump}");
+    }
+
+    #[test]
+    fn missing_env_var_names_variable_and_key() {
+        let text = MINIMAL.replace("${AGENT}", "${NOPE_NOT_SET}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("tokens[0].pubsub_token"), "{err}");
+        assert!(err.contains("NOPE_NOT_SET"), "{err}");
+    }
+
+    #[test]
+    fn env_default_is_used_when_unset() {
+        let text = MINIMAL.replace("${AGENT}", "${NOPE_NOT_SET:-fallback}");
+        let cfg = load(&text).unwrap();
+        assert_eq!(cfg.tokens[0].pubsub_token.expose(), "fallback");
+    }
+
+    #[test]
+    fn expansion_inside_longer_strings_and_escapes() {
+        let got = expand_string("a-${ACCOUNT}-$${LITERAL}-$5", "k", &env).unwrap();
+        assert_eq!(got, "a-7-${LITERAL}-$5");
+        let err = expand_string("${ACCOUNT", "k.x", &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("k.x:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let text = MINIMAL.replace("    user_id: 3", "    user_id: 3\n    presense: true");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("tokens[0].presense: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_sink_type_names_its_path() {
+        let text = MINIMAL.replace("type: file", "type: fiel");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("sinks.archive"), "{err}");
+        assert!(err.contains("fiel"), "{err}");
+    }
+
+    #[test]
+    fn agent_token_needs_both_ids() {
+        let text = MINIMAL.replace("    user_id: 3\n", "");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("tokens[0].user_id"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_duplicate_names_and_unknown_sinks_are_all_reported() {
+        let text = MINIMAL
+            .replace(
+                "wss://chat.example.com/cable",
+                "https://chat.example.com/cable",
+            )
+            .replace("name: widget-visitor", "name: support-agent")
+            .replace("to: [archive]", "to: [archiv]");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "chatwoot.url: `https://chat.example.com/cable` must start with ws:// or wss://"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("tokens[1].name: `support-agent` is used"),
+            "{err}"
+        );
+        assert!(
+            err.contains("routes[0].to[0]: no sink is named `archiv`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_its_path() {
+        let text = MINIMAL.replace(
+            "  url: wss://chat.example.com/cable",
+            "  url: wss://chat.example.com/cable\n  stale_after: soon",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("chatwoot.stale_after:"), "{err}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_is_reported() {
+        let err = load("chatwoot: [unclosed").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax(_)), "{err}");
+    }
+}

@@ -1,0 +1,330 @@
+//! The event envelope: one Chatwoot broadcast as the bridge carries it, and its CloudEvents form.
+//!
+//! Chatwoot's `data` is kept as the exact bytes received: never re-serialized, so consumers get
+//! what Chatwoot sent and the id can be computed from the bytes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// 128-bit event id, written as 32 lowercase hex digits. See [`crate::id`] for how it is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub u128);
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Identifiers pulled out of `data` once, for routing, keys, templates and the CloudEvents subject.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataKeys {
+    pub account_id: Option<u64>,
+    /// The conversation's display id, when the event concerns one conversation.
+    pub conversation_id: Option<u64>,
+    pub inbox_id: Option<u64>,
+}
+
+/// One decoded Chatwoot event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Assigned by the pipeline ([`crate::id::IdAssigner`]); zero until then.
+    pub id: EventId,
+    /// Hash of the event name and the raw data bytes, computed once on the socket's task.
+    pub content_hash: u128,
+    /// Chatwoot's event name, e.g. `message.created`; unknown names pass through unchanged.
+    pub name: Box<str>,
+    /// Chatwoot's `data` object, byte for byte as received.
+    pub data: Box<RawValue>,
+    /// Name of the token whose socket delivered it (never the secret).
+    pub token: Arc<str>,
+    /// CloudEvents `source`: the cable URL and `#<token name>`.
+    pub source: Arc<str>,
+    /// When the frame was read from the socket.
+    pub received_at: SystemTime,
+    pub keys: DataKeys,
+}
+
+impl Event {
+    /// Builds an event from a frame's `message` parts. `data` must be a JSON object.
+    pub fn new(
+        name: &str,
+        data: Box<RawValue>,
+        token: Arc<str>,
+        source: Arc<str>,
+        received_at: SystemTime,
+    ) -> Event {
+        let keys = DataKeys::extract(name, data.get());
+        Event {
+            id: EventId::default(),
+            content_hash: content_hash(name, data.get()),
+            name: name.into(),
+            data,
+            token,
+            source,
+            received_at,
+            keys,
+        }
+    }
+
+    /// CloudEvents `type`.
+    pub fn ce_type(&self) -> String {
+        format!("com.chatwoot.{}", self.name)
+    }
+
+    /// CloudEvents `subject`: `conversation/<display id>` when the event concerns one.
+    pub fn subject(&self) -> Option<String> {
+        self.keys
+            .conversation_id
+            .map(|id| format!("conversation/{id}"))
+    }
+
+    /// CloudEvents `time`: receive time, RFC 3339 in UTC with microseconds.
+    pub fn time(&self) -> String {
+        humantime::format_rfc3339_micros(self.received_at).to_string()
+    }
+
+    /// Appends the CloudEvents 1.0 structured-mode JSON object (no trailing newline).
+    pub fn write_structured(&self, out: &mut Vec<u8>) {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            serde_json::to_writer(&mut *out, s).expect("writing JSON to a Vec cannot fail");
+        }
+        out.extend_from_slice(br#"{"specversion":"1.0","id":""#);
+        out.extend_from_slice(self.id.to_string().as_bytes());
+        out.extend_from_slice(br#"","source":"#);
+        string(out, &self.source);
+        out.extend_from_slice(br#","type":"#);
+        string(out, &self.ce_type());
+        out.extend_from_slice(br#","time":""#);
+        out.extend_from_slice(self.time().as_bytes());
+        out.push(b'"');
+        if let Some(subject) = self.subject() {
+            out.extend_from_slice(br#","subject":"#);
+            string(out, &subject);
+        }
+        out.extend_from_slice(br#","datacontenttype":"application/json","chatwootevent":"#);
+        string(out, &self.name);
+        out.extend_from_slice(br#","chatwoottoken":"#);
+        string(out, &self.token);
+        if let Some(account) = self.keys.account_id {
+            out.extend_from_slice(br#","chatwootaccount":"#);
+            out.extend_from_slice(account.to_string().as_bytes());
+        }
+        out.extend_from_slice(br#","data":"#);
+        out.extend_from_slice(self.data.get().as_bytes());
+        out.push(b'}');
+    }
+
+    /// An event with the given parts, for tests of routing and encoding.
+    pub fn for_test(name: &str, token: &str, data: &str) -> Event {
+        Event::new(
+            name,
+            RawValue::from_string(data.to_owned()).expect("test data is JSON"),
+            Arc::from(token),
+            Arc::from(format!("ws://127.0.0.1/cable#{token}")),
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+}
+
+/// Hash of what a broadcast carries: the event name and the data bytes.
+pub fn content_hash(name: &str, data: &str) -> u128 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(name.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(data.as_bytes());
+    hasher.digest128()
+}
+
+impl DataKeys {
+    /// Reads the ids Chatwoot puts in `data`. Where the conversation id sits depends on the event:
+    /// message events carry `conversation_id`, typing events a nested `conversation`, and
+    /// conversation events are the conversation itself (`id`).
+    pub fn extract(event: &str, data: &str) -> DataKeys {
+        #[derive(Deserialize, Default)]
+        struct Nested {
+            #[serde(default)]
+            id: Lenient,
+            #[serde(default)]
+            inbox_id: Lenient,
+        }
+        #[derive(Deserialize, Default)]
+        struct Top {
+            #[serde(default)]
+            account_id: Lenient,
+            #[serde(default)]
+            id: Lenient,
+            #[serde(default)]
+            conversation_id: Lenient,
+            #[serde(default)]
+            inbox_id: Lenient,
+            #[serde(default, deserialize_with = "lenient_nested")]
+            conversation: Option<Nested>,
+        }
+        fn lenient_nested<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Nested>, D::Error> {
+            // A `conversation` that is not an object (null, a string) is simply absent.
+            let value = serde_json::Value::deserialize(d)?;
+            Ok(value
+                .is_object()
+                .then(|| serde_json::from_value(value).ok())
+                .flatten())
+        }
+        // serde would read an array as a struct's fields in order; only objects carry keys.
+        if !data.trim_start().starts_with('{') {
+            return DataKeys::default();
+        }
+        let Ok(top) = serde_json::from_str::<Top>(data) else {
+            return DataKeys::default();
+        };
+        let nested = top.conversation.unwrap_or_default();
+        let is_conversation_event = event.starts_with("conversation.")
+            || matches!(event, "assignee.changed" | "team.changed");
+        let conversation_id = top
+            .conversation_id
+            .0
+            .or(nested.id.0)
+            .or(if is_conversation_event {
+                top.id.0
+            } else {
+                None
+            });
+        DataKeys {
+            account_id: top.account_id.0,
+            conversation_id,
+            inbox_id: top.inbox_id.0.or(nested.inbox_id.0),
+        }
+    }
+}
+
+/// A non-negative integer where Chatwoot usually puts one; anything else reads as absent
+/// instead of failing the whole event.
+#[derive(Default, Debug, Clone, Copy)]
+struct Lenient(Option<u64>);
+
+impl<'de> Deserialize<'de> for Lenient {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Lenient;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Lenient, E> {
+                Ok(Lenient(Some(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Lenient, E> {
+                Ok(Lenient(u64::try_from(v).ok()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
+                Ok(Lenient(v.parse().ok()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Lenient, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_by_event_kind() {
+        let msg = DataKeys::extract(
+            "message.created",
+            r#"{"id":5120,"account_id":1,"inbox_id":2,"conversation_id":87,"conversation":{"assignee_id":null}}"#,
+        );
+        assert_eq!(
+            msg,
+            DataKeys {
+                account_id: Some(1),
+                conversation_id: Some(87),
+                inbox_id: Some(2)
+            }
+        );
+        let typing = DataKeys::extract(
+            "conversation.typing_on",
+            r#"{"account_id":1,"conversation":{"id":87,"inbox_id":2},"user":{"id":3}}"#,
+        );
+        assert_eq!(typing.conversation_id, Some(87));
+        assert_eq!(typing.inbox_id, Some(2));
+        let conv = DataKeys::extract("assignee.changed", r#"{"id":87,"account_id":1}"#);
+        assert_eq!(conv.conversation_id, Some(87));
+        let contact = DataKeys::extract("contact.updated", r#"{"id":42,"account_id":1}"#);
+        assert_eq!(contact.conversation_id, None);
+        assert_eq!(contact.account_id, Some(1));
+    }
+
+    #[test]
+    fn odd_values_read_as_absent() {
+        let keys = DataKeys::extract(
+            "message.created",
+            r#"{"account_id":"3","conversation_id":{"x":[1,2]},"inbox_id":-1,"conversation":"nope"}"#,
+        );
+        assert_eq!(
+            keys,
+            DataKeys {
+                account_id: Some(3),
+                conversation_id: None,
+                inbox_id: None
+            }
+        );
+        assert_eq!(DataKeys::extract("x", "[1]"), DataKeys::default());
+    }
+
+    #[test]
+    fn structured_cloudevent_keeps_data_bytes() {
+        let data = r#"{"id":1, "account_id":4,"conversation_id":9,"content":"caf\u00e9 \"q\""}"#;
+        let mut event = Event::for_test("message.created", "agent", data);
+        event.id = EventId(0xabc);
+        let mut out = Vec::new();
+        event.write_structured(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with(&format!(r#""data":{data}}}"#)), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], "00000000000000000000000000000abc");
+        assert_eq!(v["source"], "ws://127.0.0.1/cable#agent");
+        assert_eq!(v["type"], "com.chatwoot.message.created");
+        assert_eq!(v["time"], "1970-01-01T00:00:00.000000Z");
+        assert_eq!(v["subject"], "conversation/9");
+        assert_eq!(v["datacontenttype"], "application/json");
+        assert_eq!(v["chatwootevent"], "message.created");
+        assert_eq!(v["chatwoottoken"], "agent");
+        assert_eq!(v["chatwootaccount"], 4);
+        assert_eq!(v["data"]["content"], "café \"q\"");
+    }
+
+    #[test]
+    fn no_subject_without_conversation() {
+        let event = Event::for_test("presence.update", "agent", r#"{"account_id":1}"#);
+        let mut out = Vec::new();
+        event.write_structured(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v.get("subject").is_none());
+    }
+}

@@ -1,0 +1,46 @@
+//! Frames recorded from Chatwoot (copies of `shared/chatwoot/fixtures`), embedded so the mock
+//! server broadcasts real-shaped events and tests can check every one.
+
+/// `(event name, whole frame as Chatwoot sent it)` for each recorded event.
+pub const ALL: &[(&str, &str)] = &[
+    (
+        "assignee.changed",
+        include_str!("../fixtures/assignee.changed.json"),
+    ),
+    (
+        "contact.updated",
+        include_str!("../fixtures/contact.updated.json"),
+    ),
+    (
+        "conversation.created",
+        include_str!("../fixtures/conversation.created.json"),
+    ),
+    (
+        "conversation.status_changed",
+        include_str!("../fixtures/conversation.status_changed.json"),
+    ),
+    (
+        "conversation.typing_on",
+        include_str!("../fixtures/conversation.typing_on.json"),
+    ),
+    (
+        "conversation.updated",
+        include_str!("../fixtures/conversation.updated.json"),
+    ),
+    (
+        "message.created",
+        include_str!("../fixtures/message.created.json"),
+    ),
+    (
+        "message.updated",
+        include_str!("../fixtures/message.updated.json"),
+    ),
+    (
+        "notification.created",
+        include_str!("../fixtures/notification.created.json"),
+    ),
+    (
+        "presence.update",
+        include_str!("../fixtures/presence.update.json"),
+    ),
+];

@@ -1,0 +1,213 @@
+//! Event ids: one id for one broadcast, however many tokens saw it; a new id for a later
+//! broadcast with the same bytes.
+//!
+//! Chatwoot sends no event id. A broadcast fanned out to several tokens arrives as byte-identical
+//! copies within milliseconds; but identical bytes also recur for genuinely new changes (typing
+//! on/off/on, a contact edited A→B→A), and a downstream dedup (JetStream's duplicate window, a
+//! webhook's idempotency) must not merge those. Two facts separate them:
+//! - one subscription receives each broadcast once, so the same bytes seen twice *on the same
+//!   token* are always two broadcasts;
+//! - copies of one broadcast on different tokens arrive within a short window.
+//!
+//! So copies are grouped: a sighting joins the latest group with the same content if that group
+//! opened less than [`FANOUT_WINDOW`] ago and has not seen this token yet; otherwise it opens a
+//! new group. A group's id is `xxh3-128(content hash, the UTC second the group opened, n)`, where
+//! n counts the earlier groups with the same content opened in that same second. Including the
+//! second (rather than a counter alone) makes replicas that see the same broadcast agree on its
+//! id, except when their sightings straddle a second boundary: a rare duplicate, never a merge.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::event::EventId;
+
+/// How long after a group opens a copy on another token still joins it. Copies of one broadcast
+/// arrive within milliseconds; the window must not be shorter than the one-second id bucket.
+pub const FANOUT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Assigns ids to events in receive order. Memory is bounded by the broadcasts of one window.
+#[derive(Debug, Default)]
+pub struct IdAssigner {
+    /// The latest group per content hash.
+    groups: HashMap<u128, Group>,
+    /// Groups in opening order, to forget them once the window has passed.
+    opened: VecDeque<(SystemTime, u128)>,
+}
+
+#[derive(Debug)]
+struct Group {
+    id: EventId,
+    opened_at: SystemTime,
+    /// UTC second the group opened; part of the id.
+    second: u64,
+    /// How many earlier groups with the same content opened in the same second; part of the id.
+    repeat: u32,
+    /// Tokens whose copy joined; a second sighting on one of these is a new broadcast.
+    tokens: Vec<Arc<str>>,
+}
+
+impl IdAssigner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id of a sighting of `content` on `token` at `at` (the receive time).
+    pub fn assign(&mut self, content: u128, token: &Arc<str>, at: SystemTime) -> EventId {
+        self.forget_before(at);
+        let second = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let repeat = match self.groups.get_mut(&content) {
+            Some(group) => {
+                let in_window = at
+                    .duration_since(group.opened_at)
+                    .map(|age| age < FANOUT_WINDOW)
+                    .unwrap_or(true);
+                if in_window && !group.tokens.iter().any(|t| t == token) {
+                    group.tokens.push(token.clone());
+                    return group.id;
+                }
+                if group.second == second {
+                    group.repeat + 1
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        };
+        let id = group_id(content, second, repeat);
+        self.groups.insert(
+            content,
+            Group {
+                id,
+                opened_at: at,
+                second,
+                repeat,
+                tokens: vec![token.clone()],
+            },
+        );
+        self.opened.push_back((at, content));
+        id
+    }
+
+    /// Groups remembered now; bounded by the broadcasts of one window.
+    pub fn remembered(&self) -> usize {
+        self.groups.len()
+    }
+
+    fn forget_before(&mut self, now: SystemTime) {
+        while let Some(&(opened_at, content)) = self.opened.front() {
+            let expired = now
+                .duration_since(opened_at)
+                .map(|age| age >= FANOUT_WINDOW)
+                .unwrap_or(false);
+            if !expired {
+                break;
+            }
+            self.opened.pop_front();
+            // A newer group for the same content may have replaced this one; keep that.
+            if self
+                .groups
+                .get(&content)
+                .is_some_and(|g| g.opened_at == opened_at)
+            {
+                self.groups.remove(&content);
+            }
+        }
+    }
+}
+
+fn group_id(content: u128, second: u64, repeat: u32) -> EventId {
+    let mut bytes = [0u8; 28];
+    bytes[..16].copy_from_slice(&content.to_le_bytes());
+    bytes[16..24].copy_from_slice(&second.to_le_bytes());
+    bytes[24..].copy_from_slice(&repeat.to_le_bytes());
+    EventId(xxhash_rust::xxh3::xxh3_128(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::content_hash;
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(1_781_964_126_000 + ms)
+    }
+
+    #[test]
+    fn fanout_copies_on_several_tokens_share_one_id() {
+        let (a, b, c) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        let content = content_hash("message.created", r#"{"id":1}"#);
+        let mut ids = IdAssigner::new();
+        let first = ids.assign(content, &a, at(0));
+        assert_eq!(ids.assign(content, &b, at(3)), first);
+        assert_eq!(ids.assign(content, &c, at(40)), first);
+    }
+
+    #[test]
+    fn repeat_on_same_token_gets_new_id_even_within_the_same_second() {
+        // typing on / off / on within a few milliseconds
+        let a: Arc<str> = Arc::from("a");
+        let on = content_hash("conversation.typing_on", r#"{"conversation":{"id":87}}"#);
+        let off = content_hash("conversation.typing_off", r#"{"conversation":{"id":87}}"#);
+        let mut ids = IdAssigner::new();
+        let on1 = ids.assign(on, &a, at(100));
+        let off1 = ids.assign(off, &a, at(101));
+        let on2 = ids.assign(on, &a, at(102));
+        assert_ne!(on1, on2);
+        assert_ne!(on1, off1);
+        let on3 = ids.assign(on, &a, at(103));
+        assert_ne!(on3, on2);
+        assert_ne!(on3, on1);
+    }
+
+    #[test]
+    fn repeat_seen_on_two_tokens_gives_two_ids_each_shared() {
+        // contact edited A -> B -> A, seen by two agents
+        let (a, b) = (Arc::from("a"), Arc::from("b"));
+        let state_a = content_hash("contact.updated", r#"{"name":"A"}"#);
+        let state_b = content_hash("contact.updated", r#"{"name":"B"}"#);
+        let mut ids = IdAssigner::new();
+        let first_a = ids.assign(state_a, &a, at(0));
+        assert_eq!(ids.assign(state_a, &b, at(2)), first_a);
+        let b_on_a = ids.assign(state_b, &a, at(300));
+        assert_eq!(ids.assign(state_b, &b, at(301)), b_on_a);
+        let second_a = ids.assign(state_a, &a, at(600));
+        assert_ne!(second_a, first_a);
+        assert_eq!(ids.assign(state_a, &b, at(602)), second_a);
+    }
+
+    #[test]
+    fn same_bytes_after_the_window_are_a_new_broadcast() {
+        let (a, b) = (Arc::from("a"), Arc::from("b"));
+        let content = content_hash("presence.update", r#"{"users":{}}"#);
+        let mut ids = IdAssigner::new();
+        let first = ids.assign(content, &a, at(0));
+        let later = ids.assign(content, &b, at(5_000));
+        assert_ne!(first, later);
+    }
+
+    #[test]
+    fn ids_are_stable_across_instances_for_the_same_second() {
+        // two replicas (or a restart) seeing the same broadcast in the same second agree
+        let a: Arc<str> = Arc::from("a");
+        let content = content_hash("message.created", r#"{"id":1}"#);
+        let one = IdAssigner::new().assign(content, &a, at(10));
+        let two = IdAssigner::new().assign(content, &a, at(20));
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_window() {
+        let a: Arc<str> = Arc::from("a");
+        let mut ids = IdAssigner::new();
+        for i in 0..10_000u64 {
+            ids.assign(content_hash("e", &i.to_string()), &a, at(i));
+        }
+        // 10 s of events at one per ms: only the last second is remembered
+        assert!(ids.remembered() <= 1_001, "{}", ids.remembered());
+        assert_eq!(ids.opened.len(), ids.remembered());
+    }
+}

@@ -1,0 +1,281 @@
+//! The `chatwoot-bridge` command: a thin CLI over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chatwoot_bridge::config::Config;
+use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "chatwoot-bridge",
+    version,
+    about = "Chatwoot's real-time events, delivered to Kafka, NATS, webhooks and files"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "CHATWOOT_BRIDGE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or Ctrl-C.
+    Run {
+        #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Parse and validate a config file; exit non-zero with every problem and its key path.
+    Check {
+        #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Start a mock Chatwoot and the bridge together; events are printed to stdout.
+    Demo {
+        /// Events per second the mock broadcasts.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Stop after this many events (default: run until Ctrl-C).
+        #[arg(long)]
+        events: Option<u64>,
+        /// Append events to this file instead of printing them.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Run a mock Chatwoot ActionCable server (for trying pipelines without a Chatwoot).
+    MockServer {
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        listen: SocketAddr,
+        /// A pubsub token the server confirms (repeatable).
+        #[arg(long = "token")]
+        tokens: Vec<String>,
+        /// A pubsub token the server ignores in silence, as Chatwoot does a wrong one (repeatable).
+        #[arg(long = "silent-token")]
+        silent_tokens: Vec<String>,
+        /// A pubsub token the server rejects (repeatable).
+        #[arg(long = "reject-token")]
+        reject_tokens: Vec<String>,
+        /// Confirm every token not listed otherwise (default: silence, like Chatwoot).
+        #[arg(long)]
+        accept_any: bool,
+        /// Events per second to broadcast.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Stop broadcasting after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Heartbeat period.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        ping_interval: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(execute(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let report = chatwoot_bridge::run(config, shutdown_signal()).await?;
+            Ok(if report.drained {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Check { config: path } => match Config::load(&path) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} tokens, {} sinks, {} routes)",
+                    path.display(),
+                    config.tokens.len(),
+                    config.sinks.len(),
+                    config.routes.route_names().count()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{}: invalid config\n{e}", path.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Demo { rate, events, file } => demo(rate, events, file).await,
+        Command::MockServer {
+            listen,
+            tokens,
+            silent_tokens,
+            reject_tokens,
+            accept_any,
+            rate,
+            count,
+            ping_interval,
+        } => {
+            let answers = [
+                (tokens, Answer::Confirm),
+                (silent_tokens, Answer::Silent),
+                (reject_tokens, Answer::Reject),
+            ];
+            let tokens = answers
+                .into_iter()
+                .flat_map(|(list, answer)| {
+                    list.into_iter().map(move |pubsub_token| MockToken {
+                        pubsub_token,
+                        answer,
+                    })
+                })
+                .collect();
+            let server = MockServer::start(MockConfig {
+                listen,
+                tokens,
+                unknown_answer: if accept_any {
+                    Answer::Confirm
+                } else {
+                    Answer::Silent
+                },
+                ping_interval,
+                rate,
+                count,
+                wait_for_subscriptions: 0,
+            })
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+            info!(url = %server.url(), "mock Chatwoot cable server listening");
+            shutdown_signal().await;
+            server.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The demo: a mock Chatwoot with an agent and a widget visitor, and the bridge printing events.
+async fn demo(rate: f64, events: Option<u64>, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let server = MockServer::start(MockConfig {
+        tokens: vec![
+            MockToken {
+                pubsub_token: "demo-agent-token".into(),
+                answer: Answer::Confirm,
+            },
+            MockToken {
+                pubsub_token: "demo-contact-token".into(),
+                answer: Answer::Confirm,
+            },
+        ],
+        rate,
+        count: events,
+        wait_for_subscriptions: 2,
+        ..MockConfig::default()
+    })
+    .await
+    .context("cannot start the mock server")?;
+    let sink = match &file {
+        Some(path) => format!("{{ type: file, path: {} }}", serde_json::to_string(path)?),
+        None => "{ type: stdout }".to_string(),
+    };
+    let yaml = format!(
+        r#"
+chatwoot:
+  url: {url}
+tokens:
+  - {{ name: demo-agent, pubsub_token: demo-agent-token, account_id: 1, user_id: 1 }}
+  - {{ name: demo-visitor, pubsub_token: demo-contact-token }}
+sinks:
+  out: {sink}
+routes:
+  - {{ name: everything, match: {{}}, to: [out] }}
+"#,
+        url = server.url()
+    );
+    let config = Config::from_yaml(&yaml, &|_| None, false)?;
+    info!(url = %server.url(), "demo: mock Chatwoot started; events follow (Ctrl-C to stop)");
+    let bridge = chatwoot_bridge::Bridge::start(config).await?;
+    match events {
+        // Each event reaches both tokens: wait for all copies, then stop.
+        Some(n) => {
+            let want = n * 2;
+            let stats = bridge.stats();
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = async {
+                    while stats.delivered.load(std::sync::atomic::Ordering::Relaxed) < want {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                } => {}
+            }
+        }
+        None => shutdown_signal().await,
+    }
+    let report = bridge.shutdown().await;
+    server.stop().await;
+    Ok(if report.drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM (what `docker stop` and systemd send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => info!("Ctrl-C received"),
+        _ = terminate => info!("SIGTERM received"),
+    }
+}

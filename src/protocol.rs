@@ -1,0 +1,316 @@
+//! The ActionCable v1 JSON protocol as Chatwoot speaks it: server frames in, commands out.
+//! See `shared/chatwoot/PROTOCOL.md` for what real Chatwoot does beyond Rails' documentation.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::{Identity, Secret};
+
+/// The subprotocol offered in the handshake.
+pub const SUBPROTOCOL: &str = "actioncable-v1-json";
+
+/// A frame from the server, borrowing from the text it was read from.
+#[derive(Debug, PartialEq)]
+pub enum ServerFrame<'a> {
+    Welcome,
+    Ping,
+    Confirm {
+        identifier: Cow<'a, str>,
+    },
+    Reject {
+        identifier: Cow<'a, str>,
+    },
+    Disconnect {
+        reason: Option<Cow<'a, str>>,
+        reconnect: bool,
+    },
+    /// A broadcast on a subscription. `data` is the raw JSON object.
+    Message {
+        identifier: Cow<'a, str>,
+        event: Cow<'a, str>,
+        data: Data<'a>,
+    },
+    /// A well-formed frame of a type this client does not act on.
+    Other {
+        kind: Cow<'a, str>,
+    },
+}
+
+/// An event's raw `data` JSON, borrowed from the frame; compares by its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Data<'a>(pub &'a RawValue);
+
+impl PartialEq for Data<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl std::ops::Deref for Data<'_> {
+    type Target = RawValue;
+    fn deref(&self) -> &RawValue {
+        self.0
+    }
+}
+
+/// Why a frame could not be decoded. Carries no frame content: frames hold tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("message frame has no `identifier`")]
+    NoIdentifier,
+    #[error(
+        "message frame's `message` is not an object with a string `event` and an object `data`"
+    )]
+    BadMessage,
+    #[error("frame has neither `type` nor `message`")]
+    Unrecognized,
+}
+
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    identifier: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    reconnect: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// Decodes one text frame.
+pub fn decode(text: &str) -> Result<ServerFrame<'_>, FrameError> {
+    let frame: RawFrame<'_> =
+        serde_json::from_str(text).map_err(|e| FrameError::NotJson(e.classify_message()))?;
+    match frame.kind.as_deref() {
+        Some("welcome") => return Ok(ServerFrame::Welcome),
+        Some("ping") => return Ok(ServerFrame::Ping),
+        Some("confirm_subscription") => {
+            return Ok(ServerFrame::Confirm {
+                identifier: frame.identifier.ok_or(FrameError::NoIdentifier)?,
+            })
+        }
+        Some("reject_subscription") => {
+            return Ok(ServerFrame::Reject {
+                identifier: frame.identifier.ok_or(FrameError::NoIdentifier)?,
+            })
+        }
+        Some("disconnect") => {
+            return Ok(ServerFrame::Disconnect {
+                reason: frame.reason,
+                // Rails' client reconnects unless told not to.
+                reconnect: frame.reconnect.unwrap_or(true),
+            });
+        }
+        _ => {}
+    }
+    if let Some(message) = frame.message {
+        let identifier = frame.identifier.ok_or(FrameError::NoIdentifier)?;
+        let message: RawMessage<'_> =
+            serde_json::from_str(message.get()).map_err(|_| FrameError::BadMessage)?;
+        if !message.data.get().starts_with('{') {
+            return Err(FrameError::BadMessage);
+        }
+        return Ok(ServerFrame::Message {
+            identifier,
+            event: message.event,
+            data: Data(message.data),
+        });
+    }
+    match frame.kind {
+        Some(kind) => Ok(ServerFrame::Other { kind }),
+        None => Err(FrameError::Unrecognized),
+    }
+}
+
+trait ClassifyMessage {
+    fn classify_message(&self) -> String;
+}
+
+impl ClassifyMessage for serde_json::Error {
+    /// serde_json's messages can quote input; keep only the class and position.
+    fn classify_message(&self) -> String {
+        let class = match self.classify() {
+            serde_json::error::Category::Io => "I/O error",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "unexpected shape",
+            serde_json::error::Category::Eof => "truncated",
+        };
+        format!("{class} at line {} column {}", self.line(), self.column())
+    }
+}
+
+/// The subscription identifier, as Chatwoot's own clients write it. The server echoes this exact
+/// string in every frame of the subscription.
+pub fn identifier(token: &Secret, identity: &Identity) -> String {
+    let token = serde_json::to_string(token.expose()).expect("a string serializes");
+    match identity {
+        Identity::Agent {
+            account_id,
+            user_id,
+        } => format!(
+            r#"{{"channel":"RoomChannel","pubsub_token":{token},"account_id":{account_id},"user_id":{user_id}}}"#
+        ),
+        Identity::Contact => format!(r#"{{"channel":"RoomChannel","pubsub_token":{token}}}"#),
+    }
+}
+
+fn command(command: &str, identifier: &str) -> String {
+    serde_json::json!({ "command": command, "identifier": identifier }).to_string()
+}
+
+pub fn subscribe(identifier: &str) -> String {
+    command("subscribe", identifier)
+}
+
+pub fn unsubscribe(identifier: &str) -> String {
+    command("unsubscribe", identifier)
+}
+
+/// Keeps an agent shown online. `data` is a JSON string inside the JSON frame.
+pub fn update_presence(identifier: &str) -> String {
+    serde_json::json!({
+        "command": "message",
+        "identifier": identifier,
+        "data": r#"{"action":"update_presence"}"#,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = r#"{"channel":"RoomChannel","pubsub_token":"EryZgQq23hewM5R1THChWK4g","account_id":1,"user_id":3}"#;
+
+    #[test]
+    fn identifier_matches_what_chatwoot_clients_send() {
+        let agent = identifier(
+            &Secret::new("EryZgQq23hewM5R1THChWK4g"),
+            &Identity::Agent {
+                account_id: 1,
+                user_id: 3,
+            },
+        );
+        assert_eq!(agent, ID);
+        let contact = identifier(&Secret::new("abc"), &Identity::Contact);
+        assert_eq!(contact, r#"{"channel":"RoomChannel","pubsub_token":"abc"}"#);
+    }
+
+    #[test]
+    fn commands_match_the_protocol_fixture() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../fixtures/_protocol_frames.json")).unwrap();
+        let sent = &fixture["client_to_server"];
+        let parse = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+        assert_eq!(parse(subscribe(ID)), sent[0]);
+        assert_eq!(parse(update_presence(ID)), sent[1]);
+        assert_eq!(parse(unsubscribe(ID)), sent[2]);
+    }
+
+    #[test]
+    fn decodes_every_protocol_frame_of_the_fixture() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("../fixtures/_protocol_frames.json")).unwrap();
+        let frames: Vec<String> = fixture["server_to_client"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(decode(&frames[0]), Ok(ServerFrame::Welcome));
+        assert_eq!(decode(&frames[1]), Ok(ServerFrame::Ping));
+        assert_eq!(
+            decode(&frames[2]),
+            Ok(ServerFrame::Confirm {
+                identifier: ID.into()
+            })
+        );
+        assert_eq!(
+            decode(&frames[3]),
+            Ok(ServerFrame::Reject {
+                identifier: ID.into()
+            })
+        );
+        assert_eq!(
+            decode(&frames[4]),
+            Ok(ServerFrame::Disconnect {
+                reason: Some("server_restart".into()),
+                reconnect: true
+            })
+        );
+        assert_eq!(
+            decode(&frames[5]),
+            Ok(ServerFrame::Disconnect {
+                reason: Some("unauthorized".into()),
+                reconnect: false
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_every_event_fixture_with_exact_data_bytes() {
+        for (name, text) in crate::fixtures::ALL {
+            let frame = decode(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let ServerFrame::Message {
+                identifier,
+                event,
+                data,
+            } = frame
+            else {
+                panic!("{name}: not a message frame");
+            };
+            assert_eq!(identifier, ID, "{name}");
+            assert_eq!(&*event, *name, "{name}");
+            let original: serde_json::Value = serde_json::from_str(text).unwrap();
+            let reparsed: serde_json::Value = serde_json::from_str(data.get()).unwrap();
+            assert_eq!(reparsed, original["message"]["data"], "{name}");
+            assert!(
+                text.contains(data.get()),
+                "{name}: data bytes are a slice of the frame"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_without_content() {
+        let secret_frame =
+            r#"{"identifier":"{\"pubsub_token\":\"SECRET\"}","message":{"event":"x","data":[1]}}"#;
+        let err = decode(secret_frame).unwrap_err();
+        assert_eq!(err, FrameError::BadMessage);
+        assert!(!err.to_string().contains("SECRET"));
+        let err = decode(r#"{"pubsub_token":"SECRET""#).unwrap_err();
+        assert!(matches!(err, FrameError::NotJson(_)));
+        assert!(!err.to_string().contains("SECRET"));
+        assert_eq!(decode("{}"), Err(FrameError::Unrecognized));
+        assert_eq!(
+            decode(r#"{"message":{"event":"x","data":{}}}"#),
+            Err(FrameError::NoIdentifier)
+        );
+        assert_eq!(
+            decode(r#"{"identifier":"i","message":{"event":7,"data":{}}}"#),
+            Err(FrameError::BadMessage)
+        );
+        assert!(decode("not json at all").is_err());
+        assert_eq!(
+            decode(r#"{"type":"something_new"}"#),
+            Ok(ServerFrame::Other {
+                kind: "something_new".into()
+            })
+        );
+    }
+}

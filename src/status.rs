@@ -1,0 +1,232 @@
+//! One place that holds the state of every token (and later every sink), so logs, health,
+//! metrics, status pages and tests read the same thing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// Where a token's socket is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// Opening TCP, TLS and the WebSocket handshake.
+    Connecting,
+    /// `subscribe` sent, no `confirm_subscription` yet.
+    Pending,
+    /// Confirmed: events flow.
+    Subscribed,
+    /// No confirm within the timeout. Chatwoot's answer to a wrong or rotated token is silence.
+    Unconfirmed,
+    /// The server sent `reject_subscription`.
+    Rejected,
+    /// Waiting before the next connect after a failure.
+    BackingOff,
+    /// Removed or shut down.
+    Stopped,
+}
+
+impl fmt::Display for TokenState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self).expect("a unit variant serializes");
+        f.write_str(text.as_str().expect("unit variants serialize as strings"))
+    }
+}
+
+/// A copy of one token's status at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenStatus {
+    pub state: TokenState,
+    /// When the token entered `state`.
+    #[serde(serialize_with = "rfc3339")]
+    pub since: SystemTime,
+    /// Why the last connection or subscription failed; never contains the token.
+    pub last_error: Option<String>,
+    /// Successful WebSocket handshakes.
+    pub connects: u64,
+    /// Events read from the socket.
+    pub events: u64,
+    /// Frames that could not be decoded and were skipped.
+    pub malformed_frames: u64,
+    /// Reconnects caused by silence (no ping within the stale timeout).
+    pub stale_reconnects: u64,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// Shared cell a token task writes and everyone else reads.
+#[derive(Debug)]
+struct TokenCell {
+    /// State, since when, and the last failure.
+    state: Mutex<(TokenState, SystemTime, Option<String>)>,
+    connects: AtomicU64,
+    events: AtomicU64,
+    malformed_frames: AtomicU64,
+    stale_reconnects: AtomicU64,
+}
+
+/// The registry of token states. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StatusBoard {
+    tokens: Arc<Mutex<BTreeMap<Arc<str>, Arc<TokenCell>>>>,
+    /// Bumped on every state change so waiters wake up without polling.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        StatusBoard {
+            tokens: Arc::default(),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+/// What a token task uses to report; counters are atomics so the hot path takes no lock.
+#[derive(Clone, Debug)]
+pub struct TokenReporter {
+    cell: Arc<TokenCell>,
+    changed: watch::Sender<u64>,
+}
+
+impl StatusBoard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The reporter for `name`, registering the token if it is new.
+    pub fn register(&self, name: &Arc<str>) -> TokenReporter {
+        let cell = self
+            .tokens
+            .lock()
+            .expect("status lock")
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(TokenCell {
+                    state: Mutex::new((TokenState::Connecting, SystemTime::now(), None)),
+                    connects: AtomicU64::new(0),
+                    events: AtomicU64::new(0),
+                    malformed_frames: AtomicU64::new(0),
+                    stale_reconnects: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        self.changed.send_modify(|v| *v += 1);
+        TokenReporter {
+            cell,
+            changed: self.changed.clone(),
+        }
+    }
+
+    /// Forgets a token that was removed from the config.
+    pub fn unregister(&self, name: &str) {
+        self.tokens.lock().expect("status lock").remove(name);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Every token's status, by name.
+    pub fn tokens(&self) -> BTreeMap<String, TokenStatus> {
+        self.tokens
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|(name, cell)| (name.to_string(), cell.snapshot()))
+            .collect()
+    }
+
+    pub fn token(&self, name: &str) -> Option<TokenStatus> {
+        self.tokens
+            .lock()
+            .expect("status lock")
+            .get(name)
+            .map(|cell| cell.snapshot())
+    }
+
+    /// Waits until `condition` holds for the board, or `timeout` passes. Returns whether it held.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut condition: impl FnMut(&StatusBoard) -> bool,
+    ) -> bool {
+        let mut changes = self.changed.subscribe();
+        let wait = async {
+            loop {
+                if condition(self) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && condition(self)
+    }
+}
+
+impl TokenCell {
+    fn snapshot(&self) -> TokenStatus {
+        let (state, since, last_error) = self.state.lock().expect("status lock").clone();
+        TokenStatus {
+            state,
+            since,
+            last_error,
+            connects: self.connects.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            malformed_frames: self.malformed_frames.load(Ordering::Relaxed),
+            stale_reconnects: self.stale_reconnects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl TokenReporter {
+    /// Enters `state`, keeping the last error.
+    pub fn set(&self, state: TokenState) {
+        self.update(state, None);
+    }
+
+    /// Enters `state` because of `error`.
+    pub fn fail(&self, state: TokenState, error: impl Into<String>) {
+        self.update(state, Some(error.into()));
+    }
+
+    fn update(&self, state: TokenState, error: Option<String>) {
+        {
+            let mut guard = self.cell.state.lock().expect("status lock");
+            if guard.0 != state {
+                guard.0 = state;
+                guard.1 = SystemTime::now();
+            }
+            if error.is_some() {
+                guard.2 = error;
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn state(&self) -> TokenState {
+        self.cell.state.lock().expect("status lock").0
+    }
+
+    pub fn connected(&self) {
+        self.cell.connects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn event(&self) {
+        self.cell.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn malformed_frame(&self) {
+        self.cell.malformed_frames.fetch_add(1, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn stale(&self) {
+        self.cell.stale_reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+}
