@@ -433,6 +433,22 @@ impl RawConfig {
                 "must not be smaller than chatwoot.reconnect.initial".into(),
             );
         }
+        for (name, value) in &chatwoot.headers {
+            if tokio_tungstenite::tungstenite::http::HeaderName::try_from(name.as_str()).is_err() {
+                problem(
+                    format!("chatwoot.headers.{name}"),
+                    "is not a valid HTTP header name".into(),
+                );
+            }
+            if tokio_tungstenite::tungstenite::http::HeaderValue::from_str(value.expose()).is_err()
+            {
+                // The value may be a credential: say what is wrong, not what it is.
+                problem(
+                    format!("chatwoot.headers.{name}"),
+                    "value contains characters not allowed in an HTTP header".into(),
+                );
+            }
+        }
         let headers: Vec<(String, Secret)> = chatwoot.headers.into_iter().collect();
 
         if self.tokens.is_empty() {
@@ -842,6 +858,17 @@ routes:
         );
         let err = load(&text).unwrap_err().to_string();
         assert!(err.starts_with("chatwoot.stale_after:"), "{err}");
+    }
+
+    #[test]
+    fn bad_header_is_reported_without_its_value() {
+        let text = MINIMAL.replace(
+            "  url: wss://chat.example.com/cable",
+            "  url: wss://chat.example.com/cable\n  headers: { X-Proxy-Auth: \"secret\\nvalue\" }",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("chatwoot.headers."), "{err}");
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,18 @@
+# Build: docker build -t chatwoot-bridge .
+# Run:   docker run --rm -v $PWD/bridge.yaml:/etc/chatwoot-bridge/bridge.yaml:ro \
+#          -e CW_AGENT_TOKEN=... chatwoot-bridge run --config /etc/chatwoot-bridge/bridge.yaml
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake pkg-config && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked && strip target/release/chatwoot-bridge
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /var/lib/chatwoot-bridge && chown 65532:65532 /var/lib/chatwoot-bridge
+COPY --from=build /src/target/release/chatwoot-bridge /usr/local/bin/chatwoot-bridge
+USER 65532:65532
+WORKDIR /var/lib/chatwoot-bridge
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/chatwoot-bridge"]
+CMD ["run", "--config", "/etc/chatwoot-bridge/bridge.yaml"]
