@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use tokio_tungstenite::tungstenite::http::Uri;
 
-use crate::route::{MatchSpec, RouteTable};
+use crate::jsonpath::JsonPath;
+use crate::redact::{FieldsSpec, Redaction};
+use crate::route::{MatchSpec, RouteSpec, RouteTable};
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
 pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
@@ -82,9 +84,12 @@ struct RawConfig {
     chatwoot: RawChatwoot,
     tokens: Vec<RawToken>,
     #[serde(default)]
-    sinks: BTreeMap<String, SinkConfig>,
+    sinks: BTreeMap<String, RawSink>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    /// `drop` (default) or the name of a sink for events no route matches.
+    #[serde(default)]
+    unmatched: Option<String>,
     #[serde(default = "default_shutdown_timeout", deserialize_with = "duration")]
     shutdown_timeout: Duration,
 }
@@ -162,7 +167,20 @@ struct RawRoute {
     continue_matching: bool,
 }
 
-/// A sink as configured; later issues add Kafka, NATS and HTTP.
+/// A sink entry: its kind plus what every kind shares.
+#[derive(Debug, Deserialize)]
+struct RawSink {
+    // Unknown keys are still refused: they reach the tagged enum, which denies them.
+    #[serde(flatten)]
+    kind: SinkConfig,
+    /// Keep `pubsub_token` keys in `data` (removed by default: they are contacts' credentials).
+    #[serde(default)]
+    keep_pubsub_tokens: bool,
+    #[serde(default)]
+    fields: FieldsSpec,
+}
+
+/// A sink as configured.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
@@ -246,11 +264,18 @@ pub struct Config {
     /// One entry per socket to keep open, in file order.
     pub tokens: Vec<TokenSpec>,
     /// Sinks by their unique name.
-    pub sinks: BTreeMap<String, SinkConfig>,
+    pub sinks: BTreeMap<String, SinkSettings>,
     /// Compiled routes, in file order.
     pub routes: RouteTable,
     /// How long shutdown may take to deliver what is in flight before it gives up.
     pub shutdown_timeout: Duration,
+}
+
+/// One sink: where it delivers and what it removes from `data` first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkSettings {
+    pub kind: SinkConfig,
+    pub redaction: Redaction,
 }
 
 /// Timing and limits of the cable client, the same for every token.
@@ -511,12 +536,33 @@ impl RawConfig {
             });
         }
 
-        for name in self.sinks.keys() {
-            if let Err(message) = check_name(name) {
-                problem(format!("sinks.{name}"), message);
+        let mut sinks = BTreeMap::new();
+        for (name, raw) in self.sinks {
+            let key = format!("sinks.{name}");
+            if let Err(message) = check_name(&name) {
+                problem(key.clone(), message);
             }
+            let mut drop = Vec::with_capacity(raw.fields.drop.len());
+            for (j, path) in raw.fields.drop.iter().enumerate() {
+                match JsonPath::parse(path) {
+                    Ok(path) => drop.push(path),
+                    Err(message) => problem(format!("{key}.fields.drop[{j}]"), message),
+                }
+            }
+            let redaction = Redaction {
+                strip_pubsub_tokens: !raw.keep_pubsub_tokens,
+                drop,
+            };
+            sinks.insert(
+                name,
+                SinkSettings {
+                    kind: raw.kind,
+                    redaction,
+                },
+            );
         }
-        let sink_names: BTreeSet<&str> = self.sinks.keys().map(String::as_str).collect();
+        let sink_names: BTreeSet<&str> = sinks.keys().map(String::as_str).collect();
+        let known_sinks = || sink_names.iter().copied().collect::<Vec<_>>().join(", ");
         let mut route_names = BTreeSet::new();
         let mut routes = Vec::with_capacity(self.routes.len());
         for (i, raw) in self.routes.into_iter().enumerate() {
@@ -534,16 +580,32 @@ impl RawConfig {
                 if !sink_names.contains(sink.as_str()) {
                     problem(
                         format!("{key}.to[{j}]"),
-                        format!(
-                            "no sink is named `{sink}` (sinks: {})",
-                            sink_names.iter().copied().collect::<Vec<_>>().join(", ")
-                        ),
+                        format!("no sink is named `{sink}` (sinks: {})", known_sinks()),
                     );
                 }
             }
-            routes.push((raw.name, raw.matches, raw.to, raw.continue_matching));
+            routes.push(RouteSpec {
+                name: raw.name,
+                matches: raw.matches,
+                to: raw.to,
+                continue_matching: raw.continue_matching,
+            });
         }
-        let routes = match RouteTable::compile(routes, &token_names) {
+        let unmatched = match self.unmatched.as_deref() {
+            None | Some("drop") => None,
+            Some(sink) if sink_names.contains(sink) => Some(sink.to_owned()),
+            Some(sink) => {
+                problem(
+                    "unmatched".into(),
+                    format!(
+                        "must be `drop` or a sink name; no sink is named `{sink}` (sinks: {})",
+                        known_sinks()
+                    ),
+                );
+                None
+            }
+        };
+        let routes = match RouteTable::compile(routes, &token_names, unmatched) {
             Ok(table) => Some(table),
             Err(route_problems) => {
                 problems.extend(route_problems);
@@ -571,7 +633,7 @@ impl RawConfig {
                 },
             },
             tokens,
-            sinks: self.sinks,
+            sinks,
             routes: routes.expect("no problems means the routes compiled"),
             shutdown_timeout: self.shutdown_timeout,
         })
@@ -759,11 +821,12 @@ routes:
         assert_eq!(cfg.cable.stale_after, Duration::from_secs(6));
         assert_eq!(cfg.cable.max_frame_bytes, 8 * 1024 * 1024);
         assert_eq!(
-            cfg.sinks["archive"],
+            cfg.sinks["archive"].kind,
             SinkConfig::File {
                 path: "./events.jsonl".into()
             }
         );
+        assert!(cfg.sinks["archive"].redaction.strip_pubsub_tokens);
     }
 
     #[test]
@@ -815,6 +878,46 @@ routes:
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("sinks.archive"), "{err}");
         assert!(err.contains("fiel"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_inside_a_sink_names_its_path() {
+        let text = MINIMAL.replace("type: file, path:", "type: file, pth:");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("sinks.archive"), "{err}");
+        assert!(err.contains("pth"), "{err}");
+    }
+
+    #[test]
+    fn sink_redaction_options() {
+        let text = MINIMAL.replace(
+            "type: file, path: ./events.jsonl",
+            "type: file, path: ./events.jsonl, keep_pubsub_tokens: true, fields: { drop: [meta.sender.email, \"a..b\"] }",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "sinks.archive.fields.drop[1]: `a..b` has an empty segment"
+        );
+        let text = text.replace(", \"a..b\"", "");
+        let cfg = load(&text).unwrap();
+        let redaction = &cfg.sinks["archive"].redaction;
+        assert!(!redaction.strip_pubsub_tokens);
+        assert_eq!(redaction.drop[0].to_string(), "meta.sender.email");
+    }
+
+    #[test]
+    fn unmatched_must_be_drop_or_a_sink() {
+        let cfg = load(&format!("{MINIMAL}unmatched: archive\n")).unwrap();
+        assert_eq!(cfg.routes.sink_names(), ["archive"]);
+        let err = load(&format!("{MINIMAL}unmatched: archiv\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("unmatched: must be `drop` or a sink name"),
+            "{err}"
+        );
+        load(&format!("{MINIMAL}unmatched: drop\n")).unwrap();
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! - [`status`]: every token's state in one place, for logs, health, metrics and tests.
 //! - [`event`]: the envelope, the ids pulled out of `data`, the CloudEvents JSON form.
 //! - [`id`]: event ids: one per broadcast, shared by copies on several tokens.
-//! - [`route`]: the compiled route table.
+//! - [`route`]: the compiled route table (event globs, tokens, accounts, inboxes, conditions on data).
+//! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
+//! - [`redact`]: removing `pubsub_token` keys and configured fields before a sink sees `data`.
 //! - [`pipeline`]: ingest (ids, routing) and one delivery loop per sink.
 //! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, for tests, demos, benchmarks.
@@ -27,9 +29,11 @@ pub mod config;
 pub mod event;
 pub mod fixtures;
 pub mod id;
+pub mod jsonpath;
 pub mod mock;
 pub mod pipeline;
 pub mod protocol;
+pub mod redact;
 pub mod route;
 pub mod sink;
 pub mod status;
@@ -84,16 +88,17 @@ impl Bridge {
         let mut queues = Vec::new();
         let mut loops = Vec::new();
         for name in config.routes.sink_names() {
-            let sink_config = &config.sinks[name];
-            let sink = Sink::build(name, sink_config).await?;
+            let settings = &config.sinks[name];
+            let sink = Sink::build(name, &settings.kind).await?;
             let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
             queues.push(tx);
-            loops.push((name.clone(), sink, rx));
+            loops.push((name.clone(), sink, settings.redaction.clone(), rx));
         }
-        for (name, sink, rx) in loops {
+        for (name, sink, redaction, rx) in loops {
             pipeline.spawn(pipeline::sink_loop(
                 name,
                 sink,
+                redaction,
                 rx,
                 RetrySettings::default(),
                 stats.clone(),

@@ -7,8 +7,9 @@
 //! its queue fills). Shutdown drains: when the token tasks end, the ingest channel closes, the
 //! ingest ends and closes the sink queues, and each sink loop delivers what it holds and exits.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 use tokio::time::sleep;
@@ -18,6 +19,7 @@ use tracing::{debug, error, warn};
 use crate::backoff::Backoff;
 use crate::event::Event;
 use crate::id::IdAssigner;
+use crate::redact::Redaction;
 use crate::route::RouteTable;
 use crate::sink::{Outcome, Sink};
 use std::time::Duration;
@@ -31,8 +33,8 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// Counters of the pipeline, readable from outside.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
-    /// Events that matched no route and went nowhere.
-    pub unmatched: AtomicU64,
+    /// Events that matched no route, by event name (they went to the `unmatched` sink, if any).
+    pub unmatched: Mutex<BTreeMap<String, u64>>,
     /// Events delivered, summed over sinks.
     pub delivered: AtomicU64,
     /// Events a sink refused for good (until dead letters exist, they are logged).
@@ -69,9 +71,11 @@ pub async fn ingest(
         for mut event in batch.drain(..) {
             event.id = ids.assign(event.content_hash, &event.token, event.received_at);
             let targets = routes.route(&event);
-            if targets.is_empty() {
-                stats.unmatched.fetch_add(1, Ordering::Relaxed);
+            if !routes.matches_any(&event) {
+                count_unmatched(&stats, &event.name);
                 debug!(event = %event.name, token = %event.token, "event matched no route");
+            }
+            if targets.is_empty() {
                 continue;
             }
             let event = Arc::new(event);
@@ -84,11 +88,22 @@ pub async fn ingest(
     }
 }
 
+fn count_unmatched(stats: &PipelineStats, name: &str) {
+    let mut unmatched = stats.unmatched.lock().expect("stats lock");
+    match unmatched.get_mut(name) {
+        Some(count) => *count += 1,
+        None => {
+            unmatched.insert(name.to_owned(), 1);
+        }
+    }
+}
+
 /// Delivers what arrives on `queue` to `sink`, retrying retryable failures with backoff until
 /// they succeed or `give_up` is cancelled (shutdown deadline passed).
 pub async fn sink_loop(
     name: String,
     mut sink: Sink,
+    redaction: Redaction,
     mut queue: mpsc::Receiver<Arc<Event>>,
     retry: RetrySettings,
     stats: Arc<PipelineStats>,
@@ -97,6 +112,9 @@ pub async fn sink_loop(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     'batches: while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut pending: Vec<Arc<Event>> = std::mem::take(&mut batch);
+        for event in &mut pending {
+            redact(&redaction, event);
+        }
         let mut backoff = Backoff::new(retry.initial, retry.max);
         loop {
             let outcomes = sink.deliver(&pending).await;
@@ -138,4 +156,14 @@ pub async fn sink_loop(
         batch.clear();
     }
     sink.close().await;
+}
+
+/// Applies a sink's redaction; the event is copied only when something was removed.
+fn redact(redaction: &Redaction, event: &mut Arc<Event>) {
+    if let Some(data) = redaction.apply(event.data.get()) {
+        let mut redacted = Event::clone(event);
+        redacted.data = serde_json::value::RawValue::from_string(data)
+            .expect("redaction keeps valid JSON valid");
+        *event = Arc::new(redacted);
+    }
 }

@@ -1,0 +1,377 @@
+//! Removing fields from `data` before a sink sees it.
+//!
+//! Chatwoot puts the contact's pubsub token (`contact_inbox.pubsub_token`) into every conversation
+//! payload it sends to agents: forwarded as is, any consumer could listen as that contact. So by
+//! default every `pubsub_token` key, at any depth, is removed; a sink can opt out
+//! (`keep_pubsub_tokens: true`) and can drop more (`fields: { drop: [contact.email] }`).
+//!
+//! The rewrite works on the raw text: members that stay are copied byte for byte, so the output
+//! differs from Chatwoot's bytes only where something was removed. The event id is computed from
+//! the bytes as received, before any of this.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::jsonpath::JsonPath;
+
+/// The key Chatwoot uses for bearer tokens of its cable.
+const PUBSUB_TOKEN: &str = "pubsub_token";
+
+/// What one sink removes from `data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redaction {
+    /// Remove every `pubsub_token` key at any depth (the default).
+    pub strip_pubsub_tokens: bool,
+    /// Exact paths to remove.
+    pub drop: Vec<JsonPath>,
+}
+
+impl Default for Redaction {
+    fn default() -> Self {
+        Redaction {
+            strip_pubsub_tokens: true,
+            drop: Vec::new(),
+        }
+    }
+}
+
+/// `fields:` of a sink, as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldsSpec {
+    /// Dotted paths inside `data` to remove.
+    #[serde(default)]
+    pub drop: Vec<String>,
+}
+
+impl Redaction {
+    /// The rewritten data, or `None` when nothing had to be removed (the common case costs one
+    /// substring search when only tokens are stripped).
+    pub fn apply(&self, data: &str) -> Option<String> {
+        let tokens_present = self.strip_pubsub_tokens && data.contains("pubsub_token");
+        if !tokens_present && self.drop.is_empty() {
+            return None;
+        }
+        let mut rewriter = Rewriter {
+            src: data.as_bytes(),
+            pos: 0,
+            out: String::with_capacity(data.len()),
+            redaction: self,
+            path: Vec::new(),
+            changed: false,
+        };
+        rewriter.value().ok()?;
+        rewriter.changed.then_some(rewriter.out)
+    }
+
+    fn drops(&self, path: &[Cow<'_, str>], key: &str) -> bool {
+        (self.strip_pubsub_tokens && key == PUBSUB_TOKEN)
+            || self.drop.iter().any(|p| {
+                let segments = p.segments();
+                segments.len() == path.len() + 1
+                    && segments[..path.len()]
+                        .iter()
+                        .zip(path)
+                        .all(|(a, b)| a == b.as_ref())
+                    && segments[path.len()] == key
+            })
+    }
+}
+
+/// A single pass over valid JSON, copying what stays.
+struct Rewriter<'a> {
+    src: &'a [u8],
+    pos: usize,
+    out: String,
+    redaction: &'a Redaction,
+    /// Keys (and array indices as text) from the root to the current value.
+    path: Vec<Cow<'a, str>>,
+    changed: bool,
+}
+
+/// The input was not valid JSON; the data is then left as it is.
+struct Invalid;
+
+impl<'a> Rewriter<'a> {
+    fn text(&self, from: usize, to: usize) -> &'a str {
+        std::str::from_utf8(&self.src[from..to])
+            .expect("slices fall on ASCII delimiters of UTF-8 input")
+    }
+
+    fn skip_ws(&mut self) {
+        while self.pos < self.src.len()
+            && matches!(self.src[self.pos], b' ' | b'\t' | b'\n' | b'\r')
+        {
+            self.pos += 1;
+        }
+    }
+
+    fn peek(&self) -> Result<u8, Invalid> {
+        self.src.get(self.pos).copied().ok_or(Invalid)
+    }
+
+    /// Copies one value to `out`, rewriting objects inside it.
+    fn value(&mut self) -> Result<(), Invalid> {
+        self.skip_ws();
+        match self.peek()? {
+            b'{' => self.object(),
+            b'[' => self.array(),
+            _ => {
+                let start = self.pos;
+                self.skip_scalar()?;
+                self.out.push_str(self.text(start, self.pos));
+                Ok(())
+            }
+        }
+    }
+
+    /// Skips a string, number, literal, or a whole container without copying.
+    fn skip_value(&mut self) -> Result<(), Invalid> {
+        self.skip_ws();
+        match self.peek()? {
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => self.skip_string()?,
+                        b'{' | b'[' => {
+                            depth += 1;
+                            self.pos += 1;
+                        }
+                        b'}' | b']' => {
+                            depth -= 1;
+                            self.pos += 1;
+                            if depth == 0 {
+                                return Ok(());
+                            }
+                        }
+                        _ => self.pos += 1,
+                    }
+                }
+            }
+            _ => self.skip_scalar(),
+        }
+    }
+
+    fn skip_scalar(&mut self) -> Result<(), Invalid> {
+        if self.peek()? == b'"' {
+            return self.skip_string();
+        }
+        let start = self.pos;
+        while self.pos < self.src.len()
+            && !matches!(
+                self.src[self.pos],
+                b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'
+            )
+        {
+            self.pos += 1;
+        }
+        if self.pos == start {
+            return Err(Invalid);
+        }
+        Ok(())
+    }
+
+    fn skip_string(&mut self) -> Result<(), Invalid> {
+        self.pos += 1; // opening quote
+        loop {
+            match self.peek()? {
+                b'\\' => self.pos += 2,
+                b'"' => {
+                    self.pos += 1;
+                    return Ok(());
+                }
+                _ => self.pos += 1,
+            }
+        }
+    }
+
+    fn object(&mut self) -> Result<(), Invalid> {
+        self.pos += 1;
+        self.out.push('{');
+        let mut first = true;
+        loop {
+            self.skip_ws();
+            match self.peek()? {
+                b'}' => {
+                    self.pos += 1;
+                    self.out.push('}');
+                    return Ok(());
+                }
+                b',' => {
+                    self.pos += 1;
+                    continue;
+                }
+                b'"' => {}
+                _ => return Err(Invalid),
+            }
+            let key_start = self.pos;
+            self.skip_string()?;
+            let raw_key = self.text(key_start, self.pos);
+            let inner = &raw_key[1..raw_key.len() - 1];
+            // Keys with escapes are compared decoded; plain ones as they are.
+            let decoded;
+            let key: &str = if inner.contains('\\') {
+                decoded = serde_json::from_str::<String>(raw_key).map_err(|_| Invalid)?;
+                &decoded
+            } else {
+                inner
+            };
+            self.skip_ws();
+            if self.peek()? != b':' {
+                return Err(Invalid);
+            }
+            self.pos += 1;
+            if self.redaction.drops(&self.path, key) {
+                self.skip_value()?;
+                self.changed = true;
+                continue;
+            }
+            if !first {
+                self.out.push(',');
+            }
+            first = false;
+            self.out.push_str(raw_key);
+            self.out.push(':');
+            self.path.push(Cow::Borrowed(inner));
+            let result = self.value();
+            self.path.pop();
+            result?;
+        }
+    }
+
+    fn array(&mut self) -> Result<(), Invalid> {
+        self.pos += 1;
+        self.out.push('[');
+        let mut index = 0usize;
+        loop {
+            self.skip_ws();
+            match self.peek()? {
+                b']' => {
+                    self.pos += 1;
+                    self.out.push(']');
+                    return Ok(());
+                }
+                b',' => {
+                    self.pos += 1;
+                    self.out.push(',');
+                    continue;
+                }
+                _ => {}
+            }
+            // Indices join the path as text so `messages.0.content` can be dropped.
+            self.path.push(index_segment(index));
+            let result = self.value();
+            self.path.pop();
+            result?;
+            index += 1;
+        }
+    }
+}
+
+/// An array index as a path segment, without allocating for the common small ones.
+fn index_segment(index: usize) -> Cow<'static, str> {
+    const SMALL: [&str; 16] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+    ];
+    match SMALL.get(index) {
+        Some(small) => Cow::Borrowed(small),
+        None => Cow::Owned(index.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strip() -> Redaction {
+        Redaction::default()
+    }
+
+    #[test]
+    fn strips_pubsub_tokens_at_any_depth_and_keeps_the_rest_byte_for_byte() {
+        let data = r#"{"id":87, "contact_inbox":{"id":58,"pubsub_token":"bf2RWA4TaHac2fPThmKYp6Nn","source_id":"x"},"meta":{"a":[{"pubsub_token":"t2"}]},"z": 1.50}"#;
+        let out = strip().apply(data).unwrap();
+        assert_eq!(
+            out,
+            r#"{"id":87,"contact_inbox":{"id":58,"source_id":"x"},"meta":{"a":[{}]},"z":1.50}"#
+        );
+        assert!(!out.contains("bf2RWA4T"));
+        let _: serde_json::Value = serde_json::from_str(&out).unwrap();
+    }
+
+    #[test]
+    fn leaves_data_without_tokens_alone() {
+        assert_eq!(strip().apply(r#"{"a":1}"#), None);
+        // "pubsub_token" as a value, not a key: nothing removed.
+        assert_eq!(strip().apply(r#"{"a":"pubsub_token"}"#), None);
+    }
+
+    #[test]
+    fn keep_pubsub_tokens_opts_out() {
+        let keep = Redaction {
+            strip_pubsub_tokens: false,
+            drop: vec![],
+        };
+        assert_eq!(keep.apply(r#"{"pubsub_token":"t"}"#), None);
+    }
+
+    #[test]
+    fn drops_exact_paths() {
+        let r = Redaction {
+            strip_pubsub_tokens: true,
+            drop: vec![
+                JsonPath::parse("meta.sender.email").unwrap(),
+                JsonPath::parse("meta.sender.phone_number").unwrap(),
+                JsonPath::parse("messages.0.content").unwrap(),
+            ],
+        };
+        let data = r#"{"email":"keep@x","meta":{"sender":{"email":"a@b","name":"A","phone_number":"+1"}},"messages":[{"content":"hi","id":1},{"content":"yo"}]}"#;
+        assert_eq!(
+            r.apply(data).unwrap(),
+            r#"{"email":"keep@x","meta":{"sender":{"name":"A"}},"messages":[{"id":1},{"content":"yo"}]}"#
+        );
+    }
+
+    #[test]
+    fn escaped_keys_are_compared_decoded() {
+        let out = strip().apply(r#"{"pubsub\u005ftoken":"t","ok":true}"#);
+        // No literal "pubsub_token" substring: the fast path keeps it. Escaped keys are not
+        // something Chatwoot sends; the fast path is what matters for throughput.
+        assert_eq!(out, None);
+        let r = Redaction {
+            strip_pubsub_tokens: true,
+            drop: vec![JsonPath::parse("x").unwrap()],
+        };
+        assert_eq!(
+            r.apply(r#"{"pubsub\u005ftoken":"t","ok":true}"#).unwrap(),
+            r#"{"ok":true}"#
+        );
+    }
+
+    #[test]
+    fn every_fixture_loses_its_tokens_and_stays_valid() {
+        for (name, frame) in crate::fixtures::ALL {
+            let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+            let data = serde_json::to_string(&v["message"]["data"]).unwrap();
+            let out = strip().apply(&data).unwrap_or(data.clone());
+            assert!(!out.contains("pubsub_token"), "{name}");
+            let mut expected = v["message"]["data"].clone();
+            remove_tokens(&mut expected);
+            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    fn remove_tokens(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.remove("pubsub_token");
+                map.values_mut().for_each(remove_tokens);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(remove_tokens),
+            _ => {}
+        }
+    }
+}
