@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer};
 use tokio_tungstenite::tungstenite::http::Uri;
 
@@ -23,7 +24,7 @@ use crate::route::{MatchSpec, RouteSpec, RouteTable};
 pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
 
 /// A value that must never reach logs, metrics or error messages.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -42,6 +43,14 @@ impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
+}
+
+/// The JSON Schema of the config file, for editors (yaml-language-server) and `bridge.schema.json`.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(RawConfig);
+    let mut text = serde_json::to_string_pretty(&schema).expect("a schema serializes");
+    text.push('\n');
+    text
 }
 
 /// Everything that can be wrong with a config file; each names where.
@@ -78,8 +87,11 @@ impl fmt::Display for Problem {
 // ---------------------------------------------------------------------------------------------
 // The schema as written (Raw*). Unknown keys are errors.
 
-#[derive(Debug, Deserialize)]
+/// chatwoot-bridge configuration: Chatwoot's cable, the tokens to listen with, the sinks, and
+/// the routes between them.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "chatwoot-bridge config")]
 struct RawConfig {
     chatwoot: RawChatwoot,
     tokens: Vec<RawToken>,
@@ -90,45 +102,43 @@ struct RawConfig {
     /// `drop` (default) or the name of a sink for events no route matches.
     #[serde(default)]
     unmatched: Option<String>,
-    #[serde(default = "default_shutdown_timeout", deserialize_with = "duration")]
-    shutdown_timeout: Duration,
+    #[serde(default = "default_shutdown_timeout")]
+    shutdown_timeout: HumanDuration,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawChatwoot {
     url: String,
     origin: Option<String>,
     #[serde(default)]
     headers: BTreeMap<String, Secret>,
-    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
-    connect_timeout: Duration,
-    #[serde(default = "default_confirm_timeout", deserialize_with = "duration")]
-    confirm_timeout: Duration,
-    #[serde(default = "default_stale_after", deserialize_with = "duration")]
-    stale_after: Duration,
-    #[serde(default = "default_presence_interval", deserialize_with = "duration")]
-    presence_interval: Duration,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: HumanDuration,
+    #[serde(default = "default_confirm_timeout")]
+    confirm_timeout: HumanDuration,
+    #[serde(default = "default_stale_after")]
+    stale_after: HumanDuration,
+    #[serde(default = "default_presence_interval")]
+    presence_interval: HumanDuration,
     #[serde(default = "default_max_frame_bytes", deserialize_with = "number")]
+    #[schemars(with = "u64")]
     max_frame_bytes: u64,
     #[serde(default)]
     reconnect: RawReconnect,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawReconnect {
-    #[serde(default = "default_reconnect_initial", deserialize_with = "duration")]
-    initial: Duration,
-    #[serde(default = "default_reconnect_max", deserialize_with = "duration")]
-    max: Duration,
-    #[serde(
-        default = "default_reconnect_reset_after",
-        deserialize_with = "duration"
-    )]
-    reset_after: Duration,
-    #[serde(default = "default_no_reconnect_delay", deserialize_with = "duration")]
-    after_disconnect_without_reconnect: Duration,
+    #[serde(default = "default_reconnect_initial")]
+    initial: HumanDuration,
+    #[serde(default = "default_reconnect_max")]
+    max: HumanDuration,
+    #[serde(default = "default_reconnect_reset_after")]
+    reset_after: HumanDuration,
+    #[serde(default = "default_no_reconnect_delay")]
+    after_disconnect_without_reconnect: HumanDuration,
 }
 
 impl Default for RawReconnect {
@@ -142,21 +152,23 @@ impl Default for RawReconnect {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawToken {
     name: String,
     pubsub_token: Secret,
     #[serde(default, deserialize_with = "optional_number")]
+    #[schemars(with = "Option<u64>")]
     account_id: Option<u64>,
     #[serde(default, deserialize_with = "optional_number")]
+    #[schemars(with = "Option<u64>")]
     user_id: Option<u64>,
     url: Option<String>,
     #[serde(default)]
     presence: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     name: String,
@@ -168,7 +180,7 @@ struct RawRoute {
 }
 
 /// A sink entry: its kind plus what every kind shares.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 struct RawSink {
     // Unknown keys are still refused: they reach the tagged enum, which denies them.
     #[serde(flatten)]
@@ -181,7 +193,7 @@ struct RawSink {
 }
 
 /// A sink as configured.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     /// Append CloudEvents JSON lines to a file.
@@ -190,45 +202,72 @@ pub enum SinkConfig {
     Stdout {},
 }
 
-fn default_shutdown_timeout() -> Duration {
-    Duration::from_secs(10)
+fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(10)
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
-fn default_confirm_timeout() -> Duration {
-    Duration::from_secs(10)
+fn default_confirm_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
-fn default_stale_after() -> Duration {
-    Duration::from_secs(6)
+fn default_stale_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(6))
 }
-fn default_presence_interval() -> Duration {
-    Duration::from_secs(30)
+fn default_presence_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 fn default_max_frame_bytes() -> u64 {
     8 * 1024 * 1024
 }
-fn default_reconnect_initial() -> Duration {
-    Duration::from_secs(1)
+fn default_reconnect_initial() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
 }
-fn default_reconnect_max() -> Duration {
-    Duration::from_secs(30)
+fn default_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
-fn default_reconnect_reset_after() -> Duration {
-    Duration::from_secs(30)
+fn default_reconnect_reset_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
-fn default_no_reconnect_delay() -> Duration {
-    Duration::from_secs(300)
+fn default_no_reconnect_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
 }
 
-/// Durations are written the human way: `10s`, `500ms`, `2h`.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "`{text}` is not a duration like `10s` or `500ms` ({e})"
-        ))
-    })
+/// A duration written the human way in the config: `10s`, `500ms`, `2h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not a duration like `10s` or `500ms` ({e})"
+                ))
+            })
+    }
+}
+
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as `500ms`, `10s`, `5m` or `2h`.",
+            "pattern": "^\\s*[0-9]+\\s*[a-zµ]+(\\s*[0-9]+\\s*[a-zµ]+)*\\s*$"
+        })
+    }
 }
 
 /// Numbers may arrive as strings when they come from `${VAR}` expansion.
@@ -299,10 +338,10 @@ pub struct CableSettings {
 impl Default for CableSettings {
     fn default() -> Self {
         CableSettings {
-            connect_timeout: default_connect_timeout(),
-            confirm_timeout: default_confirm_timeout(),
-            stale_after: default_stale_after(),
-            presence_interval: default_presence_interval(),
+            connect_timeout: default_connect_timeout().0,
+            confirm_timeout: default_confirm_timeout().0,
+            stale_after: default_stale_after().0,
+            presence_interval: default_presence_interval().0,
             max_frame_bytes: default_max_frame_bytes() as usize,
             reconnect: ReconnectSettings::default(),
         }
@@ -327,10 +366,10 @@ impl Default for ReconnectSettings {
     fn default() -> Self {
         let raw = RawReconnect::default();
         ReconnectSettings {
-            initial: raw.initial,
-            max: raw.max,
-            reset_after: raw.reset_after,
-            after_disconnect_without_reconnect: raw.after_disconnect_without_reconnect,
+            initial: raw.initial.0,
+            max: raw.max.0,
+            reset_after: raw.reset_after.0,
+            after_disconnect_without_reconnect: raw.after_disconnect_without_reconnect.0,
         }
     }
 }
@@ -441,18 +480,18 @@ impl RawConfig {
             );
         }
         for (key, value) in [
-            ("chatwoot.connect_timeout", chatwoot.connect_timeout),
-            ("chatwoot.confirm_timeout", chatwoot.confirm_timeout),
-            ("chatwoot.stale_after", chatwoot.stale_after),
-            ("chatwoot.presence_interval", chatwoot.presence_interval),
-            ("chatwoot.reconnect.initial", chatwoot.reconnect.initial),
-            ("chatwoot.reconnect.max", chatwoot.reconnect.max),
+            ("chatwoot.connect_timeout", chatwoot.connect_timeout.0),
+            ("chatwoot.confirm_timeout", chatwoot.confirm_timeout.0),
+            ("chatwoot.stale_after", chatwoot.stale_after.0),
+            ("chatwoot.presence_interval", chatwoot.presence_interval.0),
+            ("chatwoot.reconnect.initial", chatwoot.reconnect.initial.0),
+            ("chatwoot.reconnect.max", chatwoot.reconnect.max.0),
         ] {
             if value.is_zero() {
                 problem(key.into(), "must be greater than zero".into());
             }
         }
-        if chatwoot.reconnect.max < chatwoot.reconnect.initial {
+        if chatwoot.reconnect.max.0 < chatwoot.reconnect.initial.0 {
             problem(
                 "chatwoot.reconnect.max".into(),
                 "must not be smaller than chatwoot.reconnect.initial".into(),
@@ -618,24 +657,25 @@ impl RawConfig {
         }
         Ok(Config {
             cable: CableSettings {
-                connect_timeout: chatwoot.connect_timeout,
-                confirm_timeout: chatwoot.confirm_timeout,
-                stale_after: chatwoot.stale_after,
-                presence_interval: chatwoot.presence_interval,
+                connect_timeout: chatwoot.connect_timeout.0,
+                confirm_timeout: chatwoot.confirm_timeout.0,
+                stale_after: chatwoot.stale_after.0,
+                presence_interval: chatwoot.presence_interval.0,
                 max_frame_bytes: max_frame_bytes as usize,
                 reconnect: ReconnectSettings {
-                    initial: chatwoot.reconnect.initial,
-                    max: chatwoot.reconnect.max,
-                    reset_after: chatwoot.reconnect.reset_after,
+                    initial: chatwoot.reconnect.initial.0,
+                    max: chatwoot.reconnect.max.0,
+                    reset_after: chatwoot.reconnect.reset_after.0,
                     after_disconnect_without_reconnect: chatwoot
                         .reconnect
-                        .after_disconnect_without_reconnect,
+                        .after_disconnect_without_reconnect
+                        .0,
                 },
             },
             tokens,
             sinks,
             routes: routes.expect("no problems means the routes compiled"),
-            shutdown_timeout: self.shutdown_timeout,
+            shutdown_timeout: self.shutdown_timeout.0,
         })
     }
 }
@@ -972,6 +1012,22 @@ routes:
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("chatwoot.headers."), "{err}");
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn committed_schema_matches_the_types() {
+        let committed = include_str!("../bridge.schema.json");
+        assert!(
+            committed == json_schema(),
+            "bridge.schema.json is out of date: run `cargo run -- schema > bridge.schema.json`"
+        );
+    }
+
+    #[test]
+    fn example_config_is_accepted() {
+        let example = include_str!("../bridge.example.yaml");
+        let cfg = Config::from_yaml(example, &|_| None, false).unwrap();
+        assert!(cfg.tokens.len() >= 2);
     }
 
     #[test]

@@ -61,6 +61,8 @@ enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Print the JSON Schema of the config file (committed as bridge.schema.json).
+    Schema,
     /// Run a mock Chatwoot ActionCable server (for trying pipelines without a Chatwoot).
     MockServer {
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -145,6 +147,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Demo { rate, events, file } => demo(rate, events, file).await,
+        Command::Schema => {
+            print!("{}", chatwoot_bridge::config::json_schema());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::MockServer {
             listen,
             tokens,

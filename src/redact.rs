@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::jsonpath::JsonPath;
@@ -37,7 +38,7 @@ impl Default for Redaction {
 }
 
 /// `fields:` of a sink, as written.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FieldsSpec {
     /// Dotted paths inside `data` to remove.

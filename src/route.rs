@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 use regex::Regex;
@@ -15,7 +16,7 @@ use crate::event::Event;
 use crate::jsonpath::{Found, JsonPath};
 
 /// One value or a list of them; a list means any-of.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
@@ -39,7 +40,7 @@ impl<T> OneOrMany<T> {
 
 /// What a route matches, as written. Every present condition must hold; a list means any-of.
 /// `match: {}` matches every event.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
     /// Event names, exact or with `*` wildcards (`conversation.*`).
@@ -63,7 +64,7 @@ pub struct MatchSpec {
 }
 
 /// One `where` entry: a path and exactly one test.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionSpec {
     pub path: String,
