@@ -133,7 +133,7 @@ impl TokenTask {
         let name = &self.spec.name;
         let mut ws = tokio::select! {
             _ = self.cancel.cancelled() => return SessionEnd::Cancelled,
-            connected = timeout(self.settings.connect_timeout, self.connect()) => match connected {
+            connected = timeout(self.settings.connect_timeout, connect(&self.spec, &self.settings)) => match connected {
                 Err(_) => return SessionEnd::Lost(format!(
                     "connect to {} timed out after {:?}", self.spec.url, self.settings.connect_timeout)),
                 Ok(Err(e)) => return SessionEnd::Lost(format!(
@@ -288,37 +288,99 @@ impl TokenTask {
         }
         end
     }
+}
 
-    async fn connect(&self) -> Result<Socket, tungstenite::Error> {
-        let mut request = self.spec.url.as_str().into_client_request()?;
-        let headers = request.headers_mut();
-        headers.insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(protocol::SUBPROTOCOL),
-        );
-        if let Ok(origin) = HeaderValue::from_str(&self.spec.origin) {
-            headers.insert("Origin", origin);
-        }
-        for (name, value) in &self.spec.headers {
-            // Validated at config load; a bad one here is skipped rather than logged (it may be
-            // a credential).
-            if let (Ok(name), Ok(mut value)) = (
-                HeaderName::try_from(name.as_str()),
-                HeaderValue::from_str(value.expose()),
-            ) {
-                value.set_sensitive(true);
-                headers.insert(name, value);
-            }
-        }
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER_BYTES)
-            .write_buffer_size(0)
-            .max_message_size(Some(self.settings.max_frame_bytes))
-            .max_frame_size(Some(self.settings.max_frame_bytes));
-        let (ws, _response) =
-            tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
-        Ok(ws)
+/// Opens the WebSocket for a token: subprotocol, Origin, extra headers, small buffers.
+async fn connect(spec: &TokenSpec, settings: &CableSettings) -> Result<Socket, tungstenite::Error> {
+    let mut request = spec.url.as_str().into_client_request()?;
+    let headers = request.headers_mut();
+    headers.insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(protocol::SUBPROTOCOL),
+    );
+    if let Ok(origin) = HeaderValue::from_str(&spec.origin) {
+        headers.insert("Origin", origin);
     }
+    for (name, value) in &spec.headers {
+        // Validated at config load; a bad one here is skipped rather than logged (it may be
+        // a credential).
+        if let (Ok(name), Ok(mut value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_str(value.expose()),
+        ) {
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+    }
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(settings.max_frame_bytes))
+        .max_frame_size(Some(settings.max_frame_bytes));
+    let (ws, _response) =
+        tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+    Ok(ws)
+}
+
+/// Checks a token once, for `check --connect`: handshake, welcome, subscribe, confirm.
+/// Returns how it went in words; never the token.
+pub async fn probe(spec: &TokenSpec, settings: &CableSettings) -> Result<(), String> {
+    let mut ws = match timeout(settings.connect_timeout, connect(spec, settings)).await {
+        Err(_) => {
+            return Err(format!(
+                "connect to {} timed out after {:?}",
+                spec.url, settings.connect_timeout
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("connect to {} failed: {}", spec.url, describe(&e))),
+        Ok(Ok(ws)) => ws,
+    };
+    let identifier = protocol::identifier(&spec.pubsub_token, &spec.identity);
+    let mut deadline = Instant::now() + settings.connect_timeout;
+    let mut subscribed = false;
+    let outcome = loop {
+        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) if subscribed => break Err(format!(
+                "no confirm_subscription within {:?}: Chatwoot ignores a wrong or rotated pubsub_token, account_id or user_id in silence",
+                settings.confirm_timeout
+            )),
+            Err(_) => break Err("the server sent no welcome".to_string()),
+            Ok(None) => break Err("server closed the connection".into()),
+            Ok(Some(Err(e))) => break Err(describe(&e)),
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(_))) => continue,
+        };
+        match protocol::decode(frame.as_str()) {
+            Ok(ServerFrame::Welcome) if !subscribed => {
+                if let Err(e) = ws
+                    .send(Message::text(protocol::subscribe(&identifier)))
+                    .await
+                {
+                    break Err(describe(&e));
+                }
+                subscribed = true;
+                deadline = Instant::now() + settings.confirm_timeout;
+            }
+            Ok(ServerFrame::Confirm { identifier: of }) if of == identifier => break Ok(()),
+            Ok(ServerFrame::Reject { identifier: of }) if of == identifier => {
+                break Err("server rejected the subscription".into())
+            }
+            Ok(ServerFrame::Disconnect { reason, .. }) => {
+                break Err(format!(
+                    "server sent disconnect: {}",
+                    reason.as_deref().unwrap_or("no reason")
+                ))
+            }
+            _ => {}
+        }
+    };
+    if subscribed {
+        let _ = ws
+            .send(Message::text(protocol::unsubscribe(&identifier)))
+            .await;
+    }
+    let _ = ws.close(None).await;
+    outcome
 }
 
 /// A transport error in words an operator can act on. Never includes frame content.

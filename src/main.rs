@@ -48,6 +48,9 @@ enum Command {
     Check {
         #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
         config: PathBuf,
+        /// Also try each sink and each token's handshake and subscription, and report each.
+        #[arg(long)]
+        connect: bool,
     },
     /// Start a mock Chatwoot and the bridge together; events are printed to stdout.
     Demo {
@@ -130,7 +133,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Check { config: path } => match Config::load(&path) {
+        Command::Check {
+            config: path,
+            connect,
+        } => match Config::load(&path) {
             Ok(config) => {
                 println!(
                     "{}: ok ({} tokens, {} sinks, {} routes)",
@@ -139,6 +145,9 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     config.sinks.len(),
                     config.routes.route_names().count()
                 );
+                if connect && !check_connect(&config).await {
+                    return Ok(ExitCode::FAILURE);
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -196,6 +205,36 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Tries every sink and token; prints one line each. Returns whether all succeeded.
+async fn check_connect(config: &Config) -> bool {
+    let mut all_ok = true;
+    for (name, sink) in &config.sinks {
+        match chatwoot_bridge::sink::Sink::probe(name, &sink.kind).await {
+            Ok(()) => println!("sink {name}: ok"),
+            Err(e) => {
+                all_ok = false;
+                println!("sink {name}: FAILED: {e}");
+            }
+        }
+    }
+    let probes = config.tokens.iter().map(|token| async move {
+        (
+            token.name.clone(),
+            chatwoot_bridge::cable::probe(token, &config.cable).await,
+        )
+    });
+    for (name, result) in futures_util::future::join_all(probes).await {
+        match result {
+            Ok(()) => println!("token {name}: ok (subscription confirmed)"),
+            Err(e) => {
+                all_ok = false;
+                println!("token {name}: FAILED: {e}");
+            }
+        }
+    }
+    all_ok
 }
 
 /// The demo: a mock Chatwoot with an agent and a widget visitor, and the bridge printing events.

@@ -83,6 +83,13 @@ impl Sink {
         }
     }
 
+    /// Tries the destination once, for `check --connect`; the error says what failed, in words.
+    pub async fn probe(name: &str, config: &SinkConfig) -> Result<(), String> {
+        let mut sink = Sink::build(name, config).await.map_err(|e| e.message)?;
+        sink.close().await;
+        Ok(())
+    }
+
     /// Delivers a batch; the result has one outcome per event, in order.
     pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
         match self {
