@@ -328,3 +328,135 @@ mod tests {
         assert!(v.get("subject").is_none());
     }
 }
+
+/// Why a spooled record could not be read back as an event.
+#[derive(Debug, thiserror::Error)]
+#[error("spool record is damaged or from an unknown version: {0}")]
+pub struct RecordError(&'static str);
+
+/// Version byte of the record layout, so a future layout can still read old spools.
+const RECORD_VERSION: u8 = 1;
+
+impl Event {
+    /// The event as a spool record: everything needed to deliver it again after a restart.
+    /// Layout (little endian): version, id (16), received_at seconds (8) and nanos (4), three
+    /// optional ids (flag + 8 each), then name, token, source and data, each length-prefixed (u32).
+    pub fn encode_record(&self, out: &mut Vec<u8>) {
+        let since_epoch = self
+            .received_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&self.id.0.to_le_bytes());
+        out.extend_from_slice(&since_epoch.as_secs().to_le_bytes());
+        out.extend_from_slice(&since_epoch.subsec_nanos().to_le_bytes());
+        for key in [
+            self.keys.account_id,
+            self.keys.conversation_id,
+            self.keys.inbox_id,
+        ] {
+            match key {
+                Some(value) => {
+                    out.push(1);
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+        }
+        for field in [&*self.name, &*self.token, &*self.source, self.data.get()] {
+            out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            out.extend_from_slice(field.as_bytes());
+        }
+    }
+
+    /// Reads a record written by [`Event::encode_record`].
+    pub fn decode_record(mut bytes: &[u8]) -> Result<Event, RecordError> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], RecordError> {
+            if bytes.len() < n {
+                return Err(RecordError("truncated"));
+            }
+            let (head, tail) = bytes.split_at(n);
+            *bytes = tail;
+            Ok(head)
+        }
+        fn text<'a>(bytes: &mut &'a [u8]) -> Result<&'a str, RecordError> {
+            let len = u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize;
+            std::str::from_utf8(take(bytes, len)?).map_err(|_| RecordError("text is not UTF-8"))
+        }
+        if take(&mut bytes, 1)?[0] != RECORD_VERSION {
+            return Err(RecordError("unknown version"));
+        }
+        let id = u128::from_le_bytes(take(&mut bytes, 16)?.try_into().expect("16 bytes"));
+        let secs = u64::from_le_bytes(take(&mut bytes, 8)?.try_into().expect("8 bytes"));
+        let nanos = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().expect("4 bytes"));
+        let mut keys = [None; 3];
+        for key in &mut keys {
+            if take(&mut bytes, 1)?[0] == 1 {
+                *key = Some(u64::from_le_bytes(
+                    take(&mut bytes, 8)?.try_into().expect("8 bytes"),
+                ));
+            }
+        }
+        let name = text(&mut bytes)?;
+        let token = text(&mut bytes)?;
+        let source = text(&mut bytes)?;
+        let data = text(&mut bytes)?;
+        let data =
+            RawValue::from_string(data.to_owned()).map_err(|_| RecordError("data is not JSON"))?;
+        Ok(Event {
+            id: EventId(id),
+            content_hash: content_hash(name, data.get()),
+            name: name.into(),
+            data,
+            token: Arc::from(token),
+            source: Arc::from(source),
+            received_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
+            keys: DataKeys {
+                account_id: keys[0],
+                conversation_id: keys[1],
+                inbox_id: keys[2],
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        for (name, frame) in crate::fixtures::ALL {
+            let crate::protocol::ServerFrame::Message { event, data, .. } =
+                crate::protocol::decode(frame).unwrap()
+            else {
+                panic!("{name}");
+            };
+            let mut original = Event::new(
+                &event,
+                data.0.to_owned(),
+                Arc::from("agent"),
+                Arc::from("wss://x/cable#agent"),
+                SystemTime::UNIX_EPOCH + std::time::Duration::new(1_781_964_126, 318_123_456),
+            );
+            original.id = EventId(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+            let mut bytes = Vec::new();
+            original.encode_record(&mut bytes);
+            let back = Event::decode_record(&bytes).unwrap();
+            assert_eq!(back.id, original.id, "{name}");
+            assert_eq!(back.name, original.name);
+            assert_eq!(back.data.get(), original.data.get());
+            assert_eq!(back.token, original.token);
+            assert_eq!(back.source, original.source);
+            assert_eq!(back.received_at, original.received_at);
+            assert_eq!(back.keys, original.keys);
+            assert_eq!(back.content_hash, original.content_hash);
+            for cut in [0, 1, 17, bytes.len() / 2, bytes.len() - 1] {
+                assert!(
+                    Event::decode_record(&bytes[..cut]).is_err(),
+                    "{name} cut at {cut}"
+                );
+            }
+        }
+    }
+}

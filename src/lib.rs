@@ -17,6 +17,7 @@
 //! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
 //! - [`redact`]: removing `pubsub_token` keys and configured fields before a sink sees `data`.
 //! - [`pipeline`]: ingest (ids, routing) and one delivery loop per sink.
+//! - [`dead_letter`]: events a sink refused for good, kept on disk for `dlq list|replay|purge`.
 //! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, for tests, demos, benchmarks.
 //! - [`fixtures`]: frames recorded from Chatwoot, embedded.
@@ -26,6 +27,7 @@
 pub mod backoff;
 pub mod cable;
 pub mod config;
+pub mod dead_letter;
 pub mod event;
 pub mod fixtures;
 pub mod id;
