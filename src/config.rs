@@ -102,6 +102,9 @@ struct RawConfig {
     /// `drop` (default) or the name of a sink for events no route matches.
     #[serde(default)]
     unmatched: Option<String>,
+    /// The durable local queue every event is written to before any sink sees it.
+    #[serde(default)]
+    spool: RawSpool,
     #[serde(default = "default_shutdown_timeout")]
     shutdown_timeout: HumanDuration,
 }
@@ -190,6 +193,86 @@ struct RawSink {
     keep_pubsub_tokens: bool,
     #[serde(default)]
     fields: FieldsSpec,
+    /// Backoff between delivery attempts, and when to give up on an event.
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    /// Ceiling of the first retry delay (full jitter below it).
+    #[serde(default = "default_retry_initial")]
+    initial: HumanDuration,
+    /// Largest ceiling the delays grow to.
+    #[serde(default = "default_retry_max")]
+    max: HumanDuration,
+    /// An event still failing this long after its first attempt goes to the dead letters.
+    #[serde(default = "default_retry_max_elapsed")]
+    max_elapsed: HumanDuration,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            initial: default_retry_initial(),
+            max: default_retry_max(),
+            max_elapsed: default_retry_max_elapsed(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    /// Folder of the spool segments, cursors and dead letters.
+    #[serde(default = "default_spool_dir")]
+    dir: PathBuf,
+    /// Size cap of the spool on disk, in bytes.
+    #[serde(default = "default_spool_max_bytes")]
+    #[schemars(with = "u64")]
+    #[serde(deserialize_with = "number")]
+    max_bytes: u64,
+    /// `interval` (fsync every `fsync_interval` and at shutdown), `always` (before an event
+    /// counts as accepted), or `never` (leave it to the OS).
+    #[serde(default)]
+    fsync: FsyncMode,
+    #[serde(default = "default_fsync_interval")]
+    fsync_interval: HumanDuration,
+    /// What to do when the spool is full: `drop_newest` or `drop_oldest` (counted, logged).
+    #[serde(default)]
+    when_full: WhenFull,
+}
+
+impl Default for RawSpool {
+    fn default() -> Self {
+        RawSpool {
+            dir: default_spool_dir(),
+            max_bytes: default_spool_max_bytes(),
+            fsync: FsyncMode::default(),
+            fsync_interval: default_fsync_interval(),
+            when_full: WhenFull::default(),
+        }
+    }
+}
+
+/// When spool writes are forced to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    #[default]
+    Interval,
+    Always,
+    Never,
+}
+
+/// Which events a full spool gives up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    #[default]
+    DropNewest,
+    DropOldest,
 }
 
 /// A sink as configured.
@@ -202,6 +285,24 @@ pub enum SinkConfig {
     Stdout {},
 }
 
+fn default_retry_initial() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_retry_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_retry_max_elapsed() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("spool")
+}
+fn default_spool_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_fsync_interval() -> HumanDuration {
+    HumanDuration(Duration::from_millis(100))
+}
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -306,6 +407,8 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkSettings>,
     /// Compiled routes, in file order.
     pub routes: RouteTable,
+    /// The durable queue in front of the sinks.
+    pub spool: SpoolSettings,
     /// How long shutdown may take to deliver what is in flight before it gives up.
     pub shutdown_timeout: Duration,
 }
@@ -315,6 +418,38 @@ pub struct Config {
 pub struct SinkSettings {
     pub kind: SinkConfig,
     pub redaction: Redaction,
+    pub retry: RetrySettings,
+}
+
+/// Delivery retries of one sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// Ceiling of the first retry delay.
+    pub initial: Duration,
+    /// Largest ceiling.
+    pub max: Duration,
+    /// Give an event up (to the dead letters) when it still fails this long after its first try.
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            initial: default_retry_initial().0,
+            max: default_retry_max().0,
+            max_elapsed: default_retry_max_elapsed().0,
+        }
+    }
+}
+
+/// Where and how events are kept before delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub fsync: FsyncMode,
+    pub fsync_interval: Duration,
+    pub when_full: WhenFull,
 }
 
 /// Timing and limits of the cable client, the same for every token.
@@ -592,11 +727,23 @@ impl RawConfig {
                 strip_pubsub_tokens: !raw.keep_pubsub_tokens,
                 drop,
             };
+            let retry = RetrySettings {
+                initial: raw.retry.initial.0,
+                max: raw.retry.max.0,
+                max_elapsed: raw.retry.max_elapsed.0,
+            };
+            if retry.initial.is_zero() || retry.max < retry.initial {
+                problem(
+                    format!("{key}.retry"),
+                    "initial must be above zero and max at least initial".into(),
+                );
+            }
             sinks.insert(
                 name,
                 SinkSettings {
                     kind: raw.kind,
                     redaction,
+                    retry,
                 },
             );
         }
@@ -644,6 +791,29 @@ impl RawConfig {
                 None
             }
         };
+        let spool = SpoolSettings {
+            dir: self.spool.dir,
+            max_bytes: self.spool.max_bytes,
+            fsync: self.spool.fsync,
+            fsync_interval: self.spool.fsync_interval.0,
+            when_full: self.spool.when_full,
+        };
+        if spool.max_bytes < 1 << 20 {
+            problem(
+                "spool.max_bytes".into(),
+                format!(
+                    "{} is too small; give the spool at least 1 MiB (1048576)",
+                    spool.max_bytes
+                ),
+            );
+        }
+        if spool.fsync_interval.is_zero() {
+            problem(
+                "spool.fsync_interval".into(),
+                "must be greater than zero".into(),
+            );
+        }
+
         let routes = match RouteTable::compile(routes, &token_names, unmatched) {
             Ok(table) => Some(table),
             Err(route_problems) => {
@@ -674,6 +844,7 @@ impl RawConfig {
             },
             tokens,
             sinks,
+            spool,
             routes: routes.expect("no problems means the routes compiled"),
             shutdown_timeout: self.shutdown_timeout.0,
         })
