@@ -403,6 +403,8 @@ async fn serve(
     let _ = stream.set_nodelay(true);
     let origin = Arc::new(Mutex::new(None));
     let seen_origin = origin.clone();
+    // The handshake callback's error type is tungstenite's, which is large; it never fails here.
+    #[allow(clippy::result_large_err)]
     let callback = move |request: &Request, mut response: Response| {
         *seen_origin.lock().expect("origin lock") = request
             .headers()
@@ -585,14 +587,13 @@ where
                 }
             }
         }
-        "message" => {
+        "message"
             if command
                 .data
                 .as_deref()
-                .is_some_and(|d| d.contains("update_presence"))
-            {
-                shared.presence_updates.fetch_add(1, Ordering::Relaxed);
-            }
+                .is_some_and(|d| d.contains("update_presence")) =>
+        {
+            shared.presence_updates.fetch_add(1, Ordering::Relaxed);
         }
         _ => {}
     }
