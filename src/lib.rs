@@ -15,6 +15,7 @@
 //! - [`id`]: event ids: one per broadcast, shared by copies on several tokens.
 //! - [`route`]: the compiled route table.
 //! - [`pipeline`]: ingest (ids, routing) and one delivery loop per sink.
+//! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
 //! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, for tests, demos, benchmarks.
 //! - [`fixtures`]: frames recorded from Chatwoot, embedded.
@@ -32,6 +33,7 @@ pub mod pipeline;
 pub mod protocol;
 pub mod route;
 pub mod sink;
+pub mod spool;
 pub mod status;
 pub mod supervisor;
 

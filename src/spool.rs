@@ -1,0 +1,1401 @@
+//! The durable spool: every event read from Chatwoot is appended here, with the set of sinks its
+//! routes chose, before any sink sees it; each sink reads from its own cursor and commits when
+//! delivery is confirmed.
+//!
+//! ActionCable has no replay: an event that was read but not spooled is gone for good if the
+//! process dies. The spool turns "read from the socket" into "on disk", so sinks can be slow,
+//! down, or restarted without losing anything (at-least-once: a restart re-delivers the window a
+//! sink had read but not yet committed).
+//!
+//! # Why a segment log, not an embedded database
+//! The access pattern is a queue with several independent consumers: appends at the tail,
+//! sequential reads, and deletion from the head once everyone has moved past. A segment log does
+//! exactly that and nothing else:
+//! - appends are sequential, and a whole batch is encoded into one buffer and written with one
+//!   `write` syscall (group writes);
+//! - once `write` returns, the data is in the page cache, which survives a *process* crash; only
+//!   a *machine* crash needs `fsync`, and that can run on a timer ([`FsyncPolicy::Interval`])
+//!   instead of once per commit;
+//! - a sink's cursor is one `u64`, persisted lazily in a tiny file; committing costs no I/O;
+//! - space comes back by deleting whole segment files, never by compaction.
+//!
+//! redb (or any B-tree store with transactions) makes every durable commit an `fsync`, which at
+//! thousands of events per second costs more than the rest of the bridge; its non-durable commits
+//! are rolled back after a process crash, which is precisely the failure the spool exists for.
+//! sled, yaque and queue-file are unmaintained.
+//!
+//! # Durability ([`FsyncPolicy`])
+//! A *process* crash loses nothing in any mode: an append returns after `write`, when the bytes
+//! are in the kernel's page cache. A *machine* crash (power, kernel panic) may lose what was not
+//! yet fsynced:
+//! - `Always`: nothing that `append` acknowledged (each append ends with `fdatasync`);
+//! - `Interval(d)`: up to one interval; the caller calls [`Spool::sync`] every `d` and at shutdown;
+//! - `Never`: whatever the OS had not written back yet (usually up to ~30 s on Linux).
+//!
+//! Committed cursors are persisted lazily (on [`Spool::sync`], when the last handle is dropped, and
+//! otherwise at most every [`PERSIST_EVERY_COMMITS`] commits or [`PERSIST_INTERVAL`]); a crash
+//! therefore re-delivers what was committed since the last persist, never less.
+//!
+//! # On disk
+//! ```text
+//! <dir>/00000000000000000001.log   segment whose first record has seq 1 (20 decimal digits)
+//! <dir>/00000000000000052113.log   the next one; the last segment is the active one
+//! <dir>/sinks.json                 sink name → mask bit, committed seq, backlog; next seq
+//! ```
+//! A record is a 24-byte header then the payload, all integers little-endian:
+//! ```text
+//! u32 payload length | u32 CRC32 of (length, seq, mask, payload) | u64 seq | u64 sink mask | payload
+//! ```
+//! Sequence numbers start at 1, grow by one per record and never go back, across restarts
+//! (`sinks.json` remembers the next one in case the tail was lost). A segment's records are the
+//! seqs from its base (in the file name) up to the next segment's base.
+//!
+//! # Memory
+//! Independent of the backlog: per segment, its base seq and size; per sink, a few counters;
+//! per reader, one buffered file handle and the seqs it has read but not committed yet.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Size of a record header: length, CRC, seq, mask.
+pub const HEADER_BYTES: u64 = 24;
+
+/// Most sinks a spool serves: one bit each in a `u64` mask.
+pub const MAX_SINKS: usize = 64;
+
+/// Cursors are persisted at least this often while commits happen...
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(250);
+
+/// ...and at least every this many commits, so a crash re-delivers a bounded window.
+pub const PERSIST_EVERY_COMMITS: u32 = 1024;
+
+/// Name of the registry and cursor file inside the spool directory.
+const STATE_FILE: &str = "sinks.json";
+
+/// Version of `sinks.json`, so a future layout can tell old files apart.
+const STATE_VERSION: u32 = 1;
+
+/// Where, how big, and how careful the spool is.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Directory holding the segments and `sinks.json`; created if missing.
+    pub dir: PathBuf,
+    /// Cap on the total size of segment files; what happens past it is `when_full`.
+    pub max_bytes: u64,
+    /// A new segment is started once the active one would grow past this. Smaller segments
+    /// reclaim space sooner; larger ones mean fewer files.
+    pub segment_bytes: u64,
+    /// When appends are fsynced (see the module doc for what each mode can lose).
+    pub fsync: FsyncPolicy,
+    /// What an append does when the spool is at `max_bytes`.
+    pub when_full: FullPolicy,
+}
+
+impl SpoolConfig {
+    /// Defaults: 1 GiB cap, 64 MiB segments, fsync every second, drop the newest when full.
+    pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.into(),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
+            when_full: FullPolicy::DropNewest,
+        }
+    }
+}
+
+/// When data reaches the disk itself rather than the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every append ends with an fsync: slowest, loses nothing acknowledged on a machine crash.
+    Always,
+    /// The caller calls [`Spool::sync`] every interval and at shutdown.
+    Interval(Duration),
+    /// Leave it to the OS.
+    Never,
+}
+
+/// What an append does when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Refuse the records that do not fit (the tail of the batch); keep the backlog.
+    DropNewest,
+    /// Delete the oldest whole segments until the batch fits, even if sinks still needed them.
+    DropOldest,
+}
+
+/// A set of sinks, one bit each; bits are stable per sink name across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SinkMask(pub u64);
+
+/// What became of an appended batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendReport {
+    /// Seq of the first record written; the others follow one by one. `None` if none was.
+    /// With `DropNewest` the written records are the first `appended` of the batch; with
+    /// `DropOldest` (only when the batch alone exceeds `max_bytes`) the last `appended`.
+    pub first_seq: Option<u64>,
+    /// Records written.
+    pub appended: usize,
+    /// Records of this batch refused because the spool was full (`DropNewest`).
+    pub dropped_newest: u64,
+    /// Records lost to make room (`DropOldest`): spooled ones that some configured sink had not
+    /// committed, plus records of this batch that could not fit at all.
+    pub dropped_oldest: u64,
+}
+
+/// A snapshot of the spool's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Total size of the segment files.
+    pub bytes: u64,
+    /// Number of segment files, the active one included.
+    pub segments: usize,
+    /// Seq of the last record appended, 0 if there never was one.
+    pub last_seq: u64,
+    /// Every sink in the registry, configured or not.
+    pub sinks: Vec<SinkStats>,
+    /// Records refused by `DropNewest` since open.
+    pub dropped_newest: u64,
+    /// Records lost to `DropOldest` since open.
+    pub dropped_oldest: u64,
+}
+
+/// One sink's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkStats {
+    pub name: String,
+    /// Every record of this sink up to this seq is done.
+    pub committed: u64,
+    /// Records routed to this sink and not committed yet.
+    pub backlog: u64,
+    /// Records of this sink deleted by `DropOldest` before it committed them (persisted).
+    pub lost: u64,
+    /// False for a sink that is in the registry but not in the current configuration.
+    pub configured: bool,
+}
+
+/// Why a spool operation failed; I/O errors name the operation and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt spool file {}: {detail}", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "spool record of {size} bytes (header included) exceeds the spool's max_bytes of {max}"
+    )]
+    RecordTooLarge { size: u64, max: u64 },
+    #[error("{count} sinks configured; a spool serves at most {MAX_SINKS}")]
+    TooManySinks { count: usize },
+    #[error("sink {0:?} is not configured for this spool")]
+    UnknownSink(String),
+    #[error("invalid spool configuration: {0}")]
+    Config(String),
+}
+
+/// Builds the `map_err` closure for an I/O error on `path`.
+fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> SpoolError + 'p {
+    move |source| SpoolError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The spool: cheap to clone, shareable between threads.
+#[derive(Clone)]
+pub struct Spool {
+    /// Shared with every clone and every reader.
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.config.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What all handles share.
+struct Inner {
+    /// Immutable after open.
+    config: SpoolConfig,
+    /// Everything mutable; held briefly (readers do their file I/O outside it).
+    state: Mutex<State>,
+    /// Carries the next seq to be assigned, so readers can wait for appends without polling.
+    appended: watch::Sender<u64>,
+}
+
+/// The mutable part of the spool.
+struct State {
+    /// Live segments, oldest first; never empty; the last one is the one appended to.
+    segments: VecDeque<Segment>,
+    /// Write handle of the last segment.
+    active: File,
+    /// Seq the next appended record gets.
+    next_seq: u64,
+    /// Sum of `segments[..].bytes`, compared with `max_bytes` on every append.
+    total_bytes: u64,
+    /// The registry: configured sinks and those remembered from earlier configurations.
+    sinks: Vec<SinkState>,
+    /// Counters for stats.
+    dropped_newest: u64,
+    dropped_oldest: u64,
+    /// Commits since cursors were last written, for lazy persistence.
+    dirty_commits: u32,
+    /// When cursors were last written.
+    last_persist: Instant,
+    /// Encoding buffer, kept to avoid an allocation per batch.
+    buf: Vec<u8>,
+    /// Set when a failed write left bytes we could not truncate: the next append starts a new
+    /// segment rather than write after garbage.
+    must_roll: bool,
+}
+
+/// One segment file's bookkeeping; its last seq is the next segment's base minus one.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Seq of its first record (also its file name).
+    base: u64,
+    /// Bytes of whole records in it; readers never read past this.
+    bytes: u64,
+}
+
+/// One sink of the registry.
+#[derive(Debug, Clone)]
+struct SinkState {
+    /// Configured name; the key of the registry.
+    name: String,
+    /// Its bit in masks, stable across restarts.
+    bit: u8,
+    /// Every record of this sink with seq <= committed is done.
+    committed: u64,
+    /// Records routed to it after `committed`, for stats.
+    pending: u64,
+    /// Records deleted by `DropOldest` before it committed them.
+    lost: u64,
+    /// Only configured sinks hold back reclaiming and count losses.
+    configured: bool,
+}
+
+/// Layout of `sinks.json`.
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    /// Layout version.
+    version: u32,
+    /// Seq the next record gets; keeps seqs monotonic when the log's tail was lost.
+    next_seq: u64,
+    /// The registry with each sink's cursor.
+    sinks: Vec<SinkEntry>,
+}
+
+/// One sink in `sinks.json`.
+#[derive(Serialize, Deserialize)]
+struct SinkEntry {
+    name: String,
+    bit: u8,
+    committed: u64,
+    /// Backlog at the time of writing; records appended afterwards are counted at open.
+    pending: u64,
+    lost: u64,
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn record_crc(len: u32, seq: u64, mask: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len.to_le_bytes());
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(&mask.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+fn encode_record(buf: &mut Vec<u8>, seq: u64, mask: u64, payload: &[u8]) {
+    // Callers have checked that the payload fits in a u32.
+    let len = payload.len() as u32;
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&record_crc(len, seq, mask, payload).to_le_bytes());
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.extend_from_slice(&mask.to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
+/// What the next bytes of a segment hold.
+enum Next {
+    /// A whole, intact record; its payload is in the caller's buffer.
+    Record { seq: u64, mask: u64 },
+    /// The record's seq is past the caller's stop point; nothing was consumed.
+    Stop,
+    /// Exactly at the limit.
+    End,
+    /// A partial or corrupt record starts here.
+    Torn(String),
+}
+
+/// Sequential reading of one segment file, up to a byte limit the caller knows to be written.
+struct SegmentCursor {
+    /// For error messages, and to reopen.
+    path: PathBuf,
+    /// Base seq of the segment, to tell whether it still exists.
+    base: u64,
+    /// Buffered so that small records cost no syscall each.
+    reader: BufReader<File>,
+    /// Byte offset of the next record.
+    offset: u64,
+}
+
+impl SegmentCursor {
+    fn open(path: PathBuf, base: u64) -> Result<SegmentCursor, SpoolError> {
+        let file = File::open(&path).map_err(io_err("open spool segment", &path))?;
+        Ok(SegmentCursor {
+            reader: BufReader::with_capacity(64 * 1024, file),
+            path,
+            base,
+            offset: 0,
+        })
+    }
+
+    /// Reads the record at `offset` into `payload`, unless its seq is past `stop_after`.
+    fn next(
+        &mut self,
+        limit: u64,
+        stop_after: u64,
+        payload: &mut Vec<u8>,
+    ) -> Result<Next, SpoolError> {
+        if self.offset >= limit {
+            return Ok(Next::End);
+        }
+        if limit - self.offset < HEADER_BYTES {
+            return Ok(Next::Torn(format!(
+                "partial header at offset {}",
+                self.offset
+            )));
+        }
+        let mut header = [0u8; HEADER_BYTES as usize];
+        self.reader
+            .read_exact(&mut header)
+            .map_err(io_err("read spool segment", &self.path))?;
+        let len = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+        let crc = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
+        let seq = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+        let mask = u64::from_le_bytes(header[16..24].try_into().unwrap_or_default());
+        if seq > stop_after {
+            self.reader
+                .seek_relative(-(HEADER_BYTES as i64))
+                .map_err(io_err("seek in spool segment", &self.path))?;
+            return Ok(Next::Stop);
+        }
+        let total = HEADER_BYTES + u64::from(len);
+        if limit - self.offset < total {
+            // Reposition so that a retry reads the same header again.
+            self.reader
+                .seek(SeekFrom::Start(self.offset))
+                .map_err(io_err("seek in spool segment", &self.path))?;
+            return Ok(Next::Torn(format!(
+                "record at offset {} claims {len} bytes, past the end",
+                self.offset
+            )));
+        }
+        payload.clear();
+        payload.resize(len as usize, 0);
+        self.reader
+            .read_exact(payload)
+            .map_err(io_err("read spool segment", &self.path))?;
+        if record_crc(len, seq, mask, payload) != crc {
+            self.reader
+                .seek(SeekFrom::Start(self.offset))
+                .map_err(io_err("seek in spool segment", &self.path))?;
+            return Ok(Next::Torn(format!(
+                "checksum mismatch at offset {}",
+                self.offset
+            )));
+        }
+        self.offset += total;
+        Ok(Next::Record { seq, mask })
+    }
+}
+
+/// Fsyncs a directory so that file creations, renames and deletions in it survive a machine crash.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync spool directory", dir))
+}
+
+impl State {
+    /// Seq just past segment `i`'s last record.
+    fn segment_end(&self, i: usize) -> u64 {
+        match self.segments.get(i + 1) {
+            Some(next) => next.base,
+            None => self.next_seq,
+        }
+    }
+
+    /// Index of the segment that holds (or would hold) `seq`; `seq` must not be before the oldest.
+    fn locate(&self, seq: u64) -> usize {
+        self.segments
+            .partition_point(|s| s.base <= seq)
+            .saturating_sub(1)
+    }
+
+    fn index_of(&self, base: u64) -> Option<usize> {
+        self.segments.binary_search_by_key(&base, |s| s.base).ok()
+    }
+
+    fn oldest_base(&self) -> u64 {
+        self.segments.front().map_or(self.next_seq, |s| s.base)
+    }
+
+    /// The lowest committed seq among configured sinks: everything up to it can go.
+    fn reclaimable_upto(&self) -> u64 {
+        self.sinks
+            .iter()
+            .filter(|s| s.configured)
+            .map(|s| s.committed)
+            .min()
+            .unwrap_or(self.next_seq.saturating_sub(1))
+    }
+
+    fn persist(&mut self, dir: &Path) -> Result<(), SpoolError> {
+        let file = StateFile {
+            version: STATE_VERSION,
+            next_seq: self.next_seq,
+            sinks: self
+                .sinks
+                .iter()
+                .map(|s| SinkEntry {
+                    name: s.name.clone(),
+                    bit: s.bit,
+                    committed: s.committed,
+                    pending: s.pending,
+                    lost: s.lost,
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| SpoolError::Corrupt {
+            path: dir.join(STATE_FILE),
+            detail: format!("cannot encode: {e}"),
+        })?;
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        let path = dir.join(STATE_FILE);
+        // Write, fsync, rename: a crash leaves either the old file or the new one, never a torn
+        // one. Always fsynced, whatever the policy: it is small and written a few times a
+        // second at most, and losing it would scramble which bit is which sink.
+        {
+            let mut f = File::create(&tmp).map_err(io_err("create spool cursor file", &tmp))?;
+            io::Write::write_all(&mut f, &json).map_err(io_err("write spool cursor file", &tmp))?;
+            f.sync_all()
+                .map_err(io_err("fsync spool cursor file", &tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io_err("replace spool cursor file", &path))?;
+        self.dirty_commits = 0;
+        self.last_persist = Instant::now();
+        Ok(())
+    }
+
+    /// Starts a new, empty active segment at `next_seq`.
+    fn roll(&mut self, config: &SpoolConfig) -> Result<(), SpoolError> {
+        if config.fsync != FsyncPolicy::Never {
+            let old = segment_path(&config.dir, self.segments.back().map_or(0, |s| s.base));
+            self.active
+                .sync_data()
+                .map_err(io_err("fsync spool segment", &old))?;
+        }
+        let base = self.next_seq;
+        let path = segment_path(&config.dir, base);
+        self.active = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err("create spool segment", &path))?;
+        if config.fsync != FsyncPolicy::Never {
+            sync_dir(&config.dir)?;
+        }
+        self.segments.push_back(Segment { base, bytes: 0 });
+        self.must_roll = false;
+        Ok(())
+    }
+
+    /// Deletes sealed segments every configured sink has committed past.
+    fn reclaim(&mut self, dir: &Path) -> Result<(), SpoolError> {
+        let upto = self.reclaimable_upto();
+        while self.segments.len() > 1 && self.segment_end(0) <= upto.saturating_add(1) {
+            self.delete_oldest(dir)?;
+        }
+        Ok(())
+    }
+
+    fn delete_oldest(&mut self, dir: &Path) -> Result<(), SpoolError> {
+        let seg = self.segments[0];
+        let path = segment_path(dir, seg.base);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("delete spool segment", &path)(e)),
+        }
+        self.segments.pop_front();
+        self.total_bytes -= seg.bytes;
+        Ok(())
+    }
+
+    /// Deletes the oldest segment although sinks may still need it (`DropOldest`), counting for
+    /// each configured sink the records it had not committed. Returns how many records were
+    /// lost to at least one sink.
+    fn drop_oldest(&mut self, dir: &Path) -> Result<u64, SpoolError> {
+        let seg = self.segments[0];
+        let end = self.segment_end(0);
+        let mut lost_records = 0;
+        if self.reclaimable_upto().saturating_add(1) < end {
+            let path = segment_path(dir, seg.base);
+            let mut cursor = SegmentCursor::open(path, seg.base)?;
+            let mut payload = Vec::new();
+            while let Next::Record { seq, mask } = cursor.next(seg.bytes, u64::MAX, &mut payload)? {
+                let mut lost_any = false;
+                for sink in self.sinks.iter_mut().filter(|s| s.configured) {
+                    if mask & (1 << sink.bit) != 0 && seq > sink.committed {
+                        sink.lost += 1;
+                        sink.pending = sink.pending.saturating_sub(1);
+                        lost_any = true;
+                    }
+                }
+                lost_records += u64::from(lost_any);
+            }
+        }
+        self.delete_oldest(dir)?;
+        Ok(lost_records)
+    }
+
+    /// Counts, per configured sink, records of the batch it will never see (`DropOldest` with a
+    /// batch larger than `max_bytes`).
+    fn count_refused_oldest(&mut self, records: &[(&[u8], SinkMask)]) -> u64 {
+        for (_, mask) in records {
+            for sink in self.sinks.iter_mut().filter(|s| s.configured) {
+                if mask.0 & (1 << sink.bit) != 0 {
+                    sink.lost += 1;
+                }
+            }
+        }
+        records.len() as u64
+    }
+}
+
+impl Spool {
+    /// Opens or creates the spool in `config.dir` for the sinks named in `sinks`.
+    ///
+    /// Recovers after a crash: a torn or corrupt tail in the last segment is truncated away,
+    /// cursors are loaded. Sinks keep their mask bit across restarts; a new sink starts at the
+    /// current end; a sink no longer configured stays in the registry (it resumes if it comes
+    /// back) but no longer holds back reclaiming.
+    pub fn open(config: SpoolConfig, sinks: &[String]) -> Result<Spool, SpoolError> {
+        if config.segment_bytes == 0 || config.max_bytes == 0 {
+            return Err(SpoolError::Config(
+                "max_bytes and segment_bytes must be positive".into(),
+            ));
+        }
+        let mut names: Vec<&String> = Vec::new();
+        for name in sinks {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        if names.len() > MAX_SINKS {
+            return Err(SpoolError::TooManySinks { count: names.len() });
+        }
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err("create spool directory", &dir))?;
+
+        let state_path = dir.join(STATE_FILE);
+        let saved: Option<StateFile> = match fs::read(&state_path) {
+            Ok(bytes) => Some(
+                serde_json::from_slice(&bytes).map_err(|e| SpoolError::Corrupt {
+                    path: state_path.clone(),
+                    detail: e.to_string(),
+                })?,
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read spool cursor file", &state_path)(e)),
+        };
+
+        // Segments, by base seq.
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("list spool directory", &dir))? {
+            let entry = entry.map_err(io_err("list spool directory", &dir))?;
+            if let Some(base) = entry.file_name().to_str().and_then(parse_segment_name) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+        let mut segments = VecDeque::with_capacity(bases.len() + 1);
+        for &base in &bases {
+            let path = segment_path(&dir, base);
+            let bytes = fs::metadata(&path)
+                .map_err(io_err("inspect spool segment", &path))?
+                .len();
+            segments.push_back(Segment { base, bytes });
+        }
+
+        // Only the last segment can have a torn tail after a process crash (sealed ones were
+        // complete before the next was created); scan it and cut at the first bad record.
+        let mut log_next = 1;
+        if let Some(last) = segments.back_mut() {
+            let path = segment_path(&dir, last.base);
+            let (good_bytes, last_seq) = scan_tail(&path, last.base, last.bytes)?;
+            if good_bytes < last.bytes {
+                warn!(segment = %path.display(), kept = good_bytes, cut = last.bytes - good_bytes,
+                    "truncating a torn or corrupt tail left by a crash");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("open spool segment", &path))?;
+                f.set_len(good_bytes)
+                    .map_err(io_err("truncate spool segment", &path))?;
+                f.sync_all().map_err(io_err("fsync spool segment", &path))?;
+                last.bytes = good_bytes;
+            }
+            log_next = last_seq.map_or(last.base, |s| s + 1);
+        }
+
+        let saved_next = saved.as_ref().map_or(0, |s| s.next_seq);
+        let max_committed = saved
+            .as_ref()
+            .and_then(|s| s.sinks.iter().map(|e| e.committed).max())
+            .unwrap_or(0);
+        let next_seq = log_next.max(saved_next).max(max_committed + 1).max(1);
+
+        // The registry: saved sinks first (they keep their bits), then new ones.
+        let mut registry: Vec<SinkState> = saved
+            .as_ref()
+            .map(|s| {
+                s.sinks
+                    .iter()
+                    .map(|e| SinkState {
+                        name: e.name.clone(),
+                        bit: e.bit,
+                        committed: e.committed,
+                        pending: e.pending,
+                        lost: e.lost,
+                        configured: names.contains(&&e.name),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if registry.iter().any(|s| usize::from(s.bit) >= MAX_SINKS) {
+            return Err(SpoolError::Corrupt {
+                path: state_path,
+                detail: "sink bit out of range".into(),
+            });
+        }
+
+        // Records appended after the cursor file was last written are not in its backlog counts.
+        if saved_next > 0 && !registry.is_empty() {
+            count_backlog_since(&dir, &segments, log_next, saved_next, &mut registry)?;
+        }
+
+        for name in &names {
+            if registry.iter().any(|s| &&s.name == name) {
+                continue;
+            }
+            let used = |bit: u8, reg: &[SinkState]| reg.iter().any(|s| s.bit == bit);
+            let bit = match (0..MAX_SINKS as u8).find(|&b| !used(b, &registry)) {
+                Some(bit) => bit,
+                None => {
+                    // Every bit was handed out once: reuse one of a sink that is gone. Safe,
+                    // because the new sink starts at the end and never reads the old records.
+                    let Some(i) = registry.iter().position(|s| !s.configured) else {
+                        return Err(SpoolError::TooManySinks { count: names.len() });
+                    };
+                    let gone = registry.remove(i);
+                    info!(sink = %gone.name, bit = gone.bit, "forgetting unconfigured sink to reuse its bit");
+                    gone.bit
+                }
+            };
+            info!(sink = %name, bit, start = next_seq - 1, "new spool sink starts at the end");
+            registry.push(SinkState {
+                name: (*name).clone(),
+                bit,
+                committed: next_seq - 1,
+                pending: 0,
+                lost: 0,
+                configured: true,
+            });
+        }
+        for gone in registry.iter().filter(|s| !s.configured) {
+            warn!(sink = %gone.name, records = gone.pending,
+                "sink is no longer configured: its records are left behind and no longer hold back reclaiming");
+        }
+
+        // The active segment must be empty or end exactly at next_seq, so that every segment's
+        // seqs stay below the next one's base.
+        let active_path;
+        let mut roll_needed = false;
+        match segments.back() {
+            None => {
+                active_path = segment_path(&dir, next_seq);
+                segments.push_back(Segment {
+                    base: next_seq,
+                    bytes: 0,
+                });
+            }
+            Some(last) if last.bytes == 0 && last.base != next_seq => {
+                let old = segment_path(&dir, last.base);
+                fs::remove_file(&old).map_err(io_err("delete spool segment", &old))?;
+                segments.pop_back();
+                active_path = segment_path(&dir, next_seq);
+                segments.push_back(Segment {
+                    base: next_seq,
+                    bytes: 0,
+                });
+            }
+            Some(last) => {
+                active_path = segment_path(&dir, last.base);
+                roll_needed = log_next != next_seq;
+            }
+        }
+        let active = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&active_path)
+            .map_err(io_err("open spool segment", &active_path))?;
+
+        let total_bytes = segments.iter().map(|s| s.bytes).sum();
+        let mut state = State {
+            segments,
+            active,
+            next_seq,
+            total_bytes,
+            sinks: registry,
+            dropped_newest: 0,
+            dropped_oldest: 0,
+            dirty_commits: 0,
+            last_persist: Instant::now(),
+            buf: Vec::new(),
+            must_roll: false,
+        };
+        if roll_needed {
+            state.roll(&config)?;
+        }
+        sync_dir(&dir)?;
+        state.reclaim(&dir)?;
+        state.persist(&dir)?;
+        info!(dir = %dir.display(), segments = state.segments.len(), bytes = state.total_bytes,
+            next_seq, "spool open");
+
+        let (appended, _) = watch::channel(next_seq);
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                config,
+                state: Mutex::new(state),
+                appended,
+            }),
+        })
+    }
+
+    /// The mask of the named sinks; names not configured are ignored.
+    pub fn mask(&self, sinks: &[&str]) -> SinkMask {
+        let state = self.inner.lock();
+        let mut mask = 0;
+        for name in sinks {
+            if let Some(s) = state.sinks.iter().find(|s| s.configured && s.name == *name) {
+                mask |= 1 << s.bit;
+            }
+        }
+        SinkMask(mask)
+    }
+
+    /// Appends a batch with one `write`, fsynced when the policy is `Always`.
+    ///
+    /// When the spool would exceed `max_bytes`: `DropNewest` writes the records that fit and
+    /// refuses the rest; `DropOldest` deletes the oldest whole segments until the batch fits.
+    /// A record larger than `max_bytes` fails the whole batch before anything is written.
+    pub fn append(&self, records: &[(&[u8], SinkMask)]) -> Result<AppendReport, SpoolError> {
+        let config = &self.inner.config;
+        let mut batch_bytes = 0u64;
+        for (payload, _) in records {
+            let size = HEADER_BYTES + payload.len() as u64;
+            if size > config.max_bytes || payload.len() > u32::MAX as usize {
+                return Err(SpoolError::RecordTooLarge {
+                    size,
+                    max: config.max_bytes,
+                });
+            }
+            batch_bytes += size;
+        }
+        let mut report = AppendReport {
+            first_seq: None,
+            appended: 0,
+            dropped_newest: 0,
+            dropped_oldest: 0,
+        };
+        if records.is_empty() {
+            return Ok(report);
+        }
+
+        let mut state = self.inner.lock();
+        let state = &mut *state;
+        let mut accepted = records;
+        if state.total_bytes + batch_bytes > config.max_bytes {
+            match config.when_full {
+                FullPolicy::DropNewest => {
+                    let room = config.max_bytes.saturating_sub(state.total_bytes);
+                    let mut fit = 0;
+                    let mut used = 0;
+                    for (payload, _) in records {
+                        let size = HEADER_BYTES + payload.len() as u64;
+                        if used + size > room {
+                            break;
+                        }
+                        used += size;
+                        fit += 1;
+                    }
+                    accepted = &records[..fit];
+                    batch_bytes = used;
+                    report.dropped_newest = (records.len() - fit) as u64;
+                    state.dropped_newest += report.dropped_newest;
+                    warn!(
+                        refused = report.dropped_newest,
+                        max_bytes = config.max_bytes,
+                        "spool full: refusing the newest records"
+                    );
+                }
+                FullPolicy::DropOldest => {
+                    // If the batch alone exceeds the cap, its oldest records go first.
+                    let mut skip = 0;
+                    while batch_bytes > config.max_bytes {
+                        batch_bytes -= HEADER_BYTES + records[skip].0.len() as u64;
+                        skip += 1;
+                    }
+                    if skip > 0 {
+                        report.dropped_oldest += state.count_refused_oldest(&records[..skip]);
+                        accepted = &records[skip..];
+                    }
+                    while state.total_bytes + batch_bytes > config.max_bytes {
+                        if state.segments.len() == 1 {
+                            // Only the active segment is left: seal it so it can go too.
+                            state.roll(config)?;
+                        }
+                        report.dropped_oldest += state.drop_oldest(&config.dir)?;
+                    }
+                    state.dropped_oldest += report.dropped_oldest;
+                    if report.dropped_oldest > 0 {
+                        warn!(
+                            lost = report.dropped_oldest,
+                            max_bytes = config.max_bytes,
+                            "spool full: deleted the oldest records"
+                        );
+                    }
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return Ok(report);
+        }
+
+        let active_bytes = state.segments.back().map_or(0, |s| s.bytes);
+        if state.must_roll
+            || (active_bytes > 0 && active_bytes + batch_bytes > config.segment_bytes)
+        {
+            state.roll(config)?;
+        }
+
+        let first_seq = state.next_seq;
+        let mut buf = std::mem::take(&mut state.buf);
+        buf.clear();
+        for (i, (payload, mask)) in accepted.iter().enumerate() {
+            encode_record(&mut buf, first_seq + i as u64, mask.0, payload);
+        }
+        let seg = *state
+            .segments
+            .back()
+            .expect("spool always has an active segment");
+        let path = segment_path(&config.dir, seg.base);
+        if let Err(e) = state.active.write_all_at(&buf, seg.bytes) {
+            // Cut off whatever part was written; if even that fails, never write after it.
+            if let Err(trunc) = state.active.set_len(seg.bytes) {
+                error!(segment = %path.display(), error = %trunc,
+                    "cannot cut a failed write; the next append starts a new segment");
+                state.must_roll = true;
+            }
+            state.buf = buf;
+            return Err(io_err("write spool segment", &path)(e));
+        }
+        if config.fsync == FsyncPolicy::Always {
+            state
+                .active
+                .sync_data()
+                .map_err(io_err("fsync spool segment", &path))?;
+        }
+        let written = buf.len() as u64;
+        if buf.capacity() > 16 << 20 {
+            // A one-off huge batch should not pin its buffer for the life of the process.
+            buf = Vec::new();
+        }
+        state.buf = buf;
+        if let Some(active) = state.segments.back_mut() {
+            active.bytes += written;
+        }
+        state.total_bytes += written;
+        state.next_seq += accepted.len() as u64;
+        for (_, mask) in accepted {
+            for sink in state.sinks.iter_mut().filter(|s| s.configured) {
+                if mask.0 & (1 << sink.bit) != 0 {
+                    sink.pending += 1;
+                }
+            }
+        }
+        report.first_seq = Some(first_seq);
+        report.appended = accepted.len();
+        self.inner.appended.send_replace(state.next_seq);
+        Ok(report)
+    }
+
+    /// Fsyncs the active segment and persists the cursors.
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        self.inner.sync()
+    }
+
+    /// A reader for `sink`, positioned just after its committed cursor. Use one reader per sink:
+    /// readers of the same sink share the cursor but not their read positions.
+    pub fn reader(&self, sink: &str) -> Result<SpoolReader, SpoolError> {
+        let state = self.inner.lock();
+        let Some(index) = state
+            .sinks
+            .iter()
+            .position(|s| s.configured && s.name == sink)
+        else {
+            return Err(SpoolError::UnknownSink(sink.to_string()));
+        };
+        let committed = state.sinks[index].committed;
+        let bit = 1 << state.sinks[index].bit;
+        drop(state);
+        Ok(SpoolReader {
+            inner: self.inner.clone(),
+            index,
+            bit,
+            name: sink.to_string(),
+            pos: committed,
+            cursor: None,
+            in_flight: VecDeque::new(),
+            seen_end: committed + 1,
+            appended: self.inner.appended.subscribe(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Counters: sizes, last seq, every sink's cursor and backlog, drops.
+    pub fn stats(&self) -> SpoolStats {
+        let state = self.inner.lock();
+        SpoolStats {
+            bytes: state.total_bytes,
+            segments: state.segments.len(),
+            last_seq: state.next_seq - 1,
+            sinks: state
+                .sinks
+                .iter()
+                .map(|s| SinkStats {
+                    name: s.name.clone(),
+                    committed: s.committed,
+                    backlog: s.pending,
+                    lost: s.lost,
+                    configured: s.configured,
+                })
+                .collect(),
+            dropped_newest: state.dropped_newest,
+            dropped_oldest: state.dropped_oldest,
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than stopping the spool would, so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync(&self) -> Result<(), SpoolError> {
+        let mut state = self.lock();
+        let base = state.segments.back().map_or(0, |s| s.base);
+        state.active.sync_data().map_err(io_err(
+            "fsync spool segment",
+            &segment_path(&self.config.dir, base),
+        ))?;
+        state.persist(&self.config.dir)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: a graceful close. Make the cursors exact so a restart
+        // re-delivers nothing that was committed.
+        let dir = self.config.dir.clone();
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if self.config.fsync != FsyncPolicy::Never {
+            if let Err(e) = state.active.sync_data() {
+                error!(dir = %dir.display(), error = %e, "cannot fsync spool at close");
+            }
+        }
+        if let Err(e) = state.persist(&dir) {
+            error!(error = %e, "cannot persist spool cursors at close");
+        }
+    }
+}
+
+/// Scans a segment from the start; returns the length of its intact prefix and the last seq in it.
+fn scan_tail(path: &Path, base: u64, len: u64) -> Result<(u64, Option<u64>), SpoolError> {
+    let mut cursor = SegmentCursor::open(path.to_path_buf(), base)?;
+    let mut payload = Vec::new();
+    let mut last_seq: Option<u64> = None;
+    loop {
+        let offset = cursor.offset;
+        match cursor.next(len, u64::MAX, &mut payload)? {
+            Next::Record { seq, .. } => {
+                // Seqs in a segment start at its base and only grow; anything else is garbage
+                // that happened to pass the CRC.
+                if seq < base || last_seq.is_some_and(|l| seq <= l) {
+                    return Ok((offset, last_seq));
+                }
+                last_seq = Some(seq);
+            }
+            Next::End | Next::Stop => return Ok((offset, last_seq)),
+            Next::Torn(_) => return Ok((offset, last_seq)),
+        }
+    }
+}
+
+/// Adds to each sink's backlog the records routed to it with seq in `from..to` (appended after
+/// the cursor file was written).
+fn count_backlog_since(
+    dir: &Path,
+    segments: &VecDeque<Segment>,
+    to: u64,
+    from: u64,
+    registry: &mut [SinkState],
+) -> Result<(), SpoolError> {
+    if from >= to {
+        return Ok(());
+    }
+    let first = segments
+        .partition_point(|s| s.base <= from)
+        .saturating_sub(1);
+    let mut payload = Vec::new();
+    for seg in segments.iter().skip(first) {
+        let mut cursor = SegmentCursor::open(segment_path(dir, seg.base), seg.base)?;
+        loop {
+            match cursor.next(seg.bytes, u64::MAX, &mut payload)? {
+                Next::Record { seq, mask } if seq >= from => {
+                    for sink in registry.iter_mut() {
+                        if mask & (1 << sink.bit) != 0 && seq > sink.committed {
+                            sink.pending += 1;
+                        }
+                    }
+                }
+                Next::Record { .. } => {}
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One sink's view of the spool: its own file handle and read position.
+pub struct SpoolReader {
+    /// The spool it reads.
+    inner: Arc<Inner>,
+    /// Its entry in the registry (indices are fixed while the spool is open).
+    index: usize,
+    /// Its mask bit.
+    bit: u64,
+    /// For logs.
+    name: String,
+    /// Last seq examined (whichever sinks it was for): reading resumes after it.
+    pos: u64,
+    /// The segment being read; `None` to look it up again from `pos`.
+    cursor: Option<SegmentCursor>,
+    /// Seqs returned by `read_batch` and not committed yet, oldest first, so that a commit knows
+    /// how many records it finishes (for the backlog) and whether the cursor may jump to `pos`.
+    /// Bounded by what the caller holds in flight, not by the backlog.
+    in_flight: VecDeque<u64>,
+    /// `pos + 1` at the last read: `wait_for_data` waits until the spool's end passes it.
+    seen_end: u64,
+    /// Tells of appends.
+    appended: watch::Receiver<u64>,
+    /// Payload buffer for records of other sinks, reused.
+    scratch: Vec<u8>,
+}
+
+/// Where to read next, as decided under the lock.
+struct View {
+    /// Path of the segment to read.
+    path: PathBuf,
+    /// Its base seq.
+    base: u64,
+    /// Bytes written to it so far.
+    limit: u64,
+    /// Whether a newer segment exists (then this one is complete).
+    sealed: bool,
+    /// Seq just past its last record.
+    end: u64,
+}
+
+impl SpoolReader {
+    /// Up to `max` records of this sink after the read position, in order, as (seq, payload).
+    /// Empty when caught up. If `DropOldest` deleted records ahead of the position, it skips to
+    /// the oldest kept record (the loss is in [`SpoolReader::lost`] and the stats).
+    pub fn read_batch(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let mut out = Vec::with_capacity(max.min(1024));
+        let pos0 = self.pos;
+        let flight0 = self.in_flight.len();
+        match self.advance(max, u64::MAX, Some(&mut out)) {
+            Ok(_) => {}
+            Err(e) => {
+                // Nothing of this call counts as read, so nothing is skipped on the next one.
+                self.pos = pos0;
+                self.in_flight.truncate(flight0);
+                self.cursor = None;
+                return Err(e);
+            }
+        }
+        self.seen_end = self.pos + 1;
+        if self.in_flight.is_empty() {
+            // Everything of ours up to pos is done, so the cursor can move past records that were
+            // for other sinks: a sink that is routed little must not hold back reclaiming.
+            let mut state = self.inner.lock();
+            if state.sinks[self.index].committed < self.pos {
+                state.sinks[self.index].committed = self.pos;
+                self.after_commit(&mut state)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves when records were appended after the last read (possibly for other sinks; the
+    /// next `read_batch` may then be empty). Cancel-safe.
+    pub async fn wait_for_data(&mut self) {
+        loop {
+            if *self.appended.borrow_and_update() > self.seen_end {
+                return;
+            }
+            if self.appended.changed().await.is_err() {
+                // The spool is gone; nothing will ever be appended.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Every record of this sink with seq <= `upto` is done (delivered or dead-lettered).
+    /// Persisted lazily; lets fully consumed segments be deleted. `upto` may be past what was
+    /// read: the records in between are then skipped.
+    pub fn commit(&mut self, upto: u64) -> Result<(), SpoolError> {
+        let (committed, last, oldest) = {
+            let state = self.inner.lock();
+            (
+                state.sinks[self.index].committed,
+                state.next_seq - 1,
+                state.oldest_base(),
+            )
+        };
+        let upto = upto.min(last);
+        let mut done = 0u64;
+        while let Some(&seq) = self.in_flight.front() {
+            if seq > upto {
+                break;
+            }
+            self.in_flight.pop_front();
+            // Records below the oldest segment were already taken off the backlog when deleted.
+            done += u64::from(seq >= oldest);
+        }
+        if upto > self.pos {
+            done += self.advance(usize::MAX, upto, None)?;
+            self.pos = self.pos.max(upto);
+            self.seen_end = self.pos + 1;
+        }
+        let new_committed = if self.in_flight.is_empty() {
+            self.pos.max(upto)
+        } else {
+            upto
+        };
+        if new_committed <= committed && done == 0 {
+            return Ok(());
+        }
+        let mut state = self.inner.lock();
+        let sink = &mut state.sinks[self.index];
+        sink.committed = sink.committed.max(new_committed);
+        sink.pending = sink.pending.saturating_sub(done);
+        self.after_commit(&mut state)
+    }
+
+    /// Moves the read position back to just after the committed cursor, so uncommitted records
+    /// are read again.
+    pub fn rewind(&mut self) -> Result<(), SpoolError> {
+        let state = self.inner.lock();
+        self.pos = state.sinks[self.index].committed;
+        drop(state);
+        self.in_flight.clear();
+        self.cursor = None;
+        self.seen_end = self.pos + 1;
+        Ok(())
+    }
+
+    /// Records of this sink deleted by `DropOldest` before it committed them, in total.
+    pub fn lost(&self) -> u64 {
+        self.inner.lock().sinks[self.index].lost
+    }
+
+    /// The sink this reader reads for.
+    pub fn sink(&self) -> &str {
+        &self.name
+    }
+
+    /// Persists cursors when due, and deletes segments nobody needs any more.
+    fn after_commit(&self, state: &mut State) -> Result<(), SpoolError> {
+        state.dirty_commits += 1;
+        state.reclaim(&self.inner.config.dir)?;
+        if state.dirty_commits >= PERSIST_EVERY_COMMITS
+            || state.last_persist.elapsed() >= PERSIST_INTERVAL
+        {
+            state.persist(&self.inner.config.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Where to read next; `None` when caught up. Handles segments deleted under the reader.
+    fn view(&mut self) -> View {
+        let state = self.inner.lock();
+        let oldest = state.oldest_base();
+        if self.pos + 1 < oldest {
+            warn!(sink = %self.name, from = self.pos + 1, to = oldest,
+                "records were deleted before this sink read them (spool full, DropOldest); skipping");
+            self.pos = oldest - 1;
+            self.cursor = None;
+        }
+        let index = match &self.cursor {
+            Some(c) => match state.index_of(c.base) {
+                Some(i) => i,
+                None => {
+                    self.cursor = None;
+                    state.locate(self.pos + 1)
+                }
+            },
+            None => state.locate(self.pos + 1),
+        };
+        let seg = state.segments[index];
+        View {
+            path: segment_path(&self.inner.config.dir, seg.base),
+            base: seg.base,
+            limit: seg.bytes,
+            sealed: index + 1 < state.segments.len(),
+            end: state.segment_end(index),
+        }
+    }
+
+    /// Reads forward from `pos`, stopping after `max` records of this sink, before any record
+    /// past `stop_after`, or at the end. Collects this sink's records into `out` (and tracks
+    /// them as in flight) when given; returns how many of this sink's records it passed.
+    fn advance(
+        &mut self,
+        max: usize,
+        stop_after: u64,
+        mut out: Option<&mut Vec<(u64, Vec<u8>)>>,
+    ) -> Result<u64, SpoolError> {
+        let mut mine = 0u64;
+        'segments: while (mine as usize) < max {
+            let view = self.view();
+            if self.cursor.is_none() {
+                match SegmentCursor::open(view.path.clone(), view.base) {
+                    Ok(c) => self.cursor = Some(c),
+                    // Deleted between the look-up and the open: look again.
+                    Err(SpoolError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound =>
+                    {
+                        continue 'segments;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(cursor) = self.cursor.as_mut() else {
+                continue;
+            };
+            while (mine as usize) < max {
+                match cursor.next(view.limit, stop_after, &mut self.scratch)? {
+                    Next::Record { seq, mask } => {
+                        if seq <= self.pos {
+                            continue;
+                        }
+                        self.pos = seq;
+                        if mask & self.bit != 0 {
+                            mine += 1;
+                            if let Some(out) = out.as_deref_mut() {
+                                out.push((seq, std::mem::take(&mut self.scratch)));
+                                self.in_flight.push_back(seq);
+                            }
+                        }
+                    }
+                    Next::Stop => return Ok(mine),
+                    Next::End => break,
+                    Next::Torn(detail) => {
+                        if !view.sealed {
+                            return Err(SpoolError::Corrupt {
+                                path: view.path,
+                                detail,
+                            });
+                        }
+                        error!(segment = %view.path.display(), %detail, sink = %self.name,
+                            "unreadable rest of a spool segment; skipping to the next segment");
+                        break;
+                    }
+                }
+            }
+            if (mine as usize) >= max {
+                break;
+            }
+            if view.sealed {
+                // Nothing more will come from this segment, even if its tail was lost.
+                self.pos = self.pos.max(view.end - 1);
+                self.cursor = None;
+                continue;
+            }
+            // The active segment: done unless it grew or was sealed meanwhile.
+            let state = self.inner.lock();
+            let grew = state
+                .segments
+                .back()
+                .is_none_or(|s| s.base != view.base || s.bytes != view.limit);
+            if !grew {
+                break;
+            }
+        }
+        Ok(mine)
+    }
+}
+
