@@ -1399,3 +1399,691 @@ impl SpoolReader {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use std::time::Duration;
+
+    fn config(dir: &Path) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_path_buf(),
+            max_bytes: 1 << 30,
+            segment_bytes: 4096,
+            fsync: FsyncPolicy::Never,
+            when_full: FullPolicy::DropNewest,
+        }
+    }
+
+    fn names(sinks: &[&str]) -> Vec<String> {
+        sinks.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Everything the reader has left, in batches.
+    fn read_all(reader: &mut SpoolReader) -> Vec<(u64, Vec<u8>)> {
+        let mut all = Vec::new();
+        loop {
+            let batch = reader.read_batch(100).unwrap();
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn backlog(spool: &Spool, sink: &str) -> u64 {
+        spool
+            .stats()
+            .sinks
+            .iter()
+            .find(|s| s.name == sink)
+            .unwrap()
+            .backlog
+    }
+
+    // ---- model-based property test ----
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Records as (payload, which of the three sinks, as bits).
+        Append(Vec<(Vec<u8>, u8)>),
+        Read {
+            sink: usize,
+            max: usize,
+        },
+        /// Commits a random non-empty prefix of what the sink read and has not committed.
+        Commit {
+            sink: usize,
+            prefix: Index,
+        },
+        Rewind(usize),
+        Sync,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => prop::collection::vec((prop::collection::vec(any::<u8>(), 0..300), 0u8..8), 1..6)
+                .prop_map(Op::Append),
+            4 => (0..3usize, 1..8usize).prop_map(|(sink, max)| Op::Read { sink, max }),
+            3 => (0..3usize, any::<Index>()).prop_map(|(sink, prefix)| Op::Commit { sink, prefix }),
+            1 => (0..3usize).prop_map(Op::Rewind),
+            1 => Just(Op::Sync),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// What one sink should see: every record routed to it, and how far it read and committed.
+    #[derive(Default)]
+    struct SinkModel {
+        records: VecDeque<(u64, Vec<u8>)>,
+        /// Records at the front that are committed (dropped from `records`).
+        committed_seq: u64,
+        /// Of `records`, how many were read.
+        read: usize,
+    }
+
+    const SINKS: [&str; 3] = ["a", "b", "c"];
+
+    fn open_all(dir: &Path) -> (Spool, Vec<SpoolReader>) {
+        let mut cfg = config(dir);
+        cfg.segment_bytes = 700;
+        cfg.fsync = FsyncPolicy::Interval(Duration::from_millis(100));
+        let spool = Spool::open(cfg, &names(&SINKS)).unwrap();
+        let readers = SINKS.iter().map(|s| spool.reader(s).unwrap()).collect();
+        (spool, readers)
+    }
+
+    fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, mut readers) = open_all(dir.path());
+        let mut model: Vec<SinkModel> = (0..3).map(|_| SinkModel::default()).collect();
+        let mut next_seq = 1u64;
+        for op in ops {
+            match op {
+                Op::Append(records) => {
+                    let masks: Vec<SinkMask> = records
+                        .iter()
+                        .map(|(_, bits)| {
+                            let chosen: Vec<&str> = (0..3)
+                                .filter(|i| bits & (1 << i) != 0)
+                                .map(|i| SINKS[i])
+                                .collect();
+                            spool.mask(&chosen)
+                        })
+                        .collect();
+                    let batch: Vec<(&[u8], SinkMask)> = records
+                        .iter()
+                        .zip(&masks)
+                        .map(|((p, _), m)| (p.as_slice(), *m))
+                        .collect();
+                    let report = spool.append(&batch).unwrap();
+                    prop_assert_eq!(report.first_seq, Some(next_seq));
+                    prop_assert_eq!(report.appended, records.len());
+                    for (i, (payload, bits)) in records.iter().enumerate() {
+                        for (s, m) in model.iter_mut().enumerate() {
+                            if bits & (1 << s) != 0 {
+                                m.records.push_back((next_seq + i as u64, payload.clone()));
+                            }
+                        }
+                    }
+                    next_seq += batch.len() as u64;
+                }
+                Op::Read { sink, max } => {
+                    let got = readers[sink].read_batch(max).unwrap();
+                    let m = &mut model[sink];
+                    let want: Vec<(u64, Vec<u8>)> =
+                        m.records.iter().skip(m.read).take(max).cloned().collect();
+                    prop_assert_eq!(&got, &want, "sink {} read", SINKS[sink]);
+                    m.read += got.len();
+                }
+                Op::Commit { sink, prefix } => {
+                    let m = &mut model[sink];
+                    if m.read == 0 {
+                        continue;
+                    }
+                    let n = prefix.index(m.read) + 1;
+                    let upto = m.records[n - 1].0;
+                    m.records.drain(..n);
+                    m.read -= n;
+                    m.committed_seq = upto;
+                    readers[sink].commit(upto).unwrap();
+                    let stats = spool.stats();
+                    prop_assert!(stats.sinks[sink].committed >= upto);
+                }
+                Op::Rewind(sink) => {
+                    readers[sink].rewind().unwrap();
+                    model[sink].read = 0;
+                }
+                Op::Sync => spool.sync().unwrap(),
+                Op::Reopen => {
+                    drop(readers);
+                    drop(spool);
+                    (spool, readers) = open_all(dir.path());
+                    for m in &mut model {
+                        m.read = 0;
+                    }
+                }
+            }
+            let stats = spool.stats();
+            prop_assert_eq!(stats.last_seq, next_seq - 1);
+            for (s, m) in model.iter().enumerate() {
+                prop_assert_eq!(
+                    stats.sinks[s].backlog,
+                    m.records.len() as u64,
+                    "backlog of {}",
+                    SINKS[s]
+                );
+            }
+        }
+
+        // Reopen once more: every sink sees exactly its uncommitted records, then commits them all
+        // and the space comes back.
+        drop(readers);
+        drop(spool);
+        let (spool, mut readers) = open_all(dir.path());
+        for (s, m) in model.iter().enumerate() {
+            let got = read_all(&mut readers[s]);
+            let want: Vec<(u64, Vec<u8>)> = m.records.iter().cloned().collect();
+            prop_assert_eq!(&got, &want, "sink {} after reopen", SINKS[s]);
+            prop_assert!(got.windows(2).all(|w| w[0].0 < w[1].0));
+            if let Some((last, _)) = got.last() {
+                readers[s].commit(*last).unwrap();
+            }
+        }
+        // A sink that had nothing left may still sit before records of other sinks; a read moves it.
+        for r in &mut readers {
+            prop_assert!(r.read_batch(10).unwrap().is_empty());
+        }
+        let stats = spool.stats();
+        prop_assert_eq!(
+            stats.segments,
+            1,
+            "everything committed, only the active segment stays"
+        );
+        prop_assert!(stats.sinks.iter().all(|s| s.backlog == 0));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn spool_matches_model(ops in prop::collection::vec(op(), 1..80)) {
+            run_model(ops)?;
+        }
+    }
+
+    // ---- crash recovery ----
+
+    enum Damage {
+        CutLastRecord,
+        AppendGarbage,
+        FlipPayloadByte,
+    }
+
+    fn recover_after(damage: Damage) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let payloads: Vec<Vec<u8>> = (0..10)
+            .map(|i| format!("record {i}").into_bytes())
+            .collect();
+        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        drop(spool);
+
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let good_len = fs::metadata(&files[0]).unwrap().len();
+        let last_len = HEADER_BYTES + payloads[9].len() as u64;
+        let f = OpenOptions::new().write(true).open(&files[0]).unwrap();
+        let expect_kept = match damage {
+            Damage::CutLastRecord => {
+                f.set_len(good_len - last_len / 2).unwrap();
+                9
+            }
+            Damage::AppendGarbage => {
+                f.write_all_at(b"\x07\x00\x00\x00garbage that is not a record", good_len)
+                    .unwrap();
+                10
+            }
+            Damage::FlipPayloadByte => {
+                f.write_all_at(b"X", good_len - 1).unwrap();
+                9
+            }
+        };
+        drop(f);
+
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        let got = read_all(&mut reader);
+        assert_eq!(got.len(), expect_kept);
+        for (i, (seq, payload)) in got.iter().enumerate() {
+            assert_eq!(*seq, i as u64 + 1);
+            assert_eq!(payload, &payloads[i]);
+        }
+        let expected_len = if expect_kept == 10 {
+            good_len
+        } else {
+            good_len - last_len
+        };
+        assert_eq!(fs::metadata(&files[0]).unwrap().len(), expected_len);
+
+        // Appends go on, and never reuse the seq of the lost record.
+        let report = spool.append(&[(b"after".as_slice(), mask)]).unwrap();
+        assert_eq!(report.first_seq, Some(11));
+        assert_eq!(
+            reader.read_batch(10).unwrap(),
+            vec![(11, b"after".to_vec())]
+        );
+    }
+
+    #[test]
+    fn torn_last_record_is_truncated() {
+        recover_after(Damage::CutLastRecord);
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_truncated() {
+        recover_after(Damage::AppendGarbage);
+    }
+
+    #[test]
+    fn corrupt_last_record_is_truncated() {
+        recover_after(Damage::FlipPayloadByte);
+    }
+
+    #[test]
+    fn process_crash_redelivers_only_the_uncommitted_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let payloads: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        assert_eq!(reader.read_batch(1000).unwrap().len(), 100);
+        reader.commit(50).unwrap();
+        spool.sync().unwrap();
+        reader.commit(80).unwrap();
+        // Appended after the cursors were last written: the backlog must count them at open.
+        let more: Vec<Vec<u8>> = (100..110u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let batch: Vec<(&[u8], SinkMask)> = more.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        // A crash: no destructor runs, so nothing is persisted after the sync.
+        std::mem::forget(reader);
+        std::mem::forget(spool);
+
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let resumed_after = spool.stats().sinks[0].committed;
+        assert!(
+            resumed_after == 50 || resumed_after == 80,
+            "cursor {resumed_after}"
+        );
+        assert_eq!(backlog(&spool, "a"), 110 - resumed_after);
+        let mut reader = spool.reader("a").unwrap();
+        let got = read_all(&mut reader);
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (resumed_after + 1..=110).collect::<Vec<_>>());
+        for (seq, payload) in &got {
+            assert_eq!(payload, &(*seq as u32 - 1).to_le_bytes());
+        }
+    }
+
+    // ---- full policies ----
+
+    /// 100-byte payloads: 124 bytes a record on disk.
+    const REC: u64 = HEADER_BYTES + 100;
+
+    fn append_n(spool: &Spool, n: usize, mask: SinkMask) -> AppendReport {
+        let payload = [7u8; 100];
+        let batch: Vec<(&[u8], SinkMask)> = (0..n).map(|_| (payload.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap()
+    }
+
+    /// One record per append, so that segments roll as they would under a steady trickle (a
+    /// batch always goes into one segment: one write).
+    fn append_one_by_one(spool: &Spool, n: usize, mask: SinkMask) {
+        for _ in 0..n {
+            assert_eq!(append_n(spool, 1, mask).appended, 1);
+        }
+    }
+
+    #[test]
+    fn drop_newest_refuses_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 10 * REC;
+        cfg.segment_bytes = 3 * REC;
+        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        assert_eq!(append_n(&spool, 8, mask).appended, 8);
+        let report = append_n(&spool, 4, mask);
+        assert_eq!(
+            report,
+            AppendReport {
+                first_seq: Some(9),
+                appended: 2,
+                dropped_newest: 2,
+                dropped_oldest: 0
+            }
+        );
+        let report = append_n(&spool, 1, mask);
+        assert_eq!(
+            (report.first_seq, report.appended, report.dropped_newest),
+            (None, 0, 1)
+        );
+        let stats = spool.stats();
+        assert_eq!(
+            (stats.dropped_newest, stats.last_seq, stats.bytes),
+            (3, 10, 10 * REC)
+        );
+
+        // The backlog was kept whole; once consumed, there is room again.
+        let mut reader = spool.reader("a").unwrap();
+        let got = read_all(&mut reader);
+        assert_eq!(
+            got.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>()
+        );
+        reader.commit(10).unwrap();
+        assert_eq!(append_n(&spool, 3, mask).appended, 3);
+    }
+
+    #[test]
+    fn record_larger_than_max_bytes_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 1000;
+        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let big = vec![0u8; 1000];
+        let small = [1u8; 10];
+        let err = spool
+            .append(&[(small.as_slice(), mask), (big.as_slice(), mask)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SpoolError::RecordTooLarge {
+                    size: 1024,
+                    max: 1000
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            spool.stats().last_seq,
+            0,
+            "nothing of the batch was written"
+        );
+    }
+
+    #[test]
+    fn drop_oldest_deletes_oldest_segment_and_lagging_reader_skips() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 10 * REC;
+        cfg.segment_bytes = 3 * REC;
+        cfg.when_full = FullPolicy::DropOldest;
+        let spool = Spool::open(cfg, &names(&["slow", "fast"])).unwrap();
+        let both = spool.mask(&["slow", "fast"]);
+        let mut slow = spool.reader("slow").unwrap();
+        let mut fast = spool.reader("fast").unwrap();
+
+        append_one_by_one(&spool, 10, both);
+        // "slow" has read two records and committed none; "fast" is done with everything.
+        assert_eq!(slow.read_batch(2).unwrap().len(), 2);
+        assert_eq!(read_all(&mut fast).len(), 10);
+        fast.commit(10).unwrap();
+        assert_eq!(spool.stats().segments, 4);
+
+        let report = append_n(&spool, 3, both);
+        assert_eq!(report.appended, 3);
+        assert_eq!(report.first_seq, Some(11));
+        assert_eq!(
+            report.dropped_oldest, 3,
+            "segment 1..=3 went, slow had not committed it"
+        );
+        let stats = spool.stats();
+        assert_eq!(stats.dropped_oldest, 3);
+        assert!(stats.bytes <= 10 * REC);
+        let slow_stats = stats.sinks.iter().find(|s| s.name == "slow").unwrap();
+        assert_eq!((slow_stats.lost, slow_stats.backlog), (3, 10));
+        assert_eq!(
+            stats.sinks.iter().find(|s| s.name == "fast").unwrap().lost,
+            0
+        );
+
+        let got = read_all(&mut slow);
+        assert_eq!(
+            got.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (4..=13).collect::<Vec<_>>()
+        );
+        assert_eq!(slow.lost(), 3);
+        slow.commit(13).unwrap();
+        assert_eq!(backlog(&spool, "slow"), 0);
+    }
+
+    #[test]
+    fn drop_oldest_batch_larger_than_the_spool_keeps_its_newest_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 10 * REC;
+        cfg.segment_bytes = 3 * REC;
+        cfg.when_full = FullPolicy::DropOldest;
+        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        append_n(&spool, 4, mask);
+        let report = append_n(&spool, 12, mask);
+        assert_eq!(report.appended, 10);
+        assert_eq!(report.first_seq, Some(5));
+        assert_eq!(report.dropped_oldest, 2 + 4);
+        let mut reader = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut reader).len(), 10);
+    }
+
+    // ---- sink registry ----
+
+    #[test]
+    fn sink_added_later_starts_at_the_end_and_bits_are_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let a = spool.mask(&["a"]);
+        append_n(&spool, 5, a);
+        drop(spool);
+
+        let spool = Spool::open(config(dir.path()), &names(&["b", "a"])).unwrap();
+        assert_eq!(
+            spool.mask(&["a"]),
+            a,
+            "a keeps its bit although b comes first now"
+        );
+        assert_ne!(spool.mask(&["b"]), a);
+        let mut b = spool.reader("b").unwrap();
+        assert!(b.read_batch(10).unwrap().is_empty());
+        append_n(&spool, 1, spool.mask(&["a", "b"]));
+        assert_eq!(
+            b.read_batch(10)
+                .unwrap()
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            vec![6]
+        );
+        let mut a_reader = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut a_reader).len(), 6);
+        assert!(matches!(spool.reader("c"), Err(SpoolError::UnknownSink(_))));
+    }
+
+    #[test]
+    fn removed_sink_does_not_block_reclaiming() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.segment_bytes = 3 * REC;
+        let spool = Spool::open(cfg.clone(), &names(&["a", "gone"])).unwrap();
+        append_one_by_one(&spool, 20, spool.mask(&["a", "gone"]));
+        let mut a = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut a).len(), 20);
+        a.commit(20).unwrap();
+        assert!(
+            spool.stats().segments > 1,
+            "gone's backlog holds the segments"
+        );
+        drop(a);
+        drop(spool);
+
+        let spool = Spool::open(cfg.clone(), &names(&["a"])).unwrap();
+        let stats = spool.stats();
+        assert_eq!(stats.segments, 1);
+        let gone = stats.sinks.iter().find(|s| s.name == "gone").unwrap();
+        assert!(!gone.configured);
+        assert_eq!(gone.backlog, 20);
+        // Records are no longer routed to it, and it no longer holds back the next segments.
+        assert_eq!(spool.mask(&["gone"]), SinkMask(0));
+        append_one_by_one(&spool, 10, spool.mask(&["a"]));
+        let mut a = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut a).len(), 10);
+        a.commit(30).unwrap();
+        assert_eq!(spool.stats().segments, 1);
+    }
+
+    #[test]
+    fn too_many_sinks_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let many: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+        assert!(matches!(
+            Spool::open(config(dir.path()), &many),
+            Err(SpoolError::TooManySinks { count: 65 })
+        ));
+        assert!(Spool::open(config(dir.path()), &many[..64]).is_ok());
+    }
+
+    #[test]
+    fn io_errors_name_the_operation_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, b"x").unwrap();
+        let err = Spool::open(config(&file.join("spool")), &names(&["a"])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("cannot create spool directory "), "{msg}");
+        assert!(msg.contains("not-a-dir/spool"), "{msg}");
+    }
+
+    // ---- large backlog ----
+
+    #[test]
+    fn large_backlog_is_read_in_bounded_batches() {
+        const N: u64 = 200_000;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.segment_bytes = 64 * 1024;
+        let spool = Spool::open(cfg, &names(&["a", "b"])).unwrap();
+        let a = spool.mask(&["a"]);
+        let b = spool.mask(&["b"]);
+        let mut seq = 0u64;
+        while seq < N {
+            let payloads: Vec<[u8; 16]> = (seq..seq + 1000)
+                .map(|s| {
+                    let mut p = [0u8; 16];
+                    p[..8].copy_from_slice(&(s + 1).to_le_bytes());
+                    p
+                })
+                .collect();
+            let batch: Vec<(&[u8], SinkMask)> = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.as_slice(), if i % 10 == 0 { b } else { a }))
+                .collect();
+            spool.append(&batch).unwrap();
+            seq += 1000;
+        }
+        let stats = spool.stats();
+        assert!(stats.segments > 100, "{} segments", stats.segments);
+        assert_eq!(backlog(&spool, "a"), N * 9 / 10);
+
+        let mut reader = spool.reader("a").unwrap();
+        let mut expected = 1u64;
+        let mut total = 0u64;
+        loop {
+            let batch = reader.read_batch(777).unwrap();
+            assert!(batch.len() <= 777);
+            if batch.is_empty() {
+                break;
+            }
+            for (seq, payload) in &batch {
+                if (expected - 1) % 10 == 0 {
+                    expected += 1; // b's record
+                }
+                assert_eq!(*seq, expected);
+                assert_eq!(payload[..8], seq.to_le_bytes());
+                expected += 1;
+            }
+            total += batch.len() as u64;
+            reader.commit(batch.last().unwrap().0).unwrap();
+            // What the reader holds does not grow with the backlog.
+            assert!(reader.in_flight.is_empty());
+        }
+        assert_eq!(total, N * 9 / 10);
+        assert_eq!(backlog(&spool, "a"), 0);
+        // b has not read: every segment holds one of its records.
+        assert_eq!(spool.stats().segments, stats.segments);
+        let mut reader_b = spool.reader("b").unwrap();
+        let got = read_all(&mut reader_b);
+        assert_eq!(got.len() as u64, N / 10);
+        reader_b.commit(got.last().unwrap().0).unwrap();
+        assert_eq!(spool.stats().segments, 1);
+    }
+
+    // ---- waiting ----
+
+    #[tokio::test]
+    async fn wait_for_data_wakes_on_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        let short = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(short, reader.wait_for_data())
+                .await
+                .is_err(),
+            "nothing appended yet"
+        );
+
+        let writer = spool.clone();
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            writer
+                .append(&[(b"hello".as_slice(), writer.mask(&["a"]))])
+                .unwrap();
+        });
+        tokio::time::timeout(Duration::from_secs(5), reader.wait_for_data())
+            .await
+            .expect("woken by the append");
+        thread.join().unwrap();
+        assert_eq!(reader.read_batch(10).unwrap(), vec![(1, b"hello".to_vec())]);
+        assert!(
+            tokio::time::timeout(short, reader.wait_for_data())
+                .await
+                .is_err(),
+            "caught up"
+        );
+
+        // Unread data makes it resolve at once, e.g. after a rewind.
+        reader.rewind().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), reader.wait_for_data())
+            .await
+            .expect("uncommitted record to re-read");
+    }
+}
