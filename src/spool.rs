@@ -1523,18 +1523,21 @@ mod tests {
 
     const SINKS: [&str; 3] = ["a", "b", "c"];
 
-    fn open_all(dir: &Path) -> (Spool, Vec<SpoolReader>) {
+    fn open_all(dir: &Path, max_bytes: u64) -> (Spool, Vec<SpoolReader>) {
         let mut cfg = config(dir);
         cfg.segment_bytes = 700;
+        cfg.max_bytes = max_bytes;
         cfg.fsync = FsyncPolicy::Interval(Duration::from_millis(100));
         let spool = Spool::open(cfg, &names(&SINKS)).unwrap();
         let readers = SINKS.iter().map(|s| spool.reader(s).unwrap()).collect();
         (spool, readers)
     }
 
-    fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    /// `max_bytes` small enough to fill makes DropNewest refuse records; the model then holds
+    /// only what the spool accepted.
+    fn run_model(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
         let dir = tempfile::tempdir().unwrap();
-        let (mut spool, mut readers) = open_all(dir.path());
+        let (mut spool, mut readers) = open_all(dir.path(), max_bytes);
         let mut model: Vec<SinkModel> = (0..3).map(|_| SinkModel::default()).collect();
         let mut next_seq = 1u64;
         for op in ops {
@@ -1556,16 +1559,26 @@ mod tests {
                         .map(|((p, _), m)| (p.as_slice(), *m))
                         .collect();
                     let report = spool.append(&batch).unwrap();
-                    prop_assert_eq!(report.first_seq, Some(next_seq));
-                    prop_assert_eq!(report.appended, records.len());
-                    for (i, (payload, bits)) in records.iter().enumerate() {
+                    prop_assert_eq!(
+                        report.appended as u64 + report.dropped_newest,
+                        batch.len() as u64
+                    );
+                    prop_assert_eq!(report.dropped_oldest, 0);
+                    prop_assert_eq!(report.first_seq, (report.appended > 0).then_some(next_seq));
+                    let bytes = spool.stats().bytes;
+                    prop_assert!(bytes <= max_bytes);
+                    if let Some((refused, _)) = records.get(report.appended) {
+                        // Only what did not fit was refused.
+                        prop_assert!(bytes + HEADER_BYTES + refused.len() as u64 > max_bytes);
+                    }
+                    for (i, (payload, bits)) in records[..report.appended].iter().enumerate() {
                         for (s, m) in model.iter_mut().enumerate() {
                             if bits & (1 << s) != 0 {
                                 m.records.push_back((next_seq + i as u64, payload.clone()));
                             }
                         }
                     }
-                    next_seq += batch.len() as u64;
+                    next_seq += report.appended as u64;
                 }
                 Op::Read { sink, max } => {
                     let got = readers[sink].read_batch(max).unwrap();
@@ -1597,7 +1610,7 @@ mod tests {
                 Op::Reopen => {
                     drop(readers);
                     drop(spool);
-                    (spool, readers) = open_all(dir.path());
+                    (spool, readers) = open_all(dir.path(), max_bytes);
                     for m in &mut model {
                         m.read = 0;
                     }
@@ -1619,7 +1632,7 @@ mod tests {
         // and the space comes back.
         drop(readers);
         drop(spool);
-        let (spool, mut readers) = open_all(dir.path());
+        let (spool, mut readers) = open_all(dir.path(), max_bytes);
         for (s, m) in model.iter().enumerate() {
             let got = read_all(&mut readers[s]);
             let want: Vec<(u64, Vec<u8>)> = m.records.iter().cloned().collect();
@@ -1647,7 +1660,12 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn spool_matches_model(ops in prop::collection::vec(op(), 1..80)) {
-            run_model(ops)?;
+            run_model(ops, 1 << 30)?;
+        }
+
+        #[test]
+        fn spool_matches_model_when_full(ops in prop::collection::vec(op(), 1..80)) {
+            run_model(ops, 4000)?;
         }
     }
 
