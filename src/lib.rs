@@ -17,6 +17,7 @@
 //! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
 //! - [`redact`]: removing `pubsub_token` keys and configured fields before a sink sees `data`.
 //! - [`pipeline`]: ingest (ids, routing) and one delivery loop per sink.
+//! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
 //! - [`dead_letter`]: events a sink refused for good, kept on disk for `dlq list|replay|purge`.
 //! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, for tests, demos, benchmarks.
@@ -38,6 +39,7 @@ pub mod protocol;
 pub mod redact;
 pub mod route;
 pub mod sink;
+pub mod spool;
 pub mod status;
 pub mod supervisor;
 
