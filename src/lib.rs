@@ -16,7 +16,8 @@
 //! - [`route`]: the compiled route table (event globs, tokens, accounts, inboxes, conditions on data).
 //! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
 //! - [`redact`]: removing `pubsub_token` keys and configured fields before a sink sees `data`.
-//! - [`pipeline`]: ingest (ids, routing) and one delivery loop per sink.
+//! - [`pipeline`]: ingest (ids, routing, append to the spool), fsync timer, dead-letter replays.
+//! - [`delivery`]: one loop per sink: read the spool, deliver in order, retry, dead-letter, commit.
 //! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
 //! - [`dead_letter`]: events a sink refused for good, kept on disk for `dlq list|replay|purge`.
 //! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
@@ -29,6 +30,7 @@ pub mod backoff;
 pub mod cable;
 pub mod config;
 pub mod dead_letter;
+pub mod delivery;
 pub mod event;
 pub mod fixtures;
 pub mod id;
@@ -43,7 +45,9 @@ pub mod spool;
 pub mod status;
 pub mod supervisor;
 
+use std::fs::File;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -52,13 +56,37 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
-use crate::config::Config;
-use crate::pipeline::{PipelineStats, RetrySettings, QUEUE_CAPACITY};
+use crate::config::{Config, FsyncMode, WhenFull};
+use crate::dead_letter::{DeadLetterError, DeadLetters};
+use crate::delivery::SinkLoop;
+use crate::pipeline::{PipelineStats, INGEST_CAPACITY};
 use crate::sink::{Sink, SinkBuildError};
+use crate::spool::{FsyncPolicy, FullPolicy, Spool, SpoolConfig, SpoolError};
 use crate::status::StatusBoard;
 use crate::supervisor::Supervisor;
 
-/// A running bridge: token sockets, the pipeline and the sinks.
+/// Largest spool segment; smaller spools get smaller segments so `drop_oldest` frees a fraction.
+const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Why the bridge could not start. Nothing has connected when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Sink(#[from] SinkBuildError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLetterError),
+    #[error("spool {0} is in use by another chatwoot-bridge process (one spool, one process)")]
+    SpoolInUse(PathBuf),
+    #[error("cannot lock spool {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A running bridge: token sockets, the spool, and one delivery loop per sink.
 pub struct Bridge {
     /// Token states, readable while running.
     status: StatusBoard,
@@ -66,10 +94,17 @@ pub struct Bridge {
     stats: Arc<PipelineStats>,
     /// Owns the token tasks; taken at shutdown.
     supervisor: Supervisor,
-    /// The ingest task and the sink loops.
-    pipeline: TaskTracker,
-    /// Tells sink loops to stop retrying once the shutdown deadline has passed.
+    /// The ingest task.
+    ingest: TaskTracker,
+    /// The sink loops, the fsync timer and the replay poller.
+    delivery: TaskTracker,
+    /// Cancelled once the ingest has appended its last event: sink loops end when caught up.
+    ingest_done: CancellationToken,
+    /// Tells sink loops to stop without finishing once the shutdown deadline has passed.
     give_up: CancellationToken,
+    spool: Spool,
+    /// Held for the life of the bridge: two processes on one spool would deliver twice.
+    _spool_lock: File,
     /// How long shutdown waits for in-flight events.
     shutdown_timeout: std::time::Duration,
 }
@@ -77,46 +112,91 @@ pub struct Bridge {
 /// What shutdown achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Whether everything read from the sockets was delivered (or refused for good) in time.
+    /// Whether every sink caught up with the spool before the deadline. When false, what is left
+    /// stays in the spool and is delivered after the next start.
     pub drained: bool,
 }
 
 impl Bridge {
-    /// Opens the sinks, then starts the pipeline and one socket per token.
-    /// Fails before connecting anything if a sink cannot be opened.
-    pub async fn start(config: Config) -> Result<Bridge, SinkBuildError> {
+    /// Opens the spool and the sinks, then starts the pipeline and one socket per token.
+    /// Fails before connecting anything if the spool or a sink cannot be opened.
+    pub async fn start(config: Config) -> Result<Bridge, StartError> {
+        let spool_lock = lock_spool(&config.spool.dir)?;
+        let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
+        let spool_config = SpoolConfig {
+            dir: config.spool.dir.clone(),
+            max_bytes: config.spool.max_bytes,
+            segment_bytes: (config.spool.max_bytes / 8).clamp(1 << 16, MAX_SEGMENT_BYTES),
+            fsync: match config.spool.fsync {
+                FsyncMode::Always => FsyncPolicy::Always,
+                FsyncMode::Interval => FsyncPolicy::Interval(config.spool.fsync_interval),
+                FsyncMode::Never => FsyncPolicy::Never,
+            },
+            when_full: match config.spool.when_full {
+                WhenFull::DropNewest => FullPolicy::DropNewest,
+                WhenFull::DropOldest => FullPolicy::DropOldest,
+            },
+        };
+        let spool = {
+            let names = sink_names.clone();
+            tokio::task::spawn_blocking(move || Spool::open(spool_config, &names))
+                .await
+                .expect("opening the spool does not panic")?
+        };
+        let dead_letters = DeadLetters::open(&config.spool.dir)?;
         let stats = Arc::new(PipelineStats::default());
-        let pipeline = TaskTracker::new();
+        let ingest_done = CancellationToken::new();
         let give_up = CancellationToken::new();
+        let delivery = TaskTracker::new();
 
-        let mut queues = Vec::new();
-        let mut loops = Vec::new();
-        for name in config.routes.sink_names() {
-            let settings = &config.sinks[name];
+        let mut loops = Vec::with_capacity(config.sinks.len());
+        for (name, settings) in &config.sinks {
             let sink = Sink::build(name, &settings.kind).await?;
-            let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-            queues.push(tx);
-            loops.push((name.clone(), sink, settings.redaction.clone(), rx));
-        }
-        for (name, sink, redaction, rx) in loops {
-            pipeline.spawn(pipeline::sink_loop(
-                name,
+            loops.push(SinkLoop {
+                name: name.clone(),
                 sink,
-                redaction,
-                rx,
-                RetrySettings::default(),
-                stats.clone(),
-                give_up.clone(),
+                redaction: settings.redaction.clone(),
+                retry: settings.retry,
+                reader: spool.reader(name)?,
+                dead_letters: dead_letters.clone(),
+                stats: stats.clone(),
+                ingest_done: ingest_done.clone(),
+                give_up: give_up.clone(),
+            });
+        }
+        for sink_loop in loops {
+            delivery.spawn(sink_loop.run());
+        }
+        if config.spool.fsync == FsyncMode::Interval {
+            delivery.spawn(pipeline::sync_periodically(
+                spool.clone(),
+                config.spool.fsync_interval,
+                ingest_done.clone(),
             ));
         }
-        let (events_tx, events_rx) = mpsc::channel(QUEUE_CAPACITY);
-        pipeline.spawn(pipeline::ingest(
-            events_rx,
-            config.routes.clone(),
-            queues,
-            stats.clone(),
+        delivery.spawn(pipeline::replay_dead_letters(
+            dead_letters,
+            spool.clone(),
+            sink_names,
+            ingest_done.clone(),
         ));
-        pipeline.close();
+        delivery.close();
+
+        let ingest = TaskTracker::new();
+        let (events_tx, events_rx) = mpsc::channel(INGEST_CAPACITY);
+        {
+            let (routes, spool, stats, done) = (
+                config.routes.clone(),
+                spool.clone(),
+                stats.clone(),
+                ingest_done.clone(),
+            );
+            ingest.spawn(async move {
+                pipeline::ingest(events_rx, routes, spool, stats).await;
+                done.cancel();
+            });
+        }
+        ingest.close();
 
         let status = StatusBoard::new();
         let mut supervisor = Supervisor::new(
@@ -126,17 +206,17 @@ impl Bridge {
             CancellationToken::new(),
         );
         let report = supervisor.apply(&config.tokens);
-        info!(
-            tokens = report.started.len(),
-            sinks = config.routes.sink_names().len(),
-            "bridge started"
-        );
+        info!(tokens = report.started.len(), sinks = config.sinks.len(), spool = %config.spool.dir.display(), "bridge started");
         Ok(Bridge {
             status,
             stats,
             supervisor,
-            pipeline,
+            ingest,
+            delivery,
+            ingest_done,
             give_up,
+            spool,
+            _spool_lock: spool_lock,
             shutdown_timeout: config.shutdown_timeout,
         })
     }
@@ -149,17 +229,32 @@ impl Bridge {
         &self.stats
     }
 
-    /// Stops reading sockets, then delivers what was read, within the shutdown timeout.
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Stops reading sockets, appends what was read to the spool, then lets the sinks deliver
+    /// within the shutdown timeout. What is not delivered by then stays in the spool.
     pub async fn shutdown(self) -> ShutdownReport {
         info!("shutting down: closing sockets, delivering what was read");
         self.supervisor.shutdown().await;
-        let drained = tokio::time::timeout(self.shutdown_timeout, self.pipeline.wait())
+        self.ingest.wait().await;
+        self.ingest_done.cancel();
+        let drained = tokio::time::timeout(self.shutdown_timeout, self.delivery.wait())
             .await
             .is_ok();
         if !drained {
             self.give_up.cancel();
-            self.pipeline.wait().await;
-            error!(timeout = ?self.shutdown_timeout, "shutdown timed out before every event was delivered");
+            self.delivery.wait().await;
+            error!(timeout = ?self.shutdown_timeout,
+                "shutdown deadline passed before every sink caught up; the rest stays in the spool for the next start");
+        }
+        let spool = self.spool.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || spool.sync())
+            .await
+            .expect("spool sync does not panic")
+        {
+            error!(error = %e, "cannot fsync the spool at shutdown");
         }
         info!(
             delivered = self.stats.delivered.load(Ordering::Relaxed),
@@ -169,11 +264,34 @@ impl Bridge {
     }
 }
 
+/// Takes the spool's lock file, so a second process on the same spool fails at start.
+fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
+    std::fs::create_dir_all(dir).map_err(|source| StartError::Lock {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::SpoolInUse(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StartError::Lock { path, source }),
+    }
+}
+
 /// Runs the bridge until `shutdown` completes, then shuts it down gracefully.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
-) -> Result<ShutdownReport, SinkBuildError> {
+) -> Result<ShutdownReport, StartError> {
     let bridge = Bridge::start(config).await?;
     shutdown.await;
     Ok(bridge.shutdown().await)

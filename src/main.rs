@@ -38,6 +38,26 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+enum DlqAction {
+    /// One line per dead letter: id, event, attempts, last attempt, error.
+    List(DlqArgs),
+    /// Queue the dead letters for delivery again (the running daemon, or the next start, picks
+    /// them up).
+    Replay(DlqArgs),
+    /// Delete the dead letters.
+    Purge(DlqArgs),
+}
+
+#[derive(clap::Args)]
+struct DlqArgs {
+    #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
+    config: PathBuf,
+    /// The sink whose dead letters to act on.
+    #[arg(long)]
+    sink: String,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the daemon until SIGTERM or Ctrl-C.
     Run {
@@ -66,6 +86,11 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (committed as bridge.schema.json).
     Schema,
+    /// Inspect, re-deliver or delete a sink's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Run a mock Chatwoot ActionCable server (for trying pipelines without a Chatwoot).
     MockServer {
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -156,6 +181,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Demo { rate, events, file } => demo(rate, events, file).await,
+        Command::Dlq { action } => dlq(action),
         Command::Schema => {
             print!("{}", chatwoot_bridge::config::json_schema());
             Ok(ExitCode::SUCCESS)
@@ -205,6 +231,50 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
+    let (args, verb) = match &action {
+        DlqAction::List(a) => (a, "list"),
+        DlqAction::Replay(a) => (a, "replay"),
+        DlqAction::Purge(a) => (a, "purge"),
+    };
+    let config = Config::load(&args.config)?;
+    anyhow::ensure!(
+        config.sinks.contains_key(&args.sink),
+        "no sink is named `{}` (sinks: {})",
+        args.sink,
+        config.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    let store = chatwoot_bridge::dead_letter::DeadLetters::open(&config.spool.dir)?;
+    match verb {
+        "list" => {
+            let letters = store.list(&args.sink)?;
+            for l in &letters {
+                println!(
+                    "{}  {}  attempts={}  last={}  {}",
+                    l.event.id,
+                    l.event.name,
+                    l.attempts,
+                    humantime::format_rfc3339_seconds(l.last_attempt),
+                    l.error
+                );
+            }
+            eprintln!("{} dead letters for sink {}", letters.len(), args.sink);
+        }
+        "replay" => {
+            let n = store.queue_replay(&args.sink)?;
+            println!(
+                "{n} dead letters queued for redelivery to sink {}",
+                args.sink
+            );
+        }
+        _ => {
+            let n = store.purge(&args.sink)?;
+            println!("{n} dead letters of sink {} deleted", args.sink);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Tries every sink and token; prints one line each. Returns whether all succeeded.
@@ -257,6 +327,8 @@ async fn demo(rate: f64, events: Option<u64>, file: Option<PathBuf>) -> anyhow::
     })
     .await
     .context("cannot start the mock server")?;
+    let spool_dir =
+        std::env::temp_dir().join(format!("chatwoot-bridge-demo-{}", std::process::id()));
     let sink = match &file {
         Some(path) => format!("{{ type: file, path: {} }}", serde_json::to_string(path)?),
         None => "{ type: stdout }".to_string(),
@@ -272,8 +344,10 @@ sinks:
   out: {sink}
 routes:
   - {{ name: everything, match: {{}}, to: [out] }}
+spool: {{ dir: {spool} }}
 "#,
-        url = server.url()
+        url = server.url(),
+        spool = serde_json::to_string(&spool_dir)?
     );
     let config = Config::from_yaml(&yaml, &|_| None, false)?;
     info!(url = %server.url(), "demo: mock Chatwoot started; events follow (Ctrl-C to stop)");
@@ -296,6 +370,7 @@ routes:
     }
     let report = bridge.shutdown().await;
     server.stop().await;
+    let _ = std::fs::remove_dir_all(&spool_dir);
     Ok(if report.drained {
         ExitCode::SUCCESS
     } else {

@@ -1,74 +1,81 @@
-//! From sockets to sinks: id assignment, routing, and one delivery loop per sink.
+//! From sockets to the spool: ids, routes, and the durable append.
 //!
 //! ```text
-//! token tasks ──events──▶ ingest (ids, routes) ──▶ per-sink queue ──▶ sink loop ──▶ sink
+//! token tasks ──events──▶ ingest (ids, routes) ──append──▶ spool ──▶ one SinkLoop per sink
+//!                                                   ▲
+//!                  dead-letter replays ─────────────┘
 //! ```
-//! Each sink has its own queue and loop, so a slow sink only slows what is routed to it (until
-//! its queue fills). Shutdown drains: when the token tasks end, the ingest channel closes, the
-//! ingest ends and closes the sink queues, and each sink loop delivers what it holds and exits.
+//! Every event is in the spool, with the sinks its routes chose, before any sink sees it. Each
+//! sink reads the spool from its own cursor ([`crate::delivery`]), so a dead webhook never stalls
+//! Kafka, and a sink that comes back catches up from where it was.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::dead_letter::DeadLetters;
 use crate::event::Event;
 use crate::id::IdAssigner;
-use crate::redact::Redaction;
 use crate::route::RouteTable;
-use crate::sink::{Outcome, Sink};
-use std::time::Duration;
+use crate::spool::{SinkMask, Spool};
 
-/// Most events taken from a queue at once: one write to the file sink, one produce batch.
+/// Most events appended (and read by a sink) at once: one write syscall, one produce batch.
 pub const MAX_BATCH: usize = 512;
 
-/// Capacity of the channel from token tasks and of each sink's queue.
-pub const QUEUE_CAPACITY: usize = 4096;
+/// Capacity of the channel from the token tasks to the ingest. Small on purpose: an event in
+/// this channel has been read from a socket but is not on disk yet.
+pub const INGEST_CAPACITY: usize = 1024;
+
+/// How often dead-letter replay requests are looked for.
+const REPLAY_POLL: Duration = Duration::from_secs(1);
 
 /// Counters of the pipeline, readable from outside.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
+    /// Events appended to the spool.
+    pub spooled: AtomicU64,
     /// Events that matched no route, by event name (they went to the `unmatched` sink, if any).
     pub unmatched: Mutex<BTreeMap<String, u64>>,
-    /// Events delivered, summed over sinks.
+    /// Events refused by a full spool (`drop_newest`), and events deleted from it (`drop_oldest`).
+    pub spool_dropped_newest: AtomicU64,
+    pub spool_dropped_oldest: AtomicU64,
+    /// Deliveries confirmed, summed over sinks.
     pub delivered: AtomicU64,
-    /// Events a sink refused for good (until dead letters exist, they are logged).
-    pub failed: AtomicU64,
+    /// Events put in a sink's dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Spool records that could not be decoded (never expected).
+    pub undecodable: AtomicU64,
 }
 
-/// Backoff between delivery attempts of one sink.
-#[derive(Debug, Clone, Copy)]
-pub struct RetrySettings {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        RetrySettings {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(60),
-        }
-    }
-}
-
-/// Assigns ids and routes every event to the queues of its sinks. Ends when all token tasks
-/// have dropped their senders; dropping `queues` then ends the sink loops.
+/// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
+/// dropped their senders and everything received is appended.
 pub async fn ingest(
     mut events: mpsc::Receiver<Event>,
     routes: RouteTable,
-    queues: Vec<mpsc::Sender<Arc<Event>>>,
+    spool: Spool,
     stats: Arc<PipelineStats>,
 ) {
+    // The spool's bit of each sink a route can name, by route sink index.
+    let masks: Vec<SinkMask> = routes
+        .sink_names()
+        .iter()
+        .map(|name| spool.mask(&[name.as_str()]))
+        .collect();
     let mut ids = IdAssigner::new();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while events.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        for mut event in batch.drain(..) {
+    let mut received = Vec::with_capacity(MAX_BATCH);
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut records: Vec<(usize, usize, SinkMask)> = Vec::with_capacity(MAX_BATCH);
+    while events.recv_many(&mut received, MAX_BATCH).await > 0 {
+        buffer.clear();
+        records.clear();
+        for mut event in received.drain(..) {
             event.id = ids.assign(event.content_hash, &event.token, event.received_at);
             let targets = routes.route(&event);
             if !routes.matches_any(&event) {
@@ -78,11 +85,70 @@ pub async fn ingest(
             if targets.is_empty() {
                 continue;
             }
-            let event = Arc::new(event);
-            for sink in targets {
-                if queues[sink].send(event.clone()).await.is_err() {
-                    error!(sink = %routes.sink_names()[sink], id = %event.id, "sink loop is gone; event not queued");
+            let mask = SinkMask(targets.iter().fold(0, |m, &t| m | masks[t].0));
+            let start = buffer.len();
+            event.encode_record(&mut buffer);
+            records.push((start, buffer.len(), mask));
+        }
+        if records.is_empty() {
+            continue;
+        }
+        (buffer, records) = append_until_stored(&spool, buffer, records, &stats).await;
+    }
+    info!("ingest finished: every event read is in the spool");
+}
+
+/// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
+/// an event that was read is never dropped for an I/O error.
+async fn append_until_stored(
+    spool: &Spool,
+    buffer: Vec<u8>,
+    records: Vec<(usize, usize, SinkMask)>,
+    stats: &PipelineStats,
+) -> (Vec<u8>, Vec<(usize, usize, SinkMask)>) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let mut parts = (buffer, records);
+    loop {
+        let spool = spool.clone();
+        let (buffer, records) = parts;
+        let (buffer, records, result) = tokio::task::spawn_blocking(move || {
+            let batch: Vec<(&[u8], SinkMask)> = records
+                .iter()
+                .map(|&(start, end, mask)| (&buffer[start..end], mask))
+                .collect();
+            let result = spool.append(&batch);
+            drop(batch);
+            (buffer, records, result)
+        })
+        .await
+        .expect("spool appends do not panic");
+        match result {
+            Ok(report) => {
+                stats
+                    .spooled
+                    .fetch_add(report.appended as u64, Ordering::Relaxed);
+                if report.dropped_newest > 0 {
+                    stats
+                        .spool_dropped_newest
+                        .fetch_add(report.dropped_newest, Ordering::Relaxed);
+                    error!(dropped = report.dropped_newest,
+                        "spool is full (spool.max_bytes): the newest events were DROPPED (when_full: drop_newest)");
                 }
+                if report.dropped_oldest > 0 {
+                    stats
+                        .spool_dropped_oldest
+                        .fetch_add(report.dropped_oldest, Ordering::Relaxed);
+                    error!(dropped = report.dropped_oldest,
+                        "spool is full (spool.max_bytes): the oldest undelivered events were DROPPED (when_full: drop_oldest)");
+                }
+                return (buffer, records);
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                error!(error = %e, events = records.len(), retry_in = ?delay,
+                    "cannot append to the spool; holding the sockets until it works");
+                sleep(delay).await;
+                parts = (buffer, records);
             }
         }
     }
@@ -98,72 +164,75 @@ fn count_unmatched(stats: &PipelineStats, name: &str) {
     }
 }
 
-/// Delivers what arrives on `queue` to `sink`, retrying retryable failures with backoff until
-/// they succeed or `give_up` is cancelled (shutdown deadline passed).
-pub async fn sink_loop(
-    name: String,
-    mut sink: Sink,
-    redaction: Redaction,
-    mut queue: mpsc::Receiver<Arc<Event>>,
-    retry: RetrySettings,
-    stats: Arc<PipelineStats>,
-    give_up: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    'batches: while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut pending: Vec<Arc<Event>> = std::mem::take(&mut batch);
-        for event in &mut pending {
-            redact(&redaction, event);
+/// Forces the spool to disk every `interval` until `stop`, then once more.
+pub async fn sync_periodically(spool: Spool, interval: Duration, stop: CancellationToken) {
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = sleep(interval) => false,
+        };
+        let spool2 = spool.clone();
+        let synced = tokio::task::spawn_blocking(move || spool2.sync())
+            .await
+            .expect("spool sync does not panic");
+        if let Err(e) = synced {
+            error!(error = %e, "cannot fsync the spool");
         }
-        let mut backoff = Backoff::new(retry.initial, retry.max);
-        loop {
-            let outcomes = sink.deliver(&pending).await;
-            let mut retry_these = Vec::new();
-            let mut last_error = None;
-            for (event, outcome) in pending.iter().zip(outcomes) {
-                match outcome {
-                    Outcome::Delivered => {
-                        stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Outcome::Permanent(e) => {
-                        stats.failed.fetch_add(1, Ordering::Relaxed);
-                        error!(sink = %name, id = %event.id, event = %event.name, error = %e,
-                            "event refused for good");
-                    }
-                    Outcome::Retryable(e) => {
-                        retry_these.push(event.clone());
-                        last_error = Some(e);
-                    }
-                }
-            }
-            if retry_these.is_empty() {
-                break;
-            }
-            let delay = backoff.next_delay();
-            warn!(sink = %name, events = retry_these.len(), retry_in = ?delay,
-                error = %last_error.map(|e| e.message).unwrap_or_default(), "delivery failed; will retry");
-            tokio::select! {
-                _ = give_up.cancelled() => {
-                    error!(sink = %name, events = retry_these.len() + queue.len(),
-                        "shutdown deadline passed with events undelivered");
-                    break 'batches;
-                }
-                _ = sleep(delay) => {}
-            }
-            pending = retry_these;
+        if stopping {
+            return;
         }
-        batch = pending;
-        batch.clear();
     }
-    sink.close().await;
 }
 
-/// Applies a sink's redaction; the event is copied only when something was removed.
-fn redact(redaction: &Redaction, event: &mut Arc<Event>) {
-    if let Some(data) = redaction.apply(event.data.get()) {
-        let mut redacted = Event::clone(event);
-        redacted.data = serde_json::value::RawValue::from_string(data)
-            .expect("redaction keeps valid JSON valid");
-        *event = Arc::new(redacted);
+/// Puts dead letters that `dlq replay` queued back into the spool, for their sink only.
+pub async fn replay_dead_letters(
+    dead_letters: DeadLetters,
+    spool: Spool,
+    sinks: Vec<String>,
+    stop: CancellationToken,
+) {
+    loop {
+        let pending = match dead_letters.pending_replays() {
+            Ok(pending) => pending,
+            Err(e) => {
+                warn!(error = %e, "cannot look for dead-letter replays");
+                Vec::new()
+            }
+        };
+        for (sink, path) in pending {
+            if !sinks.contains(&sink) {
+                warn!(sink = %sink, file = %path.display(), "replay file for a sink that is not configured; left in place");
+                continue;
+            }
+            let (store, spool2, path2) = (dead_letters.clone(), spool.clone(), path.clone());
+            let replayed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+                let events = store.read_replay(&path2).map_err(|e| e.to_string())?;
+                let mask = spool2.mask(&[sink.as_str()]);
+                let mut buffer = Vec::new();
+                let mut bounds = Vec::with_capacity(events.len());
+                for event in &events {
+                    let start = buffer.len();
+                    event.encode_record(&mut buffer);
+                    bounds.push((start, buffer.len()));
+                }
+                let batch: Vec<(&[u8], SinkMask)> =
+                    bounds.iter().map(|&(s, e)| (&buffer[s..e], mask)).collect();
+                spool2.append(&batch).map_err(|e| e.to_string())?;
+                store.finish_replay(&path2).map_err(|e| e.to_string())?;
+                Ok(events.len())
+            })
+            .await
+            .expect("replays do not panic");
+            match replayed {
+                Ok(n) => {
+                    info!(count = n, file = %path.display(), "dead letters put back into the spool")
+                }
+                Err(e) => error!(error = %e, file = %path.display(), "cannot replay dead letters"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = sleep(REPLAY_POLL) => {}
+        }
     }
 }

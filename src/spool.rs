@@ -2095,7 +2095,7 @@ mod tests {
                 break;
             }
             for (seq, payload) in &batch {
-                if (expected - 1) % 10 == 0 {
+                if (expected - 1).is_multiple_of(10) {
                     expected += 1; // b's record
                 }
                 assert_eq!(*seq, expected);

@@ -47,8 +47,10 @@ sinks:
   archive: {{ type: file, path: {out} }}
 routes:
   - {{ name: everything, match: {{}}, to: [archive] }}
+spool: {{ dir: {spool} }}
 "#,
-        out = serde_json::to_string(out).unwrap()
+        out = serde_json::to_string(out).unwrap(),
+        spool = serde_json::to_string(&out.with_extension("spool")).unwrap()
     );
     Config::from_yaml(&yaml, &|_| None, false).expect("test config is valid")
 }

@@ -195,9 +195,10 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
     std::fs::write(
         &path,
         format!(
-            "chatwoot: {{ url: \"{}\" }}\ntokens: [{{ name: a, pubsub_token: t }}]\nsinks: {{ out: {{ type: file, path: {} }} }}\nroutes: [{{ name: all, to: [out] }}]\n",
+            "chatwoot: {{ url: \"{}\" }}\ntokens: [{{ name: a, pubsub_token: t }}]\nsinks: {{ out: {{ type: file, path: {} }} }}\nroutes: [{{ name: all, to: [out] }}]\nspool: {{ dir: {} }}\n",
             server.url(),
-            serde_json::to_string(&out_file).unwrap()
+            serde_json::to_string(&out_file).unwrap(),
+            serde_json::to_string(&dir.path().join("spool")).unwrap()
         ),
     )
     .unwrap();

@@ -65,7 +65,9 @@ routes:
       event: message.created
       where: [{{ path: message_type, in: [0] }}, {{ path: content, matches: "(?i)invoice" }}]
     to: [analytics]
+spool: {{ dir: {spool} }}
 "#,
+        spool = serde_json::to_string(&dir.path().join("spool")).unwrap(),
         url = server.url(),
         analytics = serde_json::to_string(&analytics).unwrap(),
         raw = serde_json::to_string(&raw).unwrap(),

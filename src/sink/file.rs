@@ -12,7 +12,7 @@ use crate::event::Event;
 /// Writes one CloudEvents structured-mode JSON object per line.
 pub struct FileSink {
     /// The open file (appending) or stdout.
-    out: Box<dyn AsyncWrite + Send + Unpin>,
+    out: Box<dyn AsyncWrite + Send + Sync + Unpin>,
     /// Reused across batches to encode without allocating.
     buffer: Vec<u8>,
 }

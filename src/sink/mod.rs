@@ -35,12 +35,15 @@ pub enum ErrorClass {
 #[error("{message}")]
 pub struct SinkError {
     pub message: String,
+    /// The destination asked us to wait this long before trying again (HTTP `Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl SinkError {
     pub fn new(message: impl Into<String>) -> Self {
         SinkError {
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -94,6 +97,15 @@ impl Sink {
     pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
         match self {
             Sink::File(sink) => sink.deliver(batch).await,
+        }
+    }
+
+    /// Whether events handed over in one batch arrive in batch order for each conversation
+    /// (sequential writes, a partitioned log). A sink that sends concurrently (HTTP) does not,
+    /// and is then given at most one event per conversation at a time.
+    pub fn preserves_key_order(&self) -> bool {
+        match self {
+            Sink::File(_) => true,
         }
     }
 

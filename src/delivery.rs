@@ -1,0 +1,330 @@
+//! One sink's delivery loop: read its events from the spool, deliver them in order per
+//! conversation, retry what failed, dead-letter what cannot succeed, and commit.
+//!
+//! A batch read from the spool is finished (every event delivered or dead-lettered) before the
+//! cursor moves past it, so a crash re-delivers at most that batch. Within a batch, events of one
+//! conversation keep their order even when the sink sends concurrently: a sink that does not keep
+//! order itself (HTTP) is given *waves*, at most one event per conversation each, and an event
+//! waits for the earlier one of its conversation to be delivered, including across retries.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::RetrySettings;
+use crate::dead_letter::{DeadLetter, DeadLetters};
+use crate::event::Event;
+use crate::pipeline::{PipelineStats, MAX_BATCH};
+use crate::redact::Redaction;
+use crate::sink::{Outcome, Sink};
+use crate::spool::SpoolReader;
+
+/// Everything one sink's loop needs.
+pub struct SinkLoop {
+    /// The sink's configured name, for logs, cursors and dead letters.
+    pub name: String,
+    pub sink: Sink,
+    /// What this sink removes from `data` before delivery.
+    pub redaction: Redaction,
+    pub retry: RetrySettings,
+    /// Its cursor over the spool.
+    pub reader: SpoolReader,
+    pub dead_letters: DeadLetters,
+    pub stats: Arc<PipelineStats>,
+    /// Cancelled when no more events will be appended (shutdown): the loop ends once caught up.
+    pub ingest_done: CancellationToken,
+    /// Cancelled when the shutdown deadline passed: the loop stops without committing what it
+    /// holds, which stays in the spool for the next start.
+    pub give_up: CancellationToken,
+}
+
+/// Where one event of a batch stands.
+struct Attempt {
+    event: Arc<Event>,
+    /// Conversation key for ordering; `None` orders with nothing.
+    order_key: Option<(u64, u64)>,
+    attempts: u32,
+    first_attempt: Option<SystemTime>,
+    last_error: Option<String>,
+    /// Delivered or dead-lettered.
+    done: bool,
+    /// Sent in the current pass and not delivered: waits for the next pass (after the backoff),
+    /// and holds back later events of its conversation.
+    tried: bool,
+}
+
+impl SinkLoop {
+    pub async fn run(mut self) {
+        loop {
+            let (reader, read) = {
+                let mut reader = self.reader;
+                tokio::task::spawn_blocking(move || {
+                    let read = reader.read_batch(MAX_BATCH);
+                    (reader, read)
+                })
+                .await
+                .expect("spool reads do not panic")
+            };
+            self.reader = reader;
+            let records = match read {
+                Ok(records) => records,
+                Err(e) => {
+                    error!(sink = %self.name, error = %e, "cannot read the spool; retrying in 1 s");
+                    tokio::select! {
+                        _ = self.give_up.cancelled() => break,
+                        _ = sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let Some(&(last_seq, _)) = records.last() else {
+                if self.ingest_done.is_cancelled() {
+                    break;
+                }
+                tokio::select! {
+                    _ = self.reader.wait_for_data() => {}
+                    _ = self.ingest_done.cancelled() => {}
+                    _ = self.give_up.cancelled() => break,
+                }
+                continue;
+            };
+            let mut events = Vec::with_capacity(records.len());
+            for (seq, bytes) in records {
+                match Event::decode_record(&bytes) {
+                    Ok(event) => events.push(self.redacted(event)),
+                    Err(e) => {
+                        // Written by this program and CRC-checked: only a version mismatch gets here.
+                        error!(sink = %self.name, seq, error = %e, "skipped a spool record that cannot be decoded");
+                        self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if !self.deliver_all(events).await {
+                break;
+            }
+            if let Err(e) = self.reader.commit(last_seq) {
+                error!(sink = %self.name, error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
+            }
+        }
+        self.sink.close().await;
+        debug!(sink = %self.name, "delivery loop ended");
+    }
+
+    /// Applies this sink's redaction; copies the event only when something was removed.
+    fn redacted(&self, mut event: Event) -> Arc<Event> {
+        if let Some(data) = self.redaction.apply(event.data.get()) {
+            event.data = serde_json::value::RawValue::from_string(data)
+                .expect("redaction keeps valid JSON valid");
+        }
+        Arc::new(event)
+    }
+
+    /// Delivers a batch until every event is delivered or dead-lettered. Returns false when the
+    /// shutdown deadline interrupted it (nothing of it is then committed).
+    async fn deliver_all(&mut self, events: Vec<Arc<Event>>) -> bool {
+        let mut attempts: Vec<Attempt> = events
+            .into_iter()
+            .map(|event| Attempt {
+                order_key: event
+                    .keys
+                    .conversation_id
+                    .map(|c| (event.keys.account_id.unwrap_or(0), c)),
+                event,
+                attempts: 0,
+                first_attempt: None,
+                last_error: None,
+                done: false,
+                tried: false,
+            })
+            .collect();
+        let mut backoff = Backoff::new(self.retry.initial, self.retry.max);
+        let keeps_order = self.sink.preserves_key_order();
+        loop {
+            let mut retry_after = Duration::ZERO;
+            let mut dead = Vec::new();
+            for a in &mut attempts {
+                a.tried = false;
+            }
+            // Rounds within one pass: the sink's own order suffices, or one event per
+            // conversation per wave.
+            loop {
+                let wave = next_wave(&attempts, keeps_order);
+                if wave.is_empty() {
+                    break;
+                }
+                let batch: Vec<Arc<Event>> =
+                    wave.iter().map(|&i| attempts[i].event.clone()).collect();
+                let now = SystemTime::now();
+                let outcomes = tokio::select! {
+                    outcomes = self.sink.deliver(&batch) => outcomes,
+                    _ = self.give_up.cancelled() => return false,
+                };
+                let mut progressed = false;
+                for (&i, outcome) in wave.iter().zip(outcomes) {
+                    let a = &mut attempts[i];
+                    a.attempts += 1;
+                    a.tried = true;
+                    a.first_attempt.get_or_insert(now);
+                    match outcome {
+                        Outcome::Delivered => {
+                            a.done = true;
+                            progressed = true;
+                            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Outcome::Permanent(e) => {
+                            a.done = true;
+                            progressed = true;
+                            dead.push(dead_letter(a, e.message, now));
+                        }
+                        Outcome::Retryable(e) => {
+                            retry_after = retry_after.max(e.retry_after.unwrap_or_default());
+                            let expired = now
+                                .duration_since(a.first_attempt.expect("set above"))
+                                .is_ok_and(|age| age >= self.retry.max_elapsed);
+                            if expired {
+                                a.done = true;
+                                progressed = true;
+                                let message = format!(
+                                    "gave up after {} attempts over {:?}: {}",
+                                    a.attempts, self.retry.max_elapsed, e.message
+                                );
+                                dead.push(dead_letter(a, message, now));
+                            } else {
+                                a.last_error = Some(e.message);
+                            }
+                        }
+                    }
+                }
+                // An order-keeping sink got everything at once; an unordered one gets the next
+                // wave only while this one made progress (failures hold their conversation).
+                if keeps_order || !progressed {
+                    break;
+                }
+            }
+            if !dead.is_empty() {
+                self.bury(dead).await;
+            }
+            let waiting = attempts.iter().filter(|a| !a.done).count();
+            if waiting == 0 {
+                return true;
+            }
+            let delay = backoff.next_delay().max(retry_after);
+            let error = attempts
+                .iter()
+                .find_map(|a| a.last_error.clone())
+                .unwrap_or_default();
+            warn!(sink = %self.name, events = waiting, retry_in = ?delay, %error, "delivery failed; will retry");
+            tokio::select! {
+                _ = self.give_up.cancelled() => return false,
+                _ = sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Stores dead letters durably; until that succeeds the batch is not committed.
+    async fn bury(&self, letters: Vec<DeadLetter>) {
+        for letter in &letters {
+            error!(sink = %self.name, id = %letter.event.id, event = %letter.event.name,
+                attempts = letter.attempts, error = %letter.error, "event dead-lettered");
+        }
+        let count = letters.len() as u64;
+        let store = self.dead_letters.clone();
+        let name = self.name.clone();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let letters = Arc::new(letters);
+        loop {
+            let (store2, name2, letters2) = (store.clone(), name.clone(), letters.clone());
+            let stored = tokio::task::spawn_blocking(move || store2.append(&name2, &letters2))
+                .await
+                .expect("dead letter writes do not panic");
+            match stored {
+                Ok(()) => break,
+                Err(e) => {
+                    error!(sink = %self.name, error = %e, "cannot store dead letters; retrying");
+                    sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        self.stats.dead_lettered.fetch_add(count, Ordering::Relaxed);
+        info!(sink = %self.name, count, "dead letters stored; `chatwoot-bridge dlq list --sink {}` shows them", self.name);
+    }
+}
+
+fn dead_letter(a: &Attempt, error: String, now: SystemTime) -> DeadLetter {
+    DeadLetter {
+        event: Event::clone(&a.event),
+        error,
+        attempts: a.attempts,
+        first_attempt: a.first_attempt.unwrap_or(now),
+        last_attempt: now,
+    }
+}
+
+/// The events to send next in this pass: every untried one when the sink keeps order itself;
+/// otherwise the first unfinished event of each conversation if it was not tried yet (and every
+/// untried event without a conversation).
+fn next_wave(attempts: &[Attempt], keeps_order: bool) -> Vec<usize> {
+    let mut wave = Vec::new();
+    let mut claimed: HashSet<(u64, u64)> = HashSet::new();
+    for (i, a) in attempts.iter().enumerate() {
+        if a.done {
+            continue;
+        }
+        let first_of_conversation =
+            keeps_order || a.order_key.is_none_or(|key| claimed.insert(key));
+        if first_of_conversation && !a.tried {
+            wave.push(i);
+        }
+    }
+    wave
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(conversation: Option<u64>, done: bool) -> Attempt {
+        let data = match conversation {
+            Some(c) => format!(r#"{{"account_id":1,"conversation_id":{c}}}"#),
+            None => r#"{"account_id":1}"#.into(),
+        };
+        let event = Arc::new(Event::for_test("message.created", "t", &data));
+        Attempt {
+            order_key: event.keys.conversation_id.map(|c| (1, c)),
+            event,
+            attempts: 0,
+            first_attempt: None,
+            last_error: None,
+            done,
+            tried: false,
+        }
+    }
+
+    #[test]
+    fn waves_keep_one_event_per_conversation() {
+        let batch = vec![
+            attempt(Some(1), false),
+            attempt(Some(1), false),
+            attempt(Some(2), false),
+            attempt(None, false),
+            attempt(Some(2), false),
+            attempt(None, false),
+        ];
+        assert_eq!(next_wave(&batch, false), vec![0, 2, 3, 5]);
+        assert_eq!(next_wave(&batch, true), vec![0, 1, 2, 3, 4, 5]);
+        let mut batch = batch;
+        batch[0].done = true;
+        batch[2].done = true;
+        assert_eq!(next_wave(&batch, false), vec![1, 3, 4, 5]);
+        // A failed event waits for the next pass and holds its conversation back.
+        batch[1].tried = true;
+        batch[3].tried = true;
+        assert_eq!(next_wave(&batch, false), vec![4, 5]);
+        assert_eq!(next_wave(&batch, true), vec![4, 5]);
+    }
+}
