@@ -17,7 +17,8 @@
 //! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
 //! - [`redact`]: removing `pubsub_token` keys and configured fields before a sink sees `data`.
 //! - [`pipeline`]: ingest (ids, routing) and one delivery loop per sink.
-//! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
+//! - [`sink`]: the sink interface and the sinks: `file`/`stdout`, Kafka, NATS, HTTP webhooks.
+//! - [`template`]: topic, subject, key and URL templates, compiled at config load.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, for tests, demos, benchmarks.
 //! - [`fixtures`]: frames recorded from Chatwoot, embedded.
 //!
@@ -38,6 +39,7 @@ pub mod route;
 pub mod sink;
 pub mod status;
 pub mod supervisor;
+pub mod template;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;

@@ -120,6 +120,8 @@ pub async fn sink_loop(
             let outcomes = sink.deliver(&pending).await;
             let mut retry_these = Vec::new();
             let mut last_error = None;
+            // The longest pause any destination asked for in this round.
+            let mut asked_pause = Duration::ZERO;
             for (event, outcome) in pending.iter().zip(outcomes) {
                 match outcome {
                     Outcome::Delivered => {
@@ -132,6 +134,7 @@ pub async fn sink_loop(
                     }
                     Outcome::Retryable(e) => {
                         retry_these.push(event.clone());
+                        asked_pause = asked_pause.max(e.retry_after.unwrap_or_default());
                         last_error = Some(e);
                     }
                 }
@@ -139,7 +142,9 @@ pub async fn sink_loop(
             if retry_these.is_empty() {
                 break;
             }
-            let delay = backoff.next_delay();
+            // A destination's `Retry-After` wins over a shorter backoff: retrying sooner would
+            // only be refused again (and may get the bridge blocked).
+            let delay = backoff.next_delay().max(asked_pause);
             warn!(sink = %name, events = retry_these.len(), retry_in = ?delay,
                 error = %last_error.map(|e| e.message).unwrap_or_default(), "delivery failed; will retry");
             tokio::select! {

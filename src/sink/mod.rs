@@ -8,6 +8,7 @@
 pub mod file;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::SinkConfig;
 use crate::event::Event;
@@ -35,13 +36,23 @@ pub enum ErrorClass {
 #[error("{message}")]
 pub struct SinkError {
     pub message: String,
+    /// The destination asked to be left alone this long (HTTP `Retry-After`); the retry loop
+    /// waits at least this long before the next attempt.
+    pub retry_after: Option<Duration>,
 }
 
 impl SinkError {
     pub fn new(message: impl Into<String>) -> Self {
         SinkError {
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// Adds the destination's requested pause.
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 
     /// The outcome for this error in the given class.
