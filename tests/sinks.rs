@@ -233,6 +233,19 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
         .unwrap();
     assert_eq!(kind(&down[0]), "retryable", "{down:?}");
 
+    // Core mode, same missing server: the flush cannot be confirmed, so not delivered.
+    let mut core = support::sink(
+        "nats-core-late",
+        &format!(
+            "{{ type: nats, url: 'nats://127.0.0.1:{port}', subject: 'late.{{event}}', timeout: 500ms }}"
+        ),
+    )
+    .await;
+    let down = timeout(WAIT, core.deliver(std::slice::from_ref(&e)))
+        .await
+        .unwrap();
+    assert_eq!(kind(&down[0]), "retryable", "{down:?}");
+
     let server = NatsServer::start_on(port).await;
     let deadline = Instant::now() + WAIT;
     let mut attempts = 0;
@@ -576,6 +589,46 @@ async fn kafka_sink_builds_without_a_broker_and_reports_no_delivery() {
 }
 
 #[tokio::test]
+async fn kafka_queue_full_slows_the_sink_down_instead_of_failing_events() {
+    let broker = KafkaBroker::start().await;
+    broker.create_topics(&[("cw-small-queue", 1)]).await;
+    // librdkafka holds at most 4 records locally: a 60-event batch must wait for room.
+    let mut sink = sink(
+        "kafka",
+        &format!(
+            "{{ type: kafka, brokers: '{}', topic: cw-small-queue, librdkafka: {{ queue.buffering.max.messages: '4' }} }}",
+            broker.bootstrap()
+        ),
+    )
+    .await;
+    let batch: Vec<Arc<Event>> = (0..60u32)
+        .map(|n| {
+            event(
+                3000 + n as u128,
+                "message.created",
+                &format!(r#"{{"account_id":1,"conversation_id":9,"n":{n}}}"#),
+            )
+        })
+        .collect();
+    let outcomes = timeout(WAIT, sink.deliver(&batch)).await.unwrap();
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Delivered)),
+        "{outcomes:?}"
+    );
+    let consumer = broker.consumer("cw-small-queue", 1);
+    let mut stream = consumer.stream();
+    for n in 0..60u64 {
+        let m = timeout(WAIT, stream.next())
+            .await
+            .expect("record in time")
+            .unwrap()
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(value["n"].as_u64(), Some(n), "records out of order");
+    }
+}
+
+#[tokio::test]
 async fn kafka_structured_envelope() {
     let broker = KafkaBroker::start().await;
     broker.create_topics(&[("cw-structured", 1)]).await;
@@ -609,6 +662,90 @@ async fn kafka_structured_envelope() {
     assert_eq!(ce["type"], "com.chatwoot.conversation.status_changed");
     assert_eq!(ce["subject"], "conversation/9");
     assert_eq!(ce["data"]["status"], "resolved");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+#[test]
+fn sink_config_problems_name_their_keys_and_hide_secrets() {
+    let yaml = r#"
+chatwoot: { url: "ws://127.0.0.1:1/cable" }
+tokens: [{ name: agent, pubsub_token: t }]
+sinks:
+  kafka-main:
+    type: kafka
+    brokers: "127.0.0.1:9092"
+    topic: "chatwoot.{acount_id}"
+    librdkafka: { sasl.password: kafka-pw-123 }
+  nats-main:
+    type: nats
+    url: "nats://127.0.0.1:4222"
+    subject: "chatwoot.{event"
+    password: nats-pw-123
+  hook:
+    type: http
+    url: "https://hooks.example.com/{event}"
+    secret: "not-a-whsec-secret-123"
+    headers: { Authorization: "Bearer header-secret-123" }
+routes:
+  - { name: all, match: {}, to: [kafka-main, nats-main, hook] }
+"#;
+    let err = chatwoot_bridge::config::Config::from_yaml(yaml, &|_| None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sinks.kafka-main.topic: unknown template field {acount_id}"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sinks.nats-main.subject: unbalanced braces"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sinks.nats-main.user: `password` needs `user`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sinks.hook.secret: must start with `whsec_`"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("routes[0]"),
+        "known sinks are not reported as unknown: {err}"
+    );
+    for secret in [
+        "kafka-pw-123",
+        "nats-pw-123",
+        "not-a-whsec",
+        "header-secret-123",
+    ] {
+        assert!(!err.contains(secret), "{secret} leaked: {err}");
+    }
+
+    // The same sinks, fixed: valid, and Debug output of the whole config hides every secret.
+    let fixed = yaml
+        .replace("{acount_id}", "{account_id}")
+        .replace("{event\"", "{event}\"")
+        .replace(
+            "password: nats-pw-123",
+            "user: bridge\n    password: nats-pw-123",
+        )
+        .replace(
+            "\"not-a-whsec-secret-123\"",
+            "[whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]",
+        );
+    let config = chatwoot_bridge::config::Config::from_yaml(&fixed, &|_| None, false)
+        .unwrap_or_else(|e| panic!("{e}\n{fixed}"));
+    let dump = format!("{config:?}");
+    for secret in [
+        "kafka-pw-123",
+        "nats-pw-123",
+        "MfKQ9r8",
+        "header-secret-123",
+    ] {
+        assert!(!dump.contains(secret), "{secret} leaked: {dump}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -121,6 +121,13 @@ impl HttpConfig {
         if let Some(url) = &url {
             match Url::parse(&url.render_sample("x")) {
                 Err(e) => problems.add("url", format!("`{}` is not a URL ({e})", url.as_str())),
+                // Credentials in the URL would show up in logs and Debug output.
+                Ok(parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
+                    problems.add(
+                        "url",
+                        "has credentials in it; send them in `headers` (e.g. Authorization), which are kept secret",
+                    );
+                }
                 Ok(parsed) => {
                     if !matches!(parsed.scheme(), "http" | "https") {
                         problems.add(
@@ -292,8 +299,10 @@ impl HttpSink {
                 classify_status(response.status(), retry_after)
             }
             Err(e) => {
-                // reqwest's message can include the URL; it carries no header values.
-                SinkError::new(format!("webhook: {e}")).outcome(classify_transport(&e))
+                // The URL is left out: the sink's name already says where, and the rendered path
+                // holds event data.
+                let class = classify_transport(&e);
+                SinkError::new(format!("webhook: {}", e.without_url())).outcome(class)
             }
         }
     }
@@ -495,6 +504,10 @@ mod tests {
         assert!(text.contains("sinks.h.headers.X-Bad"), "{text}");
         assert!(!text.contains("break-secret"), "{text}");
         assert!(text.contains("sinks.h.max_in_flight"), "{text}");
+        let problems =
+            settings(serde_json::json!({"url": "https://u:pa55word@x/{event}"})).unwrap_err();
+        assert!(problems[0].message.contains("credentials"), "{problems:?}");
+        assert!(!problems[0].message.contains("pa55word"), "{problems:?}");
         let problems = settings(serde_json::json!({"url": "ftp://x/{event}"})).unwrap_err();
         assert!(problems[0].message.contains("http://"), "{problems:?}");
     }

@@ -135,9 +135,10 @@ fn kafka_topic_literal_is_bad(literal: &str) -> bool {
 /// Errors that stop a Kafka sink from being created.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaBuildError {
-    /// librdkafka refused a setting (its message names the property, never the value).
+    /// librdkafka refused a setting; configured values are masked out of its message, since
+    /// librdkafka quotes the value it refuses.
     #[error("librdkafka refused the settings: {0}")]
-    Config(KafkaError),
+    Config(String),
 }
 
 /// A producer and what to send with it.
@@ -151,9 +152,15 @@ pub struct KafkaSink {
 
 impl KafkaSink {
     pub fn build(settings: &Arc<KafkaSettings>) -> Result<KafkaSink, KafkaBuildError> {
-        let producer = client_config(settings)
-            .create()
-            .map_err(KafkaBuildError::Config)?;
+        let producer = client_config(settings).create().map_err(|e: KafkaError| {
+            let mut message = e.to_string();
+            for (_, value) in &settings.librdkafka {
+                if !value.expose().is_empty() {
+                    message = message.replace(value.expose(), "<redacted>");
+                }
+            }
+            KafkaBuildError::Config(message)
+        })?;
         Ok(KafkaSink {
             producer,
             settings: settings.clone(),
@@ -429,5 +436,22 @@ mod tests {
         let dump = format!("{settings:?}");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("sasl.password"), "{dump}");
+    }
+
+    #[test]
+    fn refused_settings_do_not_echo_values() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "127.0.0.1:1",
+            "topic": "t",
+            "librdkafka": {"acks": "hunter2-not-a-number"}
+        }))
+        .unwrap();
+        let settings = Arc::new(config.validate("sinks.k").unwrap());
+        let Err(e) = KafkaSink::build(&settings) else {
+            panic!("an invalid acks value must be refused")
+        };
+        let text = e.to_string();
+        assert!(text.contains("acks"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
     }
 }

@@ -142,7 +142,14 @@ impl NatsConfig {
             problems.add("url", "names no server");
         }
         for (i, url) in urls.iter().enumerate() {
-            if let Err(e) = url.parse::<ServerAddr>() {
+            // Credentials in the URL would show up in logs and Debug output; the auth fields
+            // keep them secret. Such a URL is not echoed back either.
+            if url.contains('@') {
+                problems.add(
+                    &format!("url[{i}]"),
+                    "has credentials in it; use `token`, `user`/`password`, `nkey` or `credentials_file`",
+                );
+            } else if let Err(e) = url.parse::<ServerAddr>() {
                 problems.add(
                     &format!("url[{i}]"),
                     format!("`{url}` is not a NATS URL ({e})"),
@@ -292,6 +299,9 @@ pub enum NatsFailure {
     Flush(async_nats::client::FlushErrorKind),
     /// The flush did not complete within the sink's timeout.
     FlushTimedOut,
+    /// The client did not take the message within the sink's timeout (disconnected, buffer
+    /// full).
+    PublishTimedOut,
     /// Publishing to JetStream or waiting for its ack.
     JetStreamPublish(jetstream::context::PublishErrorKind),
     /// Creating or updating the stream.
@@ -307,9 +317,9 @@ pub fn classify(failure: &NatsFailure) -> ErrorClass {
         // The server would refuse this message every time.
         NatsFailure::Publish(P::MaxPayloadExceeded | P::InvalidSubject) => ErrorClass::Permanent,
         NatsFailure::Publish(P::Send) => ErrorClass::Retryable,
-        NatsFailure::Flush(F::SendError | F::FlushError) | NatsFailure::FlushTimedOut => {
-            ErrorClass::Retryable
-        }
+        NatsFailure::Flush(F::SendError | F::FlushError)
+        | NatsFailure::FlushTimedOut
+        | NatsFailure::PublishTimedOut => ErrorClass::Retryable,
         NatsFailure::JetStreamPublish(kind) => match kind {
             J::MaxPayloadExceeded | J::WrongLastMessageId | J::WrongLastSequence => {
                 ErrorClass::Permanent
@@ -415,13 +425,15 @@ impl NatsSink {
             let outcome = match self.message(event) {
                 Err(outcome) => Some(outcome),
                 Ok((subject, headers, body)) => {
-                    match self
+                    // Bounded: with the server gone the client's buffer fills and a publish
+                    // would wait for the reconnect.
+                    let publish = self
                         .client
-                        .publish_with_headers(subject, headers, body.into())
-                        .await
-                    {
-                        Ok(()) => None,
-                        Err(e) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
+                        .publish_with_headers(subject, headers, body.into());
+                    match tokio::time::timeout(self.settings.timeout, publish).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
+                        Err(_) => Some(self.timed_out(NatsFailure::PublishTimedOut)),
                     }
                 }
             };
@@ -430,10 +442,7 @@ impl NatsSink {
         let flushed = match tokio::time::timeout(self.settings.timeout, self.client.flush()).await {
             Ok(Ok(())) => Outcome::Delivered,
             Ok(Err(e)) => failure(NatsFailure::Flush(e.kind()), &e),
-            Err(_) => failure(
-                NatsFailure::FlushTimedOut,
-                &format!("flush not confirmed within {:?}", self.settings.timeout),
-            ),
+            Err(_) => self.timed_out(NatsFailure::FlushTimedOut),
         };
         outcomes
             .into_iter()
@@ -471,9 +480,12 @@ impl NatsSink {
                 .payload(body.into())
                 .headers(headers)
                 .message_id(event.id.to_string());
-            match js.send_publish(subject, message).await {
-                Ok(ack) => acks.push((i, ack)),
-                Err(e) => outcomes[i] = Some(failure(NatsFailure::JetStreamPublish(e.kind()), &e)),
+            match tokio::time::timeout(settings.timeout, js.send_publish(subject, message)).await {
+                Ok(Ok(ack)) => acks.push((i, ack)),
+                Ok(Err(e)) => {
+                    outcomes[i] = Some(failure(NatsFailure::JetStreamPublish(e.kind()), &e))
+                }
+                Err(_) => outcomes[i] = Some(self.timed_out(NatsFailure::PublishTimedOut)),
             }
         }
         let indices: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
@@ -495,6 +507,14 @@ impl NatsSink {
             .into_iter()
             .map(|o| o.expect("every event got an outcome"))
             .collect()
+    }
+
+    fn timed_out(&self, kind: NatsFailure) -> Outcome {
+        let what = match kind {
+            NatsFailure::FlushTimedOut => "flush not confirmed",
+            _ => "publish not accepted",
+        };
+        failure(kind, &format!("{what} within {:?}", self.settings.timeout))
     }
 
     /// Subject, headers and payload of one event, or its permanent failure.
@@ -617,6 +637,7 @@ mod tests {
             NatsFailure::Publish(PublishErrorKind::Send),
             NatsFailure::Flush(FlushErrorKind::FlushError),
             NatsFailure::FlushTimedOut,
+            NatsFailure::PublishTimedOut,
             NatsFailure::JetStreamPublish(JsKind::TimedOut),
             NatsFailure::JetStreamPublish(JsKind::StreamNotFound),
             NatsFailure::JetStreamPublish(JsKind::BrokenPipe),
@@ -694,5 +715,11 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(problems[0].key, "sinks.n.subject");
+        let problems = settings(serde_json::json!({
+            "url": ["nats://bridge:pa55word@127.0.0.1:4222"], "subject": "a"
+        }))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "sinks.n.url[0]");
+        assert!(!problems[0].message.contains("pa55word"));
     }
 }
