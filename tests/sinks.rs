@@ -23,6 +23,11 @@ const WAIT: Duration = Duration::from_secs(30);
 /// A webhook secret in Standard Webhooks form (24 random-looking bytes).
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// Awaits `f` for at most [`WAIT`]: no test hangs on a server that stopped answering.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    timeout(WAIT, f).await.expect("timed out")
+}
+
 fn event(id: u128, name: &str, data: &str) -> Arc<Event> {
     let mut e = Event::for_test(name, "agent", data);
     e.id = EventId(id);
@@ -72,8 +77,8 @@ fn verify_signature(received: &Received) {
 async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
     let server = NatsServer::start().await;
     let reader = server.client().await;
-    let mut sub = reader.subscribe("chatwoot.>").await.unwrap();
-    reader.flush().await.unwrap();
+    let mut sub = within(reader.subscribe("chatwoot.>")).await.unwrap();
+    within(reader.flush()).await.unwrap();
     let mut sink = sink(
         "nats-core",
         &format!(
@@ -140,7 +145,7 @@ async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
     let second = timeout(WAIT, sub.next()).await.unwrap().unwrap();
     assert_eq!(second.subject.as_str(), "chatwoot.1.nobody.contact_updated");
     assert_eq!(nats_header(&second.headers, "ce-subject"), None);
-    sink.close().await;
+    within(sink.close()).await;
 }
 
 #[tokio::test]
@@ -208,7 +213,7 @@ async fn nats_jetstream_acks_and_drops_duplicates_by_event_id() {
         .unwrap()
         .unwrap();
     assert_eq!(stored.subject.as_str(), "chatwoot.2.conversation_updated");
-    sink.close().await;
+    within(sink.close()).await;
 }
 
 #[tokio::test]
@@ -264,8 +269,8 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
     };
     assert!(delivered, "not delivered after {attempts} attempts");
     let js = async_nats::jetstream::new(server.client().await);
-    let mut stream = js.get_stream("LATE").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    let mut stream = within(js.get_stream("LATE")).await.unwrap();
+    assert_eq!(within(stream.info()).await.unwrap().state.messages, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,8 +278,8 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
 
 #[tokio::test]
 async fn webhook_status_classes_signatures_and_no_redirects() {
-    let receiver = Receiver::start(Arc::new(|req: &Received, before: usize| {
-        match (req.path.as_str(), before) {
+    let receiver = within(Receiver::start(Arc::new(
+        |req: &Received, before: usize| match (req.path.as_str(), before) {
             ("/hook/ok", _) => (StatusCode::NO_CONTENT, vec![]),
             ("/hook/busy", 0) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -285,8 +290,8 @@ async fn webhook_status_classes_signatures_and_no_redirects() {
             ("/hook/gone", _) => (StatusCode::GONE, vec![]),
             ("/hook/moved", _) => (StatusCode::FOUND, vec![("location", "/hook/ok".to_owned())]),
             _ => (StatusCode::NOT_FOUND, vec![]),
-        }
-    }))
+        },
+    )))
     .await;
     let mut sink = sink(
         "hook",
@@ -367,7 +372,7 @@ async fn webhook_status_classes_signatures_and_no_redirects() {
 
 #[tokio::test]
 async fn webhook_structured_envelope_and_unreachable_endpoint() {
-    let receiver = Receiver::start(scripted(vec![])).await;
+    let receiver = within(Receiver::start(scripted(vec![]))).await;
     let mut sink = sink(
         "hook",
         &format!(
@@ -421,18 +426,18 @@ async fn sink_at(url: &str) -> chatwoot_bridge::sink::Sink {
 
 #[tokio::test]
 async fn webhook_retry_after_holds_back_the_retry_loop() {
-    let receiver = Receiver::start(scripted(vec![(
+    let receiver = within(Receiver::start(scripted(vec![(
         StatusCode::TOO_MANY_REQUESTS,
         vec![("retry-after", "2".to_owned())],
-    )]))
+    )])))
     .await;
-    let mock = MockServer::start(MockConfig {
+    let mock = within(MockServer::start(MockConfig {
         tokens: vec![MockToken {
             pubsub_token: "tok-agent".into(),
             answer: MockAnswer::Confirm,
         }],
         ..MockConfig::default()
-    })
+    }))
     .await
     .unwrap();
     let config = config(
@@ -442,7 +447,7 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
             receiver.url("/in")
         ),
     );
-    let bridge = Bridge::start(config).await.unwrap();
+    let bridge = within(Bridge::start(config)).await.unwrap();
     assert!(
         eventually(WAIT, || async { mock.streaming_subscriptions() >= 1 }).await,
         "bridge never subscribed"
@@ -464,7 +469,7 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
     assert_eq!(got[0].headers["webhook-id"], got[1].headers["webhook-id"]);
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
     assert!(report.drained);
-    mock.stop().await;
+    within(mock.stop()).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -562,7 +567,7 @@ async fn kafka_keeps_a_conversation_on_one_partition_in_order() {
         partitions.len() > 1,
         "four conversations all landed on one partition; the key is not used"
     );
-    sink.close().await;
+    within(sink.close()).await;
 }
 
 #[tokio::test]
@@ -760,14 +765,14 @@ async fn one_stream_to_kafka_jetstream_and_a_signed_webhook() {
             ("chatwoot.conversation.status_changed", 2),
         ])
         .await;
-    let receiver = Receiver::start(scripted(vec![])).await;
-    let mock = MockServer::start(MockConfig {
+    let receiver = within(Receiver::start(scripted(vec![]))).await;
+    let mock = within(MockServer::start(MockConfig {
         tokens: vec![MockToken {
             pubsub_token: "tok-agent".into(),
             answer: MockAnswer::Confirm,
         }],
         ..MockConfig::default()
-    })
+    }))
     .await
     .unwrap();
     let sinks = format!(
@@ -795,7 +800,9 @@ routes:
         nats = nats.url(),
         hook = receiver.url("/chatwoot/{event}"),
     );
-    let bridge = Bridge::start(config(&mock.url(), &sinks)).await.unwrap();
+    let bridge = within(Bridge::start(config(&mock.url(), &sinks)))
+        .await
+        .unwrap();
     assert!(
         eventually(WAIT, || async { mock.streaming_subscriptions() >= 1 }).await,
         "bridge never subscribed"
@@ -858,7 +865,7 @@ routes:
 
     // JetStream: every event once, on its subject, with the same id.
     let js = async_nats::jetstream::new(nats.client().await);
-    let stream = js.get_stream("CHATWOOT").await.unwrap();
+    let stream = within(js.get_stream("CHATWOOT")).await.unwrap();
     assert!(
         eventually(WAIT, || {
             let mut stream = stream.clone();
@@ -920,5 +927,5 @@ routes:
 
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
     assert!(report.drained);
-    mock.stop().await;
+    within(mock.stop()).await;
 }

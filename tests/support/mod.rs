@@ -58,10 +58,8 @@ pub fn binary(name: &str, extra: &[PathBuf], install: &str) -> PathBuf {
 async fn wait_for_port(port: u16, child: &mut Child, log: &Path, what: &str) {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
