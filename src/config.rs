@@ -275,14 +275,110 @@ pub enum WhenFull {
     DropOldest,
 }
 
-/// A sink as configured.
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+/// A sink's kind as written in the file; [`SinkKind`] is what it validates into.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     /// Append CloudEvents JSON lines to a file.
     File { path: PathBuf },
     /// Write CloudEvents JSON lines to standard output.
     Stdout {},
+    /// Produce to Kafka topics.
+    Kafka(crate::sink::kafka::KafkaConfig),
+    /// Publish to NATS subjects, optionally into a JetStream stream.
+    Nats(crate::sink::nats::NatsConfig),
+    /// Send HTTP webhooks.
+    Http(crate::sink::http::HttpConfig),
+}
+
+/// A validated sink kind: templates compiled, URLs and secrets checked.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    File { path: PathBuf },
+    Stdout,
+    Kafka(Arc<crate::sink::kafka::KafkaSettings>),
+    Nats(Arc<crate::sink::nats::NatsSettings>),
+    Http(Arc<crate::sink::http::HttpSettings>),
+}
+
+impl SinkConfig {
+    /// Checks one sink; `key` is its path (`sinks.<name>`), the prefix of every problem.
+    fn validate(self, key: &str) -> Result<SinkKind, Vec<Problem>> {
+        Ok(match self {
+            SinkConfig::File { path } => SinkKind::File { path },
+            SinkConfig::Stdout {} => SinkKind::Stdout,
+            SinkConfig::Kafka(c) => SinkKind::Kafka(Arc::new(c.validate(key)?)),
+            SinkConfig::Nats(c) => SinkKind::Nats(Arc::new(c.validate(key)?)),
+            SinkConfig::Http(c) => SinkKind::Http(Arc::new(c.validate(key)?)),
+        })
+    }
+}
+
+/// Where a sink field's problems are reported: collects them with their full key path.
+pub(crate) struct Problems<'a> {
+    /// The sink's key path, `sinks.<name>`.
+    prefix: &'a str,
+    /// What was found so far.
+    pub(crate) found: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    pub(crate) fn new(prefix: &'a str) -> Self {
+        Problems {
+            prefix,
+            found: Vec::new(),
+        }
+    }
+
+    /// Records a problem at `<prefix>.<field>`.
+    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.found.push(Problem {
+            key: format!("{}.{field}", self.prefix),
+            message: message.into(),
+        });
+    }
+
+    /// Compiles a template field, recording a problem when it does not compile.
+    pub(crate) fn template(
+        &mut self,
+        field: &str,
+        what: &'static str,
+        text: &str,
+    ) -> Option<crate::template::Template> {
+        match crate::template::Template::compile(what, text) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.add(field, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `Ok(value)` when nothing was found, else every problem.
+    pub(crate) fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<Problem>> {
+        if self.found.is_empty() {
+            Ok(value())
+        } else {
+            Err(self.found)
+        }
+    }
+}
+
+/// One value or a list of them: `url: nats://a:4222` or `url: [nats://a:4222, nats://b:4222]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 fn default_retry_initial() -> HumanDuration {
@@ -379,7 +475,7 @@ enum NumberOrText {
     Text(String),
 }
 
-fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+pub(crate) fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match NumberOrText::deserialize(d)? {
         NumberOrText::Number(n) => Ok(n),
         NumberOrText::Text(t) => t
@@ -403,7 +499,7 @@ pub struct Config {
     pub cable: CableSettings,
     /// One entry per socket to keep open, in file order.
     pub tokens: Vec<TokenSpec>,
-    /// Sinks by their unique name.
+    /// Sinks by their unique name, validated.
     pub sinks: BTreeMap<String, SinkSettings>,
     /// Compiled routes, in file order.
     pub routes: RouteTable,
@@ -414,9 +510,10 @@ pub struct Config {
 }
 
 /// One sink: where it delivers and what it removes from `data` first.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SinkSettings {
-    pub kind: SinkConfig,
+    /// The validated destination.
+    pub kind: SinkKind,
     pub redaction: Redaction,
     pub retry: RetrySettings,
 }
@@ -727,6 +824,16 @@ impl RawConfig {
                 strip_pubsub_tokens: !raw.keep_pubsub_tokens,
                 drop,
             };
+            let kind = match raw.kind.validate(&key) {
+                Ok(kind) => kind,
+                Err(found) => {
+                    for p in found {
+                        problem(p.key, p.message);
+                    }
+                    // Keep the name known so routes naming it are not reported as well.
+                    SinkKind::Stdout
+                }
+            };
             let retry = RetrySettings {
                 initial: raw.retry.initial.0,
                 max: raw.retry.max.0,
@@ -741,7 +848,7 @@ impl RawConfig {
             sinks.insert(
                 name,
                 SinkSettings {
-                    kind: raw.kind,
+                    kind,
                     redaction,
                     retry,
                 },
@@ -1031,12 +1138,10 @@ routes:
         assert_eq!(cfg.cable.confirm_timeout, Duration::from_secs(10));
         assert_eq!(cfg.cable.stale_after, Duration::from_secs(6));
         assert_eq!(cfg.cable.max_frame_bytes, 8 * 1024 * 1024);
-        assert_eq!(
-            cfg.sinks["archive"].kind,
-            SinkConfig::File {
-                path: "./events.jsonl".into()
-            }
-        );
+        assert!(matches!(
+            &cfg.sinks["archive"].kind,
+            SinkKind::File { path } if path == Path::new("./events.jsonl")
+        ));
         assert!(cfg.sinks["archive"].redaction.strip_pubsub_tokens);
     }
 

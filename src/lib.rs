@@ -20,7 +20,8 @@
 //! - [`delivery`]: one loop per sink: read the spool, deliver in order, retry, dead-letter, commit.
 //! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
 //! - [`dead_letter`]: events a sink refused for good, kept on disk for `dlq list|replay|purge`.
-//! - [`sink`]: the sink interface and the sinks (`file`/`stdout` so far).
+//! - [`sink`]: the sink interface and the sinks: `file`/`stdout`, Kafka, NATS, HTTP webhooks.
+//! - [`template`]: topic, subject, key and URL templates, compiled at config load.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, for tests, demos, benchmarks.
 //! - [`fixtures`]: frames recorded from Chatwoot, embedded.
 //!
@@ -44,6 +45,7 @@ pub mod sink;
 pub mod spool;
 pub mod status;
 pub mod supervisor;
+pub mod template;
 
 use std::fs::File;
 use std::future::Future;

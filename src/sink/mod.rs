@@ -6,10 +6,16 @@
 //! of its errors in a pure function beside its transport, so the decision can be tested alone.
 
 pub mod file;
+pub mod http;
+pub mod kafka;
+pub mod nats;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::SinkConfig;
+use serde::Deserialize;
+
+use crate::config::SinkKind;
 use crate::event::Event;
 
 /// What happened to one event of a batch.
@@ -35,8 +41,9 @@ pub enum ErrorClass {
 #[error("{message}")]
 pub struct SinkError {
     pub message: String,
-    /// The destination asked us to wait this long before trying again (HTTP `Retry-After`).
-    pub retry_after: Option<std::time::Duration>,
+    /// The destination asked to be left alone this long (HTTP `Retry-After`); the retry loop
+    /// waits at least this long before the next attempt.
+    pub retry_after: Option<Duration>,
 }
 
 impl SinkError {
@@ -45,6 +52,12 @@ impl SinkError {
             message: message.into(),
             retry_after: None,
         }
+    }
+
+    /// Adds the destination's requested pause.
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 
     /// The outcome for this error in the given class.
@@ -64,16 +77,104 @@ pub struct SinkBuildError {
     pub message: String,
 }
 
+/// How an event is laid out on the wire (CloudEvents "content modes").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Envelope {
+    /// Chatwoot's data bytes as the payload, the CloudEvents attributes as headers: consumers
+    /// that do not know CloudEvents still read plain Chatwoot JSON.
+    #[default]
+    Binary,
+    /// The whole CloudEvent as one JSON object, for transports or consumers without headers.
+    Structured,
+}
+
+/// `content-type` of a structured-mode payload.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// `content-type` of a binary-mode payload: Chatwoot's data is JSON.
+pub const DATA_CONTENT_TYPE: &str = "application/json";
+
+/// The CloudEvents attributes carried as headers in binary mode, in a fixed order, without the
+/// transport prefix (`ce_` for Kafka, `ce-` for NATS and HTTP). `datacontenttype` is left to
+/// each binding: Kafka and HTTP use their own `content-type` header.
+pub fn binary_attributes(event: &Event) -> Vec<(&'static str, String)> {
+    let mut attributes = vec![
+        ("specversion", "1.0".to_owned()),
+        ("id", event.id.to_string()),
+        ("source", event.source.to_string()),
+        ("type", event.ce_type()),
+        ("time", event.time()),
+    ];
+    if let Some(subject) = event.subject() {
+        attributes.push(("subject", subject));
+    }
+    attributes.push(("chatwootevent", event.name.to_string()));
+    attributes.push(("chatwoottoken", event.token.to_string()));
+    if let Some(account) = event.keys.account_id {
+        attributes.push(("chatwootaccount", account.to_string()));
+    }
+    attributes
+}
+
+/// The payload for `envelope`: data bytes as received, or the structured CloudEvent.
+pub fn payload(event: &Event, envelope: Envelope) -> Vec<u8> {
+    match envelope {
+        Envelope::Binary => event.data.get().as_bytes().to_vec(),
+        Envelope::Structured => {
+            let mut out = Vec::with_capacity(event.data.get().len() + 512);
+            event.write_structured(&mut out);
+            out
+        }
+    }
+}
+
+/// Header values in the CloudEvents HTTP (and NATS) binding: space, `"`, `%` and anything
+/// outside printable ASCII are percent-encoded, byte by byte of the UTF-8.
+pub fn percent_encode_header(value: &str) -> std::borrow::Cow<'_, str> {
+    let keep = |b: u8| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%';
+    if value.bytes().all(keep) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for b in value.bytes() {
+        if keep(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Every kind of sink, dispatched statically.
 pub enum Sink {
     File(file::FileSink),
+    Kafka(Box<kafka::KafkaSink>),
+    Nats(Box<nats::NatsSink>),
+    Http(Box<http::HttpSink>),
 }
 
 impl Sink {
-    /// Opens the sink described by `config`.
-    pub async fn build(name: &str, config: &SinkConfig) -> Result<Sink, SinkBuildError> {
+    /// Opens the sink described by `config`. Fails only for settings that can never work: a
+    /// broker that is down now is reached later, while events wait in the sink's queue.
+    pub async fn build(name: &str, config: &SinkKind) -> Result<Sink, SinkBuildError> {
+        let failed = |message: String| SinkBuildError {
+            sink: name.into(),
+            message,
+        };
         match config {
-            SinkConfig::File { path } => {
+            SinkKind::Kafka(settings) => kafka::KafkaSink::build(settings)
+                .map(|s| Sink::Kafka(Box::new(s)))
+                .map_err(|e| failed(e.to_string())),
+            SinkKind::Nats(settings) => nats::NatsSink::build(settings)
+                .await
+                .map(|s| Sink::Nats(Box::new(s)))
+                .map_err(|e| failed(e.to_string())),
+            SinkKind::Http(settings) => http::HttpSink::build(settings)
+                .map(|s| Sink::Http(Box::new(s)))
+                .map_err(|e| failed(e.to_string())),
+            SinkKind::File { path } => {
                 file::FileSink::open(path)
                     .await
                     .map(Sink::File)
@@ -82,12 +183,12 @@ impl Sink {
                         message: format!("cannot open {} for appending: {e}", path.display()),
                     })
             }
-            SinkConfig::Stdout {} => Ok(Sink::File(file::FileSink::stdout())),
+            SinkKind::Stdout => Ok(Sink::File(file::FileSink::stdout())),
         }
     }
 
     /// Tries the destination once, for `check --connect`; the error says what failed, in words.
-    pub async fn probe(name: &str, config: &SinkConfig) -> Result<(), String> {
+    pub async fn probe(name: &str, config: &SinkKind) -> Result<(), String> {
         let mut sink = Sink::build(name, config).await.map_err(|e| e.message)?;
         sink.close().await;
         Ok(())
@@ -97,6 +198,9 @@ impl Sink {
     pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
         match self {
             Sink::File(sink) => sink.deliver(batch).await,
+            Sink::Kafka(sink) => sink.deliver(batch).await,
+            Sink::Nats(sink) => sink.deliver(batch).await,
+            Sink::Http(sink) => sink.deliver(batch).await,
         }
     }
 
@@ -105,7 +209,14 @@ impl Sink {
     /// and is then given at most one event per conversation at a time.
     pub fn preserves_key_order(&self) -> bool {
         match self {
+            // One writer, one sequential stream.
             Sink::File(_) => true,
+            // The idempotent producer keeps per-partition order, and one conversation is one key.
+            Sink::Kafka(_) => true,
+            // One connection; the server stores publishes in the order they arrive.
+            Sink::Nats(_) => true,
+            // Requests run concurrently (max_in_flight).
+            Sink::Http(_) => false,
         }
     }
 
@@ -113,6 +224,48 @@ impl Sink {
     pub async fn close(&mut self) {
         match self {
             Sink::File(sink) => sink.close().await,
+            Sink::Kafka(sink) => sink.close().await,
+            Sink::Nats(sink) => sink.close().await,
+            Sink::Http(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_percent_encoded_as_the_http_binding_says() {
+        assert_eq!(percent_encode_header("plain-ASCII/1.0"), "plain-ASCII/1.0");
+        assert_eq!(percent_encode_header("a b\"c%d"), "a%20b%22c%25d");
+        assert_eq!(percent_encode_header("café\n"), "caf%C3%A9%0A");
+    }
+
+    #[test]
+    fn binary_attributes_include_subject_and_account_only_when_known() {
+        let e = Event::for_test(
+            "message.created",
+            "agent",
+            r#"{"account_id":3,"conversation_id":7}"#,
+        );
+        let names: Vec<&str> = binary_attributes(&e).iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "specversion",
+                "id",
+                "source",
+                "type",
+                "time",
+                "subject",
+                "chatwootevent",
+                "chatwoottoken",
+                "chatwootaccount"
+            ]
+        );
+        let e = Event::for_test("presence.update", "agent", r#"{"users":{}}"#);
+        let names: Vec<&str> = binary_attributes(&e).iter().map(|(n, _)| *n).collect();
+        assert!(!names.contains(&"subject") && !names.contains(&"chatwootaccount"));
     }
 }

@@ -1,0 +1,457 @@
+//! Kafka sink: one produce per event, confirmed by librdkafka's delivery report.
+//!
+//! Events follow the CloudEvents Kafka binding: in binary mode the record value is Chatwoot's
+//! data bytes and the attributes are `ce_*` headers; in structured mode the value is the whole
+//! CloudEvent. The key defaults to `{account_id}:{conversation_id}`, so one conversation's events
+//! land on one partition in order.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::{binary_attributes, payload, Envelope, ErrorClass, Outcome, SinkError};
+use crate::config::{OneOrMany, Problem, Problems, Secret};
+use crate::event::Event;
+use crate::template::{self, Template};
+
+/// How long to wait before re-enqueueing when librdkafka's local queue is full.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(20);
+
+/// librdkafka settings the sink sets unless the operator overrides them: no duplicates from
+/// librdkafka's own retries, every in-sync replica confirms, keyed records keep their partition
+/// (murmur2 like the Java client, random spread for unkeyed ones), and cheap compression.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("partitioner", "murmur2_random"),
+    ("compression.type", "lz4"),
+    // librdkafka's own default (5 min) would hold a batch (and shutdown) that long when the
+    // cluster is down; the bridge's retry loop retries the event afterwards anyway.
+    ("message.timeout.ms", "30000"),
+    ("client.id", "chatwoot-bridge"),
+];
+
+/// `type: kafka` as written.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers: `host:port`, a comma-separated string or a list.
+    brokers: OneOrMany<String>,
+    /// Topic template, e.g. `chatwoot.{event}`.
+    topic: String,
+    /// Record key template; absent means `{account_id}:{conversation_id}` or the event id.
+    key: Option<String>,
+    /// Passed to librdkafka as is (SASL, SSL, compression, linger, ...); values may be secrets.
+    #[serde(default)]
+    librdkafka: BTreeMap<String, Secret>,
+    /// Binary (default) or structured CloudEvents.
+    #[serde(default)]
+    envelope: Envelope,
+}
+
+/// A validated Kafka sink.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Comma-separated bootstrap servers.
+    pub brokers: String,
+    /// Where each event goes.
+    pub topic: Template,
+    /// The record key; `None` is the conversation rule (see [`default_key`]).
+    pub key: Option<Template>,
+    /// Operator overrides, applied after [`DEFAULTS`].
+    pub librdkafka: Vec<(String, Secret)>,
+    /// Binary or structured CloudEvents.
+    pub envelope: Envelope,
+}
+
+impl KafkaConfig {
+    pub(crate) fn validate(self, key: &str) -> Result<KafkaSettings, Vec<Problem>> {
+        let mut problems = Problems::new(key);
+        let brokers: Vec<String> = self
+            .brokers
+            .into_vec()
+            .iter()
+            .flat_map(|b| b.split(','))
+            .map(|b| b.trim().to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if brokers.is_empty() {
+            problems.add("brokers", "names no broker");
+        }
+        let topic = problems.template("topic", "topic", &self.topic);
+        if let Some(topic) = &topic {
+            for literal in topic.literals() {
+                if kafka_topic_literal_is_bad(literal) {
+                    problems.add(
+                        "topic",
+                        format!(
+                            "`{}` has characters Kafka does not allow in topic names (only A-Z a-z 0-9 . _ -)",
+                            topic.as_str()
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
+        let record_key = match &self.key {
+            Some(text) => problems.template("key", "key", text).map(Some),
+            None => Some(None),
+        };
+        for name in self.librdkafka.keys() {
+            if matches!(name.as_str(), "bootstrap.servers" | "metadata.broker.list") {
+                problems.add(
+                    &format!("librdkafka.{name}"),
+                    "set the brokers with `brokers`, not here",
+                );
+            }
+        }
+        let librdkafka = self.librdkafka.into_iter().collect();
+        let envelope = self.envelope;
+        problems.finish(|| KafkaSettings {
+            brokers: brokers.join(","),
+            topic: topic.expect("no problems means the topic compiled"),
+            key: record_key.expect("no problems means the key compiled"),
+            librdkafka,
+            envelope,
+        })
+    }
+}
+
+fn kafka_topic_literal_is_bad(literal: &str) -> bool {
+    !literal
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Errors that stop a Kafka sink from being created.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaBuildError {
+    /// librdkafka refused a setting; configured values are masked out of its message, since
+    /// librdkafka quotes the value it refuses.
+    #[error("librdkafka refused the settings: {0}")]
+    Config(String),
+}
+
+/// A producer and what to send with it.
+pub struct KafkaSink {
+    /// Thread-safe, connects (and reconnects) in the background; creating it never waits for
+    /// a broker, so a cluster that is down at startup only delays delivery.
+    producer: FutureProducer,
+    /// The validated settings.
+    settings: Arc<KafkaSettings>,
+}
+
+impl KafkaSink {
+    pub fn build(settings: &Arc<KafkaSettings>) -> Result<KafkaSink, KafkaBuildError> {
+        let producer = client_config(settings).create().map_err(|e: KafkaError| {
+            let mut message = e.to_string();
+            for (_, value) in &settings.librdkafka {
+                if !value.expose().is_empty() {
+                    message = message.replace(value.expose(), "<redacted>");
+                }
+            }
+            KafkaBuildError::Config(message)
+        })?;
+        Ok(KafkaSink {
+            producer,
+            settings: settings.clone(),
+        })
+    }
+
+    /// Enqueues the whole batch, then waits for every delivery report together: librdkafka
+    /// batches the records on the wire, and an event counts only once the broker confirmed it.
+    pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
+        let mut pending = Vec::with_capacity(batch.len());
+        for (i, event) in batch.iter().enumerate() {
+            match self.enqueue(event).await {
+                Ok(delivery) => pending.push((i, delivery)),
+                Err(outcome) => outcomes[i] = Some(outcome),
+            }
+        }
+        let indices: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+        let reports = join_all(pending.into_iter().map(|(_, d)| d)).await;
+        for (i, report) in indices.into_iter().zip(reports) {
+            outcomes[i] = Some(match report {
+                Ok(Ok(_delivery)) => Outcome::Delivered,
+                Ok(Err((error, _message))) => failure(&error),
+                // The producer went away before reporting: nothing says the broker has it.
+                Err(_canceled) => {
+                    Outcome::Retryable(SinkError::new("kafka producer dropped the delivery report"))
+                }
+            });
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every event got an outcome"))
+            .collect()
+    }
+
+    async fn enqueue(&self, event: &Event) -> Result<rdkafka::producer::DeliveryFuture, Outcome> {
+        let topic = self
+            .settings
+            .topic
+            .render(event, template::kafka_topic)
+            .map_err(|e| Outcome::Permanent(SinkError::new(e.to_string())))?;
+        let key = match &self.settings.key {
+            Some(t) => t
+                .render(event, template::verbatim)
+                .map_err(|e| Outcome::Permanent(SinkError::new(e.to_string())))?,
+            None => default_key(event),
+        };
+        let value = payload(event, self.settings.envelope);
+        let headers = headers(event, self.settings.envelope);
+        let mut record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&value)
+            .headers(headers);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                // librdkafka's buffer is full: wait for it to drain rather than fail events
+                // that would have gone through a moment later.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                Err((error, _)) => return Err(failure(&error)),
+            }
+        }
+    }
+
+    pub async fn close(&mut self) {
+        let producer = self.producer.clone();
+        // `flush` blocks its thread until librdkafka is done; keep it off the runtime.
+        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+    }
+}
+
+/// The librdkafka configuration: safe defaults, then the operator's overrides.
+pub fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.brokers);
+    for (name, value) in DEFAULTS {
+        config.set(*name, *value);
+    }
+    for (name, value) in &settings.librdkafka {
+        config.set(name, value.expose());
+    }
+    config
+}
+
+/// `{account_id}:{conversation_id}` when both are known, so a conversation keeps one
+/// partition and its order; otherwise the event id, which spreads unrelated events.
+pub fn default_key(event: &Event) -> String {
+    match (event.keys.account_id, event.keys.conversation_id) {
+        (Some(account), Some(conversation)) => format!("{account}:{conversation}"),
+        _ => event.id.to_string(),
+    }
+}
+
+/// The record headers of the CloudEvents Kafka binding.
+pub fn headers(event: &Event, envelope: Envelope) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    match envelope {
+        Envelope::Binary => {
+            for (name, value) in binary_attributes(event) {
+                let name = format!("ce_{name}");
+                headers = headers.insert(Header {
+                    key: &name,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            headers.insert(Header {
+                key: "content-type",
+                value: Some(super::DATA_CONTENT_TYPE),
+            })
+        }
+        Envelope::Structured => headers.insert(Header {
+            key: "content-type",
+            value: Some(super::STRUCTURED_CONTENT_TYPE),
+        }),
+    }
+}
+
+fn failure(error: &KafkaError) -> Outcome {
+    let class = match error.rdkafka_error_code() {
+        Some(code) => classify(code),
+        // Errors without a code are client-side states (cancelled, shutting down): try again.
+        None => ErrorClass::Retryable,
+    };
+    SinkError::new(describe(error)).outcome(class)
+}
+
+fn describe(error: &KafkaError) -> Cow<'static, str> {
+    Cow::Owned(format!("kafka: {error}"))
+}
+
+/// Whether a produce error can succeed later. Permanent: the record itself is refused (too
+/// large, invalid), the topic or partition does not exist (topics are not auto-created), or the
+/// credentials are not allowed to write. Everything else (timeouts, leader changes, brokers
+/// down, throttling) is retryable.
+pub fn classify(code: RDKafkaErrorCode) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidMessage
+        | C::BadMessage
+        | C::InvalidTopic
+        | C::UnknownTopicOrPartition
+        | C::UnknownTopic
+        | C::UnknownPartition
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::SaslAuthenticationFailed
+        | C::Authentication
+        | C::UnsupportedSASLMechanism
+        | C::UnsupportedForMessageFormat
+        | C::UnsupportedCompressionType
+        | C::InvalidRequiredAcks
+        | C::PolicyViolation
+        | C::InvalidArgument
+        | C::KeySerialization
+        | C::ValueSerialization => ErrorClass::Permanent,
+        _ => ErrorClass::Retryable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    #[test]
+    fn classification() {
+        use RDKafkaErrorCode as C;
+        for code in [
+            C::MessageSizeTooLarge,
+            C::UnknownTopicOrPartition,
+            C::UnknownTopic,
+            C::TopicAuthorizationFailed,
+            C::ClusterAuthorizationFailed,
+            C::SaslAuthenticationFailed,
+        ] {
+            assert_eq!(classify(code), ErrorClass::Permanent, "{code:?}");
+        }
+        for code in [
+            C::MessageTimedOut,
+            C::QueueFull,
+            C::AllBrokersDown,
+            C::NotLeaderForPartition,
+            C::LeaderNotAvailable,
+            C::RequestTimedOut,
+            C::NotEnoughReplicas,
+            C::BrokerTransportFailure,
+        ] {
+            assert_eq!(classify(code), ErrorClass::Retryable, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn default_key_groups_a_conversation() {
+        let e = Event::for_test(
+            "message.created",
+            "agent",
+            r#"{"account_id":3,"conversation_id":7}"#,
+        );
+        assert_eq!(default_key(&e), "3:7");
+        let e = Event::for_test("contact.updated", "agent", r#"{"account_id":3,"id":7}"#);
+        assert_eq!(default_key(&e), e.id.to_string());
+    }
+
+    #[test]
+    fn binary_headers_follow_the_kafka_binding() {
+        let e = Event::for_test(
+            "message.created",
+            "agent",
+            r#"{"account_id":3,"conversation_id":7}"#,
+        );
+        let h = headers(&e, Envelope::Binary);
+        let got: Vec<(String, String)> = h
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_owned(),
+                    String::from_utf8(h.value.unwrap().to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let get = |k: &str| got.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("ce_specversion"), Some("1.0"));
+        assert_eq!(get("ce_type"), Some("com.chatwoot.message.created"));
+        assert_eq!(get("ce_subject"), Some("conversation/7"));
+        assert_eq!(get("ce_chatwootaccount"), Some("3"));
+        assert_eq!(get("content-type"), Some("application/json"));
+        let h = headers(&e, Envelope::Structured);
+        assert_eq!(h.count(), 1);
+    }
+
+    #[test]
+    fn config_problems_name_their_keys() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "",
+            "topic": "chatwoot {acount_id}",
+            "key": "{event",
+            "librdkafka": {"bootstrap.servers": "x", "sasl.password": "hunter2"}
+        }))
+        .unwrap();
+        let problems = config.validate("sinks.k").unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let text = text.join("\n");
+        assert!(text.contains("sinks.k.brokers: names no broker"), "{text}");
+        assert!(
+            text.contains("sinks.k.topic: unknown template field {acount_id}"),
+            "{text}"
+        );
+        assert!(text.contains("sinks.k.key: unbalanced braces"), "{text}");
+        assert!(
+            text.contains("sinks.k.librdkafka.bootstrap.servers"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn librdkafka_values_stay_out_of_debug_output() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": ["a:9092", "b:9092"],
+            "topic": "chatwoot.{event}",
+            "librdkafka": {"sasl.password": "hunter2"}
+        }))
+        .unwrap();
+        let settings = config.validate("sinks.k").unwrap();
+        assert_eq!(settings.brokers, "a:9092,b:9092");
+        let dump = format!("{settings:?}");
+        assert!(!dump.contains("hunter2"), "{dump}");
+        assert!(dump.contains("sasl.password"), "{dump}");
+    }
+
+    #[test]
+    fn refused_settings_do_not_echo_values() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "127.0.0.1:1",
+            "topic": "t",
+            "librdkafka": {"acks": "hunter2-not-a-number"}
+        }))
+        .unwrap();
+        let settings = Arc::new(config.validate("sinks.k").unwrap());
+        let Err(e) = KafkaSink::build(&settings) else {
+            panic!("an invalid acks value must be refused")
+        };
+        let text = e.to_string();
+        assert!(text.contains("acks"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}

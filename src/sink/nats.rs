@@ -1,0 +1,725 @@
+//! NATS sink: core publish (confirmed only as far as a flush goes) or JetStream (confirmed by the
+//! stream's publish ack, deduplicated by `Nats-Msg-Id`).
+//!
+//! Events follow the CloudEvents NATS binding: in binary mode the payload is Chatwoot's data
+//! bytes and the attributes are `ce-*` headers, percent-encoded like the HTTP binding.
+
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
+use futures_util::future::join_all;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use super::{
+    binary_attributes, payload, percent_encode_header, Envelope, ErrorClass, Outcome, SinkError,
+    DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
+};
+use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
+use crate::event::Event;
+use crate::template::{self, Template};
+
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+fn default_duplicate_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+
+/// `type: nats` as written.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s); the client fails over between them.
+    url: OneOrMany<String>,
+    /// Subject template, e.g. `chatwoot.{account_id}.{event}`.
+    subject: String,
+    /// A `.creds` file (JWT and NKey seed), the usual auth of NGS/Synadia and operator mode.
+    credentials_file: Option<PathBuf>,
+    /// Token auth.
+    token: Option<Secret>,
+    /// User/password auth, with `password`.
+    user: Option<String>,
+    /// User/password auth, with `user`.
+    password: Option<Secret>,
+    /// NKey seed auth.
+    nkey: Option<Secret>,
+    /// Client TLS: a private CA and/or a client certificate.
+    tls: Option<NatsTls>,
+    /// Refuse to talk to a server that does not offer TLS.
+    #[serde(default)]
+    tls_required: bool,
+    /// Publish into a JetStream stream and wait for its acks.
+    jetstream: Option<JetStreamConfig>,
+    /// Bound on a flush (core) or a batch's acks (JetStream).
+    #[serde(default = "default_timeout")]
+    timeout: HumanDuration,
+    /// Binary (default) or structured CloudEvents.
+    #[serde(default)]
+    envelope: Envelope,
+}
+
+/// Client TLS files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM roots to trust besides the system's, for servers with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// The JetStream part of `type: nats`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    /// The stream the subjects belong to.
+    stream: String,
+    /// Create the stream (or add this sink's subjects to it) when missing.
+    #[serde(default)]
+    create: bool,
+    /// How long the server remembers message ids to drop duplicates (only set when creating).
+    #[serde(default = "default_duplicate_window")]
+    duplicate_window: HumanDuration,
+}
+
+/// How the sink authenticates.
+#[derive(Debug, Clone)]
+pub enum NatsAuth {
+    None,
+    CredentialsFile(PathBuf),
+    Token(Secret),
+    UserPassword { user: String, password: Secret },
+    Nkey(Secret),
+}
+
+/// The validated JetStream settings.
+#[derive(Debug, Clone)]
+pub struct JetStreamSettings {
+    /// Stream name.
+    pub stream: String,
+    /// Whether the sink creates/updates the stream.
+    pub create: bool,
+    /// Server-side deduplication window by `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// The subject filter the stream must capture, derived from the subject template.
+    pub filter: String,
+}
+
+/// A validated NATS sink.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// Server addresses, already parsed.
+    pub urls: Vec<String>,
+    /// Where each event goes.
+    pub subject: Template,
+    /// Credentials.
+    pub auth: NatsAuth,
+    /// TLS files.
+    pub tls: Option<NatsTls>,
+    /// Refuse plain-text servers.
+    pub tls_required: bool,
+    /// Core NATS when `None`.
+    pub jetstream: Option<JetStreamSettings>,
+    /// Bound on flushes and acks.
+    pub timeout: Duration,
+    /// Binary or structured CloudEvents.
+    pub envelope: Envelope,
+}
+
+impl NatsConfig {
+    pub(crate) fn validate(self, key: &str) -> Result<NatsSettings, Vec<Problem>> {
+        let mut problems = Problems::new(key);
+        let urls = self.url.into_vec();
+        if urls.is_empty() {
+            problems.add("url", "names no server");
+        }
+        for (i, url) in urls.iter().enumerate() {
+            // Credentials in the URL would show up in logs and Debug output; the auth fields
+            // keep them secret. Such a URL is not echoed back either.
+            if url.contains('@') {
+                problems.add(
+                    &format!("url[{i}]"),
+                    "has credentials in it; use `token`, `user`/`password`, `nkey` or `credentials_file`",
+                );
+            } else if let Err(e) = url.parse::<ServerAddr>() {
+                problems.add(
+                    &format!("url[{i}]"),
+                    format!("`{url}` is not a NATS URL ({e})"),
+                );
+            }
+        }
+        let subject = problems.template("subject", "subject", &self.subject);
+        if let Some(subject) = &subject {
+            let sample = subject.render_sample("x");
+            if sample.split('.').any(|t| t.is_empty())
+                || sample.contains(|c: char| c.is_whitespace() || c == '*' || c == '>')
+            {
+                problems.add(
+                    "subject",
+                    format!(
+                        "`{}` is not a valid NATS subject (no empty tokens, spaces, `*` or `>`)",
+                        subject.as_str()
+                    ),
+                );
+            }
+        }
+        let auth = match (
+            self.credentials_file,
+            self.token,
+            self.user,
+            self.password,
+            self.nkey,
+        ) {
+            (None, None, None, None, None) => NatsAuth::None,
+            (Some(path), None, None, None, None) => {
+                if !path.is_file() {
+                    problems.add(
+                        "credentials_file",
+                        format!("{} is not a readable file", path.display()),
+                    );
+                }
+                NatsAuth::CredentialsFile(path)
+            }
+            (None, Some(token), None, None, None) => NatsAuth::Token(token),
+            (None, None, Some(user), Some(password), None) => {
+                NatsAuth::UserPassword { user, password }
+            }
+            (None, None, Some(_), None, None) => {
+                problems.add("password", "`user` needs `password`");
+                NatsAuth::None
+            }
+            (None, None, None, Some(_), None) => {
+                problems.add("user", "`password` needs `user`");
+                NatsAuth::None
+            }
+            (None, None, None, None, Some(nkey)) => {
+                if !nkey.expose().starts_with('S') {
+                    problems.add("nkey", "is not an NKey seed (seeds start with `S`)");
+                }
+                NatsAuth::Nkey(nkey)
+            }
+            _ => {
+                problems.add(
+                    "credentials_file",
+                    "use one of credentials_file, token, user/password or nkey",
+                );
+                NatsAuth::None
+            }
+        };
+        if let Some(tls) = &self.tls {
+            for (field, file) in [
+                ("tls.ca_file", &tls.ca_file),
+                ("tls.cert_file", &tls.cert_file),
+                ("tls.key_file", &tls.key_file),
+            ] {
+                if let Some(path) = file {
+                    if !path.is_file() {
+                        problems.add(field, format!("{} is not a readable file", path.display()));
+                    }
+                }
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                problems.add("tls", "cert_file and key_file go together");
+            }
+        }
+        let timeout = self.timeout.0;
+        if timeout.is_zero() {
+            problems.add("timeout", "must be greater than zero");
+        }
+        let jetstream = self.jetstream.map(|js| {
+            if js.stream.is_empty()
+                || js.stream.contains(|c: char| {
+                    c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\')
+                })
+            {
+                problems.add(
+                    "jetstream.stream",
+                    format!(
+                        "`{}` is not a stream name (no spaces, `.`, `*`, `>`, `/` or `\\`)",
+                        js.stream
+                    ),
+                );
+            }
+            if js.duplicate_window.0.is_zero() {
+                problems.add(
+                    "jetstream.duplicate_window",
+                    "must be greater than zero: retries rely on it to store events once",
+                );
+            }
+            JetStreamSettings {
+                filter: subject
+                    .as_ref()
+                    .map(Template::nats_filter)
+                    .unwrap_or_default(),
+                stream: js.stream,
+                create: js.create,
+                duplicate_window: js.duplicate_window.0,
+            }
+        });
+        let (tls, tls_required, envelope) = (self.tls, self.tls_required, self.envelope);
+        problems.finish(|| NatsSettings {
+            urls,
+            subject: subject.expect("no problems means the subject compiled"),
+            auth,
+            tls,
+            tls_required,
+            jetstream,
+            timeout,
+            envelope,
+        })
+    }
+}
+
+/// Errors that stop a NATS sink from being created: only settings, never an unreachable server.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsBuildError {
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("NATS client settings refused: {0}")]
+    Connect(async_nats::ConnectError),
+}
+
+/// What went wrong, per operation, with the client's own kinds inside.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NatsFailure {
+    /// Handing a message to the client (core mode).
+    Publish(async_nats::client::PublishErrorKind),
+    /// Flushing the connection after a core batch.
+    Flush(async_nats::client::FlushErrorKind),
+    /// The flush did not complete within the sink's timeout.
+    FlushTimedOut,
+    /// The client did not take the message within the sink's timeout (disconnected, buffer
+    /// full).
+    PublishTimedOut,
+    /// Publishing to JetStream or waiting for its ack.
+    JetStreamPublish(jetstream::context::PublishErrorKind),
+    /// Creating or updating the stream.
+    Stream(jetstream::context::CreateStreamErrorKind),
+}
+
+/// Whether a NATS failure can succeed later with the same message (and the same id, which the
+/// stream's duplicate window turns into exactly one stored copy).
+pub fn classify(failure: &NatsFailure) -> ErrorClass {
+    use async_nats::client::{FlushErrorKind as F, PublishErrorKind as P};
+    use jetstream::context::{CreateStreamErrorKind as S, PublishErrorKind as J};
+    match failure {
+        // The server would refuse this message every time.
+        NatsFailure::Publish(P::MaxPayloadExceeded | P::InvalidSubject) => ErrorClass::Permanent,
+        NatsFailure::Publish(P::Send) => ErrorClass::Retryable,
+        NatsFailure::Flush(F::SendError | F::FlushError)
+        | NatsFailure::FlushTimedOut
+        | NatsFailure::PublishTimedOut => ErrorClass::Retryable,
+        NatsFailure::JetStreamPublish(kind) => match kind {
+            J::MaxPayloadExceeded | J::WrongLastMessageId | J::WrongLastSequence => {
+                ErrorClass::Permanent
+            }
+            // A missing stream can be created (by this sink with `create: true`, or by an
+            // operator); a lost ack is retried with the same id and deduplicated.
+            J::StreamNotFound | J::TimedOut | J::BrokenPipe | J::MaxAckPending | J::Other => {
+                ErrorClass::Retryable
+            }
+        },
+        NatsFailure::Stream(kind) => match kind {
+            S::EmptyStreamName | S::InvalidStreamName | S::DomainAndExternalSet => {
+                ErrorClass::Permanent
+            }
+            // A refusal by the server (overlapping subjects, limits, permissions) needs an
+            // operator; events wait instead of being dropped while it is fixed.
+            S::JetStream(_)
+            | S::JetStreamUnavailable
+            | S::TimedOut
+            | S::Response
+            | S::NotFound
+            | S::ResponseParse => ErrorClass::Retryable,
+        },
+    }
+}
+
+/// A NATS connection and what to publish with it.
+pub struct NatsSink {
+    /// Connects and reconnects in the background, so a server that is down at startup only
+    /// delays delivery.
+    client: async_nats::Client,
+    /// Present in JetStream mode.
+    jetstream: Option<jetstream::Context>,
+    /// Whether the stream is known to exist with this sink's subjects (JetStream, `create`).
+    stream_ready: bool,
+    /// The validated settings.
+    settings: Arc<NatsSettings>,
+}
+
+impl NatsSink {
+    pub async fn build(settings: &Arc<NatsSettings>) -> Result<NatsSink, NatsBuildError> {
+        let mut options = match &settings.auth {
+            NatsAuth::None => ConnectOptions::new(),
+            NatsAuth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|source| NatsBuildError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?,
+            NatsAuth::Token(token) => ConnectOptions::with_token(token.expose().to_owned()),
+            NatsAuth::UserPassword { user, password } => {
+                ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned())
+            }
+            NatsAuth::Nkey(seed) => ConnectOptions::with_nkey(seed.expose().to_owned()),
+        };
+        if let Some(tls) = &settings.tls {
+            if let Some(ca) = &tls.ca_file {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        let addrs: Vec<ServerAddr> = settings
+            .urls
+            .iter()
+            .filter_map(|u| u.parse().ok())
+            .collect();
+        let client = options
+            .require_tls(settings.tls_required)
+            .name("chatwoot-bridge")
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(addrs)
+            .await
+            .map_err(NatsBuildError::Connect)?;
+        let jetstream = settings.jetstream.as_ref().map(|_| {
+            jetstream::ContextBuilder::new()
+                .timeout(settings.timeout)
+                .ack_timeout(settings.timeout)
+                .build(client.clone())
+        });
+        Ok(NatsSink {
+            client,
+            jetstream,
+            stream_ready: false,
+            settings: settings.clone(),
+        })
+    }
+
+    pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+        match self.jetstream.clone() {
+            Some(js) => self.deliver_jetstream(&js, batch).await,
+            None => self.deliver_core(batch).await,
+        }
+    }
+
+    /// Core NATS: publish all, then one flush. The server does not confirm core messages; the
+    /// flush only proves they reached it (not that anyone subscribed).
+    async fn deliver_core(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+        for event in batch {
+            let outcome = match self.message(event) {
+                Err(outcome) => Some(outcome),
+                Ok((subject, headers, body)) => {
+                    // Bounded: with the server gone the client's buffer fills and a publish
+                    // would wait for the reconnect.
+                    let publish = self
+                        .client
+                        .publish_with_headers(subject, headers, body.into());
+                    match tokio::time::timeout(self.settings.timeout, publish).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
+                        Err(_) => Some(self.timed_out(NatsFailure::PublishTimedOut)),
+                    }
+                }
+            };
+            outcomes.push(outcome);
+        }
+        let flushed = match tokio::time::timeout(self.settings.timeout, self.client.flush()).await {
+            Ok(Ok(())) => Outcome::Delivered,
+            Ok(Err(e)) => failure(NatsFailure::Flush(e.kind()), &e),
+            Err(_) => self.timed_out(NatsFailure::FlushTimedOut),
+        };
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| same(&flushed)))
+            .collect()
+    }
+
+    /// JetStream: publish the whole batch, then await every ack together. `Nats-Msg-Id` is the
+    /// event id, so a retry after a lost ack (or a second copy of a broadcast) is stored once.
+    async fn deliver_jetstream(
+        &mut self,
+        js: &jetstream::Context,
+        batch: &[Arc<Event>],
+    ) -> Vec<Outcome> {
+        let settings = self.settings.clone();
+        let stream = settings.jetstream.as_ref().expect("jetstream mode");
+        if stream.create && !self.stream_ready {
+            if let Err((kind, message)) = ensure_stream(js, stream).await {
+                let outcome = failure(NatsFailure::Stream(kind), &message);
+                return batch.iter().map(|_| same(&outcome)).collect();
+            }
+            self.stream_ready = true;
+        }
+        let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
+        let mut acks = Vec::with_capacity(batch.len());
+        for (i, event) in batch.iter().enumerate() {
+            let (subject, headers, body) = match self.message(event) {
+                Ok(parts) => parts,
+                Err(outcome) => {
+                    outcomes[i] = Some(outcome);
+                    continue;
+                }
+            };
+            let message = PublishMessage::build()
+                .payload(body.into())
+                .headers(headers)
+                .message_id(event.id.to_string());
+            match tokio::time::timeout(settings.timeout, js.send_publish(subject, message)).await {
+                Ok(Ok(ack)) => acks.push((i, ack)),
+                Ok(Err(e)) => {
+                    outcomes[i] = Some(failure(NatsFailure::JetStreamPublish(e.kind()), &e))
+                }
+                Err(_) => outcomes[i] = Some(self.timed_out(NatsFailure::PublishTimedOut)),
+            }
+        }
+        let indices: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
+        let results = join_all(acks.into_iter().map(|(_, ack)| ack.into_future())).await;
+        for (i, result) in indices.into_iter().zip(results) {
+            outcomes[i] = Some(match result {
+                // A duplicate ack means the stream already holds this id: delivered.
+                Ok(_ack) => Outcome::Delivered,
+                Err(e) => {
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        // Deleted under us: create it again before the retry.
+                        self.stream_ready = false;
+                    }
+                    failure(NatsFailure::JetStreamPublish(e.kind()), &e)
+                }
+            });
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every event got an outcome"))
+            .collect()
+    }
+
+    fn timed_out(&self, kind: NatsFailure) -> Outcome {
+        let what = match kind {
+            NatsFailure::FlushTimedOut => "flush not confirmed",
+            _ => "publish not accepted",
+        };
+        failure(kind, &format!("{what} within {:?}", self.settings.timeout))
+    }
+
+    /// Subject, headers and payload of one event, or its permanent failure.
+    fn message(&self, event: &Event) -> Result<(String, HeaderMap, Vec<u8>), Outcome> {
+        let subject = self
+            .settings
+            .subject
+            .render(event, template::nats_token)
+            .map_err(|e| Outcome::Permanent(SinkError::new(e.to_string())))?;
+        Ok((
+            subject,
+            headers(event, self.settings.envelope),
+            payload(event, self.settings.envelope),
+        ))
+    }
+
+    pub async fn close(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await;
+    }
+}
+
+/// Creates the stream, or adds this sink's subject filter to an existing one and sets its
+/// duplicate window; other subjects already on the stream are kept.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    settings: &JetStreamSettings,
+) -> Result<(), (jetstream::context::CreateStreamErrorKind, String)> {
+    match js.get_stream(&settings.stream).await {
+        Ok(stream) => {
+            let mut config = stream.cached_info().config.clone();
+            let mut changed = false;
+            if !config.subjects.contains(&settings.filter) {
+                config.subjects.push(settings.filter.clone());
+                changed = true;
+            }
+            if config.duplicate_window != settings.duplicate_window {
+                config.duplicate_window = settings.duplicate_window;
+                changed = true;
+            }
+            if changed {
+                js.update_stream(config).await.map_err(|e| {
+                    (
+                        e.kind(),
+                        format!("updating stream {}: {e}", settings.stream),
+                    )
+                })?;
+            }
+            Ok(())
+        }
+        Err(get_error) => {
+            let config = jetstream::stream::Config {
+                name: settings.stream.clone(),
+                subjects: vec![settings.filter.clone()],
+                duplicate_window: settings.duplicate_window,
+                ..Default::default()
+            };
+            match js.create_stream(config).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err((
+                    e.kind(),
+                    format!(
+                        "creating stream {} (lookup: {get_error}): {e}",
+                        settings.stream
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+fn failure(kind: NatsFailure, error: &dyn std::fmt::Display) -> Outcome {
+    SinkError::new(format!("nats: {error}")).outcome(classify(&kind))
+}
+
+/// A copy of a batch-wide outcome for one more event.
+fn same(outcome: &Outcome) -> Outcome {
+    match outcome {
+        Outcome::Delivered => Outcome::Delivered,
+        Outcome::Retryable(e) => Outcome::Retryable(e.clone()),
+        Outcome::Permanent(e) => Outcome::Permanent(e.clone()),
+    }
+}
+
+/// The message headers of the CloudEvents NATS binding.
+pub fn headers(event: &Event, envelope: Envelope) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    match envelope {
+        Envelope::Binary => {
+            for (name, value) in binary_attributes(event) {
+                headers.insert(
+                    format!("ce-{name}"),
+                    percent_encode_header(&value).into_owned(),
+                );
+            }
+            headers.insert("ce-datacontenttype", DATA_CONTENT_TYPE);
+        }
+        Envelope::Structured => headers.insert("content-type", STRUCTURED_CONTENT_TYPE),
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::client::{FlushErrorKind, PublishErrorKind};
+    use jetstream::context::{CreateStreamErrorKind, PublishErrorKind as JsKind};
+
+    #[test]
+    fn classification() {
+        let permanent = [
+            NatsFailure::Publish(PublishErrorKind::MaxPayloadExceeded),
+            NatsFailure::Publish(PublishErrorKind::InvalidSubject),
+            NatsFailure::JetStreamPublish(JsKind::MaxPayloadExceeded),
+            NatsFailure::Stream(CreateStreamErrorKind::InvalidStreamName),
+        ];
+        for f in permanent {
+            assert_eq!(classify(&f), ErrorClass::Permanent, "{f:?}");
+        }
+        let retryable = [
+            NatsFailure::Publish(PublishErrorKind::Send),
+            NatsFailure::Flush(FlushErrorKind::FlushError),
+            NatsFailure::FlushTimedOut,
+            NatsFailure::PublishTimedOut,
+            NatsFailure::JetStreamPublish(JsKind::TimedOut),
+            NatsFailure::JetStreamPublish(JsKind::StreamNotFound),
+            NatsFailure::JetStreamPublish(JsKind::BrokenPipe),
+            NatsFailure::Stream(CreateStreamErrorKind::TimedOut),
+            NatsFailure::Stream(CreateStreamErrorKind::JetStreamUnavailable),
+        ];
+        for f in retryable {
+            assert_eq!(classify(&f), ErrorClass::Retryable, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn binary_headers_are_percent_encoded() {
+        let e = Event::for_test(
+            "message.created",
+            "agent",
+            r#"{"account_id":3,"conversation_id":7}"#,
+        );
+        let h = headers(&e, Envelope::Binary);
+        let get = |k: &str| h.get(k).map(|v| v.as_str().to_owned());
+        assert_eq!(get("ce-specversion").as_deref(), Some("1.0"));
+        assert_eq!(get("ce-subject").as_deref(), Some("conversation/7"));
+        assert_eq!(
+            get("ce-datacontenttype").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(get("ce-chatwootevent").as_deref(), Some("message.created"));
+        // The test source has no spaces; a token name with one would be encoded.
+        let e = Event::for_test("message.created", "agent one", r#"{"account_id":3}"#);
+        let h = headers(&e, Envelope::Binary);
+        assert_eq!(h.get("ce-chatwoottoken").unwrap().as_str(), "agent%20one");
+    }
+
+    fn settings(value: serde_json::Value) -> Result<NatsSettings, Vec<Problem>> {
+        serde_json::from_value::<NatsConfig>(value)
+            .unwrap()
+            .validate("sinks.n")
+    }
+
+    #[test]
+    fn config_checks_and_filter() {
+        let s = settings(serde_json::json!({
+            "url": ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"],
+            "subject": "chatwoot.{account_id}.{event}",
+            "token": "s3cret-token",
+            "jetstream": {"stream": "CHATWOOT", "create": true, "duplicate_window": "2h"}
+        }))
+        .unwrap();
+        let js = s.jetstream.as_ref().unwrap();
+        assert_eq!(js.filter, "chatwoot.*.>");
+        assert_eq!(js.duplicate_window, Duration::from_secs(7200));
+        assert!(!format!("{s:?}").contains("s3cret-token"));
+
+        let problems = settings(serde_json::json!({
+            "url": "nats://127.0.0.1:4222",
+            "subject": "chat woot.{acount_id}",
+            "user": "bridge",
+            "token": "t",
+            "jetstream": {"stream": "bad.name"}
+        }))
+        .unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let text = text.join("\n");
+        assert!(
+            text.contains("sinks.n.subject: unknown template field {acount_id}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sinks.n.credentials_file: use one of"),
+            "{text}"
+        );
+        assert!(text.contains("sinks.n.jetstream.stream"), "{text}");
+        let problems = settings(serde_json::json!({
+            "url": "nats://127.0.0.1:4222", "subject": "a..{event}"
+        }))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "sinks.n.subject");
+        let problems = settings(serde_json::json!({
+            "url": ["nats://bridge:pa55word@127.0.0.1:4222"], "subject": "a"
+        }))
+        .unwrap_err();
+        assert_eq!(problems[0].key, "sinks.n.url[0]");
+        assert!(!problems[0].message.contains("pa55word"));
+    }
+}

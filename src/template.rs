@@ -1,0 +1,446 @@
+//! Templates for topics, subjects, keys and URL paths: `chatwoot.{event}`, `{data.sender.id|anon}`.
+//!
+//! A template is compiled once when the config is loaded, so a typo in a field name is a config
+//! error with its key path rather than a failure per event. Rendering never panics and never
+//! yields an empty value: a field the event does not have (and no `|fallback`) is an error the
+//! sink turns into a permanent outcome for that one event.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::event::Event;
+
+/// A compiled template.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Template {
+    /// What it names (`topic`, `subject`, `key`, `url`), for error messages.
+    what: &'static str,
+    /// The text as written, for Debug output and error messages.
+    source: String,
+    /// Literals and fields in order.
+    parts: Vec<Part>,
+}
+
+impl fmt::Debug for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Template({:?})", self.source)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Field {
+        /// Which value to insert.
+        field: Field,
+        /// The placeholder as written without braces and fallback, for error messages.
+        name: String,
+        /// Inserted when the event has no value for `field`.
+        fallback: Option<String>,
+    },
+}
+
+/// The values a template can insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Field {
+    Event,
+    AccountId,
+    ConversationId,
+    InboxId,
+    Token,
+    Id,
+    /// A dotted path into Chatwoot's `data` object.
+    Data(Vec<String>),
+}
+
+/// Why a template text cannot be compiled; the caller prefixes the key path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unknown template field {{{0}}} (known: event, account_id, conversation_id, inbox_id, token, id, data.<path>)")]
+    UnknownField(String),
+    #[error("unbalanced braces in template `{0}`")]
+    Unbalanced(String),
+    #[error("template is empty")]
+    Empty,
+}
+
+/// An event lacks a value the template needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} template {{{name}}}: event {event} has no {name}")]
+pub struct MissingValue {
+    /// Which template (`topic`, `subject`, ...).
+    pub what: &'static str,
+    /// The field as written.
+    pub name: String,
+    /// The event's name, so the operator can tell which kind of event lacks it.
+    pub event: String,
+}
+
+impl Template {
+    /// Compiles `text`; `what` names the template in later error messages.
+    pub fn compile(what: &'static str, text: &str) -> Result<Template, TemplateError> {
+        if text.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                None => {
+                    parts.push(Part::Literal(rest.to_owned()));
+                    break;
+                }
+                Some(at) if rest.as_bytes()[at] == b'}' => {
+                    return Err(TemplateError::Unbalanced(text.to_owned()))
+                }
+                Some(at) => {
+                    if at > 0 {
+                        parts.push(Part::Literal(rest[..at].to_owned()));
+                    }
+                    let inner = &rest[at + 1..];
+                    let end = inner
+                        .find(['{', '}'])
+                        .filter(|&end| inner.as_bytes()[end] == b'}')
+                        .ok_or_else(|| TemplateError::Unbalanced(text.to_owned()))?;
+                    parts.push(parse_field(&inner[..end])?);
+                    rest = &inner[end + 1..];
+                }
+            }
+        }
+        Ok(Template {
+            what,
+            source: text.to_owned(),
+            parts,
+        })
+    }
+
+    /// The text as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template inserts any value (a constant topic needs no rendering).
+    pub fn has_fields(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Field { .. }))
+    }
+
+    /// Renders for `event`, passing each inserted value through `clean` (which makes it safe
+    /// where it lands: a subject token, a topic name, a URL path). Literals are not cleaned:
+    /// they were checked when the config was loaded.
+    pub fn render(
+        &self,
+        event: &Event,
+        clean: impl Fn(&str) -> Cow<'_, str>,
+    ) -> Result<String, MissingValue> {
+        let mut out = String::with_capacity(self.source.len() + 16);
+        // Parsed at most once per render, and only when a `data.` field asks for it.
+        let mut data: Option<Value> = None;
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Field {
+                    field,
+                    name,
+                    fallback,
+                } => {
+                    let value = lookup(field, event, &mut data).filter(|v| !v.is_empty());
+                    let Some(value) = value.or_else(|| fallback.clone()) else {
+                        return Err(MissingValue {
+                            what: self.what,
+                            name: name.clone(),
+                            event: event.name.to_string(),
+                        });
+                    };
+                    out.push_str(&clean(&value));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A NATS subject filter matching every subject this template can render: a token holding
+    /// a field becomes `*`, or `>` when it is the last token.
+    pub fn nats_filter(&self) -> String {
+        let tokens: Vec<&str> = self.source.split('.').collect();
+        // Split on dots of the source; a `.` inside `{data.a.b}` must not split a token, so
+        // re-join pieces while braces are open.
+        let mut joined: Vec<String> = Vec::new();
+        let mut open = 0i32;
+        for token in tokens {
+            if open > 0 {
+                let last = joined.last_mut().expect("an open brace started a token");
+                last.push('.');
+                last.push_str(token);
+            } else {
+                joined.push(token.to_owned());
+            }
+            open += token.matches('{').count() as i32 - token.matches('}').count() as i32;
+        }
+        let count = joined.len();
+        joined
+            .into_iter()
+            .enumerate()
+            .map(|(i, token)| {
+                if !token.contains('{') {
+                    token
+                } else if i + 1 == count {
+                    ">".to_owned()
+                } else {
+                    "*".to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// The literal text before the first field: for URLs, where the scheme and host must be.
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Literal(text)) => text,
+            _ => "",
+        }
+    }
+
+    /// Renders with every field replaced by `filler`, to check the shape of the result at
+    /// config load.
+    pub fn render_sample(&self, filler: &str) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(text) => text.as_str(),
+                Part::Field { .. } => filler,
+            })
+            .collect()
+    }
+
+    /// The literal parts, for checks of characters that would break the target.
+    pub fn literals(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Literal(text) => Some(text.as_str()),
+            Part::Field { .. } => None,
+        })
+    }
+}
+
+fn parse_field(inner: &str) -> Result<Part, TemplateError> {
+    let (name, fallback) = match inner.split_once('|') {
+        Some((name, fallback)) => (name.trim(), Some(fallback.to_owned())),
+        None => (inner.trim(), None),
+    };
+    let field = match name {
+        "event" => Field::Event,
+        "account_id" => Field::AccountId,
+        "conversation_id" => Field::ConversationId,
+        "inbox_id" => Field::InboxId,
+        "token" => Field::Token,
+        "id" => Field::Id,
+        _ => match name.strip_prefix("data.") {
+            Some(path) if !path.is_empty() && path.split('.').all(|s| !s.is_empty()) => {
+                Field::Data(path.split('.').map(str::to_owned).collect())
+            }
+            _ => return Err(TemplateError::UnknownField(name.to_owned())),
+        },
+    };
+    Ok(Part::Field {
+        field,
+        name: name.to_owned(),
+        fallback,
+    })
+}
+
+fn lookup(field: &Field, event: &Event, data: &mut Option<Value>) -> Option<String> {
+    match field {
+        Field::Event => Some(event.name.to_string()),
+        Field::AccountId => event.keys.account_id.map(|v| v.to_string()),
+        Field::ConversationId => event.keys.conversation_id.map(|v| v.to_string()),
+        Field::InboxId => event.keys.inbox_id.map(|v| v.to_string()),
+        Field::Token => Some(event.token.to_string()),
+        Field::Id => Some(event.id.to_string()),
+        Field::Data(path) => {
+            let root = data.get_or_insert_with(|| {
+                serde_json::from_str(event.data.get()).unwrap_or(Value::Null)
+            });
+            let mut at = &*root;
+            for segment in path {
+                at = match at {
+                    Value::Object(map) => map.get(segment)?,
+                    // `data.items.0` reads the first element of an array.
+                    Value::Array(items) => items.get(segment.parse::<usize>().ok()?)?,
+                    _ => return None,
+                };
+            }
+            match at {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                Value::Bool(b) => Some(b.to_string()),
+                Value::Null | Value::Object(_) | Value::Array(_) => None,
+            }
+        }
+    }
+}
+
+/// Keeps a value one NATS subject token: space, `.`, `*`, `>` (and other whitespace) become `_`.
+pub fn nats_token(value: &str) -> Cow<'_, str> {
+    let bad = |c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>');
+    if value.contains(bad) {
+        Cow::Owned(value.replace(bad, "_"))
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
+/// Keeps a value legal in a Kafka topic name: anything outside `[A-Za-z0-9._-]` becomes `_`.
+pub fn kafka_topic(value: &str) -> Cow<'_, str> {
+    let bad = |c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if value.contains(bad) {
+        Cow::Owned(value.replace(bad, "_"))
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
+/// Inserts a value as one URL path segment: anything but unreserved characters is
+/// percent-encoded, so a value can neither add segments nor a query.
+pub fn url_segment(value: &str) -> Cow<'_, str> {
+    let keep = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    if value.bytes().all(keep) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() * 3);
+    for b in value.bytes() {
+        if keep(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Inserts a value unchanged (Kafka keys are bytes; anything goes).
+pub fn verbatim(value: &str) -> Cow<'_, str> {
+    Cow::Borrowed(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventId;
+
+    fn message() -> Event {
+        let mut e = Event::for_test(
+            "message.created",
+            "agent",
+            r#"{"id":5,"account_id":1,"inbox_id":2,"conversation_id":87,"sender":{"name":"Ana B.","id":9,"bot":false,"tags":["a"],"none":null},"items":["x","y"]}"#,
+        );
+        e.id = EventId(0xff);
+        e
+    }
+
+    fn render(text: &str, event: &Event) -> Result<String, MissingValue> {
+        Template::compile("topic", text)
+            .unwrap()
+            .render(event, verbatim)
+    }
+
+    #[test]
+    fn renders_every_field_kind() {
+        let e = message();
+        assert_eq!(
+            render(
+                "{event}/{account_id}/{conversation_id}/{inbox_id}/{token}/{id}",
+                &e
+            )
+            .unwrap(),
+            "message.created/1/87/2/agent/000000000000000000000000000000ff"
+        );
+        assert_eq!(
+            render("{data.sender.name}|{data.sender.id}|{data.sender.bot}", &e).unwrap(),
+            "Ana B.|9|false"
+        );
+        assert_eq!(render("{data.items.1}", &e).unwrap(), "y");
+        assert_eq!(render("plain", &e).unwrap(), "plain");
+    }
+
+    #[test]
+    fn missing_values_use_fallback_or_fail_clearly() {
+        let contact = Event::for_test("contact.updated", "agent", r#"{"id":4,"account_id":1}"#);
+        let err = render("chatwoot.{conversation_id}", &contact).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "topic template {conversation_id}: event contact.updated has no conversation_id"
+        );
+        assert_eq!(
+            render("c.{conversation_id|none}", &contact).unwrap(),
+            "c.none"
+        );
+        let e = message();
+        // Objects, arrays and null count as missing; so does an absent path.
+        for path in [
+            "data.sender",
+            "data.sender.tags",
+            "data.sender.none",
+            "data.nope.x",
+        ] {
+            let err = render(&format!("{{{path}}}"), &e).unwrap_err();
+            assert_eq!(err.name, path);
+            assert_eq!(render(&format!("{{{path}|dflt}}"), &e).unwrap(), "dflt");
+        }
+        // Data that is not an object at all renders as missing, not as a panic.
+        let odd = Event::for_test("x", "agent", "[1,2]");
+        assert!(render("{data.a}", &odd).is_err());
+    }
+
+    #[test]
+    fn compile_errors_name_the_field() {
+        assert_eq!(
+            Template::compile("topic", "chatwoot.{acount_id}")
+                .unwrap_err()
+                .to_string()
+                .split(" (")
+                .next()
+                .unwrap(),
+            "unknown template field {acount_id}"
+        );
+        for bad in [
+            "a{event",
+            "a}b",
+            "{{event}}",
+            "{event}}",
+            "{data.}",
+            "{data..x}",
+        ] {
+            assert!(Template::compile("topic", bad).is_err(), "{bad}");
+        }
+        assert_eq!(Template::compile("topic", ""), Err(TemplateError::Empty));
+    }
+
+    #[test]
+    fn cleaners_keep_targets_valid() {
+        let e = message();
+        let subject = Template::compile("subject", "chatwoot.{data.sender.name}.{event}")
+            .unwrap()
+            .render(&e, nats_token)
+            .unwrap();
+        assert_eq!(subject, "chatwoot.Ana_B_.message_created");
+        assert_eq!(nats_token("a*b>c d\te"), "a_b_c_d_e");
+        let topic = Template::compile("topic", "cw.{data.sender.name}")
+            .unwrap()
+            .render(&e, kafka_topic)
+            .unwrap();
+        assert_eq!(topic, "cw.Ana_B.");
+        assert_eq!(kafka_topic("é/x"), "__x");
+        assert_eq!(url_segment("a b/c?d"), "a%20b%2Fc%3Fd");
+    }
+
+    #[test]
+    fn nats_filters_from_templates() {
+        let t = |s| Template::compile("subject", s).unwrap().nats_filter();
+        assert_eq!(t("chatwoot.{account_id}.{event}"), "chatwoot.*.>");
+        assert_eq!(t("chatwoot.events"), "chatwoot.events");
+        assert_eq!(t("cw.{data.sender.id}.x"), "cw.*.x");
+        assert_eq!(t("cw.acct-{account_id}.{event}.v1"), "cw.*.*.v1");
+    }
+}
