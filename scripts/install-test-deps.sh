@@ -1,32 +1,21 @@
 #!/usr/bin/env bash
-# Installs what the sink integration tests (tests/sinks.rs) need, skipping what is present:
-# - nats-server (real NATS with JetStream) and the build tools of rdkafka's bundled librdkafka
-#   (cmake; OpenSSL and libcurl headers with pkg-config, for the `ssl` and `curl` features);
-# - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin (this takes a while).
+# What the integration tests need besides the build tools, skipping what is present:
+# - nats-server (a real NATS server with JetStream), from Debian's packages;
+# - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin once (about 15 minutes on
+#   2 cores; later runs find it there).
 set -euo pipefail
+cd "$(dirname "$0")"
+./install-build-deps.sh
 
-need_apt=()
-command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
-command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
-command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
-command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
-dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
-dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || need_apt+=(libcurl4-openssl-dev)
-dpkg -s zlib1g-dev >/dev/null 2>&1 || need_apt+=(zlib1g-dev)
-
-if [ ${#need_apt[@]} -gt 0 ]; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    echo "installing: ${need_apt[*]}"
-    $SUDO apt-get update
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${need_apt[@]}"
-else
-    echo "apt packages present: nats-server cmake pkg-config libssl-dev libcurl4-openssl-dev zlib1g-dev"
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing nats-server" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nats-server >/dev/null
 fi
 
-if command -v tansu >/dev/null 2>&1 || [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
-    echo "tansu present"
-else
-    echo "building tansu (Kafka-protocol broker for the tests); this takes several minutes"
-    cargo install tansu --locked --features dynostore
+if ! command -v tansu >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
+  echo "building tansu (the Kafka-protocol broker the tests use); this takes several minutes, once" >&2
+  cargo install tansu --locked --features dynostore
 fi

@@ -270,7 +270,12 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(responder: Responder) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Receiver::start_on(0, responder).await
+    }
+
+    /// Starts on a given port (to bring up an endpoint a sink was already pointed at).
+    pub async fn start_on(port: u16, responder: Responder) -> Receiver {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Received>>> = Arc::default();
         let seen = requests.clone();

@@ -1,0 +1,356 @@
+//! At-least-once delivery against a real HTTP receiver: outages, permanent failures and dead
+//! letters, a full spool.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chatwoot_bridge::config::Config;
+use chatwoot_bridge::dead_letter::DeadLetters;
+use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
+use chatwoot_bridge::Bridge;
+use hyper::StatusCode;
+use support::{free_port, Received, Receiver, Responder};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn agent() -> Vec<MockToken> {
+    vec![MockToken {
+        pubsub_token: "tok-agent".into(),
+        answer: MockAnswer::Confirm,
+    }]
+}
+
+fn yaml(cable: &str, spool: &std::path::Path, rest: &str) -> Config {
+    let yaml = format!(
+        r#"
+chatwoot: {{ url: "{cable}", reconnect: {{ initial: 50ms, max: 200ms }} }}
+tokens:
+  - {{ name: agent, pubsub_token: tok-agent, account_id: 1, user_id: 1 }}
+spool: {{ dir: {spool} }}
+shutdown_timeout: 5s
+{rest}
+"#,
+        spool = serde_json::to_string(spool).unwrap()
+    );
+    Config::from_yaml(&yaml, &|_| None, false).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+fn seq_of(r: &Received) -> u64 {
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    body["mock_seq"]
+        .as_u64()
+        .expect("generated events carry mock_seq")
+}
+
+async fn until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let ok = timeout(limit, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    assert!(ok, "timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_webhook_outage_loses_nothing_and_keeps_conversation_order() {
+    const TOTAL: u64 = 400;
+    let down = Arc::new(AtomicBool::new(true));
+    let is_down = down.clone();
+    // (seq, conversation subject) of every request answered 200, in answer order.
+    let accepted: Arc<Mutex<Vec<(u64, Option<String>)>>> = Arc::default();
+    let record = accepted.clone();
+    let responder: Responder = Arc::new(move |r: &Received, _| {
+        if is_down.load(Ordering::Relaxed) {
+            return (StatusCode::SERVICE_UNAVAILABLE, vec![]);
+        }
+        let subject = r
+            .headers
+            .get("ce-subject")
+            .map(|s| s.to_str().unwrap().to_owned());
+        record.lock().unwrap().push((seq_of(r), subject));
+        (StatusCode::OK, vec![])
+    });
+    let receiver = Receiver::start(responder).await;
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        rate: 200.0,
+        count: Some(TOTAL),
+        wait_for_subscriptions: 1,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = yaml(
+        &mock.url(),
+        dir.path(),
+        &format!(
+            r#"
+sinks:
+  hook: {{ type: http, url: "{}", max_in_flight: 8, retry: {{ initial: 100ms, max: 400ms }} }}
+routes: [{{ name: all, to: [hook] }}]
+"#,
+            receiver.url("/events")
+        ),
+    );
+    let bridge = Bridge::start(config).await.unwrap();
+    // The endpoint answers 503 while the whole stream arrives, then recovers.
+    until("the whole stream in the spool", WAIT, || {
+        bridge.stats().spooled.load(Ordering::Relaxed) >= TOTAL
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = receiver.received().len();
+    assert!(refused > 0, "the sink kept trying during the outage");
+    down.store(false, Ordering::Relaxed);
+    until("every event accepted", WAIT, || {
+        bridge.stats().delivered.load(Ordering::Relaxed) >= TOTAL
+    })
+    .await;
+    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    assert!(report.drained);
+    mock.stop().await;
+
+    let accepted = accepted.lock().unwrap().clone();
+    let distinct: BTreeSet<u64> = accepted.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        distinct,
+        (0..TOTAL).collect::<BTreeSet<_>>(),
+        "nothing lost"
+    );
+    // Each conversation's events arrive in the order they were received. The generated events
+    // cycle through the fixtures; those of conversation 87 must come in increasing order.
+    let conversation_87: Vec<u64> = accepted
+        .iter()
+        .filter(|(_, subject)| subject.as_deref() == Some("conversation/87"))
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert!(conversation_87.len() > TOTAL as usize / 2);
+    let mut first_seen = Vec::new();
+    for seq in &conversation_87 {
+        if !first_seen.contains(seq) {
+            first_seen.push(*seq);
+        }
+    }
+    assert!(
+        first_seen.windows(2).all(|w| w[0] < w[1]),
+        "conversation order broken: {first_seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_event_goes_to_dead_letters_and_replay_delivers_it() {
+    let accept_poison = Arc::new(AtomicBool::new(false));
+    let accept = accept_poison.clone();
+    let responder: Responder = Arc::new(move |r: &Received, _| {
+        let poison = String::from_utf8_lossy(&r.body).contains("poison");
+        if poison && !accept.load(Ordering::Relaxed) {
+            (StatusCode::BAD_REQUEST, vec![])
+        } else {
+            (StatusCode::OK, vec![])
+        }
+    });
+    let receiver = Receiver::start(responder).await;
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_text = format!(
+        r#"
+sinks:
+  hook: {{ type: http, url: "{}" }}
+routes: [{{ name: all, to: [hook] }}]
+"#,
+        receiver.url("/events")
+    );
+    let config = yaml(&mock.url(), dir.path(), &config_text);
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    mock.broadcast(
+        "message.created",
+        r#"{"account_id":1,"conversation_id":5,"n":1}"#,
+    );
+    mock.broadcast(
+        "message.created",
+        r#"{"account_id":1,"conversation_id":5,"n":2,"x":"poison"}"#,
+    );
+    mock.broadcast(
+        "message.created",
+        r#"{"account_id":1,"conversation_id":5,"n":3}"#,
+    );
+    until("two delivered, one dead letter", WAIT, || {
+        bridge.stats().delivered.load(Ordering::Relaxed) == 2
+            && bridge.stats().dead_lettered.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    let store = DeadLetters::open(dir.path()).unwrap();
+    let letters = store.list("hook").unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].error.contains("400"), "{}", letters[0].error);
+    assert_eq!(letters[0].attempts, 1, "a permanent error is not retried");
+    assert!(letters[0].event.data.get().contains("poison"));
+    let poison_id = letters[0].event.id.to_string();
+
+    // The endpoint is fixed; the operator replays while the daemon runs.
+    accept_poison.store(true, Ordering::Relaxed);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chatwoot-bridge"))
+        .args(["dlq", "replay", "--sink", "hook", "--config"])
+        .arg(write_config(dir.path(), &mock.url(), &config_text))
+        .output();
+    let out = timeout(WAIT, out).await.unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 dead letters queued"));
+    until("the replayed event delivered", WAIT, || {
+        bridge.stats().delivered.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    assert!(store.list("hook").unwrap().is_empty());
+
+    let delivered: Vec<Received> = receiver
+        .received()
+        .into_iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("poison"))
+        .collect();
+    assert_eq!(
+        delivered.len(),
+        2,
+        "refused once, then delivered by the replay"
+    );
+    assert_eq!(
+        delivered[1].headers["ce-id"],
+        poison_id.as_str(),
+        "same id after replay"
+    );
+}
+
+fn write_config(dir: &std::path::Path, cable: &str, rest: &str) -> std::path::PathBuf {
+    let path = dir.join("bridge.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "chatwoot: {{ url: \"{cable}\" }}\ntokens:\n  - {{ name: agent, pubsub_token: tok-agent, account_id: 1, user_id: 1 }}\nspool: {{ dir: {} }}\n{rest}",
+            serde_json::to_string(dir).unwrap()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Fills a 1 MiB spool while the webhook is unreachable, then brings it up.
+async fn fill_the_spool(policy: &str) -> (Vec<u64>, u64, u64) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("chatwoot_bridge=debug")
+        .with_test_writer()
+        .try_init();
+    const TOTAL: u64 = 3_000;
+    let port = free_port();
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = yaml(
+        &mock.url(),
+        dir.path(),
+        &format!(
+            r#"
+sinks:
+  hook: {{ type: http, url: "http://127.0.0.1:{port}/in", max_in_flight: 1, retry: {{ initial: 200ms, max: 400ms }} }}
+routes: [{{ name: all, to: [hook] }}]
+"#
+        ),
+    );
+    let mut config = config;
+    config.spool.max_bytes = 1 << 20;
+    config.spool.when_full = match policy {
+        "drop_newest" => chatwoot_bridge::config::WhenFull::DropNewest,
+        _ => chatwoot_bridge::config::WhenFull::DropOldest,
+    };
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    for _ in 0..TOTAL {
+        mock.broadcast_generated();
+    }
+    let stats = bridge.stats();
+    let handled = || {
+        stats.spooled.load(Ordering::Relaxed) + stats.spool_dropped_newest.load(Ordering::Relaxed)
+    };
+    let all_handled = timeout(WAIT, async {
+        while handled() < TOTAL {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        all_handled.is_ok(),
+        "only {} of {TOTAL} events reached the spool: {:?}",
+        handled(),
+        bridge.status().tokens()
+    );
+    let dropped_newest = stats.spool_dropped_newest.load(Ordering::Relaxed);
+    let dropped_oldest = stats.spool_dropped_oldest.load(Ordering::Relaxed);
+
+    let receiver = Receiver::start_on(port, support::scripted(vec![])).await;
+    let expected = TOTAL - dropped_newest - dropped_oldest;
+    until("the kept events delivered", WAIT, || {
+        receiver.received().len() as u64 >= expected
+    })
+    .await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    let mut seqs: Vec<u64> = receiver.received().iter().map(seq_of).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    (seqs, dropped_newest, dropped_oldest)
+}
+
+#[tokio::test]
+async fn a_full_spool_drops_the_newest_and_counts_them() {
+    let (seqs, dropped_newest, dropped_oldest) = fill_the_spool("drop_newest").await;
+    assert!(dropped_newest > 1_000, "{dropped_newest}");
+    assert_eq!(dropped_oldest, 0);
+    // The oldest events were kept: 0, 1, 2, ... until the spool was full. (A later, smaller
+    // event may still have fitted where a larger one did not.)
+    assert_eq!(seqs[..100], (0..100).collect::<Vec<_>>());
+    assert_eq!(seqs.len() as u64 + dropped_newest, 3_000);
+}
+
+#[tokio::test]
+async fn a_full_spool_drops_the_oldest_and_counts_them() {
+    let (seqs, dropped_newest, dropped_oldest) = fill_the_spool("drop_oldest").await;
+    assert_eq!(dropped_newest, 0);
+    assert!(dropped_oldest > 1_000, "{dropped_oldest}");
+    // The newest events were kept, up to the last one.
+    assert_eq!(*seqs.last().unwrap(), 2_999);
+    // A batch already in the sink's hands when its segment was dropped is still delivered, so
+    // the kept set is the newest events plus at most that first batch.
+    let newest_run = seqs
+        .iter()
+        .rev()
+        .zip((0..3_000u64).rev())
+        .take_while(|(a, b)| **a == *b)
+        .count();
+    assert!(
+        newest_run as u64 + dropped_oldest >= 3_000 - 512,
+        "{newest_run} {dropped_oldest}"
+    );
+}
