@@ -18,6 +18,9 @@ use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// An event the receiver answered 200: its sequence number and conversation subject.
+type Accepted = (u64, Option<String>);
+
 fn agent() -> Vec<MockToken> {
     vec![MockToken {
         pubsub_token: "tok-agent".into(),
@@ -64,7 +67,7 @@ async fn a_webhook_outage_loses_nothing_and_keeps_conversation_order() {
     let down = Arc::new(AtomicBool::new(true));
     let is_down = down.clone();
     // (seq, conversation subject) of every request answered 200, in answer order.
-    let accepted: Arc<Mutex<Vec<(u64, Option<String>)>>> = Arc::default();
+    let accepted: Arc<Mutex<Vec<Accepted>>> = Arc::default();
     let record = accepted.clone();
     let responder: Responder = Arc::new(move |r: &Received, _| {
         if is_down.load(Ordering::Relaxed) {
