@@ -24,6 +24,7 @@ use crate::pipeline::{PipelineStats, MAX_BATCH};
 use crate::redact::Redaction;
 use crate::sink::{Outcome, Sink};
 use crate::spool::SpoolReader;
+use crate::status::{SinkReporter, SinkState};
 
 /// Everything one sink's loop needs.
 pub struct SinkLoop {
@@ -37,6 +38,8 @@ pub struct SinkLoop {
     pub reader: SpoolReader,
     pub dead_letters: DeadLetters,
     pub stats: Arc<PipelineStats>,
+    /// This sink's cell on the status board.
+    pub status: SinkReporter,
     /// Cancelled when no more events will be appended (shutdown): the loop ends once caught up.
     pub ingest_done: CancellationToken,
     /// Cancelled when the shutdown deadline passed: the loop stops without committing what it
@@ -83,6 +86,7 @@ impl SinkLoop {
                 }
             };
             let Some(&(last_seq, _)) = records.last() else {
+                self.status.set(SinkState::Idle);
                 if self.ingest_done.is_cancelled() {
                     break;
                 }
@@ -93,6 +97,7 @@ impl SinkLoop {
                 }
                 continue;
             };
+            self.status.set(SinkState::Delivering);
             let mut events = Vec::with_capacity(records.len());
             for (seq, bytes) in records {
                 match Event::decode_record(&bytes) {
@@ -112,6 +117,7 @@ impl SinkLoop {
             }
         }
         self.sink.close().await;
+        self.status.set(SinkState::Stopped);
         debug!(sink = %self.name, "delivery loop ended");
     }
 
@@ -175,6 +181,7 @@ impl SinkLoop {
                             a.done = true;
                             progressed = true;
                             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            self.status.delivered(1);
                         }
                         Outcome::Permanent(e) => {
                             a.done = true;
@@ -219,6 +226,7 @@ impl SinkLoop {
                 .find_map(|a| a.last_error.clone())
                 .unwrap_or_default();
             warn!(sink = %self.name, events = waiting, retry_in = ?delay, %error, "delivery failed; will retry");
+            self.status.fail(SinkState::Retrying, error);
             tokio::select! {
                 _ = self.give_up.cancelled() => return false,
                 _ = sleep(delay) => {}
@@ -251,6 +259,7 @@ impl SinkLoop {
             }
         }
         self.stats.dead_lettered.fetch_add(count, Ordering::Relaxed);
+        self.status.dead_lettered(count);
         info!(sink = %self.name, count, "dead letters stored; `chatwoot-bridge dlq list --sink {}` shows them", self.name);
     }
 }

@@ -117,6 +117,9 @@ pub struct ShutdownReport {
     /// Whether every sink caught up with the spool before the deadline. When false, what is left
     /// stays in the spool and is delivered after the next start.
     pub drained: bool,
+    /// Whether the spool was fsynced at the end: then nothing that was read is lost, drained or
+    /// not.
+    pub persisted: bool,
 }
 
 impl Bridge {
@@ -151,6 +154,7 @@ impl Bridge {
         let give_up = CancellationToken::new();
         let delivery = TaskTracker::new();
 
+        let status = StatusBoard::new();
         let mut loops = Vec::with_capacity(config.sinks.len());
         for (name, settings) in &config.sinks {
             let sink = Sink::build(name, &settings.kind).await?;
@@ -162,6 +166,7 @@ impl Bridge {
                 reader: spool.reader(name)?,
                 dead_letters: dead_letters.clone(),
                 stats: stats.clone(),
+                status: status.register_sink(name),
                 ingest_done: ingest_done.clone(),
                 give_up: give_up.clone(),
             });
@@ -200,7 +205,6 @@ impl Bridge {
         }
         ingest.close();
 
-        let status = StatusBoard::new();
         let mut supervisor = Supervisor::new(
             Arc::new(config.cable.clone()),
             events_tx,
@@ -252,17 +256,20 @@ impl Bridge {
                 "shutdown deadline passed before every sink caught up; the rest stays in the spool for the next start");
         }
         let spool = self.spool.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || spool.sync())
+        let synced = tokio::task::spawn_blocking(move || spool.sync())
             .await
-            .expect("spool sync does not panic")
-        {
+            .expect("spool sync does not panic");
+        if let Err(e) = &synced {
             error!(error = %e, "cannot fsync the spool at shutdown");
         }
         info!(
             delivered = self.stats.delivered.load(Ordering::Relaxed),
             "shutdown complete"
         );
-        ShutdownReport { drained }
+        ShutdownReport {
+            drained,
+            persisted: synced.is_ok(),
+        }
     }
 }
 

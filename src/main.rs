@@ -152,7 +152,8 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             let report = chatwoot_bridge::run(config, shutdown_signal()).await?;
-            Ok(if report.drained {
+            // Undelivered events are safe in the spool: a clean stop as long as it was synced.
+            Ok(if report.persisted {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

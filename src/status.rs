@@ -1,5 +1,5 @@
-//! One place that holds the state of every token (and later every sink), so logs, health,
-//! metrics, status pages and tests read the same thing.
+//! One place that holds the state of every token and every sink, so logs, health, metrics,
+//! status pages and tests read the same thing.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -71,10 +71,87 @@ struct TokenCell {
     stale_reconnects: AtomicU64,
 }
 
-/// The registry of token states. Cheap to clone.
+/// Where a sink's delivery loop is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkState {
+    /// Caught up with the spool, waiting for events.
+    Idle,
+    /// Delivering a batch.
+    Delivering,
+    /// A batch failed and waits for its next attempt.
+    Retrying,
+    /// Shut down.
+    Stopped,
+}
+
+/// A copy of one sink's status at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct SinkStatus {
+    pub state: SinkState,
+    #[serde(serialize_with = "rfc3339")]
+    pub since: SystemTime,
+    /// The latest delivery error, in words; never contains secrets.
+    pub last_error: Option<String>,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+}
+
+#[derive(Debug)]
+struct SinkCell {
+    state: Mutex<(SinkState, SystemTime, Option<String>)>,
+    delivered: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// What a sink loop uses to report.
+#[derive(Clone, Debug)]
+pub struct SinkReporter {
+    cell: Arc<SinkCell>,
+    changed: watch::Sender<u64>,
+}
+
+impl SinkReporter {
+    pub fn set(&self, state: SinkState) {
+        self.update(state, None);
+    }
+
+    pub fn fail(&self, state: SinkState, error: impl Into<String>) {
+        self.update(state, Some(error.into()));
+    }
+
+    fn update(&self, state: SinkState, error: Option<String>) {
+        {
+            let mut guard = self.cell.state.lock().expect("status lock");
+            if guard.0 == state && error.is_none() {
+                return;
+            }
+            if guard.0 != state {
+                guard.0 = state;
+                guard.1 = SystemTime::now();
+            }
+            if error.is_some() {
+                guard.2 = error;
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn delivered(&self, n: u64) {
+        self.cell.delivered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn dead_lettered(&self, n: u64) {
+        self.cell.dead_lettered.fetch_add(n, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// The registry of token and sink states. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StatusBoard {
     tokens: Arc<Mutex<BTreeMap<Arc<str>, Arc<TokenCell>>>>,
+    sinks: Arc<Mutex<BTreeMap<String, Arc<SinkCell>>>>,
     /// Bumped on every state change so waiters wake up without polling.
     changed: watch::Sender<u64>,
 }
@@ -83,6 +160,7 @@ impl Default for StatusBoard {
     fn default() -> Self {
         StatusBoard {
             tokens: Arc::default(),
+            sinks: Arc::default(),
             changed: watch::channel(0).0,
         }
     }
@@ -122,6 +200,51 @@ impl StatusBoard {
             cell,
             changed: self.changed.clone(),
         }
+    }
+
+    /// The reporter for sink `name`, registering it if it is new.
+    pub fn register_sink(&self, name: &str) -> SinkReporter {
+        let cell = self
+            .sinks
+            .lock()
+            .expect("status lock")
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(SinkCell {
+                    state: Mutex::new((SinkState::Idle, SystemTime::now(), None)),
+                    delivered: AtomicU64::new(0),
+                    dead_lettered: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        SinkReporter {
+            cell,
+            changed: self.changed.clone(),
+        }
+    }
+
+    /// Every sink's status, by name.
+    pub fn sinks(&self) -> BTreeMap<String, SinkStatus> {
+        self.sinks
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|(name, cell)| {
+                let (state, since, last_error) = cell.state.lock().expect("status lock").clone();
+                let status = SinkStatus {
+                    state,
+                    since,
+                    last_error,
+                    delivered: cell.delivered.load(Ordering::Relaxed),
+                    dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
+                };
+                (name.clone(), status)
+            })
+            .collect()
+    }
+
+    pub fn sink(&self, name: &str) -> Option<SinkStatus> {
+        self.sinks().remove(name)
     }
 
     /// Forgets a token that was removed from the config.

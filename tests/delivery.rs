@@ -112,6 +112,12 @@ routes: [{{ name: all, to: [hook] }}]
     tokio::time::sleep(Duration::from_secs(1)).await;
     let refused = receiver.received().len();
     assert!(refused > 0, "the sink kept trying during the outage");
+    let hook = bridge.status().sink("hook").unwrap();
+    assert_eq!(hook.state, chatwoot_bridge::status::SinkState::Retrying);
+    assert!(
+        hook.last_error.unwrap().contains("503"),
+        "the status says why"
+    );
     down.store(false, Ordering::Relaxed);
     until("every event accepted", WAIT, || {
         bridge.stats().delivered.load(Ordering::Relaxed) >= TOTAL
