@@ -273,6 +273,36 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
     assert_eq!(within(stream.info()).await.unwrap().state.messages, 1);
 }
 
+#[tokio::test]
+async fn nats_token_and_user_password_auth() {
+    let (with_token, with_user) = tokio::join!(
+        NatsServer::start_with(free_port(), &["--auth", "tok-s3cret"]),
+        NatsServer::start_with(free_port(), &["--user", "bridge", "--pass", "pa55-s3cret"]),
+    );
+    let e = event(1, "message.created", r#"{"account_id":1}"#);
+    for (server, auth, good) in [
+        (&with_token, "token: tok-s3cret", true),
+        (&with_token, "token: wrong-token", false),
+        (&with_user, "user: bridge, password: pa55-s3cret", true),
+        (&with_user, "user: bridge, password: wrong", false),
+    ] {
+        let mut sink = support::sink(
+            "nats-auth",
+            &format!(
+                "{{ type: nats, url: '{}', subject: 'auth.{{event}}', timeout: 1s, {auth} }}",
+                server.url()
+            ),
+        )
+        .await;
+        let outcome = within(sink.deliver(std::slice::from_ref(&e))).await;
+        let expected = if good { "delivered" } else { "retryable" };
+        assert_eq!(kind(&outcome[0]), expected, "{auth}: {outcome:?}");
+        if let Outcome::Retryable(err) = &outcome[0] {
+            assert!(!err.message.contains("s3cret") && !err.message.contains("wrong"));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP webhooks
 

@@ -80,6 +80,7 @@ async fn wait_for_port(port: u16, child: &mut Child, log: &Path, what: &str) {
 
 /// A child process killed (and reaped) on drop, with its scratch directory.
 struct Process {
+    /// Killed on drop so no server outlives its test.
     child: Child,
     /// Storage and log; removed on drop.
     dir: tempfile::TempDir,
@@ -107,7 +108,9 @@ fn spawn(program: &Path, args: &[String], dir: tempfile::TempDir) -> (Process, P
 
 /// A real `nats-server` with JetStream, storing in a temporary directory.
 pub struct NatsServer {
+    /// Keeps the server running for as long as the handle lives.
     process: Process,
+    /// Where it listens on 127.0.0.1.
     pub port: u16,
 }
 
@@ -118,6 +121,11 @@ impl NatsServer {
 
     /// Starts on a given port (to bring up a server a sink was already pointed at).
     pub async fn start_on(port: u16) -> NatsServer {
+        NatsServer::start_with(port, &[]).await
+    }
+
+    /// Starts with extra command-line options (auth, for instance).
+    pub async fn start_with(port: u16, extra: &[&str]) -> NatsServer {
         let bin = binary(
             "nats-server",
             &[
@@ -128,7 +136,7 @@ impl NatsServer {
         );
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("js");
-        let args = vec![
+        let mut args = vec![
             "-js".to_owned(),
             "-a".to_owned(),
             "127.0.0.1".to_owned(),
@@ -137,6 +145,7 @@ impl NatsServer {
             "-sd".to_owned(),
             store.display().to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let (mut process, log) = spawn(&bin, &args, dir);
         wait_for_port(port, &mut process.child, &log, "nats-server").await;
         NatsServer { process, port }
@@ -157,7 +166,9 @@ impl NatsServer {
 
 /// A real Kafka-protocol broker: tansu with in-memory storage.
 pub struct KafkaBroker {
+    /// Keeps the broker running for as long as the handle lives.
     process: Process,
+    /// Where it listens (and advertises itself) on 127.0.0.1.
     pub port: u16,
 }
 
@@ -248,10 +259,15 @@ fn tansu_args(listener: &str) -> Vec<String> {
 /// One request as the receiver saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// To check the configured method is used.
     pub method: String,
+    /// Rendered from the URL template.
     pub path: String,
+    /// CloudEvents, custom and signature headers.
     pub headers: HeaderMap,
+    /// Exactly as sent, for byte comparisons and signature checks.
     pub body: Bytes,
+    /// Arrival time, to measure the pause before a retry.
     pub at: Instant,
 }
 
@@ -263,8 +279,11 @@ pub type Responder = Arc<dyn Fn(&Received, usize) -> Answer + Send + Sync>;
 
 /// A webhook receiver: records every request and answers as `responder` says.
 pub struct Receiver {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Every request so far, in arrival order.
     pub requests: Arc<Mutex<Vec<Received>>>,
+    /// The accept loop, aborted on drop.
     task: tokio::task::JoinHandle<()>,
 }
 
