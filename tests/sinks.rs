@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chatwoot_bridge::event::{Event, EventId};
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
-use chatwoot_bridge::sink::Outcome;
+use chatwoot_bridge::sink::{Outcome, Sink};
 use chatwoot_bridge::Bridge;
 use futures_util::StreamExt;
 use hyper::StatusCode;
@@ -697,6 +697,93 @@ async fn kafka_structured_envelope() {
     assert_eq!(ce["type"], "com.chatwoot.conversation.status_changed");
     assert_eq!(ce["subject"], "conversation/9");
     assert_eq!(ce["data"]["status"], "resolved");
+}
+
+// ---------------------------------------------------------------------------------------------
+// check --connect
+
+#[tokio::test]
+async fn probes_reach_real_servers_and_name_what_is_missing() {
+    let (nats, broker) = tokio::join!(NatsServer::start(), KafkaBroker::start());
+    broker.create_topics(&[("cw-probe", 1)]).await;
+    let receiver = within(Receiver::start(scripted(vec![]))).await;
+    let dead = free_port();
+    let probe = |yaml: String| async move {
+        let kind = sink_kind("probe", &yaml);
+        within(Sink::probe("probe", &kind)).await
+    };
+    let kafka = |topic: &str, brokers: &str| {
+        format!("{{ type: kafka, brokers: '{brokers}', topic: {topic} }}")
+    };
+    let nats_sink =
+        |url: &str, js: &str| format!("{{ type: nats, url: '{url}', subject: 'p.{{event}}'{js} }}");
+    let (
+        kafka_ok,
+        kafka_missing_topic,
+        kafka_templated,
+        kafka_down,
+        nats_ok,
+        nats_missing_stream,
+        nats_down,
+        http_ok,
+        http_down,
+    ) = tokio::join!(
+        probe(kafka("cw-probe", &broker.bootstrap())),
+        probe(kafka("cw-nope", &broker.bootstrap())),
+        probe(kafka("'cw.{event}'", &broker.bootstrap())),
+        probe(kafka("cw-probe", &format!("127.0.0.1:{dead}"))),
+        probe(nats_sink(
+            &nats.url(),
+            ", jetstream: { stream: AUTO, create: true }"
+        )),
+        probe(nats_sink(&nats.url(), ", jetstream: { stream: MISSING }")),
+        probe(nats_sink(&format!("nats://127.0.0.1:{dead}"), "")),
+        probe(format!(
+            "{{ type: http, url: '{}' }}",
+            receiver.url("/{event}")
+        )),
+        probe(format!(
+            "{{ type: http, url: 'http://127.0.0.1:{dead}/x' }}"
+        )),
+    );
+    assert_eq!(kafka_ok, Ok(()));
+    assert!(
+        kafka_missing_topic
+            .as_ref()
+            .unwrap_err()
+            .contains("cw-nope"),
+        "{kafka_missing_topic:?}"
+    );
+    assert_eq!(
+        kafka_templated,
+        Ok(()),
+        "a templated topic is not looked up"
+    );
+    assert!(
+        kafka_down.as_ref().unwrap_err().contains("cannot reach"),
+        "{kafka_down:?}"
+    );
+    assert_eq!(nats_ok, Ok(()));
+    assert!(
+        nats_missing_stream
+            .as_ref()
+            .unwrap_err()
+            .contains("MISSING"),
+        "{nats_missing_stream:?}"
+    );
+    assert!(
+        nats_down.as_ref().unwrap_err().contains("no answer"),
+        "{nats_down:?}"
+    );
+    assert_eq!(http_ok, Ok(()));
+    assert!(
+        http_down.as_ref().unwrap_err().contains("cannot connect"),
+        "{http_down:?}"
+    );
+    assert!(
+        receiver.received().is_empty(),
+        "a probe must not deliver anything"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -248,6 +248,23 @@ impl HttpSink {
         })
     }
 
+    /// Opens a TCP connection to the endpoint's host. No request is sent: to a webhook, any
+    /// request is a delivery.
+    pub async fn probe(&self, within: Duration) -> Result<(), String> {
+        let url =
+            Url::parse(&self.settings.url.render_sample("x")).map_err(|e| format!("url: {e}"))?;
+        let host = url.host_str().ok_or("url has no host")?.to_owned();
+        let port = url.port_or_known_default().ok_or("url has no port")?;
+        tokio::time::timeout(
+            within,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| format!("no connection to {host}:{port} within {within:?}"))?
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        Ok(())
+    }
+
     /// Sends the batch's events concurrently, at most `max_in_flight` at once; outcomes keep
     /// the batch's order.
     pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {

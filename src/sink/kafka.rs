@@ -228,7 +228,48 @@ impl KafkaSink {
         }
     }
 
+    /// Asks the cluster for metadata; a constant topic must exist (topics are not assumed to
+    /// be auto-created).
+    pub async fn probe(&self, within: Duration) -> Result<(), String> {
+        let producer = self.producer.clone();
+        let topic =
+            (!self.settings.topic.has_fields()).then(|| self.settings.topic.as_str().to_owned());
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(topic.as_deref(), within)
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .map(|t| (t.name().to_owned(), t.error()))
+                        .collect::<Vec<_>>()
+                })
+        })
+        .await
+        .map_err(|e| format!("metadata request failed: {e}"))?
+        .map_err(|e| format!("cannot reach the brokers {}: {e}", self.settings.brokers))?;
+        if !self.settings.topic.has_fields() {
+            let wanted = self.settings.topic.as_str();
+            match metadata.iter().find(|(name, _)| name == wanted) {
+                Some((_, None)) => {}
+                Some((_, Some(code))) => {
+                    return Err(format!(
+                        "topic {wanted}: {:?}",
+                        RDKafkaErrorCode::from(*code)
+                    ))
+                }
+                None => return Err(format!("topic {wanted} does not exist")),
+            }
+        }
+        Ok(())
+    }
+
     pub async fn close(&mut self) {
+        // deliver() waits for every report, so records are in flight only if a delivery was
+        // abandoned midway; without any, flushing would just wait on an unreachable cluster.
+        if self.producer.in_flight_count() == 0 {
+            return;
+        }
         let producer = self.producer.clone();
         // `flush` blocks its thread until librdkafka is done; keep it off the runtime.
         let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;

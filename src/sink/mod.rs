@@ -147,6 +147,9 @@ pub fn percent_encode_header(value: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// How long `check --connect` waits for each destination.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Every kind of sink, dispatched statically.
 pub enum Sink {
     File(file::FileSink),
@@ -190,8 +193,15 @@ impl Sink {
     /// Tries the destination once, for `check --connect`; the error says what failed, in words.
     pub async fn probe(name: &str, config: &SinkKind) -> Result<(), String> {
         let mut sink = Sink::build(name, config).await.map_err(|e| e.message)?;
+        // Building never waits for a broker, so reaching one is a separate step.
+        let reached = match &mut sink {
+            Sink::File(_) => Ok(()),
+            Sink::Kafka(s) => s.probe(PROBE_TIMEOUT).await,
+            Sink::Nats(s) => s.probe(PROBE_TIMEOUT).await,
+            Sink::Http(s) => s.probe(PROBE_TIMEOUT).await,
+        };
         sink.close().await;
-        Ok(())
+        reached
     }
 
     /// Delivers a batch; the result has one outcome per event, in order.

@@ -531,8 +531,53 @@ impl NatsSink {
         ))
     }
 
+    /// Waits for the connection (a flush needs the server's answer); in JetStream mode also
+    /// looks the stream up, which must exist unless the sink creates it.
+    pub async fn probe(&self, within: Duration) -> Result<(), String> {
+        tokio::time::timeout(within, self.client.flush())
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {within:?}",
+                    self.settings.urls.join(", ")
+                )
+            })?
+            .map_err(|e| format!("nats: {e}"))?;
+        let (Some(js), Some(stream)) = (&self.jetstream, &self.settings.jetstream) else {
+            return Ok(());
+        };
+        use jetstream::context::GetStreamErrorKind;
+        let looked_up = tokio::time::timeout(within, js.get_stream(&stream.stream))
+            .await
+            .map_err(|_| format!("no answer about stream {}", stream.stream))?;
+        match looked_up {
+            Ok(_) => Ok(()),
+            // JetStream answered; a missing stream is fine when the sink creates it.
+            Err(e)
+                if stream.create
+                    && matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "stream {}: {e} (is JetStream enabled{}?)",
+                stream.stream,
+                if stream.create {
+                    ""
+                } else {
+                    ", and the stream created"
+                }
+            )),
+        }
+    }
+
     pub async fn close(&mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await;
+        // Every batch already ended in a flush or its acks; only a live connection can hold
+        // anything more, and waiting on a dead one would only slow shutdown down.
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await;
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chatwoot_bridge::config::Config;
+use chatwoot_bridge::config::{Config, SinkKind};
 use chatwoot_bridge::sink::Sink;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -392,18 +392,26 @@ pub fn config(cable_url: &str, sinks_and_routes: &str) -> Config {
     Config::from_yaml(&yaml, &|_| None, false).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"))
 }
 
-/// Builds the sink named `name` from YAML with a single `sinks:` entry.
-pub async fn sink(name: &str, sink_yaml: &str) -> Sink {
+/// The validated settings of a sink given as the YAML of one `sinks:` entry.
+pub fn sink_kind(name: &str, sink_yaml: &str) -> SinkKind {
     let config = config(
         "ws://127.0.0.1:9/cable",
         &format!(
             "sinks:\n  {name}: {sink_yaml}\nroutes:\n  - {{ name: all, match: {{}}, to: [{name}] }}\n"
         ),
     );
-    tokio::time::timeout(START_TIMEOUT, Sink::build(name, &config.sinks[name].kind))
-        .await
-        .expect("sink built in time")
-        .expect("sink builds")
+    config.sinks[name].kind.clone()
+}
+
+/// Builds the sink named `name` from the YAML of one `sinks:` entry.
+pub async fn sink(name: &str, sink_yaml: &str) -> Sink {
+    tokio::time::timeout(
+        START_TIMEOUT,
+        Sink::build(name, &sink_kind(name, sink_yaml)),
+    )
+    .await
+    .expect("sink built in time")
+    .expect("sink builds")
 }
 
 /// Runs `f` until `cond` holds, bounded.
