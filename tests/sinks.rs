@@ -664,6 +664,45 @@ async fn kafka_queue_full_slows_the_sink_down_instead_of_failing_events() {
 }
 
 #[tokio::test]
+async fn kafka_unknown_topic_and_oversized_record_are_permanent() {
+    let broker = KafkaBroker::start().await;
+    broker.create_topics(&[("cw.exists", 1)]).await;
+    // Short metadata propagation so the missing topic is reported within a second.
+    let mut sink = sink(
+        "kafka",
+        &format!(
+            "{{ type: kafka, brokers: '{}', topic: 'cw.{{data.t}}', librdkafka: {{ topic.metadata.propagation.max.ms: '1000' }} }}",
+            broker.bootstrap()
+        ),
+    )
+    .await;
+    let batch = [
+        event(1, "message.created", r#"{"t":"missing"}"#),
+        event(
+            2,
+            "message.created",
+            &format!(r#"{{"t":"exists","pad":"{}"}}"#, "a".repeat(2_000_000)),
+        ),
+        event(3, "message.created", r#"{"t":"exists"}"#),
+    ];
+    let outcomes = within(sink.deliver(&batch)).await;
+    let kinds: Vec<&str> = outcomes.iter().map(kind).collect();
+    assert_eq!(
+        kinds,
+        ["permanent", "permanent", "delivered"],
+        "{outcomes:?}"
+    );
+    let Outcome::Permanent(missing) = &outcomes[0] else {
+        unreachable!()
+    };
+    assert!(missing.message.contains("UnknownTopic"), "{missing}");
+    let Outcome::Permanent(large) = &outcomes[1] else {
+        unreachable!()
+    };
+    assert!(large.message.contains("MessageSizeTooLarge"), "{large}");
+}
+
+#[tokio::test]
 async fn kafka_structured_envelope() {
     let broker = KafkaBroker::start().await;
     broker.create_topics(&[("cw-structured", 1)]).await;
