@@ -8,7 +8,8 @@ COPY . .
 RUN cargo build --release --locked && strip target/release/chatwoot-bridge
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \
+# librdkafka (inside the binary) links the system libcurl, OpenSSL and zlib dynamically.
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates libcurl4 libssl3 zlib1g && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /var/lib/chatwoot-bridge && chown 65532:65532 /var/lib/chatwoot-bridge
 COPY --from=build /src/target/release/chatwoot-bridge /usr/local/bin/chatwoot-bridge
 USER 65532:65532
