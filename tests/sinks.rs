@@ -303,6 +303,44 @@ async fn nats_token_and_user_password_auth() {
     }
 }
 
+#[tokio::test]
+async fn nats_tls_with_a_private_ca() {
+    let certs = TestCertificates::make();
+    let (cert, key) = (
+        certs.cert.display().to_string(),
+        certs.key.display().to_string(),
+    );
+    let server = NatsServer::start_with(
+        free_port(),
+        &["--tls", "--tlscert", &cert, "--tlskey", &key],
+    )
+    .await;
+    let e = event(1, "message.created", r#"{"account_id":1}"#);
+    // Trusting the private CA: delivered over TLS.
+    let mut trusted = support::sink(
+        "nats-tls",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'tls.{{event}}', tls_required: true, timeout: 2s, tls: {{ ca_file: '{}' }} }}",
+            server.url(),
+            certs.ca.display()
+        ),
+    )
+    .await;
+    let outcome = within(trusted.deliver(std::slice::from_ref(&e))).await;
+    assert_eq!(kind(&outcome[0]), "delivered", "{outcome:?}");
+    // Without the CA the server's certificate is not trusted: nothing is sent.
+    let mut untrusted = support::sink(
+        "nats-tls",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'tls.{{event}}', tls_required: true, timeout: 1s }}",
+            server.url()
+        ),
+    )
+    .await;
+    let outcome = within(untrusted.deliver(std::slice::from_ref(&e))).await;
+    assert_eq!(kind(&outcome[0]), "retryable", "{outcome:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP webhooks
 

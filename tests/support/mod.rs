@@ -164,6 +164,103 @@ impl NatsServer {
     }
 }
 
+/// A throwaway CA and a server certificate for 127.0.0.1, made with the `openssl` command.
+pub struct TestCertificates {
+    /// Holds the files; removed on drop.
+    pub dir: tempfile::TempDir,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    /// The server's certificate (SAN IP:127.0.0.1) and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCertificates {
+    pub fn make() -> TestCertificates {
+        let openssl = binary("openssl", &[], "apt-get install openssl");
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(
+            dir.path().join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        let steps: [Vec<String>; 3] = [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test-ca",
+                "-keyout",
+                &at("ca.key"),
+                "-out",
+                &at("ca.pem"),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            vec![
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                &at("server.key"),
+                "-out",
+                &at("server.csr"),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            vec![
+                "x509",
+                "-req",
+                "-days",
+                "1",
+                "-in",
+                &at("server.csr"),
+                "-CA",
+                &at("ca.pem"),
+                "-CAkey",
+                &at("ca.key"),
+                "-CAcreateserial",
+                "-extfile",
+                &at("ext.cnf"),
+                "-out",
+                &at("server.pem"),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ];
+        for args in steps {
+            let out = Command::new(&openssl)
+                .args(&args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TestCertificates {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            dir,
+        }
+    }
+}
+
 /// A real Kafka-protocol broker: tansu with in-memory storage.
 pub struct KafkaBroker {
     /// Keeps the broker running for as long as the handle lives.
