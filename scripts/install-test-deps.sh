@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # What the integration tests need besides the build tools, skipping what is present:
-# - nats-server (a real NATS server with JetStream), from Debian's packages;
+# - nats-server (a real NATS server with JetStream) and openssl (the TLS test makes its
+#   certificates with it), from Debian's packages;
 # - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin once (about 15 minutes on
 #   2 cores; later runs find it there).
 set -euo pipefail
 cd "$(dirname "$0")"
 ./install-build-deps.sh
 
-if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+need=()
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing nats-server" >&2
+  echo "installing ${need[*]}" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 if ! command -v tansu >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
