@@ -508,7 +508,7 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
     }))
     .await
     .unwrap();
-    let config = config(
+    let (config, _spool) = config(
         &mock.url(),
         &format!(
             "sinks:\n  hook: {{ type: http, url: '{}', secret: {SECRET} }}\nroutes:\n  - {{ name: all, match: {{}}, to: [hook] }}\n",
@@ -994,9 +994,8 @@ routes:
         nats = nats.url(),
         hook = receiver.url("/chatwoot/{event}"),
     );
-    let bridge = within(Bridge::start(config(&mock.url(), &sinks)))
-        .await
-        .unwrap();
+    let (config, _spool) = config(&mock.url(), &sinks);
+    let bridge = within(Bridge::start(config)).await.unwrap();
     assert!(
         eventually(WAIT, || async { mock.streaming_subscriptions() >= 1 }).await,
         "bridge never subscribed"

@@ -475,14 +475,23 @@ impl Drop for Receiver {
 }
 
 /// A config with one agent token on `cable_url` and the given `sinks:` and `routes:` YAML.
-/// Each config gets a spool of its own in a fresh temporary folder.
-pub fn config(cable_url: &str, sinks_and_routes: &str) -> Config {
+/// A config and the temporary folder of its spool (deleted when dropped: keep it alive as long
+/// as the bridge runs).
+pub fn config(cable_url: &str, sinks_and_routes: &str) -> (Config, tempfile::TempDir) {
     let spool = tempfile::Builder::new()
         .prefix("chatwoot-bridge-test-spool")
         .tempdir()
-        .expect("a temporary folder")
-        .keep();
-    let spool = serde_json::to_string(&spool).unwrap();
+        .expect("a temporary folder");
+    (
+        config_with_spool(cable_url, sinks_and_routes, spool.path()),
+        spool,
+    )
+}
+
+/// A config with one agent token on `cable_url`, the given `sinks:` and `routes:` YAML, and its
+/// spool in `spool` (only created when a bridge starts).
+fn config_with_spool(cable_url: &str, sinks_and_routes: &str, spool: &Path) -> Config {
+    let spool = serde_json::to_string(spool).unwrap();
     let yaml = format!(
         "chatwoot:\n  url: {cable_url}\ntokens:\n  - name: agent\n    pubsub_token: tok-agent\n    account_id: 1\n    user_id: 1\nshutdown_timeout: 20s\nspool: {{ dir: {spool} }}\n{sinks_and_routes}"
     );
@@ -491,11 +500,12 @@ pub fn config(cable_url: &str, sinks_and_routes: &str) -> Config {
 
 /// The validated settings of a sink given as the YAML of one `sinks:` entry.
 pub fn sink_kind(name: &str, sink_yaml: &str) -> SinkKind {
-    let config = config(
+    let config = config_with_spool(
         "ws://127.0.0.1:9/cable",
         &format!(
             "sinks:\n  {name}: {sink_yaml}\nroutes:\n  - {{ name: all, match: {{}}, to: [{name}] }}\n"
         ),
+        Path::new("unused-spool"),
     );
     config.sinks[name].kind.clone()
 }
