@@ -77,15 +77,15 @@ pub async fn ingest(
         records.clear();
         for mut event in received.drain(..) {
             event.id = ids.assign(event.content_hash, &event.token, event.received_at);
-            let targets = routes.route(&event);
-            if !routes.matches_any(&event) {
+            let routed = routes.route(&event);
+            if !routed.matched {
                 count_unmatched(&stats, &event.name);
                 debug!(event = %event.name, token = %event.token, "event matched no route");
             }
-            if targets.is_empty() {
+            if routed.sinks.is_empty() {
                 continue;
             }
-            let mask = SinkMask(targets.iter().fold(0, |m, &t| m | masks[t].0));
+            let mask = SinkMask(routed.sinks.iter().fold(0, |m, t| m | masks[t].0));
             let start = buffer.len();
             event.encode_record(&mut buffer);
             records.push((start, buffer.len(), mask));

@@ -132,8 +132,36 @@ pub struct RouteTable {
     unmatched: Option<usize>,
 }
 
-/// The set of sinks one event goes to, as indices into [`RouteTable::sink_names`].
-pub type SinkSet = Vec<usize>;
+/// The set of sinks one event goes to: bit `i` is [`RouteTable::sink_names`]`[i]`. A bitset
+/// so routing an event allocates nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SinkSet(u64);
+
+/// Most sinks the routes can name (one bit each; the spool has the same limit).
+pub const MAX_ROUTED_SINKS: usize = 64;
+
+impl SinkSet {
+    fn insert(&mut self, index: usize) {
+        self.0 |= 1 << index;
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The sink indices, ascending.
+    pub fn iter(self) -> impl Iterator<Item = usize> {
+        (0..MAX_ROUTED_SINKS).filter(move |i| self.0 & (1 << i) != 0)
+    }
+}
+
+/// Where one event goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    pub sinks: SinkSet,
+    /// Whether a route matched (if not, `sinks` is the `unmatched` sink or nothing).
+    pub matched: bool,
+}
 
 /// A route as written, before compiling.
 pub struct RouteSpec {
@@ -173,6 +201,15 @@ impl RouteTable {
             });
         }
         let unmatched = unmatched.map(&mut sink_index);
+        if sinks.len() > MAX_ROUTED_SINKS {
+            problems.push(Problem {
+                key: "routes".into(),
+                message: format!(
+                    "routes name {} sinks; at most {MAX_ROUTED_SINKS} are supported",
+                    sinks.len()
+                ),
+            });
+        }
         if problems.is_empty() {
             Ok(RouteTable {
                 routes: compiled,
@@ -189,32 +226,26 @@ impl RouteTable {
         &self.sinks
     }
 
-    /// The sinks `event` goes to, deduplicated, in route order. Empty when it is dropped.
-    pub fn route(&self, event: &Event) -> SinkSet {
-        let mut out = SinkSet::new();
-        let mut matched = false;
+    /// Where `event` goes. No sinks means it is dropped.
+    pub fn route(&self, event: &Event) -> Routed {
+        let mut routed = Routed::default();
         for route in &self.routes {
             if route.matcher.matches(event) {
-                matched = true;
+                routed.matched = true;
                 for &sink in &route.to {
-                    if !out.contains(&sink) {
-                        out.push(sink);
-                    }
+                    routed.sinks.insert(sink);
                 }
                 if !route.continue_matching {
                     break;
                 }
             }
         }
-        if !matched {
-            out.extend(self.unmatched);
+        if !routed.matched {
+            if let Some(sink) = self.unmatched {
+                routed.sinks.insert(sink);
+            }
         }
-        out
-    }
-
-    /// Whether any route matches `event` (the unmatched sink aside).
-    pub fn matches_any(&self, event: &Event) -> bool {
-        self.routes.iter().any(|r| r.matcher.matches(event))
+        routed
     }
 
     /// Names of the routes, for logs.
@@ -485,7 +516,8 @@ mod tests {
         let names = |e: &Event| -> Vec<String> {
             table
                 .route(e)
-                .into_iter()
+                .sinks
+                .iter()
                 .map(|i| table.sink_names()[i].clone())
                 .collect()
         };
@@ -550,8 +582,9 @@ mod tests {
         );
         let msg = Event::for_test("message.created", "agent", r#"{"account_id":1}"#);
         let conv = Event::for_test("conversation.created", "agent", r#"{"account_id":1}"#);
-        assert_eq!(table.route(&msg), vec![0]);
-        assert_eq!(table.route(&conv), vec![1]);
+        let sinks = |e: &Event| table.route(e).sinks.iter().collect::<Vec<_>>();
+        assert_eq!(sinks(&msg), vec![0]);
+        assert_eq!(sinks(&conv), vec![1]);
 
         let tokens = BTreeSet::new();
         let only_messages = vec![RouteSpec {
@@ -564,10 +597,12 @@ mod tests {
             continue_matching: false,
         }];
         let table = RouteTable::compile(only_messages, &tokens, Some("leftovers".into())).unwrap();
-        assert_eq!(table.route(&msg), vec![0]);
-        assert_eq!(table.route(&conv), vec![1]);
+        let sinks = |e: &Event| table.route(e).sinks.iter().collect::<Vec<_>>();
+        assert_eq!(sinks(&msg), vec![0]);
+        assert_eq!(sinks(&conv), vec![1]);
         assert_eq!(table.sink_names(), ["kafka", "leftovers"]);
-        assert!(!table.matches_any(&conv));
+        assert!(table.route(&msg).matched);
+        assert!(!table.route(&conv).matched);
     }
 
     #[test]

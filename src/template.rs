@@ -8,9 +8,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde_json::Value;
-
 use crate::event::Event;
+use crate::jsonpath::{Found, JsonPath};
 
 /// A compiled template.
 #[derive(Clone, PartialEq, Eq)]
@@ -52,7 +51,7 @@ enum Field {
     Token,
     Id,
     /// A dotted path into Chatwoot's `data` object.
-    Data(Vec<String>),
+    Data(JsonPath),
 }
 
 /// Why a template text cannot be compiled; the caller prefixes the key path.
@@ -136,7 +135,6 @@ impl Template {
     ) -> Result<String, MissingValue> {
         let mut out = String::with_capacity(self.source.len() + 16);
         // Parsed at most once per render, and only when a `data.` field asks for it.
-        let mut data: Option<Value> = None;
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
@@ -145,7 +143,7 @@ impl Template {
                     name,
                     fallback,
                 } => {
-                    let value = lookup(field, event, &mut data).filter(|v| !v.is_empty());
+                    let value = lookup(field, event).filter(|v| !v.is_empty());
                     let Some(value) = value.or_else(|| fallback.clone()) else {
                         return Err(MissingValue {
                             what: self.what,
@@ -236,10 +234,8 @@ fn parse_field(inner: &str) -> Result<Part, TemplateError> {
         "inbox_id" => Field::InboxId,
         "token" => Field::Token,
         "id" => Field::Id,
-        _ => match name.strip_prefix("data.") {
-            Some(path) if !path.is_empty() && path.split('.').all(|s| !s.is_empty()) => {
-                Field::Data(path.split('.').map(str::to_owned).collect())
-            }
+        _ => match name.strip_prefix("data.").map(JsonPath::parse) {
+            Some(Ok(path)) => Field::Data(path),
             _ => return Err(TemplateError::UnknownField(name.to_owned())),
         },
     };
@@ -250,7 +246,7 @@ fn parse_field(inner: &str) -> Result<Part, TemplateError> {
     })
 }
 
-fn lookup(field: &Field, event: &Event, data: &mut Option<Value>) -> Option<String> {
+fn lookup(field: &Field, event: &Event) -> Option<String> {
     match field {
         Field::Event => Some(event.name.to_string()),
         Field::AccountId => event.keys.account_id.map(|v| v.to_string()),
@@ -258,26 +254,15 @@ fn lookup(field: &Field, event: &Event, data: &mut Option<Value>) -> Option<Stri
         Field::InboxId => event.keys.inbox_id.map(|v| v.to_string()),
         Field::Token => Some(event.token.to_string()),
         Field::Id => Some(event.id.to_string()),
-        Field::Data(path) => {
-            let root = data.get_or_insert_with(|| {
-                serde_json::from_str(event.data.get()).unwrap_or(Value::Null)
-            });
-            let mut at = &*root;
-            for segment in path {
-                at = match at {
-                    Value::Object(map) => map.get(segment)?,
-                    // `data.items.0` reads the first element of an array.
-                    Value::Array(items) => items.get(segment.parse::<usize>().ok()?)?,
-                    _ => return None,
-                };
-            }
-            match at {
-                Value::String(s) => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                Value::Bool(b) => Some(b.to_string()),
-                Value::Null | Value::Object(_) | Value::Array(_) => None,
-            }
-        }
+        // Read straight from the raw bytes, like route conditions: no tree per event.
+        Field::Data(path) => match path.lookup(event.data.get())? {
+            Found::Str(s) => Some(s.into_owned()),
+            Found::Unsigned(n) => Some(n.to_string()),
+            Found::Signed(n) => Some(n.to_string()),
+            Found::Float(n) => Some(n.to_string()),
+            Found::Bool(b) => Some(b.to_string()),
+            Found::Null | Found::Object | Found::Array => None,
+        },
     }
 }
 
