@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::http::Uri;
 
 use crate::jsonpath::JsonPath;
 use crate::redact::{FieldsSpec, Redaction};
-use crate::route::{MatchSpec, RouteSpec, RouteTable};
+use crate::route::{RouteSpec, RouteTable};
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
 pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
@@ -98,7 +98,7 @@ struct RawConfig {
     #[serde(default)]
     sinks: BTreeMap<String, RawSink>,
     #[serde(default)]
-    routes: Vec<RawRoute>,
+    routes: Vec<RouteSpec>,
     /// `drop` (default) or the name of a sink for events no route matches.
     #[serde(default)]
     unmatched: Option<String>,
@@ -169,17 +169,6 @@ struct RawToken {
     url: Option<String>,
     #[serde(default)]
     presence: bool,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-struct RawRoute {
-    name: String,
-    #[serde(rename = "match", default)]
-    matches: MatchSpec,
-    to: Vec<String>,
-    #[serde(rename = "continue", default)]
-    continue_matching: bool,
 }
 
 /// A sink entry: its kind plus what every kind shares.
@@ -877,12 +866,7 @@ impl RawConfig {
                     );
                 }
             }
-            routes.push(RouteSpec {
-                name: raw.name,
-                matches: raw.matches,
-                to: raw.to,
-                continue_matching: raw.continue_matching,
-            });
+            routes.push(raw);
         }
         let unmatched = match self.unmatched.as_deref() {
             None | Some("drop") => None,

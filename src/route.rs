@@ -164,10 +164,18 @@ pub struct Routed {
 }
 
 /// A route as written, before compiling.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RouteSpec {
+    /// Shown in logs; unique.
     pub name: String,
+    /// Which events; `{}` (or leaving it out) matches all.
+    #[serde(rename = "match", default)]
     pub matches: MatchSpec,
+    /// Sink names.
     pub to: Vec<String>,
+    /// Also try the routes after this one when it matched.
+    #[serde(rename = "continue", default)]
     pub continue_matching: bool,
 }
 
@@ -443,31 +451,9 @@ mod tests {
     }
 
     fn table_from_yaml(routes_yaml: &str) -> RouteTable {
-        #[derive(Deserialize)]
-        struct R {
-            name: String,
-            #[serde(rename = "match", default)]
-            matches: MatchSpec,
-            to: Vec<String>,
-            #[serde(rename = "continue", default)]
-            continue_matching: bool,
-        }
-        let routes: Vec<R> = serde_json::from_value(yaml_to_json(routes_yaml)).unwrap();
+        let routes: Vec<RouteSpec> = serde_json::from_value(yaml_to_json(routes_yaml)).unwrap();
         let tokens = ["agent".to_string(), "visitor".to_string()].into();
-        RouteTable::compile(
-            routes
-                .into_iter()
-                .map(|r| RouteSpec {
-                    name: r.name,
-                    matches: r.matches,
-                    to: r.to,
-                    continue_matching: r.continue_matching,
-                })
-                .collect(),
-            &tokens,
-            None,
-        )
-        .unwrap()
+        RouteTable::compile(routes, &tokens, None).unwrap()
     }
 
     fn yaml_to_json(yaml: &str) -> serde_json::Value {

@@ -60,11 +60,46 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
+/// A state, since when, and the last failure: the part every token and sink has.
+#[derive(Debug)]
+struct Phase<S> {
+    inner: Mutex<(S, SystemTime, Option<String>)>,
+}
+
+impl<S: Copy + PartialEq> Phase<S> {
+    fn new(state: S) -> Self {
+        Phase {
+            inner: Mutex::new((state, SystemTime::now(), None)),
+        }
+    }
+
+    /// Enters `state` (keeping the time if it is the same) and records `error` if given.
+    /// Returns whether anything changed.
+    fn update(&self, state: S, error: Option<String>) -> bool {
+        let mut guard = self.inner.lock().expect("status lock");
+        if guard.0 == state && error.is_none() {
+            return false;
+        }
+        if guard.0 != state {
+            guard.0 = state;
+            guard.1 = SystemTime::now();
+        }
+        if error.is_some() {
+            guard.2 = error;
+        }
+        true
+    }
+
+    fn get(&self) -> (S, SystemTime, Option<String>) {
+        self.inner.lock().expect("status lock").clone()
+    }
+}
+
 /// Shared cell a token task writes and everyone else reads.
 #[derive(Debug)]
 struct TokenCell {
     /// State, since when, and the last failure.
-    state: Mutex<(TokenState, SystemTime, Option<String>)>,
+    phase: Phase<TokenState>,
     connects: AtomicU64,
     events: AtomicU64,
     malformed_frames: AtomicU64,
@@ -99,7 +134,7 @@ pub struct SinkStatus {
 
 #[derive(Debug)]
 struct SinkCell {
-    state: Mutex<(SinkState, SystemTime, Option<String>)>,
+    phase: Phase<SinkState>,
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
 }
@@ -121,20 +156,9 @@ impl SinkReporter {
     }
 
     fn update(&self, state: SinkState, error: Option<String>) {
-        {
-            let mut guard = self.cell.state.lock().expect("status lock");
-            if guard.0 == state && error.is_none() {
-                return;
-            }
-            if guard.0 != state {
-                guard.0 = state;
-                guard.1 = SystemTime::now();
-            }
-            if error.is_some() {
-                guard.2 = error;
-            }
+        if self.cell.phase.update(state, error) {
+            self.changed.send_modify(|v| *v += 1);
         }
-        self.changed.send_modify(|v| *v += 1);
     }
 
     pub fn delivered(&self, n: u64) {
@@ -187,7 +211,7 @@ impl StatusBoard {
             .entry(name.clone())
             .or_insert_with(|| {
                 Arc::new(TokenCell {
-                    state: Mutex::new((TokenState::Connecting, SystemTime::now(), None)),
+                    phase: Phase::new(TokenState::Connecting),
                     connects: AtomicU64::new(0),
                     events: AtomicU64::new(0),
                     malformed_frames: AtomicU64::new(0),
@@ -211,7 +235,7 @@ impl StatusBoard {
             .entry(name.to_owned())
             .or_insert_with(|| {
                 Arc::new(SinkCell {
-                    state: Mutex::new((SinkState::Idle, SystemTime::now(), None)),
+                    phase: Phase::new(SinkState::Idle),
                     delivered: AtomicU64::new(0),
                     dead_lettered: AtomicU64::new(0),
                 })
@@ -230,7 +254,7 @@ impl StatusBoard {
             .expect("status lock")
             .iter()
             .map(|(name, cell)| {
-                let (state, since, last_error) = cell.state.lock().expect("status lock").clone();
+                let (state, since, last_error) = cell.phase.get();
                 let status = SinkStatus {
                     state,
                     since,
@@ -294,7 +318,7 @@ impl StatusBoard {
 
 impl TokenCell {
     fn snapshot(&self) -> TokenStatus {
-        let (state, since, last_error) = self.state.lock().expect("status lock").clone();
+        let (state, since, last_error) = self.phase.get();
         TokenStatus {
             state,
             since,
@@ -319,21 +343,13 @@ impl TokenReporter {
     }
 
     fn update(&self, state: TokenState, error: Option<String>) {
-        {
-            let mut guard = self.cell.state.lock().expect("status lock");
-            if guard.0 != state {
-                guard.0 = state;
-                guard.1 = SystemTime::now();
-            }
-            if error.is_some() {
-                guard.2 = error;
-            }
+        if self.cell.phase.update(state, error) {
+            self.changed.send_modify(|v| *v += 1);
         }
-        self.changed.send_modify(|v| *v += 1);
     }
 
     pub fn state(&self) -> TokenState {
-        self.cell.state.lock().expect("status lock").0
+        self.cell.phase.get().0
     }
 
     pub fn connected(&self) {
