@@ -185,6 +185,9 @@ struct RawSink {
     /// Backoff between delivery attempts, and when to give up on an event.
     #[serde(default)]
     retry: RawRetry,
+    /// Send this sink's dead letters to another sink instead of keeping them on local disk.
+    #[serde(default)]
+    dead_letter: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -505,6 +508,8 @@ pub struct SinkSettings {
     pub kind: SinkKind,
     pub redaction: Redaction,
     pub retry: RetrySettings,
+    /// Where dead letters go: another sink's name, or `None` for local disk.
+    pub dead_letter: Option<String>,
 }
 
 /// Delivery retries of one sink.
@@ -840,11 +845,28 @@ impl RawConfig {
                     kind,
                     redaction,
                     retry,
+                    dead_letter: raw.dead_letter,
                 },
             );
         }
         let sink_names: BTreeSet<&str> = sinks.keys().map(String::as_str).collect();
         let known_sinks = || sink_names.iter().copied().collect::<Vec<_>>().join(", ");
+        for (name, settings) in &sinks {
+            let Some(target) = &settings.dead_letter else {
+                continue;
+            };
+            let key = format!("sinks.{name}.dead_letter");
+            match sinks.get(target) {
+                None => problem(key, format!("no sink is named `{target}` (sinks: {})", known_sinks())),
+                Some(_) if target == name => problem(key, "a sink cannot be its own dead letter sink".into()),
+                // No chains: a dead letter that fails again goes to local disk, never in a loop.
+                Some(t) if t.dead_letter.is_some() => problem(
+                    key,
+                    format!("`{target}` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk"),
+                ),
+                Some(_) => {}
+            }
+        }
         let mut route_names = BTreeSet::new();
         let mut routes = Vec::with_capacity(self.routes.len());
         for (i, raw) in self.routes.into_iter().enumerate() {
@@ -1204,6 +1226,36 @@ routes:
         let redaction = &cfg.sinks["archive"].redaction;
         assert!(!redaction.strip_pubsub_tokens);
         assert_eq!(redaction.drop[0].to_string(), "meta.sender.email");
+    }
+
+    #[test]
+    fn dead_letter_sinks_must_exist_and_not_chain() {
+        let sinks = |a: &str, b: &str| {
+            MINIMAL.replace(
+                "  archive: { type: file, path: ./events.jsonl }",
+                &format!("  archive: {{ type: file, path: ./events.jsonl{a} }}\n  parking: {{ type: file, path: ./dead.jsonl{b} }}"),
+            )
+        };
+        let cfg = load(&sinks(", dead_letter: parking", "")).unwrap();
+        assert_eq!(cfg.sinks["archive"].dead_letter.as_deref(), Some("parking"));
+        let err = load(&sinks(", dead_letter: nowhere", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("sinks.archive.dead_letter: no sink is named `nowhere`"),
+            "{err}"
+        );
+        let err = load(&sinks(", dead_letter: archive", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be its own"), "{err}");
+        let err = load(&sinks(", dead_letter: parking", ", dead_letter: archive"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sinks.archive.dead_letter: `parking` has a dead_letter sink of its own"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::event::Event;
 use crate::pipeline::{PipelineStats, MAX_BATCH};
 use crate::redact::Redaction;
 use crate::sink::{Outcome, Sink};
-use crate::spool::SpoolReader;
+use crate::spool::{SinkMask, Spool, SpoolReader};
 use crate::status::{SinkReporter, SinkState};
 
 /// Everything one sink's loop needs.
@@ -36,7 +36,10 @@ pub struct SinkLoop {
     pub retry: RetrySettings,
     /// Its cursor over the spool.
     pub reader: SpoolReader,
+    /// Local dead letter files, used unless `dead_letter_sink` is set.
     pub dead_letters: DeadLetters,
+    /// The spool and the mask of the sink that takes this sink's dead letters (`dead_letter:`).
+    pub dead_letter_sink: Option<(Spool, SinkMask)>,
     pub stats: Arc<PipelineStats>,
     /// This sink's cell on the status board.
     pub status: SinkReporter,
@@ -245,11 +248,33 @@ impl SinkLoop {
         let name = self.name.clone();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let letters = Arc::new(letters);
+        let target = self.dead_letter_sink.clone();
         loop {
-            let (store2, name2, letters2) = (store.clone(), name.clone(), letters.clone());
-            let stored = tokio::task::spawn_blocking(move || store2.append(&name2, &letters2))
-                .await
-                .expect("dead letter writes do not panic");
+            let (store2, name2, letters2, target2) =
+                (store.clone(), name.clone(), letters.clone(), target.clone());
+            let stored = tokio::task::spawn_blocking(move || match target2 {
+                // Into the spool for the dead letter sink: durable now, delivered by its loop.
+                Some((spool, mask)) => {
+                    let mut buffer = Vec::new();
+                    let mut bounds = Vec::with_capacity(letters2.len());
+                    for letter in letters2.iter() {
+                        let start = buffer.len();
+                        letter.event.encode_record(&mut buffer);
+                        bounds.push((start, buffer.len()));
+                    }
+                    let records: Vec<(&[u8], SinkMask)> =
+                        bounds.iter().map(|&(s, e)| (&buffer[s..e], mask)).collect();
+                    let report = spool.append(&records).map_err(|e| e.to_string())?;
+                    if report.appended < records.len() {
+                        // A full spool refused them: never drop a dead letter, keep it on disk.
+                        return store2.append(&name2, &letters2).map_err(|e| e.to_string());
+                    }
+                    Ok(())
+                }
+                None => store2.append(&name2, &letters2).map_err(|e| e.to_string()),
+            })
+            .await
+            .expect("dead letter writes do not panic");
             match stored {
                 Ok(()) => break,
                 Err(e) => {
@@ -260,7 +285,13 @@ impl SinkLoop {
         }
         self.stats.dead_lettered.fetch_add(count, Ordering::Relaxed);
         self.status.dead_lettered(count);
-        info!(sink = %self.name, count, "dead letters stored; `chatwoot-bridge dlq list --sink {}` shows them", self.name);
+        match &self.dead_letter_sink {
+            Some(_) => {
+                info!(sink = %self.name, count, "dead letters handed to the dead letter sink")
+            }
+            None => info!(sink = %self.name, count,
+                "dead letters stored; `chatwoot-bridge dlq list --sink {}` shows them", self.name),
+        }
     }
 }
 

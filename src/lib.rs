@@ -165,6 +165,10 @@ impl Bridge {
                 retry: settings.retry,
                 reader: spool.reader(name)?,
                 dead_letters: dead_letters.clone(),
+                dead_letter_sink: settings
+                    .dead_letter
+                    .as_ref()
+                    .map(|target| (spool.clone(), spool.mask(&[target.as_str()]))),
                 stats: stats.clone(),
                 status: status.register_sink(name),
                 ingest_done: ingest_done.clone(),

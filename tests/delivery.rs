@@ -363,3 +363,65 @@ async fn a_full_spool_drops_the_oldest_and_counts_them() {
         "{newest_run} {dropped_oldest}"
     );
 }
+
+#[tokio::test]
+async fn dead_letters_can_go_to_another_sink() {
+    let responder: Responder = Arc::new(|r: &Received, _| {
+        if String::from_utf8_lossy(&r.body).contains("poison") {
+            (StatusCode::GONE, vec![])
+        } else {
+            (StatusCode::OK, vec![])
+        }
+    });
+    let receiver = Receiver::start(responder).await;
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let parking = dir.path().join("parking.jsonl");
+    let config = yaml(
+        &mock.url(),
+        dir.path(),
+        &format!(
+            r#"
+sinks:
+  hook: {{ type: http, url: "{}", dead_letter: parking }}
+  parking: {{ type: file, path: {} }}
+routes: [{{ name: all, to: [hook] }}]
+"#,
+            receiver.url("/events"),
+            serde_json::to_string(&parking).unwrap()
+        ),
+    );
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    mock.broadcast(
+        "message.created",
+        r#"{"account_id":1,"conversation_id":5,"x":"poison"}"#,
+    );
+    mock.broadcast(
+        "message.created",
+        r#"{"account_id":1,"conversation_id":5,"x":"fine"}"#,
+    );
+    until("the poison parked, the other delivered", WAIT, || {
+        std::fs::read_to_string(&parking).is_ok_and(|t| t.lines().count() == 1)
+            && bridge.stats().delivered.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    let parked: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&parking).unwrap().trim()).unwrap();
+    assert_eq!(parked["data"]["x"], "poison");
+    assert!(
+        DeadLetters::open(dir.path())
+            .unwrap()
+            .list("hook")
+            .unwrap()
+            .is_empty(),
+        "nothing on local disk when a dead letter sink is set"
+    );
+}
