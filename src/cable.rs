@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
-use crate::config::{CableSettings, TokenSpec};
+use crate::config::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::event::Event;
 use crate::protocol::{self, ServerFrame};
 use crate::status::{TokenReporter, TokenState};
@@ -91,25 +91,25 @@ impl TokenTask {
             let end = self
                 .session(&identifier, &source, &mut backoff, &mut healthy_for)
                 .await;
-            if healthy_for >= self.settings.reconnect.reset_after {
-                backoff.reset();
-            }
-            let (delay, reason) = match end {
+            let Some(delay) =
+                delay_after(&end, healthy_for, &self.settings.reconnect, &mut backoff)
+            else {
+                break;
+            };
+            let reason = match end {
                 SessionEnd::Cancelled => break,
                 SessionEnd::Lost(reason) => {
                     warn!(token = %self.spec.name, %reason, "connection lost; reconnecting with backoff");
-                    (backoff.next_delay(), reason)
+                    reason
                 }
                 SessionEnd::DisconnectReconnect(reason) => {
                     info!(token = %self.spec.name, %reason, "server sent disconnect (reconnect: true); reconnecting now");
-                    (full_jitter(PROMPT_RECONNECT_CEILING), reason)
+                    reason
                 }
                 SessionEnd::DisconnectNoReconnect(reason) => {
-                    let delay = self.settings.reconnect.after_disconnect_without_reconnect;
                     error!(token = %self.spec.name, %reason, delay = ?delay,
                         "server sent disconnect (reconnect: false); waiting long before trying again");
-                    // Half fixed, half jittered: long, but still spread.
-                    (delay / 2 + full_jitter(delay / 2), reason)
+                    reason
                 }
             };
             self.status.fail(TokenState::BackingOff, reason);
@@ -290,6 +290,30 @@ impl TokenTask {
     }
 }
 
+/// The pause before the next connection, by how the last one ended; `None` when cancelled.
+/// The backoff starts over only after a connection stayed subscribed for `reset_after`, so a
+/// server that accepts and then drops everyone does not get every token back at once.
+fn delay_after(
+    end: &SessionEnd,
+    healthy_for: Duration,
+    settings: &ReconnectSettings,
+    backoff: &mut Backoff,
+) -> Option<Duration> {
+    if healthy_for >= settings.reset_after {
+        backoff.reset();
+    }
+    match end {
+        SessionEnd::Cancelled => None,
+        SessionEnd::Lost(_) => Some(backoff.next_delay()),
+        SessionEnd::DisconnectReconnect(_) => Some(full_jitter(PROMPT_RECONNECT_CEILING)),
+        // Half fixed, half jittered: long, but still spread.
+        SessionEnd::DisconnectNoReconnect(_) => {
+            let delay = settings.after_disconnect_without_reconnect;
+            Some(delay / 2 + full_jitter(delay / 2))
+        }
+    }
+}
+
 /// Opens the WebSocket for a token: subprotocol, Origin, extra headers, small buffers.
 async fn connect(spec: &TokenSpec, settings: &CableSettings) -> Result<Socket, tungstenite::Error> {
     let mut request = spec.url.as_str().into_client_request()?;
@@ -397,5 +421,73 @@ fn describe(error: &tungstenite::Error) -> String {
         E::ConnectionClosed | E::AlreadyClosed => "connection closed".into(),
         E::Protocol(e) => format!("WebSocket protocol error: {e}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ReconnectSettings {
+        ReconnectSettings::default()
+    }
+
+    fn lost() -> SessionEnd {
+        SessionEnd::Lost("dropped".into())
+    }
+
+    #[test]
+    fn backoff_grows_until_a_connection_stays_healthy_for_reset_after() {
+        let s = settings();
+        let mut backoff = Backoff::new(s.initial, s.max);
+        for _ in 0..6 {
+            let delay = delay_after(&lost(), Duration::ZERO, &s, &mut backoff).unwrap();
+            assert!(delay <= s.max);
+        }
+        // Subscribed, but not long enough: the next ceiling stays at the cap.
+        delay_after(
+            &lost(),
+            s.reset_after - Duration::from_secs(1),
+            &s,
+            &mut backoff,
+        );
+        assert_eq!(backoff.next_ceiling(), s.max);
+        // Healthy for reset_after: it starts over (this call used the first ceiling).
+        let delay = delay_after(&lost(), s.reset_after, &s, &mut backoff).unwrap();
+        assert!(delay <= s.initial, "{delay:?}");
+        assert_eq!(backoff.next_ceiling(), s.initial * 2);
+    }
+
+    #[test]
+    fn disconnect_frames_decide_the_delay() {
+        let s = settings();
+        let mut backoff = Backoff::new(s.initial, s.max);
+        for _ in 0..100 {
+            let now = delay_after(
+                &SessionEnd::DisconnectReconnect(String::new()),
+                Duration::ZERO,
+                &s,
+                &mut backoff,
+            )
+            .unwrap();
+            assert!(now <= PROMPT_RECONNECT_CEILING);
+            let long = delay_after(
+                &SessionEnd::DisconnectNoReconnect(String::new()),
+                Duration::ZERO,
+                &s,
+                &mut backoff,
+            )
+            .unwrap();
+            assert!(
+                long >= s.after_disconnect_without_reconnect / 2
+                    && long <= s.after_disconnect_without_reconnect
+            );
+        }
+        assert_eq!(
+            delay_after(&SessionEnd::Cancelled, Duration::ZERO, &s, &mut backoff),
+            None
+        );
+        // Disconnect frames do not consume the backoff.
+        assert_eq!(backoff.next_ceiling(), s.initial);
     }
 }
