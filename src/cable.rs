@@ -202,11 +202,17 @@ impl TokenTask {
                         }
                         Ok(ServerFrame::Ping) | Ok(ServerFrame::Other { .. }) => {}
                         Ok(ServerFrame::Confirm { identifier: confirmed }) if confirmed == identifier => {
-                            if !matches!(subscription, Subscription::Confirmed { .. }) {
+                            // Only a pending subscribe can be confirmed. A confirm that arrives
+                            // after we gave up and sent `unsubscribe` is for a subscription the
+                            // server has dropped since: believing it would show `subscribed`
+                            // while no event can come.
+                            if let Subscription::Pending { .. } = subscription {
                                 info!(token = %name, "subscribed");
                                 self.status.set(TokenState::Subscribed);
                                 subscription = Subscription::Confirmed { since: Instant::now() };
                                 next_presence = Instant::now();
+                            } else {
+                                debug!(token = %name, "ignored a confirm that came after the subscription was given up");
                             }
                         }
                         Ok(ServerFrame::Reject { identifier: rejected }) if rejected == identifier => {

@@ -38,6 +38,9 @@ pub enum Answer {
     Reject,
     /// Stream events but never confirm, as installs older than v4.0.4 did for a bad user id.
     StreamUnconfirmed,
+    /// Confirm only after this delay (a server under load); the connection does nothing else
+    /// meanwhile.
+    ConfirmAfter(Duration),
 }
 
 /// One token the server knows.
@@ -557,7 +560,10 @@ where
                         format!(r#"{{"identifier":{identifier},"type":"reject_subscription"}}"#);
                     return ws.send(Message::text(frame)).await.map_err(|_| ());
                 }
-                Answer::Silent | Answer::Confirm | Answer::StreamUnconfirmed => {
+                Answer::Silent
+                | Answer::Confirm
+                | Answer::StreamUnconfirmed
+                | Answer::ConfirmAfter(_) => {
                     let streams = answer != Answer::Silent;
                     if streams {
                         shared.streaming.fetch_add(1, Ordering::Relaxed);

@@ -293,6 +293,39 @@ async fn a_rejected_token_is_reported_and_retried() {
 }
 
 #[tokio::test]
+async fn a_confirm_after_the_timeout_is_not_believed() {
+    // The confirm comes 800 ms after the subscribe; the bridge gave up at 500 ms and sent
+    // `unsubscribe`, so the server has dropped that subscription: it is not subscribed.
+    let server = mock(vec![token(
+        "agent-secret",
+        Answer::ConfirmAfter(Duration::from_millis(800)),
+    )])
+    .await;
+    let (_dir, out) = out_file();
+    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let mut cfg = config(&server.url(), tokens, &out, "");
+    cfg.cable.reconnect.initial = Duration::from_secs(2);
+    cfg.cable.reconnect.max = Duration::from_secs(2);
+    let bridge = Bridge::start(cfg).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Unconfirmed).await;
+    wait_until("the late confirm and the unsubscribe", || {
+        server.unsubscribe_commands() >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let status = bridge.status().token("agent").unwrap();
+    assert_ne!(status.state, TokenState::Subscribed, "{status:?}");
+
+    // A prompt confirm is believed.
+    server.set_answer("agent-secret", Answer::Confirm);
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+    server.broadcast_generated();
+    wait_for_lines(&out, 1).await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn events_before_the_confirm_are_kept() {
     // Old installs stream events on a subscription they never confirm.
     let server = mock(vec![token("agent-secret", Answer::StreamUnconfirmed)]).await;
@@ -391,11 +424,11 @@ async fn a_silent_server_is_detected_as_stale_and_reconnected() {
     let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
     let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
-    let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
-        .await
-        .unwrap();
+    let mut cfg = config(&server.url(), tokens, &out, "");
+    // Pings every 300 ms: a healthy socket is never stale, even on a loaded test machine.
+    cfg.cable.stale_after = Duration::from_secs(2);
+    let bridge = Bridge::start(cfg).await.unwrap();
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
-    // With pings every 300 ms and stale_after 1 s, a healthy socket is never stale.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(bridge.status().token("agent").unwrap().stale_reconnects, 0);
     assert_eq!(server.connections_accepted(), 1);
@@ -441,7 +474,7 @@ async fn disconnect_frames_reconnect_now_or_back_off_long() {
         .last_error
         .unwrap()
         .contains("server sent disconnect"));
-    // Told not to come back soon: it stays away (at least 30 s of the 60 s).
+    // Told not to come back soon (60 s, at least 30 of them fixed): it stays away.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(server.connections_accepted(), 2);
     assert_eq!(
