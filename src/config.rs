@@ -20,13 +20,47 @@ use crate::jsonpath::JsonPath;
 use crate::redact::{FieldsSpec, Redaction};
 use crate::route::{RouteSpec, RouteTable};
 
+/// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
 pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
 
 /// A value that must never reach logs, metrics or error messages.
-#[derive(Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Clone, PartialEq, Eq, JsonSchema)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Any scalar is taken as text (a numeric password, `linger.ms: 5`, an env override parsed
+    /// as a number), and a wrong shape is refused without echoing the value, as serde's own
+    /// "invalid type: integer `123456`" would.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -356,12 +390,19 @@ impl<'a> Problems<'a> {
     }
 }
 
-/// One value or a list of them: `url: nats://a:4222` or `url: [nats://a:4222, nats://b:4222]`.
+/// One value or a list of them (a list means any-of in routes): `url: nats://a:4222` or
+/// `url: [nats://a:4222, nats://b:4222]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
     Many(Vec<T>),
+}
+
+impl<T> Default for OneOrMany<T> {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
 }
 
 impl<T> OneOrMany<T> {
@@ -403,8 +444,9 @@ fn default_confirm_timeout() -> HumanDuration {
 fn default_stale_after() -> HumanDuration {
     HumanDuration(Duration::from_secs(6))
 }
+/// Chatwoot keeps an agent present for about 20 s after each `update_presence`.
 fn default_presence_interval() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
+    HumanDuration(Duration::from_secs(15))
 }
 fn default_max_frame_bytes() -> u64 {
     8 * 1024 * 1024
@@ -715,6 +757,8 @@ impl RawConfig {
         ] {
             if value.is_zero() {
                 problem(key.into(), "must be greater than zero".into());
+            } else if value > MAX_DURATION {
+                problem(key.into(), "must be at most 30 days".into());
             }
         }
         if chatwoot.reconnect.max.0 < chatwoot.reconnect.initial.0 {
@@ -919,6 +963,15 @@ impl RawConfig {
                     spool.max_bytes
                 ),
             );
+        } else if spool.max_bytes < 2 * max_frame_bytes {
+            // One event can be as large as a frame; the spool must hold it with room to spare.
+            problem(
+                "spool.max_bytes".into(),
+                format!(
+                    "{} is smaller than twice chatwoot.max_frame_bytes ({max_frame_bytes})",
+                    spool.max_bytes
+                ),
+            );
         }
         if spool.fsync_interval.is_zero() {
             problem(
@@ -981,9 +1034,18 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 fn check_cable_url(url: &str) -> Result<(), String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    // Checked before anything echoes the URL: the URL ends up in every event's `source` and in
+    // logs, so it must not carry credentials.
+    let uri: Uri = url.parse().map_err(|e| format!("is not a URL ({e})"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not contain credentials (user:password@); use chatwoot.headers".into());
+    }
+    if uri.query().is_some() {
+        return Err(
+            "must not have a query string: it would appear in every event's source and in logs"
+                .into(),
+        );
+    }
     match uri.scheme_str() {
         Some("ws") | Some("wss") => {}
         _ => return Err(format!("`{url}` must start with ws:// or wss://")),
@@ -1340,6 +1402,62 @@ routes:
         let example = include_str!("../bridge.example.yaml");
         let cfg = Config::from_yaml(example, &|_| None, false).unwrap();
         assert!(cfg.tokens.len() >= 2);
+    }
+
+    #[test]
+    fn secrets_may_be_numbers_and_bad_shapes_are_not_echoed() {
+        let cfg =
+            load(&MINIMAL.replace("pubsub_token: contact-token", "pubsub_token: 123456")).unwrap();
+        assert_eq!(cfg.tokens[1].pubsub_token.expose(), "123456");
+        let err = load(&MINIMAL.replace("pubsub_token: contact-token", "pubsub_token: [987654]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("tokens[1].pubsub_token"), "{err}");
+        assert!(!err.contains("987654"), "{err}");
+    }
+
+    #[test]
+    fn cable_urls_with_credentials_are_refused_without_echoing_them() {
+        let text = MINIMAL.replace(
+            "wss://chat.example.com/cable",
+            "wss://admin:hunter2@chat.example.com/cable",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("chatwoot.url: must not contain credentials"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        let text = MINIMAL.replace(
+            "wss://chat.example.com/cable",
+            "wss://chat.example.com/cable?token=hunter2",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("chatwoot.url: must not have a query string"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_have_bounds() {
+        let text = MINIMAL.replace(
+            "  url: wss://chat.example.com/cable",
+            "  url: wss://chat.example.com/cable\n  stale_after: 100000000years",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("chatwoot.stale_after: must be at most 30 days"),
+            "{err}"
+        );
+        let err = load(&format!("{MINIMAL}spool: {{ max_bytes: 4194304 }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spool.max_bytes: 4194304 is smaller than twice chatwoot.max_frame_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

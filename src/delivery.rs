@@ -20,7 +20,7 @@ use crate::backoff::Backoff;
 use crate::config::RetrySettings;
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::event::Event;
-use crate::pipeline::{PipelineStats, MAX_BATCH};
+use crate::pipeline::{PipelineStats, RecordBatch, MAX_BATCH};
 use crate::redact::Redaction;
 use crate::sink::{Outcome, Sink};
 use crate::spool::{SinkMask, Spool, SpoolReader};
@@ -152,7 +152,9 @@ impl SinkLoop {
             })
             .collect();
         let mut backoff = Backoff::new(self.retry.initial, self.retry.max);
-        let keeps_order = self.sink.preserves_key_order();
+        // After a failure, retries go one event per conversation at a time whatever the sink:
+        // the first pass cannot be undone, but nothing gets further out of order.
+        let mut keeps_order = self.sink.preserves_key_order();
         loop {
             let mut retry_after = Duration::ZERO;
             let mut dead = Vec::new();
@@ -216,13 +218,14 @@ impl SinkLoop {
                     break;
                 }
             }
-            if !dead.is_empty() {
-                self.bury(dead).await;
+            if !dead.is_empty() && !self.bury(dead).await {
+                return false;
             }
             let waiting = attempts.iter().filter(|a| !a.done).count();
             if waiting == 0 {
                 return true;
             }
+            keeps_order = false;
             let delay = backoff.next_delay().max(retry_after);
             let error = attempts
                 .iter()
@@ -237,8 +240,9 @@ impl SinkLoop {
         }
     }
 
-    /// Stores dead letters durably; until that succeeds the batch is not committed.
-    async fn bury(&self, letters: Vec<DeadLetter>) {
+    /// Stores dead letters durably; until that succeeds the batch is not committed. Returns
+    /// false when the shutdown deadline came first (the batch then stays in the spool).
+    async fn bury(&self, letters: Vec<DeadLetter>) -> bool {
         for letter in &letters {
             error!(sink = %self.name, id = %letter.event.id, event = %letter.event.name,
                 attempts = letter.attempts, error = %letter.error, "event dead-lettered");
@@ -255,17 +259,12 @@ impl SinkLoop {
             let stored = tokio::task::spawn_blocking(move || match target2 {
                 // Into the spool for the dead letter sink: durable now, delivered by its loop.
                 Some((spool, mask)) => {
-                    let mut buffer = Vec::new();
-                    let mut bounds = Vec::with_capacity(letters2.len());
+                    let mut batch = RecordBatch::default();
                     for letter in letters2.iter() {
-                        let start = buffer.len();
-                        letter.event.encode_record(&mut buffer);
-                        bounds.push((start, buffer.len()));
+                        batch.push(&letter.event, mask);
                     }
-                    let records: Vec<(&[u8], SinkMask)> =
-                        bounds.iter().map(|&(s, e)| (&buffer[s..e], mask)).collect();
-                    let report = spool.append(&records).map_err(|e| e.to_string())?;
-                    if report.appended < records.len() {
+                    let report = batch.append_to(&spool).map_err(|e| e.to_string())?;
+                    if report.appended < batch.len() {
                         // A full spool refused them: never drop a dead letter, keep it on disk.
                         return store2.append(&name2, &letters2).map_err(|e| e.to_string());
                     }
@@ -279,7 +278,10 @@ impl SinkLoop {
                 Ok(()) => break,
                 Err(e) => {
                     error!(sink = %self.name, error = %e, "cannot store dead letters; retrying");
-                    sleep(backoff.next_delay()).await;
+                    tokio::select! {
+                        _ = self.give_up.cancelled() => return false,
+                        _ = sleep(backoff.next_delay()) => {}
+                    }
                 }
             }
         }
@@ -292,6 +294,7 @@ impl SinkLoop {
             None => info!(sink = %self.name, count,
                 "dead letters stored; `chatwoot-bridge dlq list --sink {}` shows them", self.name),
         }
+        true
     }
 }
 

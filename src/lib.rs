@@ -283,6 +283,17 @@ fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
         path: dir.to_owned(),
         source,
     })?;
+    // The spool holds Chatwoot payloads, contact tokens included: owner only.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| StartError::Lock {
+                path: dir.to_owned(),
+                source,
+            },
+        )?;
+    }
     let path = dir.join("lock");
     let file = File::options()
         .create(true)

@@ -24,7 +24,7 @@ use crate::dead_letter::DeadLetters;
 use crate::event::Event;
 use crate::id::IdAssigner;
 use crate::route::RouteTable;
-use crate::spool::{SinkMask, Spool};
+use crate::spool::{AppendReport, SinkMask, Spool, SpoolError};
 
 /// Most events appended (and read by a sink) at once: one write syscall, one produce batch.
 pub const MAX_BATCH: usize = 512;
@@ -54,6 +54,46 @@ pub struct PipelineStats {
     pub undecodable: AtomicU64,
 }
 
+/// Events encoded as spool records, each with its sinks, ready for one append (one write).
+#[derive(Debug, Default)]
+pub struct RecordBatch {
+    /// The encoded records, back to back; reused across batches.
+    buffer: Vec<u8>,
+    /// Where each record is in `buffer`, and its sinks.
+    records: Vec<(usize, usize, SinkMask)>,
+}
+
+impl RecordBatch {
+    pub fn push(&mut self, event: &Event, sinks: SinkMask) {
+        let start = self.buffer.len();
+        event.encode_record(&mut self.buffer);
+        self.records.push((start, self.buffer.len(), sinks));
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.buffer.clear();
+        self.records.clear();
+    }
+
+    /// Appends every record in one write. Blocking I/O: call from a blocking thread.
+    pub fn append_to(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+        let batch: Vec<(&[u8], SinkMask)> = self
+            .records
+            .iter()
+            .map(|&(start, end, mask)| (&self.buffer[start..end], mask))
+            .collect();
+        spool.append(&batch)
+    }
+}
+
 /// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
 /// dropped their senders and everything received is appended.
 pub async fn ingest(
@@ -70,11 +110,9 @@ pub async fn ingest(
         .collect();
     let mut ids = IdAssigner::new();
     let mut received = Vec::with_capacity(MAX_BATCH);
-    let mut buffer: Vec<u8> = Vec::new();
-    let mut records: Vec<(usize, usize, SinkMask)> = Vec::with_capacity(MAX_BATCH);
+    let mut batch = RecordBatch::default();
     while events.recv_many(&mut received, MAX_BATCH).await > 0 {
-        buffer.clear();
-        records.clear();
+        batch.clear();
         for mut event in received.drain(..) {
             event.id = ids.assign(event.content_hash, &event.token, event.received_at);
             let routed = routes.route(&event);
@@ -86,14 +124,12 @@ pub async fn ingest(
                 continue;
             }
             let mask = SinkMask(routed.sinks.iter().fold(0, |m, t| m | masks[t].0));
-            let start = buffer.len();
-            event.encode_record(&mut buffer);
-            records.push((start, buffer.len(), mask));
+            batch.push(&event, mask);
         }
-        if records.is_empty() {
+        if batch.is_empty() {
             continue;
         }
-        (buffer, records) = append_until_stored(&spool, buffer, records, &stats).await;
+        batch = append_until_stored(&spool, batch, &stats).await;
     }
     info!("ingest finished: every event read is in the spool");
 }
@@ -102,26 +138,20 @@ pub async fn ingest(
 /// an event that was read is never dropped for an I/O error.
 async fn append_until_stored(
     spool: &Spool,
-    buffer: Vec<u8>,
-    records: Vec<(usize, usize, SinkMask)>,
+    batch: RecordBatch,
     stats: &PipelineStats,
-) -> (Vec<u8>, Vec<(usize, usize, SinkMask)>) {
+) -> RecordBatch {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let mut parts = (buffer, records);
+    let mut batch = batch;
     loop {
         let spool = spool.clone();
-        let (buffer, records) = parts;
-        let (buffer, records, result) = tokio::task::spawn_blocking(move || {
-            let batch: Vec<(&[u8], SinkMask)> = records
-                .iter()
-                .map(|&(start, end, mask)| (&buffer[start..end], mask))
-                .collect();
-            let result = spool.append(&batch);
-            drop(batch);
-            (buffer, records, result)
+        let (returned, result) = tokio::task::spawn_blocking(move || {
+            let result = batch.append_to(&spool);
+            (batch, result)
         })
         .await
         .expect("spool appends do not panic");
+        batch = returned;
         match result {
             Ok(report) => {
                 stats
@@ -141,14 +171,13 @@ async fn append_until_stored(
                     error!(dropped = report.dropped_oldest,
                         "spool is full (spool.max_bytes): the oldest undelivered events were DROPPED (when_full: drop_oldest)");
                 }
-                return (buffer, records);
+                return batch;
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                error!(error = %e, events = records.len(), retry_in = ?delay,
+                error!(error = %e, events = batch.len(), retry_in = ?delay,
                     "cannot append to the spool; holding the sockets until it works");
                 sleep(delay).await;
-                parts = (buffer, records);
             }
         }
     }
@@ -208,16 +237,22 @@ pub async fn replay_dead_letters(
             let replayed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
                 let events = store.read_replay(&path2).map_err(|e| e.to_string())?;
                 let mask = spool2.mask(&[sink.as_str()]);
-                let mut buffer = Vec::new();
-                let mut bounds = Vec::with_capacity(events.len());
-                for event in &events {
-                    let start = buffer.len();
-                    event.encode_record(&mut buffer);
-                    bounds.push((start, buffer.len()));
+                let mut batch = RecordBatch::default();
+                for chunk in events.chunks(MAX_BATCH) {
+                    batch.clear();
+                    for event in chunk {
+                        batch.push(event, mask);
+                    }
+                    let report = batch.append_to(&spool2).map_err(|e| e.to_string())?;
+                    if report.appended < chunk.len() {
+                        // Keep the file: it is tried again later (what was appended already may
+                        // be delivered twice then, never lost).
+                        return Err(format!(
+                            "the spool is full; {} dead letters wait in the replay file",
+                            events.len()
+                        ));
+                    }
                 }
-                let batch: Vec<(&[u8], SinkMask)> =
-                    bounds.iter().map(|&(s, e)| (&buffer[s..e], mask)).collect();
-                spool2.append(&batch).map_err(|e| e.to_string())?;
                 store.finish_replay(&path2).map_err(|e| e.to_string())?;
                 Ok(events.len())
             })

@@ -11,32 +11,9 @@ use serde::Deserialize;
 
 use regex::Regex;
 
-use crate::config::Problem;
+use crate::config::{OneOrMany, Problem};
 use crate::event::Event;
 use crate::jsonpath::{Found, JsonPath};
-
-/// One value or a list of them; a list means any-of.
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> Default for OneOrMany<T> {
-    fn default() -> Self {
-        OneOrMany::Many(Vec::new())
-    }
-}
-
-impl<T> OneOrMany<T> {
-    fn into_vec(self) -> Vec<T> {
-        match self {
-            OneOrMany::One(one) => vec![one],
-            OneOrMany::Many(many) => many,
-        }
-    }
-}
 
 /// What a route matches, as written. Every present condition must hold; a list means any-of.
 /// `match: {}` matches every event.

@@ -289,6 +289,11 @@ pub fn kafka_topic(value: &str) -> Cow<'_, str> {
 /// Inserts a value as one URL path segment: anything but unreserved characters is
 /// percent-encoded, so a value can neither add segments nor a query.
 pub fn url_segment(value: &str) -> Cow<'_, str> {
+    // `.` and `..` are unreserved but mean "here" and "up" in a path: a value taken from data
+    // (a contact's name) must not move the request to another path on the host.
+    if value == "." || value == ".." {
+        return Cow::Owned(value.replace('.', "%2E"));
+    }
     let keep = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
     if value.bytes().all(keep) {
         return Cow::Borrowed(value);
@@ -307,6 +312,19 @@ pub fn url_segment(value: &str) -> Cow<'_, str> {
 /// Inserts a value unchanged (Kafka keys are bytes; anything goes).
 pub fn verbatim(value: &str) -> Cow<'_, str> {
     Cow::Borrowed(value)
+}
+
+#[cfg(test)]
+mod dot_tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_cannot_climb_the_path() {
+        assert_eq!(url_segment(".."), "%2E%2E");
+        assert_eq!(url_segment("."), "%2E");
+        assert_eq!(url_segment("a.b"), "a.b");
+        assert_eq!(url_segment("../x"), "..%2Fx");
+    }
 }
 
 #[cfg(test)]
