@@ -67,17 +67,25 @@ struct Attempt {
 
 impl SinkLoop {
     pub async fn run(mut self) {
+        // The last finished batch, committed with the next read: cursor writes and segment
+        // deletions are file I/O, kept off the async threads like the reads.
+        let mut finished: Option<u64> = None;
         loop {
-            let (reader, read) = {
+            let (reader, committed, read) = {
                 let mut reader = self.reader;
+                let upto = finished.take();
                 tokio::task::spawn_blocking(move || {
+                    let committed = upto.map(|seq| reader.commit(seq)).transpose();
                     let read = reader.read_batch(MAX_BATCH);
-                    (reader, read)
+                    (reader, committed, read)
                 })
                 .await
                 .expect("spool reads do not panic")
             };
             self.reader = reader;
+            if let Err(e) = committed {
+                error!(sink = %self.name, error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
+            }
             let records = match read {
                 Ok(records) => records,
                 Err(e) => {
@@ -115,8 +123,15 @@ impl SinkLoop {
             if !self.deliver_all(events).await {
                 break;
             }
-            if let Err(e) = self.reader.commit(last_seq) {
-                error!(sink = %self.name, error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
+            finished = Some(last_seq);
+        }
+        if let Some(seq) = finished {
+            let mut reader = self.reader;
+            let committed = tokio::task::spawn_blocking(move || reader.commit(seq))
+                .await
+                .expect("spool commits do not panic");
+            if let Err(e) = committed {
+                error!(sink = %self.name, error = %e, "cannot commit spool progress at shutdown");
             }
         }
         self.sink.close().await;

@@ -221,7 +221,11 @@ pub async fn replay_dead_letters(
     stop: CancellationToken,
 ) {
     loop {
-        let pending = match dead_letters.pending_replays() {
+        let store = dead_letters.clone();
+        let pending = match tokio::task::spawn_blocking(move || store.pending_replays())
+            .await
+            .expect("listing replays does not panic")
+        {
             Ok(pending) => pending,
             Err(e) => {
                 warn!(error = %e, "cannot look for dead-letter replays");

@@ -23,6 +23,30 @@ fn spawn(config: &Path) -> Child {
         .expect("the binary starts")
 }
 
+/// The `mock_seq` of every record the file sink had not committed, read from the spool as the
+/// killed process left it (the next process recovers the same way).
+fn pending_in_spool(dir: &Path) -> Vec<u64> {
+    use chatwoot_bridge::spool::{Spool, SpoolConfig};
+    let spool = Spool::open(
+        SpoolConfig::new(dir),
+        &["archive".to_string(), "stream".to_string()],
+    )
+    .expect("the spool opens after a kill");
+    let mut reader = spool.reader("archive").unwrap();
+    let mut seqs = Vec::new();
+    loop {
+        let batch = reader.read_batch(512).unwrap();
+        if batch.is_empty() {
+            return seqs;
+        }
+        for (_, bytes) in batch {
+            let event = chatwoot_bridge::event::Event::decode_record(&bytes).unwrap();
+            let data: serde_json::Value = serde_json::from_str(event.data.get()).unwrap();
+            seqs.push(data["mock_seq"].as_u64().unwrap());
+        }
+    }
+}
+
 /// `mock_seq` → how many times it was written.
 fn delivered(path: &Path) -> BTreeMap<u64, usize> {
     let mut seen = BTreeMap::new();
@@ -105,6 +129,9 @@ spool: {{ dir: {spool}, fsync: never }}
         .unwrap();
     let at_kill = delivered(&out);
     let last_before_kill = *at_kill.keys().last().unwrap();
+    // What the killed process had in its spool and not yet committed for the file sink: the
+    // restart must deliver every one of these.
+    let pending = pending_in_spool(&dir.path().join("spool"));
 
     let mut second = spawn(&config);
     wait_for("the rest of the stream", Duration::from_secs(30), || {
@@ -151,6 +178,12 @@ spool: {{ dir: {spool}, fsync: never }}
         duplicates.iter().all(|&s| s <= last_before_kill),
         "duplicates outside the crash window: {duplicates:?}"
     );
+    for seq in &pending {
+        assert!(
+            seen.contains_key(seq),
+            "event {seq} was in the spool at the kill and is missing"
+        );
+    }
     // JetStream drops a re-delivered event by its Nats-Msg-Id (the event id): the stream holds
     // exactly one message per distinct event.
     let js = async_nats::jetstream::new(nats.client().await);
@@ -169,10 +202,12 @@ spool: {{ dir: {spool}, fsync: never }}
     );
     eprintln!(
         "delivered {} distinct of {TOTAL}; runs {runs:?}; {} delivered before the kill, {} more \
-         recovered from the spool after it; {} duplicates",
+         recovered from the spool after it ({} uncommitted records in the spool at the kill); \
+         {} duplicates",
         seen.len(),
         last_before_kill + 1,
         before_gap - last_before_kill,
+        pending.len(),
         duplicates.len()
     );
 }
