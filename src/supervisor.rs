@@ -89,6 +89,8 @@ impl Supervisor {
                 Some(running) if *running.spec == *spec => {}
                 Some(_) => {
                     self.stop(&spec.name);
+                    // A fresh status cell: the stopped task's last words must not land on it.
+                    self.status.unregister(&spec.name);
                     self.start(spec.clone());
                     report.restarted.push(spec.name.to_string());
                 }

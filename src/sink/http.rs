@@ -307,13 +307,23 @@ impl HttpSink {
             .headers(headers)
             .body(body);
         match request.send().await {
-            Ok(response) => {
+            Ok(mut response) => {
                 let retry_after = response
                     .headers()
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(parse_retry_after);
-                classify_status(response.status(), retry_after)
+                let status = response.status();
+                // Read the (small) answer to its end so the connection goes back to the pool;
+                // an unread body closes it. Bounded: a huge answer is not worth keeping it.
+                let mut drained = 0usize;
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    drained += chunk.len();
+                    if drained > MAX_DRAINED_BODY {
+                        break;
+                    }
+                }
+                classify_status(status, retry_after)
             }
             Err(e) => {
                 // The URL is left out: the sink's name already says where, and the rendered path
@@ -324,6 +334,9 @@ impl HttpSink {
         }
     }
 }
+
+/// Most of a response body read to keep its connection reusable.
+const MAX_DRAINED_BODY: usize = 64 * 1024;
 
 /// The CloudEvents HTTP binding headers.
 pub fn request_headers(event: &Event, envelope: Envelope) -> HeaderMap {
