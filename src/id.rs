@@ -33,6 +33,9 @@ pub struct IdAssigner {
     groups: HashMap<u128, Group>,
     /// Groups in opening order, to forget them once the window has passed.
     opened: VecDeque<(SystemTime, u128)>,
+    /// The latest receive time seen. Time never goes back for ids: after the clock is stepped
+    /// back, a bucket already used would start over at `n = 0` and repeat an old id.
+    latest: Option<SystemTime>,
 }
 
 #[derive(Debug)]
@@ -54,6 +57,11 @@ impl IdAssigner {
 
     /// The id of a sighting of `content` on `token` at `at` (the receive time).
     pub fn assign(&mut self, content: u128, token: &Arc<str>, at: SystemTime) -> EventId {
+        let at = match self.latest {
+            Some(latest) if latest > at => latest,
+            _ => at,
+        };
+        self.latest = Some(at);
         self.forget_before(at);
         let second = at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -197,6 +205,20 @@ mod tests {
         let one = IdAssigner::new().assign(content, &a, at(10));
         let two = IdAssigner::new().assign(content, &a, at(20));
         assert_eq!(one, two);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_never_repeats_an_id() {
+        let a: Arc<str> = Arc::from("a");
+        let content = content_hash("conversation.typing_on", r#"{"conversation":{"id":1}}"#);
+        let mut ids = IdAssigner::new();
+        let first = ids.assign(content, &a, at(500));
+        // Two seconds later the same bytes again, then the clock is stepped back 3 s.
+        let second = ids.assign(content, &a, at(2_500));
+        let after_step = ids.assign(content, &a, at(0));
+        assert_ne!(first, second);
+        assert_ne!(after_step, first);
+        assert_ne!(after_step, second);
     }
 
     #[test]
