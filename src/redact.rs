@@ -378,4 +378,56 @@ mod tests {
             _ => {}
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// For any JSON with tokens and dropped paths sprinkled in, the output is valid JSON equal
+        /// to the input tree without them.
+        #[test]
+        fn redaction_matches_a_tree_model(value in json_tree(), spaced in proptest::prelude::any::<bool>()) {
+            let text = if spaced {
+                serde_json::to_string_pretty(&value).unwrap()
+            } else {
+                value.to_string()
+            };
+            let r = Redaction {
+                strip_pubsub_tokens: true,
+                drop: vec![JsonPath::parse("a.b").unwrap()],
+            };
+            let out = r.apply(&text).unwrap_or(text.clone());
+            let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let mut expected = value.clone();
+            remove_tokens(&mut expected);
+            if let Some(a) = expected.get_mut("a").and_then(|a| a.as_object_mut()) {
+                a.remove("b");
+            }
+            proptest::prop_assert_eq!(got, expected);
+        }
+    }
+
+    fn json_tree() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            "[a-z \\\\\"{}\\[\\],:]{0,6}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 40, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("pubsub_token".to_string()),
+                        Just("a".to_string()),
+                        Just("b".to_string()),
+                        "[a-c]{1,2}"
+                    ],
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
 }
