@@ -55,10 +55,19 @@ spool: {{ dir: {spool} }}
     Config::from_yaml(&yaml, &|_| None, false).expect("test config is valid")
 }
 
+const AGENT_ONLY: &str =
+    "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+
 const AGENT_AND_VISITOR: &str = r#"
   - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }
   - { name: visitor, pubsub_token: visitor-secret }
 "#;
+
+/// Shuts the bridge down (bounded) and stops the mock server.
+async fn stop(bridge: Bridge, server: MockServer) {
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    server.stop().await;
+}
 
 fn read_events(path: &Path) -> Vec<Value> {
     match std::fs::read_to_string(path) {
@@ -211,7 +220,7 @@ fn server_url_of(event: &Value) -> String {
 async fn data_is_written_byte_for_byte() {
     let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
         .await
         .unwrap();
@@ -220,8 +229,7 @@ async fn data_is_written_byte_for_byte() {
     let data = r#"{ "z":1,"a" : "caf\u00e9","n":1.50,"account_id":1 }"#;
     server.broadcast("some.future_event", data);
     wait_for_lines(&out, 1).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains(&format!(r#""data":{data}}}"#)), "{text}");
     assert!(text.contains(r#""type":"com.chatwoot.some.future_event""#));
@@ -267,8 +275,7 @@ async fn a_silent_token_is_unconfirmed_and_does_not_affect_the_other() {
     let events = wait_for_lines(&out, 10).await;
     assert_eq!(seqs_of(&events, "agent"), vec![0, 1, 2, 3, 4]);
     assert_eq!(seqs_of(&events, "visitor"), vec![0, 1, 2, 3, 4]);
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
@@ -288,8 +295,7 @@ async fn a_rejected_token_is_reported_and_retried() {
     server.broadcast_generated();
     let events = wait_for_lines(&out, 1).await;
     assert_eq!(seqs_of(&events, "agent"), vec![0]);
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
@@ -302,7 +308,7 @@ async fn a_confirm_after_the_timeout_is_not_believed() {
     )])
     .await;
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let mut cfg = config(&server.url(), tokens, &out, "");
     cfg.cable.reconnect.initial = Duration::from_secs(2);
     cfg.cable.reconnect.max = Duration::from_secs(2);
@@ -321,8 +327,7 @@ async fn a_confirm_after_the_timeout_is_not_believed() {
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
     server.broadcast_generated();
     wait_for_lines(&out, 1).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
@@ -330,7 +335,7 @@ async fn events_before_the_confirm_are_kept() {
     // Old installs stream events on a subscription they never confirm.
     let server = mock(vec![token("agent-secret", Answer::StreamUnconfirmed)]).await;
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
         .await
         .unwrap();
@@ -341,8 +346,7 @@ async fn events_before_the_confirm_are_kept() {
     server.broadcast_generated();
     let events = wait_for_lines(&out, 1).await;
     assert_eq!(seqs_of(&events, "agent"), vec![0]);
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
@@ -399,8 +403,7 @@ async fn survives_the_server_dropping_every_connection_and_restarting() {
         r#"{"account_id":1,"step":"after restart"}"#,
     );
     let events = wait_for_lines(&out, 6).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 
     let steps: Vec<&str> = events
         .iter()
@@ -423,7 +426,7 @@ async fn survives_the_server_dropping_every_connection_and_restarting() {
 async fn a_silent_server_is_detected_as_stale_and_reconnected() {
     let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let mut cfg = config(&server.url(), tokens, &out, "");
     // Pings every 300 ms: a healthy socket is never stale, even on a loaded test machine.
     cfg.cable.stale_after = Duration::from_secs(2);
@@ -446,15 +449,14 @@ async fn a_silent_server_is_detected_as_stale_and_reconnected() {
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
     server.broadcast_generated();
     wait_for_lines(&out, 1).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
 async fn disconnect_frames_reconnect_now_or_back_off_long() {
     let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let mut cfg_long = config(&server.url(), tokens, &out, "");
     cfg_long.cable.stale_after = Duration::from_secs(5);
     cfg_long.cable.reconnect.after_disconnect_without_reconnect = Duration::from_secs(60);
@@ -481,15 +483,14 @@ async fn disconnect_frames_reconnect_now_or_back_off_long() {
         bridge.status().token("agent").unwrap().state,
         TokenState::BackingOff
     );
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
 async fn malformed_and_oversized_frames_are_skipped_and_counted() {
     let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let bridge = Bridge::start(config(
         &server.url(),
         tokens,
@@ -540,8 +541,7 @@ async fn malformed_and_oversized_frames_are_skipped_and_counted() {
     server.broadcast("message.created", r#"{"account_id":1,"n":"after big"}"#);
     let events = wait_for_lines(&out, 2).await;
     assert_eq!(events[1]["data"]["n"], "after big");
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
@@ -581,8 +581,7 @@ async fn presence_is_sent_only_when_the_token_asks() {
     .unwrap();
     wait_state(&bridge, "present", TokenState::Subscribed).await;
     wait_until("presence updates", || server.presence_updates() >= 3).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
-    server.stop().await;
+    stop(bridge, server).await;
 }
 
 #[tokio::test]
@@ -597,7 +596,7 @@ async fn shutdown_delivers_everything_that_was_read() {
     .await
     .unwrap();
     let (_dir, out) = out_file();
-    let tokens = "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+    let tokens = AGENT_ONLY;
     let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
         .await
         .unwrap();
