@@ -92,8 +92,36 @@ impl DeadLetters {
         self.dir.join(format!("{sink}.jsonl"))
     }
 
+    /// Holds the folder's lock (shared by the daemon and the `dlq` command) while `f` runs, so
+    /// a dead letter being written never lands in a file that `dlq replay` has just renamed.
+    fn exclusively<T>(
+        &self,
+        f: impl FnOnce() -> Result<T, DeadLetterError>,
+    ) -> Result<T, DeadLetterError> {
+        let path = self.dir.join(".lock");
+        let io_error = |action, source| DeadLetterError::Io {
+            action,
+            path: path.clone(),
+            source,
+        };
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error("open", e))?;
+        lock.lock().map_err(|e| io_error("lock", e))?;
+        let result = f();
+        drop(lock); // closing the file releases the lock
+        result
+    }
+
     /// Appends and fsyncs: dead letters are rare, and losing one would be silent.
     pub fn append(&self, sink: &str, letters: &[DeadLetter]) -> Result<(), DeadLetterError> {
+        self.exclusively(|| self.append_unlocked(sink, letters))
+    }
+
+    fn append_unlocked(&self, sink: &str, letters: &[DeadLetter]) -> Result<(), DeadLetterError> {
         let path = self.file(sink);
         let io_error = |action, source| DeadLetterError::Io {
             action,
@@ -132,6 +160,10 @@ impl DeadLetters {
 
     /// Deletes the dead letters of `sink`; returns how many there were.
     pub fn purge(&self, sink: &str) -> Result<usize, DeadLetterError> {
+        self.exclusively(|| self.purge_unlocked(sink))
+    }
+
+    fn purge_unlocked(&self, sink: &str) -> Result<usize, DeadLetterError> {
         let path = self.file(sink);
         let count = read_file(&path)?.len();
         match fs::remove_file(&path) {
@@ -147,6 +179,10 @@ impl DeadLetters {
 
     /// Queues the dead letters of `sink` for redelivery; returns how many.
     pub fn queue_replay(&self, sink: &str) -> Result<usize, DeadLetterError> {
+        self.exclusively(|| self.queue_replay_unlocked(sink))
+    }
+
+    fn queue_replay_unlocked(&self, sink: &str) -> Result<usize, DeadLetterError> {
         let path = self.file(sink);
         let count = read_file(&path)?.len();
         if count == 0 {
