@@ -141,6 +141,17 @@ pub enum KafkaBuildError {
     Config(String),
 }
 
+/// `text` with every configured librdkafka value masked: librdkafka quotes values in its errors.
+fn redact_values(text: &str, settings: &KafkaSettings) -> String {
+    let mut text = text.to_owned();
+    for (_, value) in &settings.librdkafka {
+        if !value.expose().is_empty() {
+            text = text.replace(value.expose(), "<redacted>");
+        }
+    }
+    text
+}
+
 /// A producer and what to send with it.
 pub struct KafkaSink {
     /// Thread-safe, connects (and reconnects) in the background; creating it never waits for
@@ -153,13 +164,7 @@ pub struct KafkaSink {
 impl KafkaSink {
     pub fn build(settings: &Arc<KafkaSettings>) -> Result<KafkaSink, KafkaBuildError> {
         let producer = client_config(settings).create().map_err(|e: KafkaError| {
-            let mut message = e.to_string();
-            for (_, value) in &settings.librdkafka {
-                if !value.expose().is_empty() {
-                    message = message.replace(value.expose(), "<redacted>");
-                }
-            }
-            KafkaBuildError::Config(message)
+            KafkaBuildError::Config(redact_values(&e.to_string(), settings))
         })?;
         Ok(KafkaSink {
             producer,
@@ -170,6 +175,25 @@ impl KafkaSink {
     /// Enqueues the whole batch, then waits for every delivery report together: librdkafka
     /// batches the records on the wire, and an event counts only once the broker confirmed it.
     pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+        // An idempotent producer that hit a fatal error (e.g. its producer id was fenced) fails
+        // every message from then on: start a new one, as librdkafka's documentation says.
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::error!(?code, reason = %redact_values(&reason, &self.settings), "kafka producer hit a fatal error; creating a new one");
+            match client_config(&self.settings).create::<FutureProducer>() {
+                Ok(producer) => self.producer = producer,
+                Err(e) => {
+                    let message = redact_values(&e.to_string(), &self.settings);
+                    return batch
+                        .iter()
+                        .map(|_| {
+                            Outcome::Retryable(SinkError::new(format!(
+                                "kafka: cannot recreate the producer: {message}"
+                            )))
+                        })
+                        .collect();
+                }
+            }
+        }
         let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
         let mut pending = Vec::with_capacity(batch.len());
         for (i, event) in batch.iter().enumerate() {
