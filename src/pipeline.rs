@@ -183,14 +183,21 @@ async fn append_until_stored(
     }
 }
 
+/// Distinct event names counted one by one; the server chooses the names, so the map is bounded.
+const MAX_COUNTED_NAMES: usize = 1000;
+
 fn count_unmatched(stats: &PipelineStats, name: &str) {
     let mut unmatched = stats.unmatched.lock().expect("stats lock");
-    match unmatched.get_mut(name) {
-        Some(count) => *count += 1,
-        None => {
-            unmatched.insert(name.to_owned(), 1);
-        }
+    if let Some(count) = unmatched.get_mut(name) {
+        *count += 1;
+        return;
     }
+    let key = if unmatched.len() < MAX_COUNTED_NAMES {
+        name
+    } else {
+        "(other)"
+    };
+    *unmatched.entry(key.to_owned()).or_default() += 1;
 }
 
 /// Forces the spool to disk every `interval` until `stop`, then once more.
