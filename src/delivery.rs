@@ -8,6 +8,9 @@
 //! waits for the earlier one of its conversation to be delivered, including across retries.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -120,8 +123,32 @@ impl SinkLoop {
                     }
                 }
             }
-            if !self.deliver_all(events).await {
-                break;
+            // A panic while delivering (a bug, never expected) must neither kill this sink for
+            // the life of the process nor come back on every restart: the batch goes to the
+            // dead letters, loudly, and the loop goes on.
+            let attempt = AssertUnwindSafe(self.deliver_all(events.clone()))
+                .catch_unwind()
+                .await;
+            match attempt {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    error!(sink = %self.name, events = events.len(), "delivery panicked; the batch goes to the dead letters");
+                    let now = SystemTime::now();
+                    let letters = events
+                        .iter()
+                        .map(|event| DeadLetter {
+                            event: Event::clone(event),
+                            error: "the bridge panicked while delivering this batch".into(),
+                            attempts: 1,
+                            first_attempt: now,
+                            last_attempt: now,
+                        })
+                        .collect();
+                    if !self.bury(letters).await {
+                        break;
+                    }
+                }
             }
             finished = Some(last_seq);
         }
