@@ -222,6 +222,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 rate,
                 count,
                 wait_for_subscriptions: 0,
+                blast: None,
             })
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
