@@ -505,9 +505,12 @@ impl BareSink {
                         }
                         break;
                     }
-                    Err((rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ), _)) => match pending.pop_front() {
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        _,
+                    )) => match pending.pop_front() {
                         Some(d) => {
                             let _ = d.await;
                         }
@@ -961,21 +964,44 @@ fn run_once(
             let spool = dir.join(format!("{tag}-spool"));
             let config = dir.join(format!("{tag}.yaml"));
             std::fs::write(&config, bridge_yaml(&cable, sink, &target, &topic, &spool))?;
-            let mut argv = vec!["run".into(), "--config".into(), config.display().to_string()];
+            let mut argv = vec![
+                "run".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ];
             match std::env::var("BENCH_PERF") {
                 // Profile the bridge: `perf record` wraps it and is stopped with SIGINT.
                 Ok(out) if !out.is_empty() => {
-                    let mut perf: Vec<String> = ["record", "-e", "cpu-clock", "-F", "2000", "--call-graph", "dwarf,16384", "-o"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect();
+                    let mut perf: Vec<String> = [
+                        "record",
+                        "-e",
+                        "cpu-clock",
+                        "-F",
+                        "2000",
+                        "--call-graph",
+                        "dwarf,16384",
+                        "-o",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
                     perf.push(out);
                     perf.push("--".into());
                     perf.push(bridge_binary()?.display().to_string());
                     perf.append(&mut argv);
-                    Proc::spawn("perf", Path::new("perf"), &perf, &dir.join(format!("{tag}-bridge.log")))?
+                    Proc::spawn(
+                        "perf",
+                        Path::new("perf"),
+                        &perf,
+                        &dir.join(format!("{tag}-bridge.log")),
+                    )?
                 }
-                _ => Proc::spawn("bridge", &bridge_binary()?, &argv, &dir.join(format!("{tag}-bridge.log")))?,
+                _ => Proc::spawn(
+                    "bridge",
+                    &bridge_binary()?,
+                    &argv,
+                    &dir.join(format!("{tag}-bridge.log")),
+                )?,
             }
         }
         "bare" | "reader" => Proc::spawn(
@@ -1001,7 +1027,8 @@ fn run_once(
             &dir.join(format!("{tag}-bare.log")),
         )?,
         "python" => {
-            let python = std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "bench/venv/bin/python".into());
+            let python =
+                std::env::var("BENCH_PYTHON").unwrap_or_else(|_| "bench/venv/bin/python".into());
             Proc::spawn(
                 "python",
                 Path::new(&python),
@@ -1067,7 +1094,16 @@ fn orchestrate(scenario: &str, args: Args) -> Result<()> {
                     &["bare", "bridge"]
                 };
                 for variant in variants {
-                    let r = run_once(variant, &sink, broker.as_ref(), count, 0.0, 0, dir.path(), run)?;
+                    let r = run_once(
+                        variant,
+                        &sink,
+                        broker.as_ref(),
+                        count,
+                        0.0,
+                        0,
+                        dir.path(),
+                        run,
+                    )?;
                     row(variant, run, &r);
                     rates.insert(variant.to_string(), r.f("rate"));
                 }
@@ -1100,7 +1136,16 @@ fn orchestrate(scenario: &str, args: Args) -> Result<()> {
         "python" => {
             let count: u64 = args.num("count", 300_000);
             for run in 1..=reps {
-                let r = run_once("python", &sink, broker.as_ref(), count, 0.0, 0, dir.path(), run)?;
+                let r = run_once(
+                    "python",
+                    &sink,
+                    broker.as_ref(),
+                    count,
+                    0.0,
+                    0,
+                    dir.path(),
+                    run,
+                )?;
                 row("python", run, &r);
             }
         }
@@ -1150,7 +1195,11 @@ fn backlog(args: &Args, sink: &str, dir: &Path) -> Result<()> {
     let bridge = Proc::spawn(
         "bridge",
         &bridge_binary()?,
-        &["run".into(), "--config".into(), config.display().to_string()],
+        &[
+            "run".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
         &dir.join("backlog-bridge.log"),
     )?;
     let started = Instant::now();
@@ -1291,33 +1340,38 @@ fn scale(args: Args) -> Result<()> {
     let bridge = Proc::spawn(
         "bridge",
         &bridge_binary()?,
-        &["run".into(), "--config".into(), config.display().to_string()],
+        &[
+            "run".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
         &dir.path().join("scale-bridge.log"),
     )?;
     let started = Instant::now();
-    let all_streaming = |mock: &Proc, within: Duration, from: Instant| -> Result<(f64, Vec<(f64, usize)>)> {
-        let deadline = Instant::now() + within;
-        let mut curve = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = mock.wait_line("STAT ", left.max(Duration::from_millis(1)))?;
-            let field = |k: &str| {
-                line.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(k))
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .unwrap_or(0)
-            };
-            let t = from.elapsed().as_secs_f64();
-            let n = field("streaming=");
-            curve.push((t, n));
-            if n >= tokens {
-                return Ok((t, curve));
+    let all_streaming =
+        |mock: &Proc, within: Duration, from: Instant| -> Result<(f64, Vec<(f64, usize)>)> {
+            let deadline = Instant::now() + within;
+            let mut curve = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = mock.wait_line("STAT ", left.max(Duration::from_millis(1)))?;
+                let field = |k: &str| {
+                    line.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(k))
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0)
+                };
+                let t = from.elapsed().as_secs_f64();
+                let n = field("streaming=");
+                curve.push((t, n));
+                if n >= tokens {
+                    return Ok((t, curve));
+                }
+                if Instant::now() > deadline {
+                    bail!("only {n} of {tokens} subscribed after {within:?}");
+                }
             }
-            if Instant::now() > deadline {
-                bail!("only {n} of {tokens} subscribed after {within:?}");
-            }
-        }
-    };
+        };
     let (t_all, _) = all_streaming(&mock, Duration::from_secs(120), started)?;
     println!("SCALE tokens={tokens} all subscribed {t_all:.1} s after the bridge started");
     // Idle: pings only. CPU over the window, RSS at its end; reconnects from the mock's count.
@@ -1347,7 +1401,9 @@ fn scale(args: Args) -> Result<()> {
     let mock = start_mock("scale-mock-2")?;
     mock.wait_line("LISTEN ", Duration::from_secs(20))?;
     let (t_back, curve) = all_streaming(&mock, Duration::from_secs(120), restarted)?;
-    println!("SCALE restart: all {tokens} resubscribed {t_back:.1} s after the mock server came back");
+    println!(
+        "SCALE restart: all {tokens} resubscribed {t_back:.1} s after the mock server came back"
+    );
     // Histogram of resubscriptions per second.
     let mut prev = 0;
     let mut buckets: BTreeMap<u64, usize> = BTreeMap::new();
