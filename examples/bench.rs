@@ -599,12 +599,18 @@ async fn bare_role(args: Args) -> Result<()> {
             in_flight: args.num("in-flight", 512),
         },
         "kafka" => BareSink::Kafka {
-            producer: rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &url)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("compression.type", "lz4")
-                .create()?,
+            producer: {
+                let mut config = rdkafka::ClientConfig::new();
+                config
+                    .set("bootstrap.servers", &url)
+                    .set("enable.idempotence", "true")
+                    .set("acks", "all")
+                    .set("compression.type", "lz4");
+                if let Some(ms) = kafka_linger_ms() {
+                    config.set("linger.ms", ms.to_string());
+                }
+                config.create()?
+            },
             topic: args.str("topic", "bench"),
             pending: VecDeque::new(),
         },
@@ -870,6 +876,14 @@ fn start_broker(sink: &str, dir: &Path) -> Result<Option<Broker>> {
     Ok(Some(Broker { _proc: proc, url }))
 }
 
+/// `BENCH_KAFKA_LINGER_MS`: librdkafka's `linger.ms` for the bare pipe and the bridge alike
+/// (unset: librdkafka's default, 5 ms).
+fn kafka_linger_ms() -> Option<u64> {
+    std::env::var("BENCH_KAFKA_LINGER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+}
+
 /// The bridge's YAML for one token on `cable` and one sink.
 fn bridge_yaml(cable: &str, sink: &str, target: &str, topic: &str, spool: &Path) -> String {
     let sink_yaml = match sink {
@@ -877,7 +891,12 @@ fn bridge_yaml(cable: &str, sink: &str, target: &str, topic: &str, spool: &Path)
         "jetstream" => format!(
             "{{ type: nats, url: \"{target}\", subject: \"bench.{{event}}\", jetstream: {{ stream: BENCH }} }}"
         ),
-        "kafka" => format!("{{ type: kafka, brokers: [\"{target}\"], topic: \"{topic}\" }}"),
+        "kafka" => match kafka_linger_ms() {
+            Some(ms) => format!(
+                "{{ type: kafka, brokers: [\"{target}\"], topic: \"{topic}\", librdkafka: {{ linger.ms: \"{ms}\" }} }}"
+            ),
+            None => format!("{{ type: kafka, brokers: [\"{target}\"], topic: \"{topic}\" }}"),
+        },
         "http" => format!("{{ type: http, url: \"{target}\" }}"),
         _ => unreachable!(),
     };
