@@ -31,6 +31,14 @@ use crate::status::{TokenReporter, TokenState};
 /// cheap, and tungstenite's 128 KiB default would cost over a gigabyte at 10,000 tokens.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
+/// Handshakes in progress at once, over all tokens. A handshake's buffers (request,
+/// response, TLS) are several KB; 10,000 tokens starting together held them all at once and
+/// the process kept that peak (about 90 MB of RSS) for good. Slots are released as soon as the
+/// WebSocket is open; a loopback handshake takes about a millisecond, a TLS one tens.
+const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+static HANDSHAKES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_CONCURRENT_HANDSHAKES);
+
 /// After a `disconnect` with `reconnect: true`, reconnect within this (jittered) delay.
 const PROMPT_RECONNECT_CEILING: Duration = Duration::from_secs(1);
 
@@ -131,9 +139,14 @@ impl TokenTask {
         healthy_for: &mut Duration,
     ) -> SessionEnd {
         let name = &self.spec.name;
+        // Waiting for a handshake slot does not count against connect_timeout.
+        let handshake = tokio::select! {
+            _ = self.cancel.cancelled() => return SessionEnd::Cancelled,
+            permit = HANDSHAKES.acquire() => permit.expect("the handshake semaphore is never closed"),
+        };
         let mut ws = tokio::select! {
             _ = self.cancel.cancelled() => return SessionEnd::Cancelled,
-            connected = timeout(self.settings.connect_timeout, connect(&self.spec, &self.settings)) => match connected {
+            connected = timeout(self.settings.connect_timeout, Box::pin(connect(&self.spec, &self.settings))) => match connected {
                 Err(_) => return SessionEnd::Lost(format!(
                     "connect to {} timed out after {:?}", self.spec.url, self.settings.connect_timeout)),
                 Ok(Err(e)) => return SessionEnd::Lost(format!(
@@ -141,6 +154,7 @@ impl TokenTask {
                 Ok(Ok(ws)) => ws,
             },
         };
+        drop(handshake);
         self.status.connected();
         debug!(token = %name, url = %self.spec.url, "connected");
 

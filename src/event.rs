@@ -167,11 +167,14 @@ impl DataKeys {
             conversation: Option<Nested>,
         }
         fn lenient_nested<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Nested>, D::Error> {
-            // A `conversation` that is not an object (null, a string) is simply absent.
-            let value = serde_json::Value::deserialize(d)?;
-            Ok(value
-                .is_object()
-                .then(|| serde_json::from_value(value).ok())
+            // A `conversation` that is not an object (null, a string) is simply absent. Borrowed
+            // as raw JSON and read in place: building a `Value` tree of it cost more than the
+            // rest of the event's keys together.
+            let raw = <&RawValue>::deserialize(d)?;
+            Ok(raw
+                .get()
+                .starts_with('{')
+                .then(|| serde_json::from_str(raw.get()).ok())
                 .flatten())
         }
         // serde would read an array as a struct's fields in order; only objects carry keys.

@@ -11,6 +11,12 @@ use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
+/// Every event is a handful of short-lived allocations made on one thread and freed on another
+/// (socket task, ingest, sink loop); glibc's allocator spent a fifth of the daemon's CPU on
+/// them under load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "chatwoot-bridge",
@@ -223,6 +229,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 rate,
                 count,
                 wait_for_subscriptions: 0,
+                blast: None,
             })
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;

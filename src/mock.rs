@@ -67,6 +67,25 @@ pub struct MockConfig {
     /// Start generating only once this many subscriptions stream, so no generated event is
     /// broadcast to nobody.
     pub wait_for_subscriptions: usize,
+    /// High-rate mode for benchmarks: each connection writes pre-encoded frames itself.
+    pub blast: Option<Blast>,
+}
+
+/// High-rate mode: once a connection's first subscription streams (and `wait_for_subscriptions`
+/// subscriptions stream in all), the connection writes `count` `message.created` events built
+/// from one pre-encoded WebSocket frame (~1.2 KB), patching only the digits of `mock_seq`,
+/// `mock_sent_at_us` and `conversation_id` (space-padded, so the length never changes). Frames go
+/// straight to the socket, many per `write`, as fast as it takes them or at a fixed `rate`.
+/// Sequence numbers are unique across connections. Afterwards the connection behaves as usual.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Blast {
+    /// Events per connection.
+    pub count: u64,
+    /// Events per second per connection; `None` for as fast as the socket takes them.
+    pub rate: Option<f64>,
+    /// `conversation_id` cycles through this many values (1..=n), so sinks that keep one event
+    /// per conversation in flight see realistic concurrency.
+    pub conversations: u64,
 }
 
 impl Default for MockConfig {
@@ -79,6 +98,7 @@ impl Default for MockConfig {
             rate: 0.0,
             count: None,
             wait_for_subscriptions: 0,
+            blast: None,
         }
     }
 }
@@ -116,6 +136,8 @@ struct Shared {
     sequence: AtomicU64,
     /// `Origin` header of the latest handshake.
     last_origin: Mutex<Option<String>>,
+    blast: Option<Blast>,
+    wait_for_subscriptions: usize,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
@@ -150,6 +172,8 @@ impl MockServer {
             streaming: AtomicUsize::new(0),
             sequence: AtomicU64::new(0),
             last_origin: Mutex::new(None),
+            blast: config.blast,
+            wait_for_subscriptions: config.wait_for_subscriptions,
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -434,6 +458,7 @@ async fn serve(
     shared.connections.fetch_add(1, Ordering::Relaxed);
     shared.open_connections.fetch_add(1, Ordering::Relaxed);
     let mut subscriptions: Vec<Subscribed> = Vec::new();
+    let mut blasted = false;
     let mut ping = interval(ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ping.tick().await;
@@ -500,6 +525,15 @@ async fn serve(
                     };
                     if handle_command(&shared, text.as_str(), &mut subscriptions, &mut ws).await.is_err() {
                         break;
+                    }
+                    if let Some(blast) = shared.blast.filter(|_| !blasted) {
+                        if let Some(sub) = subscriptions.iter().find(|s| s.streams) {
+                            blasted = true;
+                            let identifier = sub.identifier.clone();
+                            if run_blast(&mut ws, &shared, blast, &identifier, &mut ping, &cancel).await.is_err() {
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -602,6 +636,172 @@ where
             shared.presence_updates.fetch_add(1, Ordering::Relaxed);
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Width of the space-padded numbers in a blast frame (JSON allows whitespace before a value).
+const SEQ_WIDTH: usize = 12;
+const SENT_AT_WIDTH: usize = 17;
+const CONVERSATION_WIDTH: usize = 8;
+
+/// One WebSocket text frame (server to client: unmasked), header included.
+fn ws_text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    out.push(0x81);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= u16::MAX as usize => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Writes `value` right-aligned in `field`, spaces in front.
+fn patch_number(field: &mut [u8], mut value: u64) {
+    let mut i = field.len();
+    loop {
+        i -= 1;
+        field[i] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 || i == 0 {
+            break;
+        }
+    }
+    field[..i].fill(b' ');
+}
+
+/// A pre-encoded `message.created` frame and where its numbers are.
+struct BlastTemplate {
+    frame: Vec<u8>,
+    seq_at: usize,
+    sent_at_at: usize,
+    conversation_at: usize,
+}
+
+impl BlastTemplate {
+    fn new(identifier: &str) -> BlastTemplate {
+        let (_, rest) = templates()
+            .iter()
+            .find(|(name, _)| name == "message.created")
+            .expect("the message.created fixture exists");
+        let pad = |w: usize| " ".repeat(w);
+        let rest = rest.replacen(
+            r#""conversation_id":87"#,
+            &format!(r#""conversation_id":{}"#, pad(CONVERSATION_WIDTH)),
+            1,
+        );
+        let identifier = serde_json::to_string(identifier).expect("a string serializes");
+        let data = format!(
+            r#"{{"mock_seq":{},"mock_sent_at_us":{},{rest}"#,
+            pad(SEQ_WIDTH),
+            pad(SENT_AT_WIDTH)
+        );
+        let payload = format!(
+            r#"{{"identifier":{identifier},"message":{}}}"#,
+            encode_message("message.created", &data)
+        );
+        let frame = ws_text_frame(payload.as_bytes());
+        let find = |key: &str| {
+            let needle = format!(r#""{key}":"#);
+            frame
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .expect("the template has the key")
+                + needle.len()
+        };
+        BlastTemplate {
+            seq_at: find("mock_seq"),
+            sent_at_at: find("mock_sent_at_us"),
+            conversation_at: find("conversation_id"),
+            frame,
+        }
+    }
+
+    /// Appends the frame for one event.
+    fn write(&mut self, out: &mut Vec<u8>, seq: u64, sent_at_us: u64, conversation: u64) {
+        patch_number(&mut self.frame[self.seq_at..][..SEQ_WIDTH], seq);
+        patch_number(
+            &mut self.frame[self.sent_at_at..][..SENT_AT_WIDTH],
+            sent_at_us,
+        );
+        patch_number(
+            &mut self.frame[self.conversation_at..][..CONVERSATION_WIDTH],
+            conversation,
+        );
+        out.extend_from_slice(&self.frame);
+    }
+}
+
+/// Most frames written with one `write` in a blast.
+const BLAST_CHUNK: u64 = 32;
+
+/// Writes a connection's blast (see [`Blast`]), answering nothing meanwhile but keeping pings.
+async fn run_blast(
+    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    shared: &Shared,
+    blast: Blast,
+    identifier: &str,
+    ping: &mut tokio::time::Interval,
+    cancel: &CancellationToken,
+) -> Result<(), ()> {
+    use tokio::io::AsyncWriteExt;
+    while shared.streaming.load(Ordering::Relaxed) < shared.wait_for_subscriptions {
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(()),
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    ws.flush().await.map_err(|_| ())?;
+    let mut template = BlastTemplate::new(identifier);
+    let conversations = blast.conversations.max(1);
+    let stream = ws.get_mut();
+    let mut buffer = Vec::with_capacity(template.frame.len() * BLAST_CHUNK as usize);
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    while sent < blast.count {
+        let due = match blast.rate {
+            None => blast.count,
+            Some(rate) => blast
+                .count
+                .min((start.elapsed().as_secs_f64() * rate) as u64 + 1),
+        };
+        if due <= sent {
+            let rate = blast.rate.expect("only a paced blast waits");
+            let next = start + Duration::from_secs_f64((sent as f64) / rate);
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(()),
+                _ = ping.tick() => {
+                    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    let frame = ws_text_frame(format!(r#"{{"type":"ping","message":{now}}}"#).as_bytes());
+                    stream.write_all(&frame).await.map_err(|_| ())?;
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            continue;
+        }
+        let n = (due - sent).min(BLAST_CHUNK);
+        let first = shared.sequence.fetch_add(n, Ordering::Relaxed);
+        let sent_at_us = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        buffer.clear();
+        for seq in first..first + n {
+            template.write(&mut buffer, seq, sent_at_us, seq % conversations + 1);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(()),
+            written = stream.write_all(&buffer) => written.map_err(|_| ())?,
+        }
+        sent += n;
     }
     Ok(())
 }

@@ -261,6 +261,9 @@ struct Inner {
     state: Mutex<State>,
     /// Carries the next seq to be assigned, so readers can wait for appends without polling.
     appended: watch::Sender<u64>,
+    /// Serializes writes of the cursor file, which happen outside `state`: an fsync must not
+    /// hold up appends and reads. Taken before `state` (or with `try_lock` while holding it).
+    persisting: Mutex<()>,
 }
 
 /// The mutable part of the spool.
@@ -510,6 +513,12 @@ impl State {
     }
 
     fn persist(&mut self, dir: &Path) -> Result<(), SpoolError> {
+        let json = self.snapshot(dir)?;
+        write_state_file(dir, &json)
+    }
+
+    /// The cursor file's content now; counts as persisted (the caller writes it).
+    fn snapshot(&mut self, dir: &Path) -> Result<Vec<u8>, SpoolError> {
         let file = StateFile {
             version: STATE_VERSION,
             next_seq: self.next_seq,
@@ -529,6 +538,15 @@ impl State {
             path: dir.join(STATE_FILE),
             detail: format!("cannot encode: {e}"),
         })?;
+        self.dirty_commits = 0;
+        self.last_persist = Instant::now();
+        Ok(json)
+    }
+}
+
+/// Writes the cursor file atomically.
+fn write_state_file(dir: &Path, json: &[u8]) -> Result<(), SpoolError> {
+    {
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         let path = dir.join(STATE_FILE);
         // Write, fsync, rename: a crash leaves either the old file or the new one, never a torn
@@ -536,16 +554,16 @@ impl State {
         // second at most, and losing it would scramble which bit is which sink.
         {
             let mut f = File::create(&tmp).map_err(io_err("create spool cursor file", &tmp))?;
-            io::Write::write_all(&mut f, &json).map_err(io_err("write spool cursor file", &tmp))?;
+            io::Write::write_all(&mut f, json).map_err(io_err("write spool cursor file", &tmp))?;
             f.sync_all()
                 .map_err(io_err("fsync spool cursor file", &tmp))?;
         }
         fs::rename(&tmp, &path).map_err(io_err("replace spool cursor file", &path))?;
-        self.dirty_commits = 0;
-        self.last_persist = Instant::now();
         Ok(())
     }
+}
 
+impl State {
     /// Starts a new, empty active segment at `next_seq`.
     fn roll(&mut self, config: &SpoolConfig) -> Result<(), SpoolError> {
         if config.fsync != FsyncPolicy::Never {
@@ -843,6 +861,7 @@ impl Spool {
             inner: Arc::new(Inner {
                 config,
                 state: Mutex::new(state),
+                persisting: Mutex::new(()),
                 appended,
             }),
         })
@@ -1070,14 +1089,26 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Fsyncs what was appended so far and writes the cursors, without holding the state lock
+    /// during either fsync: appends and reads go on meanwhile. A segment rolled over in between
+    /// was fsynced by the roll.
     fn sync(&self) -> Result<(), SpoolError> {
-        let mut state = self.lock();
-        let base = state.segments.back().map_or(0, |s| s.base);
-        state.active.sync_data().map_err(io_err(
+        let _persisting = self.persisting.lock().unwrap_or_else(|e| e.into_inner());
+        let (active, base) = {
+            let state = self.lock();
+            let base = state.segments.back().map_or(0, |s| s.base);
+            let active = state.active.try_clone().map_err(io_err(
+                "fsync spool segment",
+                &segment_path(&self.config.dir, base),
+            ))?;
+            (active, base)
+        };
+        active.sync_data().map_err(io_err(
             "fsync spool segment",
             &segment_path(&self.config.dir, base),
         ))?;
-        state.persist(&self.config.dir)
+        let json = self.lock().snapshot(&self.config.dir)?;
+        write_state_file(&self.config.dir, &json)
     }
 }
 
@@ -1220,7 +1251,7 @@ impl SpoolReader {
             let mut state = self.inner.lock();
             if state.sinks[self.index].committed < self.pos {
                 state.sinks[self.index].committed = self.pos;
-                self.after_commit(&mut state)?;
+                self.after_commit(state)?;
             }
         }
         Ok(out)
@@ -1279,7 +1310,7 @@ impl SpoolReader {
         let sink = &mut state.sinks[self.index];
         sink.committed = sink.committed.max(new_committed);
         sink.pending = sink.pending.saturating_sub(done);
-        self.after_commit(&mut state)
+        self.after_commit(state)
     }
 
     /// Moves the read position back to just after the committed cursor, so uncommitted records
@@ -1304,14 +1335,20 @@ impl SpoolReader {
         &self.name
     }
 
-    /// Persists cursors when due, and deletes segments nobody needs any more.
-    fn after_commit(&self, state: &mut State) -> Result<(), SpoolError> {
+    /// Persists cursors when due, and deletes segments nobody needs any more. The cursor file is
+    /// written after the state lock is released: its fsync must not hold up appends and reads.
+    /// If another thread is writing it right now, this one skips (it stays due).
+    fn after_commit(&self, mut state: MutexGuard<'_, State>) -> Result<(), SpoolError> {
         state.dirty_commits += 1;
         state.reclaim(&self.inner.config.dir)?;
         if state.dirty_commits >= PERSIST_EVERY_COMMITS
             || state.last_persist.elapsed() >= PERSIST_INTERVAL
         {
-            state.persist(&self.inner.config.dir)?;
+            if let Ok(_persisting) = self.inner.persisting.try_lock() {
+                let json = state.snapshot(&self.inner.config.dir)?;
+                drop(state);
+                write_state_file(&self.inner.config.dir, &json)?;
+            }
         }
         Ok(())
     }

@@ -1,0 +1,181 @@
+//! Microbenchmarks of the per-event work: `cargo bench --bench micro`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use chatwoot_bridge::config::Config;
+use chatwoot_bridge::event::{content_hash, Event};
+use chatwoot_bridge::fixtures;
+use chatwoot_bridge::id::IdAssigner;
+use chatwoot_bridge::protocol;
+use chatwoot_bridge::sink::{self, Envelope};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn frame(name: &str) -> &'static str {
+    fixtures::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, f)| *f)
+        .expect("fixture exists")
+}
+
+fn event(name: &str) -> Event {
+    match protocol::decode(frame(name)).expect("fixture decodes") {
+        protocol::ServerFrame::Message { event, data, .. } => Event::new(
+            &event,
+            data.0.to_owned(),
+            Arc::from("support-agent"),
+            Arc::from("wss://chat.example.com/cable#support-agent"),
+            SystemTime::now(),
+        ),
+        _ => unreachable!("fixture is a message"),
+    }
+}
+
+/// A realistic table: a few event globs, tokens, inbox filters and data conditions.
+const CONFIG: &str = r#"
+chatwoot: { url: "ws://127.0.0.1:1/cable" }
+tokens:
+  - { name: support-agent, pubsub_token: a, account_id: 1, user_id: 3 }
+  - { name: sales-agent, pubsub_token: b, account_id: 1, user_id: 4 }
+  - { name: widget, pubsub_token: c }
+sinks:
+  kafka: { type: file, path: /dev/null }
+  crm: { type: file, path: /dev/null, fields: { drop: [sender.email, sender.phone_number, conversation.contact_inbox.source_id] } }
+  archive: { type: file, path: /dev/null }
+routes:
+  - name: typing-to-archive-only
+    match: { event: ["conversation.typing_*", "presence.update"] }
+    to: [archive]
+  - name: refunds
+    match:
+      event: ["message.created", "message.updated"]
+      token: [support-agent, sales-agent]
+      inbox_id: [2, 3, 7]
+      where:
+        - { path: message_type, in: [0, "incoming"] }
+        - { path: private, equals: false }
+        - { path: content, matches: "(?i)refund" }
+    to: [crm]
+    continue: true
+  - name: resolved
+    match: { event: conversation.status_changed, where: [{ path: status, equals: resolved }] }
+    to: [crm]
+    continue: true
+  - name: messages
+    match: { event: ["message.*"], account_id: [1] }
+    to: [kafka]
+    continue: true
+  - name: everything
+    match: {}
+    to: [archive]
+"#;
+
+fn micro(c: &mut Criterion) {
+    let message = frame("message.created");
+    let mut g = c.benchmark_group("decode");
+    for name in [
+        "message.created",
+        "conversation.updated",
+        "notification.created",
+    ] {
+        let f = frame(name);
+        g.throughput(Throughput::Bytes(f.len() as u64));
+        g.bench_function(name, |b| b.iter(|| protocol::decode(black_box(f)).unwrap()));
+    }
+    g.finish();
+
+    let e = event("message.created");
+    let mut g = c.benchmark_group("ids");
+    g.bench_function("content_hash/message.created", |b| {
+        b.iter(|| content_hash(black_box(&e.name), black_box(e.data.get())))
+    });
+    let token: Arc<str> = Arc::from("support-agent");
+    g.bench_function("IdAssigner::assign/distinct", |b| {
+        let mut ids = IdAssigner::new();
+        let mut n = 0u128;
+        let now = SystemTime::now();
+        b.iter(|| {
+            n += 1;
+            ids.assign(black_box(n), &token, now)
+        })
+    });
+    g.bench_function("IdAssigner::assign/fanout-5-tokens", |b| {
+        let mut ids = IdAssigner::new();
+        let tokens: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("t{i}"))).collect();
+        let mut n = 0u128;
+        let now = SystemTime::now();
+        b.iter(|| {
+            n += 1;
+            for t in &tokens {
+                black_box(ids.assign(n, t, now));
+            }
+        })
+    });
+    g.finish();
+
+    let config = Config::from_yaml(CONFIG, &|_| None, false).expect("bench config is valid");
+    let mut g = c.benchmark_group("route");
+    for name in [
+        "message.created",
+        "conversation.status_changed",
+        "conversation.typing_on",
+    ] {
+        let ev = event(name);
+        g.bench_function(name, |b| b.iter(|| config.routes.route(black_box(&ev))));
+    }
+    g.finish();
+
+    let mut e = event("message.created");
+    e.id = chatwoot_bridge::event::EventId(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+    let mut g = c.benchmark_group("envelope");
+    g.bench_function("structured", |b| {
+        let mut out = Vec::with_capacity(4096);
+        b.iter(|| {
+            out.clear();
+            black_box(&e).write_structured(&mut out);
+            out.len()
+        })
+    });
+    g.bench_function("binary_attributes", |b| {
+        b.iter(|| sink::binary_attributes(black_box(&e)))
+    });
+    g.bench_function("nats_headers", |b| {
+        b.iter(|| sink::nats::headers(black_box(&e), Envelope::Binary))
+    });
+    g.bench_function("kafka_headers", |b| {
+        b.iter(|| sink::kafka::headers(black_box(&e), Envelope::Binary))
+    });
+    g.bench_function("http_headers", |b| {
+        b.iter(|| sink::http::request_headers(black_box(&e), Envelope::Binary))
+    });
+    g.bench_function("spool_record_encode", |b| {
+        let mut out = Vec::with_capacity(4096);
+        b.iter(|| {
+            out.clear();
+            black_box(&e).encode_record(&mut out);
+            out.len()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("redact");
+    let default = chatwoot_bridge::redact::Redaction::default();
+    let crm = config.sinks["crm"].redaction.clone();
+    let conv = event("conversation.updated");
+    g.bench_function("default/no-token(message.created)", |b| {
+        b.iter(|| default.apply(black_box(e.data.get())))
+    });
+    g.bench_function("default/token(conversation.updated)", |b| {
+        b.iter(|| default.apply(black_box(conv.data.get())))
+    });
+    g.bench_function("drop-3-paths(message.created)", |b| {
+        b.iter(|| crm.apply(black_box(e.data.get())))
+    });
+    g.finish();
+    let _ = message;
+}
+
+criterion_group!(benches, micro);
+criterion_main!(benches);
