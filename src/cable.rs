@@ -35,9 +35,7 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// response, TLS) are several KB; 10,000 tokens starting together held them all at once and
 /// the process kept that peak (about 90 MB of RSS) for good. Slots are released as soon as the
 /// WebSocket is open; a loopback handshake takes about a millisecond, a TLS one tens.
-const MAX_CONCURRENT_HANDSHAKES: usize = 64;
-static HANDSHAKES: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(MAX_CONCURRENT_HANDSHAKES);
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 
 /// After a `disconnect` with `reconnect: true`, reconnect within this (jittered) delay.
 const PROMPT_RECONNECT_CEILING: Duration = Duration::from_secs(1);
@@ -56,6 +54,8 @@ pub struct TokenTask {
     pub status: TokenReporter,
     /// Stops the task: on shutdown, or when the token is removed or changed by a reload.
     pub cancel: CancellationToken,
+    /// Handshake slots shared by all tokens of one supervisor.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a connection ended, which decides the delay before the next one.
@@ -142,7 +142,7 @@ impl TokenTask {
         // Waiting for a handshake slot does not count against connect_timeout.
         let handshake = tokio::select! {
             _ = self.cancel.cancelled() => return SessionEnd::Cancelled,
-            permit = HANDSHAKES.acquire() => permit.expect("the handshake semaphore is never closed"),
+            permit = self.handshakes.acquire() => permit.expect("the handshake semaphore is never closed"),
         };
         let mut ws = tokio::select! {
             _ = self.cancel.cancelled() => return SessionEnd::Cancelled,

@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use crate::cable::TokenTask;
+use crate::cable::{TokenTask, MAX_CONCURRENT_HANDSHAKES};
 use crate::config::{CableSettings, TokenSpec};
 use crate::event::Event;
 use crate::status::{StatusBoard, TokenState};
@@ -35,6 +35,8 @@ pub struct Supervisor {
     cancel: CancellationToken,
     /// What runs now, by token name.
     running: HashMap<Arc<str>, Running>,
+    /// Bounds handshakes in progress over all tokens (see [`MAX_CONCURRENT_HANDSHAKES`]).
+    handshakes: Arc<Semaphore>,
 }
 
 struct Running {
@@ -66,6 +68,7 @@ impl Supervisor {
             tracker: TaskTracker::new(),
             cancel,
             running: HashMap::new(),
+            handshakes: Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES)),
         }
     }
 
@@ -130,6 +133,7 @@ impl Supervisor {
         let settings = self.settings.clone();
         let events = self.events.clone();
         let status = self.status.register(&spec.name);
+        let handshakes = self.handshakes.clone();
         self.tracker.spawn(async move {
             loop {
                 let task = TokenTask {
@@ -138,6 +142,7 @@ impl Supervisor {
                     events: events.clone(),
                     status: status.clone(),
                     cancel: cancel.clone(),
+                    handshakes: handshakes.clone(),
                 };
                 match tokio::spawn(task.run()).await {
                     Ok(()) => break,
