@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What a fresh Debian/Ubuntu machine needs to build chatwoot-bridge, skipping what is present:
 # rdkafka builds the bundled librdkafka with cmake, against OpenSSL, libcurl and zlib headers.
+# Extra Debian packages to install may be given as arguments.
 set -euo pipefail
 
-need=()
+need=("$@")
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v c++ >/dev/null 2>&1 || need+=(g++)

@@ -6,18 +6,11 @@
 #   2 cores; later runs find it there).
 set -euo pipefail
 cd "$(dirname "$0")"
-./install-build-deps.sh
-
-need=()
-command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
-if [ ${#need[@]} -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing ${need[*]}" >&2
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# The Debian packages come with the build tools, in one apt run.
+extra=()
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || extra+=(nats-server)
+command -v openssl >/dev/null 2>&1 || extra+=(openssl)
+./install-build-deps.sh "${extra[@]}"
 
 if ! command -v tansu >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
   echo "building tansu (the Kafka-protocol broker the tests use); this takes several minutes, once" >&2

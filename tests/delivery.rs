@@ -13,7 +13,7 @@ use chatwoot_bridge::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::Bridge;
 use hyper::StatusCode;
-use support::{free_port, Received, Receiver, Responder};
+use support::{free_port, until, Received, Receiver, Responder};
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -48,17 +48,6 @@ fn seq_of(r: &Received) -> u64 {
     body["mock_seq"]
         .as_u64()
         .expect("generated events carry mock_seq")
-}
-
-async fn until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
-    let ok = timeout(limit, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .is_ok();
-    assert!(ok, "timed out waiting for {what}");
 }
 
 #[tokio::test]

@@ -62,17 +62,6 @@ fn delivered(path: &Path) -> BTreeMap<u64, usize> {
     seen
 }
 
-async fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
-    let ok = timeout(limit, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .is_ok();
-    assert!(ok, "timed out waiting for {what}");
-}
-
 #[tokio::test]
 async fn kill_9_and_restart_lose_nothing_that_was_received() {
     const TOTAL: u64 = 8_000;
@@ -118,7 +107,7 @@ spool: {{ dir: {spool}, fsync: never }}
     .unwrap();
 
     let mut first = spawn(&config);
-    wait_for("the first 1,500 events", Duration::from_secs(20), || {
+    support::until("the first 1,500 events", Duration::from_secs(20), || {
         delivered(&out).len() >= 1_500
     })
     .await;
@@ -134,7 +123,7 @@ spool: {{ dir: {spool}, fsync: never }}
     let pending = pending_in_spool(&dir.path().join("spool"));
 
     let mut second = spawn(&config);
-    wait_for("the rest of the stream", Duration::from_secs(30), || {
+    support::until("the rest of the stream", Duration::from_secs(30), || {
         delivered(&out).contains_key(&(TOTAL - 1))
     })
     .await;

@@ -521,6 +521,18 @@ pub async fn sink(name: &str, sink_yaml: &str) -> Sink {
     .expect("sink builds")
 }
 
+/// Waits (polling, bounded by `limit`) until `condition` holds; fails the test naming `what`.
+pub async fn until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let ok = tokio::time::timeout(limit, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok();
+    assert!(ok, "timed out waiting for {what}");
+}
+
 /// Runs `f` until `cond` holds, bounded.
 pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
 where
