@@ -1,14 +1,22 @@
 //! One sink's delivery loop: read its events from the spool, deliver them in order per
 //! conversation, retry what failed, dead-letter what cannot succeed, and commit.
 //!
-//! A batch read from the spool is finished (every event delivered or dead-lettered) before the
-//! cursor moves past it, so a crash re-delivers at most that batch. Within a batch, events of one
-//! conversation keep their order even when the sink sends concurrently: a sink that does not keep
-//! order itself (HTTP) is given *waves*, at most one event per conversation each, and an event
-//! waits for the earlier one of its conversation to be delivered, including across retries.
+//! The cursor moves past a batch only once it and every batch before it are finished (every event
+//! delivered or dead-lettered), so a crash re-delivers at most what was not confirmed yet.
+//!
+//! A sink that keeps order itself (Kafka, NATS, file) is handed the next batches while earlier
+//! ones await their acknowledgements, up to `MAX_UNCONFIRMED` events. When an event fails, the
+//! later batches are let answer first and the failures are retried in spool order; an event of
+//! the same conversation in a later batch may then have arrived before the retried one.
+//!
+//! A sink that sends concurrently (HTTP) settles one batch at a time and is given *waves*, at
+//! most one event per conversation each: an event waits for the earlier one of its conversation
+//! to be delivered, including across retries.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 
 use futures_util::FutureExt;
 use std::sync::atomic::Ordering;
@@ -68,38 +76,98 @@ struct Attempt {
     tried: bool,
 }
 
+/// Events an order-keeping sink may have been handed and not confirmed yet. Keeps the broker
+/// busy while acknowledgements travel (waiting for a batch's last ack before sending the next
+/// left the connection idle in between); bounds what the loop holds in memory and what a crash
+/// sends again.
+const MAX_UNCONFIRMED: usize = 8 * MAX_BATCH;
+
+/// A sink's answer for one batch; `Err` holds a panic raised while handing it over or waiting.
+type Answer = std::thread::Result<Vec<Outcome>>;
+
+/// A batch handed to the sink whose outcomes are not known yet.
+struct Unconfirmed {
+    /// Seq of its last record: committed once it and every batch before it are settled.
+    last_seq: u64,
+    events: Vec<Arc<Event>>,
+    answer: Pin<Box<dyn Future<Output = Answer> + Send>>,
+}
+
+/// What the loop woke up for while batches were unconfirmed.
+enum Wake {
+    Answered(Answer),
+    Appended,
+    GiveUp,
+}
+
 impl SinkLoop {
     pub async fn run(mut self) {
-        // The last finished batch, committed with the next read: cursor writes and segment
-        // deletions are file I/O, kept off the async threads like the reads.
+        // Sinks that keep order themselves get the next batches while earlier ones await their
+        // acks; the HTTP sink sends in waves (one event per conversation) and settles each batch
+        // before the next.
+        let pipelined = self.sink.preserves_key_order();
+        // The last seq of the settled prefix, committed with the next read: cursor writes and
+        // segment deletions are file I/O, kept off the async threads like the reads.
         let mut finished: Option<u64> = None;
-        loop {
-            let (reader, committed, read) = {
-                let mut reader = self.reader;
-                let upto = finished.take();
-                tokio::task::spawn_blocking(move || {
-                    let committed = upto.map(|seq| reader.commit(seq)).transpose();
-                    let read = reader.read_batch(MAX_BATCH);
-                    (reader, committed, read)
-                })
-                .await
-                .expect("spool reads do not panic")
-            };
-            self.reader = reader;
-            if let Err(e) = committed {
-                error!(sink = %self.name, error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
-            }
-            let records = match read {
-                Ok(records) => records,
-                Err(e) => {
-                    error!(sink = %self.name, error = %e, "cannot read the spool; retrying in 1 s");
-                    tokio::select! {
-                        _ = self.give_up.cancelled() => break,
-                        _ = sleep(Duration::from_secs(1)) => continue,
+        let mut unconfirmed: VecDeque<Unconfirmed> = VecDeque::new();
+        let mut unconfirmed_events = 0usize;
+        // The last read found nothing new: read again only after an append.
+        let mut caught_up = false;
+        'run: loop {
+            if !caught_up && unconfirmed_events < MAX_UNCONFIRMED {
+                let (reader, committed, read) = {
+                    let mut reader = self.reader;
+                    let upto = finished.take();
+                    tokio::task::spawn_blocking(move || {
+                        let committed = upto.map(|seq| reader.commit(seq)).transpose();
+                        let read = reader.read_batch(MAX_BATCH);
+                        (reader, committed, read)
+                    })
+                    .await
+                    .expect("spool reads do not panic")
+                };
+                self.reader = reader;
+                if let Err(e) = committed {
+                    error!(sink = %self.name, error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
+                }
+                let records = match read {
+                    Ok(records) => records,
+                    Err(e) => {
+                        error!(sink = %self.name, error = %e, "cannot read the spool; retrying in 1 s");
+                        tokio::select! {
+                            _ = self.give_up.cancelled() => break,
+                            _ = sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                };
+                match records.last() {
+                    None => caught_up = true,
+                    Some(&(last_seq, _)) => {
+                        self.status.set(SinkState::Delivering);
+                        let events = self.decode(records);
+                        if pipelined {
+                            let give_up = self.give_up.clone();
+                            let answer = tokio::select! {
+                                answer = self.send(&events) => answer,
+                                _ = give_up.cancelled() => break,
+                            };
+                            unconfirmed_events += events.len();
+                            unconfirmed.push_back(Unconfirmed {
+                                last_seq,
+                                events,
+                                answer,
+                            });
+                        } else {
+                            if !self.settle(events, None).await {
+                                break;
+                            }
+                            finished = Some(last_seq);
+                        }
+                        continue;
                     }
                 }
-            };
-            let Some(&(last_seq, _)) = records.last() else {
+            }
+            let Some(oldest) = unconfirmed.front_mut() else {
                 self.status.set(SinkState::Idle);
                 if self.ingest_done.is_cancelled() {
                     break;
@@ -109,48 +177,54 @@ impl SinkLoop {
                     _ = self.ingest_done.cancelled() => {}
                     _ = self.give_up.cancelled() => break,
                 }
+                caught_up = false;
                 continue;
             };
-            self.status.set(SinkState::Delivering);
-            let mut events = Vec::with_capacity(records.len());
-            for (seq, bytes) in records {
-                match Event::decode_record(&bytes) {
-                    Ok(event) => events.push(self.redacted(event)),
-                    Err(e) => {
-                        // Written by this program and CRC-checked: only a version mismatch gets here.
-                        error!(sink = %self.name, seq, error = %e, "skipped a spool record that cannot be decoded");
-                        self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
-                    }
+            let wake = tokio::select! {
+                answer = &mut oldest.answer => Wake::Answered(answer),
+                _ = self.reader.wait_for_data(), if caught_up => Wake::Appended,
+                _ = self.give_up.cancelled() => Wake::GiveUp,
+            };
+            let answer = match wake {
+                Wake::Answered(answer) => answer,
+                Wake::Appended => {
+                    caught_up = false;
+                    continue;
+                }
+                Wake::GiveUp => break,
+            };
+            let batch = unconfirmed.pop_front().expect("answered batch");
+            unconfirmed_events -= batch.events.len();
+            if let Ok(outcomes) = &answer {
+                if outcomes.iter().all(|o| matches!(o, Outcome::Delivered)) {
+                    let count = outcomes.len() as u64;
+                    self.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                    self.status.delivered(count);
+                    finished = Some(batch.last_seq);
+                    continue;
                 }
             }
-            // A panic while delivering (a bug, never expected) must neither kill this sink for
-            // the life of the process nor come back on every restart: the batch goes to the
-            // dead letters, loudly, and the loop goes on.
-            let attempt = AssertUnwindSafe(self.deliver_all(events.clone()))
-                .catch_unwind()
-                .await;
-            match attempt {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(_) => {
-                    error!(sink = %self.name, events = events.len(), "delivery panicked; the batch goes to the dead letters");
-                    let now = SystemTime::now();
-                    let letters = events
-                        .iter()
-                        .map(|event| DeadLetter {
-                            event: Event::clone(event),
-                            error: "the bridge panicked while delivering this batch".into(),
-                            attempts: 1,
-                            first_attempt: now,
-                            last_attempt: now,
-                        })
-                        .collect();
-                    if !self.bury(letters).await {
-                        break;
-                    }
-                }
+            // Something failed: let every later batch answer first, so that retries go in
+            // spool order, then settle them one by one.
+            let mut answered = vec![(batch, answer)];
+            while let Some(mut later) = unconfirmed.pop_front() {
+                let answer = tokio::select! {
+                    answer = &mut later.answer => answer,
+                    _ = self.give_up.cancelled() => break 'run,
+                };
+                answered.push((later, answer));
             }
-            finished = Some(last_seq);
+            unconfirmed_events = 0;
+            for (batch, answer) in answered {
+                let settled = match answer {
+                    Ok(outcomes) => self.settle(batch.events, Some(outcomes)).await,
+                    Err(_) => self.bury_panicked(batch.events).await,
+                };
+                if !settled {
+                    break 'run;
+                }
+                finished = Some(batch.last_seq);
+            }
         }
         if let Some(seq) = finished {
             let mut reader = self.reader;
@@ -166,6 +240,71 @@ impl SinkLoop {
         debug!(sink = %self.name, "delivery loop ended");
     }
 
+    /// Spool records back to events, with this sink's redaction applied.
+    fn decode(&self, records: Vec<(u64, Vec<u8>)>) -> Vec<Arc<Event>> {
+        let mut events = Vec::with_capacity(records.len());
+        for (seq, bytes) in records {
+            match Event::decode_record(&bytes) {
+                Ok(event) => events.push(self.redacted(event)),
+                Err(e) => {
+                    // Written by this program and CRC-checked: only a version mismatch gets here.
+                    error!(sink = %self.name, seq, error = %e, "skipped a spool record that cannot be decoded");
+                    self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        events
+    }
+
+    /// Hands a batch to the sink. A panic while doing so, or while waiting for the answer,
+    /// becomes the answer, so that it is settled in order with the other batches.
+    async fn send(
+        &mut self,
+        events: &[Arc<Event>],
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send>> {
+        match AssertUnwindSafe(self.sink.send(events))
+            .catch_unwind()
+            .await
+        {
+            Ok(confirmations) => Box::pin(AssertUnwindSafe(confirmations).catch_unwind()),
+            Err(panic) => Box::pin(std::future::ready(Err(panic))),
+        }
+    }
+
+    /// Finishes a batch: delivers (or retries, after `first_pass` if the sink was already
+    /// given it) until every event is delivered or dead-lettered. Returns false when the
+    /// shutdown deadline interrupted it (nothing of it is then committed).
+    async fn settle(&mut self, events: Vec<Arc<Event>>, first_pass: Option<Vec<Outcome>>) -> bool {
+        // A panic while delivering (a bug, never expected) must neither kill this sink for
+        // the life of the process nor come back on every restart: the batch goes to the
+        // dead letters, loudly, and the loop goes on.
+        match AssertUnwindSafe(self.deliver_all(events.clone(), first_pass))
+            .catch_unwind()
+            .await
+        {
+            Ok(finished) => finished,
+            Err(_) => self.bury_panicked(events).await,
+        }
+    }
+
+    /// Dead-letters a batch whose delivery panicked. Returns false when the shutdown deadline
+    /// came first.
+    async fn bury_panicked(&self, events: Vec<Arc<Event>>) -> bool {
+        error!(sink = %self.name, events = events.len(), "delivery panicked; the batch goes to the dead letters");
+        let now = SystemTime::now();
+        let letters = events
+            .iter()
+            .map(|event| DeadLetter {
+                event: Event::clone(event),
+                error: "the bridge panicked while delivering this batch".into(),
+                attempts: 1,
+                first_attempt: now,
+                last_attempt: now,
+            })
+            .collect();
+        self.bury(letters).await
+    }
+
     /// Applies this sink's redaction; copies the event only when something was removed.
     fn redacted(&self, mut event: Event) -> Arc<Event> {
         if let Some(data) = self.redaction.apply(event.data.get()) {
@@ -179,9 +318,14 @@ impl SinkLoop {
         Arc::new(event)
     }
 
-    /// Delivers a batch until every event is delivered or dead-lettered. Returns false when the
-    /// shutdown deadline interrupted it (nothing of it is then committed).
-    async fn deliver_all(&mut self, events: Vec<Arc<Event>>) -> bool {
+    /// Delivers a batch until every event is delivered or dead-lettered. `first_pass` holds the
+    /// outcomes of a pass the (order-keeping) sink already made over the whole batch. Returns
+    /// false when the shutdown deadline interrupted it (nothing of it is then committed).
+    async fn deliver_all(
+        &mut self,
+        events: Vec<Arc<Event>>,
+        mut first_pass: Option<Vec<Outcome>>,
+    ) -> bool {
         let mut attempts: Vec<Attempt> = events
             .into_iter()
             .map(|event| Attempt {
@@ -217,9 +361,17 @@ impl SinkLoop {
                 let batch: Vec<Arc<Event>> =
                     wave.iter().map(|&i| attempts[i].event.clone()).collect();
                 let now = SystemTime::now();
-                let outcomes = tokio::select! {
-                    outcomes = self.sink.deliver(&batch) => outcomes,
-                    _ = self.give_up.cancelled() => return false,
+                let outcomes = match first_pass.take() {
+                    Some(outcomes) => {
+                        // Only an order-keeping sink is pipelined, and its first wave is the
+                        // whole batch.
+                        debug_assert_eq!(outcomes.len(), wave.len());
+                        outcomes
+                    }
+                    None => tokio::select! {
+                        outcomes = self.sink.deliver(&batch) => outcomes,
+                        _ = self.give_up.cancelled() => return false,
+                    },
                 };
                 let mut progressed = false;
                 for (&i, outcome) in wave.iter().zip(outcomes) {

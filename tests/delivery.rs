@@ -1,5 +1,5 @@
-//! At-least-once delivery against a real HTTP receiver: outages, permanent failures and dead
-//! letters, a full spool.
+//! At-least-once delivery against real receivers (HTTP, nats-server): outages, permanent
+//! failures and dead letters, a full spool.
 
 mod support;
 
@@ -12,8 +12,9 @@ use chatwoot_bridge::config::Config;
 use chatwoot_bridge::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::Bridge;
+use futures_util::StreamExt;
 use hyper::StatusCode;
-use support::{free_port, until, Received, Receiver, Responder};
+use support::{free_port, until, NatsServer, Received, Receiver, Responder};
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -413,4 +414,87 @@ routes: [{{ name: all, to: [hook] }}]
             .is_empty(),
         "nothing on local disk when a dead letter sink is set"
     );
+}
+
+/// NATS core keeps order itself, so its batches are pipelined (the next one is published while
+/// earlier ones await their flush). One event too large for the server fails in the middle of
+/// that stream: it alone is dead-lettered, and every other event arrives once, in order.
+#[tokio::test]
+async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_order() {
+    const TOTAL: u64 = 3000;
+    const POISON: u64 = 1700;
+    let dir = tempfile::tempdir().unwrap();
+    let server_config = dir.path().join("nats.conf");
+    std::fs::write(&server_config, "max_payload: 4096\n").unwrap();
+    let nats = NatsServer::start_with(free_port(), &["-c", server_config.to_str().unwrap()]).await;
+    let reader = nats.client().await;
+    let mut subscription = timeout(WAIT, reader.subscribe("cw.>"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = yaml(
+        &mock.url(),
+        dir.path(),
+        &format!(
+            "sinks:\n  bus: {{ type: nats, url: '{}', subject: 'cw.{{event}}' }}\nroutes: [{{ name: all, to: [bus] }}]\n",
+            nats.url()
+        ),
+    );
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    for n in 1..=TOTAL {
+        let padding = if n == POISON {
+            "p".repeat(8000)
+        } else {
+            String::new()
+        };
+        mock.broadcast(
+            "message.created",
+            &format!(
+                r#"{{"account_id":1,"conversation_id":{},"n":{n},"pad":"{padding}"}}"#,
+                n % 7
+            ),
+        );
+    }
+    let mut arrived = Vec::new();
+    while arrived.len() < (TOTAL - 1) as usize {
+        let message = timeout(WAIT, subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} events arrived", arrived.len(), TOTAL - 1))
+            .unwrap();
+        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        arrived.push(data["n"].as_u64().unwrap());
+    }
+    let expected: Vec<u64> = (1..=TOTAL).filter(|&n| n != POISON).collect();
+    assert_eq!(
+        arrived, expected,
+        "every event but the refused one, once, in order"
+    );
+    until("the refused event dead-lettered", WAIT, || {
+        bridge.stats().dead_lettered.load(Ordering::Relaxed) == 1
+            && bridge.stats().delivered.load(Ordering::Relaxed) == TOTAL - 1
+    })
+    .await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    let letters = DeadLetters::open(dir.path()).unwrap().list("bus").unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0]
+        .event
+        .data
+        .get()
+        .contains(&format!(r#""n":{POISON},"#)));
+    assert!(
+        letters[0].error.contains("payload"),
+        "names the cause: {}",
+        letters[0].error
+    );
+    assert_eq!(letters[0].attempts, 1, "a permanent error is not retried");
 }

@@ -18,7 +18,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use super::{binary_attributes, payload, Envelope, ErrorClass, Outcome, SinkError};
+use super::{
+    binary_attributes, payload, settled, Confirmations, Envelope, ErrorClass, Outcome, SinkError,
+};
 use crate::config::{OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
 use crate::template::{self, Template};
@@ -172,9 +174,9 @@ impl KafkaSink {
         })
     }
 
-    /// Enqueues the whole batch, then waits for every delivery report together: librdkafka
-    /// batches the records on the wire, and an event counts only once the broker confirmed it.
-    pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+    /// Enqueues the whole batch; the confirmations are its delivery reports. librdkafka batches
+    /// the records on the wire, and an event counts only once the broker confirmed it.
+    pub async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
         // An idempotent producer that hit a fatal error (e.g. its producer id was fenced) fails
         // every message from then on: start a new one, as librdkafka's documentation says.
         if let Some((code, reason)) = self.producer.client().fatal_error() {
@@ -183,14 +185,16 @@ impl KafkaSink {
                 Ok(producer) => self.producer = producer,
                 Err(e) => {
                     let message = redact_values(&e.to_string(), &self.settings);
-                    return batch
-                        .iter()
-                        .map(|_| {
-                            Outcome::Retryable(SinkError::new(format!(
-                                "kafka: cannot recreate the producer: {message}"
-                            )))
-                        })
-                        .collect();
+                    return settled(
+                        batch
+                            .iter()
+                            .map(|_| {
+                                Outcome::Retryable(SinkError::new(format!(
+                                    "kafka: cannot recreate the producer: {message}"
+                                )))
+                            })
+                            .collect(),
+                    );
                 }
             }
         }
@@ -202,22 +206,24 @@ impl KafkaSink {
                 Err(outcome) => outcomes[i] = Some(outcome),
             }
         }
-        let indices: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
-        let reports = join_all(pending.into_iter().map(|(_, d)| d)).await;
-        for (i, report) in indices.into_iter().zip(reports) {
-            outcomes[i] = Some(match report {
-                Ok(Ok(_delivery)) => Outcome::Delivered,
-                Ok(Err((error, _message))) => failure(&error),
-                // The producer went away before reporting: nothing says the broker has it.
-                Err(_canceled) => {
-                    Outcome::Retryable(SinkError::new("kafka producer dropped the delivery report"))
-                }
-            });
-        }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every event got an outcome"))
-            .collect()
+        Box::pin(async move {
+            let indices: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+            let reports = join_all(pending.into_iter().map(|(_, d)| d)).await;
+            for (i, report) in indices.into_iter().zip(reports) {
+                outcomes[i] = Some(match report {
+                    Ok(Ok(_delivery)) => Outcome::Delivered,
+                    Ok(Err((error, _message))) => failure(&error),
+                    // The producer went away before reporting: nothing says the broker has it.
+                    Err(_canceled) => Outcome::Retryable(SinkError::new(
+                        "kafka producer dropped the delivery report",
+                    )),
+                });
+            }
+            outcomes
+                .into_iter()
+                .map(|o| o.expect("every event got an outcome"))
+                .collect()
+        })
     }
 
     async fn enqueue(&self, event: &Event) -> Result<rdkafka::producer::DeliveryFuture, Outcome> {
@@ -289,8 +295,9 @@ impl KafkaSink {
     }
 
     pub async fn close(&mut self) {
-        // deliver() waits for every report, so records are in flight only if a delivery was
-        // abandoned midway; without any, flushing would just wait on an unreachable cluster.
+        // The delivery loop waits for every report before it ends, so records are in flight
+        // only if a delivery was abandoned midway (shutdown deadline); without any, flushing
+        // would just wait on an unreachable cluster.
         if self.producer.in_flight_count() == 0 {
             return;
         }

@@ -1,8 +1,10 @@
 //! Sinks: where events leave the bridge.
 //!
 //! A sink takes a batch and reports one [`Outcome`] per event: delivered (the destination
-//! confirmed it), retryable, or permanent. Sinks hold no retry policy; the delivery loop in
-//! [`crate::pipeline`] decides what to do with each outcome. Each sink keeps the classification
+//! confirmed it), retryable, or permanent. Handing a batch over ([`Sink::send`]) and learning its
+//! outcomes ([`Confirmations`]) are two steps, so the delivery loop can keep the next batches
+//! moving while a broker's acknowledgements travel. Sinks hold no retry policy; the delivery loop
+//! in [`crate::delivery`] decides what to do with each outcome. Each sink keeps the classification
 //! of its errors in a pure function beside its transport, so the decision can be tested alone.
 
 pub mod file;
@@ -10,6 +12,8 @@ pub mod http;
 pub mod kafka;
 pub mod nats;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +31,16 @@ pub enum Outcome {
     Retryable(SinkError),
     /// Will never succeed as it is (a bad template value, a rejected payload).
     Permanent(SinkError),
+}
+
+/// The outcomes of one batch handed to a sink, one per event in batch order, once the
+/// destination confirmed or refused each. Owns what it waits on (acks, delivery reports, a
+/// flush), so it does not hold the sink: the next batch can be handed over meanwhile.
+pub type Confirmations = Pin<Box<dyn Future<Output = Vec<Outcome>> + Send>>;
+
+/// Confirmations that are already known (a sink that finishes its work while handing over).
+pub fn settled(outcomes: Vec<Outcome>) -> Confirmations {
+    Box::pin(std::future::ready(outcomes))
 }
 
 /// Whether an error is worth retrying.
@@ -204,14 +218,21 @@ impl Sink {
         reached
     }
 
+    /// Hands a batch to the destination and returns what to wait on for its outcomes. Brokers
+    /// (Kafka, NATS) return as soon as the batch is queued on their connection; the file and
+    /// HTTP sinks finish the work first.
+    pub async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
+        match self {
+            Sink::File(sink) => settled(sink.deliver(batch).await),
+            Sink::Kafka(sink) => sink.send(batch).await,
+            Sink::Nats(sink) => sink.send(batch).await,
+            Sink::Http(sink) => settled(sink.deliver(batch).await),
+        }
+    }
+
     /// Delivers a batch; the result has one outcome per event, in order.
     pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
-        match self {
-            Sink::File(sink) => sink.deliver(batch).await,
-            Sink::Kafka(sink) => sink.deliver(batch).await,
-            Sink::Nats(sink) => sink.deliver(batch).await,
-            Sink::Http(sink) => sink.deliver(batch).await,
-        }
+        self.send(batch).await.await
     }
 
     /// Whether events handed over in one batch arrive in batch order for each conversation

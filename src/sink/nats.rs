@@ -6,6 +6,7 @@
 
 use std::future::IntoFuture;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::{
-    binary_attributes, payload, percent_encode_header, Envelope, ErrorClass, Outcome, SinkError,
-    DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
+    binary_attributes, payload, percent_encode_header, settled, Confirmations, Envelope,
+    ErrorClass, Outcome, SinkError, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
 };
 use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
@@ -355,7 +356,8 @@ pub struct NatsSink {
     /// Present in JetStream mode.
     jetstream: Option<jetstream::Context>,
     /// Whether the stream is known to exist with this sink's subjects (JetStream, `create`).
-    stream_ready: bool,
+    /// Shared with outstanding confirmations: an ack saying the stream is gone clears it.
+    stream_ready: Arc<AtomicBool>,
     /// The validated settings.
     settings: Arc<NatsSettings>,
 }
@@ -406,21 +408,23 @@ impl NatsSink {
         Ok(NatsSink {
             client,
             jetstream,
-            stream_ready: false,
+            stream_ready: Arc::new(AtomicBool::new(false)),
             settings: settings.clone(),
         })
     }
 
-    pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+    /// Publishes a batch; the confirmations are the flush (core) or the acks (JetStream).
+    pub async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
         match self.jetstream.clone() {
-            Some(js) => self.deliver_jetstream(&js, batch).await,
-            None => self.deliver_core(batch).await,
+            Some(js) => self.send_jetstream(&js, batch).await,
+            None => self.send_core(batch).await,
         }
     }
 
     /// Core NATS: publish all, then one flush. The server does not confirm core messages; the
     /// flush only proves they reached it (not that anyone subscribed).
-    async fn deliver_core(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+    async fn send_core(&mut self, batch: &[Arc<Event>]) -> Confirmations {
+        let timeout = self.settings.timeout;
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
         for event in batch {
             let outcome = match self.message(event) {
@@ -431,41 +435,44 @@ impl NatsSink {
                     let publish = self
                         .client
                         .publish_with_headers(subject, headers, body.into());
-                    match tokio::time::timeout(self.settings.timeout, publish).await {
+                    match tokio::time::timeout(timeout, publish).await {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
-                        Err(_) => Some(self.timed_out(NatsFailure::PublishTimedOut)),
+                        Err(_) => Some(timed_out(NatsFailure::PublishTimedOut, timeout)),
                     }
                 }
             };
             outcomes.push(outcome);
         }
-        let flushed = match tokio::time::timeout(self.settings.timeout, self.client.flush()).await {
-            Ok(Ok(())) => Outcome::Delivered,
-            Ok(Err(e)) => failure(NatsFailure::Flush(e.kind()), &e),
-            Err(_) => self.timed_out(NatsFailure::FlushTimedOut),
-        };
-        outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or_else(|| same(&flushed)))
-            .collect()
+        let client = self.client.clone();
+        Box::pin(async move {
+            let flushed = match tokio::time::timeout(timeout, client.flush()).await {
+                Ok(Ok(())) => Outcome::Delivered,
+                Ok(Err(e)) => failure(NatsFailure::Flush(e.kind()), &e),
+                Err(_) => timed_out(NatsFailure::FlushTimedOut, timeout),
+            };
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| same(&flushed)))
+                .collect()
+        })
     }
 
-    /// JetStream: publish the whole batch, then await every ack together. `Nats-Msg-Id` is the
+    /// JetStream: publish the whole batch; the confirmations are its acks. `Nats-Msg-Id` is the
     /// event id, so a retry after a lost ack (or a second copy of a broadcast) is stored once.
-    async fn deliver_jetstream(
+    async fn send_jetstream(
         &mut self,
         js: &jetstream::Context,
         batch: &[Arc<Event>],
-    ) -> Vec<Outcome> {
+    ) -> Confirmations {
         let settings = self.settings.clone();
         let stream = settings.jetstream.as_ref().expect("jetstream mode");
-        if stream.create && !self.stream_ready {
+        if stream.create && !self.stream_ready.load(Ordering::Relaxed) {
             if let Err((kind, message)) = ensure_stream(js, stream).await {
                 let outcome = failure(NatsFailure::Stream(kind), &message);
-                return batch.iter().map(|_| same(&outcome)).collect();
+                return settled(batch.iter().map(|_| same(&outcome)).collect());
             }
-            self.stream_ready = true;
+            self.stream_ready.store(true, Ordering::Relaxed);
         }
         let mut outcomes: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
         let mut acks = Vec::with_capacity(batch.len());
@@ -486,36 +493,33 @@ impl NatsSink {
                 Ok(Err(e)) => {
                     outcomes[i] = Some(failure(NatsFailure::JetStreamPublish(e.kind()), &e))
                 }
-                Err(_) => outcomes[i] = Some(self.timed_out(NatsFailure::PublishTimedOut)),
+                Err(_) => {
+                    outcomes[i] = Some(timed_out(NatsFailure::PublishTimedOut, settings.timeout))
+                }
             }
         }
-        let indices: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
-        let results = join_all(acks.into_iter().map(|(_, ack)| ack.into_future())).await;
-        for (i, result) in indices.into_iter().zip(results) {
-            outcomes[i] = Some(match result {
-                // A duplicate ack means the stream already holds this id: delivered.
-                Ok(_ack) => Outcome::Delivered,
-                Err(e) => {
-                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                        // Deleted under us: create it again before the retry.
-                        self.stream_ready = false;
+        let stream_ready = self.stream_ready.clone();
+        Box::pin(async move {
+            let indices: Vec<usize> = acks.iter().map(|(i, _)| *i).collect();
+            let results = join_all(acks.into_iter().map(|(_, ack)| ack.into_future())).await;
+            for (i, result) in indices.into_iter().zip(results) {
+                outcomes[i] = Some(match result {
+                    // A duplicate ack means the stream already holds this id: delivered.
+                    Ok(_ack) => Outcome::Delivered,
+                    Err(e) => {
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                            // Deleted under us: create it again before the retry.
+                            stream_ready.store(false, Ordering::Relaxed);
+                        }
+                        failure(NatsFailure::JetStreamPublish(e.kind()), &e)
                     }
-                    failure(NatsFailure::JetStreamPublish(e.kind()), &e)
-                }
-            });
-        }
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every event got an outcome"))
-            .collect()
-    }
-
-    fn timed_out(&self, kind: NatsFailure) -> Outcome {
-        let what = match kind {
-            NatsFailure::FlushTimedOut => "flush not confirmed",
-            _ => "publish not accepted",
-        };
-        failure(kind, &format!("{what} within {:?}", self.settings.timeout))
+                });
+            }
+            outcomes
+                .into_iter()
+                .map(|o| o.expect("every event got an outcome"))
+                .collect()
+        })
     }
 
     /// Subject, headers and payload of one event, or its permanent failure.
@@ -629,6 +633,14 @@ async fn ensure_stream(
             }
         }
     }
+}
+
+fn timed_out(kind: NatsFailure, timeout: Duration) -> Outcome {
+    let what = match kind {
+        NatsFailure::FlushTimedOut => "flush not confirmed",
+        _ => "publish not accepted",
+    };
+    failure(kind, &format!("{what} within {timeout:?}"))
 }
 
 fn failure(kind: NatsFailure, error: &dyn std::fmt::Display) -> Outcome {
