@@ -23,7 +23,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::time::sleep;
+use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -31,10 +32,10 @@ use crate::backoff::Backoff;
 use crate::config::RetrySettings;
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::event::Event;
-use crate::pipeline::{PipelineStats, RecordBatch, MAX_BATCH};
+use crate::pipeline::{Appended, PipelineStats, RecordBatch, MAX_BATCH};
 use crate::redact::Redaction;
 use crate::sink::{Outcome, Sink};
-use crate::spool::{SinkMask, Spool, SpoolReader};
+use crate::spool::{SinkMask, Spool, SpoolError, SpoolReader};
 use crate::status::{SinkReporter, SinkState};
 
 /// Everything one sink's loop needs.
@@ -47,6 +48,11 @@ pub struct SinkLoop {
     pub retry: RetrySettings,
     /// Its cursor over the spool.
     pub reader: SpoolReader,
+    /// Batches just appended, taken in memory while they continue where `reader` is.
+    pub tail: broadcast::Receiver<Arc<Appended>>,
+    /// A batch from `tail` that starts past the reader: records in between (dead-letter
+    /// replays, a lag) are read from the spool first.
+    pub held: Option<Arc<Appended>>,
     /// Local dead letter files, used unless `dead_letter_sink` is set.
     pub dead_letters: DeadLetters,
     /// The spool and the mask of the sink that takes this sink's dead letters (`dead_letter:`).
@@ -82,6 +88,10 @@ struct Attempt {
 /// sends again.
 const MAX_UNCONFIRMED: usize = 8 * MAX_BATCH;
 
+/// How often progress is committed while events come from memory (reads from the spool commit
+/// with every read): lets the spool reclaim segments and bounds what a crash sends again.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
 /// A sink's answer for one batch; `Err` holds a panic raised while handing it over or waiting.
 type Answer = std::thread::Result<Vec<Outcome>>;
 
@@ -106,45 +116,49 @@ impl SinkLoop {
         // acks; the HTTP sink sends in waves (one event per conversation) and settles each batch
         // before the next.
         let pipelined = self.sink.preserves_key_order();
-        // The last seq of the settled prefix, committed with the next read: cursor writes and
-        // segment deletions are file I/O, kept off the async threads like the reads.
+        // The last seq of the settled prefix, not committed yet. Committed with the next read
+        // from the spool, every COMMIT_EVERY while events come from memory, and when idle:
+        // cursor writes and segment deletions are file I/O, kept off the async threads.
         let mut finished: Option<u64> = None;
+        let mut last_commit = Instant::now();
         let mut unconfirmed: VecDeque<Unconfirmed> = VecDeque::new();
         let mut unconfirmed_events = 0usize;
         // The last read found nothing new: read again only after an append.
         let mut caught_up = false;
         'run: loop {
             if !caught_up && unconfirmed_events < MAX_UNCONFIRMED {
-                let (reader, committed, read) = {
-                    let mut reader = self.reader;
-                    let upto = finished.take();
-                    tokio::task::spawn_blocking(move || {
-                        let committed = upto.map(|seq| reader.commit(seq)).transpose();
-                        let read = reader.read_batch(MAX_BATCH);
-                        (reader, committed, read)
-                    })
-                    .await
-                    .expect("spool reads do not panic")
-                };
-                self.reader = reader;
-                if let Err(e) = committed {
-                    error!(sink = %self.name, error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
-                }
-                let records = match read {
-                    Ok(records) => records,
-                    Err(e) => {
-                        error!(sink = %self.name, error = %e, "cannot read the spool; retrying in 1 s");
-                        tokio::select! {
-                            _ = self.give_up.cancelled() => break,
-                            _ = sleep(Duration::from_secs(1)) => continue,
+                let taken = self.take_from_tail();
+                let read_file = taken.is_none() && !self.reader.caught_up();
+                let commit_due = finished.is_some()
+                    && (taken.is_none() || last_commit.elapsed() >= COMMIT_EVERY);
+                let mut records = Vec::new();
+                if read_file || commit_due {
+                    let upto = if commit_due { finished.take() } else { None };
+                    let (reader, result) = spool_io(self.reader, upto, read_file).await;
+                    self.reader = reader;
+                    match result {
+                        Ok(read) => records = read,
+                        Err(e) => {
+                            finished = finished.or(upto);
+                            error!(sink = %self.name, error = %e, "cannot read the spool; retrying in 1 s");
+                            tokio::select! {
+                                _ = self.give_up.cancelled() => break,
+                                _ = sleep(Duration::from_secs(1)) => continue,
+                            }
                         }
                     }
-                };
-                match records.last() {
+                    if upto.is_some() {
+                        last_commit = Instant::now();
+                    }
+                }
+                let next = taken.or_else(|| {
+                    let last_seq = records.last()?.0;
+                    Some((self.decode(records), last_seq))
+                });
+                match next {
                     None => caught_up = true,
-                    Some(&(last_seq, _)) => {
+                    Some((events, last_seq)) => {
                         self.status.set(SinkState::Delivering);
-                        let events = self.decode(records);
                         if pipelined {
                             let give_up = self.give_up.clone();
                             let answer = tokio::select! {
@@ -168,6 +182,11 @@ impl SinkLoop {
                 }
             }
             let Some(oldest) = unconfirmed.front_mut() else {
+                if let Some(upto) = finished.take() {
+                    let (reader, _) = spool_io(self.reader, Some(upto), false).await;
+                    self.reader = reader;
+                    last_commit = Instant::now();
+                }
                 self.status.set(SinkState::Idle);
                 if self.ingest_done.is_cancelled() {
                     break;
@@ -245,7 +264,7 @@ impl SinkLoop {
         let mut events = Vec::with_capacity(records.len());
         for (seq, bytes) in records {
             match Event::decode_record(&bytes) {
-                Ok(event) => events.push(self.redacted(event)),
+                Ok(event) => events.push(self.redacted(Arc::new(event))),
                 Err(e) => {
                     // Written by this program and CRC-checked: only a version mismatch gets here.
                     error!(sink = %self.name, seq, error = %e, "skipped a spool record that cannot be decoded");
@@ -254,6 +273,39 @@ impl SinkLoop {
             }
         }
         events
+    }
+
+    /// The next events from the in-memory tail, with the seq of the last record they pass, if
+    /// the tail continues exactly where the reader is.
+    fn take_from_tail(&mut self) -> Option<(Vec<Arc<Event>>, u64)> {
+        loop {
+            let batch = match self.held.take() {
+                Some(batch) => batch,
+                None => match self.tail.try_recv() {
+                    Ok(batch) => batch,
+                    // What was missed is read from the spool.
+                    Err(TryRecvError::Lagged(_)) => continue,
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
+                },
+            };
+            let Some(mine) = self
+                .reader
+                .take_appended(batch.first_seq, &batch.masks, batch.end)
+            else {
+                self.held = Some(batch);
+                return None;
+            };
+            if mine.is_empty() {
+                // Read from the spool already, or nothing of this sink's.
+                continue;
+            }
+            let last_seq = batch.first_seq + batch.masks.len() as u64 - 1;
+            let events = mine
+                .into_iter()
+                .map(|i| self.redacted(batch.events[i].clone()))
+                .collect();
+            return Some((events, last_seq));
+        }
     }
 
     /// Hands a batch to the sink. A panic while doing so, or while waiting for the answer,
@@ -306,15 +358,17 @@ impl SinkLoop {
     }
 
     /// Applies this sink's redaction; copies the event only when something was removed.
-    fn redacted(&self, mut event: Event) -> Arc<Event> {
-        if let Some(data) = self.redaction.apply(event.data.get()) {
-            event.data = serde_json::value::RawValue::from_string(data).unwrap_or_else(|_| {
-                // The property test says this cannot happen; if it does, send nothing of it.
-                error!(sink = %self.name, id = %event.id, "redaction produced invalid JSON; data withheld");
-                serde_json::value::RawValue::from_string(r#"{"redaction_failed":true}"#.into())
-                    .expect("a constant is JSON")
-            });
-        }
+    fn redacted(&self, event: Arc<Event>) -> Arc<Event> {
+        let Some(data) = self.redaction.apply(event.data.get()) else {
+            return event;
+        };
+        let mut event = Event::clone(&event);
+        event.data = serde_json::value::RawValue::from_string(data).unwrap_or_else(|_| {
+            // The property test says this cannot happen; if it does, send nothing of it.
+            error!(sink = %self.name, id = %event.id, "redaction produced invalid JSON; data withheld");
+            serde_json::value::RawValue::from_string(r#"{"redaction_failed":true}"#.into())
+                .expect("a constant is JSON")
+        });
         Arc::new(event)
     }
 
@@ -494,6 +548,30 @@ impl SinkLoop {
         }
         true
     }
+}
+
+/// Commits progress up to `upto` and, if `read`, reads the next records: file I/O, on a blocking
+/// thread, which needs the reader for the time being.
+async fn spool_io(
+    mut reader: SpoolReader,
+    upto: Option<u64>,
+    read: bool,
+) -> (SpoolReader, Result<Vec<(u64, Vec<u8>)>, SpoolError>) {
+    tokio::task::spawn_blocking(move || {
+        let mut result = Ok(Vec::new());
+        if let Some(seq) = upto {
+            if let Err(e) = reader.commit(seq) {
+                // Not fatal: a later commit covers it, and a crash meanwhile re-delivers.
+                error!(sink = %reader.sink(), error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
+            }
+        }
+        if read {
+            result = reader.read_batch(MAX_BATCH);
+        }
+        (reader, result)
+    })
+    .await
+    .expect("spool reads do not panic")
 }
 
 fn dead_letter(a: &Attempt, error: String, now: SystemTime) -> DeadLetter {

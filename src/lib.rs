@@ -155,6 +155,7 @@ impl Bridge {
         let delivery = TaskTracker::new();
 
         let status = StatusBoard::new();
+        let (tail, _) = tokio::sync::broadcast::channel(pipeline::TAIL_BATCHES);
         let mut loops = Vec::with_capacity(config.sinks.len());
         for (name, settings) in &config.sinks {
             let sink = Sink::build(name, &settings.kind).await?;
@@ -164,6 +165,8 @@ impl Bridge {
                 redaction: settings.redaction.clone(),
                 retry: settings.retry,
                 reader: spool.reader(name)?,
+                tail: tail.subscribe(),
+                held: None,
                 dead_letters: dead_letters.clone(),
                 dead_letter_sink: settings
                     .dead_letter
@@ -203,7 +206,7 @@ impl Bridge {
                 ingest_done.clone(),
             );
             ingest.spawn(async move {
-                pipeline::ingest(events_rx, routes, spool, stats).await;
+                pipeline::ingest(events_rx, routes, spool, tail, stats).await;
                 done.cancel();
             });
         }

@@ -7,14 +7,16 @@
 //! ```
 //! Every event is in the spool, with the sinks its routes chose, before any sink sees it. Each
 //! sink reads the spool from its own cursor ([`crate::delivery`]), so a dead webhook never stalls
-//! Kafka, and a sink that comes back catches up from where it was.
+//! Kafka, and a sink that comes back catches up from where it was. Once appended, a batch is
+//! also offered to the sink loops in memory ([`Appended`]): a sink that keeps up takes it from
+//! there instead of reading back and decoding what was just written.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -24,7 +26,7 @@ use crate::dead_letter::DeadLetters;
 use crate::event::Event;
 use crate::id::IdAssigner;
 use crate::route::RouteTable;
-use crate::spool::{AppendReport, SinkMask, Spool, SpoolError};
+use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
 /// Most events appended (and read by a sink) at once: one write syscall, one produce batch.
 pub const MAX_BATCH: usize = 512;
@@ -32,6 +34,26 @@ pub const MAX_BATCH: usize = 512;
 /// Capacity of the channel from the token tasks to the ingest. Small on purpose: an event in
 /// this channel has been read from a socket but is not on disk yet.
 pub const INGEST_CAPACITY: usize = 1024;
+
+/// Appended batches kept for sink loops that have not taken them yet. A loop that falls further
+/// behind reads the spool instead; small, since a slow sink's share stays here until overwritten.
+pub const TAIL_BATCHES: usize = 16;
+
+/// A batch as it was appended to the spool, for the sink loops to take in memory.
+#[derive(Debug)]
+pub struct Appended {
+    /// Seq of the first record; the others follow one by one.
+    pub first_seq: u64,
+    /// Each record's event, in seq order.
+    pub events: Vec<Arc<Event>>,
+    /// Each record's sinks, in seq order.
+    pub masks: Vec<SinkMask>,
+    /// Where the spool's file continues after this batch.
+    pub end: SpoolPosition,
+}
+
+/// Sends every appended batch to the sink loops (each subscribes its own receiver).
+pub type Tail = broadcast::Sender<Arc<Appended>>;
 
 /// How often dead-letter replay requests are looked for.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
@@ -85,12 +107,21 @@ impl RecordBatch {
 
     /// Appends every record in one write. Blocking I/O: call from a blocking thread.
     pub fn append_to(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+        self.append_then(spool, |_| {})
+    }
+
+    /// [`RecordBatch::append_to`], with [`Spool::append_then`]'s `before_wake`.
+    pub fn append_then(
+        &self,
+        spool: &Spool,
+        before_wake: impl FnOnce(&AppendReport),
+    ) -> Result<AppendReport, SpoolError> {
         let batch: Vec<(&[u8], SinkMask)> = self
             .records
             .iter()
             .map(|&(start, end, mask)| (&self.buffer[start..end], mask))
             .collect();
-        spool.append(&batch)
+        spool.append_then(&batch, before_wake)
     }
 }
 
@@ -100,10 +131,11 @@ pub async fn ingest(
     mut events: mpsc::Receiver<Event>,
     routes: RouteTable,
     spool: Spool,
+    tail: Tail,
     stats: Arc<PipelineStats>,
 ) {
     // The spool's bit of each sink a route can name, by route sink index.
-    let masks: Vec<SinkMask> = routes
+    let sink_masks: Vec<SinkMask> = routes
         .sink_names()
         .iter()
         .map(|name| spool.mask(&[name.as_str()]))
@@ -113,6 +145,8 @@ pub async fn ingest(
     let mut batch = RecordBatch::default();
     while events.recv_many(&mut received, MAX_BATCH).await > 0 {
         batch.clear();
+        let mut appended = Vec::with_capacity(received.len());
+        let mut masks = Vec::with_capacity(received.len());
         for mut event in received.drain(..) {
             event.id = ids.assign(event.content_hash, &event.token, event.received_at);
             let routed = routes.route(&event);
@@ -123,35 +157,58 @@ pub async fn ingest(
             if routed.sinks.is_empty() {
                 continue;
             }
-            let mask = SinkMask(routed.sinks.iter().fold(0, |m, t| m | masks[t].0));
+            let mask = SinkMask(routed.sinks.iter().fold(0, |m, t| m | sink_masks[t].0));
             batch.push(&event, mask);
+            appended.push(Arc::new(event));
+            masks.push(mask);
         }
         if batch.is_empty() {
             continue;
         }
-        batch = append_until_stored(&spool, batch, &stats).await;
+        batch = append_until_stored(&spool, batch, (appended, masks), &tail, &stats).await;
     }
     info!("ingest finished: every event read is in the spool");
 }
 
 /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
-/// an event that was read is never dropped for an I/O error.
+/// an event that was read is never dropped for an I/O error. Once stored, the batch's events
+/// are offered to the sink loops on `tail`, before they are woken.
 async fn append_until_stored(
     spool: &Spool,
     batch: RecordBatch,
+    events: (Vec<Arc<Event>>, Vec<SinkMask>),
+    tail: &Tail,
     stats: &PipelineStats,
 ) -> RecordBatch {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut batch = batch;
+    let mut offer = Some(events);
     loop {
-        let spool = spool.clone();
-        let (returned, result) = tokio::task::spawn_blocking(move || {
-            let result = batch.append_to(&spool);
-            (batch, result)
+        let (spool, tail) = (spool.clone(), tail.clone());
+        let (returned, kept, result) = tokio::task::spawn_blocking(move || {
+            let mut offer = offer;
+            let result = batch.append_then(&spool, |report| {
+                // Only a whole batch is offered: what a full spool refused is not delivered.
+                if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
+                    if report.appended == batch.len() {
+                        if let Some((events, masks)) = offer.take() {
+                            // No receiver (shutting down) is fine: the spool has them.
+                            let _ = tail.send(Arc::new(Appended {
+                                first_seq,
+                                events,
+                                masks,
+                                end,
+                            }));
+                        }
+                    }
+                }
+            });
+            (batch, offer, result)
         })
         .await
         .expect("spool appends do not panic");
         batch = returned;
+        offer = kept;
         match result {
             Ok(report) => {
                 stats

@@ -157,6 +157,16 @@ pub struct AppendReport {
     /// Records lost to make room (`DropOldest`): spooled ones that some configured sink had not
     /// committed, plus records of this batch that could not fit at all.
     pub dropped_oldest: u64,
+    /// Where the file continues after the last record written; lets a reader that took these
+    /// records in memory ([`SpoolReader::take_appended`]) resume reading the file there.
+    pub end: Option<SpoolPosition>,
+}
+
+/// A place in the spool's files: a segment (by its base seq) and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolPosition {
+    pub segment: u64,
+    pub offset: u64,
 }
 
 /// A snapshot of the spool's counters.
@@ -409,6 +419,15 @@ impl SegmentCursor {
             base,
             offset: 0,
         })
+    }
+
+    /// Moves to `offset`, the start of a record.
+    fn seek_to(&mut self, offset: u64) -> Result<(), SpoolError> {
+        self.reader
+            .seek(SeekFrom::Start(offset))
+            .map_err(io_err("seek in spool segment", &self.path))?;
+        self.offset = offset;
+        Ok(())
     }
 
     /// Reads the record at `offset` into `payload`, unless its seq is past `stop_after`.
@@ -885,6 +904,17 @@ impl Spool {
     /// refuses the rest; `DropOldest` deletes the oldest whole segments until the batch fits.
     /// A record larger than `max_bytes` fails the whole batch before anything is written.
     pub fn append(&self, records: &[(&[u8], SinkMask)]) -> Result<AppendReport, SpoolError> {
+        self.append_then(records, |_| {})
+    }
+
+    /// [`Spool::append`], calling `before_wake` with the report of a successful write before
+    /// readers waiting in [`SpoolReader::wait_for_data`] are woken: whatever it hands the
+    /// readers in memory is there when they look.
+    pub fn append_then(
+        &self,
+        records: &[(&[u8], SinkMask)],
+        before_wake: impl FnOnce(&AppendReport),
+    ) -> Result<AppendReport, SpoolError> {
         let config = &self.inner.config;
         let mut batch_bytes = 0u64;
         for (payload, _) in records {
@@ -902,6 +932,7 @@ impl Spool {
             appended: 0,
             dropped_newest: 0,
             dropped_oldest: 0,
+            end: None,
         };
         if records.is_empty() {
             return Ok(report);
@@ -1009,6 +1040,10 @@ impl Spool {
         state.buf = buf;
         if let Some(active) = state.segments.back_mut() {
             active.bytes += written;
+            report.end = Some(SpoolPosition {
+                segment: active.base,
+                offset: active.bytes,
+            });
         }
         state.total_bytes += written;
         state.next_seq += accepted.len() as u64;
@@ -1021,6 +1056,7 @@ impl Spool {
         }
         report.first_seq = Some(first_seq);
         report.appended = accepted.len();
+        before_wake(&report);
         self.inner.appended.send_replace(state.next_seq);
         Ok(report)
     }
@@ -1055,6 +1091,7 @@ impl Spool {
             seen_end: committed + 1,
             appended: self.inner.appended.subscribe(),
             scratch: Vec::new(),
+            resume_at: None,
         })
     }
 
@@ -1210,6 +1247,9 @@ pub struct SpoolReader {
     appended: watch::Receiver<u64>,
     /// Payload buffer for records of other sinks, reused.
     scratch: Vec<u8>,
+    /// Where the file continues after records taken in memory (`take_appended`): the segment
+    /// cursor jumps there instead of reading them again.
+    resume_at: Option<SpoolPosition>,
 }
 
 /// Where to read next, as decided under the lock.
@@ -1231,6 +1271,10 @@ impl SpoolReader {
     /// Empty when caught up. If `DropOldest` deleted records ahead of the position, it skips to
     /// the oldest kept record (the loss is in [`SpoolReader::lost`] and the stats).
     pub fn read_batch(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        if self.caught_up() {
+            // Nothing was appended past the position: no file to look at.
+            return Ok(Vec::new());
+        }
         let mut out = Vec::with_capacity(max.min(1024));
         let pos0 = self.pos;
         let flight0 = self.in_flight.len();
@@ -1255,6 +1299,48 @@ impl SpoolReader {
             }
         }
         Ok(out)
+    }
+
+    /// The last seq this reader has passed (returned, taken in memory, or skipped as another
+    /// sink's).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Whether every record appended so far has been passed.
+    pub fn caught_up(&self) -> bool {
+        *self.appended.borrow() <= self.pos + 1
+    }
+
+    /// Takes records that the caller received in memory from the appender instead of reading
+    /// them: `masks` are the sink masks of the records appended from `first_seq` on, and `end`
+    /// the [`AppendReport::end`] of that append. Records up to the position are passed over
+    /// (already read); the rest are tracked exactly as `read_batch` would have returned them.
+    /// Returns the indices into `masks` of this sink's records, or `None` (nothing taken) when
+    /// the records do not continue from the position: the ones in between must be read first.
+    pub fn take_appended(
+        &mut self,
+        first_seq: u64,
+        masks: &[SinkMask],
+        end: SpoolPosition,
+    ) -> Option<Vec<usize>> {
+        let next = self.pos + 1;
+        if first_seq > next {
+            return None;
+        }
+        let skip = (next - first_seq) as usize;
+        if skip >= masks.len() {
+            return Some(Vec::new());
+        }
+        let mine: Vec<usize> = (skip..masks.len())
+            .filter(|&i| masks[i].0 & self.bit != 0)
+            .collect();
+        self.in_flight
+            .extend(mine.iter().map(|&i| first_seq + i as u64));
+        self.pos = first_seq + masks.len() as u64 - 1;
+        self.seen_end = self.pos + 1;
+        self.resume_at = Some(end);
+        Some(mine)
     }
 
     /// Resolves when records were appended after the last read (possibly for other sinks; the
@@ -1410,6 +1496,12 @@ impl SpoolReader {
             let Some(cursor) = self.cursor.as_mut() else {
                 continue;
             };
+            if let Some(resume) = self.resume_at.take() {
+                // Records up to `resume` were taken in memory: do not read them again.
+                if resume.segment == cursor.base && resume.offset > cursor.offset {
+                    cursor.seek_to(resume.offset)?;
+                }
+            }
             while (mine as usize) < max {
                 match cursor.next(view.limit, stop_after, &mut self.scratch)? {
                     Next::Record { seq, mask } => {
@@ -1814,6 +1906,77 @@ mod tests {
     }
 
     #[test]
+    fn records_taken_in_memory_are_not_read_again_and_commit_like_read_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a", "b"])).unwrap();
+        let (a, b) = (spool.mask(&["a"]), spool.mask(&["b"]));
+        let append = |from: u32, masks: &[SinkMask]| {
+            let payloads: Vec<Vec<u8>> = (from..from + masks.len() as u32)
+                .map(|i| i.to_le_bytes().to_vec())
+                .collect();
+            let batch: Vec<(&[u8], SinkMask)> = payloads
+                .iter()
+                .zip(masks)
+                .map(|(p, m)| (p.as_slice(), *m))
+                .collect();
+            spool.append(&batch).unwrap()
+        };
+        // Segments of 4096 bytes: enough batches to roll several times.
+        let mut reader = spool.reader("a").unwrap();
+        let mut taken = Vec::new();
+        let mut seq = 1u32;
+        for round in 0..40 {
+            let masks = [a, b, a, a, b];
+            let report = append(seq, &masks);
+            let first = report.first_seq.unwrap();
+            if round % 3 == 2 {
+                // Not taken in memory this time (say the sink lagged): read from the file.
+                let read = reader.read_batch(100).unwrap();
+                taken.extend(read.iter().map(|(s, _)| *s));
+            } else {
+                // A batch that does not continue from the position is refused.
+                assert_eq!(
+                    reader.take_appended(first + 1, &masks, report.end.unwrap()),
+                    None
+                );
+                let mine = reader
+                    .take_appended(first, &masks, report.end.unwrap())
+                    .unwrap();
+                assert_eq!(mine, vec![0, 2, 3]);
+                taken.extend(mine.iter().map(|&i| first + i as u64));
+            }
+            seq += masks.len() as u32;
+        }
+        assert!(
+            reader.read_batch(100).unwrap().is_empty(),
+            "nothing left to read"
+        );
+        let expected: Vec<u64> = (0..40u64)
+            .flat_map(|r| [1, 3, 4].map(|i| r * 5 + i))
+            .collect();
+        assert_eq!(
+            taken, expected,
+            "each of a's records exactly once, in order"
+        );
+        // Part taken in memory, then the rest read from the file.
+        let report = append(seq, &[a, a, a, a]);
+        let first = report.first_seq.unwrap();
+        assert_eq!(reader.read_batch(2).unwrap().len(), 2);
+        let mine = reader
+            .take_appended(first, &[a, a, a, a], report.end.unwrap())
+            .unwrap();
+        assert_eq!(mine, vec![2, 3], "the two already read are passed over");
+        assert_eq!(backlog(&spool, "a"), 124);
+        reader.commit(first + 3).unwrap();
+        assert_eq!(
+            backlog(&spool, "a"),
+            0,
+            "taken records commit like read ones"
+        );
+        assert_eq!(backlog(&spool, "b"), 80);
+    }
+
+    #[test]
     fn process_crash_redelivers_only_the_uncommitted_window() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
@@ -1880,13 +2043,13 @@ mod tests {
         assert_eq!(append_n(&spool, 8, mask).appended, 8);
         let report = append_n(&spool, 4, mask);
         assert_eq!(
-            report,
-            AppendReport {
-                first_seq: Some(9),
-                appended: 2,
-                dropped_newest: 2,
-                dropped_oldest: 0
-            }
+            (
+                report.first_seq,
+                report.appended,
+                report.dropped_newest,
+                report.dropped_oldest
+            ),
+            (Some(9), 2, 2, 0)
         );
         let report = append_n(&spool, 1, mask);
         assert_eq!(
