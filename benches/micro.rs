@@ -86,6 +86,24 @@ fn micro(c: &mut Criterion) {
     }
     g.finish();
 
+    // What the socket task does per broadcast: decode the frame, build the event.
+    let mut g = c.benchmark_group("socket");
+    g.bench_function("decode+Event::new/message.created", |b| {
+        let token: Arc<str> = Arc::from("support-agent");
+        let source: Arc<str> = Arc::from("wss://chat.example.com/cable#support-agent");
+        b.iter(|| match protocol::decode(black_box(message)).unwrap() {
+            protocol::ServerFrame::Message { event, data, .. } => Event::new(
+                &event,
+                data.0.to_owned(),
+                token.clone(),
+                source.clone(),
+                SystemTime::UNIX_EPOCH,
+            ),
+            _ => unreachable!(),
+        })
+    });
+    g.finish();
+
     let e = event("message.created");
     let mut g = c.benchmark_group("ids");
     g.bench_function("content_hash/message.created", |b| {
@@ -158,6 +176,11 @@ fn micro(c: &mut Criterion) {
             out.len()
         })
     });
+    g.bench_function("spool_record_decode", |b| {
+        let mut record = Vec::new();
+        e.encode_record(&mut record);
+        b.iter(|| Event::decode_record(black_box(&record)).unwrap())
+    });
     g.finish();
 
     let mut g = c.benchmark_group("redact");
@@ -174,7 +197,6 @@ fn micro(c: &mut Criterion) {
         b.iter(|| crm.apply(black_box(e.data.get())))
     });
     g.finish();
-    let _ = message;
 }
 
 criterion_group!(benches, micro);
