@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use chatwoot_bridge::config::Config;
-use chatwoot_bridge::event::{content_hash, Event};
+use bytes::Bytes;
+use chatwoot_bridge::event::{content_hash, Event, JsonText};
 use chatwoot_bridge::fixtures;
 use chatwoot_bridge::id::IdAssigner;
 use chatwoot_bridge::protocol;
 use chatwoot_bridge::sink::{self, Envelope};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 fn frame(name: &str) -> &'static str {
     fixtures::ALL
@@ -24,7 +26,7 @@ fn event(name: &str) -> Event {
     match protocol::decode(frame(name)).expect("fixture decodes") {
         protocol::ServerFrame::Message { event, data, .. } => Event::new(
             &event,
-            data.0.to_owned(),
+            JsonText::from_raw(data.0),
             Arc::from("support-agent"),
             Arc::from("wss://chat.example.com/cable#support-agent"),
             SystemTime::now(),
@@ -91,10 +93,12 @@ fn micro(c: &mut Criterion) {
     g.bench_function("decode+Event::new/message.created", |b| {
         let token: Arc<str> = Arc::from("support-agent");
         let source: Arc<str> = Arc::from("wss://chat.example.com/cable#support-agent");
-        b.iter(|| match protocol::decode(black_box(message)).unwrap() {
+        // As the socket hands it over: shared bytes known to be UTF-8.
+        let text = Utf8Bytes::from(message);
+        b.iter(|| match protocol::decode(black_box(text.as_str())).unwrap() {
             protocol::ServerFrame::Message { event, data, .. } => Event::new(
                 &event,
-                data.0.to_owned(),
+                JsonText::in_frame(&Bytes::from(text.clone()), data.0),
                 token.clone(),
                 source.clone(),
                 SystemTime::UNIX_EPOCH,

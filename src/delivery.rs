@@ -169,10 +169,10 @@ impl SinkLoop {
     /// Applies this sink's redaction; copies the event only when something was removed.
     fn redacted(&self, mut event: Event) -> Arc<Event> {
         if let Some(data) = self.redaction.apply(event.data.get()) {
-            event.data = serde_json::value::RawValue::from_string(data).unwrap_or_else(|_| {
+            event.data = crate::event::JsonText::from_string(data).unwrap_or_else(|_| {
                 // The property test says this cannot happen; if it does, send nothing of it.
                 error!(sink = %self.name, id = %event.id, "redaction produced invalid JSON; data withheld");
-                serde_json::value::RawValue::from_string(r#"{"redaction_failed":true}"#.into())
+                crate::event::JsonText::from_string(r#"{"redaction_failed":true}"#.into())
                     .expect("a constant is JSON")
             });
         }

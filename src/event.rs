@@ -7,9 +7,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// 128-bit event id, written as 32 lowercase hex digits. See [`crate::id`] for how it is made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,6 +32,59 @@ pub struct DataKeys {
     pub inbox_id: Option<u64>,
 }
 
+/// The text of one JSON value (an object when it came from a frame): an event's `data`, byte for
+/// byte as received or as a redaction rewrote it.
+///
+/// Backed by shared bytes rather than an owned string: the socket slices it out of the frame it
+/// read without copying, a binary-mode payload is the same buffer, and clones cost a reference
+/// count. The bytes are known to be UTF-8 (tungstenite's `Utf8Bytes` keeps that promise, so
+/// [`JsonText::get`] needs no check and this crate no `unsafe`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct JsonText(Utf8Bytes);
+
+impl JsonText {
+    /// Checks that `text` is one JSON value; surrounding whitespace is left out, as
+    /// [`RawValue::from_string`] does.
+    pub fn from_string(text: String) -> Result<JsonText, serde_json::Error> {
+        let raw: &RawValue = serde_json::from_str(&text)?;
+        if raw.get().len() == text.len() {
+            Ok(JsonText(Utf8Bytes::from(text)))
+        } else {
+            Ok(JsonText(Utf8Bytes::from(raw.get())))
+        }
+    }
+
+    /// A copy of JSON that serde already checked.
+    pub fn from_raw(raw: &RawValue) -> JsonText {
+        JsonText(Utf8Bytes::from(raw.get()))
+    }
+
+    /// `data`, which borrows from `frame`, as a slice of the frame's buffer instead of a copy.
+    /// Panics when `data` does not lie inside `frame`.
+    pub fn in_frame(frame: &Bytes, data: &RawValue) -> JsonText {
+        let slice = frame.slice_ref(data.get().as_bytes());
+        // The one check left: a str borrowed from the frame is UTF-8, but tungstenite's type
+        // can only be built from bytes by checking them (or with `unsafe`), and the check is a
+        // few percent of one parse.
+        JsonText(Utf8Bytes::try_from(slice).expect("a str's bytes are UTF-8"))
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The bytes themselves, shared (no copy), for payloads that go out as they are.
+    pub fn bytes(&self) -> Bytes {
+        Bytes::from(self.0.clone())
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JsonText({})", self.get())
+    }
+}
+
 /// One decoded Chatwoot event.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -40,7 +95,7 @@ pub struct Event {
     /// Chatwoot's event name, e.g. `message.created`; unknown names pass through unchanged.
     pub name: Box<str>,
     /// Chatwoot's `data` object, byte for byte as received.
-    pub data: Box<RawValue>,
+    pub data: JsonText,
     /// Name of the token whose socket delivered it (never the secret).
     pub token: Arc<str>,
     /// CloudEvents `source`: the cable URL and `#<token name>`.
@@ -54,7 +109,7 @@ impl Event {
     /// Builds an event from a frame's `message` parts. `data` must be a JSON object.
     pub fn new(
         name: &str,
-        data: Box<RawValue>,
+        data: JsonText,
         token: Arc<str>,
         source: Arc<str>,
         received_at: SystemTime,
@@ -124,7 +179,7 @@ impl Event {
     pub fn for_test(name: &str, token: &str, data: &str) -> Event {
         Event::new(
             name,
-            RawValue::from_string(data.to_owned()).expect("test data is JSON"),
+            JsonText::from_string(data.to_owned()).expect("test data is JSON"),
             Arc::from(token),
             Arc::from(format!("ws://127.0.0.1/cable#{token}")),
             SystemTime::UNIX_EPOCH,
@@ -300,6 +355,34 @@ mod tests {
     }
 
     #[test]
+    fn json_text_checks_like_raw_value() {
+        for text in [r#"{"a":1}"#, " {\"a\": [1, 2]}\n", "[1]", "7", "{", "", "{} {}"] {
+            let ours = JsonText::from_string(text.to_owned()).map(|t| t.get().to_owned());
+            let theirs = RawValue::from_string(text.to_owned()).map(|r| r.get().to_owned());
+            assert_eq!(ours.ok(), theirs.ok(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn json_text_in_a_frame_shares_its_bytes() {
+        let frame = Bytes::from(r#"{"message":{"data":{"x":"caf\u00e9 é"}}}"#.to_owned());
+        #[derive(Deserialize)]
+        struct Frame<'a> {
+            #[serde(borrow)]
+            message: Message<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Message<'a> {
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        let parsed: Frame = serde_json::from_slice(&frame).unwrap();
+        let data = JsonText::in_frame(&frame, parsed.message.data);
+        assert_eq!(data.get(), r#"{"x":"caf\u00e9 é"}"#);
+        assert_eq!(data.bytes().as_ptr(), frame[19..].as_ptr(), "no copy");
+    }
+
+    #[test]
     fn structured_cloudevent_keeps_data_bytes() {
         let data = r#"{"id":1, "account_id":4,"conversation_id":9,"content":"caf\u00e9 \"q\""}"#;
         let mut event = Event::for_test("message.created", "agent", data);
@@ -405,7 +488,7 @@ impl Event {
         let source = text(&mut bytes)?;
         let data = text(&mut bytes)?;
         let data =
-            RawValue::from_string(data.to_owned()).map_err(|_| RecordError("data is not JSON"))?;
+            JsonText::from_string(data.to_owned()).map_err(|_| RecordError("data is not JSON"))?;
         Ok(Event {
             id: EventId(id),
             content_hash: content_hash(name, data.get()),
@@ -437,7 +520,7 @@ mod record_tests {
             };
             let mut original = Event::new(
                 &event,
-                data.0.to_owned(),
+                JsonText::from_raw(data.0),
                 Arc::from("agent"),
                 Arc::from("wss://x/cable#agent"),
                 SystemTime::UNIX_EPOCH + std::time::Duration::new(1_781_964_126, 318_123_456),

@@ -236,7 +236,7 @@ impl KafkaSink {
         let headers = headers(event, self.settings.envelope);
         let mut record = FutureRecord::to(&topic)
             .key(&key)
-            .payload(&value)
+            .payload(&value[..])
             .headers(headers);
         loop {
             match self.producer.send_result(record) {

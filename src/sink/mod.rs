@@ -13,6 +13,7 @@ pub mod nats;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::config::SinkKind;
@@ -117,14 +118,15 @@ pub fn binary_attributes(event: &Event) -> Vec<(&'static str, String)> {
     attributes
 }
 
-/// The payload for `envelope`: data bytes as received, or the structured CloudEvent.
-pub fn payload(event: &Event, envelope: Envelope) -> Vec<u8> {
+/// The payload for `envelope`: data bytes as received (shared with the event, not copied), or
+/// the structured CloudEvent.
+pub fn payload(event: &Event, envelope: Envelope) -> Bytes {
     match envelope {
-        Envelope::Binary => event.data.get().as_bytes().to_vec(),
+        Envelope::Binary => event.data.bytes(),
         Envelope::Structured => {
             let mut out = Vec::with_capacity(event.data.get().len() + 512);
             event.write_structured(&mut out);
-            out
+            Bytes::from(out)
         }
     }
 }

@@ -519,7 +519,7 @@ impl NatsSink {
     }
 
     /// Subject, headers and payload of one event, or its permanent failure.
-    fn message(&self, event: &Event) -> Result<(String, HeaderMap, Vec<u8>), Outcome> {
+    fn message(&self, event: &Event) -> Result<(String, HeaderMap, bytes::Bytes), Outcome> {
         let subject = self
             .settings
             .subject
