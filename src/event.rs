@@ -69,6 +69,12 @@ impl JsonText {
         JsonText(Utf8Bytes::try_from(slice).expect("a str's bytes are UTF-8"))
     }
 
+    /// Text read back from a spool record. The record was written by this program from a
+    /// `JsonText` and is CRC-checked, so it is not parsed again; being `&str` it is UTF-8.
+    pub(crate) fn from_record(text: &str) -> JsonText {
+        JsonText(Utf8Bytes::from(text))
+    }
+
     pub fn get(&self) -> &str {
         self.0.as_str()
     }
@@ -487,15 +493,14 @@ impl Event {
         let token = text(&mut bytes)?;
         let source = text(&mut bytes)?;
         let data = text(&mut bytes)?;
-        let data =
-            JsonText::from_string(data.to_owned()).map_err(|_| RecordError("data is not JSON"))?;
+        let (token, source) = shared_names(token, source);
         Ok(Event {
             id: EventId(id),
-            content_hash: content_hash(name, data.get()),
+            content_hash: content_hash(name, data),
             name: name.into(),
-            data,
-            token: Arc::from(token),
-            source: Arc::from(source),
+            data: JsonText::from_record(data),
+            token,
+            source,
             received_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
             keys: DataKeys {
                 account_id: keys[0],
@@ -504,6 +509,39 @@ impl Event {
             },
         })
     }
+}
+
+/// How many (token, source) pairs each thread remembers for [`shared_names`]: more than the
+/// tokens whose events usually interleave in one sink's batch, few enough to search linearly.
+const SHARED_NAMES: usize = 8;
+
+thread_local! {
+    /// The token and source names of records decoded lately on this thread, most recent first.
+    /// A batch is a run of records from a few tokens: sharing their `Arc`s saves two allocations
+    /// per event. Per thread because the decoders (sink loops) share no state they could hold
+    /// it in.
+    static RECENT_NAMES: std::cell::RefCell<Vec<(Arc<str>, Arc<str>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `token` and `source` as shared strings, reusing those of a recent record when equal.
+fn shared_names(token: &str, source: &str) -> (Arc<str>, Arc<str>) {
+    RECENT_NAMES.with_borrow_mut(|recent| {
+        if let Some(i) = recent
+            .iter()
+            .position(|(t, s)| **t == *token && **s == *source)
+        {
+            let pair = recent[i].clone();
+            recent[..=i].rotate_right(1);
+            return pair;
+        }
+        if recent.len() == SHARED_NAMES {
+            recent.pop();
+        }
+        let pair: (Arc<str>, Arc<str>) = (Arc::from(token), Arc::from(source));
+        recent.insert(0, pair.clone());
+        pair
+    })
 }
 
 #[cfg(test)]
@@ -544,5 +582,22 @@ mod record_tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn decoded_records_share_token_and_source() {
+        let record = |token: &str| {
+            let mut bytes = Vec::new();
+            Event::for_test("message.created", token, r#"{"id":1}"#).encode_record(&mut bytes);
+            Event::decode_record(&bytes).unwrap()
+        };
+        let (a, b, c) = (record("agent"), record("other"), record("agent"));
+        assert!(Arc::ptr_eq(&a.token, &c.token) && Arc::ptr_eq(&a.source, &c.source));
+        assert_eq!(&*b.token, "other");
+        assert_eq!(&*b.source, "ws://127.0.0.1/cable#other");
+        for i in 0..2 * SHARED_NAMES {
+            assert_eq!(&*record(&format!("t{i}")).token, format!("t{i}"));
+        }
+        assert_eq!(&*record("agent").token, "agent");
     }
 }
