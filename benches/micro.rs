@@ -4,8 +4,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use chatwoot_bridge::config::Config;
 use bytes::Bytes;
+use chatwoot_bridge::config::Config;
 use chatwoot_bridge::event::{content_hash, Event, JsonText};
 use chatwoot_bridge::fixtures;
 use chatwoot_bridge::id::IdAssigner;
@@ -95,16 +95,18 @@ fn micro(c: &mut Criterion) {
         let source: Arc<str> = Arc::from("wss://chat.example.com/cable#support-agent");
         // As the socket hands it over: shared bytes known to be UTF-8.
         let text = Utf8Bytes::from(message);
-        b.iter(|| match protocol::decode(black_box(text.as_str())).unwrap() {
-            protocol::ServerFrame::Message { event, data, .. } => Event::new(
-                &event,
-                JsonText::in_frame(&Bytes::from(text.clone()), data.0),
-                token.clone(),
-                source.clone(),
-                SystemTime::UNIX_EPOCH,
-            ),
-            _ => unreachable!(),
-        })
+        b.iter(
+            || match protocol::decode(black_box(text.as_str())).unwrap() {
+                protocol::ServerFrame::Message { event, data, .. } => Event::new(
+                    &event,
+                    JsonText::in_frame(&Bytes::from(text.clone()), data.0),
+                    token.clone(),
+                    source.clone(),
+                    SystemTime::UNIX_EPOCH,
+                ),
+                _ => unreachable!(),
+            },
+        )
     });
     g.finish();
 

@@ -463,8 +463,8 @@ mod tests {
             #[serde(borrow)]
             data: &'a RawValue,
         }
-        let frame: Frame<'_> = serde_json::from_str(text)
-            .map_err(|e| FrameError::NotJson(e.classify_message()))?;
+        let frame: Frame<'_> =
+            serde_json::from_str(text).map_err(|e| FrameError::NotJson(e.classify_message()))?;
         let message = frame.message.ok_or(FrameError::Unrecognized)?;
         let identifier = frame.identifier.ok_or(FrameError::NoIdentifier)?;
         let message: Message<'_> =
@@ -472,7 +472,10 @@ mod tests {
         if !message.data.get().starts_with('{') {
             return Err(FrameError::BadMessage);
         }
-        Ok((message.event, format!("{identifier}|{}", message.data.get())))
+        Ok((
+            message.event,
+            format!("{identifier}|{}", message.data.get()),
+        ))
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::{HeaderName, IntoHeaderName};
+use async_nats::header::HeaderName;
 use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use futures_util::future::join_all;
@@ -17,8 +17,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::{
-    binary_attributes, payload, percent_encode_header, Envelope, ErrorClass, Outcome, SinkError,
-    DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
+    each_binary_attribute, payload, percent_encode_header, Envelope, ErrorClass, Outcome,
+    SinkError, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
 };
 use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
@@ -649,14 +649,12 @@ pub fn headers(event: &Event, envelope: Envelope) -> HeaderMap {
     let mut headers = HeaderMap::new();
     match envelope {
         Envelope::Binary => {
-            for (name, value) in binary_attributes(event) {
-                // Most values need no encoding: keep the String instead of copying it.
-                let encoded = match percent_encode_header(&value) {
-                    std::borrow::Cow::Owned(encoded) => Some(encoded),
-                    std::borrow::Cow::Borrowed(_) => None,
-                };
-                headers.insert(header_name(name), encoded.unwrap_or(value));
-            }
+            each_binary_attribute(event, |attribute, value| {
+                headers.insert(
+                    HeaderName::from_static(attribute.dashed()),
+                    percent_encode_header(value).into_owned(),
+                );
+            });
             headers.insert(
                 HeaderName::from_static("ce-datacontenttype"),
                 DATA_CONTENT_TYPE,
@@ -665,23 +663,6 @@ pub fn headers(event: &Event, envelope: Envelope) -> HeaderMap {
         Envelope::Structured => headers.insert("content-type", STRUCTURED_CONTENT_TYPE),
     }
     headers
-}
-
-/// `ce-<attribute>` without formatting and validating a name per event: this runs for every
-/// header of every event.
-fn header_name(attribute: &str) -> HeaderName {
-    match attribute {
-        "specversion" => HeaderName::from_static("ce-specversion"),
-        "id" => HeaderName::from_static("ce-id"),
-        "source" => HeaderName::from_static("ce-source"),
-        "type" => HeaderName::from_static("ce-type"),
-        "time" => HeaderName::from_static("ce-time"),
-        "subject" => HeaderName::from_static("ce-subject"),
-        "chatwootevent" => HeaderName::from_static("ce-chatwootevent"),
-        "chatwoottoken" => HeaderName::from_static("ce-chatwoottoken"),
-        "chatwootaccount" => HeaderName::from_static("ce-chatwootaccount"),
-        other => format!("ce-{other}").into_header_name(),
-    }
 }
 
 #[cfg(test)]
