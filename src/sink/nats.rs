@@ -430,7 +430,7 @@ impl NatsSink {
                     // would wait for the reconnect.
                     let publish = self
                         .client
-                        .publish_with_headers(subject, headers, body.into());
+                        .publish_with_headers(subject, headers, body);
                     match tokio::time::timeout(self.settings.timeout, publish).await {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
@@ -478,7 +478,7 @@ impl NatsSink {
                 }
             };
             let message = PublishMessage::build()
-                .payload(body.into())
+                .payload(body)
                 .headers(headers)
                 .message_id(event.id.to_string());
             match tokio::time::timeout(settings.timeout, js.send_publish(subject, message)).await {
