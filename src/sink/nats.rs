@@ -428,9 +428,7 @@ impl NatsSink {
                 Ok((subject, headers, body)) => {
                     // Bounded: with the server gone the client's buffer fills and a publish
                     // would wait for the reconnect.
-                    let publish = self
-                        .client
-                        .publish_with_headers(subject, headers, body);
+                    let publish = self.client.publish_with_headers(subject, headers, body);
                     match tokio::time::timeout(self.settings.timeout, publish).await {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
