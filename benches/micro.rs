@@ -4,13 +4,15 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use chatwoot_bridge::config::Config;
-use chatwoot_bridge::event::{content_hash, Event};
+use chatwoot_bridge::event::{content_hash, Event, JsonText};
 use chatwoot_bridge::fixtures;
 use chatwoot_bridge::id::IdAssigner;
 use chatwoot_bridge::protocol;
 use chatwoot_bridge::sink::{self, Envelope};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 fn frame(name: &str) -> &'static str {
     fixtures::ALL
@@ -24,7 +26,7 @@ fn event(name: &str) -> Event {
     match protocol::decode(frame(name)).expect("fixture decodes") {
         protocol::ServerFrame::Message { event, data, .. } => Event::new(
             &event,
-            data.0.to_owned(),
+            JsonText::from_raw(data.0),
             Arc::from("support-agent"),
             Arc::from("wss://chat.example.com/cable#support-agent"),
             SystemTime::now(),
@@ -84,6 +86,28 @@ fn micro(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(f.len() as u64));
         g.bench_function(name, |b| b.iter(|| protocol::decode(black_box(f)).unwrap()));
     }
+    g.finish();
+
+    // What the socket task does per broadcast: decode the frame, build the event.
+    let mut g = c.benchmark_group("socket");
+    g.bench_function("decode+Event::new/message.created", |b| {
+        let token: Arc<str> = Arc::from("support-agent");
+        let source: Arc<str> = Arc::from("wss://chat.example.com/cable#support-agent");
+        // As the socket hands it over: shared bytes known to be UTF-8.
+        let text = Utf8Bytes::from(message);
+        b.iter(
+            || match protocol::decode(black_box(text.as_str())).unwrap() {
+                protocol::ServerFrame::Message { event, data, .. } => Event::new(
+                    &event,
+                    JsonText::in_frame(&Bytes::from(text.clone()), data.0),
+                    token.clone(),
+                    source.clone(),
+                    SystemTime::UNIX_EPOCH,
+                ),
+                _ => unreachable!(),
+            },
+        )
+    });
     g.finish();
 
     let e = event("message.created");
@@ -158,6 +182,11 @@ fn micro(c: &mut Criterion) {
             out.len()
         })
     });
+    g.bench_function("spool_record_decode", |b| {
+        let mut record = Vec::new();
+        e.encode_record(&mut record);
+        b.iter(|| Event::decode_record(black_box(&record)).unwrap())
+    });
     g.finish();
 
     let mut g = c.benchmark_group("redact");
@@ -174,7 +203,6 @@ fn micro(c: &mut Criterion) {
         b.iter(|| crm.apply(black_box(e.data.get())))
     });
     g.finish();
-    let _ = message;
 }
 
 criterion_group!(benches, micro);

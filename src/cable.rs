@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
 use crate::config::{CableSettings, ReconnectSettings, TokenSpec};
-use crate::event::Event;
+use crate::event::{Event, JsonText};
 use crate::protocol::{self, ServerFrame};
 use crate::status::{TokenReporter, TokenState};
 
@@ -254,7 +254,8 @@ impl TokenTask {
                             }
                             // Data may arrive before the confirm (the server attaches the stream
                             // first); it is accepted in every subscription state.
-                            let data: Box<RawValue> = data.0.to_owned();
+                            // A slice of the frame's buffer, not a copy.
+                            let data = JsonText::in_frame(&Bytes::from(text.clone()), data.0);
                             let event = Event::new(&event, data, self.spec.name.clone(), source.clone(), received_at);
                             self.status.event();
                             if self.events.send(event).await.is_err() {

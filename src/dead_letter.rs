@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::event::{Event, EventId};
+use crate::event::{Event, EventId, JsonText};
 
 /// One event that will not be delivered without an operator.
 #[derive(Debug, Clone)]
@@ -269,7 +269,7 @@ fn read_file(path: &Path) -> Result<Vec<DeadLetter>, DeadLetterError> {
         let id = u128::from_str_radix(event.id, 16).map_err(|e| corrupt(format!("id: {e}")))?;
         let mut rebuilt = Event::new(
             event.chatwootevent,
-            event.data.to_owned(),
+            JsonText::from_raw(event.data),
             Arc::from(event.chatwoottoken),
             Arc::from(event.source),
             time(event.time)?,

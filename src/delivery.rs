@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::RetrySettings;
 use crate::dead_letter::{DeadLetter, DeadLetters};
-use crate::event::Event;
+use crate::event::{Event, JsonText};
 use crate::pipeline::{Appended, PipelineStats, RecordBatch, MAX_BATCH};
 use crate::redact::Redaction;
 use crate::sink::{Outcome, Sink};
@@ -363,10 +363,10 @@ impl SinkLoop {
             return event;
         };
         let mut event = Event::clone(&event);
-        event.data = serde_json::value::RawValue::from_string(data).unwrap_or_else(|_| {
+        event.data = JsonText::from_string(data).unwrap_or_else(|_| {
             // The property test says this cannot happen; if it does, send nothing of it.
             error!(sink = %self.name, id = %event.id, "redaction produced invalid JSON; data withheld");
-            serde_json::value::RawValue::from_string(r#"{"redaction_failed":true}"#.into())
+            JsonText::from_string(r#"{"redaction_failed":true}"#.into())
                 .expect("a constant is JSON")
         });
         Arc::new(event)

@@ -7,18 +7,145 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// 128-bit event id, written as 32 lowercase hex digits. See [`crate::id`] for how it is made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventId(pub u128);
 
+impl EventId {
+    /// The 32 lowercase hex digits, without the formatting machinery: an id goes into several
+    /// headers of every event.
+    pub fn hex(&self) -> AsciiBuf<32> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = AsciiBuf {
+            bytes: [0; 32],
+            len: 32,
+        };
+        for (i, byte) in out.bytes.iter_mut().enumerate() {
+            *byte = DIGITS[(self.0 >> (124 - 4 * i) & 0xf) as usize];
+        }
+        out
+    }
+}
+
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(self.hex().as_str())
     }
+}
+
+/// Short ASCII text formatted on the stack (ids, times, numbers), to be copied where it goes
+/// instead of allocated for each event.
+#[derive(Clone, Copy)]
+pub struct AsciiBuf<const N: usize> {
+    /// The text, then unused zeros.
+    bytes: [u8; N],
+    /// How much of `bytes` is text.
+    len: usize,
+}
+
+impl<const N: usize> AsciiBuf<N> {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).expect("only ASCII is written")
+    }
+}
+
+impl AsciiBuf<20> {
+    /// `value` in decimal.
+    pub fn decimal(mut value: u64) -> AsciiBuf<20> {
+        let mut digits = [0u8; 20];
+        let mut start = 20;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        let mut out = AsciiBuf {
+            bytes: [0; 20],
+            len: 20 - start,
+        };
+        out.bytes[..out.len].copy_from_slice(&digits[start..]);
+        out
+    }
+}
+
+/// `at` as RFC 3339 in UTC with microseconds, as `humantime::format_rfc3339_micros` writes it
+/// (same days-from-2000-03-01 arithmetic), without a `String` and the `fmt` machinery per event.
+/// `None` outside 1970..=9999, where humantime cannot format either.
+pub fn rfc3339_micros(at: SystemTime) -> Option<AsciiBuf<27>> {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    let secs = since.as_secs();
+    if secs >= 253_402_300_800 {
+        return None;
+    }
+    const LEAPOCH: i64 = 11017;
+    const DAYS_PER_400Y: i64 = 365 * 400 + 97;
+    const DAYS_PER_100Y: i64 = 365 * 100 + 24;
+    const DAYS_PER_4Y: i64 = 365 * 4 + 1;
+    let days = (secs / 86400) as i64 - LEAPOCH;
+    let secs_of_day = secs % 86400;
+    let mut qc_cycles = days / DAYS_PER_400Y;
+    let mut remdays = days % DAYS_PER_400Y;
+    if remdays < 0 {
+        remdays += DAYS_PER_400Y;
+        qc_cycles -= 1;
+    }
+    let c_cycles = (remdays / DAYS_PER_100Y).min(3);
+    remdays -= c_cycles * DAYS_PER_100Y;
+    let q_cycles = (remdays / DAYS_PER_4Y).min(24);
+    remdays -= q_cycles * DAYS_PER_4Y;
+    let remyears = (remdays / 365).min(3);
+    remdays -= remyears * 365;
+    let mut year = 2000 + remyears + 4 * q_cycles + 100 * c_cycles + 400 * qc_cycles;
+    let mut mon = 0;
+    for mon_len in [31, 30, 31, 30, 31, 31, 30, 31, 30, 31, 31, 29] {
+        mon += 1;
+        if remdays < mon_len {
+            break;
+        }
+        remdays -= mon_len;
+    }
+    let mday = remdays + 1;
+    let mon = if mon + 2 > 12 {
+        year += 1;
+        mon - 10
+    } else {
+        mon + 2
+    };
+    let micros = since.subsec_micros();
+    let mut out = AsciiBuf {
+        bytes: *b"0000-00-00T00:00:00.000000Z",
+        len: 27,
+    };
+    let b = &mut out.bytes;
+    let digit = |n: i64| b'0' + (n % 10) as u8;
+    b[0] = digit(year / 1000);
+    b[1] = digit(year / 100);
+    b[2] = digit(year / 10);
+    b[3] = digit(year);
+    b[5] = digit(mon / 10);
+    b[6] = digit(mon);
+    b[8] = digit(mday / 10);
+    b[9] = digit(mday);
+    let (hour, minute, second) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60);
+    for (at, value) in [(11, hour), (14, minute), (17, second)] {
+        b[at] = b'0' + (value / 10) as u8;
+        b[at + 1] = b'0' + (value % 10) as u8;
+    }
+    let mut micros_left = micros;
+    for i in (20..26).rev() {
+        b[i] = b'0' + (micros_left % 10) as u8;
+        micros_left /= 10;
+    }
+    Some(out)
 }
 
 /// Identifiers pulled out of `data` once, for routing, keys, templates and the CloudEvents subject.
@@ -28,6 +155,65 @@ pub struct DataKeys {
     /// The conversation's display id, when the event concerns one conversation.
     pub conversation_id: Option<u64>,
     pub inbox_id: Option<u64>,
+}
+
+/// The text of one JSON value (an object when it came from a frame): an event's `data`, byte for
+/// byte as received or as a redaction rewrote it.
+///
+/// Backed by shared bytes rather than an owned string: the socket slices it out of the frame it
+/// read without copying, a binary-mode payload is the same buffer, and clones cost a reference
+/// count. The bytes are known to be UTF-8 (tungstenite's `Utf8Bytes` keeps that promise, so
+/// [`JsonText::get`] needs no check and this crate no `unsafe`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct JsonText(Utf8Bytes);
+
+impl JsonText {
+    /// Checks that `text` is one JSON value; surrounding whitespace is left out, as
+    /// [`RawValue::from_string`] does.
+    pub fn from_string(text: String) -> Result<JsonText, serde_json::Error> {
+        let raw: &RawValue = serde_json::from_str(&text)?;
+        if raw.get().len() == text.len() {
+            Ok(JsonText(Utf8Bytes::from(text)))
+        } else {
+            Ok(JsonText(Utf8Bytes::from(raw.get())))
+        }
+    }
+
+    /// A copy of JSON that serde already checked.
+    pub fn from_raw(raw: &RawValue) -> JsonText {
+        JsonText(Utf8Bytes::from(raw.get()))
+    }
+
+    /// `data`, which borrows from `frame`, as a slice of the frame's buffer instead of a copy.
+    /// Panics when `data` does not lie inside `frame`.
+    pub fn in_frame(frame: &Bytes, data: &RawValue) -> JsonText {
+        let slice = frame.slice_ref(data.get().as_bytes());
+        // The one check left: a str borrowed from the frame is UTF-8, but tungstenite's type
+        // can only be built from bytes by checking them (or with `unsafe`), and the check is a
+        // few percent of one parse.
+        JsonText(Utf8Bytes::try_from(slice).expect("a str's bytes are UTF-8"))
+    }
+
+    /// Text read back from a spool record. The record was written by this program from a
+    /// `JsonText` and is CRC-checked, so it is not parsed again; being `&str` it is UTF-8.
+    pub(crate) fn from_record(text: &str) -> JsonText {
+        JsonText(Utf8Bytes::from(text))
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The bytes themselves, shared (no copy), for payloads that go out as they are.
+    pub fn bytes(&self) -> Bytes {
+        Bytes::from(self.0.clone())
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JsonText({})", self.get())
+    }
 }
 
 /// One decoded Chatwoot event.
@@ -40,7 +226,7 @@ pub struct Event {
     /// Chatwoot's event name, e.g. `message.created`; unknown names pass through unchanged.
     pub name: Box<str>,
     /// Chatwoot's `data` object, byte for byte as received.
-    pub data: Box<RawValue>,
+    pub data: JsonText,
     /// Name of the token whose socket delivered it (never the secret).
     pub token: Arc<str>,
     /// CloudEvents `source`: the cable URL and `#<token name>`.
@@ -54,7 +240,7 @@ impl Event {
     /// Builds an event from a frame's `message` parts. `data` must be a JSON object.
     pub fn new(
         name: &str,
-        data: Box<RawValue>,
+        data: JsonText,
         token: Arc<str>,
         source: Arc<str>,
         received_at: SystemTime,
@@ -86,7 +272,18 @@ impl Event {
 
     /// CloudEvents `time`: receive time, RFC 3339 in UTC with microseconds.
     pub fn time(&self) -> String {
-        humantime::format_rfc3339_micros(self.received_at).to_string()
+        self.time_text().as_str().to_owned()
+    }
+
+    /// [`Event::time`] on the stack. Panics for a receive time outside 1970..=9999, as
+    /// humantime did.
+    pub fn time_text(&self) -> AsciiBuf<27> {
+        rfc3339_micros(self.received_at).unwrap_or_else(|| {
+            panic!(
+                "receive time {:?} cannot be written as RFC 3339",
+                self.received_at
+            )
+        })
     }
 
     /// Appends the CloudEvents 1.0 structured-mode JSON object (no trailing newline).
@@ -95,13 +292,13 @@ impl Event {
             serde_json::to_writer(&mut *out, s).expect("writing JSON to a Vec cannot fail");
         }
         out.extend_from_slice(br#"{"specversion":"1.0","id":""#);
-        out.extend_from_slice(self.id.to_string().as_bytes());
+        out.extend_from_slice(self.id.hex().as_str().as_bytes());
         out.extend_from_slice(br#"","source":"#);
         string(out, &self.source);
         out.extend_from_slice(br#","type":"#);
         string(out, &self.ce_type());
         out.extend_from_slice(br#","time":""#);
-        out.extend_from_slice(self.time().as_bytes());
+        out.extend_from_slice(self.time_text().as_str().as_bytes());
         out.push(b'"');
         if let Some(subject) = self.subject() {
             out.extend_from_slice(br#","subject":"#);
@@ -113,7 +310,7 @@ impl Event {
         string(out, &self.token);
         if let Some(account) = self.keys.account_id {
             out.extend_from_slice(br#","chatwootaccount":"#);
-            out.extend_from_slice(account.to_string().as_bytes());
+            out.extend_from_slice(AsciiBuf::decimal(account).as_str().as_bytes());
         }
         out.extend_from_slice(br#","data":"#);
         out.extend_from_slice(self.data.get().as_bytes());
@@ -124,7 +321,7 @@ impl Event {
     pub fn for_test(name: &str, token: &str, data: &str) -> Event {
         Event::new(
             name,
-            RawValue::from_string(data.to_owned()).expect("test data is JSON"),
+            JsonText::from_string(data.to_owned()).expect("test data is JSON"),
             Arc::from(token),
             Arc::from(format!("ws://127.0.0.1/cable#{token}")),
             SystemTime::UNIX_EPOCH,
@@ -300,6 +497,89 @@ mod tests {
     }
 
     #[test]
+    fn json_text_checks_like_raw_value() {
+        for text in [
+            r#"{"a":1}"#,
+            " {\"a\": [1, 2]}\n",
+            "[1]",
+            "7",
+            "{",
+            "",
+            "{} {}",
+        ] {
+            let ours = JsonText::from_string(text.to_owned()).map(|t| t.get().to_owned());
+            let theirs = RawValue::from_string(text.to_owned()).map(|r| r.get().to_owned());
+            assert_eq!(ours.ok(), theirs.ok(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn json_text_in_a_frame_shares_its_bytes() {
+        let frame = Bytes::from(r#"{"message":{"data":{"x":"caf\u00e9 é"}}}"#.to_owned());
+        #[derive(Deserialize)]
+        struct Frame<'a> {
+            #[serde(borrow)]
+            message: Message<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Message<'a> {
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        let parsed: Frame = serde_json::from_slice(&frame).unwrap();
+        let data = JsonText::in_frame(&frame, parsed.message.data);
+        assert_eq!(data.get(), r#"{"x":"caf\u00e9 é"}"#);
+        assert_eq!(data.bytes().as_ptr(), frame[19..].as_ptr(), "no copy");
+    }
+
+    #[test]
+    fn stack_formatting_matches_fmt_and_humantime() {
+        for id in [
+            0,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        ] {
+            assert_eq!(EventId(id).hex().as_str(), format!("{id:032x}"));
+            assert_eq!(EventId(id).to_string(), format!("{id:032x}"));
+        }
+        for n in [0, 7, 10, 99, 12345, u64::MAX] {
+            assert_eq!(AsciiBuf::decimal(n).as_str(), n.to_string());
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut secs: Vec<u64> = (0..200_000).map(|_| rng.u64(0..253_402_300_800)).collect();
+        // Day, month, year and leap boundaries.
+        for day in [
+            0u64,
+            59,
+            60,
+            365,
+            11016,
+            11017,
+            11017 + 59,
+            11017 + 60,
+            2_932_896,
+        ] {
+            for delta in [0, 1, 86_399] {
+                secs.push(day * 86_400 + delta);
+            }
+        }
+        secs.push(253_402_300_799);
+        for s in secs {
+            let at =
+                SystemTime::UNIX_EPOCH + std::time::Duration::new(s, rng.u32(0..1_000_000_000));
+            assert_eq!(
+                rfc3339_micros(at).unwrap().as_str(),
+                humantime::format_rfc3339_micros(at).to_string(),
+                "{s}"
+            );
+        }
+        let end = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800);
+        assert!(rfc3339_micros(end).is_none());
+    }
+
+    #[test]
     fn structured_cloudevent_keeps_data_bytes() {
         let data = r#"{"id":1, "account_id":4,"conversation_id":9,"content":"caf\u00e9 \"q\""}"#;
         let mut event = Event::for_test("message.created", "agent", data);
@@ -404,15 +684,14 @@ impl Event {
         let token = text(&mut bytes)?;
         let source = text(&mut bytes)?;
         let data = text(&mut bytes)?;
-        let data =
-            RawValue::from_string(data.to_owned()).map_err(|_| RecordError("data is not JSON"))?;
+        let (token, source) = shared_names(token, source);
         Ok(Event {
             id: EventId(id),
-            content_hash: content_hash(name, data.get()),
+            content_hash: content_hash(name, data),
             name: name.into(),
-            data,
-            token: Arc::from(token),
-            source: Arc::from(source),
+            data: JsonText::from_record(data),
+            token,
+            source,
             received_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
             keys: DataKeys {
                 account_id: keys[0],
@@ -421,6 +700,39 @@ impl Event {
             },
         })
     }
+}
+
+/// How many (token, source) pairs each thread remembers for [`shared_names`]: more than the
+/// tokens whose events usually interleave in one sink's batch, few enough to search linearly.
+const SHARED_NAMES: usize = 8;
+
+thread_local! {
+    /// The token and source names of records decoded lately on this thread, most recent first.
+    /// A batch is a run of records from a few tokens: sharing their `Arc`s saves two allocations
+    /// per event. Per thread because the decoders (sink loops) share no state they could hold
+    /// it in.
+    static RECENT_NAMES: std::cell::RefCell<Vec<(Arc<str>, Arc<str>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `token` and `source` as shared strings, reusing those of a recent record when equal.
+fn shared_names(token: &str, source: &str) -> (Arc<str>, Arc<str>) {
+    RECENT_NAMES.with_borrow_mut(|recent| {
+        if let Some(i) = recent
+            .iter()
+            .position(|(t, s)| **t == *token && **s == *source)
+        {
+            let pair = recent[i].clone();
+            recent[..=i].rotate_right(1);
+            return pair;
+        }
+        if recent.len() == SHARED_NAMES {
+            recent.pop();
+        }
+        let pair: (Arc<str>, Arc<str>) = (Arc::from(token), Arc::from(source));
+        recent.insert(0, pair.clone());
+        pair
+    })
 }
 
 #[cfg(test)]
@@ -437,7 +749,7 @@ mod record_tests {
             };
             let mut original = Event::new(
                 &event,
-                data.0.to_owned(),
+                JsonText::from_raw(data.0),
                 Arc::from("agent"),
                 Arc::from("wss://x/cable#agent"),
                 SystemTime::UNIX_EPOCH + std::time::Duration::new(1_781_964_126, 318_123_456),
@@ -461,5 +773,22 @@ mod record_tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn decoded_records_share_token_and_source() {
+        let record = |token: &str| {
+            let mut bytes = Vec::new();
+            Event::for_test("message.created", token, r#"{"id":1}"#).encode_record(&mut bytes);
+            Event::decode_record(&bytes).unwrap()
+        };
+        let (a, b, c) = (record("agent"), record("other"), record("agent"));
+        assert!(Arc::ptr_eq(&a.token, &c.token) && Arc::ptr_eq(&a.source, &c.source));
+        assert_eq!(&*b.token, "other");
+        assert_eq!(&*b.source, "ws://127.0.0.1/cable#other");
+        for i in 0..2 * SHARED_NAMES {
+            assert_eq!(&*record(&format!("t{i}")).token, format!("t{i}"));
+        }
+        assert_eq!(&*record("agent").token, "agent");
     }
 }

@@ -2,7 +2,10 @@
 //! See `shared/chatwoot/PROTOCOL.md` for what real Chatwoot does beyond Rails' documentation.
 
 use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
 
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -76,20 +79,177 @@ struct RawFrame<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     identifier: Option<Cow<'a, str>>,
+    /// Read in the same pass as the frame: a second parse of `message` re-scanned all of `data`.
     #[serde(borrow, default)]
-    message: Option<&'a RawValue>,
+    message: Option<RawMessage<'a>>,
     #[serde(borrow, default)]
     reason: Option<Cow<'a, str>>,
     #[serde(default)]
     reconnect: Option<bool>,
 }
 
-#[derive(Deserialize)]
-struct RawMessage<'a> {
-    #[serde(borrow)]
-    event: Cow<'a, str>,
-    #[serde(borrow)]
-    data: &'a RawValue,
+/// A frame's `message`. A shape other than an object with a string `event` and a `data` reads as
+/// `Bad` instead of failing the frame, so that a frame that is JSON with a bad `message` stays a
+/// different error from a frame that is not JSON.
+enum RawMessage<'a> {
+    Good {
+        event: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Bad,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawMessage<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(MessageVisitor(PhantomData))
+    }
+}
+
+/// Reads a [`RawMessage`] borrowing from input that lives for `'a`.
+struct MessageVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for MessageVisitor<'a> {
+    type Value = RawMessage<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an ActionCable message")
+    }
+
+    /// As a derived struct would read it: known keys once each, others skipped.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut event, mut data, mut duplicate) = (None, None, false);
+        while let Some(key) = map.next_key::<MessageKey>()? {
+            match key {
+                MessageKey::Event => {
+                    duplicate |= event.is_some();
+                    event = Some(map.next_value::<MaybeStr<'a>>()?.0);
+                }
+                MessageKey::Data => {
+                    duplicate |= data.is_some();
+                    data = Some(map.next_value::<&'a RawValue>()?);
+                }
+                MessageKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(match (event, data, duplicate) {
+            (Some(Some(event)), Some(data), false) => RawMessage::Good { event, data },
+            _ => RawMessage::Bad,
+        })
+    }
+
+    /// A derived struct also reads `[event, data]`; kept so such frames decode as before.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let Some(MaybeStr(event)) = seq.next_element::<MaybeStr<'a>>()? else {
+            return Ok(RawMessage::Bad);
+        };
+        let Some(data) = seq.next_element::<&'a RawValue>()? else {
+            return Ok(RawMessage::Bad);
+        };
+        let mut extra = false;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            extra = true;
+        }
+        Ok(match (event, extra) {
+            (Some(event), false) => RawMessage::Good { event, data },
+            _ => RawMessage::Bad,
+        })
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(RawMessage::Bad)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(RawMessage::Bad)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(RawMessage::Bad)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(RawMessage::Bad)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(RawMessage::Bad)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(RawMessage::Bad)
+    }
+}
+
+/// A key of `message`, told apart without allocating (escaped keys included).
+enum MessageKey {
+    Event,
+    Data,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for MessageKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = MessageKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MessageKey, E> {
+                Ok(match v {
+                    "event" => MessageKey::Event,
+                    "data" => MessageKey::Data,
+                    _ => MessageKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// A string, or `None` for any other JSON value (consumed, not an error).
+struct MaybeStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for MaybeStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = MaybeStr<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Owned(v))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MaybeStr(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybeStr(None))
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
 }
 
 /// Decodes one text frame.
@@ -120,15 +280,16 @@ pub fn decode(text: &str) -> Result<ServerFrame<'_>, FrameError> {
     }
     if let Some(message) = frame.message {
         let identifier = frame.identifier.ok_or(FrameError::NoIdentifier)?;
-        let message: RawMessage<'_> =
-            serde_json::from_str(message.get()).map_err(|_| FrameError::BadMessage)?;
-        if !message.data.get().starts_with('{') {
+        let RawMessage::Good { event, data } = message else {
+            return Err(FrameError::BadMessage);
+        };
+        if !data.get().starts_with('{') {
             return Err(FrameError::BadMessage);
         }
         return Ok(ServerFrame::Message {
             identifier,
-            event: message.event,
-            data: Data(message.data),
+            event,
+            data: Data(data),
         });
     }
     match frame.kind {
@@ -283,6 +444,82 @@ mod tests {
                 text.contains(data.get()),
                 "{name}: data bytes are a slice of the frame"
             );
+        }
+    }
+
+    /// The two-pass decoder this one replaced: `message` as raw JSON, then parsed again.
+    fn two_pass(text: &str) -> Result<(Cow<'_, str>, String), FrameError> {
+        #[derive(Deserialize)]
+        struct Frame<'a> {
+            #[serde(borrow, default)]
+            identifier: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            message: Option<&'a RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct Message<'a> {
+            #[serde(borrow)]
+            event: Cow<'a, str>,
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        let frame: Frame<'_> =
+            serde_json::from_str(text).map_err(|e| FrameError::NotJson(e.classify_message()))?;
+        let message = frame.message.ok_or(FrameError::Unrecognized)?;
+        let identifier = frame.identifier.ok_or(FrameError::NoIdentifier)?;
+        let message: Message<'_> =
+            serde_json::from_str(message.get()).map_err(|_| FrameError::BadMessage)?;
+        if !message.data.get().starts_with('{') {
+            return Err(FrameError::BadMessage);
+        }
+        Ok((
+            message.event,
+            format!("{identifier}|{}", message.data.get()),
+        ))
+    }
+
+    #[test]
+    fn one_pass_reads_message_shapes_as_the_two_pass_decoder_did() {
+        let frames = [
+            r#"{"identifier":"i","message":{"event":"e","data":{"a":1}}}"#,
+            r#"{"identifier":"i","message":{"data":{"a":[1,{}]},"x":[{"y":null}],"event":"e"}}"#,
+            r#"{"identifier":"i","message":{"ev\u0065nt":"\u0065","d\u0061ta":{}}}"#,
+            r#"{"identifier":"i","message":{"event":"e","data":{},"event":"f"}}"#,
+            r#"{"identifier":"i","message":{"event":"e","data":{},"data":{}}}"#,
+            r#"{"identifier":"i","message":{"event":"e"}}"#,
+            r#"{"identifier":"i","message":{"data":{}}}"#,
+            r#"{"identifier":"i","message":{"event":null,"data":{}}}"#,
+            r#"{"identifier":"i","message":{"event":["e"],"data":{}}}"#,
+            r#"{"identifier":"i","message":{"event":{"e":1},"data":{}}}"#,
+            r#"{"identifier":"i","message":{"event":"e","data":"{}"}}"#,
+            r#"{"identifier":"i","message":{"event":"e","data":null}}"#,
+            r#"{"identifier":"i","message":["e",{"a":1}]}"#,
+            r#"{"identifier":"i","message":["e",{"a":1},2]}"#,
+            r#"{"identifier":"i","message":["e"]}"#,
+            r#"{"identifier":"i","message":[]}"#,
+            r#"{"identifier":"i","message":[1,{}]}"#,
+            r#"{"identifier":"i","message":"text"}"#,
+            r#"{"identifier":"i","message":12}"#,
+            r#"{"identifier":"i","message":-1.5}"#,
+            r#"{"identifier":"i","message":true}"#,
+            r#"{"identifier":"i","message":null}"#,
+            r#"{"identifier":"i","message":{"event":"e","data":{"a":}}}"#,
+            r#"{"identifier":"i","message":{"event":"e","data":{}},"message":{}}"#,
+            r#"{"message":{"event":"e","data":{}}}"#,
+            r#"{"message":7}"#,
+        ];
+        let fixtures = crate::fixtures::ALL.iter().map(|(_, f)| *f);
+        for text in frames.into_iter().chain(fixtures) {
+            let now = match decode(text) {
+                Ok(ServerFrame::Message {
+                    identifier,
+                    event,
+                    data,
+                }) => Ok((event, format!("{identifier}|{}", data.get()))),
+                Ok(other) => panic!("{text}: {other:?}"),
+                Err(e) => Err(e),
+            };
+            assert_eq!(now, two_pass(text), "{text}");
         }
     }
 

@@ -420,7 +420,7 @@ mod tests {
         };
         Event::new(
             &event,
-            data.0.to_owned(),
+            crate::event::JsonText::from_raw(data.0),
             Arc::from(token),
             Arc::from("ws://x/cable"),
             SystemTime::UNIX_EPOCH,

@@ -20,8 +20,8 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{
-    binary_attributes, payload, percent_encode_header, Envelope, ErrorClass, Outcome, SinkError,
-    DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
+    each_binary_attribute, payload, percent_encode_header, Envelope, ErrorClass, Outcome,
+    SinkError, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
 };
 use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
@@ -343,11 +343,12 @@ pub fn request_headers(event: &Event, envelope: Envelope) -> HeaderMap {
     let mut headers = HeaderMap::new();
     match envelope {
         Envelope::Binary => {
-            for (name, value) in binary_attributes(event) {
-                let name = HeaderName::from_bytes(format!("ce-{name}").as_bytes())
-                    .expect("ce- attribute names are valid header names");
-                headers.insert(name, header_value(&percent_encode_header(&value)));
-            }
+            each_binary_attribute(event, |attribute, value| {
+                headers.insert(
+                    HeaderName::from_static(attribute.dashed()),
+                    header_value(&percent_encode_header(value)),
+                );
+            });
             headers.insert(CONTENT_TYPE, HeaderValue::from_static(DATA_CONTENT_TYPE));
         }
         Envelope::Structured => {

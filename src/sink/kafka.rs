@@ -19,7 +19,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::{
-    binary_attributes, payload, settled, Confirmations, Envelope, ErrorClass, Outcome, SinkError,
+    each_binary_attribute, payload, settled, Confirmations, Envelope, ErrorClass, Outcome,
+    SinkError,
 };
 use crate::config::{OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
@@ -242,7 +243,7 @@ impl KafkaSink {
         let headers = headers(event, self.settings.envelope);
         let mut record = FutureRecord::to(&topic)
             .key(&key)
-            .payload(&value)
+            .payload(&value[..])
             .headers(headers);
         loop {
             match self.producer.send_result(record) {
@@ -331,22 +332,26 @@ pub fn default_key(event: &Event) -> String {
 
 /// The record headers of the CloudEvents Kafka binding.
 pub fn headers(event: &Event, envelope: Envelope) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
     match envelope {
         Envelope::Binary => {
-            for (name, value) in binary_attributes(event) {
-                let name = format!("ce_{name}");
-                headers = headers.insert(Header {
-                    key: &name,
-                    value: Some(value.as_bytes()),
+            // librdkafka copies each header: values are lent from the stack. `insert` takes the
+            // list by value, hence the Option. Sized for every header, so the list never grows.
+            let mut list = Some(OwnedHeaders::new_with_capacity(10));
+            each_binary_attribute(event, |attribute, value| {
+                list = list.take().map(|list| {
+                    list.insert(Header {
+                        key: attribute.underscored(),
+                        value: Some(value.as_bytes()),
+                    })
                 });
-            }
+            });
+            let headers = list.expect("the list is put back after each insert");
             headers.insert(Header {
                 key: "content-type",
                 value: Some(super::DATA_CONTENT_TYPE),
             })
         }
-        Envelope::Structured => headers.insert(Header {
+        Envelope::Structured => OwnedHeaders::new().insert(Header {
             key: "content-type",
             value: Some(super::STRUCTURED_CONTENT_TYPE),
         }),

@@ -17,10 +17,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::config::SinkKind;
-use crate::event::Event;
+use crate::event::{AsciiBuf, Event};
 
 /// What happened to one event of a batch.
 #[derive(Debug)]
@@ -109,36 +110,123 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// `content-type` of a binary-mode payload: Chatwoot's data is JSON.
 pub const DATA_CONTENT_TYPE: &str = "application/json";
 
+/// A CloudEvents attribute carried as a header in binary mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attribute {
+    SpecVersion,
+    Id,
+    Source,
+    Type,
+    Time,
+    Subject,
+    ChatwootEvent,
+    ChatwootToken,
+    ChatwootAccount,
+}
+
+impl Attribute {
+    /// The attribute's name, without a transport prefix.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Attribute::SpecVersion => "specversion",
+            Attribute::Id => "id",
+            Attribute::Source => "source",
+            Attribute::Type => "type",
+            Attribute::Time => "time",
+            Attribute::Subject => "subject",
+            Attribute::ChatwootEvent => "chatwootevent",
+            Attribute::ChatwootToken => "chatwoottoken",
+            Attribute::ChatwootAccount => "chatwootaccount",
+        }
+    }
+
+    /// The header name in the NATS and HTTP bindings (`ce-` prefix), as a constant: formatting
+    /// it for every header of every event showed in profiles.
+    pub const fn dashed(self) -> &'static str {
+        match self {
+            Attribute::SpecVersion => "ce-specversion",
+            Attribute::Id => "ce-id",
+            Attribute::Source => "ce-source",
+            Attribute::Type => "ce-type",
+            Attribute::Time => "ce-time",
+            Attribute::Subject => "ce-subject",
+            Attribute::ChatwootEvent => "ce-chatwootevent",
+            Attribute::ChatwootToken => "ce-chatwoottoken",
+            Attribute::ChatwootAccount => "ce-chatwootaccount",
+        }
+    }
+
+    /// The header name in the Kafka binding (`ce_` prefix).
+    pub const fn underscored(self) -> &'static str {
+        match self {
+            Attribute::SpecVersion => "ce_specversion",
+            Attribute::Id => "ce_id",
+            Attribute::Source => "ce_source",
+            Attribute::Type => "ce_type",
+            Attribute::Time => "ce_time",
+            Attribute::Subject => "ce_subject",
+            Attribute::ChatwootEvent => "ce_chatwootevent",
+            Attribute::ChatwootToken => "ce_chatwoottoken",
+            Attribute::ChatwootAccount => "ce_chatwootaccount",
+        }
+    }
+}
+
+/// Calls `f` with each CloudEvents attribute carried as a header in binary mode, in a fixed
+/// order, values unencoded. Values are lent, not allocated: ids, times and numbers are formatted
+/// on the stack, and each transport copies them into its own header type once. `datacontenttype`
+/// is left to each binding: Kafka and HTTP use their own `content-type` header.
+pub fn each_binary_attribute(event: &Event, mut f: impl FnMut(Attribute, &str)) {
+    f(Attribute::SpecVersion, "1.0");
+    f(Attribute::Id, event.id.hex().as_str());
+    f(Attribute::Source, &event.source);
+    let mut text = String::with_capacity(TYPE_PREFIX.len() + event.name.len());
+    text.push_str(TYPE_PREFIX);
+    text.push_str(&event.name);
+    f(Attribute::Type, &text);
+    f(Attribute::Time, event.time_text().as_str());
+    if let Some(conversation) = event.keys.conversation_id {
+        text.clear();
+        text.push_str(SUBJECT_PREFIX);
+        text.push_str(AsciiBuf::decimal(conversation).as_str());
+        f(Attribute::Subject, &text);
+    }
+    f(Attribute::ChatwootEvent, &event.name);
+    f(Attribute::ChatwootToken, &event.token);
+    if let Some(account) = event.keys.account_id {
+        f(
+            Attribute::ChatwootAccount,
+            AsciiBuf::decimal(account).as_str(),
+        );
+    }
+}
+
+/// Before the event name in CloudEvents `type` (as [`Event::ce_type`] writes it).
+const TYPE_PREFIX: &str = "com.chatwoot.";
+
+/// Before the conversation id in CloudEvents `subject` (as [`Event::subject`] writes it).
+const SUBJECT_PREFIX: &str = "conversation/";
+
 /// The CloudEvents attributes carried as headers in binary mode, in a fixed order, without the
 /// transport prefix (`ce_` for Kafka, `ce-` for NATS and HTTP). `datacontenttype` is left to
 /// each binding: Kafka and HTTP use their own `content-type` header.
 pub fn binary_attributes(event: &Event) -> Vec<(&'static str, String)> {
-    let mut attributes = vec![
-        ("specversion", "1.0".to_owned()),
-        ("id", event.id.to_string()),
-        ("source", event.source.to_string()),
-        ("type", event.ce_type()),
-        ("time", event.time()),
-    ];
-    if let Some(subject) = event.subject() {
-        attributes.push(("subject", subject));
-    }
-    attributes.push(("chatwootevent", event.name.to_string()));
-    attributes.push(("chatwoottoken", event.token.to_string()));
-    if let Some(account) = event.keys.account_id {
-        attributes.push(("chatwootaccount", account.to_string()));
-    }
+    let mut attributes = Vec::with_capacity(9);
+    each_binary_attribute(event, |attribute, value| {
+        attributes.push((attribute.name(), value.to_owned()))
+    });
     attributes
 }
 
-/// The payload for `envelope`: data bytes as received, or the structured CloudEvent.
-pub fn payload(event: &Event, envelope: Envelope) -> Vec<u8> {
+/// The payload for `envelope`: data bytes as received (shared with the event, not copied), or
+/// the structured CloudEvent.
+pub fn payload(event: &Event, envelope: Envelope) -> Bytes {
     match envelope {
-        Envelope::Binary => event.data.get().as_bytes().to_vec(),
+        Envelope::Binary => event.data.bytes(),
         Envelope::Structured => {
             let mut out = Vec::with_capacity(event.data.get().len() + 512);
             event.write_structured(&mut out);
-            out
+            Bytes::from(out)
         }
     }
 }
@@ -271,6 +359,36 @@ mod tests {
         assert_eq!(percent_encode_header("plain-ASCII/1.0"), "plain-ASCII/1.0");
         assert_eq!(percent_encode_header("a b\"c%d"), "a%20b%22c%25d");
         assert_eq!(percent_encode_header("café\n"), "caf%C3%A9%0A");
+    }
+
+    #[test]
+    fn binary_attributes_are_the_events_own_texts() {
+        let mut e = Event::for_test(
+            "message.created",
+            "agent",
+            r#"{"account_id":3,"conversation_id":7}"#,
+        );
+        e.id = crate::event::EventId(0xabc);
+        e.received_at += Duration::new(1_781_964_126, 318_123_456);
+        let expected = [
+            ("specversion", "1.0".to_owned()),
+            ("id", format!("{:032x}", 0xabc)),
+            ("source", e.source.to_string()),
+            ("type", e.ce_type()),
+            (
+                "time",
+                humantime::format_rfc3339_micros(e.received_at).to_string(),
+            ),
+            ("subject", e.subject().unwrap()),
+            ("chatwootevent", e.name.to_string()),
+            ("chatwoottoken", e.token.to_string()),
+            ("chatwootaccount", "3".to_owned()),
+        ];
+        assert_eq!(binary_attributes(&e), expected);
+        each_binary_attribute(&e, |attribute, _| {
+            assert_eq!(attribute.dashed(), format!("ce-{}", attribute.name()));
+            assert_eq!(attribute.underscored(), format!("ce_{}", attribute.name()));
+        });
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::header::{HeaderName, IntoHeaderName};
+use async_nats::header::HeaderName;
 use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use futures_util::future::join_all;
@@ -18,7 +18,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::{
-    binary_attributes, payload, percent_encode_header, settled, Confirmations, Envelope,
+    each_binary_attribute, payload, percent_encode_header, settled, Confirmations, Envelope,
     ErrorClass, Outcome, SinkError, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
 };
 use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
@@ -432,9 +432,7 @@ impl NatsSink {
                 Ok((subject, headers, body)) => {
                     // Bounded: with the server gone the client's buffer fills and a publish
                     // would wait for the reconnect.
-                    let publish = self
-                        .client
-                        .publish_with_headers(subject, headers, body.into());
+                    let publish = self.client.publish_with_headers(subject, headers, body);
                     match tokio::time::timeout(timeout, publish).await {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(failure(NatsFailure::Publish(e.kind()), &e)),
@@ -485,7 +483,7 @@ impl NatsSink {
                 }
             };
             let message = PublishMessage::build()
-                .payload(body.into())
+                .payload(body)
                 .headers(headers)
                 .message_id(event.id.to_string());
             match tokio::time::timeout(settings.timeout, js.send_publish(subject, message)).await {
@@ -523,7 +521,7 @@ impl NatsSink {
     }
 
     /// Subject, headers and payload of one event, or its permanent failure.
-    fn message(&self, event: &Event) -> Result<(String, HeaderMap, Vec<u8>), Outcome> {
+    fn message(&self, event: &Event) -> Result<(String, HeaderMap, bytes::Bytes), Outcome> {
         let subject = self
             .settings
             .subject
@@ -661,14 +659,12 @@ pub fn headers(event: &Event, envelope: Envelope) -> HeaderMap {
     let mut headers = HeaderMap::new();
     match envelope {
         Envelope::Binary => {
-            for (name, value) in binary_attributes(event) {
-                // Most values need no encoding: keep the String instead of copying it.
-                let encoded = match percent_encode_header(&value) {
-                    std::borrow::Cow::Owned(encoded) => Some(encoded),
-                    std::borrow::Cow::Borrowed(_) => None,
-                };
-                headers.insert(header_name(name), encoded.unwrap_or(value));
-            }
+            each_binary_attribute(event, |attribute, value| {
+                headers.insert(
+                    HeaderName::from_static(attribute.dashed()),
+                    percent_encode_header(value).into_owned(),
+                );
+            });
             headers.insert(
                 HeaderName::from_static("ce-datacontenttype"),
                 DATA_CONTENT_TYPE,
@@ -677,23 +673,6 @@ pub fn headers(event: &Event, envelope: Envelope) -> HeaderMap {
         Envelope::Structured => headers.insert("content-type", STRUCTURED_CONTENT_TYPE),
     }
     headers
-}
-
-/// `ce-<attribute>` without formatting and validating a name per event: this runs for every
-/// header of every event.
-fn header_name(attribute: &str) -> HeaderName {
-    match attribute {
-        "specversion" => HeaderName::from_static("ce-specversion"),
-        "id" => HeaderName::from_static("ce-id"),
-        "source" => HeaderName::from_static("ce-source"),
-        "type" => HeaderName::from_static("ce-type"),
-        "time" => HeaderName::from_static("ce-time"),
-        "subject" => HeaderName::from_static("ce-subject"),
-        "chatwootevent" => HeaderName::from_static("ce-chatwootevent"),
-        "chatwoottoken" => HeaderName::from_static("ce-chatwoottoken"),
-        "chatwootaccount" => HeaderName::from_static("ce-chatwootaccount"),
-        other => format!("ce-{other}").into_header_name(),
-    }
 }
 
 #[cfg(test)]
