@@ -85,8 +85,9 @@ struct Attempt {
 /// Events an order-keeping sink may have been handed and not confirmed yet. Keeps the broker
 /// busy while acknowledgements travel (waiting for a batch's last ack before sending the next
 /// left the connection idle in between); bounds what the loop holds in memory and what a crash
-/// sends again.
-const MAX_UNCONFIRMED: usize = 8 * MAX_BATCH;
+/// sends again. Measured with JetStream and Kafka on 2 cores: 1 batch 0.55-0.59 of the bare pipe,
+/// 4 batches 0.56-0.64, 8 batches 0.57; Kafka gained little past 8.
+pub const MAX_UNCONFIRMED: usize = 8 * MAX_BATCH;
 
 /// How often progress is committed while events come from memory (reads from the spool commit
 /// with every read): lets the spool reclaim segments and bounds what a crash sends again.

@@ -403,6 +403,10 @@ impl NatsSink {
             jetstream::ContextBuilder::new()
                 .timeout(settings.timeout)
                 .ack_timeout(settings.timeout)
+                // async-nats makes a publish wait while this many acks are outstanding; the
+                // delivery loop collects acks only after it is done publishing, so the limit
+                // must exceed what it keeps unconfirmed or a publish would wait for itself.
+                .max_ack_inflight(crate::delivery::MAX_UNCONFIRMED + crate::pipeline::MAX_BATCH)
                 .build(client.clone())
         });
         Ok(NatsSink {
