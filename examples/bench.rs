@@ -133,7 +133,9 @@ async fn mock_role(args: Args) -> Result<()> {
 /// `mock_seq` and `mock_sent_at_us` from the start of an event's data (space-padded numbers).
 fn seq_and_sent_at(payload: &[u8]) -> Option<(u64, u64)> {
     fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
-        let head = &payload[..payload.len().min(256)];
+        // Binary mode: data starts the payload; structured mode: it follows ~450 bytes of
+        // CloudEvents attributes.
+        let head = &payload[..payload.len().min(1024)];
         let at = head.windows(key.len()).position(|w| w == key)? + key.len();
         let mut value = 0u64;
         let mut digits = 0;
@@ -900,10 +902,27 @@ fn bridge_yaml(cable: &str, sink: &str, target: &str, topic: &str, spool: &Path)
         "http" => format!("{{ type: http, url: \"{target}\" }}"),
         _ => unreachable!(),
     };
+    let sink_yaml = match bench_envelope() {
+        Some(envelope) => format!(
+            "{}, envelope: {envelope} }}",
+            sink_yaml
+                .strip_suffix('}')
+                .expect("a flow mapping")
+                .trim_end()
+        ),
+        None => sink_yaml,
+    };
     format!(
         "chatwoot:\n  url: {cable}\ntokens:\n  - name: bench\n    pubsub_token: bench-token\n    account_id: 1\n    user_id: 1\nsinks:\n  out: {sink_yaml}\nroutes:\n  - {{ name: all, match: {{}}, to: [out] }}\nspool: {{ dir: \"{}\" }}\n",
         spool.display()
     )
+}
+
+/// `BENCH_ENVELOPE`: the bridge sink's `envelope` (`binary`, the default, or `structured`).
+fn bench_envelope() -> Option<String> {
+    std::env::var("BENCH_ENVELOPE")
+        .ok()
+        .filter(|e| !e.is_empty())
 }
 
 /// One measured run's outcome.

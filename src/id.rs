@@ -48,8 +48,11 @@ struct Group {
     second: u64,
     /// How many earlier groups with the same content opened in the same second; part of the id.
     repeat: u32,
-    /// Tokens whose copy joined; a second sighting on one of these is a new broadcast.
-    tokens: Vec<Arc<str>>,
+    /// The token that opened the group, and those whose copy joined since: a second sighting
+    /// on one of these is a new broadcast. Apart so that the common group of one sighting
+    /// allocates nothing for it.
+    first_token: Arc<str>,
+    joined: Vec<Arc<str>>,
 }
 
 impl IdAssigner {
@@ -75,8 +78,9 @@ impl IdAssigner {
                     .duration_since(group.opened_at)
                     .map(|age| age < FANOUT_WINDOW)
                     .unwrap_or(true);
-                if in_window && !group.tokens.iter().any(|t| t == token) {
-                    group.tokens.push(token.clone());
+                let seen = group.first_token == *token || group.joined.iter().any(|t| t == token);
+                if in_window && !seen {
+                    group.joined.push(token.clone());
                     return group.id;
                 }
                 if group.second == second {
@@ -95,7 +99,8 @@ impl IdAssigner {
                 opened_at: at,
                 second,
                 repeat,
-                tokens: vec![token.clone()],
+                first_token: token.clone(),
+                joined: Vec::new(),
             },
         );
         self.opened.push_back((at, content));
