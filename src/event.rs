@@ -351,7 +351,7 @@ impl DataKeys {
             inbox_id: Lenient,
         }
         #[derive(Deserialize, Default)]
-        struct Top {
+        struct Top<'a> {
             #[serde(default)]
             account_id: Lenient,
             #[serde(default)]
@@ -360,19 +360,13 @@ impl DataKeys {
             conversation_id: Lenient,
             #[serde(default)]
             inbox_id: Lenient,
-            #[serde(default, deserialize_with = "lenient_nested")]
-            conversation: Option<Nested>,
+            #[serde(default, borrow, deserialize_with = "object_only")]
+            conversation: Option<&'a RawValue>,
         }
-        fn lenient_nested<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Nested>, D::Error> {
-            // A `conversation` that is not an object (null, a string) is simply absent. Borrowed
-            // as raw JSON and read in place: building a `Value` tree of it cost more than the
-            // rest of the event's keys together.
+        fn object_only<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+            // A `conversation` that is not an object (null, a string) is simply absent.
             let raw = <&RawValue>::deserialize(d)?;
-            Ok(raw
-                .get()
-                .starts_with('{')
-                .then(|| serde_json::from_str(raw.get()).ok())
-                .flatten())
+            Ok(raw.get().starts_with('{').then_some(raw))
         }
         // serde would read an array as a struct's fields in order; only objects carry keys.
         if !data.trim_start().starts_with('{') {
@@ -381,7 +375,14 @@ impl DataKeys {
         let Ok(top) = serde_json::from_str::<Top>(data) else {
             return DataKeys::default();
         };
-        let nested = top.conversation.unwrap_or_default();
+        // The nested conversation is read only for what the top level lacks: message events
+        // carry both ids at the top, and their `conversation` is most of their bytes.
+        let nested = match top.conversation {
+            Some(raw) if top.conversation_id.0.is_none() || top.inbox_id.0.is_none() => {
+                serde_json::from_str::<Nested>(raw.get()).unwrap_or_default()
+            }
+            _ => Nested::default(),
+        };
         let is_conversation_event = event.starts_with("conversation.")
             || matches!(event, "assignee.changed" | "team.changed");
         let conversation_id = top
