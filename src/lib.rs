@@ -17,7 +17,8 @@
 //! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
 //! - [`redact`]: removing `pubsub_token` keys and configured fields before a sink sees `data`.
 //! - [`pipeline`]: ingest (ids, routing, append to the spool), fsync timer, dead-letter replays.
-//! - [`delivery`]: one loop per sink: read the spool, deliver in order, retry, dead-letter, commit.
+//! - [`delivery`]: one loop per sink: take just-appended events in memory (or read the spool when
+//!   behind), deliver in order with acks outstanding, retry, dead-letter, commit.
 //! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
 //! - [`dead_letter`]: events a sink refused for good, kept on disk for `dlq list|replay|purge`.
 //! - [`sink`]: the sink interface and the sinks: `file`/`stdout`, Kafka, NATS, HTTP webhooks.
