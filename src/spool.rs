@@ -1237,8 +1237,9 @@ pub struct SpoolReader {
     pos: u64,
     /// The segment being read; `None` to look it up again from `pos`.
     cursor: Option<SegmentCursor>,
-    /// Seqs returned by `read_batch` and not committed yet, oldest first, so that a commit knows
-    /// how many records it finishes (for the backlog) and whether the cursor may jump to `pos`.
+    /// Seqs returned by `read_batch` or taken by `take_appended` and not committed yet, oldest
+    /// first, so that a commit knows how many records it finishes (for the backlog) and whether
+    /// the cursor may jump to `pos`.
     /// Bounded by what the caller holds in flight, not by the backlog.
     in_flight: VecDeque<u64>,
     /// `pos + 1` at the last read: `wait_for_data` waits until the spool's end passes it.
@@ -1285,6 +1286,7 @@ impl SpoolReader {
                 self.pos = pos0;
                 self.in_flight.truncate(flight0);
                 self.cursor = None;
+                self.resume_at = None;
                 return Err(e);
             }
         }
@@ -1339,6 +1341,11 @@ impl SpoolReader {
             .extend(mine.iter().map(|&i| first_seq + i as u64));
         self.pos = first_seq + masks.len() as u64 - 1;
         self.seen_end = self.pos + 1;
+        if self.cursor.as_ref().is_some_and(|c| c.base != end.segment) {
+            // The file continues in another segment: open that one (and jump) when next read,
+            // instead of reading the rest of this one again.
+            self.cursor = None;
+        }
         self.resume_at = Some(end);
         Some(mine)
     }
@@ -1407,6 +1414,8 @@ impl SpoolReader {
         drop(state);
         self.in_flight.clear();
         self.cursor = None;
+        // Records taken in memory past the new position must be read from the file now.
+        self.resume_at = None;
         self.seen_end = self.pos + 1;
         Ok(())
     }
@@ -1613,7 +1622,9 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         /// Records as (payload, which of the three sinks, as bits).
-        Append(Vec<(Vec<u8>, u8)>),
+        /// Then the sinks in the second field (bits) try to take the batch in memory, as sink
+        /// loops do with what the ingest just appended.
+        Append(Vec<(Vec<u8>, u8)>, u8),
         Read {
             sink: usize,
             max: usize,
@@ -1631,7 +1642,8 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => prop::collection::vec((prop::collection::vec(any::<u8>(), 0..300), 0u8..8), 1..6)
-                .prop_map(Op::Append),
+                .prop_flat_map(|records| (Just(records), 0u8..8))
+                .prop_map(|(records, takers)| Op::Append(records, takers)),
             4 => (0..3usize, 1..8usize).prop_map(|(sink, max)| Op::Read { sink, max }),
             3 => (0..3usize, any::<Index>()).prop_map(|(sink, prefix)| Op::Commit { sink, prefix }),
             1 => (0..3usize).prop_map(Op::Rewind),
@@ -1671,7 +1683,7 @@ mod tests {
         let mut next_seq = 1u64;
         for op in ops {
             match op {
-                Op::Append(records) => {
+                Op::Append(records, takers) => {
                     let masks: Vec<SinkMask> = records
                         .iter()
                         .map(|(_, bits)| {
@@ -1708,6 +1720,36 @@ mod tests {
                         }
                     }
                     next_seq += report.appended as u64;
+                    if report.appended < records.len() {
+                        // The ingest offers only whole batches.
+                        continue;
+                    }
+                    let (Some(first), Some(end)) = (report.first_seq, report.end) else {
+                        continue;
+                    };
+                    for (s, m) in model.iter_mut().enumerate() {
+                        if takers & (1 << s) == 0 {
+                            continue;
+                        }
+                        let Some(mine) = readers[s].take_appended(first, &masks, end) else {
+                            // Refused: records before the batch are unread; reads get them all.
+                            continue;
+                        };
+                        let taken: Vec<(u64, Vec<u8>)> = mine
+                            .iter()
+                            .map(|&i| (first + i as u64, records[i].0.clone()))
+                            .collect();
+                        let want: Vec<(u64, Vec<u8>)> = m
+                            .records
+                            .iter()
+                            .skip(m.read)
+                            .take(taken.len())
+                            .cloned()
+                            .collect();
+                        prop_assert_eq!(&taken, &want, "sink {} took", SINKS[s]);
+                        prop_assert_eq!(m.read + taken.len(), m.records.len(), "took the rest");
+                        m.read += taken.len();
+                    }
                 }
                 Op::Read { sink, max } => {
                     let got = readers[sink].read_batch(max).unwrap();

@@ -498,3 +498,62 @@ async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_
     );
     assert_eq!(letters[0].attempts, 1, "a permanent error is not retried");
 }
+
+/// A sink that is routed nothing (here a dead-letter target while nothing fails) still moves its
+/// cursor past the other sinks' records, so the spool is reclaimed and a small one never fills.
+#[tokio::test]
+async fn a_sink_routed_nothing_does_not_pin_the_spool() {
+    const WAVES: u64 = 60;
+    const PER_WAVE: u64 = 50;
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| serde_json::to_string(&dir.path().join(name)).unwrap();
+    let mut config = yaml(
+        &mock.url(),
+        &dir.path().join("spool"),
+        &format!(
+            "sinks:\n  main: {{ type: file, path: {}, dead_letter: parking }}\n  parking: {{ type: file, path: {} }}\nroutes: [{{ name: all, to: [main] }}]\n",
+            out("main.jsonl"),
+            out("parking.jsonl")
+        ),
+    );
+    // ~1.3 KB per event: the 3,000 events are about four times this.
+    config.spool.max_bytes = 1 << 20;
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    let stats = bridge.stats();
+    for wave in 1..=WAVES {
+        for _ in 0..PER_WAVE {
+            mock.broadcast_generated();
+        }
+        let delivered = timeout(WAIT, async {
+            while stats.delivered.load(Ordering::Relaxed) < wave * PER_WAVE {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            delivered.is_ok(),
+            "wave {wave}: {} of {} delivered; spool dropped {} newest, {} oldest",
+            stats.delivered.load(Ordering::Relaxed),
+            wave * PER_WAVE,
+            stats.spool_dropped_newest.load(Ordering::Relaxed),
+            stats.spool_dropped_oldest.load(Ordering::Relaxed)
+        );
+    }
+    assert_eq!(
+        (
+            stats.spool_dropped_newest.load(Ordering::Relaxed),
+            stats.spool_dropped_oldest.load(Ordering::Relaxed)
+        ),
+        (0, 0),
+        "the spool filled up: the idle sink's cursor held its segments"
+    );
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+}

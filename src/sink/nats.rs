@@ -403,9 +403,11 @@ impl NatsSink {
             jetstream::ContextBuilder::new()
                 .timeout(settings.timeout)
                 .ack_timeout(settings.timeout)
-                // async-nats makes a publish wait while this many acks are outstanding; the
-                // delivery loop collects acks only after it is done publishing, so the limit
-                // must exceed what it keeps unconfirmed or a publish would wait for itself.
+                // With this many acks outstanding async-nats refuses a publish (MaxAckPending,
+                // retried). The delivery loop keeps up to MAX_UNCONFIRMED + MAX_BATCH - 1 events
+                // unconfirmed and polls acks only at the head of its queue: the limit must be
+                // above that, or publishes fail (and with backpressure on, would wait for acks
+                // nobody polls).
                 .max_ack_inflight(crate::delivery::MAX_UNCONFIRMED + crate::pipeline::MAX_BATCH)
                 .build(client.clone())
         });
