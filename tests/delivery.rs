@@ -29,6 +29,16 @@ fn agent() -> Vec<MockToken> {
     }]
 }
 
+/// A mock Chatwoot that confirms the agent token.
+async fn agent_mock() -> MockServer {
+    MockServer::start(MockConfig {
+        tokens: agent(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 fn yaml(cable: &str, spool: &std::path::Path, rest: &str) -> Config {
     let yaml = format!(
         r#"
@@ -157,12 +167,7 @@ async fn a_refused_event_goes_to_dead_letters_and_replay_delivers_it() {
         }
     });
     let receiver = Receiver::start(responder).await;
-    let mock = MockServer::start(MockConfig {
-        tokens: agent(),
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let config_text = format!(
         r#"
@@ -260,12 +265,7 @@ async fn fill_the_spool(policy: &str) -> (Vec<u64>, u64, u64) {
         .try_init();
     const TOTAL: u64 = 3_000;
     let port = free_port();
-    let mock = MockServer::start(MockConfig {
-        tokens: agent(),
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = yaml(
         &mock.url(),
@@ -364,12 +364,7 @@ async fn dead_letters_can_go_to_another_sink() {
         }
     });
     let receiver = Receiver::start(responder).await;
-    let mock = MockServer::start(MockConfig {
-        tokens: agent(),
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let parking = dir.path().join("parking.jsonl");
     let config = yaml(
@@ -433,12 +428,7 @@ async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_
         .unwrap()
         .unwrap();
     timeout(WAIT, reader.flush()).await.unwrap().unwrap();
-    let mock = MockServer::start(MockConfig {
-        tokens: agent(),
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = agent_mock().await;
     let config = yaml(
         &mock.url(),
         dir.path(),
@@ -505,12 +495,7 @@ async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_
 async fn a_sink_routed_nothing_does_not_pin_the_spool() {
     const WAVES: u64 = 60;
     const PER_WAVE: u64 = 50;
-    let mock = MockServer::start(MockConfig {
-        tokens: agent(),
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
+    let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let out = |name: &str| serde_json::to_string(&dir.path().join(name)).unwrap();
     let mut config = yaml(
