@@ -134,7 +134,9 @@ impl SinkLoop {
         let mut unconfirmed_events = 0usize;
         // The last read found nothing new: read again only after an append.
         let mut caught_up = false;
-        'run: loop {
+        // Whether the loop ended with every batch it read settled (a commit of the position is
+        // then safe), rather than interrupted by the shutdown deadline or a failed delivery.
+        let all_settled = 'run: loop {
             if !caught_up && unconfirmed_events < MAX_UNCONFIRMED {
                 let taken = self.take_from_tail();
                 let read_file = taken.is_none() && !self.reader.caught_up();
@@ -154,7 +156,7 @@ impl SinkLoop {
                             finished = finished.or(upto);
                             error!(sink = %self.name, error = %e, "cannot read the spool; retrying in 1 s");
                             tokio::select! {
-                                _ = self.give_up.cancelled() => break,
+                                _ = self.give_up.cancelled() => break 'run false,
                                 _ = sleep(Duration::from_secs(1)) => continue,
                             }
                         }
@@ -176,7 +178,7 @@ impl SinkLoop {
                             let give_up = self.give_up.clone();
                             let answer = tokio::select! {
                                 answer = self.send(&events) => answer,
-                                _ = give_up.cancelled() => break,
+                                _ = give_up.cancelled() => break 'run false,
                             };
                             unconfirmed_events += events.len();
                             unconfirmed.push_back(Unconfirmed {
@@ -186,7 +188,7 @@ impl SinkLoop {
                             });
                         } else {
                             if !self.settle(events, None).await {
-                                break;
+                                break 'run false;
                             }
                             finished = Some(last_seq);
                         }
@@ -211,7 +213,7 @@ impl SinkLoop {
                     // The last appends may have come while the loop was busy: end only when
                     // nothing is left to take.
                     if self.reader.caught_up() && self.held.is_none() {
-                        break;
+                        break 'run true;
                     }
                     caught_up = false;
                     continue;
@@ -219,7 +221,7 @@ impl SinkLoop {
                 tokio::select! {
                     _ = self.reader.wait_for_data() => {}
                     _ = self.ingest_done.cancelled() => {}
-                    _ = self.give_up.cancelled() => break,
+                    _ = self.give_up.cancelled() => break 'run true,
                 }
                 caught_up = false;
                 continue;
@@ -235,7 +237,7 @@ impl SinkLoop {
                     caught_up = false;
                     continue;
                 }
-                Wake::GiveUp => break,
+                Wake::GiveUp => break 'run false,
             };
             let batch = unconfirmed.pop_front().expect("answered batch");
             unconfirmed_events -= batch.events.len();
@@ -254,7 +256,7 @@ impl SinkLoop {
             while let Some(mut later) = unconfirmed.pop_front() {
                 let answer = tokio::select! {
                     answer = &mut later.answer => answer,
-                    _ = self.give_up.cancelled() => break 'run,
+                    _ = self.give_up.cancelled() => break 'run false,
                 };
                 answered.push((later, answer));
             }
@@ -265,13 +267,13 @@ impl SinkLoop {
                     Err(_) => self.bury_panicked(batch.events).await,
                 };
                 if !settled {
-                    break 'run;
+                    break 'run false;
                 }
                 finished = Some(batch.last_seq);
             }
-        }
-        // Ended with nothing unconfirmed: everything up to the position is settled (as above).
-        if unconfirmed.is_empty() && self.reader.position() > committed_to {
+        };
+        // Everything read was settled: the position is safe to commit (as in the idle branch).
+        if all_settled && self.reader.position() > committed_to {
             finished = Some(self.reader.position());
         }
         if let Some(seq) = finished {

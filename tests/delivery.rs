@@ -624,3 +624,75 @@ async fn a_jetstream_outage_mid_stream_loses_nothing_and_stores_each_event_once(
     );
     assert_eq!(stored, TOTAL, "and each once: retries were deduplicated");
 }
+
+/// The shutdown deadline passes while a sink cannot deliver (one that settles batch by batch,
+/// and one that keeps batches unconfirmed): nothing of what was read is committed past, and the
+/// next start delivers all of it.
+#[tokio::test]
+async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
+    const TOTAL: usize = 20;
+    let down_port = free_port();
+    let nats_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "sinks:\n  hook: {{ type: http, url: 'http://127.0.0.1:{down_port}/in', retry: {{ initial: 50ms, max: 100ms }} }}\n  bus: {{ type: nats, url: 'nats://127.0.0.1:{nats_port}', subject: 'late.{{event}}', timeout: 300ms, retry: {{ initial: 50ms, max: 100ms }} }}\nroutes: [{{ name: all, to: [hook, bus] }}]\n"
+    );
+    let mock = agent_mock().await;
+    let mut config = yaml(&mock.url(), &dir.path().join("spool"), &sinks);
+    config.shutdown_timeout = Duration::from_secs(1);
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    for n in 0..TOTAL {
+        mock.broadcast(
+            "message.created",
+            &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n}}}"#),
+        );
+    }
+    until("all spooled", WAIT, || {
+        bridge.stats().spooled.load(Ordering::Relaxed) == TOTAL as u64
+    })
+    .await;
+    assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
+    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    assert!(!report.drained, "nothing could be delivered");
+    assert!(report.persisted);
+
+    // Both destinations come up; the next start delivers everything that was read.
+    let receiver = Receiver::start_on(down_port, support::scripted(vec![])).await;
+    let nats = NatsServer::start_on(nats_port).await;
+    let reader = nats.client().await;
+    let mut subscription = timeout(WAIT, reader.subscribe("late.>"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    let bridge = Bridge::start(yaml(&mock.url(), &dir.path().join("spool"), &sinks))
+        .await
+        .unwrap();
+    let posted = receiver.wait_for(TOTAL, WAIT).await;
+    let mut published = Vec::new();
+    while published.len() < TOTAL {
+        let message = timeout(WAIT, subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {TOTAL} published", published.len()))
+            .unwrap();
+        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        published.push(data["n"].as_u64().unwrap());
+    }
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    let mut posted: Vec<u64> = posted
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    posted.sort_unstable();
+    posted.dedup();
+    assert_eq!(posted, (0..TOTAL as u64).collect::<Vec<_>>(), "webhook");
+    published.sort_unstable();
+    published.dedup();
+    assert_eq!(published, (0..TOTAL as u64).collect::<Vec<_>>(), "nats");
+}
