@@ -60,7 +60,8 @@ pub struct SinkLoop {
     pub stats: Arc<PipelineStats>,
     /// This sink's cell on the status board.
     pub status: SinkReporter,
-    /// Cancelled when no more events will be appended (shutdown): the loop ends once caught up.
+    /// Cancelled when no more events will be appended for this sink (shutdown: the ingest has
+    /// ended and, for a dead-letter target, the loops that feed it): the loop ends once caught up.
     pub ingest_done: CancellationToken,
     /// Cancelled when the shutdown deadline passed: the loop stops without committing what it
     /// holds, which stays in the spool for the next start.
@@ -242,7 +243,11 @@ impl SinkLoop {
             let batch = unconfirmed.pop_front().expect("answered batch");
             unconfirmed_events -= batch.events.len();
             if let Ok(outcomes) = &answer {
-                if outcomes.iter().all(|o| matches!(o, Outcome::Delivered)) {
+                // A sink that answered for fewer events than it was given goes the careful way:
+                // the events without an outcome are retried.
+                let all_delivered = outcomes.len() == batch.events.len()
+                    && outcomes.iter().all(|o| matches!(o, Outcome::Delivered));
+                if all_delivered {
                     let count = outcomes.len() as u64;
                     self.stats.delivered.fetch_add(count, Ordering::Relaxed);
                     self.status.delivered(count);
@@ -447,12 +452,9 @@ impl SinkLoop {
                     wave.iter().map(|&i| attempts[i].event.clone()).collect();
                 let now = SystemTime::now();
                 let outcomes = match first_pass.take() {
-                    Some(outcomes) => {
-                        // Only an order-keeping sink is pipelined, and its first wave is the
-                        // whole batch.
-                        debug_assert_eq!(outcomes.len(), wave.len());
-                        outcomes
-                    }
+                    // Only an order-keeping sink is pipelined, and its first wave is the whole
+                    // batch; an event the sink gave no outcome for stays untried and is retried.
+                    Some(outcomes) => outcomes,
                     None => tokio::select! {
                         outcomes = self.sink.deliver(&batch) => outcomes,
                         _ = self.give_up.cancelled() => return false,

@@ -48,6 +48,7 @@ pub mod status;
 pub mod supervisor;
 pub mod template;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;
 use std::path::PathBuf;
@@ -157,8 +158,35 @@ impl Bridge {
 
         let status = StatusBoard::new();
         let (tail, _) = tokio::sync::broadcast::channel(pipeline::TAIL_BATCHES);
+        // A loop ends once nothing more can reach its sink: after the ingest for most; for a
+        // dead-letter target, also after every loop that dead-letters into it has ended.
+        let ended: BTreeMap<&str, CancellationToken> = config
+            .sinks
+            .keys()
+            .map(|name| (name.as_str(), CancellationToken::new()))
+            .collect();
         let mut loops = Vec::with_capacity(config.sinks.len());
         for (name, settings) in &config.sinks {
+            let sources: Vec<CancellationToken> = config
+                .sinks
+                .iter()
+                .filter(|(_, s)| s.dead_letter.as_deref() == Some(name.as_str()))
+                .map(|(source, _)| ended[source.as_str()].clone())
+                .collect();
+            let inputs_done = if sources.is_empty() {
+                ingest_done.clone()
+            } else {
+                let (inputs_done, ingest_done) = (CancellationToken::new(), ingest_done.clone());
+                let inputs = inputs_done.clone();
+                delivery.spawn(async move {
+                    ingest_done.cancelled().await;
+                    for source in sources {
+                        source.cancelled().await;
+                    }
+                    inputs.cancel();
+                });
+                inputs_done
+            };
             let sink = Sink::build(name, &settings.kind).await?;
             loops.push(SinkLoop {
                 name: name.clone(),
@@ -175,12 +203,17 @@ impl Bridge {
                     .map(|target| (spool.clone(), spool.mask(&[target.as_str()]))),
                 stats: stats.clone(),
                 status: status.register_sink(name),
-                ingest_done: ingest_done.clone(),
+                ingest_done: inputs_done,
                 give_up: give_up.clone(),
             });
         }
         for sink_loop in loops {
-            delivery.spawn(sink_loop.run());
+            // Dropped when the loop returns or unwinds: its dead-letter target may then end.
+            let ended = ended[sink_loop.name.as_str()].clone().drop_guard();
+            delivery.spawn(async move {
+                sink_loop.run().await;
+                drop(ended);
+            });
         }
         if config.spool.fsync == FsyncMode::Interval {
             delivery.spawn(pipeline::sync_periodically(

@@ -696,3 +696,44 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     published.dedup();
     assert_eq!(published, (0..TOTAL as u64).collect::<Vec<_>>(), "nats");
 }
+
+/// At shutdown a dead-letter target keeps running until the sinks that feed it have ended: the
+/// events a sink gives up on during the shutdown window still reach it.
+#[tokio::test]
+async fn a_dead_letter_sink_outlives_the_sinks_that_feed_it_at_shutdown() {
+    const TOTAL: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let parking = dir.path().join("parking.jsonl");
+    let mock = agent_mock().await;
+    let config = yaml(
+        &mock.url(),
+        &dir.path().join("spool"),
+        &format!(
+            "sinks:\n  hook: {{ type: http, url: 'http://127.0.0.1:{}/in', retry: {{ initial: 50ms, max: 100ms, max_elapsed: 500ms }}, dead_letter: parking }}\n  parking: {{ type: file, path: {} }}\nroutes: [{{ name: all, to: [hook] }}]\n",
+            free_port(),
+            serde_json::to_string(&parking).unwrap()
+        ),
+    );
+    let bridge = Bridge::start(config).await.unwrap();
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    for n in 0..TOTAL {
+        mock.broadcast(
+            "message.created",
+            &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n}}}"#),
+        );
+    }
+    until("all spooled", WAIT, || {
+        bridge.stats().spooled.load(Ordering::Relaxed) == TOTAL as u64
+    })
+    .await;
+    // The webhook gives up on every event 0.5 s into the 5 s shutdown window.
+    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    assert!(report.drained, "every sink caught up before the deadline");
+    let parked = std::fs::read_to_string(&parking).unwrap_or_default();
+    assert_eq!(
+        parked.lines().count(),
+        TOTAL,
+        "every dead letter reached the dead-letter sink:\n{parked}"
+    );
+}
