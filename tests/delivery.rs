@@ -39,6 +39,22 @@ async fn agent_mock() -> MockServer {
     .unwrap()
 }
 
+/// Once subscribed, broadcasts `total` message events numbered `n` (each its own conversation)
+/// and waits until all are in the spool.
+async fn spool_numbered(bridge: &Bridge, mock: &MockServer, total: usize) {
+    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    for n in 0..total {
+        mock.broadcast(
+            "message.created",
+            &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n}}}"#),
+        );
+    }
+    until("all spooled", WAIT, || {
+        bridge.stats().spooled.load(Ordering::Relaxed) == total as u64
+    })
+    .await;
+}
+
 fn yaml(cable: &str, spool: &std::path::Path, rest: &str) -> Config {
     let yaml = format!(
         r#"
@@ -641,17 +657,7 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     let mut config = yaml(&mock.url(), &dir.path().join("spool"), &sinks);
     config.shutdown_timeout = Duration::from_secs(1);
     let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
-    for n in 0..TOTAL {
-        mock.broadcast(
-            "message.created",
-            &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n}}}"#),
-        );
-    }
-    until("all spooled", WAIT, || {
-        bridge.stats().spooled.load(Ordering::Relaxed) == TOTAL as u64
-    })
-    .await;
+    spool_numbered(&bridge, &mock, TOTAL).await;
     assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
     assert!(!report.drained, "nothing could be delivered");
@@ -715,17 +721,7 @@ async fn a_dead_letter_sink_outlives_the_sinks_that_feed_it_at_shutdown() {
         ),
     );
     let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
-    for n in 0..TOTAL {
-        mock.broadcast(
-            "message.created",
-            &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n}}}"#),
-        );
-    }
-    until("all spooled", WAIT, || {
-        bridge.stats().spooled.load(Ordering::Relaxed) == TOTAL as u64
-    })
-    .await;
+    spool_numbered(&bridge, &mock, TOTAL).await;
     // The webhook gives up on every event 0.5 s into the 5 s shutdown window.
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
     mock.stop().await;
