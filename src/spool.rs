@@ -1720,17 +1720,18 @@ mod tests {
                         }
                     }
                     next_seq += report.appended as u64;
-                    if report.appended < records.len() {
-                        // The ingest offers only whole batches.
-                        continue;
-                    }
-                    let (Some(first), Some(end)) = (report.first_seq, report.end) else {
-                        continue;
+                    // The ingest offers only whole batches. (No `continue` here: the checks
+                    // after the match must run for every op.)
+                    let offered = match (report.first_seq, report.end) {
+                        (Some(first), Some(end)) if report.appended == records.len() => {
+                            Some((first, end))
+                        }
+                        _ => None,
                     };
                     for (s, m) in model.iter_mut().enumerate() {
-                        if takers & (1 << s) == 0 {
+                        let Some((first, end)) = offered.filter(|_| takers & (1 << s) != 0) else {
                             continue;
-                        }
+                        };
                         let Some(mine) = readers[s].take_appended(first, &masks, end) else {
                             // Refused: records before the batch are unread; reads get them all.
                             continue;
