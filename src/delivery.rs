@@ -282,13 +282,8 @@ impl SinkLoop {
             finished = Some(self.reader.position());
         }
         if let Some(seq) = finished {
-            let mut reader = self.reader;
-            let committed = tokio::task::spawn_blocking(move || reader.commit(seq))
-                .await
-                .expect("spool commits do not panic");
-            if let Err(e) = committed {
-                error!(sink = %self.name, error = %e, "cannot commit spool progress at shutdown");
-            }
+            let (reader, _) = spool_io(self.reader, Some(seq), false).await;
+            self.reader = reader;
         }
         self.sink.close().await;
         self.status.set(SinkState::Stopped);
