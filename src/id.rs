@@ -33,26 +33,44 @@ pub struct IdAssigner {
     /// The latest group per content hash. The key already is an xxh3 hash: hashing it again
     /// with SipHash was most of the cost of an id.
     groups: HashMap<u128, Group, BuildHasherDefault<ContentHasher>>,
-    /// Groups in opening order, to forget them once the window has passed.
-    opened: VecDeque<(SystemTime, u128)>,
-    /// The latest receive time seen. Time never goes back for ids: after the clock is stepped
-    /// back, a bucket already used would start over at `n = 0` and repeat an old id.
-    latest: Option<SystemTime>,
+    /// Groups in opening order (milliseconds since the epoch), to forget them once the window
+    /// has passed.
+    opened: VecDeque<(u64, u128)>,
+    /// The latest receive time seen, in milliseconds. Time never goes back for ids: after the
+    /// clock is stepped back, a bucket already used would start over at `n = 0` and repeat an
+    /// old id.
+    latest_ms: u64,
 }
 
+/// One broadcast's sightings. Kept small (64 bytes with its key): the map holds every broadcast
+/// of the last window, and at 100k events/s its growth and cache misses were most of an id's
+/// cost. The id is not stored: it follows from the content, the second and `repeat`, and is
+/// needed again only when a copy joins.
 #[derive(Debug)]
 struct Group {
-    id: EventId,
-    opened_at: SystemTime,
-    /// UTC second the group opened; part of the id.
-    second: u64,
+    /// When the group opened, in milliseconds since the epoch: its id's second, and the start
+    /// of its fan-out window.
+    opened_ms: u64,
     /// How many earlier groups with the same content opened in the same second; part of the id.
     repeat: u32,
-    /// The token that opened the group, and those whose copy joined since: a second sighting
-    /// on one of these is a new broadcast. Apart so that the common group of one sighting
-    /// allocates nothing for it.
+    /// The token that opened the group: a second sighting on it is a new broadcast.
     first_token: Arc<str>,
-    joined: Vec<Arc<str>>,
+    /// Tokens whose copy joined since, boxed so that the common group of one sighting costs
+    /// one word for them and allocates nothing (a bare `Vec` is three words). A boxed slice
+    /// would be as small but copy the list for every join.
+    #[allow(clippy::box_collection)]
+    joined: Option<Box<Vec<Arc<str>>>>,
+}
+
+impl Group {
+    fn has_seen(&self, token: &Arc<str>) -> bool {
+        self.first_token == *token
+            || self
+                .joined
+                .iter()
+                .flat_map(|j| j.iter())
+                .any(|t| t == token)
+    }
 }
 
 impl IdAssigner {
@@ -62,28 +80,21 @@ impl IdAssigner {
 
     /// The id of a sighting of `content` on `token` at `at` (the receive time).
     pub fn assign(&mut self, content: u128, token: &Arc<str>, at: SystemTime) -> EventId {
-        let at = match self.latest {
-            Some(latest) if latest > at => latest,
-            _ => at,
-        };
-        self.latest = Some(at);
-        self.forget_before(at);
-        let second = at
+        let at_ms = at
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+            .max(self.latest_ms);
+        self.latest_ms = at_ms;
+        self.forget_before(at_ms);
+        let second = at_ms / 1000;
         let repeat = match self.groups.get_mut(&content) {
             Some(group) => {
-                let in_window = at
-                    .duration_since(group.opened_at)
-                    .map(|age| age < FANOUT_WINDOW)
-                    .unwrap_or(true);
-                let seen = group.first_token == *token || group.joined.iter().any(|t| t == token);
-                if in_window && !seen {
-                    group.joined.push(token.clone());
-                    return group.id;
+                if at_ms - group.opened_ms < WINDOW_MS && !group.has_seen(token) {
+                    group.joined.get_or_insert_default().push(token.clone());
+                    return group_id(content, group.opened_ms / 1000, group.repeat);
                 }
-                if group.second == second {
+                if group.opened_ms / 1000 == second {
                     group.repeat + 1
                 } else {
                     0
@@ -91,20 +102,17 @@ impl IdAssigner {
             }
             None => 0,
         };
-        let id = group_id(content, second, repeat);
         self.groups.insert(
             content,
             Group {
-                id,
-                opened_at: at,
-                second,
+                opened_ms: at_ms,
                 repeat,
                 first_token: token.clone(),
-                joined: Vec::new(),
+                joined: None,
             },
         );
-        self.opened.push_back((at, content));
-        id
+        self.opened.push_back((at_ms, content));
+        group_id(content, second, repeat)
     }
 
     /// Groups remembered now; bounded by the broadcasts of one window.
@@ -112,13 +120,9 @@ impl IdAssigner {
         self.groups.len()
     }
 
-    fn forget_before(&mut self, now: SystemTime) {
-        while let Some(&(opened_at, content)) = self.opened.front() {
-            let expired = now
-                .duration_since(opened_at)
-                .map(|age| age >= FANOUT_WINDOW)
-                .unwrap_or(false);
-            if !expired {
+    fn forget_before(&mut self, now_ms: u64) {
+        while let Some(&(opened_ms, content)) = self.opened.front() {
+            if now_ms - opened_ms < WINDOW_MS {
                 break;
             }
             self.opened.pop_front();
@@ -126,13 +130,16 @@ impl IdAssigner {
             if self
                 .groups
                 .get(&content)
-                .is_some_and(|g| g.opened_at == opened_at)
+                .is_some_and(|g| g.opened_ms == opened_ms)
             {
                 self.groups.remove(&content);
             }
         }
     }
 }
+
+/// [`FANOUT_WINDOW`] in the milliseconds groups are timed in.
+const WINDOW_MS: u64 = FANOUT_WINDOW.as_millis() as u64;
 
 /// Uses the low 64 bits of a key that is already a good hash (the content hash).
 #[derive(Default)]
@@ -245,6 +252,11 @@ mod tests {
         assert_ne!(first, second);
         assert_ne!(after_step, first);
         assert_ne!(after_step, second);
+    }
+
+    #[test]
+    fn a_remembered_group_takes_64_bytes_with_its_key() {
+        assert!(std::mem::size_of::<(u128, Group)>() <= 64);
     }
 
     #[test]
