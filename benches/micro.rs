@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use chatwoot_bridge::config::Config;
-use chatwoot_bridge::event::{content_hash, Event, JsonText};
+use chatwoot_bridge::event::{content_hash, DataKeys, Event, JsonText};
 use chatwoot_bridge::fixtures;
 use chatwoot_bridge::id::IdAssigner;
 use chatwoot_bridge::protocol;
@@ -85,6 +85,22 @@ fn micro(c: &mut Criterion) {
         let f = frame(name);
         g.throughput(Throughput::Bytes(f.len() as u64));
         g.bench_function(name, |b| b.iter(|| protocol::decode(black_box(f)).unwrap()));
+    }
+    g.finish();
+
+    // The ids read out of every event's data on the socket's task; a typing event finds them in
+    // its nested `conversation`, a conversation event at the top.
+    let mut g = c.benchmark_group("event");
+    for name in [
+        "message.created",
+        "conversation.typing_on",
+        "conversation.updated",
+    ] {
+        let ev = event(name);
+        g.throughput(Throughput::Bytes(ev.data.get().len() as u64));
+        g.bench_function(format!("DataKeys::extract/{name}"), |b| {
+            b.iter(|| DataKeys::extract(black_box(&ev.name), black_box(ev.data.get())))
+        });
     }
     g.finish();
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::datakeys;
 
 /// 128-bit event id, written as 32 lowercase hex digits. See [`crate::id`] for how it is made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -342,116 +342,20 @@ impl DataKeys {
     /// Reads the ids Chatwoot puts in `data`. Where the conversation id sits depends on the event:
     /// message events carry `conversation_id`, typing events a nested `conversation`, and
     /// conversation events are the conversation itself (`id`).
+    ///
+    /// An id is a non-negative integer or a string of one; anything else there is absent. `data`
+    /// that is not an object, or gives one of these fields twice, has no ids at all. `data` must
+    /// already be known to be one JSON value: it is not checked again (the private `datakeys`
+    /// module says why).
     pub fn extract(event: &str, data: &str) -> DataKeys {
-        #[derive(Deserialize, Default)]
-        struct Nested {
-            #[serde(default)]
-            id: Lenient,
-            #[serde(default)]
-            inbox_id: Lenient,
-        }
-        #[derive(Deserialize, Default)]
-        struct Top<'a> {
-            #[serde(default)]
-            account_id: Lenient,
-            #[serde(default)]
-            id: Lenient,
-            #[serde(default)]
-            conversation_id: Lenient,
-            #[serde(default)]
-            inbox_id: Lenient,
-            #[serde(default, borrow, deserialize_with = "object_only")]
-            conversation: Option<&'a RawValue>,
-        }
-        fn object_only<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-            // A `conversation` that is not an object (null, a string) is simply absent.
-            let raw = <&RawValue>::deserialize(d)?;
-            Ok(raw.get().starts_with('{').then_some(raw))
-        }
-        // serde would read an array as a struct's fields in order; only objects carry keys.
-        if !data.trim_start().starts_with('{') {
-            return DataKeys::default();
-        }
-        let Ok(top) = serde_json::from_str::<Top>(data) else {
-            return DataKeys::default();
-        };
-        // The nested conversation is read only for what the top level lacks: message events
-        // carry both ids at the top, and their `conversation` is most of their bytes.
-        let nested = match top.conversation {
-            Some(raw) if top.conversation_id.0.is_none() || top.inbox_id.0.is_none() => {
-                serde_json::from_str::<Nested>(raw.get()).unwrap_or_default()
-            }
-            _ => Nested::default(),
-        };
-        let is_conversation_event = event.starts_with("conversation.")
-            || matches!(event, "assignee.changed" | "team.changed");
-        let conversation_id = top
-            .conversation_id
-            .0
-            .or(nested.id.0)
-            .or(if is_conversation_event {
-                top.id.0
-            } else {
-                None
-            });
-        DataKeys {
-            account_id: top.account_id.0,
-            conversation_id,
-            inbox_id: top.inbox_id.0.or(nested.inbox_id.0),
-        }
-    }
-}
-
-/// A non-negative integer where Chatwoot usually puts one; anything else reads as absent
-/// instead of failing the whole event.
-#[derive(Default, Debug, Clone, Copy)]
-struct Lenient(Option<u64>);
-
-impl<'de> Deserialize<'de> for Lenient {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Lenient;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Lenient, E> {
-                Ok(Lenient(Some(v)))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Lenient, E> {
-                Ok(Lenient(u64::try_from(v).ok()))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
-                Ok(Lenient(v.parse().ok()))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
-                Ok(Lenient(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Lenient, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Lenient(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Lenient, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Lenient(None))
-            }
-        }
-        d.deserialize_any(V)
+        datakeys::extract(event, data)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     #[test]
     fn keys_by_event_kind() {

@@ -12,6 +12,7 @@
 //! - [`supervisor`]: one task per token, restarted on panic; the token set can change at runtime.
 //! - [`status`]: every token's state in one place, for logs, health, metrics and tests.
 //! - [`event`]: the envelope, the ids pulled out of `data`, the CloudEvents JSON form.
+//! - `datakeys`: the scanner that finds those ids without parsing all of `data`.
 //! - [`id`]: event ids: one per broadcast, shared by copies on several tokens.
 //! - [`route`]: the compiled route table (event globs, tokens, accounts, inboxes, conditions on data).
 //! - [`jsonpath`]: one value at a dotted path of raw JSON, without building a tree.
@@ -31,6 +32,7 @@
 pub mod backoff;
 pub mod cable;
 pub mod config;
+mod datakeys;
 pub mod dead_letter;
 pub mod delivery;
 pub mod event;
