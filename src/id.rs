@@ -33,13 +33,13 @@ pub struct IdAssigner {
     /// The latest group per content hash. The key already is an xxh3 hash: hashing it again
     /// with SipHash was most of the cost of an id.
     groups: HashMap<u128, Group, BuildHasherDefault<ContentHasher>>,
-    /// Groups in opening order (milliseconds since the epoch), to forget them once the window
+    /// Groups in opening order (microseconds since the epoch), to forget them once the window
     /// has passed.
     opened: VecDeque<(u64, u128)>,
-    /// The latest receive time seen, in milliseconds. Time never goes back for ids: after the
+    /// The latest receive time seen, in microseconds. Time never goes back for ids: after the
     /// clock is stepped back, a bucket already used would start over at `n = 0` and repeat an
     /// old id.
-    latest_ms: u64,
+    latest_us: u64,
 }
 
 /// One broadcast's sightings. Kept small (64 bytes with its key): the map holds every broadcast
@@ -48,9 +48,10 @@ pub struct IdAssigner {
 /// needed again only when a copy joins.
 #[derive(Debug)]
 struct Group {
-    /// When the group opened, in milliseconds since the epoch: its id's second, and the start
-    /// of its fan-out window.
-    opened_ms: u64,
+    /// When the group opened, in microseconds since the epoch (as precise as the window needs:
+    /// whole milliseconds made it up to 1 ms shorter than `SystemTime` did): its id's second,
+    /// and the start of its fan-out window.
+    opened_us: u64,
     /// How many earlier groups with the same content opened in the same second; part of the id.
     repeat: u32,
     /// The token that opened the group: a second sighting on it is a new broadcast.
@@ -80,21 +81,21 @@ impl IdAssigner {
 
     /// The id of a sighting of `content` on `token` at `at` (the receive time).
     pub fn assign(&mut self, content: u128, token: &Arc<str>, at: SystemTime) -> EventId {
-        let at_ms = at
+        let at_us = at
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
+            .map(|d| d.as_micros() as u64)
             .unwrap_or(0)
-            .max(self.latest_ms);
-        self.latest_ms = at_ms;
-        self.forget_before(at_ms);
-        let second = at_ms / 1000;
+            .max(self.latest_us);
+        self.latest_us = at_us;
+        self.forget_before(at_us);
+        let second = at_us / MICROS_PER_SECOND;
         let repeat = match self.groups.get_mut(&content) {
             Some(group) => {
-                if at_ms - group.opened_ms < WINDOW_MS && !group.has_seen(token) {
+                if at_us - group.opened_us < WINDOW_US && !group.has_seen(token) {
                     group.joined.get_or_insert_default().push(token.clone());
-                    return group_id(content, group.opened_ms / 1000, group.repeat);
+                    return group_id(content, group.opened_us / MICROS_PER_SECOND, group.repeat);
                 }
-                if group.opened_ms / 1000 == second {
+                if group.opened_us / MICROS_PER_SECOND == second {
                     group.repeat + 1
                 } else {
                     0
@@ -105,13 +106,13 @@ impl IdAssigner {
         self.groups.insert(
             content,
             Group {
-                opened_ms: at_ms,
+                opened_us: at_us,
                 repeat,
                 first_token: token.clone(),
                 joined: None,
             },
         );
-        self.opened.push_back((at_ms, content));
+        self.opened.push_back((at_us, content));
         group_id(content, second, repeat)
     }
 
@@ -120,9 +121,9 @@ impl IdAssigner {
         self.groups.len()
     }
 
-    fn forget_before(&mut self, now_ms: u64) {
-        while let Some(&(opened_ms, content)) = self.opened.front() {
-            if now_ms - opened_ms < WINDOW_MS {
+    fn forget_before(&mut self, now_us: u64) {
+        while let Some(&(opened_us, content)) = self.opened.front() {
+            if now_us - opened_us < WINDOW_US {
                 break;
             }
             self.opened.pop_front();
@@ -130,7 +131,7 @@ impl IdAssigner {
             if self
                 .groups
                 .get(&content)
-                .is_some_and(|g| g.opened_ms == opened_ms)
+                .is_some_and(|g| g.opened_us == opened_us)
             {
                 self.groups.remove(&content);
             }
@@ -138,8 +139,10 @@ impl IdAssigner {
     }
 }
 
-/// [`FANOUT_WINDOW`] in the milliseconds groups are timed in.
-const WINDOW_MS: u64 = FANOUT_WINDOW.as_millis() as u64;
+/// [`FANOUT_WINDOW`] in the microseconds groups are timed in.
+const WINDOW_US: u64 = FANOUT_WINDOW.as_micros() as u64;
+
+const MICROS_PER_SECOND: u64 = 1_000_000;
 
 /// Uses the low 64 bits of a key that is already a good hash (the content hash).
 #[derive(Default)]
@@ -252,6 +255,41 @@ mod tests {
         assert_ne!(first, second);
         assert_ne!(after_step, first);
         assert_ne!(after_step, second);
+    }
+
+    #[test]
+    fn a_copy_just_inside_the_window_joins_and_one_at_its_end_does_not() {
+        let (a, b, c) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        let content = content_hash("message.created", r#"{"id":1}"#);
+        let base = at(0) + Duration::from_micros(500);
+        let mut ids = IdAssigner::new();
+        let first = ids.assign(content, &a, base);
+        // 999.9 ms later: inside the window, although a millisecond clock would say 1000.
+        let near_end = base + Duration::from_micros(999_900);
+        assert_eq!(ids.assign(content, &b, near_end), first);
+        // Exactly one window later: a new broadcast (never a merge at the edge).
+        assert_ne!(ids.assign(content, &c, base + FANOUT_WINDOW), first);
+    }
+
+    #[test]
+    fn groups_of_one_content_opened_in_the_same_instant_are_forgotten_together() {
+        let a: Arc<str> = Arc::from("a");
+        let content = content_hash("conversation.typing_on", r#"{"conversation":{"id":1}}"#);
+        let mut ids = IdAssigner::new();
+        let first = ids.assign(content, &a, at(0));
+        let second = ids.assign(content, &a, at(0));
+        assert_ne!(first, second);
+        assert_eq!(ids.remembered(), 1);
+        assert_eq!(ids.opened.len(), 2);
+        ids.assign(content_hash("other", "{}"), &a, at(1_000));
+        assert_eq!(
+            ids.remembered(),
+            1,
+            "both groups of the first instant are gone"
+        );
+        assert_eq!(ids.opened.len(), 1);
+        // The same bytes later in that new second start a fresh group.
+        assert_ne!(ids.assign(content, &a, at(1_001)), second);
     }
 
     #[test]
