@@ -15,7 +15,9 @@ use tracing::info;
 /// (socket task, ingest, sink loop); glibc's allocator spent a fifth of the daemon's CPU on
 /// them under load (see BENCHMARKS.md). Built without its transparent-huge-page advice
 /// (`no_thp`): with it, growth faulted in and zeroed 2 MiB at a time (9% of the CPU in a
-/// blast profile) and the resident set was a quarter larger for the same events.
+/// blast profile) and the resident set was a quarter larger for the same events. That only
+/// stops asking for huge pages; where the host's setting is `always`, `MIMALLOC_ALLOW_THP=0`
+/// (set by the Dockerfile and the systemd unit) turns them off for the process.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
