@@ -344,11 +344,13 @@ impl DataKeys {
     /// conversation events are the conversation itself (`id`).
     ///
     /// An id is a non-negative integer or a string of one; anything else there is absent. `data`
-    /// that is not an object, or gives one of these fields twice, has no ids at all. `data` must
+    /// that is not an object, gives one of these fields twice, or holds a value serde cannot read
+    /// (a number beyond `f64`, an escaped lone surrogate in such a field or in a key) has no ids
+    /// at all; inside `conversation` that drops only the nested ids. `data` must
     /// already be known to be one JSON value: it is not checked again (the private `datakeys`
     /// module says why).
     pub fn extract(event: &str, data: &str) -> DataKeys {
-        datakeys::extract(event, data)
+        datakeys::read(event, data).unwrap_or_default()
     }
 }
 
