@@ -649,14 +649,10 @@ mod record_tests {
     #[test]
     fn records_round_trip() {
         for (name, frame) in crate::fixtures::ALL {
-            let crate::protocol::ServerFrame::Message { event, data, .. } =
-                crate::protocol::decode(frame).unwrap()
-            else {
-                panic!("{name}");
-            };
+            let (event, data) = crate::fixtures::message(frame);
             let mut original = Event::new(
                 &event,
-                JsonText::from_raw(data.0),
+                data,
                 Arc::from("agent"),
                 Arc::from("wss://x/cable#agent"),
                 SystemTime::UNIX_EPOCH + std::time::Duration::new(1_781_964_126, 318_123_456),

@@ -44,3 +44,15 @@ pub const ALL: &[(&str, &str)] = &[
         include_str!("../fixtures/presence.update.json"),
     ),
 ];
+
+/// The event name and `data` of a fixture frame, for tests that check something of every
+/// recorded event. Panics for a frame that is not a message (every fixture is one).
+#[cfg(test)]
+pub(crate) fn message(frame: &str) -> (String, crate::event::JsonText) {
+    match crate::protocol::decode(frame).expect("fixtures decode") {
+        crate::protocol::ServerFrame::Message { event, data, .. } => {
+            (event.into_owned(), crate::event::JsonText::from_raw(data.0))
+        }
+        other => panic!("a fixture is not a message: {other:?}"),
+    }
+}

@@ -413,14 +413,10 @@ mod tests {
             .iter()
             .find(|(n, _)| *n == name)
             .expect("fixture exists");
-        let crate::protocol::ServerFrame::Message { event, data, .. } =
-            crate::protocol::decode(frame).unwrap()
-        else {
-            panic!("fixture {name} is a message");
-        };
+        let (event, data) = crate::fixtures::message(frame);
         Event::new(
             &event,
-            crate::event::JsonText::from_raw(data.0),
+            data,
             Arc::from(token),
             Arc::from("ws://x/cable"),
             SystemTime::UNIX_EPOCH,
