@@ -703,6 +703,71 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     assert_eq!(published, (0..TOTAL as u64).collect::<Vec<_>>(), "nats");
 }
 
+/// A backlog of several full batches is read from the spool while the batch before is sent (the
+/// read ahead): it arrives complete and in spool order, and a clean shutdown commits all of it, so
+/// the next start sends nothing again.
+#[tokio::test]
+async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
+    const TOTAL: usize = 3 * chatwoot_bridge::pipeline::MAX_BATCH + 100;
+    let nats_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let sinks = format!(
+        "sinks:\n  bus: {{ type: nats, url: 'nats://127.0.0.1:{nats_port}', subject: 'drain.{{event}}', timeout: 300ms, retry: {{ initial: 50ms, max: 100ms }} }}\nroutes: [{{ name: all, to: [bus] }}]\n"
+    );
+    let mock = agent_mock().await;
+    // The server is down: everything stays in the spool, to be read from the file next time.
+    let mut config = yaml(&mock.url(), &spool, &sinks);
+    config.shutdown_timeout = Duration::from_secs(1);
+    let bridge = Bridge::start(config).await.unwrap();
+    spool_numbered(&bridge, &mock, TOTAL).await;
+    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    assert!(!report.drained, "nothing could be delivered");
+
+    let nats = NatsServer::start_on(nats_port).await;
+    let reader = nats.client().await;
+    let mut subscription = timeout(WAIT, reader.subscribe("drain.>"))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    let bridge = Bridge::start(yaml(&mock.url(), &spool, &sinks))
+        .await
+        .unwrap();
+    let mut published = Vec::with_capacity(TOTAL);
+    while published.len() < TOTAL {
+        let message = timeout(WAIT, subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {TOTAL} published", published.len()))
+            .unwrap();
+        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        published.push(data["n"].as_u64().unwrap());
+    }
+    assert_eq!(
+        published,
+        (0..TOTAL as u64).collect::<Vec<_>>(),
+        "each event once, in spool order"
+    );
+    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    assert!(report.drained);
+
+    // Everything was committed: a third start finds nothing to send.
+    let bridge = Bridge::start(yaml(&mock.url(), &spool, &sinks))
+        .await
+        .unwrap();
+    until("subscribed again", WAIT, || {
+        mock.streaming_subscriptions() == 1
+    })
+    .await;
+    let again = timeout(Duration::from_secs(2), subscription.next()).await;
+    assert!(
+        again.is_err(),
+        "sent again after a clean shutdown: {again:?}"
+    );
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+}
+
 /// At shutdown a dead-letter target keeps running until the sinks that feed it have ended: the
 /// events a sink gives up on during the shutdown window still reach it.
 #[tokio::test]

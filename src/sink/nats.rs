@@ -304,6 +304,9 @@ pub enum NatsFailure {
     /// The client did not take the message within the sink's timeout (disconnected, buffer
     /// full).
     PublishTimedOut,
+    /// The client was not connected to a server within the sink's timeout; nothing was handed to
+    /// it.
+    NotConnected,
     /// Publishing to JetStream or waiting for its ack.
     JetStreamPublish(jetstream::context::PublishErrorKind),
     /// Creating or updating the stream.
@@ -321,7 +324,8 @@ pub fn classify(failure: &NatsFailure) -> ErrorClass {
         NatsFailure::Publish(P::Send) => ErrorClass::Retryable,
         NatsFailure::Flush(F::SendError | F::FlushError)
         | NatsFailure::FlushTimedOut
-        | NatsFailure::PublishTimedOut => ErrorClass::Retryable,
+        | NatsFailure::PublishTimedOut
+        | NatsFailure::NotConnected => ErrorClass::Retryable,
         NatsFailure::JetStreamPublish(kind) => match kind {
             J::MaxPayloadExceeded | J::WrongLastMessageId | J::WrongLastSequence => {
                 ErrorClass::Permanent
@@ -421,9 +425,38 @@ impl NatsSink {
 
     /// Publishes a batch; the confirmations are the flush (core) or the acks (JetStream).
     pub async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
+        if !self.connected().await {
+            let outcome = failure(
+                NatsFailure::NotConnected,
+                &format!(
+                    "not connected to a server within {:?}",
+                    self.settings.timeout
+                ),
+            );
+            return settled(batch.iter().map(|_| same(&outcome)).collect());
+        }
         match self.jetstream.clone() {
             Some(js) => self.send_jetstream(&js, batch).await,
             None => self.send_core(batch).await,
+        }
+    }
+
+    /// Whether the client is connected, waiting up to the sink's timeout. A client that is not
+    /// keeps what it is given in its buffer and sends it once it reconnects: after the retries of
+    /// the same events (extra copies of each, one per retry), and even after this sink was closed
+    /// (the client's connection task keeps reconnecting until it succeeds, whoever holds the
+    /// client). Found by a test that restarted the bridge against a server that came back.
+    async fn connected(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        loop {
+            if self.client.connection_state() == async_nats::connection::State::Connected {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // The client tells of its state only through this getter; a reconnect takes longer.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -700,6 +733,7 @@ mod tests {
         }
         let retryable = [
             NatsFailure::Publish(PublishErrorKind::Send),
+            NatsFailure::NotConnected,
             NatsFailure::Flush(FlushErrorKind::FlushError),
             NatsFailure::FlushTimedOut,
             NatsFailure::PublishTimedOut,
