@@ -4,6 +4,9 @@
 //! The cursor moves past a batch only once it and every batch before it are finished (every event
 //! delivered or dead-lettered), so a crash re-delivers at most what was not confirmed yet.
 //!
+//! A sink that keeps up takes each appended batch in memory; one that is behind reads the spool,
+//! the next batch on a blocking thread while the current one is sent ([`FileReader`]).
+//!
 //! A sink that keeps order itself (Kafka, NATS, file) is handed the next batches while earlier
 //! ones await their acknowledgements, up to `MAX_UNCONFIRMED` events. When an event fails, the
 //! later batches are let answer first and the failures are retried in spool order; an event of
@@ -24,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -47,7 +51,7 @@ pub struct SinkLoop {
     pub redaction: Redaction,
     pub retry: RetrySettings,
     /// Its cursor over the spool.
-    pub reader: SpoolReader,
+    pub reader: FileReader,
     /// Batches just appended, taken in memory while they continue where `reader` is.
     pub tail: broadcast::Receiver<Arc<Appended>>,
     /// A batch from `tail` that starts past the reader: records in between (dead-letter
@@ -132,8 +136,8 @@ impl SinkLoop {
         // threads.
         let mut finished: Option<u64> = None;
         let mut last_commit = Instant::now();
-        // The position last committed (the commits above all go through here or `spool_io`).
-        let mut committed_to = self.reader.position();
+        // The position last committed (every commit goes through `FileReader::io` or a read ahead).
+        let mut committed_to = self.reader.back().await.position();
         let mut unconfirmed: VecDeque<Unconfirmed> = VecDeque::new();
         let mut unconfirmed_events = 0usize;
         // The last read found nothing new: read again only after an append.
@@ -142,18 +146,30 @@ impl SinkLoop {
         // then safe), rather than interrupted by the shutdown deadline or a failed delivery.
         let all_settled = 'run: loop {
             if !caught_up && unconfirmed_events < MAX_UNCONFIRMED {
-                let taken = self.take_from_tail();
-                let read_file = taken.is_none() && !self.reader.caught_up();
+                // Records read ahead go first: the tail continues after them.
+                self.reader.back().await;
+                let ahead = self.reader.take_read_ahead();
+                let taken = match ahead {
+                    Some(_) => None,
+                    None => self.take_from_tail(),
+                };
+                let read_file =
+                    ahead.is_none() && taken.is_none() && !self.reader.get().caught_up();
                 let commit_due = finished.is_some_and(|upto| {
                     taken.is_none()
                         || last_commit.elapsed() >= COMMIT_EVERY
                         || upto >= committed_to + COMMIT_EVERY_RECORDS
                 });
+                let io = match ahead {
+                    Some(read_ahead) => Some(read_ahead),
+                    None if read_file || commit_due => {
+                        let upto = if commit_due { finished.take() } else { None };
+                        Some((upto, self.reader.io(upto, read_file).await))
+                    }
+                    None => None,
+                };
                 let mut records = Vec::new();
-                if read_file || commit_due {
-                    let upto = if commit_due { finished.take() } else { None };
-                    let (reader, result) = spool_io(self.reader, upto, read_file).await;
-                    self.reader = reader;
+                if let Some((upto, result)) = io {
                     match result {
                         Ok(read) => records = read,
                         Err(e) => {
@@ -169,6 +185,18 @@ impl SinkLoop {
                         committed_to = committed_to.max(upto);
                         last_commit = Instant::now();
                     }
+                }
+                // A full batch from the file: the next records are most likely there too. They
+                // are read while these are decoded and sent (on 2 cores a read's round trip
+                // through the blocking pool was a fifth of a backlog drain's loop), carrying the
+                // commit that is due by then.
+                if records.len() == MAX_BATCH && !self.reader.get().caught_up() {
+                    let upto = finished.take();
+                    if let Some(upto) = upto {
+                        committed_to = committed_to.max(upto);
+                        last_commit = Instant::now();
+                    }
+                    self.reader.read_ahead(upto);
                 }
                 let next = taken.or_else(|| {
                     let last_seq = records.last()?.0;
@@ -205,10 +233,16 @@ impl SinkLoop {
                 // including other sinks' records it passed over: committing that position lets
                 // the spool reclaim segments even for a sink that is routed little or nothing.
                 // Not rate-limited: a small spool can fill between two timed commits.
-                let position = self.reader.position();
+                let position = self.reader.back().await.position();
+                if self.reader.has_read_ahead() {
+                    // Records read ahead are not settled: send them first (not expected here:
+                    // a read ahead is taken before the loop can run out of work).
+                    caught_up = false;
+                    continue;
+                }
                 if finished.take().is_some() || position > committed_to {
-                    let (reader, _) = spool_io(self.reader, Some(position), false).await;
-                    self.reader = reader;
+                    // A commit's failure is logged where it happens; the next one covers it.
+                    let _ = self.reader.io(Some(position), false).await;
                     committed_to = position;
                     last_commit = Instant::now();
                 }
@@ -216,7 +250,7 @@ impl SinkLoop {
                 if self.ingest_done.is_cancelled() {
                     // The last appends may have come while the loop was busy: end only when
                     // nothing is left to take.
-                    if self.reader.caught_up() && self.held.is_none() {
+                    if self.reader.get().caught_up() && self.held.is_none() {
                         break 'run true;
                     }
                     caught_up = false;
@@ -280,13 +314,16 @@ impl SinkLoop {
                 finished = Some(batch.last_seq);
             }
         };
-        // Everything read was settled: the position is safe to commit (as in the idle branch).
-        if all_settled && self.reader.position() > committed_to {
-            finished = Some(self.reader.position());
+        // Everything read was settled: the position is safe to commit (as in the idle branch),
+        // unless records read ahead were never sent.
+        let position = self.reader.back().await.position();
+        let unsent =
+            matches!(self.reader.take_read_ahead(), Some((_, Ok(records))) if !records.is_empty());
+        if all_settled && !unsent && position > committed_to {
+            finished = Some(position);
         }
         if let Some(seq) = finished {
-            let (reader, _) = spool_io(self.reader, Some(seq), false).await;
-            self.reader = reader;
+            let _ = self.reader.io(Some(seq), false).await;
         }
         self.sink.close().await;
         self.status.set(SinkState::Stopped);
@@ -322,9 +359,10 @@ impl SinkLoop {
                     Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
                 },
             };
-            let Some(mine) = self
-                .reader
-                .take_appended(batch.first_seq, &batch.masks, batch.end)
+            let Some(mine) =
+                self.reader
+                    .get()
+                    .take_appended(batch.first_seq, &batch.masks, batch.end)
             else {
                 self.held = Some(batch);
                 return None;
@@ -581,13 +619,92 @@ impl SinkLoop {
     }
 }
 
+/// Records read from the spool, as (seq, payload).
+type Records = Vec<(u64, Vec<u8>)>;
+
+/// A sink loop's spool reader, which may be away on a blocking thread reading the next records
+/// ahead (at most one read at a time).
+pub struct FileReader {
+    /// `None` while `ahead` holds it.
+    reader: Option<SpoolReader>,
+    /// The read ahead under way, and the commit it carries.
+    ahead: Option<(Option<u64>, JoinHandle<SpoolIo>)>,
+    /// A read ahead that came back, and the commit it carried: its records are sent next.
+    read: Option<(Option<u64>, Result<Records, SpoolError>)>,
+}
+
+/// What a blocking spool call hands back: the reader, and what it read.
+type SpoolIo = (SpoolReader, Result<Records, SpoolError>);
+
+impl From<SpoolReader> for FileReader {
+    fn from(reader: SpoolReader) -> FileReader {
+        FileReader {
+            reader: Some(reader),
+            ahead: None,
+            read: None,
+        }
+    }
+}
+
+impl FileReader {
+    /// The reader, once a read ahead is back (its outcome waits in `take_read_ahead`).
+    /// Cancel-safe: the read stays under way until awaited to the end.
+    async fn back(&mut self) -> &mut SpoolReader {
+        if let Some((_, reading)) = &mut self.ahead {
+            let (reader, result) = reading.await.expect("spool reads do not panic");
+            let (upto, _) = self.ahead.take().expect("awaited just now");
+            self.reader = Some(reader);
+            self.read = Some((upto, result));
+        }
+        self.get()
+    }
+
+    /// The reader, which [`FileReader::back`] brought back.
+    fn get(&mut self) -> &mut SpoolReader {
+        assert!(self.ahead.is_none(), "the reader is used only once back");
+        self.reader.as_mut().expect("a reader not away is here")
+    }
+
+    /// The outcome of the read ahead that came back, with the commit it carried.
+    fn take_read_ahead(&mut self) -> Option<(Option<u64>, Result<Records, SpoolError>)> {
+        self.read.take()
+    }
+
+    fn has_read_ahead(&self) -> bool {
+        self.read.is_some()
+    }
+
+    /// Starts reading the next records on a blocking thread, after committing up to `upto`.
+    fn read_ahead(&mut self, upto: Option<u64>) {
+        let reader = self.get_owned();
+        self.ahead = Some((upto, spawn_spool_io(reader, upto, true)));
+    }
+
+    /// Commits up to `upto` and, if `read`, reads the next records, now.
+    async fn io(&mut self, upto: Option<u64>, read: bool) -> Result<Records, SpoolError> {
+        self.back().await;
+        let reader = self.get_owned();
+        let (reader, result) = spawn_spool_io(reader, upto, read)
+            .await
+            .expect("spool reads do not panic");
+        self.reader = Some(reader);
+        result
+    }
+
+    /// [`SpoolReader::wait_for_data`], once the reader is back. Cancel-safe.
+    async fn wait_for_data(&mut self) {
+        self.back().await.wait_for_data().await
+    }
+
+    fn get_owned(&mut self) -> SpoolReader {
+        self.get();
+        self.reader.take().expect("checked by get")
+    }
+}
+
 /// Commits progress up to `upto` and, if `read`, reads the next records: file I/O, on a blocking
 /// thread, which needs the reader for the time being.
-async fn spool_io(
-    mut reader: SpoolReader,
-    upto: Option<u64>,
-    read: bool,
-) -> (SpoolReader, Result<Vec<(u64, Vec<u8>)>, SpoolError>) {
+fn spawn_spool_io(mut reader: SpoolReader, upto: Option<u64>, read: bool) -> JoinHandle<SpoolIo> {
     tokio::task::spawn_blocking(move || {
         let mut result = Ok(Vec::new());
         if let Some(seq) = upto {
@@ -601,8 +718,6 @@ async fn spool_io(
         }
         (reader, result)
     })
-    .await
-    .expect("spool reads do not panic")
 }
 
 fn dead_letter(a: &Attempt, error: String, now: SystemTime) -> DeadLetter {

@@ -195,7 +195,7 @@ impl Bridge {
                 sink,
                 redaction: settings.redaction.clone(),
                 retry: settings.retry,
-                reader: spool.reader(name)?,
+                reader: spool.reader(name)?.into(),
                 tail: tail.subscribe(),
                 held: None,
                 dead_letters: dead_letters.clone(),
