@@ -142,10 +142,14 @@ impl SinkLoop {
         let mut unconfirmed_events = 0usize;
         // The last read found nothing new: read again only after an append.
         let mut caught_up = false;
+        // A batch failed as it was handed over (its answer was there at once: a NATS client not
+        // connected, a producer refusing): nothing more is handed over until it is settled, or
+        // a later batch could get through before its retry and overtake it.
+        let mut held_back = false;
         // Whether the loop ended with every batch it read settled (a commit of the position is
         // then safe), rather than interrupted by the shutdown deadline or a failed delivery.
         let all_settled = 'run: loop {
-            if !caught_up && unconfirmed_events < MAX_UNCONFIRMED {
+            if !caught_up && !held_back && unconfirmed_events < MAX_UNCONFIRMED {
                 // Records read ahead go first: the tail continues after them.
                 self.reader.back().await;
                 let ahead = self.reader.take_read_ahead();
@@ -208,10 +212,14 @@ impl SinkLoop {
                         self.status.set(SinkState::Delivering);
                         if pipelined {
                             let give_up = self.give_up.clone();
-                            let answer = tokio::select! {
+                            let mut answer = tokio::select! {
                                 answer = self.send(&events) => answer,
                                 _ = give_up.cancelled() => break 'run false,
                             };
+                            if let Some(known) = (&mut answer).now_or_never() {
+                                held_back = !all_delivered(&known, events.len());
+                                answer = Box::pin(std::future::ready(known));
+                            }
                             unconfirmed_events += events.len();
                             unconfirmed.push_back(Unconfirmed {
                                 last_seq,
@@ -279,18 +287,12 @@ impl SinkLoop {
             };
             let batch = unconfirmed.pop_front().expect("answered batch");
             unconfirmed_events -= batch.events.len();
-            if let Ok(outcomes) = &answer {
-                // A sink that answered for fewer events than it was given goes the careful way:
-                // the events without an outcome are retried.
-                let all_delivered = outcomes.len() == batch.events.len()
-                    && outcomes.iter().all(|o| matches!(o, Outcome::Delivered));
-                if all_delivered {
-                    let count = outcomes.len() as u64;
-                    self.stats.delivered.fetch_add(count, Ordering::Relaxed);
-                    self.status.delivered(count);
-                    finished = Some(batch.last_seq);
-                    continue;
-                }
+            if all_delivered(&answer, batch.events.len()) {
+                let count = batch.events.len() as u64;
+                self.stats.delivered.fetch_add(count, Ordering::Relaxed);
+                self.status.delivered(count);
+                finished = Some(batch.last_seq);
+                continue;
             }
             // Something failed: let every later batch answer first, so that retries go in
             // spool order, then settle them one by one.
@@ -313,6 +315,7 @@ impl SinkLoop {
                 }
                 finished = Some(batch.last_seq);
             }
+            held_back = false;
         };
         // Everything read was settled: the position is safe to commit (as in the idle branch),
         // unless records read ahead were never sent.
@@ -619,6 +622,13 @@ impl SinkLoop {
     }
 }
 
+/// Whether a sink's answer delivers every one of `count` events. A sink that answered for fewer
+/// events than it was given goes the careful way: the events without an outcome are retried.
+fn all_delivered(answer: &Answer, count: usize) -> bool {
+    matches!(answer, Ok(outcomes) if outcomes.len() == count
+        && outcomes.iter().all(|o| matches!(o, Outcome::Delivered)))
+}
+
 /// Records read from the spool, as (seq, payload).
 type Records = Vec<(u64, Vec<u8>)>;
 
@@ -680,9 +690,14 @@ impl FileReader {
         self.ahead = Some((upto, spawn_spool_io(reader, upto, true)));
     }
 
-    /// Commits up to `upto` and, if `read`, reads the next records, now.
+    /// Commits up to `upto` and, if `read`, reads the next records, now. Reading with records
+    /// read ahead not taken would skip them: callers take them first.
     async fn io(&mut self, upto: Option<u64>, read: bool) -> Result<Records, SpoolError> {
         self.back().await;
+        debug_assert!(
+            !(read && self.read.is_some()),
+            "records read ahead not taken"
+        );
         let reader = self.get_owned();
         let (reader, result) = spawn_spool_io(reader, upto, read)
             .await

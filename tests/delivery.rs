@@ -768,6 +768,65 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
     mock.stop().await;
 }
 
+/// While the server is down every batch fails as it is handed over (the client is not
+/// connected): the loop hands nothing more over until that batch is retried, so when the server
+/// comes back the events still land in spool order, not a later batch before an earlier one.
+#[tokio::test]
+async fn events_spooled_during_a_nats_outage_land_in_spool_order() {
+    const TOTAL: usize = 3 * chatwoot_bridge::pipeline::MAX_BATCH + 100;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mock = agent_mock().await;
+    let config = yaml(
+        &mock.url(),
+        &dir.path().join("spool"),
+        &format!(
+            "sinks:\n  js: {{ type: nats, url: 'nats://127.0.0.1:{port}', subject: 'order.{{event}}', timeout: 500ms, retry: {{ initial: 50ms, max: 200ms }}, jetstream: {{ stream: ORDER, create: true }} }}\nroutes: [{{ name: all, to: [js] }}]\n"
+        ),
+    );
+    let bridge = Bridge::start(config).await.unwrap();
+    spool_numbered(&bridge, &mock, TOTAL).await;
+    // The server comes back while the loop would still be handing batches over (each waits
+    // up to the 500 ms timeout for a connection): without holding back, the batch handed over
+    // then is stored before the retries of the ones that failed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
+    let nats = NatsServer::start_on(port).await;
+    let stats = bridge.stats();
+    until("every event delivered", WAIT, || {
+        stats.delivered.load(Ordering::Relaxed) >= TOTAL as u64
+    })
+    .await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+
+    let js = async_nats::jetstream::new(nats.client().await);
+    let mut stream = timeout(WAIT, js.get_stream("ORDER"))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored = timeout(WAIT, stream.info())
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        .messages;
+    let mut order = Vec::with_capacity(TOTAL);
+    for n in 1..=stored {
+        let message = timeout(WAIT, stream.get_raw_message(n))
+            .await
+            .unwrap()
+            .unwrap();
+        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        order.push(data["n"].as_u64().unwrap());
+    }
+    assert_eq!(
+        order,
+        (0..TOTAL as u64).collect::<Vec<_>>(),
+        "stored once each, in spool order"
+    );
+}
+
 /// At shutdown a dead-letter target keeps running until the sinks that feed it have ended: the
 /// events a sink gives up on during the shutdown window still reach it.
 #[tokio::test]

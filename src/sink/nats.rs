@@ -445,7 +445,11 @@ impl NatsSink {
     /// keeps what it is given in its buffer and sends it once it reconnects: after the retries of
     /// the same events (extra copies of each, one per retry), and even after this sink was closed
     /// (the client's connection task keeps reconnecting until it succeeds, whoever holds the
-    /// client). Found by a test that restarted the bridge against a server that came back.
+    /// client). Found by a test that restarted the bridge against a server that came back. A
+    /// connection lost but not noticed yet (no read error, pings not yet missed) still counts as
+    /// connected: what is published then can still go out again after the reconnect. The
+    /// delivery loop hands nothing more over after a batch answered `NotConnected`, so later
+    /// batches do not overtake its retry.
     async fn connected(&self) -> bool {
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
         loop {
