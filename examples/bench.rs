@@ -549,8 +549,28 @@ fn read_nats_raw(
                     [total, headers] => (headers, total),
                     _ => unreachable!("took one or two"),
                 };
+                if headers > total {
+                    bail!("bad {op} line: {text}");
+                }
                 body.resize(total + 2, 0);
-                reader.read_exact(&mut body)?;
+                match reader.read_exact(&mut body) {
+                    Ok(()) => {}
+                    // Idle in the middle of a message: report what was counted.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if !body.ends_with(b"\r\n") {
+                    bail!(
+                        "{op} of {total} bytes not followed by CRLF: out of step with the stream"
+                    );
+                }
                 tally.record(&body[headers..total]);
             }
             Some("PING") => socket.write_all(b"PONG\r\n")?,
@@ -560,7 +580,8 @@ fn read_nats_raw(
                 std::io::stdout().flush()?;
             }
             Some("-ERR") => bail!("{addr}: {text}"),
-            _ => {} // +OK, INFO, PONG
+            Some("+OK" | "INFO" | "PONG") => {}
+            _ => bail!("unexpected line from {addr}: {text}"),
         }
     }
     Ok(())
@@ -1301,6 +1322,9 @@ fn orchestrate(scenario: &str, args: Args) -> Result<()> {
                 ratios.push(ratio);
             }
             // Runs on 2 shared cores scatter; the median of the runs is the figure to quote.
+            if ratios.is_empty() {
+                bail!("--reps 0: nothing measured");
+            }
             ratios.sort_by(f64::total_cmp);
             let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             let n = ratios.len();
