@@ -478,6 +478,14 @@ fn nats_consumer_reads_raw() -> bool {
     }
 }
 
+/// A socket read that ended for its timeout (the consumer's idle or overall limit).
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// Counts the messages on `subject` by reading the NATS text protocol directly, skipping each
 /// message's header block. The instrument's cost per message must not depend on the headers a
 /// producer sends: async-nats parses every header into its `HeaderMap`, 40% of the consumer's
@@ -523,14 +531,7 @@ fn read_nats_raw(
         match reader.read_until(b'\n', &mut line) {
             Ok(0) => break,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                break
-            }
+            Err(e) if timed_out(&e) => break,
             Err(e) => return Err(e.into()),
         }
         let text = std::str::from_utf8(&line)?.trim_end();
@@ -556,14 +557,7 @@ fn read_nats_raw(
                 match reader.read_exact(&mut body) {
                     Ok(()) => {}
                     // Idle in the middle of a message: report what was counted.
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        break
-                    }
+                    Err(e) if timed_out(&e) => break,
                     Err(e) => return Err(e.into()),
                 }
                 if !body.ends_with(b"\r\n") {
