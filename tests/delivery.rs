@@ -70,6 +70,31 @@ shutdown_timeout: 5s
     Config::from_yaml(&yaml, &|_| None, false).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
+/// A core subscription to `subject`, registered with the server before this returns.
+async fn subscribed(nats: &NatsServer, subject: &str) -> async_nats::Subscriber {
+    let reader = nats.client().await;
+    let subscription = timeout(WAIT, reader.subscribe(subject.to_owned()))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    subscription
+}
+
+/// The `n` of the next `count` messages of `subscription`, in arrival order.
+async fn next_numbered(subscription: &mut async_nats::Subscriber, count: usize) -> Vec<u64> {
+    let mut numbers = Vec::with_capacity(count);
+    while numbers.len() < count {
+        let message = timeout(WAIT, subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} published", numbers.len()))
+            .unwrap();
+        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        numbers.push(data["n"].as_u64().unwrap());
+    }
+    numbers
+}
+
 /// The number under `key` in each message's data, in the order `stream` stored them.
 async fn stored_numbers(nats: &NatsServer, stream: &str, key: &str) -> Vec<u64> {
     let js = async_nats::jetstream::new(nats.client().await);
@@ -674,25 +699,12 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     // Both destinations come up; the next start delivers everything that was read.
     let receiver = Receiver::start_on(down_port, support::scripted(vec![])).await;
     let nats = NatsServer::start_on(nats_port).await;
-    let reader = nats.client().await;
-    let mut subscription = timeout(WAIT, reader.subscribe("late.>"))
-        .await
-        .unwrap()
-        .unwrap();
-    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    let mut subscription = subscribed(&nats, "late.>").await;
     let bridge = Bridge::start(yaml(&mock.url(), &dir.path().join("spool"), &sinks))
         .await
         .unwrap();
     let posted = receiver.wait_for(TOTAL, WAIT).await;
-    let mut published = Vec::new();
-    while published.len() < TOTAL {
-        let message = timeout(WAIT, subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {TOTAL} published", published.len()))
-            .unwrap();
-        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        published.push(data["n"].as_u64().unwrap());
-    }
+    let mut published = next_numbered(&mut subscription, TOTAL).await;
     timeout(WAIT, bridge.shutdown()).await.unwrap();
     mock.stop().await;
     let mut posted: Vec<u64> = posted
@@ -733,24 +745,11 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
     assert!(!report.drained, "nothing could be delivered");
 
     let nats = NatsServer::start_on(nats_port).await;
-    let reader = nats.client().await;
-    let mut subscription = timeout(WAIT, reader.subscribe("drain.>"))
-        .await
-        .unwrap()
-        .unwrap();
-    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    let mut subscription = subscribed(&nats, "drain.>").await;
     let bridge = Bridge::start(yaml(&mock.url(), &spool, &sinks))
         .await
         .unwrap();
-    let mut published = Vec::with_capacity(TOTAL);
-    while published.len() < TOTAL {
-        let message = timeout(WAIT, subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {TOTAL} published", published.len()))
-            .unwrap();
-        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        published.push(data["n"].as_u64().unwrap());
-    }
+    let published = next_numbered(&mut subscription, TOTAL).await;
     assert_eq!(
         published,
         (0..TOTAL as u64).collect::<Vec<_>>(),
