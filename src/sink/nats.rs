@@ -409,9 +409,9 @@ impl NatsSink {
                 .ack_timeout(settings.timeout)
                 // With this many acks outstanding async-nats refuses a publish (MaxAckPending,
                 // retried). The delivery loop keeps up to MAX_UNCONFIRMED + MAX_BATCH - 1 events
-                // unconfirmed and polls acks only at the head of its queue: the limit must be
-                // above that, or publishes fail (and with backpressure on, would wait for acks
-                // nobody polls).
+                // unconfirmed and polls a batch's acks once at hand-over, then only at the head
+                // of its queue: the limit must be above that, or publishes fail (and with
+                // backpressure on, would wait for acks nobody polls).
                 .max_ack_inflight(crate::delivery::MAX_UNCONFIRMED + crate::pipeline::MAX_BATCH)
                 .build(client.clone())
         });
