@@ -316,35 +316,8 @@ async fn consumer_role(args: Args) -> Result<()> {
                     read_nats_raw(&addr, "bench.>", &mut tally, idle, limit)
                 })
                 .await??;
-                println!("{}", tally.lock().unwrap().report());
-                std::io::stdout().flush()?;
-                return Ok(());
-            }
-            let mut sub = client.subscribe("bench.>").await?;
-            client.flush().await?;
-            println!("READY");
-            loop {
-                let wait = if tally.lock().unwrap().first.is_some() {
-                    idle
-                } else {
-                    limit
-                };
-                tokio::select! {
-                    m = sub.next() => match m {
-                        Some(m) => {
-                            let mut t = tally.lock().unwrap();
-                            t.record(&m.payload);
-                            // Whatever else is ready, without two timers per message.
-                            while let Some(Some(m)) = sub.next().now_or_never() {
-                                t.record(&m.payload);
-                            }
-                            if t.done() { break; }
-                        }
-                        None => break,
-                    },
-                    _ = tokio::time::sleep(wait) => break,
-                    _ = tokio::time::sleep_until(deadline) => break,
-                }
+            } else {
+                read_nats_client(&client, &tally, idle, limit, deadline).await?;
             }
         }
         "kafka" => {
@@ -468,6 +441,43 @@ async fn consumer_role(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Counts the messages on `bench.>` with an async-nats subscription (`BENCH_NATS_CONSUMER=client`).
+async fn read_nats_client(
+    client: &async_nats::Client,
+    tally: &Mutex<Tally>,
+    idle: Duration,
+    limit: Duration,
+    deadline: tokio::time::Instant,
+) -> Result<()> {
+    let mut sub = client.subscribe("bench.>").await?;
+    client.flush().await?;
+    println!("READY");
+    loop {
+        let wait = if tally.lock().unwrap().first.is_some() {
+            idle
+        } else {
+            limit
+        };
+        tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => {
+                    let mut t = tally.lock().unwrap();
+                    t.record(&m.payload);
+                    // Whatever else is ready, without two timers per message.
+                    while let Some(Some(m)) = sub.next().now_or_never() {
+                        t.record(&m.payload);
+                    }
+                    if t.done() { break; }
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep(wait) => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    Ok(())
+}
+
 /// `BENCH_NATS_CONSUMER`: how the consumer reads NATS. `raw` (the default) reads the protocol
 /// itself ([`read_nats_raw`]); `client` subscribes with async-nats.
 fn nats_consumer_reads_raw() -> bool {
@@ -535,8 +545,7 @@ fn read_nats_raw(
             Err(e) => return Err(e.into()),
         }
         let text = std::str::from_utf8(&line)?.trim_end();
-        let mut words = text.split(' ');
-        match words.next() {
+        match text.split(' ').next() {
             // MSG <subject> <sid> [reply] <bytes>; HMSG <subject> <sid> [reply] <header bytes> <total bytes>
             Some(op @ ("MSG" | "HMSG")) => {
                 let numbers: Vec<usize> = text

@@ -196,13 +196,9 @@ impl SinkLoop {
                 // are read while these are decoded and sent (on 2 cores a read's round trip
                 // through the blocking pool was a fifth of a backlog drain's loop), carrying the
                 // commit that is due by then.
+                // The commit is counted (`committed_to`) when the read comes back, above.
                 if records.len() == MAX_BATCH && !self.reader.get().caught_up() {
-                    let upto = finished.take();
-                    if let Some(upto) = upto {
-                        committed_to = committed_to.max(upto);
-                        last_commit = Instant::now();
-                    }
-                    self.reader.read_ahead(upto);
+                    self.reader.read_ahead(finished.take());
                 }
                 let next = taken.or_else(|| {
                     let last_seq = records.last()?.0;
