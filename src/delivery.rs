@@ -38,9 +38,12 @@ use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::event::{Event, JsonText};
 use crate::pipeline::{Appended, PipelineStats, RecordBatch, MAX_BATCH};
 use crate::redact::Redaction;
-use crate::sink::{Outcome, Sink};
+use crate::sink::{Outcome, Sink, SinkError};
 use crate::spool::{SinkMask, Spool, SpoolError, SpoolReader};
 use crate::status::{SinkReporter, SinkState};
+
+/// The dead-letter error of an event whose delivery panicked.
+const PANICKED: &str = "the bridge panicked while delivering this batch";
 
 /// Everything one sink's loop needs.
 pub struct SinkLoop {
@@ -293,7 +296,9 @@ impl SinkLoop {
                 continue;
             }
             // Something failed: let every later batch answer first, so that retries go in
-            // spool order, then settle them one by one.
+            // spool order, then settle them together. One batch to settle, not one per batch
+            // sent: when a destination goes away, thousands of small batches can be unconfirmed,
+            // and each would wait out a backoff of its own after it came back.
             let mut answered = vec![(batch, answer)];
             while let Some(mut later) = unconfirmed.pop_front() {
                 let answer = tokio::select! {
@@ -303,16 +308,29 @@ impl SinkLoop {
                 answered.push((later, answer));
             }
             unconfirmed_events = 0;
+            let mut events = Vec::new();
+            let mut first_pass = Vec::new();
+            let mut last_seq = None;
             for (batch, answer) in answered {
-                let settled = match answer {
-                    Ok(outcomes) => self.settle(batch.events, Some(outcomes)).await,
-                    Err(_) => self.bury_panicked(batch.events).await,
-                };
-                if !settled {
-                    break 'run false;
-                }
-                finished = Some(batch.last_seq);
+                let count = batch.events.len();
+                let mut outcomes = answer.unwrap_or_else(|_| {
+                    error!(sink = %self.name, events = count, "delivery panicked; the batch goes to the dead letters");
+                    (0..count)
+                        .map(|_| Outcome::Permanent(SinkError::new(PANICKED)))
+                        .collect()
+                });
+                // Lined up with its own events, whatever the sink answered.
+                outcomes.resize_with(count, || {
+                    Outcome::Retryable(SinkError::new("the sink gave no outcome"))
+                });
+                events.extend(batch.events);
+                first_pass.extend(outcomes);
+                last_seq = Some(batch.last_seq);
             }
+            if !self.settle(events, Some(first_pass)).await {
+                break 'run false;
+            }
+            finished = last_seq;
             held_back = false;
         };
         // Everything read was settled: the position is safe to commit (as in the idle branch),
@@ -421,7 +439,7 @@ impl SinkLoop {
             .iter()
             .map(|event| DeadLetter {
                 event: Event::clone(event),
-                error: "the bridge panicked while delivering this batch".into(),
+                error: PANICKED.into(),
                 attempts: 1,
                 first_attempt: now,
                 last_attempt: now,
@@ -470,8 +488,11 @@ impl SinkLoop {
             .collect();
         let mut backoff = Backoff::new(self.retry.initial, self.retry.max);
         // After a failure, retries go one event per conversation at a time whatever the sink:
-        // the first pass cannot be undone, but nothing gets further out of order.
-        let mut keeps_order = self.sink.preserves_key_order();
+        // the first pass cannot be undone, but nothing gets further out of order. Until a wave
+        // is delivered whole (`next_wave_mode`): one event per round trip would hold a busy
+        // conversation's backlog to a few hundred events a second.
+        let preserves_order = self.sink.preserves_key_order();
+        let mut keeps_order = preserves_order;
         loop {
             let mut retry_after = Duration::ZERO;
             let mut dead = Vec::new();
@@ -498,6 +519,7 @@ impl SinkLoop {
                     },
                 };
                 let mut progressed = false;
+                let mut whole = outcomes.len() == wave.len();
                 for (&i, outcome) in wave.iter().zip(outcomes) {
                     let a = &mut attempts[i];
                     a.attempts += 1;
@@ -511,11 +533,13 @@ impl SinkLoop {
                             self.status.delivered(1);
                         }
                         Outcome::Permanent(e) => {
+                            whole = false;
                             a.done = true;
                             progressed = true;
                             dead.push(dead_letter(a, e.message, now));
                         }
                         Outcome::Retryable(e) => {
+                            whole = false;
                             retry_after = retry_after.max(e.retry_after.unwrap_or_default());
                             let expired = now
                                 .duration_since(a.first_attempt.expect("set above"))
@@ -534,10 +558,9 @@ impl SinkLoop {
                         }
                     }
                 }
-                // An order-keeping sink got everything at once; an unordered one gets the next
-                // wave only while this one made progress (failures hold their conversation).
-                if keeps_order || !progressed {
-                    break;
+                match next_wave_mode(keeps_order, progressed, whole, preserves_order) {
+                    Some(all_at_once) => keeps_order = all_at_once,
+                    None => break,
                 }
             }
             if !dead.is_empty() && !self.bury(dead).await {
@@ -554,7 +577,7 @@ impl SinkLoop {
                 .find_map(|a| a.last_error.clone())
                 .unwrap_or_default();
             warn!(sink = %self.name, events = waiting, retry_in = ?delay, %error, "delivery failed; will retry");
-            self.status.fail(SinkState::Retrying, error);
+            self.status.retrying(error);
             tokio::select! {
                 _ = self.give_up.cancelled() => return false,
                 _ = sleep(delay) => {}
@@ -743,6 +766,23 @@ fn dead_letter(a: &Attempt, error: String, now: SystemTime) -> DeadLetter {
     }
 }
 
+/// What follows a wave within a pass: `None` ends the pass; `Some(all_at_once)` sends the next
+/// wave, everything untried at once or one event per conversation. A wave of everything untried
+/// ends the pass. Otherwise the next wave comes only while this one made progress (failures hold
+/// their conversation), and all the rest at once when this one was delivered whole to a sink that
+/// keeps order itself: the destination is back.
+fn next_wave_mode(
+    was_all_at_once: bool,
+    progressed: bool,
+    whole: bool,
+    preserves_order: bool,
+) -> Option<bool> {
+    if was_all_at_once || !progressed {
+        return None;
+    }
+    Some(preserves_order && whole)
+}
+
 /// The events to send next in this pass: every untried one when the sink keeps order itself;
 /// otherwise the first unfinished event of each conversation if it was not tried yet (and every
 /// untried event without a conversation).
@@ -781,6 +821,19 @@ mod tests {
             done,
             tried: false,
         }
+    }
+
+    #[test]
+    fn a_retry_pass_goes_all_at_once_once_a_wave_is_delivered_whole() {
+        // Everything untried was sent: the pass is over, whatever came back.
+        assert_eq!(next_wave_mode(true, true, true, true), None);
+        // Nothing moved: the destination is still failing; wait for the next pass.
+        assert_eq!(next_wave_mode(false, false, false, true), None);
+        // An order-keeping sink took a whole wave: the rest at once.
+        assert_eq!(next_wave_mode(false, true, true, true), Some(true));
+        // Some of the wave failed, or the sink sends concurrently: one per conversation.
+        assert_eq!(next_wave_mode(false, true, false, true), Some(false));
+        assert_eq!(next_wave_mode(false, true, true, false), Some(false));
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub struct SinkStatus {
     pub last_error: Option<String>,
     pub delivered: u64,
     pub dead_lettered: u64,
+    /// Waits before a retry: how often deliveries failed and were tried again, so that an
+    /// outage shows as it happens, not only once events reach the dead letters.
+    pub retries: u64,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,7 @@ struct SinkCell {
     phase: Phase<SinkState>,
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// What a sink loop uses to report.
@@ -151,8 +155,10 @@ impl SinkReporter {
         self.update(state, None);
     }
 
-    pub fn fail(&self, state: SinkState, error: impl Into<String>) {
-        self.update(state, Some(error.into()));
+    /// A delivery failed and waits for its next attempt.
+    pub fn retrying(&self, error: impl Into<String>) {
+        self.cell.retries.fetch_add(1, Ordering::Relaxed);
+        self.update(SinkState::Retrying, Some(error.into()));
     }
 
     fn update(&self, state: SinkState, error: Option<String>) {
@@ -238,6 +244,7 @@ impl StatusBoard {
                     phase: Phase::new(SinkState::Idle),
                     delivered: AtomicU64::new(0),
                     dead_lettered: AtomicU64::new(0),
+                    retries: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -261,6 +268,7 @@ impl StatusBoard {
                     last_error,
                     delivered: cell.delivered.load(Ordering::Relaxed),
                     dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
+                    retries: cell.retries.load(Ordering::Relaxed),
                 };
                 (name.clone(), status)
             })

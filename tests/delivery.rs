@@ -679,6 +679,89 @@ async fn a_jetstream_outage_mid_stream_loses_nothing_and_stores_each_event_once(
     );
 }
 
+/// Kafka's broker goes away mid-stream for longer than librdkafka's message timeout, while
+/// events trickle in one small batch at a time: the records in flight fail in their delivery
+/// reports, the bridge retries them once the broker is back, and every event reaches the topic;
+/// none is dead-lettered. The failed batches are retried together, after one wait rather than
+/// one each (hundreds of them: the recovery took seconds per second of outage before). rdkafka's
+/// mock cluster (in this process) stands in for the broker because it can be taken down and
+/// brought back with its topics, which tansu, keeping them in memory, cannot.
+#[tokio::test]
+async fn a_kafka_outage_longer_than_the_message_timeout_loses_nothing() {
+    use rdkafka::mocking::MockCluster;
+    // 3 s of events at 200 a second: each is appended, and handed to the sink, on its own.
+    const TOTAL: u64 = 600;
+    const BROKER: i32 = 1;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("outage", 2, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockServer::start(MockConfig {
+        tokens: agent(),
+        rate: 200.0,
+        count: Some(TOTAL),
+        wait_for_subscriptions: 1,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = yaml(
+        &mock.url(),
+        &dir.path().join("spool"),
+        &format!(
+            "sinks:\n  k: {{ type: kafka, brokers: '{bootstrap}', topic: outage, retry: {{ initial: 50ms, max: 300ms }}, librdkafka: {{ message.timeout.ms: '1000', reconnect.backoff.max.ms: '200' }} }}\nroutes: [{{ name: all, to: [k] }}]\n"
+        ),
+    );
+    let bridge = Bridge::start(config).await.unwrap();
+    let stats = bridge.stats();
+    let retries = || bridge.status().sinks()["k"].retries;
+    until("the first events delivered", WAIT, || {
+        stats.delivered.load(Ordering::Relaxed) >= 50
+    })
+    .await;
+    cluster.broker_down(BROKER).unwrap();
+    // Past the message timeout: the records waiting for the broker fail in their reports.
+    until("a delivery failed", WAIT, || retries() > 0).await;
+    let delivered_before = stats.delivered.load(Ordering::Relaxed);
+    assert!(
+        delivered_before < TOTAL / 2,
+        "the outage came too late to fail anything: {delivered_before} delivered"
+    );
+    cluster.broker_up(BROKER).unwrap();
+    until("every event delivered", WAIT, || {
+        stats.delivered.load(Ordering::Relaxed) >= TOTAL
+    })
+    .await;
+    assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
+    let status = bridge.status().sinks()["k"].clone();
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+    let last_error = status.last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("timed out"),
+        "the outage did not fail a delivery the way it should: {last_error}"
+    );
+    assert!(
+        status.retries < 20,
+        "{} waits before a retry for one outage: each failed batch waited on its own",
+        status.retries
+    );
+
+    let consumer = support::kafka_consumer(&bootstrap, "outage", 2);
+    let mut stream = consumer.stream();
+    let mut seqs = BTreeSet::new();
+    while (seqs.len() as u64) < TOTAL {
+        let message = timeout(WAIT, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {TOTAL} events in the topic", seqs.len()))
+            .unwrap()
+            .expect("consume");
+        let data: serde_json::Value =
+            serde_json::from_slice(rdkafka::Message::payload(&message).unwrap()).unwrap();
+        seqs.insert(data["mock_seq"].as_u64().unwrap());
+    }
+}
+
 /// The shutdown deadline passes while a sink cannot deliver (one that settles batch by batch,
 /// and one that keeps batches unconfirmed): nothing of what was read is committed past, and the
 /// next start delivers all of it.

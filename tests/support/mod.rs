@@ -318,23 +318,32 @@ impl KafkaBroker {
 
     /// An independent consumer reading `topic`'s partitions from the beginning.
     pub fn consumer(&self, topic: &str, partitions: i32) -> rdkafka::consumer::StreamConsumer {
-        use rdkafka::consumer::Consumer;
-        use rdkafka::{Offset, TopicPartitionList};
-        let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .set("group.id", format!("test-reader-{}", free_port()))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .expect("consumer");
-        let mut list = TopicPartitionList::new();
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&list).expect("assign partitions");
-        consumer
+        kafka_consumer(&self.bootstrap(), topic, partitions)
     }
+}
+
+/// An independent consumer reading `topic`'s partitions at `bootstrap` from the beginning.
+pub fn kafka_consumer(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("test-reader-{}", free_port()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).expect("assign partitions");
+    consumer
 }
 
 /// The tansu command line for one in-memory broker on `listener`.
