@@ -487,22 +487,22 @@ impl SinkLoop {
             })
             .collect();
         let mut backoff = Backoff::new(self.retry.initial, self.retry.max);
-        // After a failure, retries go one event per conversation at a time whatever the sink:
-        // the first pass cannot be undone, but nothing gets further out of order. Until a wave
-        // is delivered whole (`next_wave_mode`): one event per round trip would hold a busy
-        // conversation's backlog to a few hundred events a second.
+        // An order-keeping sink gets the first pass all at once. After a failure, a retry pass
+        // goes one event per conversation per wave whatever the sink (the first pass cannot be
+        // undone, but nothing gets further out of order), until a wave is delivered whole
+        // (`next_wave_mode`): one event per round trip would hold a busy conversation's backlog
+        // to a few hundred events a second.
         let preserves_order = self.sink.preserves_key_order();
-        let mut keeps_order = preserves_order;
+        let mut all_at_once = preserves_order;
         loop {
             let mut retry_after = Duration::ZERO;
             let mut dead = Vec::new();
             for a in &mut attempts {
                 a.tried = false;
             }
-            // Rounds within one pass: the sink's own order suffices, or one event per
-            // conversation per wave.
+            // Waves within one pass.
             loop {
-                let wave = next_wave(&attempts, keeps_order);
+                let wave = next_wave(&attempts, all_at_once);
                 if wave.is_empty() {
                     break;
                 }
@@ -513,8 +513,14 @@ impl SinkLoop {
                     // Only an order-keeping sink is pipelined, and its first wave is the whole
                     // batch; an event the sink gave no outcome for stays untried and is retried.
                     Some(outcomes) => outcomes,
+                    // A panic in the sink costs this wave, not the whole (merged) batch.
                     None => tokio::select! {
-                        outcomes = self.sink.deliver(&batch) => outcomes,
+                        outcomes = AssertUnwindSafe(self.sink.deliver(&batch)).catch_unwind() => {
+                            outcomes.unwrap_or_else(|_| {
+                                error!(sink = %self.name, events = batch.len(), "delivery panicked; these events go to the dead letters");
+                                batch.iter().map(|_| Outcome::Permanent(SinkError::new(PANICKED))).collect()
+                            })
+                        }
                         _ = self.give_up.cancelled() => return false,
                     },
                 };
@@ -558,8 +564,8 @@ impl SinkLoop {
                         }
                     }
                 }
-                match next_wave_mode(keeps_order, progressed, whole, preserves_order) {
-                    Some(all_at_once) => keeps_order = all_at_once,
+                match next_wave_mode(all_at_once, progressed, whole, preserves_order) {
+                    Some(next) => all_at_once = next,
                     None => break,
                 }
             }
@@ -570,10 +576,11 @@ impl SinkLoop {
             if waiting == 0 {
                 return true;
             }
-            keeps_order = false;
+            all_at_once = false;
             let delay = backoff.next_delay().max(retry_after);
             let error = attempts
                 .iter()
+                .filter(|a| !a.done)
                 .find_map(|a| a.last_error.clone())
                 .unwrap_or_default();
             warn!(sink = %self.name, events = waiting, retry_in = ?delay, %error, "delivery failed; will retry");
@@ -783,20 +790,27 @@ fn next_wave_mode(
     Some(preserves_order && whole)
 }
 
-/// The events to send next in this pass: every untried one when the sink keeps order itself;
-/// otherwise the first unfinished event of each conversation if it was not tried yet (and every
-/// untried event without a conversation).
-fn next_wave(attempts: &[Attempt], keeps_order: bool) -> Vec<usize> {
+/// The events to send next in this pass: every untried event without a conversation, and of
+/// each conversation whose unfinished events were not tried yet in this pass, all of them
+/// (`all_at_once`) or the first. A conversation with an event tried and not finished in this
+/// pass is held: its later events wait until that one gets through, in the next pass.
+fn next_wave(attempts: &[Attempt], all_at_once: bool) -> Vec<usize> {
     let mut wave = Vec::new();
+    let mut held: HashSet<(u64, u64)> = HashSet::new();
     let mut claimed: HashSet<(u64, u64)> = HashSet::new();
     for (i, a) in attempts.iter().enumerate() {
         if a.done {
             continue;
         }
-        let first_of_conversation =
-            keeps_order || a.order_key.is_none_or(|key| claimed.insert(key));
-        if first_of_conversation && !a.tried {
-            wave.push(i);
+        match a.order_key {
+            None if !a.tried => wave.push(i),
+            None => {}
+            Some(key) if held.contains(&key) => {}
+            Some(key) if a.tried => {
+                held.insert(key);
+            }
+            Some(key) if all_at_once || claimed.insert(key) => wave.push(i),
+            Some(_) => {}
         }
     }
     wave
@@ -857,5 +871,22 @@ mod tests {
         batch[3].tried = true;
         assert_eq!(next_wave(&batch, false), vec![4, 5]);
         assert_eq!(next_wave(&batch, true), vec![4, 5]);
+    }
+
+    #[test]
+    fn all_at_once_still_holds_a_conversation_behind_its_failed_event() {
+        // X1 failed in this pass; Y1 and Y2 went through one at a time, so the rest goes at
+        // once: but X2 must not overtake X1.
+        let mut batch = vec![
+            attempt(Some(1), false),
+            attempt(Some(2), true),
+            attempt(Some(2), true),
+            attempt(Some(1), false),
+            attempt(Some(3), false),
+            attempt(Some(3), false),
+        ];
+        batch[0].tried = true;
+        assert_eq!(next_wave(&batch, true), vec![4, 5]);
+        assert_eq!(next_wave(&batch, false), vec![4]);
     }
 }
