@@ -5,10 +5,12 @@
 //! structured form (readable by `jq`, and enough to rebuild the event). `dlq replay` renames the
 //! file to `<sink>.replay-<n>.jsonl`; the running daemon (or the next one to start) picks such
 //! files up, puts their events back into the spool for that sink, and deletes them. Renames are
-//! atomic, so a dead letter is always in exactly one place.
+//! atomic, so a dead letter is always in exactly one place. Files are read a line at a time, so
+//! memory does not grow with them; a replay that stops half way (a full spool, a restart) records
+//! where it got to and goes on from there.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -153,9 +155,17 @@ impl DeadLetters {
         file.sync_data().map_err(|e| io_error("fsync", e))
     }
 
-    /// The dead letters of `sink`, oldest first.
+    /// The dead letters of `sink`, oldest first. Collects them all: for tests and small files;
+    /// [`DeadLetters::each`] reads one at a time.
     pub fn list(&self, sink: &str) -> Result<Vec<DeadLetter>, DeadLetterError> {
-        read_file(&self.file(sink))
+        let mut letters = Vec::new();
+        self.each(sink, |letter| letters.push(letter))?;
+        Ok(letters)
+    }
+
+    /// Calls `f` with each dead letter of `sink`, oldest first; returns how many there were.
+    pub fn each(&self, sink: &str, f: impl FnMut(DeadLetter)) -> Result<usize, DeadLetterError> {
+        LetterReader::open(&self.file(sink), ReplayPosition::START)?.for_each(f)
     }
 
     /// Deletes the dead letters of `sink`; returns how many there were.
@@ -165,7 +175,7 @@ impl DeadLetters {
 
     fn purge_unlocked(&self, sink: &str) -> Result<usize, DeadLetterError> {
         let path = self.file(sink);
-        let count = read_file(&path)?.len();
+        let count = LetterReader::open(&path, ReplayPosition::START)?.for_each(drop)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(count),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
@@ -184,15 +194,24 @@ impl DeadLetters {
 
     fn queue_replay_unlocked(&self, sink: &str) -> Result<usize, DeadLetterError> {
         let path = self.file(sink);
-        let count = read_file(&path)?.len();
+        // Every line is read first: a damaged file is reported, not queued.
+        let count = LetterReader::open(&path, ReplayPosition::START)?.for_each(drop)?;
         if count == 0 {
             return Ok(0);
         }
-        let stamp = SystemTime::now()
+        let mut stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let target = self.dir.join(format!("{sink}.replay-{stamp}.jsonl"));
+        // A rename onto a waiting replay (a clock stepped back) would drop its letters; a
+        // progress file of an old replay of the same name would skip some of these.
+        let target = loop {
+            let target = self.dir.join(format!("{sink}.replay-{stamp}.jsonl"));
+            if !target.exists() && !progress_file(&target).exists() {
+                break target;
+            }
+            stamp += 1;
+        };
         fs::rename(&path, &target).map_err(|source| DeadLetterError::Io {
             action: "rename",
             path,
@@ -211,79 +230,253 @@ impl DeadLetters {
         let mut replays = Vec::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some((sink, _)) = name.split_once(".replay-") {
+            if let Some(sink) = replay_sink(&name) {
                 replays.push((sink.to_owned(), entry.path()));
+                continue;
+            }
+            let progress_of = name
+                .strip_suffix(PROGRESS_SUFFIX)
+                .or_else(|| name.strip_suffix(PROGRESS_TEMPORARY_SUFFIX));
+            if let Some(replay) = progress_of.filter(|replay| replay_sink(replay).is_some()) {
+                // Left behind when a replay ended between deleting its file and this one.
+                if !self.dir.join(replay).exists() {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
         replays.sort_by(|a, b| a.1.cmp(&b.1));
         Ok(replays)
     }
 
-    /// The events of a replay file.
-    pub fn read_replay(&self, path: &Path) -> Result<Vec<Event>, DeadLetterError> {
-        Ok(read_file(path)?.into_iter().map(|l| l.event).collect())
+    /// Reads a replay file from where an earlier replay of it stopped (its start the first time).
+    pub fn resume_replay(&self, path: &Path) -> Result<LetterReader, DeadLetterError> {
+        let progress = progress_file(path);
+        let from = match fs::read_to_string(&progress) {
+            Ok(text) => ReplayPosition::parse(&text).ok_or_else(|| DeadLetterError::Corrupt {
+                path: progress.clone(),
+                line: 1,
+                reason: format!("expected `<byte offset> <line>`, found {text:?}"),
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => ReplayPosition::START,
+            Err(source) => {
+                return Err(DeadLetterError::Io {
+                    action: "read",
+                    path: progress,
+                    source,
+                })
+            }
+        };
+        LetterReader::open(path, from)
     }
 
-    /// Removes a replay file once its events are back in the spool.
+    /// Records that the letters of a replay file before `upto` are back in the spool, so that a
+    /// replay stopped after this goes on from there. Written to a temporary file, fsynced and
+    /// renamed: a crash leaves the old position or the new one, and at worst letters after the
+    /// old one are put back twice, never skipped.
+    pub fn replay_done_upto(
+        &self,
+        path: &Path,
+        upto: ReplayPosition,
+    ) -> Result<(), DeadLetterError> {
+        let progress = progress_file(path);
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(PROGRESS_TEMPORARY_SUFFIX);
+        let temporary = PathBuf::from(temporary);
+        let io_error = |action, path: &Path, source| DeadLetterError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::create(&temporary).map_err(|e| io_error("create", &temporary, e))?;
+        file.write_all(format!("{} {}\n", upto.offset, upto.line).as_bytes())
+            .and_then(|()| file.sync_data())
+            .map_err(|e| io_error("write", &temporary, e))?;
+        fs::rename(&temporary, &progress).map_err(|e| io_error("rename", &progress, e))
+    }
+
+    /// Removes a replay file once its events are back in the spool, then its progress.
     pub fn finish_replay(&self, path: &Path) -> Result<(), DeadLetterError> {
         fs::remove_file(path).map_err(|source| DeadLetterError::Io {
             action: "delete",
             path: path.to_owned(),
             source,
+        })?;
+        match fs::remove_file(progress_file(path)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                // Harmless: `pending_replays` removes it once the file it belongs to is gone.
+                tracing::warn!(file = %path.display(), error = %e, "cannot delete a replay's progress file");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// After a replay file's name, the file that says how far its replay got.
+const PROGRESS_SUFFIX: &str = ".progress";
+
+/// After a replay file's name, the next progress while it is written.
+const PROGRESS_TEMPORARY_SUFFIX: &str = ".progress-new";
+
+/// The sink of a replay file's name, `<sink>.replay-<stamp>.jsonl`; `None` for other files,
+/// including a sink's own dead letters when its name has `.replay-` in it.
+fn replay_sink(name: &str) -> Option<&str> {
+    let (sink, stamp) = name.strip_suffix(".jsonl")?.rsplit_once(".replay-")?;
+    (!sink.is_empty() && !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(sink)
+}
+
+fn progress_file(replay: &Path) -> PathBuf {
+    let mut name = replay.as_os_str().to_owned();
+    name.push(PROGRESS_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// A place in a dead-letter file: just past a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayPosition {
+    /// Where the next line starts, in bytes.
+    offset: u64,
+    /// How many lines come before it: errors name lines, however far into a file a replay
+    /// resumed.
+    line: usize,
+}
+
+impl ReplayPosition {
+    const START: ReplayPosition = ReplayPosition { offset: 0, line: 0 };
+
+    fn parse(text: &str) -> Option<ReplayPosition> {
+        let (offset, line) = text.trim().split_once(' ')?;
+        Some(ReplayPosition {
+            offset: offset.parse().ok()?,
+            line: line.parse().ok()?,
         })
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<DeadLetter>, DeadLetterError> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(DeadLetterError::Io {
-                action: "open",
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    let mut letters = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| DeadLetterError::Io {
-            action: "read",
+/// Reads a dead-letter file one line at a time from a position: memory holds one line however
+/// many the file has.
+pub struct LetterReader {
+    /// For errors.
+    path: PathBuf,
+    /// `None` when the file does not exist: no letters.
+    lines: Option<BufReader<File>>,
+    /// Just past the last line read.
+    position: ReplayPosition,
+    /// The line being read, reused.
+    buffer: String,
+}
+
+impl LetterReader {
+    fn open(path: &Path, from: ReplayPosition) -> Result<LetterReader, DeadLetterError> {
+        let io_error = |action, source| DeadLetterError::Io {
+            action,
             path: path.to_owned(),
             source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let corrupt = |reason: String| DeadLetterError::Corrupt {
-            path: path.to_owned(),
-            line: i + 1,
-            reason,
         };
-        let stored: Line = serde_json::from_str(&line).map_err(|e| corrupt(e.to_string()))?;
-        let event: StoredEvent =
-            serde_json::from_str(stored.event.get()).map_err(|e| corrupt(e.to_string()))?;
-        let time =
-            |t: &str| humantime::parse_rfc3339(t).map_err(|e| corrupt(format!("time `{t}`: {e}")));
-        let id = u128::from_str_radix(event.id, 16).map_err(|e| corrupt(format!("id: {e}")))?;
-        let mut rebuilt = Event::new(
-            event.chatwootevent,
-            JsonText::from_raw(event.data),
-            Arc::from(event.chatwoottoken),
-            Arc::from(event.source),
-            time(event.time)?,
-        );
-        rebuilt.id = EventId(id);
-        letters.push(DeadLetter {
-            event: rebuilt,
-            error: stored.error.to_owned(),
-            attempts: stored.attempts,
-            first_attempt: time(&stored.first_attempt)?,
-            last_attempt: time(&stored.last_attempt)?,
-        });
+        let lines = match File::open(path) {
+            Ok(mut file) => {
+                if from.offset > 0 {
+                    // A position from another file, or from before the file was rewritten,
+                    // would skip letters: it must be just past a line of this one.
+                    let mut before = [0u8; 1];
+                    file.seek(SeekFrom::Start(from.offset - 1))
+                        .and_then(|_| file.read_exact(&mut before))
+                        .ok()
+                        .filter(|()| before == *b"\n")
+                        .ok_or_else(|| DeadLetterError::Corrupt {
+                            path: path.to_owned(),
+                            line: from.line,
+                            reason: format!(
+                                "a replay recorded as done up to byte {}, which does not end a line of this file",
+                                from.offset
+                            ),
+                        })?;
+                }
+                file.seek(SeekFrom::Start(from.offset))
+                    .map_err(|e| io_error("seek", e))?;
+                Some(BufReader::new(file))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_error("open", e)),
+        };
+        Ok(LetterReader {
+            path: path.to_owned(),
+            lines,
+            position: from,
+            buffer: String::new(),
+        })
     }
-    Ok(letters)
+
+    /// Just past the last letter read.
+    pub fn position(&self) -> ReplayPosition {
+        self.position
+    }
+
+    /// The next letter, or `None` at the end of the file.
+    pub fn next_letter(&mut self) -> Result<Option<DeadLetter>, DeadLetterError> {
+        let Some(lines) = &mut self.lines else {
+            return Ok(None);
+        };
+        loop {
+            self.buffer.clear();
+            let read = lines
+                .read_line(&mut self.buffer)
+                .map_err(|source| DeadLetterError::Io {
+                    action: "read",
+                    path: self.path.clone(),
+                    source,
+                })?;
+            if read == 0 {
+                return Ok(None);
+            }
+            self.position.offset += read as u64;
+            self.position.line += 1;
+            if !self.buffer.trim().is_empty() {
+                return parse_line(&self.path, self.position.line, &self.buffer).map(Some);
+            }
+        }
+    }
+
+    /// Calls `f` with every letter left; returns how many.
+    fn for_each(mut self, mut f: impl FnMut(DeadLetter)) -> Result<usize, DeadLetterError> {
+        let mut count = 0;
+        while let Some(letter) = self.next_letter()? {
+            f(letter);
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+/// Line number `line` of `path` (named in errors) back to a dead letter.
+fn parse_line(path: &Path, line: usize, text: &str) -> Result<DeadLetter, DeadLetterError> {
+    let corrupt = |reason: String| DeadLetterError::Corrupt {
+        path: path.to_owned(),
+        line,
+        reason,
+    };
+    let stored: Line = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    let event: StoredEvent =
+        serde_json::from_str(stored.event.get()).map_err(|e| corrupt(e.to_string()))?;
+    let time =
+        |t: &str| humantime::parse_rfc3339(t).map_err(|e| corrupt(format!("time `{t}`: {e}")));
+    let id = u128::from_str_radix(event.id, 16).map_err(|e| corrupt(format!("id: {e}")))?;
+    let mut rebuilt = Event::new(
+        event.chatwootevent,
+        JsonText::from_raw(event.data),
+        Arc::from(event.chatwoottoken),
+        Arc::from(event.source),
+        time(event.time)?,
+    );
+    rebuilt.id = EventId(id);
+    Ok(DeadLetter {
+        event: rebuilt,
+        error: stored.error.to_owned(),
+        attempts: stored.attempts,
+        first_attempt: time(&stored.first_attempt)?,
+        last_attempt: time(&stored.last_attempt)?,
+    })
 }
 
 #[cfg(test)]
@@ -327,8 +520,12 @@ mod tests {
         let replays = store.pending_replays().unwrap();
         assert_eq!(replays.len(), 1);
         assert_eq!(replays[0].0, "hook");
-        let events = store.read_replay(&replays[0].1).unwrap();
-        assert_eq!(events.len(), 3);
+        let mut replay = store.resume_replay(&replays[0].1).unwrap();
+        let mut ids = Vec::new();
+        while let Some(letter) = replay.next_letter().unwrap() {
+            ids.push(letter.event.id);
+        }
+        assert_eq!(ids, [1, 2, 3].map(|n| letter(n).event.id));
         store.finish_replay(&replays[0].1).unwrap();
         assert!(store.pending_replays().unwrap().is_empty());
 
@@ -336,6 +533,116 @@ mod tests {
         assert_eq!(store.purge("hook").unwrap(), 1);
         assert!(store.list("hook").unwrap().is_empty());
         assert_eq!(store.purge("hook").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_replay_stopped_half_way_goes_on_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetters::open(dir.path()).unwrap();
+        store
+            .append("hook", &(1..=5).map(letter).collect::<Vec<_>>())
+            .unwrap();
+        store.queue_replay("hook").unwrap();
+        let (_, path) = store.pending_replays().unwrap().remove(0);
+        // Two letters back in the spool, then the spool was full (or the process stopped).
+        let mut replay = store.resume_replay(&path).unwrap();
+        replay.next_letter().unwrap().unwrap();
+        replay.next_letter().unwrap().unwrap();
+        store.replay_done_upto(&path, replay.position()).unwrap();
+        replay.next_letter().unwrap().unwrap();
+        drop(replay);
+        // The progress file is not taken for a replay of its own.
+        assert_eq!(store.pending_replays().unwrap().len(), 1);
+
+        let mut replay = store.resume_replay(&path).unwrap();
+        let mut rest = Vec::new();
+        while let Some(letter) = replay.next_letter().unwrap() {
+            rest.push(letter.attempts);
+        }
+        assert_eq!(
+            rest,
+            [3, 4, 5],
+            "the third was not recorded as done: it comes again"
+        );
+        store.finish_replay(&path).unwrap();
+        assert!(store.pending_replays().unwrap().is_empty());
+        assert_eq!(
+            fs::read_dir(dir.path().join("dead-letters"))
+                .unwrap()
+                .count(),
+            1,
+            "only the lock is left"
+        );
+    }
+
+    #[test]
+    fn a_damaged_line_is_named_after_a_resumed_replay_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetters::open(dir.path()).unwrap();
+        store.append("hook", &[letter(1), letter(2)]).unwrap();
+        let path = dir.path().join("dead-letters/hook.jsonl");
+        let mut text = fs::read_to_string(&path).unwrap();
+        text.push_str("{not json\n");
+        fs::write(&path, text).unwrap();
+        // `dlq replay` reads every line first and refuses the damaged file.
+        let err = store.queue_replay("hook").unwrap_err().to_string();
+        assert!(err.contains("hook.jsonl line 3"), "{err}");
+        // A file damaged after it was queued fails where the replay reaches it.
+        let replay = dir.path().join("dead-letters/hook.replay-1.jsonl");
+        fs::rename(&path, &replay).unwrap();
+        let mut reader = store.resume_replay(&replay).unwrap();
+        reader.next_letter().unwrap().unwrap();
+        store.replay_done_upto(&replay, reader.position()).unwrap();
+        let mut reader = store.resume_replay(&replay).unwrap();
+        reader.next_letter().unwrap().unwrap();
+        let err = reader.next_letter().unwrap_err().to_string();
+        assert!(err.contains("hook.replay-1.jsonl line 3"), "{err}");
+    }
+
+    #[test]
+    fn replay_files_are_told_by_their_whole_name() {
+        assert_eq!(replay_sink("hook.replay-123.jsonl"), Some("hook"));
+        // A sink may have `.replay-` in its name: its own file is not a replay.
+        assert_eq!(replay_sink("a.replay-b.jsonl"), None);
+        assert_eq!(replay_sink("a.replay-b.replay-5.jsonl"), Some("a.replay-b"));
+        assert_eq!(replay_sink("hook.replay-123.jsonl.progress"), None);
+        assert_eq!(replay_sink("hook.jsonl"), None);
+    }
+
+    #[test]
+    fn a_position_that_does_not_end_a_line_is_refused_and_orphans_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetters::open(dir.path()).unwrap();
+        store.append("hook", &[letter(1), letter(2)]).unwrap();
+        store.queue_replay("hook").unwrap();
+        let (_, path) = store.pending_replays().unwrap().remove(0);
+        // As if the file had been rewritten since the position was recorded.
+        store
+            .replay_done_upto(&path, ReplayPosition { offset: 7, line: 1 })
+            .unwrap();
+        let err = store.resume_replay(&path).err().unwrap().to_string();
+        assert!(err.contains("does not end a line"), "{err}");
+        store
+            .replay_done_upto(
+                &path,
+                ReplayPosition {
+                    offset: 1 << 40,
+                    line: 1,
+                },
+            )
+            .unwrap();
+        assert!(store.resume_replay(&path).is_err(), "past the end");
+
+        // The replay file goes, its progress stays behind (a crash in between): swept.
+        fs::remove_file(&path).unwrap();
+        let dead_letters = dir.path().join("dead-letters");
+        fs::write(progress_file(&path).with_extension("progress-new"), "0 0\n").unwrap();
+        assert!(store.pending_replays().unwrap().is_empty());
+        let left: Vec<String> = fs::read_dir(&dead_letters)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, [".lock"]);
     }
 
     #[test]

@@ -261,8 +261,7 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
     let store = chatwoot_bridge::dead_letter::DeadLetters::open(&config.spool.dir)?;
     match verb {
         "list" => {
-            let letters = store.list(&args.sink)?;
-            for l in &letters {
+            let count = store.each(&args.sink, |l| {
                 println!(
                     "{}  {}  attempts={}  last={}  {}",
                     l.event.id,
@@ -271,8 +270,8 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
                     humantime::format_rfc3339_seconds(l.last_attempt),
                     l.error
                 );
-            }
-            eprintln!("{} dead letters for sink {}", letters.len(), args.sink);
+            })?;
+            eprintln!("{count} dead letters for sink {}", args.sink);
         }
         "replay" => {
             let n = store.queue_replay(&args.sink)?;

@@ -12,6 +12,7 @@
 //! there instead of reading back and decoding what was just written.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -110,18 +111,25 @@ impl RecordBatch {
         self.append_then(spool, |_| {})
     }
 
+    /// Appends what fits in the spool's room left ([`Spool::append_within_room`]).
+    pub fn append_within_room(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+        spool.append_within_room(&self.as_records())
+    }
+
+    fn as_records(&self) -> Vec<(&[u8], SinkMask)> {
+        self.records
+            .iter()
+            .map(|&(start, end, mask)| (&self.buffer[start..end], mask))
+            .collect()
+    }
+
     /// [`RecordBatch::append_to`], with [`Spool::append_then`]'s `before_wake`.
     pub fn append_then(
         &self,
         spool: &Spool,
         before_wake: impl FnOnce(&AppendReport),
     ) -> Result<AppendReport, SpoolError> {
-        let batch: Vec<(&[u8], SinkMask)> = self
-            .records
-            .iter()
-            .map(|&(start, end, mask)| (&self.buffer[start..end], mask))
-            .collect();
-        spool.append_then(&batch, before_wake)
+        spool.append_then(&self.as_records(), before_wake)
     }
 }
 
@@ -302,33 +310,18 @@ pub async fn replay_dead_letters(
                 continue;
             }
             let (store, spool2, path2) = (dead_letters.clone(), spool.clone(), path.clone());
-            let replayed = tokio::task::spawn_blocking(move || -> Result<usize, String> {
-                let events = store.read_replay(&path2).map_err(|e| e.to_string())?;
-                let mask = spool2.mask(&[sink.as_str()]);
-                let mut batch = RecordBatch::default();
-                for chunk in events.chunks(MAX_BATCH) {
-                    batch.clear();
-                    for event in chunk {
-                        batch.push(event, mask);
-                    }
-                    let report = batch.append_to(&spool2).map_err(|e| e.to_string())?;
-                    if report.appended < chunk.len() {
-                        // Keep the file: it is tried again later (what was appended already may
-                        // be delivered twice then, never lost).
-                        return Err(format!(
-                            "the spool is full; {} dead letters wait in the replay file",
-                            events.len()
-                        ));
-                    }
-                }
-                store.finish_replay(&path2).map_err(|e| e.to_string())?;
-                Ok(events.len())
-            })
-            .await
-            .expect("replays do not panic");
+            let replayed =
+                tokio::task::spawn_blocking(move || replay_file(&store, &spool2, &sink, &path2))
+                    .await
+                    .expect("replays do not panic");
             match replayed {
-                Ok(n) => {
+                Ok(Replayed::All(n)) => {
                     info!(count = n, file = %path.display(), "dead letters put back into the spool")
+                }
+                Ok(Replayed::UntilFull(n)) => {
+                    info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+                    // A later file (perhaps the same sink's newer letters) must not get in first.
+                    break;
                 }
                 Err(e) => error!(error = %e, file = %path.display(), "cannot replay dead letters"),
             }
@@ -336,6 +329,62 @@ pub async fn replay_dead_letters(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = sleep(REPLAY_POLL) => {}
+        }
+    }
+}
+
+/// How far one pass over a replay file got.
+enum Replayed {
+    /// Every letter left in the file, this many, is back in the spool; the file is gone.
+    All(usize),
+    /// This many went back before the spool was full; the file waits for the next pass.
+    UntilFull(usize),
+}
+
+/// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
+/// pass stopped: a batch at a time, only into the room left (replayed letters wait in their
+/// file; they must not push out records no sink has delivered), each batch fsynced before the
+/// file records it as done, so that a crash can repeat letters but never skip one. Blocking.
+fn replay_file(
+    store: &DeadLetters,
+    spool: &Spool,
+    sink: &str,
+    path: &Path,
+) -> Result<Replayed, String> {
+    let mut letters = store.resume_replay(path).map_err(|e| e.to_string())?;
+    let mask = spool.mask(&[sink]);
+    let mut batch = RecordBatch::default();
+    let mut replayed = 0;
+    loop {
+        // Where the file continues after each letter of the batch, for a batch taken in part.
+        batch.clear();
+        let mut after = Vec::with_capacity(MAX_BATCH);
+        while after.len() < MAX_BATCH {
+            let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? else {
+                break;
+            };
+            batch.push(&letter.event, mask);
+            after.push(letters.position());
+        }
+        if after.is_empty() {
+            spool.sync().map_err(|e| e.to_string())?;
+            store.finish_replay(path).map_err(|e| e.to_string())?;
+            return Ok(Replayed::All(replayed));
+        }
+        // The first `appended` are in: the room left took no more.
+        let appended = batch
+            .append_within_room(spool)
+            .map_err(|e| e.to_string())?
+            .appended;
+        if appended > 0 {
+            spool.sync().map_err(|e| e.to_string())?;
+            store
+                .replay_done_upto(path, after[appended - 1])
+                .map_err(|e| e.to_string())?;
+            replayed += appended;
+        }
+        if appended < after.len() {
+            return Ok(Replayed::UntilFull(replayed));
         }
     }
 }

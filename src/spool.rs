@@ -915,7 +915,31 @@ impl Spool {
         records: &[(&[u8], SinkMask)],
         before_wake: impl FnOnce(&AppendReport),
     ) -> Result<AppendReport, SpoolError> {
+        self.append_with(records, false, before_wake)
+    }
+
+    /// Appends only what fits in the room left, whatever `when_full` says: for records that
+    /// are safe elsewhere until they are in (dead letters being replayed), which must neither
+    /// push out records no sink has delivered nor count as refused.
+    pub fn append_within_room(
+        &self,
+        records: &[(&[u8], SinkMask)],
+    ) -> Result<AppendReport, SpoolError> {
+        self.append_with(records, true, |_| {})
+    }
+
+    fn append_with(
+        &self,
+        records: &[(&[u8], SinkMask)],
+        within_room: bool,
+        before_wake: impl FnOnce(&AppendReport),
+    ) -> Result<AppendReport, SpoolError> {
         let config = &self.inner.config;
+        let when_full = if within_room {
+            FullPolicy::DropNewest
+        } else {
+            config.when_full
+        };
         let mut batch_bytes = 0u64;
         for (payload, _) in records {
             let size = HEADER_BYTES + payload.len() as u64;
@@ -942,7 +966,7 @@ impl Spool {
         let state = &mut *state;
         let mut accepted = records;
         if state.total_bytes + batch_bytes > config.max_bytes {
-            match config.when_full {
+            match when_full {
                 FullPolicy::DropNewest => {
                     let room = config.max_bytes.saturating_sub(state.total_bytes);
                     let mut fit = 0;
@@ -958,12 +982,15 @@ impl Spool {
                     accepted = &records[..fit];
                     batch_bytes = used;
                     report.dropped_newest = (records.len() - fit) as u64;
-                    state.dropped_newest += report.dropped_newest;
-                    warn!(
-                        refused = report.dropped_newest,
-                        max_bytes = config.max_bytes,
-                        "spool full: refusing the newest records"
-                    );
+                    // Records kept elsewhere until they are in are not lost by waiting.
+                    if !within_room {
+                        state.dropped_newest += report.dropped_newest;
+                        warn!(
+                            refused = report.dropped_newest,
+                            max_bytes = config.max_bytes,
+                            "spool full: refusing the newest records"
+                        );
+                    }
                 }
                 FullPolicy::DropOldest => {
                     // If the batch alone exceeds the cap, its oldest records go first.
@@ -2143,6 +2170,31 @@ mod tests {
             0,
             "nothing of the batch was written"
         );
+    }
+
+    #[test]
+    fn appending_within_room_pushes_nothing_out_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 10 * REC;
+        cfg.segment_bytes = 3 * REC;
+        cfg.when_full = FullPolicy::DropOldest;
+        let spool = Spool::open(cfg, &names(&["slow"])).unwrap();
+        let mask = spool.mask(&["slow"]);
+        append_one_by_one(&spool, 8, mask);
+        let payload = [7u8; 100];
+        let batch: Vec<(&[u8], SinkMask)> = (0..5).map(|_| (payload.as_slice(), mask)).collect();
+        let report = spool.append_within_room(&batch).unwrap();
+        assert_eq!(report.appended, 2, "the room left, not more");
+        assert_eq!(report.first_seq, Some(9));
+        assert_eq!((report.dropped_oldest, report.dropped_newest), (0, 3));
+        let stats = spool.stats();
+        assert_eq!(
+            (stats.dropped_oldest, stats.dropped_newest),
+            (0, 0),
+            "waiting records are not lost ones"
+        );
+        assert_eq!(stats.last_seq, 10);
     }
 
     #[test]

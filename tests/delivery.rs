@@ -311,6 +311,98 @@ routes: [{{ name: all, to: [hook] }}]
     );
 }
 
+/// A replay larger than the spool: it stops when the spool is full and goes on from there as
+/// the sink makes room, so each dead letter is delivered once and none is put back twice.
+#[tokio::test]
+async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
+    use chatwoot_bridge::dead_letter::DeadLetter;
+    use chatwoot_bridge::event::{Event, EventId};
+    // About 1,100 bytes a record: three times what the 1 MiB spool holds.
+    const LETTERS: u64 = 3_000;
+    let port = free_port();
+    let mock = agent_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let padding = "x".repeat(1_000);
+    let store = DeadLetters::open(dir.path()).unwrap();
+    let letters: Vec<DeadLetter> = (0..LETTERS)
+        .map(|n| {
+            let mut event = Event::for_test(
+                "message.created",
+                "agent",
+                &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n},"pad":"{padding}"}}"#),
+            );
+            event.id = EventId(u128::from(n) + 1);
+            DeadLetter {
+                event,
+                error: "HTTP 400 Bad Request".into(),
+                attempts: 1,
+                first_attempt: std::time::SystemTime::now(),
+                last_attempt: std::time::SystemTime::now(),
+            }
+        })
+        .collect();
+    store.append("hook", &letters).unwrap();
+    drop(letters);
+    assert_eq!(store.queue_replay("hook").unwrap(), LETTERS as usize);
+    let mut config = yaml(
+        &mock.url(),
+        dir.path(),
+        &format!(
+            "sinks:\n  hook: {{ type: http, url: 'http://127.0.0.1:{port}/in', retry: {{ initial: 50ms, max: 200ms }} }}\nroutes: [{{ name: all, to: [hook] }}]\n"
+        ),
+    );
+    config.spool.max_bytes = 1 << 20;
+    config.spool.when_full = chatwoot_bridge::config::WhenFull::DropNewest;
+    let bridge = Bridge::start(config).await.unwrap();
+    // The sink is down: the replay fills the spool and records how far it got.
+    let dead_letters = dir.path().join("dead-letters");
+    let progress_written = || {
+        std::fs::read_dir(&dead_letters)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
+    };
+    until("the replay stopped at a full spool", WAIT, progress_written).await;
+    // Several polls against the full spool. Once the sink makes room, a replay that recorded
+    // nothing would start again from its first letter: duplicates, and it would never end.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let receiver = Receiver::start_on(port, support::scripted(vec![])).await;
+    receiver.wait_for(LETTERS as usize, WAIT).await;
+    until("the replay finished", WAIT, || {
+        store.pending_replays().unwrap().is_empty()
+    })
+    .await;
+    // Anything put back twice would arrive by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    mock.stop().await;
+
+    let mut ids: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.headers["ce-id"].to_str().unwrap().to_owned())
+        .collect();
+    let received = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, LETTERS, "every dead letter delivered");
+    assert_eq!(
+        received as u64, LETTERS,
+        "each once: the replay put letters back twice"
+    );
+    assert!(
+        std::fs::read_dir(&dead_letters)
+            .unwrap()
+            .flatten()
+            .all(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                !name.contains(".replay-")
+            }),
+        "the replay file and its progress are gone"
+    );
+}
+
 fn write_config(dir: &std::path::Path, cable: &str, rest: &str) -> std::path::PathBuf {
     let path = dir.join("bridge.yaml");
     std::fs::write(
