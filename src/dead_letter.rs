@@ -499,6 +499,18 @@ mod tests {
         }
     }
 
+    /// A store whose `hook` file holds `letters`, then a line that is not a dead letter.
+    fn damaged(letters: &[DeadLetter]) -> (tempfile::TempDir, DeadLetters, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeadLetters::open(dir.path()).unwrap();
+        store.append("hook", letters).unwrap();
+        let path = dir.path().join("dead-letters/hook.jsonl");
+        let mut text = fs::read_to_string(&path).unwrap();
+        text.push_str("{not json\n");
+        fs::write(&path, text).unwrap();
+        (dir, store, path)
+    }
+
     #[test]
     fn append_list_replay_purge() {
         let dir = tempfile::tempdir().unwrap();
@@ -577,13 +589,7 @@ mod tests {
 
     #[test]
     fn a_damaged_line_is_named_after_a_resumed_replay_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DeadLetters::open(dir.path()).unwrap();
-        store.append("hook", &[letter(1), letter(2)]).unwrap();
-        let path = dir.path().join("dead-letters/hook.jsonl");
-        let mut text = fs::read_to_string(&path).unwrap();
-        text.push_str("{not json\n");
-        fs::write(&path, text).unwrap();
+        let (dir, store, path) = damaged(&[letter(1), letter(2)]);
         // `dlq replay` reads every line first and refuses the damaged file.
         let err = store.queue_replay("hook").unwrap_err().to_string();
         assert!(err.contains("hook.jsonl line 3"), "{err}");
@@ -647,13 +653,7 @@ mod tests {
 
     #[test]
     fn a_damaged_file_is_reported_with_its_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = DeadLetters::open(dir.path()).unwrap();
-        store.append("hook", &[letter(1)]).unwrap();
-        let path = dir.path().join("dead-letters/hook.jsonl");
-        let mut text = fs::read_to_string(&path).unwrap();
-        text.push_str("{not json\n");
-        fs::write(&path, text).unwrap();
+        let (_dir, store, _) = damaged(&[letter(1)]);
         let err = store.list("hook").unwrap_err().to_string();
         assert!(err.contains("hook.jsonl line 2"), "{err}");
     }

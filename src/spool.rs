@@ -2102,13 +2102,19 @@ mod tests {
         }
     }
 
+    /// A spool of ten records in segments of three, for `sinks`, with `when_full`.
+    fn small_spool(dir: &Path, sinks: &[&str], when_full: FullPolicy) -> Spool {
+        let mut cfg = config(dir);
+        cfg.max_bytes = 10 * REC;
+        cfg.segment_bytes = 3 * REC;
+        cfg.when_full = when_full;
+        Spool::open(cfg, &names(sinks)).unwrap()
+    }
+
     #[test]
     fn drop_newest_refuses_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.max_bytes = 10 * REC;
-        cfg.segment_bytes = 3 * REC;
-        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let spool = small_spool(dir.path(), &["a"], FullPolicy::DropNewest);
         let mask = spool.mask(&["a"]);
         assert_eq!(append_n(&spool, 8, mask).appended, 8);
         let report = append_n(&spool, 4, mask);
@@ -2175,11 +2181,7 @@ mod tests {
     #[test]
     fn appending_within_room_pushes_nothing_out_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.max_bytes = 10 * REC;
-        cfg.segment_bytes = 3 * REC;
-        cfg.when_full = FullPolicy::DropOldest;
-        let spool = Spool::open(cfg, &names(&["slow"])).unwrap();
+        let spool = small_spool(dir.path(), &["slow"], FullPolicy::DropOldest);
         let mask = spool.mask(&["slow"]);
         append_one_by_one(&spool, 8, mask);
         let payload = [7u8; 100];
@@ -2200,11 +2202,7 @@ mod tests {
     #[test]
     fn drop_oldest_deletes_oldest_segment_and_lagging_reader_skips() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.max_bytes = 10 * REC;
-        cfg.segment_bytes = 3 * REC;
-        cfg.when_full = FullPolicy::DropOldest;
-        let spool = Spool::open(cfg, &names(&["slow", "fast"])).unwrap();
+        let spool = small_spool(dir.path(), &["slow", "fast"], FullPolicy::DropOldest);
         let both = spool.mask(&["slow", "fast"]);
         let mut slow = spool.reader("slow").unwrap();
         let mut fast = spool.reader("fast").unwrap();
@@ -2246,11 +2244,7 @@ mod tests {
     #[test]
     fn drop_oldest_batch_larger_than_the_spool_keeps_its_newest_records() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = config(dir.path());
-        cfg.max_bytes = 10 * REC;
-        cfg.segment_bytes = 3 * REC;
-        cfg.when_full = FullPolicy::DropOldest;
-        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let spool = small_spool(dir.path(), &["a"], FullPolicy::DropOldest);
         let mask = spool.mask(&["a"]);
         append_n(&spool, 4, mask);
         let report = append_n(&spool, 12, mask);
