@@ -101,6 +101,18 @@ impl RecordBatch {
         self.records.is_empty()
     }
 
+    /// What the records take in the spool, headers included (as `max_bytes` counts them).
+    pub fn spool_bytes(&self) -> u64 {
+        self.buffer.len() as u64 + crate::spool::HEADER_BYTES * self.records.len() as u64
+    }
+
+    /// Takes the last record out again.
+    fn pop(&mut self) {
+        if let Some((start, _, _)) = self.records.pop() {
+            self.buffer.truncate(start);
+        }
+    }
+
     pub fn clear(&mut self) {
         self.buffer.clear();
         self.records.clear();
@@ -151,6 +163,9 @@ pub async fn ingest(
     let mut ids = IdAssigner::new();
     let mut received = Vec::with_capacity(MAX_BATCH);
     let mut batch = RecordBatch::default();
+    // A batch never takes more than the whole spool: under DropOldest one that did would lose
+    // its own oldest events before they were ever spooled (or counted as spooled).
+    let max_batch_bytes = spool.max_bytes();
     while events.recv_many(&mut received, MAX_BATCH).await > 0 {
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
@@ -167,6 +182,13 @@ pub async fn ingest(
             }
             let mask = SinkMask(routed.sinks.iter().fold(0, |m, t| m | sink_masks[t].0));
             batch.push(&event, mask);
+            if batch.len() > 1 && batch.spool_bytes() > max_batch_bytes {
+                batch.pop();
+                let full = (std::mem::take(&mut appended), std::mem::take(&mut masks));
+                batch = append_until_stored(&spool, batch, full, &tail, &stats).await;
+                batch.clear();
+                batch.push(&event, mask);
+            }
             appended.push(Arc::new(event));
             masks.push(mask);
         }
@@ -386,5 +408,53 @@ fn replay_file(
         if appended < after.len() {
             return Ok(Replayed::UntilFull(replayed));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::route::RouteSpec;
+    use crate::spool::{FullPolicy, SpoolConfig};
+
+    #[tokio::test]
+    async fn a_burst_larger_than_the_spool_gets_every_event_a_place_in_it() {
+        // 512 events of about 4 KB waiting at once (one `recv_many`): 2 MB for a 1 MiB spool
+        // that drops the oldest. As one batch, its own oldest events were dropped before they
+        // had a place in the spool, and `spooled` never reached the number received.
+        const EVENTS: u64 = 512;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = SpoolConfig::new(dir.path());
+        config.max_bytes = 1 << 20;
+        config.when_full = FullPolicy::DropOldest;
+        let spool = Spool::open(config, &["out".to_string()]).unwrap();
+        let route = RouteSpec {
+            name: "all".into(),
+            matches: Default::default(),
+            to: vec!["out".into()],
+            continue_matching: false,
+        };
+        let routes = RouteTable::compile(vec![route], &BTreeSet::new(), None).unwrap();
+        let (events, received) = mpsc::channel(EVENTS as usize);
+        let pad = "x".repeat(4_000);
+        for n in 0..EVENTS {
+            let data = format!(r#"{{"n":{n},"pad":"{pad}"}}"#);
+            events
+                .try_send(Event::for_test("message.created", "t", &data))
+                .unwrap();
+        }
+        drop(events);
+        let stats = Arc::new(PipelineStats::default());
+        let (tail, _) = broadcast::channel(16);
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            ingest(received, routes, spool.clone(), tail, stats.clone()),
+        )
+        .await
+        .expect("ingest ends once the senders are gone");
+        assert_eq!(stats.spooled.load(Ordering::Relaxed), EVENTS);
+        assert!(stats.spool_dropped_oldest.load(Ordering::Relaxed) > 0);
     }
 }

@@ -886,6 +886,11 @@ impl Spool {
         })
     }
 
+    /// The cap on the spool's size (`spool.max_bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.inner.config.max_bytes
+    }
+
     /// The mask of the named sinks; names not configured are ignored.
     pub fn mask(&self, sinks: &[&str]) -> SinkMask {
         let state = self.inner.lock();
