@@ -102,11 +102,12 @@ impl RecordBatch {
     }
 
     /// What the records take in the spool, headers included (as `max_bytes` counts them).
-    pub fn spool_bytes(&self) -> u64 {
+    fn spool_bytes(&self) -> u64 {
         self.buffer.len() as u64 + crate::spool::HEADER_BYTES * self.records.len() as u64
     }
 
-    /// Takes the last record out again.
+    /// Takes the last record out again: it goes into the next batch when it would take this one
+    /// past what the spool can hold.
     fn pop(&mut self) {
         if let Some((start, _, _)) = self.records.pop() {
             self.buffer.truncate(start);
@@ -124,7 +125,7 @@ impl RecordBatch {
     }
 
     /// Appends what fits in the spool's room left ([`Spool::append_within_room`]).
-    pub fn append_within_room(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+    fn append_within_room(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
         spool.append_within_room(&self.as_records())
     }
 
@@ -184,8 +185,11 @@ pub async fn ingest(
             batch.push(&event, mask);
             if batch.len() > 1 && batch.spool_bytes() > max_batch_bytes {
                 batch.pop();
-                let full = (std::mem::take(&mut appended), std::mem::take(&mut masks));
-                batch = append_until_stored(&spool, batch, full, &tail, &stats).await;
+                let offered = (
+                    std::mem::replace(&mut appended, Vec::with_capacity(MAX_BATCH)),
+                    std::mem::replace(&mut masks, Vec::with_capacity(MAX_BATCH)),
+                );
+                batch = append_until_stored(&spool, batch, offered, &tail, &stats).await;
                 batch.clear();
                 batch.push(&event, mask);
             }
@@ -210,6 +214,8 @@ async fn append_until_stored(
     tail: &Tail,
     stats: &PipelineStats,
 ) -> RecordBatch {
+    debug_assert_eq!(events.0.len(), batch.len(), "one event per record");
+    debug_assert_eq!(events.1.len(), batch.len(), "one mask per record");
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut batch = batch;
     let mut offer = Some(events);
@@ -341,7 +347,12 @@ pub async fn replay_dead_letters(
                     info!(count = n, file = %path.display(), "dead letters put back into the spool")
                 }
                 Ok(Replayed::UntilFull(n)) => {
-                    info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+                    // Every second while the spool stays full: loud only when it moved.
+                    if n > 0 {
+                        info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+                    } else {
+                        debug!(file = %path.display(), "the spool is full; the replay waits for room");
+                    }
                     // A later file (perhaps the same sink's newer letters) must not get in first.
                     break;
                 }
@@ -378,8 +389,8 @@ fn replay_file(
     let mut batch = RecordBatch::default();
     let mut replayed = 0;
     loop {
-        // Where the file continues after each letter of the batch, for a batch taken in part.
         batch.clear();
+        // Where the file continues after each letter of the batch, for a batch taken in part.
         let mut after = Vec::with_capacity(MAX_BATCH);
         while after.len() < MAX_BATCH {
             let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? else {

@@ -147,12 +147,14 @@ pub struct SinkMask(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReport {
     /// Seq of the first record written; the others follow one by one. `None` if none was.
-    /// With `DropNewest` the written records are the first `appended` of the batch; with
-    /// `DropOldest` (only when the batch alone exceeds `max_bytes`) the last `appended`.
+    /// With `DropNewest` (and [`Spool::append_within_room`]) the written records are the first
+    /// `appended` of the batch; with `DropOldest` (only when the batch alone exceeds
+    /// `max_bytes`) the last `appended`.
     pub first_seq: Option<u64>,
     /// Records written.
     pub appended: usize,
-    /// Records of this batch refused because the spool was full (`DropNewest`).
+    /// Records of this batch refused because the spool was full (`DropNewest`, or no room left
+    /// for [`Spool::append_within_room`], where they are not lost and not counted as dropped).
     pub dropped_newest: u64,
     /// Records lost to make room (`DropOldest`): spooled ones that some configured sink had not
     /// committed, plus records of this batch that could not fit at all.
