@@ -175,7 +175,7 @@ impl DeadLetters {
 
     fn purge_unlocked(&self, sink: &str) -> Result<usize, DeadLetterError> {
         let path = self.file(sink);
-        let count = LetterReader::open(&path, ReplayPosition::START)?.for_each(drop)?;
+        let count = self.each(sink, drop)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(count),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
@@ -195,7 +195,7 @@ impl DeadLetters {
     fn queue_replay_unlocked(&self, sink: &str) -> Result<usize, DeadLetterError> {
         let path = self.file(sink);
         // Every line is read first: a damaged file is reported, not queued.
-        let count = LetterReader::open(&path, ReplayPosition::START)?.for_each(drop)?;
+        let count = self.each(sink, drop)?;
         if count == 0 {
             return Ok(0);
         }
@@ -279,9 +279,7 @@ impl DeadLetters {
         upto: ReplayPosition,
     ) -> Result<(), DeadLetterError> {
         let progress = progress_file(path);
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(PROGRESS_TEMPORARY_SUFFIX);
-        let temporary = PathBuf::from(temporary);
+        let temporary = with_suffix(path, PROGRESS_TEMPORARY_SUFFIX);
         let io_error = |action, path: &Path, source| DeadLetterError::Io {
             action,
             path: path.to_owned(),
@@ -327,8 +325,13 @@ fn replay_sink(name: &str) -> Option<&str> {
 }
 
 fn progress_file(replay: &Path) -> PathBuf {
-    let mut name = replay.as_os_str().to_owned();
-    name.push(PROGRESS_SUFFIX);
+    with_suffix(replay, PROGRESS_SUFFIX)
+}
+
+/// `path` with `suffix` after its whole name (not in place of an extension).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
     PathBuf::from(name)
 }
 

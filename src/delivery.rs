@@ -313,12 +313,7 @@ impl SinkLoop {
             let mut last_seq = None;
             for (batch, answer) in answered {
                 let count = batch.events.len();
-                let mut outcomes = answer.unwrap_or_else(|_| {
-                    error!(sink = %self.name, events = count, "delivery panicked; the batch goes to the dead letters");
-                    (0..count)
-                        .map(|_| Outcome::Permanent(SinkError::new(PANICKED)))
-                        .collect()
-                });
+                let mut outcomes = answer.unwrap_or_else(|_| self.panicked(count));
                 // Lined up with its own events, whatever the sink answered.
                 outcomes.resize_with(count, || {
                     Outcome::Retryable(SinkError::new("the sink gave no outcome"))
@@ -430,6 +425,15 @@ impl SinkLoop {
         }
     }
 
+    /// The outcomes of `count` events whose delivery panicked in the sink: permanent, so that
+    /// they go to the dead letters, loudly, and the rest goes on.
+    fn panicked(&self, count: usize) -> Vec<Outcome> {
+        error!(sink = %self.name, events = count, "delivery panicked; these events go to the dead letters");
+        (0..count)
+            .map(|_| Outcome::Permanent(SinkError::new(PANICKED)))
+            .collect()
+    }
+
     /// Dead-letters a batch whose delivery panicked. Returns false when the shutdown deadline
     /// came first.
     async fn bury_panicked(&self, events: Vec<Arc<Event>>) -> bool {
@@ -516,10 +520,7 @@ impl SinkLoop {
                     // A panic in the sink costs this wave, not the whole (merged) batch.
                     None => tokio::select! {
                         outcomes = AssertUnwindSafe(self.sink.deliver(&batch)).catch_unwind() => {
-                            outcomes.unwrap_or_else(|_| {
-                                error!(sink = %self.name, events = batch.len(), "delivery panicked; these events go to the dead letters");
-                                batch.iter().map(|_| Outcome::Permanent(SinkError::new(PANICKED))).collect()
-                            })
+                            outcomes.unwrap_or_else(|_| self.panicked(batch.len()))
                         }
                         _ = self.give_up.cancelled() => return false,
                     },
