@@ -6,11 +6,11 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use chatwoot_bridge::config::Config;
+use chatwoot_bridge::event::id::IdAssigner;
 use chatwoot_bridge::event::{content_hash, DataKeys, Event, JsonText};
-use chatwoot_bridge::fixtures;
-use chatwoot_bridge::id::IdAssigner;
-use chatwoot_bridge::protocol;
+use chatwoot_bridge::mock::fixtures;
 use chatwoot_bridge::sink::{self, Envelope};
+use chatwoot_bridge::source::protocol;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -206,7 +206,7 @@ fn micro(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("redact");
-    let default = chatwoot_bridge::redact::Redaction::default();
+    let default = chatwoot_bridge::route::redact::Redaction::default();
     let crm = config.sinks["crm"].redaction.clone();
     let conv = event("conversation.updated");
     g.bench_function("default/no-token(message.created)", |b| {

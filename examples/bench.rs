@@ -784,7 +784,7 @@ async fn bare_role(args: Args) -> Result<()> {
     let mut request = args.str("cable", "").into_client_request()?;
     request.headers_mut().insert(
         "Sec-WebSocket-Protocol",
-        chatwoot_bridge::protocol::SUBPROTOCOL.parse()?,
+        chatwoot_bridge::source::protocol::SUBPROTOCOL.parse()?,
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
     let mut got = 0u64;

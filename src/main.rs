@@ -258,7 +258,7 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
         args.sink,
         config.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    let store = chatwoot_bridge::dead_letter::DeadLetters::open(&config.spool.dir)?;
+    let store = chatwoot_bridge::delivery::dead_letter::DeadLetters::open(&config.spool.dir)?;
     match verb {
         "list" => {
             let count = store.each(&args.sink, |l| {
@@ -303,7 +303,7 @@ async fn check_connect(config: &Config) -> bool {
     let probes = config.tokens.iter().map(|token| async move {
         (
             token.name.clone(),
-            chatwoot_bridge::cable::probe(token, &config.cable).await,
+            chatwoot_bridge::source::cable::probe(token, &config.cable).await,
         )
     });
     for (name, result) in futures_util::future::join_all(probes).await {

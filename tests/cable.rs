@@ -625,8 +625,8 @@ async fn shutdown_delivers_everything_that_was_read() {
 
 #[tokio::test]
 async fn the_supervisor_adds_and_removes_tokens_without_touching_others() {
+    use chatwoot_bridge::source::supervisor::Supervisor;
     use chatwoot_bridge::status::StatusBoard;
-    use chatwoot_bridge::supervisor::Supervisor;
     use std::sync::Arc;
     use tokio_util::sync::CancellationToken;
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatwoot_bridge::config::Config;
-use chatwoot_bridge::dead_letter::DeadLetters;
+use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::Bridge;
 use futures_util::StreamExt;
@@ -336,7 +336,7 @@ routes: [{{ name: all, to: [hook] }}]
 /// the sink makes room, so each dead letter is delivered once and none is put back twice.
 #[tokio::test]
 async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
-    use chatwoot_bridge::dead_letter::DeadLetter;
+    use chatwoot_bridge::delivery::dead_letter::DeadLetter;
     use chatwoot_bridge::event::{Event, EventId};
     // About 1,100 bytes a record: three times what the 1 MiB spool holds.
     const LETTERS: u64 = 3_000;
@@ -373,7 +373,7 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
         ),
     );
     config.spool.max_bytes = 1 << 20;
-    config.spool.when_full = chatwoot_bridge::config::WhenFull::DropNewest;
+    config.spool.when_full = chatwoot_bridge::spool::WhenFull::DropNewest;
     let bridge = Bridge::start(config).await.unwrap();
     // The sink is down: the replay fills the spool and records how far it got.
     let dead_letters = dir.path().join("dead-letters");
@@ -461,8 +461,8 @@ routes: [{{ name: all, to: [hook] }}]
     let mut config = config;
     config.spool.max_bytes = 1 << 20;
     config.spool.when_full = match policy {
-        "drop_newest" => chatwoot_bridge::config::WhenFull::DropNewest,
-        _ => chatwoot_bridge::config::WhenFull::DropOldest,
+        "drop_newest" => chatwoot_bridge::spool::WhenFull::DropNewest,
+        _ => chatwoot_bridge::spool::WhenFull::DropOldest,
     };
     let bridge = Bridge::start(config).await.unwrap();
     until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
@@ -921,7 +921,7 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
 /// the next start sends nothing again.
 #[tokio::test]
 async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
-    const TOTAL: usize = 3 * chatwoot_bridge::pipeline::MAX_BATCH + 100;
+    const TOTAL: usize = 3 * chatwoot_bridge::delivery::ingest::MAX_BATCH + 100;
     let nats_port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
@@ -973,7 +973,7 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
 /// comes back the events still land in spool order, not a later batch before an earlier one.
 #[tokio::test]
 async fn events_spooled_during_a_nats_outage_land_in_spool_order() {
-    const TOTAL: usize = 3 * chatwoot_bridge::pipeline::MAX_BATCH + 100;
+    const TOTAL: usize = 3 * chatwoot_bridge::delivery::ingest::MAX_BATCH + 100;
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mock = agent_mock().await;

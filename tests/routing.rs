@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chatwoot_bridge::config::Config;
-use chatwoot_bridge::fixtures;
+use chatwoot_bridge::mock::fixtures;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;

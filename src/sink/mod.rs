@@ -20,8 +20,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::config::SinkKind;
 use crate::event::{AsciiBuf, Event};
+use crate::types::Problem;
+use schemars::JsonSchema;
+use std::path::PathBuf;
 
 /// What happened to one event of a batch.
 #[derive(Debug)]
@@ -347,6 +349,48 @@ impl Sink {
             Sink::Nats(sink) => sink.close().await,
             Sink::Http(_) => {}
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Which sink, as written and as validated.
+
+/// A sink's kind as written in the file; [`SinkKind`] is what it validates into.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Append CloudEvents JSON lines to a file.
+    File { path: PathBuf },
+    /// Write CloudEvents JSON lines to standard output.
+    Stdout {},
+    /// Produce to Kafka topics.
+    Kafka(kafka::KafkaConfig),
+    /// Publish to NATS subjects, optionally into a JetStream stream.
+    Nats(nats::NatsConfig),
+    /// Send HTTP webhooks.
+    Http(http::HttpConfig),
+}
+
+/// A validated sink kind: templates compiled, URLs and secrets checked.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    File { path: PathBuf },
+    Stdout,
+    Kafka(Arc<kafka::KafkaSettings>),
+    Nats(Arc<nats::NatsSettings>),
+    Http(Arc<http::HttpSettings>),
+}
+
+impl SinkConfig {
+    /// Checks one sink; `key` is its path (`sinks.<name>`), the prefix of every problem.
+    pub(crate) fn validate(self, key: &str) -> Result<SinkKind, Vec<Problem>> {
+        Ok(match self {
+            SinkConfig::File { path } => SinkKind::File { path },
+            SinkConfig::Stdout {} => SinkKind::Stdout,
+            SinkConfig::Kafka(c) => SinkKind::Kafka(Arc::new(c.validate(key)?)),
+            SinkConfig::Nats(c) => SinkKind::Nats(Arc::new(c.validate(key)?)),
+            SinkConfig::Http(c) => SinkKind::Http(Arc::new(c.validate(key)?)),
+        })
     }
 }
 

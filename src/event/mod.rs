@@ -3,6 +3,9 @@
 //! Chatwoot's `data` is kept as the exact bytes received: never re-serialized, so consumers get
 //! what Chatwoot sent and the id can be computed from the bytes.
 
+pub mod id;
+mod keys;
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -11,9 +14,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::datakeys;
-
-/// 128-bit event id, written as 32 lowercase hex digits. See [`crate::id`] for how it is made.
+/// 128-bit event id, written as 32 lowercase hex digits. See [`crate::event::id`] for how it is made.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventId(pub u128);
 
@@ -219,7 +220,7 @@ impl fmt::Debug for JsonText {
 /// One decoded Chatwoot event.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Assigned by the pipeline ([`crate::id::IdAssigner`]); zero until then.
+    /// Assigned by the pipeline ([`crate::event::id::IdAssigner`]); zero until then.
     pub id: EventId,
     /// Hash of the event name and the raw data bytes, computed once on the socket's task.
     pub content_hash: u128,
@@ -350,7 +351,7 @@ impl DataKeys {
     /// already be known to be one JSON value: it is not checked again (the private `datakeys`
     /// module says why).
     pub fn extract(event: &str, data: &str) -> DataKeys {
-        datakeys::read(event, data).unwrap_or_default()
+        keys::read(event, data).unwrap_or_default()
     }
 }
 
@@ -648,8 +649,8 @@ mod record_tests {
 
     #[test]
     fn records_round_trip() {
-        for (name, frame) in crate::fixtures::ALL {
-            let (event, data) = crate::fixtures::message(frame);
+        for (name, frame) in crate::mock::fixtures::ALL {
+            let (event, data) = crate::mock::fixtures::message(frame);
             let mut original = Event::new(
                 &event,
                 data,

@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
-use crate::config::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::event::{Event, JsonText};
-use crate::protocol::{self, ServerFrame};
+use crate::source::protocol::{self, ServerFrame};
+use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::status::{TokenReporter, TokenState};
 
 /// Read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets must stay

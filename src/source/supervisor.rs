@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use crate::cable::{TokenTask, MAX_CONCURRENT_HANDSHAKES};
-use crate::config::{CableSettings, TokenSpec};
 use crate::event::Event;
+use crate::source::cable::{TokenTask, MAX_CONCURRENT_HANDSHAKES};
+use crate::source::settings::{CableSettings, TokenSpec};
 use crate::status::{StatusBoard, TokenState};
 
 /// Pause before restarting a task that panicked, so a panic loop cannot spin a core.

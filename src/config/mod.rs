@@ -7,77 +7,29 @@
 //!    [`Config`], whose values are the ones the daemon uses as they are.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use tokio_tungstenite::tungstenite::http::Uri;
 
-use crate::jsonpath::JsonPath;
-use crate::redact::{FieldsSpec, Redaction};
+pub use crate::delivery::retry::RetrySettings;
+use crate::route::jsonpath::JsonPath;
+use crate::route::redact::{FieldsSpec, Redaction};
 use crate::route::{RouteSpec, RouteTable};
+pub use crate::sink::{SinkConfig, SinkKind};
+pub use crate::source::settings::{CableSettings, Identity, ReconnectSettings, TokenSpec};
+use crate::spool::{FsyncMode, SpoolConfig, WhenFull};
+use crate::types::{number, optional_number};
+pub use crate::types::{HumanDuration, OneOrMany, Problem, Secret};
 
 /// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
 pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
-
-/// A value that must never reach logs, metrics or error messages.
-#[derive(Clone, PartialEq, Eq, JsonSchema)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl<'de> Deserialize<'de> for Secret {
-    /// Any scalar is taken as text (a numeric password, `linger.ms: 5`, an env override parsed
-    /// as a number), and a wrong shape is refused without echoing the value, as serde's own
-    /// "invalid type: integer `123456`" would.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Secret;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_owned()))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself: call only where it goes on the wire.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
 
 /// The JSON Schema of the config file, for editors (yaml-language-server) and `bridge.schema.json`.
 pub fn json_schema() -> String {
@@ -103,19 +55,6 @@ pub enum ConfigError {
     Schema { key: String, message: String },
     #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
-}
-
-/// One validation failure: the key path and what is wrong there.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -282,245 +221,53 @@ impl Default for RawSpool {
     }
 }
 
-/// When spool writes are forced to disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FsyncMode {
-    #[default]
-    Interval,
-    Always,
-    Never,
-}
-
-/// Which events a full spool gives up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    #[default]
-    DropNewest,
-    DropOldest,
-}
-
-/// A sink's kind as written in the file; [`SinkKind`] is what it validates into.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// Append CloudEvents JSON lines to a file.
-    File { path: PathBuf },
-    /// Write CloudEvents JSON lines to standard output.
-    Stdout {},
-    /// Produce to Kafka topics.
-    Kafka(crate::sink::kafka::KafkaConfig),
-    /// Publish to NATS subjects, optionally into a JetStream stream.
-    Nats(crate::sink::nats::NatsConfig),
-    /// Send HTTP webhooks.
-    Http(crate::sink::http::HttpConfig),
-}
-
-/// A validated sink kind: templates compiled, URLs and secrets checked.
-#[derive(Debug, Clone)]
-pub enum SinkKind {
-    File { path: PathBuf },
-    Stdout,
-    Kafka(Arc<crate::sink::kafka::KafkaSettings>),
-    Nats(Arc<crate::sink::nats::NatsSettings>),
-    Http(Arc<crate::sink::http::HttpSettings>),
-}
-
-impl SinkConfig {
-    /// Checks one sink; `key` is its path (`sinks.<name>`), the prefix of every problem.
-    fn validate(self, key: &str) -> Result<SinkKind, Vec<Problem>> {
-        Ok(match self {
-            SinkConfig::File { path } => SinkKind::File { path },
-            SinkConfig::Stdout {} => SinkKind::Stdout,
-            SinkConfig::Kafka(c) => SinkKind::Kafka(Arc::new(c.validate(key)?)),
-            SinkConfig::Nats(c) => SinkKind::Nats(Arc::new(c.validate(key)?)),
-            SinkConfig::Http(c) => SinkKind::Http(Arc::new(c.validate(key)?)),
-        })
-    }
-}
-
-/// Where a sink field's problems are reported: collects them with their full key path.
-pub(crate) struct Problems<'a> {
-    /// The sink's key path, `sinks.<name>`.
-    prefix: &'a str,
-    /// What was found so far.
-    pub(crate) found: Vec<Problem>,
-}
-
-impl<'a> Problems<'a> {
-    pub(crate) fn new(prefix: &'a str) -> Self {
-        Problems {
-            prefix,
-            found: Vec::new(),
-        }
-    }
-
-    /// Records a problem at `<prefix>.<field>`.
-    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
-        self.found.push(Problem {
-            key: format!("{}.{field}", self.prefix),
-            message: message.into(),
-        });
-    }
-
-    /// Compiles a template field, recording a problem when it does not compile.
-    pub(crate) fn template(
-        &mut self,
-        field: &str,
-        what: &'static str,
-        text: &str,
-    ) -> Option<crate::template::Template> {
-        match crate::template::Template::compile(what, text) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.add(field, e.to_string());
-                None
-            }
-        }
-    }
-
-    /// `Ok(value)` when nothing was found, else every problem.
-    pub(crate) fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<Problem>> {
-        if self.found.is_empty() {
-            Ok(value())
-        } else {
-            Err(self.found)
-        }
-    }
-}
-
-/// One value or a list of them (a list means any-of in routes): `url: nats://a:4222` or
-/// `url: [nats://a:4222, nats://b:4222]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> Default for OneOrMany<T> {
-    fn default() -> Self {
-        OneOrMany::Many(Vec::new())
-    }
-}
-
-impl<T> OneOrMany<T> {
-    pub fn into_vec(self) -> Vec<T> {
-        match self {
-            OneOrMany::One(v) => vec![v],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
 fn default_retry_initial() -> HumanDuration {
-    HumanDuration(Duration::from_millis(500))
+    HumanDuration(RetrySettings::default().initial)
 }
 fn default_retry_max() -> HumanDuration {
-    HumanDuration(Duration::from_secs(60))
+    HumanDuration(RetrySettings::default().max)
 }
 fn default_retry_max_elapsed() -> HumanDuration {
-    HumanDuration(Duration::from_secs(24 * 3600))
+    HumanDuration(RetrySettings::default().max_elapsed)
 }
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("spool")
 }
 fn default_spool_max_bytes() -> u64 {
-    1 << 30
+    SpoolConfig::new(default_spool_dir()).max_bytes
 }
 fn default_fsync_interval() -> HumanDuration {
-    HumanDuration(Duration::from_millis(100))
+    HumanDuration(SpoolConfig::new(default_spool_dir()).fsync_interval)
 }
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 fn default_connect_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
+    HumanDuration(CableSettings::default().connect_timeout)
 }
 fn default_confirm_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
+    HumanDuration(CableSettings::default().confirm_timeout)
 }
 fn default_stale_after() -> HumanDuration {
-    HumanDuration(Duration::from_secs(6))
+    HumanDuration(CableSettings::default().stale_after)
 }
-/// Chatwoot keeps an agent present for about 20 s after each `update_presence`.
 fn default_presence_interval() -> HumanDuration {
-    HumanDuration(Duration::from_secs(15))
+    HumanDuration(CableSettings::default().presence_interval)
 }
 fn default_max_frame_bytes() -> u64 {
-    8 * 1024 * 1024
+    CableSettings::default().max_frame_bytes as u64
 }
 fn default_reconnect_initial() -> HumanDuration {
-    HumanDuration(Duration::from_secs(1))
+    HumanDuration(ReconnectSettings::default().initial)
 }
 fn default_reconnect_max() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
+    HumanDuration(ReconnectSettings::default().max)
 }
 fn default_reconnect_reset_after() -> HumanDuration {
-    HumanDuration(Duration::from_secs(30))
+    HumanDuration(ReconnectSettings::default().reset_after)
 }
 fn default_no_reconnect_delay() -> HumanDuration {
-    HumanDuration(Duration::from_secs(300))
-}
-
-/// A duration written the human way in the config: `10s`, `500ms`, `2h`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(text.trim())
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{text}` is not a duration like `10s` or `500ms` ({e})"
-                ))
-            })
-    }
-}
-
-impl serde::Serialize for HumanDuration {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(self.0))
-    }
-}
-
-impl JsonSchema for HumanDuration {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Duration".into()
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A duration such as `500ms`, `10s`, `5m` or `2h`.",
-            "pattern": "^\\s*[0-9]+\\s*[a-zµ]+(\\s*[0-9]+\\s*[a-zµ]+)*\\s*$"
-        })
-    }
-}
-
-/// Numbers may arrive as strings when they come from `${VAR}` expansion.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum NumberOrText {
-    Number(u64),
-    Text(String),
-}
-
-pub(crate) fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match NumberOrText::deserialize(d)? {
-        NumberOrText::Number(n) => Ok(n),
-        NumberOrText::Text(t) => t
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a non-negative integer"))),
-    }
-}
-
-fn optional_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    number(d).map(Some)
+    HumanDuration(ReconnectSettings::default().after_disconnect_without_reconnect)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,7 +285,7 @@ pub struct Config {
     /// Compiled routes, in file order.
     pub routes: RouteTable,
     /// The durable queue in front of the sinks.
-    pub spool: SpoolSettings,
+    pub spool: SpoolConfig,
     /// How long shutdown may take to deliver what is in flight before it gives up.
     pub shutdown_timeout: Duration,
 }
@@ -552,128 +299,6 @@ pub struct SinkSettings {
     pub retry: RetrySettings,
     /// Where dead letters go: another sink's name, or `None` for local disk.
     pub dead_letter: Option<String>,
-}
-
-/// Delivery retries of one sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetrySettings {
-    /// Ceiling of the first retry delay.
-    pub initial: Duration,
-    /// Largest ceiling.
-    pub max: Duration,
-    /// Give an event up (to the dead letters) when it still fails this long after its first try.
-    pub max_elapsed: Duration,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        RetrySettings {
-            initial: default_retry_initial().0,
-            max: default_retry_max().0,
-            max_elapsed: default_retry_max_elapsed().0,
-        }
-    }
-}
-
-/// Where and how events are kept before delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpoolSettings {
-    pub dir: PathBuf,
-    pub max_bytes: u64,
-    pub fsync: FsyncMode,
-    pub fsync_interval: Duration,
-    pub when_full: WhenFull,
-}
-
-/// Timing and limits of the cable client, the same for every token.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CableSettings {
-    /// Bound on TCP connect plus the WebSocket handshake.
-    pub connect_timeout: Duration,
-    /// How long a subscription may stay unconfirmed before the token counts as unconfirmed:
-    /// Chatwoot answers a bad token with silence, not with a reject.
-    pub confirm_timeout: Duration,
-    /// Silence after which the socket is considered dead (the server pings every 3 s).
-    pub stale_after: Duration,
-    /// How often `update_presence` is sent for tokens that ask for it.
-    pub presence_interval: Duration,
-    /// Largest frame accepted; a larger one ends the connection instead of exhausting memory.
-    pub max_frame_bytes: usize,
-    /// Reconnect backoff.
-    pub reconnect: ReconnectSettings,
-}
-
-impl Default for CableSettings {
-    fn default() -> Self {
-        CableSettings {
-            connect_timeout: default_connect_timeout().0,
-            confirm_timeout: default_confirm_timeout().0,
-            stale_after: default_stale_after().0,
-            presence_interval: default_presence_interval().0,
-            max_frame_bytes: default_max_frame_bytes() as usize,
-            reconnect: ReconnectSettings::default(),
-        }
-    }
-}
-
-/// Exponential backoff with full jitter between reconnects and resubscribes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReconnectSettings {
-    /// Ceiling of the first delay.
-    pub initial: Duration,
-    /// Largest ceiling the delays grow to.
-    pub max: Duration,
-    /// A connection must stay subscribed this long before the backoff starts over, so a flapping
-    /// server does not get every token back at the initial delay at once.
-    pub reset_after: Duration,
-    /// Delay after a `disconnect` frame that says `reconnect: false`.
-    pub after_disconnect_without_reconnect: Duration,
-}
-
-impl Default for ReconnectSettings {
-    fn default() -> Self {
-        let raw = RawReconnect::default();
-        ReconnectSettings {
-            initial: raw.initial.0,
-            max: raw.max.0,
-            reset_after: raw.reset_after.0,
-            after_disconnect_without_reconnect: raw.after_disconnect_without_reconnect.0,
-        }
-    }
-}
-
-/// Who a pubsub token belongs to; it decides the subscription identifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// An agent or administrator token: events of the inboxes and account it can see.
-    Agent { account_id: u64, user_id: u64 },
-    /// A contact (widget visitor) token: events of that contact's conversations.
-    Contact,
-}
-
-/// One socket to keep open. Compared as a whole on reload: a changed spec restarts its socket.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenSpec {
-    /// Unique label used in routes, logs and metrics; never the secret.
-    pub name: Arc<str>,
-    /// The cable endpoint (`ws://` or `wss://`).
-    pub url: String,
-    /// Sent as the `Origin` header; some installs and proxies check it.
-    pub origin: String,
-    /// Extra handshake headers; values may be credentials for a proxy.
-    pub headers: Vec<(String, Secret)>,
-    /// The bearer token of the subscription.
-    pub pubsub_token: Secret,
-    pub identity: Identity,
-    /// Whether to send `update_presence`, which shows the agent online.
-    pub presence: bool,
-}
-
-impl TokenSpec {
-    /// `source` of the events this token yields: the cable URL and the token name.
-    pub fn source(&self) -> String {
-        format!("{}#{}", self.url, self.name)
-    }
 }
 
 impl Config {
@@ -948,12 +573,12 @@ impl RawConfig {
                 None
             }
         };
-        let spool = SpoolSettings {
-            dir: self.spool.dir,
+        let spool = SpoolConfig {
             max_bytes: self.spool.max_bytes,
             fsync: self.spool.fsync,
             fsync_interval: self.spool.fsync_interval.0,
             when_full: self.spool.when_full,
+            ..SpoolConfig::new(self.spool.dir)
         };
         if spool.max_bytes < 1 << 20 {
             problem(
@@ -1390,7 +1015,7 @@ routes:
 
     #[test]
     fn committed_schema_matches_the_types() {
-        let committed = include_str!("../bridge.schema.json");
+        let committed = include_str!("../../bridge.schema.json");
         assert!(
             committed == json_schema(),
             "bridge.schema.json is out of date: run `cargo run -- schema > bridge.schema.json`"
@@ -1399,7 +1024,7 @@ routes:
 
     #[test]
     fn example_config_is_accepted() {
-        let example = include_str!("../bridge.example.yaml");
+        let example = include_str!("../../bridge.example.yaml");
         let cfg = Config::from_yaml(example, &|_| None, false).unwrap();
         assert!(cfg.tokens.len() >= 2);
     }

@@ -16,6 +16,10 @@
 //! most one event per conversation each: an event waits for the earlier one of its conversation
 //! to be delivered, including across retries.
 
+pub mod dead_letter;
+pub mod ingest;
+pub mod retry;
+
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -33,11 +37,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::RetrySettings;
-use crate::dead_letter::{DeadLetter, DeadLetters};
+use crate::delivery::dead_letter::{DeadLetter, DeadLetters};
+use crate::delivery::ingest::{Appended, PipelineStats, RecordBatch, MAX_BATCH};
+use crate::delivery::retry::RetrySettings;
 use crate::event::{Event, JsonText};
-use crate::pipeline::{Appended, PipelineStats, RecordBatch, MAX_BATCH};
-use crate::redact::Redaction;
+use crate::route::redact::Redaction;
 use crate::sink::{Outcome, Sink, SinkError};
 use crate::spool::{SinkMask, Spool, SpoolError, SpoolReader};
 use crate::status::{SinkReporter, SinkState};

@@ -23,9 +23,9 @@ use super::{
     each_binary_attribute, payload, percent_encode_header, Envelope, ErrorClass, Outcome,
     SinkError, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
 };
-use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
-use crate::template::{self, Template};
+use crate::route::template::{self, Template};
+use crate::types::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 
 /// The longest `Retry-After` honoured; a larger one is most likely a misconfigured server, and
 /// waiting hours would look like a hang.
@@ -66,7 +66,7 @@ pub struct HttpConfig {
 }
 
 fn usize_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    crate::config::number(d).map(|n| n as usize)
+    crate::types::number(d).map(|n| n as usize)
 }
 
 /// A validated webhook sink.
@@ -117,7 +117,7 @@ impl SigningKey {
 impl HttpConfig {
     pub(crate) fn validate(self, key: &str) -> Result<HttpSettings, Vec<Problem>> {
         let mut problems = Problems::new(key);
-        let url = problems.template("url", "url", &self.url);
+        let url = problems.check("url", Template::compile("url", &self.url));
         if let Some(url) = &url {
             match Url::parse(&url.render_sample("x")) {
                 Err(e) => problems.add("url", format!("`{}` is not a URL ({e})", url.as_str())),

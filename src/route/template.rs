@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::event::Event;
-use crate::jsonpath::{Found, JsonPath};
+use crate::route::jsonpath::{Found, JsonPath};
 
 /// A compiled template.
 #[derive(Clone, PartialEq, Eq)]

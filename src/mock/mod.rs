@@ -7,6 +7,8 @@
 //! from outside: drop every connection abruptly, send `disconnect` frames, go silent, inject raw
 //! frames.
 
+pub mod fixtures;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,8 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::fixtures;
-use crate::protocol::SUBPROTOCOL;
+use crate::source::protocol::SUBPROTOCOL;
 
 /// How the server answers a subscription with a given pubsub token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,6 +4,10 @@
 //! comparisons and no allocation. Routes are tried in file order; the first that matches wins
 //! unless it says `continue: true`.
 
+pub mod jsonpath;
+pub mod redact;
+pub mod template;
+
 use std::collections::BTreeSet;
 
 use schemars::JsonSchema;
@@ -11,9 +15,9 @@ use serde::Deserialize;
 
 use regex::Regex;
 
-use crate::config::{OneOrMany, Problem};
 use crate::event::Event;
-use crate::jsonpath::{Found, JsonPath};
+use crate::route::jsonpath::{Found, JsonPath};
+use crate::types::{OneOrMany, Problem};
 
 /// What a route matches, as written. Every present condition must hold; a list means any-of.
 /// `match: {}` matches every event.
@@ -409,11 +413,11 @@ mod tests {
 
     /// Every fixture as an event on the given token.
     fn fixture(name: &str, token: &str) -> Event {
-        let (_, frame) = crate::fixtures::ALL
+        let (_, frame) = crate::mock::fixtures::ALL
             .iter()
             .find(|(n, _)| *n == name)
             .expect("fixture exists");
-        let (event, data) = crate::fixtures::message(frame);
+        let (event, data) = crate::mock::fixtures::message(frame);
         Event::new(
             &event,
             data,

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::jsonpath::JsonPath;
+use crate::route::jsonpath::JsonPath;
 
 /// The key Chatwoot uses for bearer tokens of its cable.
 const PUBSUB_TOKEN: &str = "pubsub_token";
@@ -356,7 +356,7 @@ mod tests {
 
     #[test]
     fn every_fixture_loses_its_tokens_and_stays_valid() {
-        for (name, frame) in crate::fixtures::ALL {
+        for (name, frame) in crate::mock::fixtures::ALL {
             let v: serde_json::Value = serde_json::from_str(frame).unwrap();
             let data = serde_json::to_string(&v["message"]["data"]).unwrap();
             let out = strip().apply(&data).unwrap_or(data.clone());

@@ -5,43 +5,43 @@
 pub const ALL: &[(&str, &str)] = &[
     (
         "assignee.changed",
-        include_str!("../fixtures/assignee.changed.json"),
+        include_str!("../../fixtures/assignee.changed.json"),
     ),
     (
         "contact.updated",
-        include_str!("../fixtures/contact.updated.json"),
+        include_str!("../../fixtures/contact.updated.json"),
     ),
     (
         "conversation.created",
-        include_str!("../fixtures/conversation.created.json"),
+        include_str!("../../fixtures/conversation.created.json"),
     ),
     (
         "conversation.status_changed",
-        include_str!("../fixtures/conversation.status_changed.json"),
+        include_str!("../../fixtures/conversation.status_changed.json"),
     ),
     (
         "conversation.typing_on",
-        include_str!("../fixtures/conversation.typing_on.json"),
+        include_str!("../../fixtures/conversation.typing_on.json"),
     ),
     (
         "conversation.updated",
-        include_str!("../fixtures/conversation.updated.json"),
+        include_str!("../../fixtures/conversation.updated.json"),
     ),
     (
         "message.created",
-        include_str!("../fixtures/message.created.json"),
+        include_str!("../../fixtures/message.created.json"),
     ),
     (
         "message.updated",
-        include_str!("../fixtures/message.updated.json"),
+        include_str!("../../fixtures/message.updated.json"),
     ),
     (
         "notification.created",
-        include_str!("../fixtures/notification.created.json"),
+        include_str!("../../fixtures/notification.created.json"),
     ),
     (
         "presence.update",
-        include_str!("../fixtures/presence.update.json"),
+        include_str!("../../fixtures/presence.update.json"),
     ),
 ];
 
@@ -49,8 +49,8 @@ pub const ALL: &[(&str, &str)] = &[
 /// recorded event. Panics for a frame that is not a message (every fixture is one).
 #[cfg(test)]
 pub(crate) fn message(frame: &str) -> (String, crate::event::JsonText) {
-    match crate::protocol::decode(frame).expect("fixtures decode") {
-        crate::protocol::ServerFrame::Message { event, data, .. } => {
+    match crate::source::protocol::decode(frame).expect("fixtures decode") {
+        crate::source::protocol::ServerFrame::Message { event, data, .. } => {
             (event.into_owned(), crate::event::JsonText::from_raw(data.0))
         }
         other => panic!("a fixture is not a message: {other:?}"),

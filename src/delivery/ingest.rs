@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::dead_letter::DeadLetters;
+use crate::delivery::dead_letter::DeadLetters;
+use crate::event::id::IdAssigner;
 use crate::event::Event;
-use crate::id::IdAssigner;
 use crate::route::RouteTable;
 use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
@@ -428,7 +428,7 @@ mod tests {
 
     use super::*;
     use crate::route::RouteSpec;
-    use crate::spool::{FullPolicy, SpoolConfig};
+    use crate::spool::{SpoolConfig, WhenFull};
 
     #[tokio::test]
     async fn a_burst_larger_than_the_spool_gets_every_event_a_place_in_it() {
@@ -439,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = SpoolConfig::new(dir.path());
         config.max_bytes = 1 << 20;
-        config.when_full = FullPolicy::DropOldest;
+        config.when_full = WhenFull::DropOldest;
         let spool = Spool::open(config, &["out".to_string()]).unwrap();
         let route = RouteSpec {
             name: "all".into(),

@@ -21,9 +21,9 @@ use super::{
     each_binary_attribute, payload, percent_encode_header, settled, Confirmations, Envelope,
     ErrorClass, Outcome, SinkError, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE,
 };
-use crate::config::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
-use crate::template::{self, Template};
+use crate::route::template::{self, Template};
+use crate::types::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 
 fn default_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
@@ -158,7 +158,7 @@ impl NatsConfig {
                 );
             }
         }
-        let subject = problems.template("subject", "subject", &self.subject);
+        let subject = problems.check("subject", Template::compile("subject", &self.subject));
         if let Some(subject) = &subject {
             let sample = subject.render_sample("x");
             if sample.split('.').any(|t| t.is_empty())
@@ -412,7 +412,9 @@ impl NatsSink {
                 // unconfirmed and polls a batch's acks once at hand-over, then only at the head
                 // of its queue: the limit must be above that, or publishes fail (and with
                 // backpressure on, would wait for acks nobody polls).
-                .max_ack_inflight(crate::delivery::MAX_UNCONFIRMED + crate::pipeline::MAX_BATCH)
+                .max_ack_inflight(
+                    crate::delivery::MAX_UNCONFIRMED + crate::delivery::ingest::MAX_BATCH,
+                )
                 .build(client.clone())
         });
         Ok(NatsSink {

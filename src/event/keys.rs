@@ -440,8 +440,8 @@ mod tests {
 
     #[test]
     fn every_fixture_reads_as_with_serde() {
-        for (name, frame) in crate::fixtures::ALL {
-            let (event, data) = crate::fixtures::message(frame);
+        for (name, frame) in crate::mock::fixtures::ALL {
+            let (event, data) = crate::mock::fixtures::message(frame);
             let (ours, serde) = both(&event, data.get());
             assert_eq!(ours, serde, "{name}");
             // Every recorded event names its account: the two did not merely agree on nothing.

@@ -22,9 +22,9 @@ use super::{
     each_binary_attribute, payload, settled, Confirmations, Envelope, ErrorClass, Outcome,
     SinkError,
 };
-use crate::config::{OneOrMany, Problem, Problems, Secret};
 use crate::event::Event;
-use crate::template::{self, Template};
+use crate::route::template::{self, Template};
+use crate::types::{OneOrMany, Problem, Problems, Secret};
 
 /// How long to wait before re-enqueueing when librdkafka's local queue is full.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(20);
@@ -90,7 +90,7 @@ impl KafkaConfig {
         if brokers.is_empty() {
             problems.add("brokers", "names no broker");
         }
-        let topic = problems.template("topic", "topic", &self.topic);
+        let topic = problems.check("topic", Template::compile("topic", &self.topic));
         if let Some(topic) = &topic {
             for literal in topic.literals() {
                 if kafka_topic_literal_is_bad(literal) {
@@ -106,7 +106,9 @@ impl KafkaConfig {
             }
         }
         let record_key = match &self.key {
-            Some(text) => problems.template("key", "key", text).map(Some),
+            Some(text) => problems
+                .check("key", Template::compile("key", text))
+                .map(Some),
             None => Some(None),
         };
         for name in self.librdkafka.keys() {

@@ -9,7 +9,8 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::config::{Identity, Secret};
+use crate::source::settings::Identity;
+use crate::types::Secret;
 
 /// The subprotocol offered in the handshake.
 pub const SUBPROTOCOL: &str = "actioncable-v1-json";
@@ -375,7 +376,7 @@ mod tests {
     #[test]
     fn commands_match_the_protocol_fixture() {
         let fixture: serde_json::Value =
-            serde_json::from_str(include_str!("../fixtures/_protocol_frames.json")).unwrap();
+            serde_json::from_str(include_str!("../../fixtures/_protocol_frames.json")).unwrap();
         let sent = &fixture["client_to_server"];
         let parse = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
         assert_eq!(parse(subscribe(ID)), sent[0]);
@@ -386,7 +387,7 @@ mod tests {
     #[test]
     fn decodes_every_protocol_frame_of_the_fixture() {
         let fixture: serde_json::Value =
-            serde_json::from_str(include_str!("../fixtures/_protocol_frames.json")).unwrap();
+            serde_json::from_str(include_str!("../../fixtures/_protocol_frames.json")).unwrap();
         let frames: Vec<String> = fixture["server_to_client"]
             .as_array()
             .unwrap()
@@ -425,7 +426,7 @@ mod tests {
 
     #[test]
     fn decodes_every_event_fixture_with_exact_data_bytes() {
-        for (name, text) in crate::fixtures::ALL {
+        for (name, text) in crate::mock::fixtures::ALL {
             let frame = decode(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             let ServerFrame::Message {
                 identifier,
@@ -508,7 +509,7 @@ mod tests {
             r#"{"message":{"event":"e","data":{}}}"#,
             r#"{"message":7}"#,
         ];
-        let fixtures = crate::fixtures::ALL.iter().map(|(_, f)| *f);
+        let fixtures = crate::mock::fixtures::ALL.iter().map(|(_, f)| *f);
         for text in frames.into_iter().chain(fixtures) {
             let now = match decode(text) {
                 Ok(ServerFrame::Message {

@@ -14,7 +14,7 @@
 //! - appends are sequential, and a whole batch is encoded into one buffer and written with one
 //!   `write` syscall (group writes);
 //! - once `write` returns, the data is in the page cache, which survives a *process* crash; only
-//!   a *machine* crash needs `fsync`, and that can run on a timer ([`FsyncPolicy::Interval`])
+//!   a *machine* crash needs `fsync`, and that can run on a timer ([`FsyncMode::Interval`])
 //!   instead of once per commit;
 //! - a sink's cursor is one `u64`, persisted lazily in a tiny file; committing costs no I/O;
 //! - space comes back by deleting whole segment files, never by compaction.
@@ -29,7 +29,7 @@
 //! are in the kernel's page cache. A *machine* crash (power, kernel panic) may lose what was not
 //! yet fsynced:
 //! - `Always`: nothing that `append` acknowledged (each append ends with `fdatasync`);
-//! - `Interval(d)`: up to one interval; the caller calls [`Spool::sync`] every `d` and at shutdown;
+//! - `Interval`: up to one interval; the caller calls [`Spool::sync`] every interval and at shutdown;
 //! - `Never`: whatever the OS had not written back yet (usually up to ~30 s on Linux).
 //!
 //! Committed cursors are persisted lazily (on [`Spool::sync`], when the last handle is dropped, and
@@ -90,50 +90,68 @@ const STATE_FILE: &str = "sinks.json";
 /// Version of `sinks.json`, so a future layout can tell old files apart.
 const STATE_VERSION: u32 = 1;
 
-/// Where, how big, and how careful the spool is.
-#[derive(Debug, Clone)]
+/// Largest spool segment by default; see [`SpoolConfig::segment_limit`] for smaller spools.
+const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Where, how big, and how careful the spool is; also the `spool:` section of the config file.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpoolConfig {
     /// Directory holding the segments and `sinks.json`; created if missing.
     pub dir: PathBuf,
     /// Cap on the total size of segment files; what happens past it is `when_full`.
     pub max_bytes: u64,
-    /// A new segment is started once the active one would grow past this. Smaller segments
-    /// reclaim space sooner; larger ones mean fewer files.
+    /// A new segment is started once the active one would grow past this (or past an eighth of
+    /// `max_bytes`, whichever is smaller). Smaller segments reclaim space sooner; larger ones
+    /// mean fewer files.
     pub segment_bytes: u64,
     /// When appends are fsynced (see the module doc for what each mode can lose).
-    pub fsync: FsyncPolicy,
+    pub fsync: FsyncMode,
+    /// How often the bridge fsyncs under [`FsyncMode::Interval`].
+    pub fsync_interval: Duration,
     /// What an append does when the spool is at `max_bytes`.
-    pub when_full: FullPolicy,
+    pub when_full: WhenFull,
 }
 
 impl SpoolConfig {
-    /// Defaults: 1 GiB cap, 64 MiB segments, fsync every second, drop the newest when full.
+    /// The defaults: 1 GiB cap, 64 MiB segments, fsync every 100 ms, drop the newest when full.
     pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
         SpoolConfig {
             dir: dir.into(),
             max_bytes: 1 << 30,
-            segment_bytes: 64 << 20,
-            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
-            when_full: FullPolicy::DropNewest,
+            segment_bytes: MAX_SEGMENT_BYTES,
+            fsync: FsyncMode::Interval,
+            fsync_interval: Duration::from_millis(100),
+            when_full: WhenFull::DropNewest,
         }
+    }
+
+    /// The size at which a segment is closed: at most an eighth of the spool (and at least
+    /// 64 KiB), so `drop_oldest` frees a fraction of a small spool rather than all of it.
+    pub fn segment_limit(&self) -> u64 {
+        self.segment_bytes
+            .min((self.max_bytes / 8).clamp(1 << 16, MAX_SEGMENT_BYTES))
     }
 }
 
 /// When data reaches the disk itself rather than the page cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    /// fsync every `fsync_interval` and at shutdown: a machine crash loses at most one interval.
+    #[default]
+    Interval,
     /// Every append ends with an fsync: slowest, loses nothing acknowledged on a machine crash.
     Always,
-    /// The caller calls [`Spool::sync`] every interval and at shutdown.
-    Interval(Duration),
     /// Leave it to the OS.
     Never,
 }
 
 /// What an append does when the spool is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FullPolicy {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
     /// Refuse the records that do not fit (the tail of the batch); keep the backlog.
+    #[default]
     DropNewest,
     /// Delete the oldest whole segments until the batch fits, even if sinks still needed them.
     DropOldest,
@@ -587,7 +605,7 @@ fn write_state_file(dir: &Path, json: &[u8]) -> Result<(), SpoolError> {
 impl State {
     /// Starts a new, empty active segment at `next_seq`.
     fn roll(&mut self, config: &SpoolConfig) -> Result<(), SpoolError> {
-        if config.fsync != FsyncPolicy::Never {
+        if config.fsync != FsyncMode::Never {
             let old = segment_path(&config.dir, self.segments.back().map_or(0, |s| s.base));
             self.active
                 .sync_data()
@@ -602,7 +620,7 @@ impl State {
             .truncate(true)
             .open(&path)
             .map_err(io_err("create spool segment", &path))?;
-        if config.fsync != FsyncPolicy::Never {
+        if config.fsync != FsyncMode::Never {
             sync_dir(&config.dir)?;
         }
         self.segments.push_back(Segment { base, bytes: 0 });
@@ -943,7 +961,7 @@ impl Spool {
     ) -> Result<AppendReport, SpoolError> {
         let config = &self.inner.config;
         let when_full = if within_room {
-            FullPolicy::DropNewest
+            WhenFull::DropNewest
         } else {
             config.when_full
         };
@@ -974,7 +992,7 @@ impl Spool {
         let mut accepted = records;
         if state.total_bytes + batch_bytes > config.max_bytes {
             match when_full {
-                FullPolicy::DropNewest => {
+                WhenFull::DropNewest => {
                     let room = config.max_bytes.saturating_sub(state.total_bytes);
                     let mut fit = 0;
                     let mut used = 0;
@@ -999,7 +1017,7 @@ impl Spool {
                         );
                     }
                 }
-                FullPolicy::DropOldest => {
+                WhenFull::DropOldest => {
                     // If the batch alone exceeds the cap, its oldest records go first.
                     let mut skip = 0;
                     while batch_bytes > config.max_bytes {
@@ -1034,7 +1052,7 @@ impl Spool {
 
         let active_bytes = state.segments.back().map_or(0, |s| s.bytes);
         if state.must_roll
-            || (active_bytes > 0 && active_bytes + batch_bytes > config.segment_bytes)
+            || (active_bytes > 0 && active_bytes + batch_bytes > config.segment_limit())
         {
             state.roll(config)?;
         }
@@ -1060,7 +1078,7 @@ impl Spool {
             state.buf = buf;
             return Err(io_err("write spool segment", &path)(e));
         }
-        if config.fsync == FsyncPolicy::Always {
+        if config.fsync == FsyncMode::Always {
             state
                 .active
                 .sync_data()
@@ -1189,7 +1207,7 @@ impl Drop for Inner {
         // re-delivers nothing that was committed.
         let dir = self.config.dir.clone();
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        if self.config.fsync != FsyncPolicy::Never {
+        if self.config.fsync != FsyncMode::Never {
             if let Err(e) = state.active.sync_data() {
                 error!(dir = %dir.display(), error = %e, "cannot fsync spool at close");
             }
@@ -1610,8 +1628,8 @@ mod tests {
             dir: dir.to_path_buf(),
             max_bytes: 1 << 30,
             segment_bytes: 4096,
-            fsync: FsyncPolicy::Never,
-            when_full: FullPolicy::DropNewest,
+            fsync: FsyncMode::Never,
+            ..SpoolConfig::new(dir)
         }
     }
 
@@ -1702,7 +1720,7 @@ mod tests {
         let mut cfg = config(dir);
         cfg.segment_bytes = 700;
         cfg.max_bytes = max_bytes;
-        cfg.fsync = FsyncPolicy::Interval(Duration::from_millis(100));
+        cfg.fsync = FsyncMode::Interval;
         let spool = Spool::open(cfg, &names(&SINKS)).unwrap();
         let readers = SINKS.iter().map(|s| spool.reader(s).unwrap()).collect();
         (spool, readers)
@@ -1888,7 +1906,7 @@ mod tests {
         let mut cfg = config(dir.path());
         if matches!(damage, Damage::CutLastRecord) {
             // The same recovery whatever the policy; this runs the fsync path once.
-            cfg.fsync = FsyncPolicy::Always;
+            cfg.fsync = FsyncMode::Always;
         }
         let spool = Spool::open(cfg, &names(&["a"])).unwrap();
         let mask = spool.mask(&["a"]);
@@ -1962,7 +1980,7 @@ mod tests {
 
     #[test]
     fn unreadable_rest_of_a_sealed_segment_is_skipped() {
-        // Only possible after a machine crash with FsyncPolicy::Never, or bit rot: the reader
+        // Only possible after a machine crash with FsyncMode::Never, or bit rot: the reader
         // must not stall on it, and must not return what it cannot verify.
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
@@ -2110,7 +2128,7 @@ mod tests {
     }
 
     /// A spool of ten records in segments of three, for `sinks`, with `when_full`.
-    fn small_spool(dir: &Path, sinks: &[&str], when_full: FullPolicy) -> Spool {
+    fn small_spool(dir: &Path, sinks: &[&str], when_full: WhenFull) -> Spool {
         let mut cfg = config(dir);
         cfg.max_bytes = 10 * REC;
         cfg.segment_bytes = 3 * REC;
@@ -2121,7 +2139,7 @@ mod tests {
     #[test]
     fn drop_newest_refuses_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["a"], FullPolicy::DropNewest);
+        let spool = small_spool(dir.path(), &["a"], WhenFull::DropNewest);
         let mask = spool.mask(&["a"]);
         assert_eq!(append_n(&spool, 8, mask).appended, 8);
         let report = append_n(&spool, 4, mask);
@@ -2188,7 +2206,7 @@ mod tests {
     #[test]
     fn appending_within_room_pushes_nothing_out_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["slow"], FullPolicy::DropOldest);
+        let spool = small_spool(dir.path(), &["slow"], WhenFull::DropOldest);
         let mask = spool.mask(&["slow"]);
         append_one_by_one(&spool, 8, mask);
         let payload = [7u8; 100];
@@ -2209,7 +2227,7 @@ mod tests {
     #[test]
     fn drop_oldest_deletes_oldest_segment_and_lagging_reader_skips() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["slow", "fast"], FullPolicy::DropOldest);
+        let spool = small_spool(dir.path(), &["slow", "fast"], WhenFull::DropOldest);
         let both = spool.mask(&["slow", "fast"]);
         let mut slow = spool.reader("slow").unwrap();
         let mut fast = spool.reader("fast").unwrap();
@@ -2251,7 +2269,7 @@ mod tests {
     #[test]
     fn drop_oldest_batch_larger_than_the_spool_keeps_its_newest_records() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["a"], FullPolicy::DropOldest);
+        let spool = small_spool(dir.path(), &["a"], WhenFull::DropOldest);
         let mask = spool.mask(&["a"]);
         append_n(&spool, 4, mask);
         let report = append_n(&spool, 12, mask);

@@ -1,0 +1,24 @@
+//! How a sink retries: the backoff between attempts and when an event is given up.
+
+use std::time::Duration;
+
+/// Delivery retries of one sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// Ceiling of the first retry delay.
+    pub initial: Duration,
+    /// Largest ceiling.
+    pub max: Duration,
+    /// Give an event up (to the dead letters) when it still fails this long after its first try.
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+            max_elapsed: Duration::from_secs(24 * 3600),
+        }
+    }
+}

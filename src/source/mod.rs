@@ -1,0 +1,13 @@
+//! Where events enter: Chatwoot's ActionCable socket, one per pubsub token.
+//!
+//! ```text
+//! Supervisor ──one per token──▶ TokenTask (cable) ──frames──▶ protocol ──Event──▶ ingest
+//! ```
+//! [`protocol`] turns frames into events and commands into frames and knows nothing of sockets;
+//! [`cable`] owns one socket's life (connect, subscribe, notice silence, reconnect);
+//! [`supervisor`] keeps one such task running per configured token and restarts it on panic.
+
+pub mod cable;
+pub mod protocol;
+pub mod settings;
+pub mod supervisor;

@@ -1,0 +1,97 @@
+//! What a token's socket needs to know: the cable's timing and limits, and each token's identity.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::types::Secret;
+
+/// Timing and limits of the cable client, the same for every token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CableSettings {
+    /// Bound on TCP connect plus the WebSocket handshake.
+    pub connect_timeout: Duration,
+    /// How long a subscription may stay unconfirmed before the token counts as unconfirmed:
+    /// Chatwoot answers a bad token with silence, not with a reject.
+    pub confirm_timeout: Duration,
+    /// Silence after which the socket is considered dead (the server pings every 3 s).
+    pub stale_after: Duration,
+    /// How often `update_presence` is sent for tokens that ask for it.
+    pub presence_interval: Duration,
+    /// Largest frame accepted; a larger one ends the connection instead of exhausting memory.
+    pub max_frame_bytes: usize,
+    /// Reconnect backoff.
+    pub reconnect: ReconnectSettings,
+}
+
+impl Default for CableSettings {
+    fn default() -> Self {
+        CableSettings {
+            connect_timeout: Duration::from_secs(10),
+            confirm_timeout: Duration::from_secs(10),
+            stale_after: Duration::from_secs(6),
+            // Chatwoot keeps an agent present for about 20 s after each `update_presence`.
+            presence_interval: Duration::from_secs(15),
+            max_frame_bytes: 8 * 1024 * 1024,
+            reconnect: ReconnectSettings::default(),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter between reconnects and resubscribes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconnectSettings {
+    /// Ceiling of the first delay.
+    pub initial: Duration,
+    /// Largest ceiling the delays grow to.
+    pub max: Duration,
+    /// A connection must stay subscribed this long before the backoff starts over, so a flapping
+    /// server does not get every token back at the initial delay at once.
+    pub reset_after: Duration,
+    /// Delay after a `disconnect` frame that says `reconnect: false`.
+    pub after_disconnect_without_reconnect: Duration,
+}
+
+impl Default for ReconnectSettings {
+    fn default() -> Self {
+        ReconnectSettings {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(30),
+            after_disconnect_without_reconnect: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Who a pubsub token belongs to; it decides the subscription identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// An agent or administrator token: events of the inboxes and account it can see.
+    Agent { account_id: u64, user_id: u64 },
+    /// A contact (widget visitor) token: events of that contact's conversations.
+    Contact,
+}
+
+/// One socket to keep open. Compared as a whole on reload: a changed spec restarts its socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenSpec {
+    /// Unique label used in routes, logs and metrics; never the secret.
+    pub name: Arc<str>,
+    /// The cable endpoint (`ws://` or `wss://`).
+    pub url: String,
+    /// Sent as the `Origin` header; some installs and proxies check it.
+    pub origin: String,
+    /// Extra handshake headers; values may be credentials for a proxy.
+    pub headers: Vec<(String, Secret)>,
+    /// The bearer token of the subscription.
+    pub pubsub_token: Secret,
+    pub identity: Identity,
+    /// Whether to send `update_presence`, which shows the agent online.
+    pub presence: bool,
+}
+
+impl TokenSpec {
+    /// `source` of the events this token yields: the cable URL and the token name.
+    pub fn source(&self) -> String {
+        format!("{}#{}", self.url, self.name)
+    }
+}

@@ -1,0 +1,208 @@
+//! The vocabulary every part of the config is written in: secrets, durations, one-or-many lists,
+//! numbers that may arrive as text, and the problems validation reports.
+//!
+//! A leaf: it imports nothing of the crate, so every stage may describe its own settings with it.
+
+use std::fmt;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer};
+
+/// A value that must never reach logs, metrics or error messages.
+#[derive(Clone, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Any scalar is taken as text (a numeric password, `linger.ms: 5`, an env override parsed
+    /// as a number), and a wrong shape is refused without echoing the value, as serde's own
+    /// "invalid type: integer `123456`" would.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself: call only where it goes on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// One validation failure: the key path and what is wrong there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Where a section's problems are reported: collects them with their full key path.
+pub(crate) struct Problems<'a> {
+    /// The section's key path, such as `sinks.<name>`.
+    prefix: &'a str,
+    /// What was found so far.
+    pub(crate) found: Vec<Problem>,
+}
+
+impl<'a> Problems<'a> {
+    pub(crate) fn new(prefix: &'a str) -> Self {
+        Problems {
+            prefix,
+            found: Vec::new(),
+        }
+    }
+
+    /// Records a problem at `<prefix>.<field>`.
+    pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
+        self.found.push(Problem {
+            key: format!("{}.{field}", self.prefix),
+            message: message.into(),
+        });
+    }
+
+    /// The value of a field's check, or `None` with its error recorded at `<prefix>.<field>`.
+    pub(crate) fn check<T>(
+        &mut self,
+        field: &str,
+        checked: Result<T, impl fmt::Display>,
+    ) -> Option<T> {
+        match checked {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.add(field, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `Ok(value)` when nothing was found, else every problem.
+    pub(crate) fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<Problem>> {
+        if self.found.is_empty() {
+            Ok(value())
+        } else {
+            Err(self.found)
+        }
+    }
+}
+
+/// One value or a list of them (a list means any-of in routes): `url: nats://a:4222` or
+/// `url: [nats://a:4222, nats://b:4222]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Default for OneOrMany<T> {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A duration written the human way in the config: `10s`, `500ms`, `2h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not a duration like `10s` or `500ms` ({e})"
+                ))
+            })
+    }
+}
+
+impl serde::Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as `500ms`, `10s`, `5m` or `2h`.",
+            "pattern": "^\\s*[0-9]+\\s*[a-zµ]+(\\s*[0-9]+\\s*[a-zµ]+)*\\s*$"
+        })
+    }
+}
+
+/// Numbers may arrive as strings when they come from `${VAR}` expansion.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+pub(crate) fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(n),
+        NumberOrText::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a non-negative integer"))),
+    }
+}
+
+pub(crate) fn optional_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    number(d).map(Some)
+}
