@@ -18,7 +18,30 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use crate::event::DataKeys;
+/// Identifiers pulled out of `data` once, for routing, keys, templates and the CloudEvents subject.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataKeys {
+    pub account_id: Option<u64>,
+    /// The conversation's display id, when the event concerns one conversation.
+    pub conversation_id: Option<u64>,
+    pub inbox_id: Option<u64>,
+}
+
+impl DataKeys {
+    /// Reads the ids Chatwoot puts in `data`. Where the conversation id sits depends on the event:
+    /// message events carry `conversation_id`, typing events a nested `conversation`, and
+    /// conversation events are the conversation itself (`id`).
+    ///
+    /// An id is a non-negative integer or a string of one; anything else there is absent. `data`
+    /// that is not an object, gives one of these fields twice, or holds a value serde cannot read
+    /// (a number beyond `f64`, an escaped lone surrogate in such a field or in a key) has no ids
+    /// at all; inside `conversation` that drops only the nested ids. `data` must
+    /// already be known to be one JSON value: it is not checked again (the private `datakeys`
+    /// module says why).
+    pub fn extract(event: &str, data: &str) -> DataKeys {
+        read(event, data).unwrap_or_default()
+    }
+}
 
 /// [`DataKeys::extract`], which says what is read from where. `None` where serde failed to
 /// read `data` into a struct of the fields read here: that made every id absent.

@@ -1,0 +1,183 @@
+//! The spool record codec: an event as bytes on disk, and back.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::event::{content_hash, DataKeys, Event, EventId, JsonText};
+
+/// Why a spooled record could not be read back as an event.
+#[derive(Debug, thiserror::Error)]
+#[error("spool record is damaged or from an unknown version: {0}")]
+pub struct RecordError(&'static str);
+
+/// Version byte of the record layout, so a future layout can still read old spools.
+const RECORD_VERSION: u8 = 1;
+
+impl Event {
+    /// The event as a spool record: everything needed to deliver it again after a restart.
+    /// Layout (little endian): version, id (16), received_at seconds (8) and nanos (4), three
+    /// optional ids (flag + 8 each), then name, token, source and data, each length-prefixed (u32).
+    pub fn encode_record(&self, out: &mut Vec<u8>) {
+        let since_epoch = self
+            .received_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&self.id.0.to_le_bytes());
+        out.extend_from_slice(&since_epoch.as_secs().to_le_bytes());
+        out.extend_from_slice(&since_epoch.subsec_nanos().to_le_bytes());
+        for key in [
+            self.keys.account_id,
+            self.keys.conversation_id,
+            self.keys.inbox_id,
+        ] {
+            match key {
+                Some(value) => {
+                    out.push(1);
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+        }
+        for field in [&*self.name, &*self.token, &*self.source, self.data.get()] {
+            out.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            out.extend_from_slice(field.as_bytes());
+        }
+    }
+
+    /// Reads a record written by [`Event::encode_record`].
+    pub fn decode_record(mut bytes: &[u8]) -> Result<Event, RecordError> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], RecordError> {
+            if bytes.len() < n {
+                return Err(RecordError("truncated"));
+            }
+            let (head, tail) = bytes.split_at(n);
+            *bytes = tail;
+            Ok(head)
+        }
+        fn text<'a>(bytes: &mut &'a [u8]) -> Result<&'a str, RecordError> {
+            let len = u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize;
+            std::str::from_utf8(take(bytes, len)?).map_err(|_| RecordError("text is not UTF-8"))
+        }
+        if take(&mut bytes, 1)?[0] != RECORD_VERSION {
+            return Err(RecordError("unknown version"));
+        }
+        let id = u128::from_le_bytes(take(&mut bytes, 16)?.try_into().expect("16 bytes"));
+        let secs = u64::from_le_bytes(take(&mut bytes, 8)?.try_into().expect("8 bytes"));
+        let nanos = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().expect("4 bytes"));
+        let mut keys = [None; 3];
+        for key in &mut keys {
+            if take(&mut bytes, 1)?[0] == 1 {
+                *key = Some(u64::from_le_bytes(
+                    take(&mut bytes, 8)?.try_into().expect("8 bytes"),
+                ));
+            }
+        }
+        let name = text(&mut bytes)?;
+        let token = text(&mut bytes)?;
+        let source = text(&mut bytes)?;
+        let data = text(&mut bytes)?;
+        let (token, source) = shared_names(token, source);
+        Ok(Event {
+            id: EventId(id),
+            content_hash: content_hash(name, data),
+            name: name.into(),
+            data: JsonText::from_record(data),
+            token,
+            source,
+            received_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
+            keys: DataKeys {
+                account_id: keys[0],
+                conversation_id: keys[1],
+                inbox_id: keys[2],
+            },
+        })
+    }
+}
+
+/// How many (token, source) pairs each thread remembers for [`shared_names`]: more than the
+/// tokens whose events usually interleave in one sink's batch, few enough to search linearly.
+const SHARED_NAMES: usize = 8;
+
+thread_local! {
+    /// The token and source names of records decoded lately on this thread, most recent first.
+    /// A batch is a run of records from a few tokens: sharing their `Arc`s saves two allocations
+    /// per event. Per thread because the decoders (sink loops) share no state they could hold
+    /// it in.
+    static RECENT_NAMES: std::cell::RefCell<Vec<(Arc<str>, Arc<str>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `token` and `source` as shared strings, reusing those of a recent record when equal.
+fn shared_names(token: &str, source: &str) -> (Arc<str>, Arc<str>) {
+    RECENT_NAMES.with_borrow_mut(|recent| {
+        if let Some(i) = recent
+            .iter()
+            .position(|(t, s)| **t == *token && **s == *source)
+        {
+            let pair = recent[i].clone();
+            recent[..=i].rotate_right(1);
+            return pair;
+        }
+        if recent.len() == SHARED_NAMES {
+            recent.pop();
+        }
+        let pair: (Arc<str>, Arc<str>) = (Arc::from(token), Arc::from(source));
+        recent.insert(0, pair.clone());
+        pair
+    })
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        for (name, frame) in crate::mock::fixtures::ALL {
+            let (event, data) = crate::mock::fixtures::message(frame);
+            let mut original = Event::new(
+                &event,
+                data,
+                Arc::from("agent"),
+                Arc::from("wss://x/cable#agent"),
+                SystemTime::UNIX_EPOCH + std::time::Duration::new(1_781_964_126, 318_123_456),
+            );
+            original.id = EventId(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+            let mut bytes = Vec::new();
+            original.encode_record(&mut bytes);
+            let back = Event::decode_record(&bytes).unwrap();
+            assert_eq!(back.id, original.id, "{name}");
+            assert_eq!(back.name, original.name);
+            assert_eq!(back.data.get(), original.data.get());
+            assert_eq!(back.token, original.token);
+            assert_eq!(back.source, original.source);
+            assert_eq!(back.received_at, original.received_at);
+            assert_eq!(back.keys, original.keys);
+            assert_eq!(back.content_hash, original.content_hash);
+            for cut in [0, 1, 17, bytes.len() / 2, bytes.len() - 1] {
+                assert!(
+                    Event::decode_record(&bytes[..cut]).is_err(),
+                    "{name} cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn decoded_records_share_token_and_source() {
+        let record = |token: &str| {
+            let mut bytes = Vec::new();
+            Event::for_test("message.created", token, r#"{"id":1}"#).encode_record(&mut bytes);
+            Event::decode_record(&bytes).unwrap()
+        };
+        let (a, b, c) = (record("agent"), record("other"), record("agent"));
+        assert!(Arc::ptr_eq(&a.token, &c.token) && Arc::ptr_eq(&a.source, &c.source));
+        assert_eq!(&*b.token, "other");
+        assert_eq!(&*b.source, "ws://127.0.0.1/cable#other");
+        for i in 0..2 * SHARED_NAMES {
+            assert_eq!(&*record(&format!("t{i}")).token, format!("t{i}"));
+        }
+        assert_eq!(&*record("agent").token, "agent");
+    }
+}
