@@ -1,18 +1,18 @@
 //! Sinks: where events leave the bridge.
 //!
 //! # The sink contract
-//! Every sink implements [`Destination`], with the same verbs:
+//! Every sink implements `Destination`, with the same verbs:
 //! - **build**: from its validated settings (its `config.rs` turned the YAML into them before
 //!   anything connects) and the caller's [`SinkLimits`]. Fails only for settings that can never
 //!   work, with a typed error; a destination that is down now is reached later.
-//! - **send**: hands a batch over and returns its [`Confirmations`].
-//! - **confirm**: awaiting the [`Confirmations`] gives one [`Outcome`] per event, in batch order:
+//! - **send**: hands a batch over and returns its `Confirmations`.
+//! - **confirm**: awaiting the `Confirmations` gives one [`Outcome`] per event, in batch order:
 //!   delivered (the destination confirmed it), retryable, or permanent. The future owns what it
 //!   waits on (acks, delivery reports, a flush), so the next batch can be sent meanwhile.
 //! - **probe**: tries the destination once, for `check --connect`, without delivering anything.
 //! - **close**: flushes and releases the sink at shutdown.
 //!
-//! Each sink declares its ordering ([`Destination::ORDERED`]) and keeps the classification of its
+//! Each sink declares its ordering (`Destination::ORDERED`) and keeps the classification of its
 //! errors (retryable or permanent) in a pure function beside its transport, so the decision can
 //! be tested alone. Sinks hold no retry policy: the delivery loop decides what to do with each
 //! outcome.
@@ -20,7 +20,7 @@
 //! # Layout
 //! One folder per sink (`kafka/`, `nats/`, `http/`): `config.rs` (the serde config, its
 //! `validate`, the typed settings), `sink.rs` (the sink, its build error and its classifier),
-//! `mod.rs` (re-exports). A new sink copies a folder, implements [`Destination`], and adds a
+//! `mod.rs` (re-exports). A new sink copies a folder, implements `Destination`, and adds a
 //! variant to [`SinkConfig`], [`SinkKind`], [`Sink`] and the build error's cause. The CloudEvents
 //! bindings they share are in `cloudevents.rs`; `file.rs` is the file and stdout sink.
 

@@ -185,6 +185,8 @@ impl KafkaSink {
         }
     }
 
+    /// Hands one event to librdkafka, waiting while its local queue is full; the delivery
+    /// report to wait on, or the event's outcome when it cannot be produced at all.
     async fn enqueue(&self, event: &Event) -> Result<rdkafka::producer::DeliveryFuture, Outcome> {
         let topic = self
             .settings

@@ -121,34 +121,13 @@ impl Destination for NatsSink {
         settings: &Arc<NatsSettings>,
         limits: SinkLimits,
     ) -> Result<NatsSink, NatsBuildError> {
-        let mut options = match &settings.auth {
-            NatsAuth::None => ConnectOptions::new(),
-            NatsAuth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|source| NatsBuildError::Credentials {
-                    path: path.clone(),
-                    source,
-                })?,
-            NatsAuth::Token(token) => ConnectOptions::with_token(token.expose().to_owned()),
-            NatsAuth::UserPassword { user, password } => {
-                ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned())
-            }
-            NatsAuth::Nkey(seed) => ConnectOptions::with_nkey(seed.expose().to_owned()),
-        };
-        if let Some(tls) = &settings.tls {
-            if let Some(ca) = &tls.ca_file {
-                options = options.add_root_certificates(ca.clone());
-            }
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                options = options.add_client_certificate(cert.clone(), key.clone());
-            }
-        }
         let addrs: Vec<ServerAddr> = settings
             .urls
             .iter()
             .filter_map(|u| u.parse().ok())
             .collect();
-        let client = options
+        let client = connect_options(settings)
+            .await?
             .require_tls(settings.tls_required)
             .name("chatwoot-bridge")
             .retry_on_initial_connect()
@@ -248,7 +227,7 @@ impl NatsSink {
     /// keeps what it is given in its buffer and sends it once it reconnects: after the retries of
     /// the same events (extra copies of each, one per retry), and even after this sink was closed
     /// (the client's connection task keeps reconnecting until it succeeds, whoever holds the
-    /// client). Found by a test that restarted the bridge against a server that came back. A
+    /// client). A
     /// connection lost but not noticed yet (no read error, pings not yet missed) still counts as
     /// connected: what is published then can still go out again after the reconnect. The
     /// delivery loop hands nothing more over after a batch answered `NotConnected`, so later
@@ -379,6 +358,34 @@ impl NatsSink {
             payload(event, self.settings.envelope),
         ))
     }
+}
+
+/// The client's options for the configured authentication and TLS files; reading a `.creds`
+/// file is the only step that can fail here.
+async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, NatsBuildError> {
+    let mut options = match &settings.auth {
+        NatsAuth::None => ConnectOptions::new(),
+        NatsAuth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|source| NatsBuildError::Credentials {
+                path: path.clone(),
+                source,
+            })?,
+        NatsAuth::Token(token) => ConnectOptions::with_token(token.expose().to_owned()),
+        NatsAuth::UserPassword { user, password } => {
+            ConnectOptions::with_user_and_password(user.clone(), password.expose().to_owned())
+        }
+        NatsAuth::Nkey(seed) => ConnectOptions::with_nkey(seed.expose().to_owned()),
+    };
+    if let Some(tls) = &settings.tls {
+        if let Some(ca) = &tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    Ok(options)
 }
 
 /// Creates the stream, or adds this sink's subject filter to an existing one and sets its
