@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{self, PipelineStats, INGEST_CAPACITY};
 use crate::delivery::SinkLoop;
-use crate::sink::{Sink, SinkBuildError};
+use crate::sink::{Sink, SinkBuildError, SinkLimits};
 use crate::source::supervisor::Supervisor;
 use crate::spool::{FsyncMode, Spool, SpoolError};
 use crate::status::StatusBoard;
@@ -124,7 +124,11 @@ impl Bridge {
                 });
                 inputs_done
             };
-            let sink = Sink::build(name, &settings.kind).await?;
+            // A sink loop keeps up to MAX_UNCONFIRMED + MAX_BATCH - 1 events unconfirmed.
+            let limits = SinkLimits {
+                max_unconfirmed_events: crate::delivery::MAX_UNCONFIRMED + ingest::MAX_BATCH - 1,
+            };
+            let sink = Sink::build(name, &settings.kind, limits).await?;
             loops.push(SinkLoop {
                 name: name.clone(),
                 sink,

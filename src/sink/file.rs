@@ -1,13 +1,30 @@
 //! The embedded default sink: CloudEvents JSON lines appended to a file or written to stdout.
 
 use std::io;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::{ErrorClass, Outcome, SinkError};
+use super::{settled, Confirmations, Destination, ErrorClass, Outcome, SinkError, SinkLimits};
 use crate::event::Event;
+
+/// Where a file sink writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FileTarget {
+    /// Append to this file, created when missing.
+    Append(PathBuf),
+    /// Standard output.
+    Stdout,
+}
+
+/// Errors that stop a file sink from being created.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FileBuildError {
+    #[error("cannot open {} for appending: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+}
 
 /// Writes one CloudEvents structured-mode JSON object per line.
 pub struct FileSink {
@@ -18,27 +35,29 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    pub async fn open(path: &Path) -> io::Result<FileSink> {
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .await?;
+    async fn open(target: &FileTarget) -> Result<FileSink, FileBuildError> {
+        let out: Box<dyn AsyncWrite + Send + Sync + Unpin> = match target {
+            FileTarget::Append(path) => Box::new(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .await
+                    .map_err(|source| FileBuildError::Open {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+            FileTarget::Stdout => Box::new(tokio::io::stdout()),
+        };
         Ok(FileSink {
-            out: Box::new(file),
+            out,
             buffer: Vec::new(),
         })
     }
 
-    pub fn stdout() -> FileSink {
-        FileSink {
-            out: Box::new(tokio::io::stdout()),
-            buffer: Vec::new(),
-        }
-    }
-
     /// A batch is one write: the lines reach the OS together or the batch is retried whole.
-    pub async fn deliver(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+    async fn write(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
         self.buffer.clear();
         for event in batch {
             event.write_structured(&mut self.buffer);
@@ -60,14 +79,35 @@ impl FileSink {
             }
         }
     }
+}
 
-    pub async fn close(&mut self) {
+impl Destination for FileSink {
+    type Settings = FileTarget;
+    type BuildError = FileBuildError;
+    /// One writer, one sequential stream.
+    const ORDERED: bool = true;
+
+    async fn build(target: &FileTarget, _: SinkLimits) -> Result<FileSink, FileBuildError> {
+        FileSink::open(target).await
+    }
+
+    /// The batch is written before this returns: its outcomes are already known.
+    async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
+        settled(self.write(batch).await)
+    }
+
+    /// An open file (or stdout) is reached already.
+    async fn probe(&self, _within: Duration) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn close(&mut self) {
         let _ = self.out.flush().await;
     }
 }
 
 /// A full disk or a closed pipe may recover; data the OS refuses as invalid will not.
-pub fn classify(error: &io::Error) -> ErrorClass {
+pub(crate) fn classify(error: &io::Error) -> ErrorClass {
     match error.kind() {
         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => ErrorClass::Permanent,
         _ => ErrorClass::Retryable,
@@ -91,7 +131,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "existing\n").unwrap();
-        let mut sink = FileSink::open(&path).await.unwrap();
+        let mut sink = FileSink::open(&FileTarget::Append(path.clone()))
+            .await
+            .unwrap();
         let batch: Vec<Arc<Event>> = (0..3)
             .map(|i| {
                 Arc::new(Event::for_test(
@@ -101,7 +143,7 @@ mod tests {
                 ))
             })
             .collect();
-        let outcomes = sink.deliver(&batch).await;
+        let outcomes = sink.send(&batch).await.await;
         assert!(outcomes.iter().all(|o| matches!(o, Outcome::Delivered)));
         sink.close().await;
         let text = std::fs::read_to_string(&path).unwrap();

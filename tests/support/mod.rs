@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatwoot_bridge::config::{Config, SinkKind};
-use chatwoot_bridge::sink::Sink;
+use chatwoot_bridge::sink::{Sink, SinkLimits};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::service::service_fn;
@@ -519,11 +519,16 @@ pub fn sink_kind(name: &str, sink_yaml: &str) -> SinkKind {
     config.sinks[name].kind.clone()
 }
 
+/// The limits of a sink driven by a test: far more than the few batches a test hands over.
+const TEST_SINK_LIMITS: SinkLimits = SinkLimits {
+    max_unconfirmed_events: 8192,
+};
+
 /// Builds the sink named `name` from the YAML of one `sinks:` entry.
 pub async fn sink(name: &str, sink_yaml: &str) -> Sink {
     tokio::time::timeout(
         START_TIMEOUT,
-        Sink::build(name, &sink_kind(name, sink_yaml)),
+        Sink::build(name, &sink_kind(name, sink_yaml), TEST_SINK_LIMITS),
     )
     .await
     .expect("sink built in time")

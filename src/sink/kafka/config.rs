@@ -1,0 +1,151 @@
+//! `type: kafka` as written, and what it validates into.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::route::template::Template;
+use crate::sink::Envelope;
+use crate::types::{OneOrMany, Problem, Problems, Secret};
+
+/// `type: kafka` as written.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers: `host:port`, a comma-separated string or a list.
+    brokers: OneOrMany<String>,
+    /// Topic template, e.g. `chatwoot.{event}`.
+    topic: String,
+    /// Record key template; absent means `{account_id}:{conversation_id}` or the event id.
+    key: Option<String>,
+    /// Passed to librdkafka as is (SASL, SSL, compression, linger, ...); values may be secrets.
+    #[serde(default)]
+    librdkafka: BTreeMap<String, Secret>,
+    /// Binary (default) or structured CloudEvents.
+    #[serde(default)]
+    envelope: Envelope,
+}
+
+/// A validated Kafka sink.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Comma-separated bootstrap servers.
+    pub(crate) brokers: String,
+    /// Where each event goes.
+    pub(crate) topic: Template,
+    /// The record key; `None` is the conversation rule (see [`super::sink::default_key`]).
+    pub(crate) key: Option<Template>,
+    /// Operator overrides, applied after the sink's defaults.
+    pub(crate) librdkafka: Vec<(String, Secret)>,
+    /// Binary or structured CloudEvents.
+    pub(crate) envelope: Envelope,
+}
+
+impl KafkaConfig {
+    /// Checks the settings; `key` (`sinks.<name>`) prefixes every problem.
+    pub(crate) fn validate(self, key: &str) -> Result<KafkaSettings, Vec<Problem>> {
+        let mut problems = Problems::new(key);
+        let brokers: Vec<String> = self
+            .brokers
+            .into_vec()
+            .iter()
+            .flat_map(|b| b.split(','))
+            .map(|b| b.trim().to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if brokers.is_empty() {
+            problems.add("brokers", "names no broker");
+        }
+        let topic = problems.check("topic", Template::compile("topic", &self.topic));
+        if let Some(topic) = &topic {
+            for literal in topic.literals() {
+                if kafka_topic_literal_is_bad(literal) {
+                    problems.add(
+                        "topic",
+                        format!(
+                            "`{}` has characters Kafka does not allow in topic names (only A-Z a-z 0-9 . _ -)",
+                            topic.as_str()
+                        ),
+                    );
+                    break;
+                }
+            }
+        }
+        let record_key = match &self.key {
+            Some(text) => problems
+                .check("key", Template::compile("key", text))
+                .map(Some),
+            None => Some(None),
+        };
+        for name in self.librdkafka.keys() {
+            if matches!(name.as_str(), "bootstrap.servers" | "metadata.broker.list") {
+                problems.add(
+                    &format!("librdkafka.{name}"),
+                    "set the brokers with `brokers`, not here",
+                );
+            }
+        }
+        let librdkafka = self.librdkafka.into_iter().collect();
+        let envelope = self.envelope;
+        problems.finish(|| KafkaSettings {
+            brokers: brokers.join(","),
+            topic: topic.expect("no problems means the topic compiled"),
+            key: record_key.expect("no problems means the key compiled"),
+            librdkafka,
+            envelope,
+        })
+    }
+}
+
+/// Whether a literal part of a topic template has characters Kafka refuses in topic names.
+fn kafka_topic_literal_is_bad(literal: &str) -> bool {
+    !literal
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_problems_name_their_keys() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "",
+            "topic": "chatwoot {acount_id}",
+            "key": "{event",
+            "librdkafka": {"bootstrap.servers": "x", "sasl.password": "hunter2"}
+        }))
+        .unwrap();
+        let problems = config.validate("sinks.k").unwrap_err();
+        let text: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let text = text.join("\n");
+        assert!(text.contains("sinks.k.brokers: names no broker"), "{text}");
+        assert!(
+            text.contains("sinks.k.topic: unknown template field {acount_id}"),
+            "{text}"
+        );
+        assert!(text.contains("sinks.k.key: unbalanced braces"), "{text}");
+        assert!(
+            text.contains("sinks.k.librdkafka.bootstrap.servers"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn librdkafka_values_stay_out_of_debug_output() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": ["a:9092", "b:9092"],
+            "topic": "chatwoot.{event}",
+            "librdkafka": {"sasl.password": "hunter2"}
+        }))
+        .unwrap();
+        let settings = config.validate("sinks.k").unwrap();
+        assert_eq!(settings.brokers, "a:9092,b:9092");
+        let dump = format!("{settings:?}");
+        assert!(!dump.contains("hunter2"), "{dump}");
+        assert!(dump.contains("sasl.password"), "{dump}");
+    }
+}
