@@ -192,3 +192,62 @@ pub(super) fn scan_tail(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip_and_other_files_are_not_segments() {
+        let path = segment_path(Path::new("/spool"), 52113);
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, "00000000000000052113.log");
+        assert_eq!(parse_segment_name(name), Some(52113));
+        for other in [
+            "sinks.json",
+            "52113.log",
+            "0000000000000005211x.log",
+            "x.log",
+        ] {
+            assert_eq!(parse_segment_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn records_read_back_and_a_torn_tail_stops_the_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 5);
+        let mut buf = Vec::new();
+        encode_record(&mut buf, 5, 0b01, b"first");
+        encode_record(&mut buf, 6, 0b10, b"second");
+        let whole = buf.len() as u64;
+        assert_eq!(whole, 2 * HEADER_BYTES + 11);
+        buf.extend_from_slice(&[1, 2, 3]);
+        std::fs::write(&path, &buf).unwrap();
+
+        let mut cursor = SegmentCursor::open(path.clone(), 5).unwrap();
+        let mut payload = Vec::new();
+        assert!(matches!(
+            cursor.next(whole, u64::MAX, &mut payload).unwrap(),
+            Next::Record { seq: 5, mask: 0b01 }
+        ));
+        assert_eq!(payload, b"first");
+        assert!(matches!(
+            cursor.next(whole, 5, &mut payload).unwrap(),
+            Next::Stop
+        ));
+        assert!(matches!(
+            cursor.next(whole, u64::MAX, &mut payload).unwrap(),
+            Next::Record { seq: 6, mask: 0b10 }
+        ));
+        assert_eq!(payload, b"second");
+        assert!(matches!(
+            cursor.next(whole, u64::MAX, &mut payload).unwrap(),
+            Next::End
+        ));
+        assert_eq!(
+            scan_tail(&path, 5, buf.len() as u64).unwrap(),
+            (whole, Some(6))
+        );
+    }
+}

@@ -57,7 +57,9 @@
 //! from the bad record to the next segment and log it.
 //!
 //! # Memory
-//! Independent of the backlog: per segment, its base seq and size; per sink, a few counters;//!
+//! Independent of the backlog: per segment, its base seq and size; per sink, a few counters;
+//! per reader, one buffered file handle and the seqs it has read but not committed yet.
+//!
 //! # Code
 //! - this file: the [`Spool`] handle and its API, the configuration, the reports;
 //! - `format`: segment file names, record framing and CRC, reading a segment record by record;
@@ -200,9 +202,10 @@ pub struct SpoolPosition {
     pub offset: u64,
 }
 
-/// A snapshot of the spool's counters.
+/// A snapshot of the spool's counters (read by tests; nothing outside the spool needs them yet).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpoolStats {
+pub(crate) struct SpoolStats {
     /// Total size of the segment files.
     pub bytes: u64,
     /// Number of segment files, the active one included.
@@ -218,8 +221,9 @@ pub struct SpoolStats {
 }
 
 /// One sink's progress.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SinkStats {
+pub(crate) struct SinkStats {
     /// The sink's configured name, as given to [`Spool::open`].
     pub name: String,
     /// Every record of this sink up to this seq is done.
@@ -361,7 +365,9 @@ impl Spool {
         ))
     }
 
-    pub fn stats(&self) -> SpoolStats {
+    /// Counters: sizes, last seq, every sink's cursor and backlog, drops.
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> SpoolStats {
         let state = self.inner.lock();
         SpoolStats {
             bytes: state.total_bytes,

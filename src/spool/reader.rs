@@ -96,7 +96,7 @@ impl SpoolReader {
 
     /// Up to `max` records of this sink after the read position, in order, as (seq, payload).
     /// Empty when caught up. If `DropOldest` deleted records ahead of the position, it skips to
-    /// the oldest kept record (the loss is in [`SpoolReader::lost`] and the stats).
+    /// the oldest kept record (the loss is counted in the sink's registry entry, persisted).
     pub fn read_batch(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         if self.caught_up() {
             // Nothing was appended past the position: no file to look at.
@@ -142,7 +142,7 @@ impl SpoolReader {
 
     /// Takes records that the caller received in memory from the appender instead of reading
     /// them: `masks` are the sink masks of the records appended from `first_seq` on, and `end`
-    /// the [`AppendReport::end`] of that append. Records up to the position are passed over
+    /// the [`AppendReport::end`](super::AppendReport::end) of that append. Records up to the position are passed over
     /// (already read); the rest are tracked exactly as `read_batch` would have returned them.
     /// Returns the indices into `masks` of this sink's records, or `None` (nothing taken) when
     /// the records do not continue from the position: the ones in between must be read first.
@@ -234,7 +234,8 @@ impl SpoolReader {
 
     /// Moves the read position back to just after the committed cursor, so uncommitted records
     /// are read again.
-    pub fn rewind(&mut self) -> Result<(), SpoolError> {
+    #[cfg(test)]
+    pub(crate) fn rewind(&mut self) -> Result<(), SpoolError> {
         let state = self.inner.lock();
         self.pos = state.sinks[self.index].committed;
         drop(state);
@@ -247,7 +248,8 @@ impl SpoolReader {
     }
 
     /// Records of this sink deleted by `DropOldest` before it committed them, in total.
-    pub fn lost(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn lost(&self) -> u64 {
         self.inner.lock().sinks[self.index].lost
     }
 
