@@ -1,0 +1,333 @@
+//! Opening a spool directory: find the segments, cut a torn tail, load the registry, reconcile
+//! it with the configured sinks, and settle which segment appends go to.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::path::Path;
+
+use tracing::{info, warn};
+
+use super::error::{io_err, SpoolError};
+use super::format::{parse_segment_name, scan_tail, segment_path, sync_dir};
+use super::registry::{self, StateFile, MAX_SINKS};
+use super::state::{Segment, State};
+use super::SpoolConfig;
+
+/// The configured sink names without repeats, in order; checks the sizes and the sink count.
+pub(super) fn validate<'n>(
+    config: &SpoolConfig,
+    sinks: &'n [String],
+) -> Result<Vec<&'n String>, SpoolError> {
+    if config.segment_bytes == 0 || config.max_bytes == 0 {
+        return Err(SpoolError::Config(
+            "max_bytes and segment_bytes must be positive".into(),
+        ));
+    }
+    let mut names: Vec<&String> = Vec::new();
+    for name in sinks {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if names.len() > MAX_SINKS {
+        return Err(SpoolError::TooManySinks { count: names.len() });
+    }
+    Ok(names)
+}
+
+/// Whether the active segment found at open can be appended to as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActiveSegment {
+    /// It ends exactly where the next record goes (or is empty and starts there).
+    Continues,
+    /// Its last record is below the next seq (the tail was lost, `sinks.json` remembers
+    /// more): appends go to a new segment so each segment's seqs stay below the next base.
+    MustRoll,
+}
+
+impl State {
+    /// Creates `config.dir` if needed and recovers the spool in it after whatever happened
+    /// (clean close, process crash, machine crash), for the sinks in `names`.
+    pub(super) fn recover(config: &SpoolConfig, names: &[&String]) -> Result<State, SpoolError> {
+        let dir = &config.dir;
+        fs::create_dir_all(dir).map_err(io_err("create spool directory", dir))?;
+        let saved = registry::read_state_file(dir)?;
+        let mut segments = list_segments(dir)?;
+        let log_next = cut_torn_tail(dir, &mut segments)?;
+        let next_seq = resume_seq(log_next, saved.as_ref());
+
+        let mut sinks = registry::restore(dir, saved.as_ref(), names)?;
+        // Records appended after the cursor file was last written are not in its backlog counts.
+        let saved_next = saved.as_ref().map_or(0, |s| s.next_seq);
+        if saved_next > 0 && !sinks.is_empty() {
+            registry::count_backlog_since(dir, &segments, log_next, saved_next, &mut sinks)?;
+        }
+        registry::add_new_sinks(&mut sinks, names, next_seq)?;
+        registry::warn_unconfigured(&sinks);
+
+        let (active, how) = open_active_segment(dir, &mut segments, log_next, next_seq)?;
+        let mut state = State::new(segments, active, next_seq, sinks);
+        if how == ActiveSegment::MustRoll {
+            state.roll(config)?;
+        }
+        sync_dir(dir)?;
+        state.reclaim(dir)?;
+        state.persist(dir)?;
+        info!(dir = %dir.display(), segments = state.segments.len(), bytes = state.total_bytes,
+            next_seq, "spool open");
+        Ok(state)
+    }
+}
+
+/// The segment files in `dir`, oldest first, with their sizes.
+fn list_segments(dir: &Path) -> Result<VecDeque<Segment>, SpoolError> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("list spool directory", dir))? {
+        let entry = entry.map_err(io_err("list spool directory", dir))?;
+        if let Some(base) = entry.file_name().to_str().and_then(parse_segment_name) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    let mut segments = VecDeque::with_capacity(bases.len() + 1);
+    for &base in &bases {
+        let path = segment_path(dir, base);
+        let bytes = fs::metadata(&path)
+            .map_err(io_err("inspect spool segment", &path))?
+            .len();
+        segments.push_back(Segment { base, bytes });
+    }
+    Ok(segments)
+}
+
+/// Truncates the last segment at its first bad record; returns the seq after its last good
+/// one (1 when there is no segment).
+///
+/// Only the last segment can have a torn tail after a process crash (sealed ones were
+/// complete before the next was created).
+fn cut_torn_tail(dir: &Path, segments: &mut VecDeque<Segment>) -> Result<u64, SpoolError> {
+    let Some(last) = segments.back_mut() else {
+        return Ok(1);
+    };
+    let path = segment_path(dir, last.base);
+    let (good_bytes, last_seq) = scan_tail(&path, last.base, last.bytes)?;
+    if good_bytes < last.bytes {
+        warn!(segment = %path.display(), kept = good_bytes, cut = last.bytes - good_bytes,
+            "truncating a torn or corrupt tail left by a crash");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open spool segment", &path))?;
+        f.set_len(good_bytes)
+            .map_err(io_err("truncate spool segment", &path))?;
+        f.sync_all().map_err(io_err("fsync spool segment", &path))?;
+        last.bytes = good_bytes;
+    }
+    Ok(last_seq.map_or(last.base, |s| s + 1))
+}
+
+/// The seq the next record gets: past the log's last record, and never below what
+/// `sinks.json` saw handed out or committed (the log's tail may have been lost).
+fn resume_seq(log_next: u64, saved: Option<&StateFile>) -> u64 {
+    let saved_next = saved.map_or(0, |s| s.next_seq);
+    let max_committed = saved
+        .and_then(|s| s.sinks.iter().map(|e| e.committed).max())
+        .unwrap_or(0);
+    log_next.max(saved_next).max(max_committed + 1).max(1)
+}
+
+/// Opens the segment appends go to. It must be empty or end exactly at `next_seq`, so that
+/// every segment's seqs stay below the next one's base: an empty last segment at another base
+/// is replaced by one at `next_seq`; a non-empty one that ends below it must be rolled.
+fn open_active_segment(
+    dir: &Path,
+    segments: &mut VecDeque<Segment>,
+    log_next: u64,
+    next_seq: u64,
+) -> Result<(File, ActiveSegment), SpoolError> {
+    let mut how = ActiveSegment::Continues;
+    let active_path = match segments.back() {
+        None => {
+            segments.push_back(Segment {
+                base: next_seq,
+                bytes: 0,
+            });
+            segment_path(dir, next_seq)
+        }
+        Some(last) if last.bytes == 0 && last.base != next_seq => {
+            let old = segment_path(dir, last.base);
+            fs::remove_file(&old).map_err(io_err("delete spool segment", &old))?;
+            segments.pop_back();
+            segments.push_back(Segment {
+                base: next_seq,
+                bytes: 0,
+            });
+            segment_path(dir, next_seq)
+        }
+        Some(last) => {
+            if log_next != next_seq {
+                how = ActiveSegment::MustRoll;
+            }
+            segment_path(dir, last.base)
+        }
+    };
+    let active = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&active_path)
+        .map_err(io_err("open spool segment", &active_path))?;
+    Ok((active, how))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::{self, OpenOptions};
+    use std::os::unix::fs::FileExt;
+
+    use crate::spool::test_support::{backlog, config, names, read_all, segment_files};
+    use crate::spool::{FsyncMode, SinkMask, Spool, SpoolError, HEADER_BYTES};
+
+    enum Damage {
+        CutLastRecord,
+        AppendGarbage,
+        FlipPayloadByte,
+    }
+
+    fn recover_after(damage: Damage) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        if matches!(damage, Damage::CutLastRecord) {
+            // The same recovery whatever the policy; this runs the fsync path once.
+            cfg.fsync = FsyncMode::Always;
+        }
+        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let payloads: Vec<Vec<u8>> = (0..10)
+            .map(|i| format!("record {i}").into_bytes())
+            .collect();
+        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        drop(spool);
+
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let good_len = fs::metadata(&files[0]).unwrap().len();
+        let last_len = HEADER_BYTES + payloads[9].len() as u64;
+        let f = OpenOptions::new().write(true).open(&files[0]).unwrap();
+        let expect_kept = match damage {
+            Damage::CutLastRecord => {
+                f.set_len(good_len - last_len / 2).unwrap();
+                9
+            }
+            Damage::AppendGarbage => {
+                f.write_all_at(b"\x07\x00\x00\x00garbage that is not a record", good_len)
+                    .unwrap();
+                10
+            }
+            Damage::FlipPayloadByte => {
+                f.write_all_at(b"X", good_len - 1).unwrap();
+                9
+            }
+        };
+        drop(f);
+
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        let got = read_all(&mut reader);
+        assert_eq!(got.len(), expect_kept);
+        for (i, (seq, payload)) in got.iter().enumerate() {
+            assert_eq!(*seq, i as u64 + 1);
+            assert_eq!(payload, &payloads[i]);
+        }
+        let expected_len = if expect_kept == 10 {
+            good_len
+        } else {
+            good_len - last_len
+        };
+        assert_eq!(fs::metadata(&files[0]).unwrap().len(), expected_len);
+
+        // Appends go on, and never reuse the seq of the lost record.
+        let report = spool.append(&[(b"after".as_slice(), mask)]).unwrap();
+        assert_eq!(report.first_seq, Some(11));
+        assert_eq!(
+            reader.read_batch(10).unwrap(),
+            vec![(11, b"after".to_vec())]
+        );
+    }
+
+    #[test]
+    fn torn_last_record_is_truncated() {
+        recover_after(Damage::CutLastRecord);
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_truncated() {
+        recover_after(Damage::AppendGarbage);
+    }
+
+    #[test]
+    fn corrupt_last_record_is_truncated() {
+        recover_after(Damage::FlipPayloadByte);
+    }
+
+    #[test]
+    fn process_crash_redelivers_only_the_uncommitted_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let payloads: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        assert_eq!(reader.read_batch(1000).unwrap().len(), 100);
+        reader.commit(50).unwrap();
+        spool.sync().unwrap();
+        reader.commit(80).unwrap();
+        // Appended after the cursors were last written: the backlog must count them at open.
+        let more: Vec<Vec<u8>> = (100..110u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let batch: Vec<(&[u8], SinkMask)> = more.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        // A crash: no destructor runs, so nothing is persisted after the sync.
+        std::mem::forget(reader);
+        std::mem::forget(spool);
+
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let resumed_after = spool.stats().sinks[0].committed;
+        assert!(
+            resumed_after == 50 || resumed_after == 80,
+            "cursor {resumed_after}"
+        );
+        assert_eq!(backlog(&spool, "a"), 110 - resumed_after);
+        let mut reader = spool.reader("a").unwrap();
+        let got = read_all(&mut reader);
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (resumed_after + 1..=110).collect::<Vec<_>>());
+        for (seq, payload) in &got {
+            assert_eq!(payload, &(*seq as u32 - 1).to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn too_many_sinks_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let many: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+        assert!(matches!(
+            Spool::open(config(dir.path()), &many),
+            Err(SpoolError::TooManySinks { count: 65 })
+        ));
+        assert!(Spool::open(config(dir.path()), &many[..64]).is_ok());
+    }
+
+    #[test]
+    fn io_errors_name_the_operation_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, b"x").unwrap();
+        let err = Spool::open(config(&file.join("spool")), &names(&["a"])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("cannot create spool directory "), "{msg}");
+        assert!(msg.contains("not-a-dir/spool"), "{msg}");
+    }
+}

@@ -1,0 +1,336 @@
+//! The sink registry and its cursors: which mask bit is whose, how far each sink committed, its
+//! backlog; kept in `sinks.json` and persisted lazily.
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::error::{io_err, SpoolError};
+use super::format::{segment_path, Next, SegmentCursor};
+use super::state::{Segment, State};
+
+/// Bounds how many sinks a spool serves: one bit each in a `u64` mask.
+pub(crate) const MAX_SINKS: usize = 64;
+
+/// Bounds how long committed cursors go unpersisted while commits happen...
+pub(crate) const PERSIST_INTERVAL: Duration = Duration::from_millis(250);
+
+/// ...and how many commits they may lag, so a crash re-delivers a bounded window.
+pub(crate) const PERSIST_EVERY_COMMITS: u32 = 1024;
+
+/// Name of the registry and cursor file inside the spool directory.
+pub(super) const STATE_FILE: &str = "sinks.json";
+
+/// Version of `sinks.json`, so a future layout can tell old files apart.
+const STATE_VERSION: u32 = 1;
+
+/// One sink of the registry.
+#[derive(Debug, Clone)]
+pub(super) struct SinkState {
+    /// Configured name; the key of the registry.
+    pub(super) name: String,
+    /// Its bit in masks, stable across restarts.
+    pub(super) bit: u8,
+    /// Every record of this sink with seq <= committed is done.
+    pub(super) committed: u64,
+    /// Records routed to it after `committed`, for stats.
+    pub(super) pending: u64,
+    /// Records deleted by `DropOldest` before it committed them.
+    pub(super) lost: u64,
+    /// Only configured sinks hold back reclaiming and count losses.
+    pub(super) configured: bool,
+}
+
+/// Layout of `sinks.json`.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StateFile {
+    /// Layout version.
+    version: u32,
+    /// Seq the next record gets; keeps seqs monotonic when the log's tail was lost.
+    pub(super) next_seq: u64,
+    /// The registry with each sink's cursor.
+    pub(super) sinks: Vec<SinkEntry>,
+}
+
+/// One sink in `sinks.json`.
+#[derive(Serialize, Deserialize)]
+pub(super) struct SinkEntry {
+    /// The key: bits follow names, not positions in the configuration.
+    name: String,
+    /// Which bit of a record's mask is this sink's.
+    bit: u8,
+    /// Where the sink resumes after a restart.
+    pub(super) committed: u64,
+    /// Backlog at the time of writing; records appended afterwards are counted at open.
+    pending: u64,
+    /// Kept across restarts so that losses stay visible in stats.
+    lost: u64,
+}
+
+/// Reads `sinks.json`; `None` for a new spool.
+pub(super) fn read_state_file(dir: &Path) -> Result<Option<StateFile>, SpoolError> {
+    let state_path = dir.join(STATE_FILE);
+    match fs::read(&state_path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+            SpoolError::Corrupt {
+                path: state_path.clone(),
+                detail: e.to_string(),
+            }
+        })?)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read spool cursor file", &state_path)(e)),
+    }
+}
+
+/// The saved registry, each sink marked configured or not by `names`. Saved sinks keep their
+/// bits.
+pub(super) fn restore(
+    dir: &Path,
+    saved: Option<&StateFile>,
+    names: &[&String],
+) -> Result<Vec<SinkState>, SpoolError> {
+    let registry: Vec<SinkState> = saved
+        .map(|s| {
+            s.sinks
+                .iter()
+                .map(|e| SinkState {
+                    name: e.name.clone(),
+                    bit: e.bit,
+                    committed: e.committed,
+                    pending: e.pending,
+                    lost: e.lost,
+                    configured: names.contains(&&e.name),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if registry.iter().any(|s| usize::from(s.bit) >= MAX_SINKS) {
+        return Err(SpoolError::Corrupt {
+            path: dir.join(STATE_FILE),
+            detail: "sink bit out of range".into(),
+        });
+    }
+    Ok(registry)
+}
+
+/// Adds to each sink's backlog the records routed to it with seq in `from..to` (appended after
+/// the cursor file was written).
+pub(super) fn count_backlog_since(
+    dir: &Path,
+    segments: &VecDeque<Segment>,
+    to: u64,
+    from: u64,
+    registry: &mut [SinkState],
+) -> Result<(), SpoolError> {
+    if from >= to {
+        return Ok(());
+    }
+    let first = segments
+        .partition_point(|s| s.base <= from)
+        .saturating_sub(1);
+    let mut payload = Vec::new();
+    for seg in segments.iter().skip(first) {
+        let mut cursor = SegmentCursor::open(segment_path(dir, seg.base), seg.base)?;
+        loop {
+            match cursor.next(seg.bytes, u64::MAX, &mut payload)? {
+                Next::Record { seq, mask } if seq >= from => {
+                    for sink in registry.iter_mut() {
+                        if mask & (1 << sink.bit) != 0 && seq > sink.committed {
+                            sink.pending += 1;
+                        }
+                    }
+                }
+                Next::Record { .. } => {}
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Registers the configured sinks the registry does not know yet, each at the current end
+/// (everything up to `next_seq - 1` counts as committed), with a free bit.
+pub(super) fn add_new_sinks(
+    registry: &mut Vec<SinkState>,
+    names: &[&String],
+    next_seq: u64,
+) -> Result<(), SpoolError> {
+    for name in names {
+        if registry.iter().any(|s| &&s.name == name) {
+            continue;
+        }
+        let bit = free_bit(registry, names.len())?;
+        info!(sink = %name, bit, start = next_seq - 1, "new spool sink starts at the end");
+        registry.push(SinkState {
+            name: (*name).clone(),
+            bit,
+            committed: next_seq - 1,
+            pending: 0,
+            lost: 0,
+            configured: true,
+        });
+    }
+    Ok(())
+}
+
+/// A mask bit no sink of the registry holds; when every bit was handed out once, the bit of a
+/// sink that is no longer configured, which is then forgotten. `configured` is for the error.
+fn free_bit(registry: &mut Vec<SinkState>, configured: usize) -> Result<u8, SpoolError> {
+    let used = |bit: u8, reg: &[SinkState]| reg.iter().any(|s| s.bit == bit);
+    if let Some(bit) = (0..MAX_SINKS as u8).find(|&b| !used(b, registry)) {
+        return Ok(bit);
+    }
+    // Safe to reuse: the new sink starts at the end and never reads the old records.
+    let Some(i) = registry.iter().position(|s| !s.configured) else {
+        return Err(SpoolError::TooManySinks { count: configured });
+    };
+    let gone = registry.remove(i);
+    info!(sink = %gone.name, bit = gone.bit, "forgetting unconfigured sink to reuse its bit");
+    Ok(gone.bit)
+}
+
+/// Logs each sink that is in the registry but no longer configured.
+pub(super) fn warn_unconfigured(registry: &[SinkState]) {
+    for gone in registry.iter().filter(|s| !s.configured) {
+        warn!(sink = %gone.name, records = gone.pending,
+            "sink is no longer configured: its records are left behind and no longer hold back reclaiming");
+    }
+}
+
+impl State {
+    /// The registry entry of the configured sink `name`.
+    pub(super) fn configured_sink(&self, name: &str) -> Option<usize> {
+        self.sinks
+            .iter()
+            .position(|s| s.configured && s.name == name)
+    }
+
+    /// Whether enough commits or time went by since the cursors were last written.
+    pub(super) fn persist_due(&self) -> bool {
+        self.dirty_commits >= PERSIST_EVERY_COMMITS
+            || self.last_persist.elapsed() >= PERSIST_INTERVAL
+    }
+
+    /// Writes the cursor file now, under the lock (at open and at close).
+    pub(super) fn persist(&mut self, dir: &Path) -> Result<(), SpoolError> {
+        let json = self.snapshot(dir)?;
+        write_state_file(dir, &json)
+    }
+
+    /// The cursor file's content now; counts as persisted (the caller writes it).
+    pub(super) fn snapshot(&mut self, dir: &Path) -> Result<Vec<u8>, SpoolError> {
+        let file = StateFile {
+            version: STATE_VERSION,
+            next_seq: self.next_seq,
+            sinks: self
+                .sinks
+                .iter()
+                .map(|s| SinkEntry {
+                    name: s.name.clone(),
+                    bit: s.bit,
+                    committed: s.committed,
+                    pending: s.pending,
+                    lost: s.lost,
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| SpoolError::Corrupt {
+            path: dir.join(STATE_FILE),
+            detail: format!("cannot encode: {e}"),
+        })?;
+        self.dirty_commits = 0;
+        self.last_persist = Instant::now();
+        Ok(json)
+    }
+}
+
+/// Writes the cursor file atomically.
+pub(super) fn write_state_file(dir: &Path, json: &[u8]) -> Result<(), SpoolError> {
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let path = dir.join(STATE_FILE);
+    // Write, fsync, rename: a crash leaves either the old file or the new one, never a torn
+    // one. Always fsynced, whatever the policy: it is small and written a few times a
+    // second at most, and losing it would scramble which bit is which sink.
+    {
+        let mut f = File::create(&tmp).map_err(io_err("create spool cursor file", &tmp))?;
+        io::Write::write_all(&mut f, json).map_err(io_err("write spool cursor file", &tmp))?;
+        f.sync_all()
+            .map_err(io_err("fsync spool cursor file", &tmp))?;
+    }
+    fs::rename(&tmp, &path).map_err(io_err("replace spool cursor file", &path))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::spool::test_support::{append_n, append_one_by_one, config, names, read_all, REC};
+    use crate::spool::{SinkMask, Spool, SpoolError};
+
+    #[test]
+    fn sink_added_later_starts_at_the_end_and_bits_are_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let a = spool.mask(&["a"]);
+        append_n(&spool, 5, a);
+        drop(spool);
+
+        let spool = Spool::open(config(dir.path()), &names(&["b", "a"])).unwrap();
+        assert_eq!(
+            spool.mask(&["a"]),
+            a,
+            "a keeps its bit although b comes first now"
+        );
+        assert_ne!(spool.mask(&["b"]), a);
+        let mut b = spool.reader("b").unwrap();
+        assert!(b.read_batch(10).unwrap().is_empty());
+        append_n(&spool, 1, spool.mask(&["a", "b"]));
+        assert_eq!(
+            b.read_batch(10)
+                .unwrap()
+                .iter()
+                .map(|r| r.0)
+                .collect::<Vec<_>>(),
+            vec![6]
+        );
+        let mut a_reader = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut a_reader).len(), 6);
+        assert!(matches!(spool.reader("c"), Err(SpoolError::UnknownSink(_))));
+    }
+
+    #[test]
+    fn removed_sink_does_not_block_reclaiming() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.segment_bytes = 3 * REC;
+        let spool = Spool::open(cfg.clone(), &names(&["a", "gone"])).unwrap();
+        append_one_by_one(&spool, 20, spool.mask(&["a", "gone"]));
+        let mut a = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut a).len(), 20);
+        a.commit(20).unwrap();
+        assert!(
+            spool.stats().segments > 1,
+            "gone's backlog holds the segments"
+        );
+        drop(a);
+        drop(spool);
+
+        let spool = Spool::open(cfg.clone(), &names(&["a"])).unwrap();
+        let stats = spool.stats();
+        assert_eq!(stats.segments, 1);
+        let gone = stats.sinks.iter().find(|s| s.name == "gone").unwrap();
+        assert!(!gone.configured);
+        assert_eq!(gone.backlog, 20);
+        // Records are no longer routed to it, and it no longer holds back the next segments.
+        assert_eq!(spool.mask(&["gone"]), SinkMask(0));
+        append_one_by_one(&spool, 10, spool.mask(&["a"]));
+        let mut a = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut a).len(), 10);
+        a.commit(30).unwrap();
+        assert_eq!(spool.stats().segments, 1);
+    }
+}

@@ -1,0 +1,80 @@
+//! Helpers shared by the spool's tests.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::{
+    AppendReport, FsyncMode, SinkMask, Spool, SpoolConfig, SpoolReader, WhenFull, HEADER_BYTES,
+};
+
+pub(super) fn config(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 1 << 30,
+        segment_bytes: 4096,
+        fsync: FsyncMode::Never,
+        ..SpoolConfig::new(dir)
+    }
+}
+
+pub(super) fn names(sinks: &[&str]) -> Vec<String> {
+    sinks.iter().map(|s| s.to_string()).collect()
+}
+
+/// Everything the reader has left, in batches.
+pub(super) fn read_all(reader: &mut SpoolReader) -> Vec<(u64, Vec<u8>)> {
+    let mut all = Vec::new();
+    loop {
+        let batch = reader.read_batch(100).unwrap();
+        if batch.is_empty() {
+            return all;
+        }
+        all.extend(batch);
+    }
+}
+
+pub(super) fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+pub(super) fn backlog(spool: &Spool, sink: &str) -> u64 {
+    spool
+        .stats()
+        .sinks
+        .iter()
+        .find(|s| s.name == sink)
+        .unwrap()
+        .backlog
+}
+
+/// 100-byte payloads: 124 bytes a record on disk.
+pub(super) const REC: u64 = HEADER_BYTES + 100;
+
+pub(super) fn append_n(spool: &Spool, n: usize, mask: SinkMask) -> AppendReport {
+    let payload = [7u8; 100];
+    let batch: Vec<(&[u8], SinkMask)> = (0..n).map(|_| (payload.as_slice(), mask)).collect();
+    spool.append(&batch).unwrap()
+}
+
+/// One record per append, so that segments roll as they would under a steady trickle (a
+/// batch always goes into one segment: one write).
+pub(super) fn append_one_by_one(spool: &Spool, n: usize, mask: SinkMask) {
+    for _ in 0..n {
+        assert_eq!(append_n(spool, 1, mask).appended, 1);
+    }
+}
+
+/// A spool of ten records in segments of three, for `sinks`, with `when_full`.
+pub(super) fn small_spool(dir: &Path, sinks: &[&str], when_full: WhenFull) -> Spool {
+    let mut cfg = config(dir);
+    cfg.max_bytes = 10 * REC;
+    cfg.segment_bytes = 3 * REC;
+    cfg.when_full = when_full;
+    Spool::open(cfg, &names(sinks)).unwrap()
+}
