@@ -53,7 +53,7 @@ impl Secret {
     }
 
     /// The secret itself: call only where it goes on the wire.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -180,7 +180,7 @@ impl<T> Default for OneOrMany<T> {
 
 impl<T> OneOrMany<T> {
     /// The values as a list, a single one as a list of one.
-    pub fn into_vec(self) -> Vec<T> {
+    pub(crate) fn into_vec(self) -> Vec<T> {
         match self {
             OneOrMany::One(v) => vec![v],
             OneOrMany::Many(v) => v,

@@ -2,9 +2,9 @@
 //!
 //! Loading goes in three steps, each with errors that name the key path:
 //! 1. the `config` crate reads the YAML file and `CHATWOOT_BRIDGE__A__B` overrides into a tree;
-//! 2. `${VAR}` / `${VAR:-default}` are expanded in every string of that tree ([`expand`]);
-//! 3. the tree is deserialized into the `Raw*` schema ([`raw`], unknown keys rejected) and
-//!    validated section by section ([`validate`]) into [`Config`], whose values are the ones the
+//! 2. `${VAR}` / `${VAR:-default}` are expanded in every string of that tree (`expand`);
+//! 3. the tree is deserialized into the `Raw*` schema (`raw`, unknown keys rejected) and
+//!    validated section by section (`validate`) into [`Config`], whose values are the ones the
 //!    daemon uses as they are.
 //!
 //! The settings types themselves belong to the stages that use them and are re-exported here.
@@ -28,7 +28,7 @@ use expand::expand_tree;
 use raw::RawConfig;
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
-pub const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
+pub(crate) const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
 
 /// The JSON Schema of the config file, for editors (yaml-language-server) and `bridge.schema.json`.
 pub fn json_schema() -> String {
@@ -496,39 +496,40 @@ spool: { max_bytes: 100, fsync_interval: 0s }
     }
 
     /// What validation says about [`EVERY_MISTAKE`], line by line.
-    const EVERY_MISTAKE_REPORT: &[&str] = &[    "chatwoot.url: `https://chat.example.com/cable` must start with ws:// or wss://",
-    "chatwoot.origin: `ftp://chat.example.com` must start with http:// or https://",
-    "chatwoot.max_frame_bytes: 10 is too small; Chatwoot frames are often several KB",
-    "chatwoot.connect_timeout: must be greater than zero",
-    "chatwoot.presence_interval: must be at most 30 days",
-    "chatwoot.reconnect.max: must not be smaller than chatwoot.reconnect.initial",
-    "chatwoot.headers.X-Auth: value contains characters not allowed in an HTTP header",
-    "chatwoot.headers.bad name: is not a valid HTTP header name",
-    "tokens[0].name: `bad name` may contain only letters, digits, `-`, `_` and `.`",
-    "tokens[0].pubsub_token: is empty",
-    "tokens[0].user_id: an agent token needs user_id with account_id (Chatwoot ignores the subscription otherwise)",
-    "tokens[1].account_id: an agent token needs account_id with user_id",
-    "tokens[1].url: `http://x/cable` must start with ws:// or wss://",
-    "tokens[2].name: `twin` is used by another token already",
-    "tokens[2].url: must not contain credentials (user:password@); use chatwoot.headers",
-    "sinks.bad sink: `bad sink` may contain only letters, digits, `-`, `_` and `.`",
-    "sinks.bad sink.fields.drop[0]: `a..b` has an empty segment",
-    "sinks.bad sink.retry: initial must be above zero and max at least initial",
-    "sinks.hook.url: `ftp://x/` must start with http:// or https://",
-    "sinks.hook.method: `GET` is not one of POST, PUT, PATCH (a webhook carries a body)",
-    "sinks.hook.dead_letter: `parking` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk",
-    "sinks.lost.dead_letter: no sink is named `nowhere` (sinks: bad sink, hook, lost, parking, self)",
-    "sinks.parking.dead_letter: `hook` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk",
-    "sinks.self.dead_letter: a sink cannot be its own dead letter sink",
-    "routes[0].to: names no sink",
-    "routes[1].name: `r` is used by another route already",
-    "routes[1].to[1]: no sink is named `nope` (sinks: bad sink, hook, lost, parking, self)",
-    "unmatched: must be `drop` or a sink name; no sink is named `elsewhere` (sinks: bad sink, hook, lost, parking, self)",
-    "spool.max_bytes: 100 is too small; give the spool at least 1 MiB (1048576)",
-    "spool.fsync_interval: must be greater than zero",
-    "routes[1].match.token[0]: no token is named `nobody`",
-    "routes[1].match.where[0].matches: not a valid regular expression: regex parse error:\n    (\n    ^\nerror: unclosed group",
-];
+    const EVERY_MISTAKE_REPORT: &[&str] = &[
+        "chatwoot.url: `https://chat.example.com/cable` must start with ws:// or wss://",
+        "chatwoot.origin: `ftp://chat.example.com` must start with http:// or https://",
+        "chatwoot.max_frame_bytes: 10 is too small; Chatwoot frames are often several KB",
+        "chatwoot.connect_timeout: must be greater than zero",
+        "chatwoot.presence_interval: must be at most 30 days",
+        "chatwoot.reconnect.max: must not be smaller than chatwoot.reconnect.initial",
+        "chatwoot.headers.X-Auth: value contains characters not allowed in an HTTP header",
+        "chatwoot.headers.bad name: is not a valid HTTP header name",
+        "tokens[0].name: `bad name` may contain only letters, digits, `-`, `_` and `.`",
+        "tokens[0].pubsub_token: is empty",
+        "tokens[0].user_id: an agent token needs user_id with account_id (Chatwoot ignores the subscription otherwise)",
+        "tokens[1].account_id: an agent token needs account_id with user_id",
+        "tokens[1].url: `http://x/cable` must start with ws:// or wss://",
+        "tokens[2].name: `twin` is used by another token already",
+        "tokens[2].url: must not contain credentials (user:password@); use chatwoot.headers",
+        "sinks.bad sink: `bad sink` may contain only letters, digits, `-`, `_` and `.`",
+        "sinks.bad sink.fields.drop[0]: `a..b` has an empty segment",
+        "sinks.bad sink.retry: initial must be above zero and max at least initial",
+        "sinks.hook.url: `ftp://x/` must start with http:// or https://",
+        "sinks.hook.method: `GET` is not one of POST, PUT, PATCH (a webhook carries a body)",
+        "sinks.hook.dead_letter: `parking` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk",
+        "sinks.lost.dead_letter: no sink is named `nowhere` (sinks: bad sink, hook, lost, parking, self)",
+        "sinks.parking.dead_letter: `hook` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk",
+        "sinks.self.dead_letter: a sink cannot be its own dead letter sink",
+        "routes[0].to: names no sink",
+        "routes[1].name: `r` is used by another route already",
+        "routes[1].to[1]: no sink is named `nope` (sinks: bad sink, hook, lost, parking, self)",
+        "unmatched: must be `drop` or a sink name; no sink is named `elsewhere` (sinks: bad sink, hook, lost, parking, self)",
+        "spool.max_bytes: 100 is too small; give the spool at least 1 MiB (1048576)",
+        "spool.fsync_interval: must be greater than zero",
+        "routes[1].match.token[0]: no token is named `nobody`",
+        "routes[1].match.where[0].matches: not a valid regular expression: regex parse error:\n    (\n    ^\nerror: unclosed group",
+    ];
 
     #[test]
     fn yaml_syntax_error_is_reported() {
