@@ -3,6 +3,7 @@
 //!
 //! A leaf: it imports nothing of the crate, so every stage may describe its own settings with it.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -46,12 +47,13 @@ impl<'de> Deserialize<'de> for Secret {
 }
 
 impl Secret {
+    /// Wraps a value that must stay out of logs, metrics and error messages.
     pub fn new(value: impl Into<String>) -> Self {
         Secret(value.into())
     }
 
     /// The secret itself: call only where it goes on the wire.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -65,7 +67,9 @@ impl fmt::Debug for Secret {
 /// One validation failure: the key path and what is wrong there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// Where in the config: a key path such as `sinks.archive.fields.drop[1]`.
     pub key: String,
+    /// What is wrong there, written for the operator who fixes it.
     pub message: String,
 }
 
@@ -76,25 +80,41 @@ impl fmt::Display for Problem {
 }
 
 /// Where a section's problems are reported: collects them with their full key path.
+///
+/// A section's validation adds problems at its own fields (`add`, `check`) and takes in what
+/// the validation of a part below it found (`absorb`), so every problem of a config is reported
+/// in one list, in the order the checks ran.
 pub(crate) struct Problems<'a> {
-    /// The section's key path, such as `sinks.<name>`.
-    prefix: &'a str,
+    /// The section's key path, such as `sinks.<name>`; empty at the config's top level, where
+    /// fields are keys of their own.
+    prefix: Cow<'a, str>,
     /// What was found so far.
     pub(crate) found: Vec<Problem>,
 }
 
 impl<'a> Problems<'a> {
-    pub(crate) fn new(prefix: &'a str) -> Self {
+    /// Collects the problems of the section at `prefix`.
+    pub(crate) fn new(prefix: impl Into<Cow<'a, str>>) -> Self {
         Problems {
-            prefix,
+            prefix: prefix.into(),
             found: Vec::new(),
         }
     }
 
-    /// Records a problem at `<prefix>.<field>`.
+    /// Collects the problems of a whole config: each field is a top-level key.
+    pub(crate) fn top_level() -> Self {
+        Problems::new("")
+    }
+
+    /// Records a problem at `<prefix>.<field>` (at `field` itself at the top level).
     pub(crate) fn add(&mut self, field: &str, message: impl Into<String>) {
+        let key = if self.prefix.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{}.{field}", self.prefix)
+        };
         self.found.push(Problem {
-            key: format!("{}.{field}", self.prefix),
+            key,
             message: message.into(),
         });
     }
@@ -114,6 +134,23 @@ impl<'a> Problems<'a> {
         }
     }
 
+    /// The value of a part's own validation, or `None` with the problems it found recorded
+    /// after those found so far, keyed as that validation keyed them.
+    pub(crate) fn absorb<T>(&mut self, checked: Result<T, Vec<Problem>>) -> Option<T> {
+        match checked {
+            Ok(value) => Some(value),
+            Err(found) => {
+                self.found.extend(found);
+                None
+            }
+        }
+    }
+
+    /// Takes in what a section below this one found, after the problems found so far.
+    pub(crate) fn include(&mut self, section: Problems<'_>) {
+        self.found.extend(section.found);
+    }
+
     /// `Ok(value)` when nothing was found, else every problem.
     pub(crate) fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, Vec<Problem>> {
         if self.found.is_empty() {
@@ -129,7 +166,9 @@ impl<'a> Problems<'a> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
+    /// A single value written without a list.
     One(T),
+    /// A list, possibly empty.
     Many(Vec<T>),
 }
 
@@ -140,7 +179,8 @@ impl<T> Default for OneOrMany<T> {
 }
 
 impl<T> OneOrMany<T> {
-    pub fn into_vec(self) -> Vec<T> {
+    /// The values as a list, a single one as a list of one.
+    pub(crate) fn into_vec(self) -> Vec<T> {
         match self {
             OneOrMany::One(v) => vec![v],
             OneOrMany::Many(v) => v,
@@ -150,7 +190,10 @@ impl<T> OneOrMany<T> {
 
 /// A duration written the human way in the config: `10s`, `500ms`, `2h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
+pub struct HumanDuration(
+    /// The duration the text stands for.
+    pub Duration,
+);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -193,6 +236,7 @@ enum NumberOrText {
     Text(String),
 }
 
+/// A non-negative integer written as a number or as text (`${VAR}` expansions are text).
 pub(crate) fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match NumberOrText::deserialize(d)? {
         NumberOrText::Number(n) => Ok(n),
@@ -203,6 +247,7 @@ pub(crate) fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// [`number`] for an optional field: present means `Some`.
 pub(crate) fn optional_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     number(d).map(Some)
 }

@@ -1,0 +1,267 @@
+//! The config file as written: the `Raw*` serde types, their defaults, and so the JSON Schema.
+//!
+//! Unknown keys are refused. Every default is read from the settings type of the stage that
+//! uses it ([`CableSettings`], [`ReconnectSettings`], [`RetrySettings`], [`SpoolConfig`]), so
+//! each is written once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::delivery::retry::RetrySettings;
+use crate::route::redact::FieldsSpec;
+use crate::route::RouteSpec;
+use crate::sink::SinkConfig;
+use crate::source::settings::{CableSettings, ReconnectSettings};
+use crate::spool::{FsyncMode, SpoolConfig, WhenFull};
+use crate::types::{number, optional_number, HumanDuration, Secret};
+
+/// chatwoot-bridge configuration: Chatwoot's cable, the tokens to listen with, the sinks, and
+/// the routes between them.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "chatwoot-bridge config")]
+pub(super) struct RawConfig {
+    /// Where Chatwoot's cable is and how the sockets to it behave.
+    pub(super) chatwoot: RawChatwoot,
+    /// The pubsub tokens to listen with: one socket each.
+    pub(super) tokens: Vec<RawToken>,
+    /// Where events are delivered, by a name routes refer to.
+    #[serde(default)]
+    pub(super) sinks: BTreeMap<String, RawSink>,
+    /// Which events go to which sinks, tried in order.
+    #[serde(default)]
+    pub(super) routes: Vec<RouteSpec>,
+    /// `drop` (default) or the name of a sink for events no route matches.
+    #[serde(default)]
+    pub(super) unmatched: Option<String>,
+    /// The durable local queue every event is written to before any sink sees it.
+    #[serde(default)]
+    pub(super) spool: RawSpool,
+    /// How long shutdown may take to deliver what is in flight before it gives up.
+    #[serde(default = "default_shutdown_timeout")]
+    pub(super) shutdown_timeout: HumanDuration,
+}
+
+/// Chatwoot's ActionCable endpoint, and the timing and limits of every socket to it.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawChatwoot {
+    /// The cable endpoint (`ws://` or `wss://`), such as `wss://chat.example.com/cable`.
+    pub(super) url: String,
+    /// The `Origin` header sent on connect; derived from `url` when left out.
+    pub(super) origin: Option<String>,
+    /// Extra handshake headers, for a proxy in front of Chatwoot; values are kept secret.
+    #[serde(default)]
+    pub(super) headers: BTreeMap<String, Secret>,
+    /// Bound on TCP connect plus the WebSocket handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub(super) connect_timeout: HumanDuration,
+    /// A subscription still unconfirmed after this long is reported unconfirmed (Chatwoot
+    /// answers a bad token with silence).
+    #[serde(default = "default_confirm_timeout")]
+    pub(super) confirm_timeout: HumanDuration,
+    /// Silence after which a socket is considered dead and reconnected.
+    #[serde(default = "default_stale_after")]
+    pub(super) stale_after: HumanDuration,
+    /// How often tokens with `presence: true` send `update_presence`.
+    #[serde(default = "default_presence_interval")]
+    pub(super) presence_interval: HumanDuration,
+    /// Largest frame accepted; a larger one ends the connection.
+    #[serde(default = "default_max_frame_bytes", deserialize_with = "number")]
+    #[schemars(with = "u64")]
+    pub(super) max_frame_bytes: u64,
+    /// Backoff between reconnects.
+    #[serde(default)]
+    pub(super) reconnect: RawReconnect,
+}
+
+/// Exponential backoff with full jitter between reconnects.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReconnect {
+    /// Ceiling of the first delay (full jitter below it).
+    #[serde(default = "default_reconnect_initial")]
+    pub(super) initial: HumanDuration,
+    /// Largest ceiling the delays grow to.
+    #[serde(default = "default_reconnect_max")]
+    pub(super) max: HumanDuration,
+    /// A connection subscribed this long starts the backoff over.
+    #[serde(default = "default_reconnect_reset_after")]
+    pub(super) reset_after: HumanDuration,
+    /// Delay after Chatwoot disconnects with `reconnect: false`.
+    #[serde(default = "default_no_reconnect_delay")]
+    pub(super) after_disconnect_without_reconnect: HumanDuration,
+}
+
+impl Default for RawReconnect {
+    fn default() -> Self {
+        RawReconnect {
+            initial: default_reconnect_initial(),
+            max: default_reconnect_max(),
+            reset_after: default_reconnect_reset_after(),
+            after_disconnect_without_reconnect: default_no_reconnect_delay(),
+        }
+    }
+}
+
+/// One pubsub token to listen with: an agent's (with `account_id` and `user_id`) or a
+/// contact's.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawToken {
+    /// The label of this token in routes, logs and metrics; never the secret.
+    pub(super) name: String,
+    /// The token's secret: an agent's or a contact's pubsub token.
+    pub(super) pubsub_token: Secret,
+    /// With `user_id`: an agent token of this account.
+    #[serde(default, deserialize_with = "optional_number")]
+    #[schemars(with = "Option<u64>")]
+    pub(super) account_id: Option<u64>,
+    /// With `account_id`: the agent the token belongs to.
+    #[serde(default, deserialize_with = "optional_number")]
+    #[schemars(with = "Option<u64>")]
+    pub(super) user_id: Option<u64>,
+    /// A cable endpoint of this token's own, instead of `chatwoot.url`.
+    pub(super) url: Option<String>,
+    /// Send `update_presence`, which shows the agent online.
+    #[serde(default)]
+    pub(super) presence: bool,
+}
+
+/// A sink entry: its kind plus what every kind shares.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub(super) struct RawSink {
+    /// The `type` and its own settings. Unknown keys are still refused: they reach the tagged
+    /// enum, which denies them.
+    #[serde(flatten)]
+    pub(super) kind: SinkConfig,
+    /// Keep `pubsub_token` keys in `data` (removed by default: they are contacts' credentials).
+    #[serde(default)]
+    pub(super) keep_pubsub_tokens: bool,
+    /// Paths in `data` this sink must not see.
+    #[serde(default)]
+    pub(super) fields: FieldsSpec,
+    /// Backoff between delivery attempts, and when to give up on an event.
+    #[serde(default)]
+    pub(super) retry: RawRetry,
+    /// Send this sink's dead letters to another sink instead of keeping them on local disk.
+    #[serde(default)]
+    pub(super) dead_letter: Option<String>,
+}
+
+/// Exponential backoff with full jitter between delivery attempts of one event.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetry {
+    /// Ceiling of the first retry delay (full jitter below it).
+    #[serde(default = "default_retry_initial")]
+    pub(super) initial: HumanDuration,
+    /// Largest ceiling the delays grow to.
+    #[serde(default = "default_retry_max")]
+    pub(super) max: HumanDuration,
+    /// An event still failing this long after its first attempt goes to the dead letters.
+    #[serde(default = "default_retry_max_elapsed")]
+    pub(super) max_elapsed: HumanDuration,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            initial: default_retry_initial(),
+            max: default_retry_max(),
+            max_elapsed: default_retry_max_elapsed(),
+        }
+    }
+}
+
+/// The spool on disk: where it is, how big it may grow, and how careful it is.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSpool {
+    /// Folder of the spool segments, cursors and dead letters.
+    #[serde(default = "default_spool_dir")]
+    pub(super) dir: PathBuf,
+    /// Size cap of the spool on disk, in bytes.
+    #[serde(default = "default_spool_max_bytes")]
+    #[schemars(with = "u64")]
+    #[serde(deserialize_with = "number")]
+    pub(super) max_bytes: u64,
+    /// `interval` (fsync every `fsync_interval` and at shutdown), `always` (before an event
+    /// counts as accepted), or `never` (leave it to the OS).
+    #[serde(default)]
+    pub(super) fsync: FsyncMode,
+    /// How often the spool is fsynced under `fsync: interval`.
+    #[serde(default = "default_fsync_interval")]
+    pub(super) fsync_interval: HumanDuration,
+    /// What to do when the spool is full: `drop_newest` or `drop_oldest` (counted, logged).
+    #[serde(default)]
+    pub(super) when_full: WhenFull,
+}
+
+impl Default for RawSpool {
+    fn default() -> Self {
+        RawSpool {
+            dir: default_spool_dir(),
+            max_bytes: default_spool_max_bytes(),
+            fsync: FsyncMode::default(),
+            fsync_interval: default_fsync_interval(),
+            when_full: WhenFull::default(),
+        }
+    }
+}
+
+/// Upper bound of a graceful shutdown when the config does not set one.
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_SHUTDOWN_TIMEOUT)
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(CableSettings::default().connect_timeout)
+}
+fn default_confirm_timeout() -> HumanDuration {
+    HumanDuration(CableSettings::default().confirm_timeout)
+}
+fn default_stale_after() -> HumanDuration {
+    HumanDuration(CableSettings::default().stale_after)
+}
+fn default_presence_interval() -> HumanDuration {
+    HumanDuration(CableSettings::default().presence_interval)
+}
+fn default_max_frame_bytes() -> u64 {
+    CableSettings::default().max_frame_bytes as u64
+}
+fn default_reconnect_initial() -> HumanDuration {
+    HumanDuration(ReconnectSettings::default().initial)
+}
+fn default_reconnect_max() -> HumanDuration {
+    HumanDuration(ReconnectSettings::default().max)
+}
+fn default_reconnect_reset_after() -> HumanDuration {
+    HumanDuration(ReconnectSettings::default().reset_after)
+}
+fn default_no_reconnect_delay() -> HumanDuration {
+    HumanDuration(ReconnectSettings::default().after_disconnect_without_reconnect)
+}
+fn default_retry_initial() -> HumanDuration {
+    HumanDuration(RetrySettings::default().initial)
+}
+fn default_retry_max() -> HumanDuration {
+    HumanDuration(RetrySettings::default().max)
+}
+fn default_retry_max_elapsed() -> HumanDuration {
+    HumanDuration(RetrySettings::default().max_elapsed)
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("spool")
+}
+fn default_spool_max_bytes() -> u64 {
+    SpoolConfig::new(default_spool_dir()).max_bytes
+}
+fn default_fsync_interval() -> HumanDuration {
+    HumanDuration(SpoolConfig::new(default_spool_dir()).fsync_interval)
+}

@@ -1,0 +1,474 @@
+//! The config as written, checked into each stage's settings: one check per section, each
+//! reporting into the same [`Problems`], so that every problem of a file is reported at once,
+//! with its key path, in the order of the sections.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
+
+use super::raw::{RawChatwoot, RawConfig, RawSink, RawSpool, RawToken};
+use super::{Config, ConfigError, SinkSettings};
+use crate::delivery::retry::RetrySettings;
+use crate::route::jsonpath::JsonPath;
+use crate::route::redact::Redaction;
+use crate::route::{RouteSpec, RouteTable};
+use crate::sink::SinkKind;
+use crate::source::settings::{CableSettings, Identity, ReconnectSettings, TokenSpec};
+use crate::spool::SpoolConfig;
+use crate::types::{Problems, Secret};
+
+/// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Smallest `chatwoot.max_frame_bytes` accepted: Chatwoot frames are often several KB.
+const MIN_FRAME_BYTES: u64 = 1024;
+
+/// Smallest `spool.max_bytes` accepted.
+const MIN_SPOOL_BYTES: u64 = 1 << 20;
+
+impl RawConfig {
+    /// The config the daemon runs on, or every problem found in any section.
+    pub(super) fn validate(self) -> Result<Config, ConfigError> {
+        let RawConfig {
+            chatwoot,
+            tokens,
+            sinks,
+            routes,
+            unmatched,
+            spool,
+            shutdown_timeout,
+        } = self;
+        let mut problems = Problems::top_level();
+        let chatwoot = check_cable(chatwoot, &mut problems);
+        let tokens = check_tokens(tokens, &chatwoot, &mut problems);
+        let sinks = check_sinks(sinks, &mut problems);
+        let routes = check_routes(routes, unmatched, &sinks, &mut problems);
+        let spool = check_spool(spool, chatwoot.max_frame_bytes, &mut problems);
+        // Compiled last: the problems of conditions and token names come after all the others.
+        let table = RouteTable::compile(routes.specs, &tokens.names, routes.unmatched);
+        let Some(routes) = problems.absorb(table) else {
+            return Err(ConfigError::Invalid(problems.found));
+        };
+        problems
+            .finish(|| Config {
+                cable: chatwoot.cable,
+                tokens: tokens.specs,
+                sinks,
+                routes,
+                spool,
+                shutdown_timeout: shutdown_timeout.0,
+            })
+            .map_err(ConfigError::Invalid)
+    }
+}
+
+/// The `chatwoot:` section checked: what every socket shares and what tokens inherit.
+struct Chatwoot {
+    /// Timing and limits of every socket.
+    cable: CableSettings,
+    /// Where tokens without a `url` of their own connect.
+    url: String,
+    /// The `Origin` of tokens without a `url` of their own, when the config sets one.
+    origin: Option<String>,
+    /// The handshake headers every token sends.
+    headers: Vec<(String, Secret)>,
+    /// The frame limit as written: the spool must hold two such frames.
+    max_frame_bytes: u64,
+}
+
+/// Checks `chatwoot:`: its URL and origin, limits, durations and headers.
+fn check_cable(raw: RawChatwoot, problems: &mut Problems<'_>) -> Chatwoot {
+    let mut at = Problems::new("chatwoot");
+    at.check("url", check_cable_url(&raw.url));
+    if let Some(origin) = &raw.origin {
+        if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            at.add(
+                "origin",
+                format!("`{origin}` must start with http:// or https://"),
+            );
+        }
+    }
+    let max_frame_bytes = raw.max_frame_bytes;
+    if max_frame_bytes < MIN_FRAME_BYTES {
+        at.add(
+            "max_frame_bytes",
+            format!("{max_frame_bytes} is too small; Chatwoot frames are often several KB"),
+        );
+    }
+    let reconnect = &raw.reconnect;
+    for (field, value) in [
+        ("connect_timeout", raw.connect_timeout.0),
+        ("confirm_timeout", raw.confirm_timeout.0),
+        ("stale_after", raw.stale_after.0),
+        ("presence_interval", raw.presence_interval.0),
+        ("reconnect.initial", reconnect.initial.0),
+        ("reconnect.max", reconnect.max.0),
+    ] {
+        at.check(field, check_duration(value));
+    }
+    if reconnect.max.0 < reconnect.initial.0 {
+        at.add(
+            "reconnect.max",
+            "must not be smaller than chatwoot.reconnect.initial",
+        );
+    }
+    check_headers(&raw.headers, &mut at);
+    problems.include(at);
+    Chatwoot {
+        cable: CableSettings {
+            connect_timeout: raw.connect_timeout.0,
+            confirm_timeout: raw.confirm_timeout.0,
+            stale_after: raw.stale_after.0,
+            presence_interval: raw.presence_interval.0,
+            max_frame_bytes: max_frame_bytes as usize,
+            reconnect: ReconnectSettings {
+                initial: raw.reconnect.initial.0,
+                max: raw.reconnect.max.0,
+                reset_after: raw.reconnect.reset_after.0,
+                after_disconnect_without_reconnect: raw
+                    .reconnect
+                    .after_disconnect_without_reconnect
+                    .0,
+            },
+        },
+        url: raw.url,
+        origin: raw.origin,
+        headers: raw.headers.into_iter().collect(),
+        max_frame_bytes,
+    }
+}
+
+/// A timeout or interval: above zero, and short enough for `Instant` to hold.
+fn check_duration(value: Duration) -> Result<(), &'static str> {
+    if value.is_zero() {
+        Err("must be greater than zero")
+    } else if value > MAX_DURATION {
+        Err("must be at most 30 days")
+    } else {
+        Ok(())
+    }
+}
+
+/// Handshake headers must be valid HTTP; a value is never echoed, as it may be a credential.
+fn check_headers(headers: &BTreeMap<String, Secret>, at: &mut Problems<'_>) {
+    for (name, value) in headers {
+        let field = format!("headers.{name}");
+        if HeaderName::try_from(name.as_str()).is_err() {
+            at.add(&field, "is not a valid HTTP header name");
+        }
+        if HeaderValue::from_str(value.expose()).is_err() {
+            at.add(
+                &field,
+                "value contains characters not allowed in an HTTP header",
+            );
+        }
+    }
+}
+
+/// The `tokens:` section checked.
+struct Tokens {
+    /// One socket per token, in file order.
+    specs: Vec<TokenSpec>,
+    /// The valid, unique token names, which route conditions may name.
+    names: BTreeSet<String>,
+}
+
+/// Checks `tokens:`: at least one, unique names, agent ids in pairs, their own URLs.
+fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems<'_>) -> Tokens {
+    if raw.is_empty() {
+        problems.add("tokens", "at least one token is needed");
+    }
+    let mut tokens = Tokens {
+        specs: Vec::with_capacity(raw.len()),
+        names: BTreeSet::new(),
+    };
+    for (i, token) in raw.into_iter().enumerate() {
+        let mut at = Problems::new(format!("tokens[{i}]"));
+        match check_name(&token.name) {
+            Err(message) => at.add("name", message),
+            Ok(()) if !tokens.names.insert(token.name.clone()) => at.add(
+                "name",
+                format!("`{}` is used by another token already", token.name),
+            ),
+            Ok(()) => {}
+        }
+        if token.pubsub_token.expose().trim().is_empty() {
+            at.add("pubsub_token", "is empty");
+        }
+        let spec = token_spec(token, chatwoot, &mut at);
+        tokens.specs.push(spec);
+        problems.include(at);
+    }
+    tokens
+}
+
+/// One token's socket: its identity, and the URL, origin and headers it connects with.
+fn token_spec(raw: RawToken, chatwoot: &Chatwoot, at: &mut Problems<'_>) -> TokenSpec {
+    let identity = match (raw.account_id, raw.user_id) {
+        (Some(account_id), Some(user_id)) => Identity::Agent {
+            account_id,
+            user_id,
+        },
+        (None, None) => Identity::Contact,
+        (Some(_), None) => {
+            at.add(
+                "user_id",
+                "an agent token needs user_id with account_id (Chatwoot ignores the subscription otherwise)",
+            );
+            Identity::Contact
+        }
+        (None, Some(_)) => {
+            at.add("account_id", "an agent token needs account_id with user_id");
+            Identity::Contact
+        }
+    };
+    let url = match &raw.url {
+        Some(own) => {
+            at.check("url", check_cable_url(own));
+            own.clone()
+        }
+        None => chatwoot.url.clone(),
+    };
+    let origin = match (&raw.url, &chatwoot.origin) {
+        (None, Some(origin)) => origin.clone(),
+        _ => derive_origin(&url).unwrap_or_default(),
+    };
+    TokenSpec {
+        name: Arc::from(raw.name.as_str()),
+        url,
+        origin,
+        headers: chatwoot.headers.clone(),
+        pubsub_token: raw.pubsub_token,
+        identity,
+        presence: raw.presence,
+    }
+}
+
+/// Checks `sinks:`: each sink, then where their dead letters go.
+fn check_sinks(
+    raw: BTreeMap<String, RawSink>,
+    problems: &mut Problems<'_>,
+) -> BTreeMap<String, SinkSettings> {
+    let mut sinks = BTreeMap::new();
+    for (name, sink) in raw {
+        let settings = check_sink(&name, sink, problems);
+        sinks.insert(name, settings);
+    }
+    check_dead_letters(&sinks, problems);
+    sinks
+}
+
+/// One sink: its name, what it removes from `data`, its kind's own settings, its retries.
+///
+/// A sink with problems is still returned, so that routes naming it are not reported as well.
+fn check_sink(name: &str, raw: RawSink, problems: &mut Problems<'_>) -> SinkSettings {
+    let key = format!("sinks.{name}");
+    if let Err(message) = check_name(name) {
+        problems.add(&key, message);
+    }
+    let mut at = Problems::new(key.as_str());
+    let mut drop = Vec::with_capacity(raw.fields.drop.len());
+    for (j, path) in raw.fields.drop.iter().enumerate() {
+        drop.extend(at.check(&format!("fields.drop[{j}]"), JsonPath::parse(path)));
+    }
+    let redaction = Redaction {
+        strip_pubsub_tokens: !raw.keep_pubsub_tokens,
+        drop,
+    };
+    let kind = at
+        .absorb(raw.kind.validate(&key))
+        .unwrap_or(SinkKind::Stdout);
+    let retry = RetrySettings {
+        initial: raw.retry.initial.0,
+        max: raw.retry.max.0,
+        max_elapsed: raw.retry.max_elapsed.0,
+    };
+    if retry.initial.is_zero() || retry.max < retry.initial {
+        at.add(
+            "retry",
+            "initial must be above zero and max at least initial",
+        );
+    }
+    problems.include(at);
+    SinkSettings {
+        kind,
+        redaction,
+        retry,
+        dead_letter: raw.dead_letter,
+    }
+}
+
+/// A dead letter sink must exist, be another sink, and keep its own failures on disk: no
+/// chains, so a dead letter that fails again never goes round in a loop.
+fn check_dead_letters(sinks: &BTreeMap<String, SinkSettings>, problems: &mut Problems<'_>) {
+    for (name, settings) in sinks {
+        let Some(target) = &settings.dead_letter else {
+            continue;
+        };
+        let message = match sinks.get(target) {
+            None => format!(
+                "no sink is named `{target}` (sinks: {})",
+                sink_names(sinks)
+            ),
+            Some(_) if target == name => "a sink cannot be its own dead letter sink".into(),
+            Some(t) if t.dead_letter.is_some() => format!(
+                "`{target}` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk"
+            ),
+            Some(_) => continue,
+        };
+        problems.add(&format!("sinks.{name}.dead_letter"), message);
+    }
+}
+
+/// Every sink's name, for messages about a name that is none of them.
+fn sink_names(sinks: &BTreeMap<String, SinkSettings>) -> String {
+    sinks
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `routes:` and `unmatched:` sections checked, ready for [`RouteTable::compile`].
+struct Routes {
+    /// The routes as written, in file order.
+    specs: Vec<RouteSpec>,
+    /// The sink of events no route matches; `None` drops them.
+    unmatched: Option<String>,
+}
+
+/// Checks `routes:` and `unmatched:`: unique route names, and sinks that exist.
+fn check_routes(
+    raw: Vec<RouteSpec>,
+    unmatched: Option<String>,
+    sinks: &BTreeMap<String, SinkSettings>,
+    problems: &mut Problems<'_>,
+) -> Routes {
+    let mut names = BTreeSet::new();
+    for (i, route) in raw.iter().enumerate() {
+        let mut at = Problems::new(format!("routes[{i}]"));
+        if !names.insert(route.name.as_str()) {
+            at.add(
+                "name",
+                format!("`{}` is used by another route already", route.name),
+            );
+        }
+        if route.to.is_empty() {
+            at.add("to", "names no sink");
+        }
+        for (j, sink) in route.to.iter().enumerate() {
+            if !sinks.contains_key(sink) {
+                at.add(
+                    &format!("to[{j}]"),
+                    format!("no sink is named `{sink}` (sinks: {})", sink_names(sinks)),
+                );
+            }
+        }
+        problems.include(at);
+    }
+    let unmatched = match unmatched.as_deref() {
+        None | Some("drop") => None,
+        Some(sink) if sinks.contains_key(sink) => Some(sink.to_owned()),
+        Some(sink) => {
+            problems.add(
+                "unmatched",
+                format!(
+                    "must be `drop` or a sink name; no sink is named `{sink}` (sinks: {})",
+                    sink_names(sinks)
+                ),
+            );
+            None
+        }
+    };
+    Routes {
+        specs: raw,
+        unmatched,
+    }
+}
+
+/// Checks `spool:`: big enough for its smallest use, and a real fsync interval.
+fn check_spool(raw: RawSpool, max_frame_bytes: u64, problems: &mut Problems<'_>) -> SpoolConfig {
+    let spool = SpoolConfig {
+        max_bytes: raw.max_bytes,
+        fsync: raw.fsync,
+        fsync_interval: raw.fsync_interval.0,
+        when_full: raw.when_full,
+        ..SpoolConfig::new(raw.dir)
+    };
+    let mut at = Problems::new("spool");
+    if spool.max_bytes < MIN_SPOOL_BYTES {
+        at.add(
+            "max_bytes",
+            format!(
+                "{} is too small; give the spool at least 1 MiB (1048576)",
+                spool.max_bytes
+            ),
+        );
+    } else if spool.max_bytes < 2 * max_frame_bytes {
+        // One event can be as large as a frame; the spool must hold it with room to spare.
+        at.add(
+            "max_bytes",
+            format!(
+                "{} is smaller than twice chatwoot.max_frame_bytes ({max_frame_bytes})",
+                spool.max_bytes
+            ),
+        );
+    }
+    if spool.fsync_interval.is_zero() {
+        at.add("fsync_interval", "must be greater than zero");
+    }
+    problems.include(at);
+    spool
+}
+
+/// Names appear in metrics labels, log fields and templates, so they stay plain.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "`{name}` may contain only letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// A cable URL: `ws://` or `wss://` with a host, and nothing that must not be echoed.
+fn check_cable_url(url: &str) -> Result<(), String> {
+    // Checked before anything echoes the URL: the URL ends up in every event's `source` and in
+    // logs, so it must not carry credentials.
+    let uri: Uri = url.parse().map_err(|e| format!("is not a URL ({e})"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not contain credentials (user:password@); use chatwoot.headers".into());
+    }
+    if uri.query().is_some() {
+        return Err(
+            "must not have a query string: it would appear in every event's source and in logs"
+                .into(),
+        );
+    }
+    match uri.scheme_str() {
+        Some("ws") | Some("wss") => {}
+        _ => return Err(format!("`{url}` must start with ws:// or wss://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(())
+}
+
+/// `wss://host:port/cable` -> `https://host:port`.
+fn derive_origin(url: &str) -> Option<String> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme = match uri.scheme_str()? {
+        "wss" => "https",
+        _ => "http",
+    };
+    Some(format!("{scheme}://{}", uri.authority()?))
+}
