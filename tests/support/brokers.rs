@@ -14,7 +14,7 @@ use super::{free_port, within, POLL, WAIT};
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// Finds `name` on PATH or in `extra` places; panics with the install command otherwise.
-pub fn binary(name: &str, extra: &[PathBuf], install: &str) -> PathBuf {
+fn binary(name: &str, extra: &[PathBuf], install: &str) -> PathBuf {
     let path_dirs = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();

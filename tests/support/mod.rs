@@ -17,7 +17,7 @@ use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::sink::Sink;
 use chatwoot_bridge::{Bridge, ShutdownReport};
 
-pub use brokers::{binary, kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
+pub use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
 pub use receiver::{scripted, Received, Receiver, Reply, Responder};
 pub use yaml::{quoted, BridgeYaml};
 
