@@ -1,6 +1,8 @@
 //! The cable source end to end: the mock Chatwoot server, the bridge, the file sink.
 //! Every wait is bounded; every test asserts what reached the file.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,62 +12,50 @@ use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
-use tokio::time::timeout;
+use support::{
+    mock_token, quoted, shut_down, start_mock, wait_until, wait_until_explained, within,
+    BridgeYaml, WAIT,
+};
 
-const WAIT: Duration = Duration::from_secs(10);
-
-fn token(pubsub_token: &str, answer: Answer) -> MockToken {
-    MockToken {
-        pubsub_token: pubsub_token.into(),
-        answer,
-    }
-}
-
+/// A mock Chatwoot with `tokens` that pings every 300 ms.
 async fn mock(tokens: Vec<MockToken>) -> MockServer {
-    MockServer::start(MockConfig {
+    start_mock(MockConfig {
         tokens,
         ping_interval: Duration::from_millis(300),
         ..MockConfig::default()
     })
     .await
-    .expect("mock server starts")
 }
 
-/// Config with fast timings; `tokens` is the YAML list body.
-fn config(url: &str, tokens: &str, out: &Path, extra: &str) -> Config {
-    let yaml = format!(
-        r#"
-chatwoot:
-  url: {url}
-  confirm_timeout: 500ms
-  stale_after: 1s
-  reconnect: {{ initial: 50ms, max: 200ms }}
-{extra}
-tokens:
-{tokens}
-sinks:
-  archive: {{ type: file, path: {out} }}
-routes:
-  - {{ name: everything, match: {{}}, to: [archive] }}
-spool: {{ dir: {spool} }}
-"#,
-        out = serde_json::to_string(out).unwrap(),
-        spool = serde_json::to_string(&out.with_extension("spool")).unwrap()
-    );
-    Config::from_yaml(&yaml, &|_| None, false).expect("test config is valid")
+/// A config with fast timings, no tokens yet, writing every event to the file `out`.
+fn config(url: &str, out: &Path) -> BridgeYaml {
+    BridgeYaml::new(url)
+        .cable("confirm_timeout: 500ms")
+        .cable("stale_after: 1s")
+        .cable("reconnect: { initial: 50ms, max: 200ms }")
+        .sink(
+            "archive",
+            &format!("{{ type: file, path: {} }}", quoted(out)),
+        )
+        .route("{ name: everything, match: {}, to: [archive] }")
+        .spool(&out.with_extension("spool"))
 }
 
-const AGENT_ONLY: &str =
-    "  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }";
+/// [`config`] with the agent token only.
+fn agent_only(url: &str, out: &Path) -> BridgeYaml {
+    config(url, out).agent("agent", "agent-secret", 3)
+}
 
-const AGENT_AND_VISITOR: &str = r#"
-  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }
-  - { name: visitor, pubsub_token: visitor-secret }
-"#;
+/// [`config`] with the agent token and a contact's (visitor) token.
+fn agent_and_visitor(url: &str, out: &Path) -> Config {
+    agent_only(url, out)
+        .token("{ name: visitor, pubsub_token: visitor-secret }")
+        .config()
+}
 
 /// Shuts the bridge down (bounded) and stops the mock server.
 async fn stop(bridge: Bridge, server: MockServer) {
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     server.stop().await;
 }
 
@@ -79,24 +69,19 @@ fn read_events(path: &Path) -> Vec<Value> {
     }
 }
 
+/// Waits until the file holds at least `n` events; returns those it then held.
 async fn wait_for_lines(path: &Path, n: usize) -> Vec<Value> {
-    let waited = timeout(WAIT, async {
-        loop {
-            let events = read_events(path);
-            if events.len() >= n {
-                return events;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    let mut events = Vec::new();
+    wait_until_explained(
+        &format!("{n} events in {}", path.display()),
+        || {
+            events = read_events(path);
+            events.len() >= n
+        },
+        || format!("found {}", read_events(path).len()),
+    )
     .await;
-    waited.unwrap_or_else(|_| {
-        panic!(
-            "expected {n} events in {}, found {}",
-            path.display(),
-            read_events(path).len()
-        )
-    })
+    events
 }
 
 async fn wait_state(bridge: &Bridge, name: &str, state: TokenState) {
@@ -109,17 +94,6 @@ async fn wait_state(bridge: &Bridge, name: &str, state: TokenState) {
         "token {name} never reached {state}: {:?}",
         bridge.status().token(name)
     );
-}
-
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let ok = timeout(WAIT, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .is_ok();
-    assert!(ok, "timed out waiting for {what}");
 }
 
 fn seqs_of(events: &[Value], token: &str) -> Vec<u64> {
@@ -143,12 +117,12 @@ fn out_file() -> (tempfile::TempDir, PathBuf) {
 #[tokio::test]
 async fn every_event_of_two_tokens_reaches_the_file_with_the_envelope() {
     let server = mock(vec![
-        token("agent-secret", Answer::Confirm),
-        token("visitor-secret", Answer::Confirm),
+        mock_token("agent-secret", Answer::Confirm),
+        mock_token("visitor-secret", Answer::Confirm),
     ])
     .await;
     let (_dir, out) = out_file();
-    let bridge = Bridge::start(config(&server.url(), AGENT_AND_VISITOR, &out, ""))
+    let bridge = Bridge::start(agent_and_visitor(&server.url(), &out))
         .await
         .unwrap();
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
@@ -158,7 +132,7 @@ async fn every_event_of_two_tokens_reaches_the_file_with_the_envelope() {
         server.broadcast_generated();
     }
     let events = wait_for_lines(&out, 60).await;
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(report.drained);
     let origin = server.last_origin();
     let addr = server.addr();
@@ -218,10 +192,9 @@ fn server_url_of(event: &Value) -> String {
 
 #[tokio::test]
 async fn data_is_written_byte_for_byte() {
-    let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
+    let server = mock(vec![mock_token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
+    let bridge = Bridge::start(agent_only(&server.url(), &out).config())
         .await
         .unwrap();
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
@@ -238,12 +211,12 @@ async fn data_is_written_byte_for_byte() {
 #[tokio::test]
 async fn a_silent_token_is_unconfirmed_and_does_not_affect_the_other() {
     let server = mock(vec![
-        token("agent-secret", Answer::Confirm),
-        token("visitor-secret", Answer::Silent),
+        mock_token("agent-secret", Answer::Confirm),
+        mock_token("visitor-secret", Answer::Silent),
     ])
     .await;
     let (_dir, out) = out_file();
-    let bridge = Bridge::start(config(&server.url(), AGENT_AND_VISITOR, &out, ""))
+    let bridge = Bridge::start(agent_and_visitor(&server.url(), &out))
         .await
         .unwrap();
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
@@ -281,12 +254,12 @@ async fn a_silent_token_is_unconfirmed_and_does_not_affect_the_other() {
 #[tokio::test]
 async fn a_rejected_token_is_reported_and_retried() {
     let server = mock(vec![
-        token("agent-secret", Answer::Confirm),
-        token("visitor-secret", Answer::Reject),
+        mock_token("agent-secret", Answer::Confirm),
+        mock_token("visitor-secret", Answer::Reject),
     ])
     .await;
     let (_dir, out) = out_file();
-    let bridge = Bridge::start(config(&server.url(), AGENT_AND_VISITOR, &out, ""))
+    let bridge = Bridge::start(agent_and_visitor(&server.url(), &out))
         .await
         .unwrap();
     wait_state(&bridge, "visitor", TokenState::Rejected).await;
@@ -302,14 +275,13 @@ async fn a_rejected_token_is_reported_and_retried() {
 async fn a_confirm_after_the_timeout_is_not_believed() {
     // The confirm comes 800 ms after the subscribe; the bridge gave up at 500 ms and sent
     // `unsubscribe`, so the server has dropped that subscription: it is not subscribed.
-    let server = mock(vec![token(
+    let server = mock(vec![mock_token(
         "agent-secret",
         Answer::ConfirmAfter(Duration::from_millis(800)),
     )])
     .await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let mut cfg = config(&server.url(), tokens, &out, "");
+    let mut cfg = agent_only(&server.url(), &out).config();
     cfg.cable.reconnect.initial = Duration::from_secs(2);
     cfg.cable.reconnect.max = Duration::from_secs(2);
     let bridge = Bridge::start(cfg).await.unwrap();
@@ -333,10 +305,9 @@ async fn a_confirm_after_the_timeout_is_not_believed() {
 #[tokio::test]
 async fn events_before_the_confirm_are_kept() {
     // Old installs stream events on a subscription they never confirm.
-    let server = mock(vec![token("agent-secret", Answer::StreamUnconfirmed)]).await;
+    let server = mock(vec![mock_token("agent-secret", Answer::StreamUnconfirmed)]).await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
+    let bridge = Bridge::start(agent_only(&server.url(), &out).config())
         .await
         .unwrap();
     wait_until("a streaming subscription", || {
@@ -352,13 +323,13 @@ async fn events_before_the_confirm_are_kept() {
 #[tokio::test]
 async fn survives_the_server_dropping_every_connection_and_restarting() {
     let server = mock(vec![
-        token("agent-secret", Answer::Confirm),
-        token("visitor-secret", Answer::Confirm),
+        mock_token("agent-secret", Answer::Confirm),
+        mock_token("visitor-secret", Answer::Confirm),
     ])
     .await;
     let addr = server.addr();
     let (_dir, out) = out_file();
-    let bridge = Bridge::start(config(&server.url(), AGENT_AND_VISITOR, &out, ""))
+    let bridge = Bridge::start(agent_and_visitor(&server.url(), &out))
         .await
         .unwrap();
     wait_until("two subscriptions", || {
@@ -383,17 +354,18 @@ async fn survives_the_server_dropping_every_connection_and_restarting() {
     // A restart: the whole server goes away and comes back on the same port.
     server.stop().await;
     wait_state(&bridge, "agent", TokenState::BackingOff).await;
-    let server = MockServer::start(MockConfig {
+    let restarted = MockServer::start(MockConfig {
         listen: addr,
         tokens: vec![
-            token("agent-secret", Answer::Confirm),
-            token("visitor-secret", Answer::Confirm),
+            mock_token("agent-secret", Answer::Confirm),
+            mock_token("visitor-secret", Answer::Confirm),
         ],
         ping_interval: Duration::from_millis(300),
         ..MockConfig::default()
-    })
-    .await
-    .expect("the same port can be bound again");
+    });
+    let server = within("the mock Chatwoot to restart", restarted)
+        .await
+        .expect("the same port can be bound again");
     wait_until("resubscribed after the restart", || {
         server.streaming_subscriptions() == 2
     })
@@ -424,10 +396,9 @@ async fn survives_the_server_dropping_every_connection_and_restarting() {
 
 #[tokio::test]
 async fn a_silent_server_is_detected_as_stale_and_reconnected() {
-    let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
+    let server = mock(vec![mock_token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let mut cfg = config(&server.url(), tokens, &out, "");
+    let mut cfg = agent_only(&server.url(), &out).config();
     // Pings every 300 ms: a healthy socket is never stale, even on a loaded test machine.
     cfg.cable.stale_after = Duration::from_secs(2);
     let bridge = Bridge::start(cfg).await.unwrap();
@@ -454,10 +425,9 @@ async fn a_silent_server_is_detected_as_stale_and_reconnected() {
 
 #[tokio::test]
 async fn disconnect_frames_reconnect_now_or_back_off_long() {
-    let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
+    let server = mock(vec![mock_token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let mut cfg_long = config(&server.url(), tokens, &out, "");
+    let mut cfg_long = agent_only(&server.url(), &out).config();
     cfg_long.cable.stale_after = Duration::from_secs(5);
     cfg_long.cable.reconnect.after_disconnect_without_reconnect = Duration::from_secs(60);
     let bridge = Bridge::start(cfg_long).await.unwrap();
@@ -488,17 +458,10 @@ async fn disconnect_frames_reconnect_now_or_back_off_long() {
 
 #[tokio::test]
 async fn malformed_and_oversized_frames_are_skipped_and_counted() {
-    let server = mock(vec![token("agent-secret", Answer::Confirm)]).await;
+    let server = mock(vec![mock_token("agent-secret", Answer::Confirm)]).await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let bridge = Bridge::start(config(
-        &server.url(),
-        tokens,
-        &out,
-        "  max_frame_bytes: 4096\n",
-    ))
-    .await
-    .unwrap();
+    let cfg = agent_only(&server.url(), &out).cable("max_frame_bytes: 4096");
+    let bridge = Bridge::start(cfg.config()).await.unwrap();
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
     let identifier = serde_json::to_string(
         r#"{"channel":"RoomChannel","pubsub_token":"agent-secret","account_id":1,"user_id":3}"#,
@@ -547,38 +510,22 @@ async fn malformed_and_oversized_frames_are_skipped_and_counted() {
 #[tokio::test]
 async fn presence_is_sent_only_when_the_token_asks() {
     let server = mock(vec![
-        token("agent-secret", Answer::Confirm),
-        token("present-secret", Answer::Confirm),
+        mock_token("agent-secret", Answer::Confirm),
+        mock_token("present-secret", Answer::Confirm),
     ])
     .await;
     let (_dir, out) = out_file();
-    let tokens = r#"
-  - { name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }
-"#;
-    let bridge = Bridge::start(config(
-        &server.url(),
-        tokens,
-        &out,
-        "  presence_interval: 100ms\n",
-    ))
-    .await
-    .unwrap();
+    let cfg = config(&server.url(), &out).cable("presence_interval: 100ms");
+    let bridge = Bridge::start(cfg.clone().agent("agent", "agent-secret", 3).config())
+        .await
+        .unwrap();
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(server.presence_updates(), 0, "presence is off by default");
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
 
-    let tokens = r#"
-  - { name: present, pubsub_token: present-secret, account_id: 1, user_id: 4, presence: true }
-"#;
-    let bridge = Bridge::start(config(
-        &server.url(),
-        tokens,
-        &out,
-        "  presence_interval: 100ms\n",
-    ))
-    .await
-    .unwrap();
+    let present = "{ name: present, pubsub_token: present-secret, account_id: 1, user_id: 4, presence: true }";
+    let bridge = Bridge::start(cfg.token(present).config()).await.unwrap();
     wait_state(&bridge, "present", TokenState::Subscribed).await;
     wait_until("presence updates", || server.presence_updates() >= 3).await;
     stop(bridge, server).await;
@@ -586,18 +533,16 @@ async fn presence_is_sent_only_when_the_token_asks() {
 
 #[tokio::test]
 async fn shutdown_delivers_everything_that_was_read() {
-    let server = MockServer::start(MockConfig {
-        tokens: vec![token("agent-secret", Answer::Confirm)],
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("agent-secret", Answer::Confirm)],
         rate: 5_000.0,
         count: Some(3_000),
         wait_for_subscriptions: 1,
         ..MockConfig::default()
     })
-    .await
-    .unwrap();
+    .await;
     let (_dir, out) = out_file();
-    let tokens = AGENT_ONLY;
-    let bridge = Bridge::start(config(&server.url(), tokens, &out, ""))
+    let bridge = Bridge::start(agent_only(&server.url(), &out).config())
         .await
         .unwrap();
     // Stop in the middle of the stream.
@@ -609,7 +554,7 @@ async fn shutdown_delivers_everything_that_was_read() {
     })
     .await;
     let status = bridge.status().clone();
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(report.drained);
     let read = status.token("agent").unwrap().events as usize;
     let events = read_events(&out);
@@ -631,12 +576,12 @@ async fn the_supervisor_adds_and_removes_tokens_without_touching_others() {
     use tokio_util::sync::CancellationToken;
 
     let server = mock(vec![
-        token("agent-secret", Answer::Confirm),
-        token("visitor-secret", Answer::Confirm),
+        mock_token("agent-secret", Answer::Confirm),
+        mock_token("visitor-secret", Answer::Confirm),
     ])
     .await;
     let (_dir, out) = out_file();
-    let cfg = config(&server.url(), AGENT_AND_VISITOR, &out, "");
+    let cfg = agent_and_visitor(&server.url(), &out);
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     let status = StatusBoard::new();
     let mut supervisor = Supervisor::new(
@@ -689,8 +634,10 @@ async fn the_supervisor_adds_and_removes_tokens_without_touching_others() {
     );
 
     server.broadcast("message.created", r#"{"account_id":1}"#);
-    let event = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    let event = within("an event from the supervisor", rx.recv())
+        .await
+        .unwrap();
     assert_eq!(&*event.token, "agent");
-    timeout(WAIT, supervisor.shutdown()).await.unwrap();
+    within("the supervisor to shut down", supervisor.shutdown()).await;
     server.stop().await;
 }

@@ -1,11 +1,12 @@
 //! The `chatwoot-bridge` binary as an operator runs it.
 
-use std::process::Output;
-use std::time::Duration;
+mod support;
 
-use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
+use std::process::Output;
+
+use chatwoot_bridge::mock::{Answer, MockConfig};
+use support::{mock_token, quoted, start_mock, wait_until, within, BridgeYaml};
 use tokio::process::Command;
-use tokio::time::timeout;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatwoot-bridge");
 
@@ -15,9 +16,9 @@ async fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         command.env(k, v);
     }
-    timeout(Duration::from_secs(60), command.output())
+    let what = format!("chatwoot-bridge {} to finish", args.join(" "));
+    within(&what, command.output())
         .await
-        .expect("the command finishes")
         .expect("the binary runs")
 }
 
@@ -98,42 +99,27 @@ async fn environment_overrides_apply() {
 
 #[tokio::test]
 async fn check_connect_reports_each_token_without_its_secret() {
-    let server = MockServer::start(MockConfig {
+    let server = start_mock(MockConfig {
         tokens: vec![
-            MockToken {
-                pubsub_token: "good-secret".into(),
-                answer: Answer::Confirm,
-            },
-            MockToken {
-                pubsub_token: "rotated-secret".into(),
-                answer: Answer::Silent,
-            },
+            mock_token("good-secret", Answer::Confirm),
+            mock_token("rotated-secret", Answer::Silent),
         ],
         ..MockConfig::default()
     })
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-chatwoot: {{ url: "{}", confirm_timeout: 500ms }}
-tokens:
-  - {{ name: good, pubsub_token: good-secret, account_id: 1, user_id: 1 }}
-  - {{ name: rotated, pubsub_token: rotated-secret, account_id: 1, user_id: 2 }}
-sinks:
-  out: {{ type: file, path: {} }}
-  unwritable: {{ type: file, path: /proc/no/such/dir/x.jsonl }}
-routes:
-  - {{ name: all, to: [out, unwritable] }}
-"#,
-            server.url(),
-            serde_json::to_string(&dir.path().join("out.jsonl")).unwrap()
-        ),
-    )
-    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let path = BridgeYaml::new(&server.url())
+        .cable("confirm_timeout: 500ms")
+        .agent("good", "good-secret", 1)
+        .agent("rotated", "rotated-secret", 2)
+        .sink("out", &format!("{{ type: file, path: {} }}", quoted(&out)))
+        .sink(
+            "unwritable",
+            "{ type: file, path: /proc/no/such/dir/x.jsonl }",
+        )
+        .route_all(&["out", "unwritable"])
+        .write(&dir.path().join("c.yaml"));
     let out = run(
         &["check", "--connect", "--config", path.to_str().unwrap()],
         &[],
@@ -179,46 +165,36 @@ async fn demo_runs_end_to_end_and_stops_by_itself() {
 
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
-    let server = MockServer::start(MockConfig {
-        tokens: vec![MockToken {
-            pubsub_token: "t".into(),
-            answer: Answer::Confirm,
-        }],
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("t", Answer::Confirm)],
         rate: 200.0,
         ..MockConfig::default()
     })
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.yaml");
     let out_file = dir.path().join("out.jsonl");
-    std::fs::write(
-        &path,
-        format!(
-            "chatwoot: {{ url: \"{}\" }}\ntokens: [{{ name: a, pubsub_token: t }}]\nsinks: {{ out: {{ type: file, path: {} }} }}\nroutes: [{{ name: all, to: [out] }}]\nspool: {{ dir: {} }}\n",
-            server.url(),
-            serde_json::to_string(&out_file).unwrap(),
-            serde_json::to_string(&dir.path().join("spool")).unwrap()
-        ),
-    )
-    .unwrap();
+    let path = BridgeYaml::new(&server.url())
+        .token("{ name: a, pubsub_token: t }")
+        .sink(
+            "out",
+            &format!("{{ type: file, path: {} }}", quoted(&out_file)),
+        )
+        .route_all(&["out"])
+        .spool(&dir.path().join("spool"))
+        .write(&dir.path().join("c.yaml"));
     let mut child = Command::new(BIN)
         .args(["run", "--config", path.to_str().unwrap()])
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let got_events = timeout(Duration::from_secs(20), async {
-        while std::fs::read_to_string(&out_file)
+    wait_until("events to flow (20 in the file)", || {
+        std::fs::read_to_string(&out_file)
             .unwrap_or_default()
             .lines()
             .count()
-            < 20
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            >= 20
     })
     .await;
-    assert!(got_events.is_ok(), "events did not flow");
     let pid = child.id().unwrap() as i32;
     // kill(1) sends the signal, as systemd and docker stop do.
     let sent = std::process::Command::new("kill")
@@ -226,9 +202,8 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
         .status()
         .unwrap();
     assert!(sent.success());
-    let status = timeout(Duration::from_secs(20), child.wait())
+    let status = within("the daemon to exit after SIGTERM", child.wait())
         .await
-        .unwrap()
         .unwrap();
     server.stop().await;
     assert!(status.success(), "exit status {status:?}");

@@ -8,76 +8,76 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::Bridge;
 use futures_util::StreamExt;
 use hyper::StatusCode;
-use support::{free_port, until, NatsServer, Received, Receiver, Responder};
-use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(30);
+use support::{
+    free_port, mock_token, quoted, scripted, shut_down, start_mock, wait_until,
+    wait_until_explained, within, BridgeYaml, NatsServer, Received, Receiver, Responder,
+};
 
 /// An event the receiver answered 200: its sequence number and conversation subject.
 type Accepted = (u64, Option<String>);
 
+/// The mock Chatwoot's side of the agent token of [`bridge_yaml`], confirmed.
 fn agent() -> Vec<MockToken> {
-    vec![MockToken {
-        pubsub_token: "tok-agent".into(),
-        answer: MockAnswer::Confirm,
-    }]
+    vec![mock_token("tok-agent", MockAnswer::Confirm)]
 }
 
 /// A mock Chatwoot that confirms the agent token.
 async fn agent_mock() -> MockServer {
-    MockServer::start(MockConfig {
+    start_mock(MockConfig {
         tokens: agent(),
         ..MockConfig::default()
     })
     .await
-    .unwrap()
 }
 
 /// Once subscribed, broadcasts `total` message events numbered `n` (each its own conversation)
 /// and waits until all are in the spool.
 async fn spool_numbered(bridge: &Bridge, mock: &MockServer, total: usize) {
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     for n in 0..total {
         mock.broadcast(
             "message.created",
             &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n}}}"#),
         );
     }
-    until("all spooled", WAIT, || {
+    wait_until("all spooled", || {
         bridge.stats().spooled.load(Ordering::Relaxed) == total as u64
     })
     .await;
 }
 
-fn yaml(cable: &str, spool: &std::path::Path, rest: &str) -> Config {
-    let yaml = format!(
-        r#"
-chatwoot: {{ url: "{cable}", reconnect: {{ initial: 50ms, max: 200ms }} }}
-tokens:
-  - {{ name: agent, pubsub_token: tok-agent, account_id: 1, user_id: 1 }}
-spool: {{ dir: {spool} }}
-shutdown_timeout: 5s
-{rest}
-"#,
-        spool = serde_json::to_string(spool).unwrap()
-    );
-    Config::from_yaml(&yaml, &|_| None, false).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+/// A config reading the agent token from `cable`, fast reconnects, the spool in `spool`, a 5 s
+/// shutdown window; no sinks or routes yet.
+fn bridge_yaml(cable: &str, spool: &std::path::Path) -> BridgeYaml {
+    BridgeYaml::new(cable)
+        .cable("reconnect: { initial: 50ms, max: 200ms }")
+        .agent("agent", "tok-agent", 1)
+        .spool(spool)
+        .setting("shutdown_timeout: 5s")
+}
+
+/// [`bridge_yaml`] with the one sink `name` (the YAML of its `sinks:` entry) and a route of
+/// every event to it.
+fn one_sink(cable: &str, spool: &std::path::Path, name: &str, sink: &str) -> BridgeYaml {
+    bridge_yaml(cable, spool)
+        .sink(name, sink)
+        .route_all(&[name])
 }
 
 /// A core subscription to `subject`, registered with the server before this returns.
 async fn subscribed(nats: &NatsServer, subject: &str) -> async_nats::Subscriber {
     let reader = nats.client().await;
-    let subscription = timeout(WAIT, reader.subscribe(subject.to_owned()))
+    let subscription = within("a subscription", reader.subscribe(subject.to_owned()))
         .await
-        .unwrap()
         .unwrap();
-    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    within("the subscription flushed", reader.flush())
+        .await
+        .unwrap();
     subscription
 }
 
@@ -85,10 +85,8 @@ async fn subscribed(nats: &NatsServer, subject: &str) -> async_nats::Subscriber 
 async fn next_numbered(subscription: &mut async_nats::Subscriber, count: usize) -> Vec<u64> {
     let mut numbers = Vec::with_capacity(count);
     while numbers.len() < count {
-        let message = timeout(WAIT, subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {count} published", numbers.len()))
-            .unwrap();
+        let what = format!("message {} of {count}", numbers.len() + 1);
+        let message = within(&what, subscription.next()).await.unwrap();
         let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
         numbers.push(data["n"].as_u64().unwrap());
     }
@@ -98,18 +96,16 @@ async fn next_numbered(subscription: &mut async_nats::Subscriber, count: usize) 
 /// The number under `key` in each message's data, in the order `stream` stored them.
 async fn stored_numbers(nats: &NatsServer, stream: &str, key: &str) -> Vec<u64> {
     let js = async_nats::jetstream::new(nats.client().await);
-    let mut stream = timeout(WAIT, js.get_stream(stream)).await.unwrap().unwrap();
-    let stored = timeout(WAIT, stream.info())
+    let mut stream = within("the stream", js.get_stream(stream)).await.unwrap();
+    let stored = within("the stream's info", stream.info())
         .await
-        .unwrap()
         .unwrap()
         .state
         .messages;
     let mut numbers = Vec::new();
     for n in 1..=stored {
-        let message = timeout(WAIT, stream.get_raw_message(n))
+        let message = within(&format!("stored message {n}"), stream.get_raw_message(n))
             .await
-            .unwrap()
             .unwrap();
         let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
         numbers.push(
@@ -169,31 +165,23 @@ async fn a_webhook_outage_loses_nothing_and_keeps_conversation_order() {
         (StatusCode::OK, vec![])
     });
     let receiver = Receiver::start(responder).await;
-    let mock = MockServer::start(MockConfig {
+    let mock = start_mock(MockConfig {
         tokens: agent(),
         rate: 200.0,
         count: Some(TOTAL),
         wait_for_subscriptions: 1,
         ..MockConfig::default()
     })
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let config = yaml(
-        &mock.url(),
-        dir.path(),
-        &format!(
-            r#"
-sinks:
-  hook: {{ type: http, url: "{}", max_in_flight: 8, retry: {{ initial: 100ms, max: 400ms }} }}
-routes: [{{ name: all, to: [hook] }}]
-"#,
-            receiver.url("/events")
-        ),
+    let hook = format!(
+        "{{ type: http, url: {}, max_in_flight: 8, retry: {{ initial: 100ms, max: 400ms }} }}",
+        quoted(receiver.url("/events"))
     );
+    let config = one_sink(&mock.url(), dir.path(), "hook", &hook).config();
     let bridge = Bridge::start(config).await.unwrap();
     // The endpoint answers 503 while the whole stream arrives, then recovers.
-    until("the whole stream in the spool", WAIT, || {
+    wait_until("the whole stream in the spool", || {
         bridge.stats().spooled.load(Ordering::Relaxed) >= TOTAL
     })
     .await;
@@ -207,11 +195,11 @@ routes: [{{ name: all, to: [hook] }}]
         "the status says why"
     );
     down.store(false, Ordering::Relaxed);
-    until("every event accepted", WAIT, || {
+    wait_until("every event accepted", || {
         bridge.stats().delivered.load(Ordering::Relaxed) >= TOTAL
     })
     .await;
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(report.drained);
     mock.stop().await;
 
@@ -257,17 +245,10 @@ async fn a_refused_event_goes_to_dead_letters_and_replay_delivers_it() {
     let receiver = Receiver::start(responder).await;
     let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let config_text = format!(
-        r#"
-sinks:
-  hook: {{ type: http, url: "{}" }}
-routes: [{{ name: all, to: [hook] }}]
-"#,
-        receiver.url("/events")
-    );
-    let config = yaml(&mock.url(), dir.path(), &config_text);
-    let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    let hook = format!("{{ type: http, url: {} }}", quoted(receiver.url("/events")));
+    let config = one_sink(&mock.url(), dir.path(), "hook", &hook);
+    let bridge = Bridge::start(config.config()).await.unwrap();
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     mock.broadcast(
         "message.created",
         r#"{"account_id":1,"conversation_id":5,"n":1}"#,
@@ -280,7 +261,7 @@ routes: [{{ name: all, to: [hook] }}]
         "message.created",
         r#"{"account_id":1,"conversation_id":5,"n":3}"#,
     );
-    until("two delivered, one dead letter", WAIT, || {
+    wait_until("two delivered, one dead letter", || {
         bridge.stats().delivered.load(Ordering::Relaxed) == 2
             && bridge.stats().dead_lettered.load(Ordering::Relaxed) == 1
     })
@@ -298,20 +279,22 @@ routes: [{{ name: all, to: [hook] }}]
     accept_poison.store(true, Ordering::Relaxed);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chatwoot-bridge"))
         .args(["dlq", "replay", "--sink", "hook", "--config"])
-        .arg(write_config(dir.path(), &mock.url(), &config_text))
+        .arg(config.write(&dir.path().join("bridge.yaml")))
         .output();
-    let out = timeout(WAIT, out).await.unwrap().unwrap();
+    let out = within("chatwoot-bridge dlq replay to finish", out)
+        .await
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 dead letters queued"));
-    until("the replayed event delivered", WAIT, || {
+    wait_until("the replayed event delivered", || {
         bridge.stats().delivered.load(Ordering::Relaxed) == 3
     })
     .await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
     assert!(store.list("hook").unwrap().is_empty());
 
@@ -365,13 +348,10 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
     store.append("hook", &letters).unwrap();
     drop(letters);
     assert_eq!(store.queue_replay("hook").unwrap(), LETTERS as usize);
-    let mut config = yaml(
-        &mock.url(),
-        dir.path(),
-        &format!(
-            "sinks:\n  hook: {{ type: http, url: 'http://127.0.0.1:{port}/in', retry: {{ initial: 50ms, max: 200ms }} }}\nroutes: [{{ name: all, to: [hook] }}]\n"
-        ),
+    let hook = format!(
+        "{{ type: http, url: 'http://127.0.0.1:{port}/in', retry: {{ initial: 50ms, max: 200ms }} }}"
     );
+    let mut config = one_sink(&mock.url(), dir.path(), "hook", &hook).config();
     config.spool.max_bytes = 1 << 20;
     config.spool.when_full = chatwoot_bridge::spool::WhenFull::DropNewest;
     let bridge = Bridge::start(config).await.unwrap();
@@ -383,20 +363,20 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
             .flatten()
             .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
     };
-    until("the replay recorded its progress", WAIT, progress_written).await;
+    wait_until("the replay recorded its progress", progress_written).await;
     // Several polls against the full spool. Once the sink makes room, a replay that recorded
     // nothing would start again from its first letter: duplicates, and it would never end.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let receiver = Receiver::start_on(port, support::scripted(vec![])).await;
-    receiver.wait_for(LETTERS as usize, WAIT).await;
-    until("the replay finished", WAIT, || {
+    let receiver = Receiver::start_on(port, scripted(vec![])).await;
+    receiver.wait_for(LETTERS as usize).await;
+    wait_until("the replay finished", || {
         store.pending_replays().unwrap().is_empty()
     })
     .await;
     // Anything put back twice would arrive by now.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
 
     let mut ids: Vec<String> = receiver
@@ -424,19 +404,6 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
     );
 }
 
-fn write_config(dir: &std::path::Path, cable: &str, rest: &str) -> std::path::PathBuf {
-    let path = dir.join("bridge.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "chatwoot: {{ url: \"{cable}\" }}\ntokens:\n  - {{ name: agent, pubsub_token: tok-agent, account_id: 1, user_id: 1 }}\nspool: {{ dir: {} }}\n{rest}",
-            serde_json::to_string(dir).unwrap()
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// Fills a 1 MiB spool while the webhook is unreachable, then brings it up.
 async fn fill_the_spool(policy: &str) -> (Vec<u64>, u64, u64) {
     let _ = tracing_subscriber::fmt()
@@ -447,25 +414,17 @@ async fn fill_the_spool(policy: &str) -> (Vec<u64>, u64, u64) {
     let port = free_port();
     let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = yaml(
-        &mock.url(),
-        dir.path(),
-        &format!(
-            r#"
-sinks:
-  hook: {{ type: http, url: "http://127.0.0.1:{port}/in", max_in_flight: 1, retry: {{ initial: 200ms, max: 400ms }} }}
-routes: [{{ name: all, to: [hook] }}]
-"#
-        ),
+    let hook = format!(
+        "{{ type: http, url: 'http://127.0.0.1:{port}/in', max_in_flight: 1, retry: {{ initial: 200ms, max: 400ms }} }}"
     );
-    let mut config = config;
+    let mut config = one_sink(&mock.url(), dir.path(), "hook", &hook).config();
     config.spool.max_bytes = 1 << 20;
     config.spool.when_full = match policy {
         "drop_newest" => chatwoot_bridge::spool::WhenFull::DropNewest,
         _ => chatwoot_bridge::spool::WhenFull::DropOldest,
     };
     let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     for _ in 0..TOTAL {
         mock.broadcast_generated();
     }
@@ -473,28 +432,22 @@ routes: [{{ name: all, to: [hook] }}]
     let handled = || {
         stats.spooled.load(Ordering::Relaxed) + stats.spool_dropped_newest.load(Ordering::Relaxed)
     };
-    let all_handled = timeout(WAIT, async {
-        while handled() < TOTAL {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    wait_until_explained(
+        &format!("all {TOTAL} events to reach the spool"),
+        || handled() >= TOTAL,
+        || format!("only {}: {:?}", handled(), bridge.status().tokens()),
+    )
     .await;
-    assert!(
-        all_handled.is_ok(),
-        "only {} of {TOTAL} events reached the spool: {:?}",
-        handled(),
-        bridge.status().tokens()
-    );
     let dropped_newest = stats.spool_dropped_newest.load(Ordering::Relaxed);
     let dropped_oldest = stats.spool_dropped_oldest.load(Ordering::Relaxed);
 
-    let receiver = Receiver::start_on(port, support::scripted(vec![])).await;
+    let receiver = Receiver::start_on(port, scripted(vec![])).await;
     let expected = TOTAL - dropped_newest - dropped_oldest;
-    until("the kept events delivered", WAIT, || {
+    wait_until("the kept events delivered", || {
         receiver.received().len() as u64 >= expected
     })
     .await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
     let mut seqs: Vec<u64> = receiver.received().iter().map(seq_of).collect();
     seqs.sort_unstable();
@@ -547,22 +500,22 @@ async fn dead_letters_can_go_to_another_sink() {
     let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let parking = dir.path().join("parking.jsonl");
-    let config = yaml(
-        &mock.url(),
-        dir.path(),
-        &format!(
-            r#"
-sinks:
-  hook: {{ type: http, url: "{}", dead_letter: parking }}
-  parking: {{ type: file, path: {} }}
-routes: [{{ name: all, to: [hook] }}]
-"#,
-            receiver.url("/events"),
-            serde_json::to_string(&parking).unwrap()
-        ),
-    );
+    let config = bridge_yaml(&mock.url(), dir.path())
+        .sink(
+            "hook",
+            &format!(
+                "{{ type: http, url: {}, dead_letter: parking }}",
+                quoted(receiver.url("/events"))
+            ),
+        )
+        .sink(
+            "parking",
+            &format!("{{ type: file, path: {} }}", quoted(&parking)),
+        )
+        .route_all(&["hook"])
+        .config();
     let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     mock.broadcast(
         "message.created",
         r#"{"account_id":1,"conversation_id":5,"x":"poison"}"#,
@@ -571,12 +524,12 @@ routes: [{{ name: all, to: [hook] }}]
         "message.created",
         r#"{"account_id":1,"conversation_id":5,"x":"fine"}"#,
     );
-    until("the poison parked, the other delivered", WAIT, || {
+    wait_until("the poison parked, the other delivered", || {
         std::fs::read_to_string(&parking).is_ok_and(|t| t.lines().count() == 1)
             && bridge.stats().delivered.load(Ordering::Relaxed) >= 2
     })
     .await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
     let parked: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(&parking).unwrap().trim()).unwrap();
@@ -603,22 +556,20 @@ async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_
     std::fs::write(&server_config, "max_payload: 4096\n").unwrap();
     let nats = NatsServer::start_with(free_port(), &["-c", server_config.to_str().unwrap()]).await;
     let reader = nats.client().await;
-    let mut subscription = timeout(WAIT, reader.subscribe("cw.>"))
+    let mut subscription = within("a subscription", reader.subscribe("cw.>"))
         .await
-        .unwrap()
         .unwrap();
-    timeout(WAIT, reader.flush()).await.unwrap().unwrap();
+    within("the subscription flushed", reader.flush())
+        .await
+        .unwrap();
     let mock = agent_mock().await;
-    let config = yaml(
-        &mock.url(),
-        dir.path(),
-        &format!(
-            "sinks:\n  bus: {{ type: nats, url: '{}', subject: 'cw.{{event}}' }}\nroutes: [{{ name: all, to: [bus] }}]\n",
-            nats.url()
-        ),
+    let bus = format!(
+        "{{ type: nats, url: '{}', subject: 'cw.{{event}}' }}",
+        nats.url()
     );
+    let config = one_sink(&mock.url(), dir.path(), "bus", &bus).config();
     let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     for n in 1..=TOTAL {
         let padding = if n == POISON {
             "p".repeat(8000)
@@ -635,10 +586,8 @@ async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_
     }
     let mut arrived = Vec::new();
     while arrived.len() < (TOTAL - 1) as usize {
-        let message = timeout(WAIT, subscription.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {} events arrived", arrived.len(), TOTAL - 1))
-            .unwrap();
+        let what = format!("event {} of {}", arrived.len() + 1, TOTAL - 1);
+        let message = within(&what, subscription.next()).await.unwrap();
         let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
         arrived.push(data["n"].as_u64().unwrap());
     }
@@ -647,12 +596,12 @@ async fn a_pipelined_sink_dead_letters_a_refused_event_and_delivers_the_rest_in_
         arrived, expected,
         "every event but the refused one, once, in order"
     );
-    until("the refused event dead-lettered", WAIT, || {
+    wait_until("the refused event dead-lettered", || {
         bridge.stats().dead_lettered.load(Ordering::Relaxed) == 1
             && bridge.stats().delivered.load(Ordering::Relaxed) == TOTAL - 1
     })
     .await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
     let letters = DeadLetters::open(dir.path()).unwrap().list("bus").unwrap();
     assert_eq!(letters.len(), 1);
@@ -677,39 +626,43 @@ async fn a_sink_routed_nothing_does_not_pin_the_spool() {
     const PER_WAVE: u64 = 50;
     let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let out = |name: &str| serde_json::to_string(&dir.path().join(name)).unwrap();
-    let mut config = yaml(
-        &mock.url(),
-        &dir.path().join("spool"),
-        &format!(
-            "sinks:\n  main: {{ type: file, path: {}, dead_letter: parking }}\n  parking: {{ type: file, path: {} }}\nroutes: [{{ name: all, to: [main] }}]\n",
-            out("main.jsonl"),
-            out("parking.jsonl")
-        ),
-    );
+    let out = |name: &str| quoted(dir.path().join(name));
+    let mut config = bridge_yaml(&mock.url(), &dir.path().join("spool"))
+        .sink(
+            "main",
+            &format!(
+                "{{ type: file, path: {}, dead_letter: parking }}",
+                out("main.jsonl")
+            ),
+        )
+        .sink(
+            "parking",
+            &format!("{{ type: file, path: {} }}", out("parking.jsonl")),
+        )
+        .route_all(&["main"])
+        .config();
     // ~1.3 KB per event: the 3,000 events are about four times this.
     config.spool.max_bytes = 1 << 20;
     let bridge = Bridge::start(config).await.unwrap();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     let stats = bridge.stats();
     for wave in 1..=WAVES {
         for _ in 0..PER_WAVE {
             mock.broadcast_generated();
         }
-        let delivered = timeout(WAIT, async {
-            while stats.delivered.load(Ordering::Relaxed) < wave * PER_WAVE {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
+        wait_until_explained(
+            &format!("wave {wave}: {} delivered", wave * PER_WAVE),
+            || stats.delivered.load(Ordering::Relaxed) >= wave * PER_WAVE,
+            || {
+                format!(
+                    "{} delivered; spool dropped {} newest, {} oldest",
+                    stats.delivered.load(Ordering::Relaxed),
+                    stats.spool_dropped_newest.load(Ordering::Relaxed),
+                    stats.spool_dropped_oldest.load(Ordering::Relaxed)
+                )
+            },
+        )
         .await;
-        assert!(
-            delivered.is_ok(),
-            "wave {wave}: {} of {} delivered; spool dropped {} newest, {} oldest",
-            stats.delivered.load(Ordering::Relaxed),
-            wave * PER_WAVE,
-            stats.spool_dropped_newest.load(Ordering::Relaxed),
-            stats.spool_dropped_oldest.load(Ordering::Relaxed)
-        );
     }
     assert_eq!(
         (
@@ -719,7 +672,7 @@ async fn a_sink_routed_nothing_does_not_pin_the_spool() {
         (0, 0),
         "the spool filled up: the idle sink's cursor held its segments"
     );
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
 }
 
@@ -736,17 +689,14 @@ async fn a_jetstream_outage_mid_stream_loses_nothing_and_stores_each_event_once(
     // The later `-sd` wins: the restarted server finds the stream where the first left it.
     let nats = NatsServer::start_with(port, &["-sd", &store_arg]).await;
     let mock = agent_mock().await;
-    let config = yaml(
-        &mock.url(),
-        &dir.path().join("spool"),
-        &format!(
-            "sinks:\n  js: {{ type: nats, url: '{}', subject: 'out.{{event}}', timeout: 500ms, retry: {{ initial: 50ms, max: 300ms }}, jetstream: {{ stream: OUTAGE, create: true }} }}\nroutes: [{{ name: all, to: [js] }}]\n",
-            nats.url()
-        ),
+    let js = format!(
+        "{{ type: nats, url: '{}', subject: 'out.{{event}}', timeout: 500ms, retry: {{ initial: 50ms, max: 300ms }}, jetstream: {{ stream: OUTAGE, create: true }} }}",
+        nats.url()
     );
+    let config = one_sink(&mock.url(), &dir.path().join("spool"), "js", &js).config();
     let bridge = Bridge::start(config).await.unwrap();
     let stats = bridge.stats();
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     // A steady stream (2,000 a second); the server is killed once a sixth is delivered, while
     // it flows, and the rest is sent during the outage, whatever this machine's speed.
     let mut running = Some(nats);
@@ -763,17 +713,17 @@ async fn a_jetstream_outage_mid_stream_loses_nothing_and_stores_each_event_once(
         mock.broadcast_generated();
     }
     // Down for longer than the sink's timeout: deliveries fail and are retried.
-    until("a delivery failed", WAIT, || {
+    wait_until("a delivery failed", || {
         bridge.status().sinks()["js"].retries > 0
     })
     .await;
     let nats = NatsServer::start_with(port, &["-sd", &store_arg]).await;
-    until("every event delivered", WAIT, || {
+    wait_until("every event delivered", || {
         stats.delivered.load(Ordering::Relaxed) >= TOTAL
     })
     .await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
 
     let stored = stored_numbers(&nats, "OUTAGE", "mock_seq").await;
@@ -808,17 +758,14 @@ async fn a_kafka_outage_longer_than_the_message_timeout_loses_nothing() {
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
     let mock = agent_mock().await;
-    let config = yaml(
-        &mock.url(),
-        &dir.path().join("spool"),
-        &format!(
-            "sinks:\n  k: {{ type: kafka, brokers: '{bootstrap}', topic: outage, retry: {{ initial: 50ms, max: 300ms }}, librdkafka: {{ message.timeout.ms: '1000', reconnect.backoff.max.ms: '200' }} }}\nroutes: [{{ name: all, to: [k] }}]\n"
-        ),
+    let k = format!(
+        "{{ type: kafka, brokers: '{bootstrap}', topic: outage, retry: {{ initial: 50ms, max: 300ms }}, librdkafka: {{ message.timeout.ms: '1000', reconnect.backoff.max.ms: '200' }} }}"
     );
+    let config = one_sink(&mock.url(), &dir.path().join("spool"), "k", &k).config();
     let bridge = Bridge::start(config).await.unwrap();
     let stats = bridge.stats();
     let retries = || bridge.status().sinks()["k"].retries;
-    until("subscribed", WAIT, || mock.streaming_subscriptions() == 1).await;
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     let sent = stream_generated(&mock, 1, TOTAL / 2, || {
         stats.delivered.load(Ordering::Relaxed) >= 50
     })
@@ -828,18 +775,18 @@ async fn a_kafka_outage_longer_than_the_message_timeout_loses_nothing() {
     cluster.broker_down(BROKER).unwrap();
     stream_generated(&mock, 1, TOTAL - sent, || false).await;
     // Past the message timeout: the records waiting for the broker fail in their reports.
-    until("a delivery failed", WAIT, || retries() > retries_before).await;
+    wait_until("a delivery failed", || retries() > retries_before).await;
     // Waits while the broker was away depend on how long that took on this machine; those after
     // it is back do not: one each for hundreds of failed batches before, a few at most now.
     let retries_at_return = retries();
     cluster.broker_up(BROKER).unwrap();
-    until("every event delivered", WAIT, || {
+    wait_until("every event delivered", || {
         stats.delivered.load(Ordering::Relaxed) >= TOTAL
     })
     .await;
     assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 0);
     let status = bridge.status().sinks()["k"].clone();
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
     let last_error = status.last_error.unwrap_or_default();
     assert!(
@@ -856,9 +803,9 @@ async fn a_kafka_outage_longer_than_the_message_timeout_loses_nothing() {
     let mut stream = consumer.stream();
     let mut seqs = BTreeSet::new();
     while (seqs.len() as u64) < TOTAL {
-        let message = timeout(WAIT, stream.next())
+        let what = format!("event {} of {TOTAL} in the topic", seqs.len() + 1);
+        let message = within(&what, stream.next())
             .await
-            .unwrap_or_else(|_| panic!("only {} of {TOTAL} events in the topic", seqs.len()))
             .unwrap()
             .expect("consume");
         let data: serde_json::Value =
@@ -876,29 +823,38 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     let down_port = free_port();
     let nats_port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let sinks = format!(
-        "sinks:\n  hook: {{ type: http, url: 'http://127.0.0.1:{down_port}/in', retry: {{ initial: 50ms, max: 100ms }} }}\n  bus: {{ type: nats, url: 'nats://127.0.0.1:{nats_port}', subject: 'late.{{event}}', timeout: 300ms, retry: {{ initial: 50ms, max: 100ms }} }}\nroutes: [{{ name: all, to: [hook, bus] }}]\n"
-    );
     let mock = agent_mock().await;
-    let mut config = yaml(&mock.url(), &dir.path().join("spool"), &sinks);
+    let yaml = bridge_yaml(&mock.url(), &dir.path().join("spool"))
+        .sink(
+            "hook",
+            &format!(
+                "{{ type: http, url: 'http://127.0.0.1:{down_port}/in', retry: {{ initial: 50ms, max: 100ms }} }}"
+            ),
+        )
+        .sink(
+            "bus",
+            &format!(
+                "{{ type: nats, url: 'nats://127.0.0.1:{nats_port}', subject: 'late.{{event}}', timeout: 300ms, retry: {{ initial: 50ms, max: 100ms }} }}"
+            ),
+        )
+        .route_all(&["hook", "bus"]);
+    let mut config = yaml.config();
     config.shutdown_timeout = Duration::from_secs(1);
     let bridge = Bridge::start(config).await.unwrap();
     spool_numbered(&bridge, &mock, TOTAL).await;
     assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(!report.drained, "nothing could be delivered");
     assert!(report.persisted);
 
     // Both destinations come up; the next start delivers everything that was read.
-    let receiver = Receiver::start_on(down_port, support::scripted(vec![])).await;
+    let receiver = Receiver::start_on(down_port, scripted(vec![])).await;
     let nats = NatsServer::start_on(nats_port).await;
     let mut subscription = subscribed(&nats, "late.>").await;
-    let bridge = Bridge::start(yaml(&mock.url(), &dir.path().join("spool"), &sinks))
-        .await
-        .unwrap();
-    let posted = receiver.wait_for(TOTAL, WAIT).await;
+    let bridge = Bridge::start(yaml.config()).await.unwrap();
+    let posted = receiver.wait_for(TOTAL).await;
     let mut published = next_numbered(&mut subscription, TOTAL).await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
     let mut posted: Vec<u64> = posted
         .iter()
@@ -925,46 +881,40 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
     let nats_port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let sinks = format!(
-        "sinks:\n  bus: {{ type: nats, url: 'nats://127.0.0.1:{nats_port}', subject: 'drain.{{event}}', timeout: 300ms, retry: {{ initial: 50ms, max: 100ms }} }}\nroutes: [{{ name: all, to: [bus] }}]\n"
+    let bus = format!(
+        "{{ type: nats, url: 'nats://127.0.0.1:{nats_port}', subject: 'drain.{{event}}', timeout: 300ms, retry: {{ initial: 50ms, max: 100ms }} }}"
     );
     let mock = agent_mock().await;
+    let yaml = one_sink(&mock.url(), &spool, "bus", &bus);
     // The server is down: everything stays in the spool, to be read from the file next time.
-    let mut config = yaml(&mock.url(), &spool, &sinks);
+    let mut config = yaml.config();
     config.shutdown_timeout = Duration::from_secs(1);
     let bridge = Bridge::start(config).await.unwrap();
     spool_numbered(&bridge, &mock, TOTAL).await;
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(!report.drained, "nothing could be delivered");
 
     let nats = NatsServer::start_on(nats_port).await;
     let mut subscription = subscribed(&nats, "drain.>").await;
-    let bridge = Bridge::start(yaml(&mock.url(), &spool, &sinks))
-        .await
-        .unwrap();
+    let bridge = Bridge::start(yaml.config()).await.unwrap();
     let published = next_numbered(&mut subscription, TOTAL).await;
     assert_eq!(
         published,
         (0..TOTAL as u64).collect::<Vec<_>>(),
         "each event once, in spool order"
     );
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(report.drained);
 
     // Everything was committed: a third start finds nothing to send.
-    let bridge = Bridge::start(yaml(&mock.url(), &spool, &sinks))
-        .await
-        .unwrap();
-    until("subscribed again", WAIT, || {
-        mock.streaming_subscriptions() == 1
-    })
-    .await;
-    let again = timeout(Duration::from_secs(2), subscription.next()).await;
+    let bridge = Bridge::start(yaml.config()).await.unwrap();
+    wait_until("subscribed again", || mock.streaming_subscriptions() == 1).await;
+    let again = tokio::time::timeout(Duration::from_secs(2), subscription.next()).await;
     assert!(
         again.is_err(),
         "a message after the last: a duplicate of the second run, or sent again after a clean shutdown: {again:?}"
     );
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
 }
 
@@ -977,13 +927,10 @@ async fn events_spooled_during_a_nats_outage_land_in_spool_order() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mock = agent_mock().await;
-    let config = yaml(
-        &mock.url(),
-        &dir.path().join("spool"),
-        &format!(
-            "sinks:\n  js: {{ type: nats, url: 'nats://127.0.0.1:{port}', subject: 'order.{{event}}', timeout: 500ms, retry: {{ initial: 50ms, max: 200ms }}, jetstream: {{ stream: ORDER, create: true }} }}\nroutes: [{{ name: all, to: [js] }}]\n"
-        ),
+    let js = format!(
+        "{{ type: nats, url: 'nats://127.0.0.1:{port}', subject: 'order.{{event}}', timeout: 500ms, retry: {{ initial: 50ms, max: 200ms }}, jetstream: {{ stream: ORDER, create: true }} }}"
     );
+    let config = one_sink(&mock.url(), &dir.path().join("spool"), "js", &js).config();
     let bridge = Bridge::start(config).await.unwrap();
     spool_numbered(&bridge, &mock, TOTAL).await;
     // The server comes back while the loop would still be handing batches over (each waits
@@ -993,11 +940,11 @@ async fn events_spooled_during_a_nats_outage_land_in_spool_order() {
     assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
     let nats = NatsServer::start_on(port).await;
     let stats = bridge.stats();
-    until("every event delivered", WAIT, || {
+    wait_until("every event delivered", || {
         stats.delivered.load(Ordering::Relaxed) >= TOTAL as u64
     })
     .await;
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     mock.stop().await;
 
     assert_eq!(
@@ -1015,19 +962,21 @@ async fn a_dead_letter_sink_outlives_the_sinks_that_feed_it_at_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let parking = dir.path().join("parking.jsonl");
     let mock = agent_mock().await;
-    let config = yaml(
-        &mock.url(),
-        &dir.path().join("spool"),
-        &format!(
-            "sinks:\n  hook: {{ type: http, url: 'http://127.0.0.1:{}/in', retry: {{ initial: 50ms, max: 100ms, max_elapsed: 500ms }}, dead_letter: parking }}\n  parking: {{ type: file, path: {} }}\nroutes: [{{ name: all, to: [hook] }}]\n",
-            free_port(),
-            serde_json::to_string(&parking).unwrap()
-        ),
-    );
+    let config = bridge_yaml(&mock.url(), &dir.path().join("spool"))
+        .sink(
+            "hook",
+            &format!(
+                "{{ type: http, url: 'http://127.0.0.1:{}/in', retry: {{ initial: 50ms, max: 100ms, max_elapsed: 500ms }}, dead_letter: parking }}",
+                free_port()
+            ),
+        )
+        .sink("parking", &format!("{{ type: file, path: {} }}", quoted(&parking)))
+        .route_all(&["hook"])
+        .config();
     let bridge = Bridge::start(config).await.unwrap();
     spool_numbered(&bridge, &mock, TOTAL).await;
     // The webhook gives up on every event 0.5 s into the 5 s shutdown window.
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     mock.stop().await;
     assert!(report.drained, "every sink caught up before the deadline");
     let parked = std::fs::read_to_string(&parking).unwrap_or_default();

@@ -5,12 +5,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
+use chatwoot_bridge::mock::{Answer, MockConfig};
+use support::{mock_token, quoted, start_mock, wait_until, within, BridgeYaml, NatsServer};
 use tokio::process::{Child, Command};
-use tokio::time::timeout;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatwoot-bridge");
 
@@ -62,87 +62,28 @@ fn delivered(path: &Path) -> BTreeMap<u64, usize> {
     seen
 }
 
-#[tokio::test]
-async fn kill_9_and_restart_lose_nothing_that_was_received() {
-    const TOTAL: u64 = 8_000;
-    let server = MockServer::start(MockConfig {
-        tokens: vec![MockToken {
-            pubsub_token: "agent-secret".into(),
-            answer: Answer::Confirm,
-        }],
-        rate: 2_000.0,
-        count: Some(TOTAL),
-        wait_for_subscriptions: 1,
-        ping_interval: Duration::from_millis(500),
-        ..MockConfig::default()
-    })
-    .await
-    .unwrap();
-    let nats = support::NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("events.jsonl");
-    let config = dir.path().join("bridge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-chatwoot:
-  url: "{url}"
-  reconnect: {{ initial: 50ms, max: 100ms }}
-tokens:
-  - {{ name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }}
-sinks:
-  archive: {{ type: file, path: {out} }}
-  stream: {{ type: nats, url: "{nats}", subject: "crash.{{event}}", jetstream: {{ stream: CRASH, create: true, duplicate_window: 10m }} }}
-routes:
-  - {{ name: all, to: [archive, stream] }}
-spool: {{ dir: {spool}, fsync: never }}
-"#,
-            url = server.url(),
-            nats = nats.url(),
-            out = serde_json::to_string(&out).unwrap(),
-            spool = serde_json::to_string(&dir.path().join("spool")).unwrap(),
-        ),
-    )
-    .unwrap();
+/// The daemon's config: the mock's agent token, every event to the file `out` and to the
+/// JetStream stream CRASH (deduplicating by event id over 10 minutes), the spool in `dir`.
+fn crash_config(cable_url: &str, nats_url: &str, out: &Path, dir: &Path) -> PathBuf {
+    BridgeYaml::new(cable_url)
+        .cable("reconnect: { initial: 50ms, max: 100ms }")
+        .agent("agent", "agent-secret", 3)
+        .sink("archive", &format!("{{ type: file, path: {} }}", quoted(out)))
+        .sink(
+            "stream",
+            &format!(
+                "{{ type: nats, url: {}, subject: 'crash.{{event}}', jetstream: {{ stream: CRASH, create: true, duplicate_window: 10m }} }}",
+                quoted(nats_url)
+            ),
+        )
+        .route_all(&["archive", "stream"])
+        .spool(&dir.join("spool"))
+        .spool_setting("fsync: never")
+        .write(&dir.join("bridge.yaml"))
+}
 
-    let mut first = spawn(&config);
-    support::until("the first 1,500 events", Duration::from_secs(20), || {
-        delivered(&out).len() >= 1_500
-    })
-    .await;
-    first.start_kill().unwrap(); // SIGKILL: no shutdown, no flush, no cursor save
-    timeout(Duration::from_secs(10), first.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let at_kill = delivered(&out);
-    let last_before_kill = *at_kill.keys().last().unwrap();
-    // What the killed process had in its spool and not yet committed for the file sink: the
-    // restart must deliver every one of these.
-    let pending = pending_in_spool(&dir.path().join("spool"));
-
-    let mut second = spawn(&config);
-    support::until("the rest of the stream", Duration::from_secs(30), || {
-        delivered(&out).contains_key(&(TOTAL - 1))
-    })
-    .await;
-    let pid = second.id().unwrap();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = timeout(Duration::from_secs(20), second.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    server.stop().await;
-    assert!(status.success(), "graceful exit after SIGTERM: {status:?}");
-
-    let seen = delivered(&out);
-    // Contiguous runs of delivered sequence numbers. The only gap allowed is the stretch the
-    // mock broadcast while no socket was open (between the kill and the resubscribe).
+/// Contiguous runs of delivered sequence numbers, first and last of each.
+fn runs_of(seen: &BTreeMap<u64, usize>) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for &seq in seen.keys() {
         match runs.last_mut() {
@@ -150,6 +91,64 @@ spool: {{ dir: {spool}, fsync: never }}
             _ => runs.push((seq, seq)),
         }
     }
+    runs
+}
+
+/// Sends SIGTERM (as systemd and docker stop do) and waits for a clean exit.
+async fn terminate(mut daemon: Child) {
+    let pid = daemon.id().unwrap();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = within("the daemon to exit after SIGTERM", daemon.wait())
+        .await
+        .unwrap();
+    assert!(status.success(), "graceful exit after SIGTERM: {status:?}");
+}
+
+#[tokio::test]
+async fn kill_9_and_restart_lose_nothing_that_was_received() {
+    const TOTAL: u64 = 8_000;
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("agent-secret", Answer::Confirm)],
+        rate: 2_000.0,
+        count: Some(TOTAL),
+        wait_for_subscriptions: 1,
+        ping_interval: Duration::from_millis(500),
+        ..MockConfig::default()
+    })
+    .await;
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    let config = crash_config(&server.url(), &nats.url(), &out, dir.path());
+
+    let mut first = spawn(&config);
+    wait_until("the first 1,500 events", || delivered(&out).len() >= 1_500).await;
+    first.start_kill().unwrap(); // SIGKILL: no shutdown, no flush, no cursor save
+    within("the killed daemon to exit", first.wait())
+        .await
+        .unwrap();
+    let at_kill = delivered(&out);
+    let last_before_kill = *at_kill.keys().last().unwrap();
+    // What the killed process had in its spool and not yet committed for the file sink: the
+    // restart must deliver every one of these.
+    let pending = pending_in_spool(&dir.path().join("spool"));
+
+    let second = spawn(&config);
+    wait_until("the rest of the stream", || {
+        delivered(&out).contains_key(&(TOTAL - 1))
+    })
+    .await;
+    terminate(second).await;
+    server.stop().await;
+
+    let seen = delivered(&out);
+    // The only gap allowed is the stretch the mock broadcast while no socket was open (between
+    // the kill and the resubscribe).
+    let runs = runs_of(&seen);
     assert_eq!(runs.first().unwrap().0, 0, "runs: {runs:?}");
     assert_eq!(runs.last().unwrap().1, TOTAL - 1, "runs: {runs:?}");
     assert!(runs.len() <= 2, "more than one gap: {runs:?}");
@@ -176,14 +175,10 @@ spool: {{ dir: {spool}, fsync: never }}
     // JetStream drops a re-delivered event by its Nats-Msg-Id (the event id): the stream holds
     // exactly one message per distinct event.
     let js = async_nats::jetstream::new(nats.client().await);
-    let mut stream = timeout(Duration::from_secs(10), js.get_stream("CRASH"))
+    let mut stream = within("the stream CRASH", js.get_stream("CRASH"))
         .await
-        .unwrap()
         .unwrap();
-    let info = timeout(Duration::from_secs(10), stream.info())
-        .await
-        .unwrap()
-        .unwrap();
+    let info = within("the stream's info", stream.info()).await.unwrap();
     assert_eq!(
         info.state.messages,
         seen.len() as u64,

@@ -1,17 +1,16 @@
 //! Routes and redaction end to end: mock Chatwoot → bridge → two file sinks.
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
-use chatwoot_bridge::config::Config;
 use chatwoot_bridge::mock::fixtures;
-use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
+use chatwoot_bridge::mock::{Answer, MockConfig};
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
-use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(10);
+use support::{mock_token, quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
 
 fn lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -30,49 +29,37 @@ fn fixture_data(name: &str) -> String {
     frame[start..frame.len() - 2].to_owned()
 }
 
+/// Two file sinks: `analytics` drops the sender's contact details, `raw` keeps the contact
+/// tokens; conversations of inbox 2 go to both, incoming invoice messages to analytics only.
+fn routed_config(cable_url: &str, dir: &Path) -> BridgeYaml {
+    let analytics = quoted(dir.join("analytics.jsonl"));
+    let raw = quoted(dir.join("raw.jsonl"));
+    BridgeYaml::new(cable_url)
+        .agent("agent", "agent-secret", 3)
+        .sink(
+            "analytics",
+            &format!(
+                "{{ type: file, path: {analytics}, fields: {{ drop: [meta.sender.email, meta.sender.phone_number] }} }}"
+            ),
+        )
+        .sink("raw", &format!("{{ type: file, path: {raw}, keep_pubsub_tokens: true }}"))
+        .route(r#"{ name: conversations, match: { event: "conversation.*", inbox_id: [2] }, to: [analytics, raw] }"#)
+        .route(r#"{ name: incoming-messages, match: { event: message.created, where: [{ path: message_type, in: [0] }, { path: content, matches: "(?i)invoice" }] }, to: [analytics] }"#)
+        .spool(&dir.join("spool"))
+}
+
 #[tokio::test]
 async fn routes_redact_and_count_what_matched_nothing() {
-    let server = MockServer::start(MockConfig {
-        tokens: vec![MockToken {
-            pubsub_token: "agent-secret".into(),
-            answer: Answer::Confirm,
-        }],
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("agent-secret", Answer::Confirm)],
         ping_interval: Duration::from_millis(300),
         ..MockConfig::default()
     })
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let analytics = dir.path().join("analytics.jsonl");
     let raw = dir.path().join("raw.jsonl");
-    let yaml = format!(
-        r#"
-chatwoot: {{ url: "{url}" }}
-tokens:
-  - {{ name: agent, pubsub_token: agent-secret, account_id: 1, user_id: 3 }}
-sinks:
-  analytics:
-    type: file
-    path: {analytics}
-    fields: {{ drop: [meta.sender.email, meta.sender.phone_number] }}
-  raw: {{ type: file, path: {raw}, keep_pubsub_tokens: true }}
-routes:
-  - name: conversations
-    match: {{ event: "conversation.*", inbox_id: [2] }}
-    to: [analytics, raw]
-  - name: incoming-messages
-    match:
-      event: message.created
-      where: [{{ path: message_type, in: [0] }}, {{ path: content, matches: "(?i)invoice" }}]
-    to: [analytics]
-spool: {{ dir: {spool} }}
-"#,
-        spool = serde_json::to_string(&dir.path().join("spool")).unwrap(),
-        url = server.url(),
-        analytics = serde_json::to_string(&analytics).unwrap(),
-        raw = serde_json::to_string(&raw).unwrap(),
-    );
-    let config = Config::from_yaml(&yaml, &|_| None, false).unwrap();
+    let config = routed_config(&server.url(), dir.path()).config();
     let bridge = Bridge::start(config).await.unwrap();
     let subscribed = bridge
         .status()
@@ -90,29 +77,18 @@ spool: {{ dir: {spool} }}
     server.broadcast("presence.update", &fixture_data("presence.update"));
     server.broadcast("presence.update", &fixture_data("presence.update"));
 
-    let done = timeout(WAIT, async {
-        while lines(&analytics).len() < 2 || lines(&raw).is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    wait_until("events to arrive", || {
+        lines(&analytics).len() >= 2 && !lines(&raw).is_empty()
     })
     .await;
-    assert!(done.is_ok(), "events did not arrive");
     let stats = bridge.stats();
-    let unmatched_presence = timeout(WAIT, async {
-        loop {
-            if stats.unmatched.lock().unwrap().get("presence.update") == Some(&2) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    support::wait_until_explained(
+        "both presence updates counted as unmatched",
+        || stats.unmatched.lock().unwrap().get("presence.update") == Some(&2),
+        || format!("{:?}", stats.unmatched.lock().unwrap()),
+    )
     .await;
-    assert!(
-        unmatched_presence.is_ok(),
-        "{:?}",
-        stats.unmatched.lock().unwrap()
-    );
-    timeout(WAIT, bridge.shutdown()).await.unwrap();
+    shut_down(bridge).await;
     server.stop().await;
 
     let analytics = lines(&analytics);

@@ -4,28 +4,47 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatwoot_bridge::event::{Event, EventId};
-use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
+use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer};
 use chatwoot_bridge::sink::{Outcome, Sink};
 use chatwoot_bridge::Bridge;
 use futures_util::StreamExt;
 use hyper::StatusCode;
 use rdkafka::message::{Headers, Message};
-use support::*;
-use tokio::time::timeout;
-
-/// Bound on any single wait in these tests.
-const WAIT: Duration = Duration::from_secs(30);
+use support::{
+    free_port, mock_token, scripted, shut_down, sink, sink_kind, start_mock, wait_until,
+    wait_until_async, within, BridgeYaml, KafkaBroker, NatsServer, Received, Receiver,
+    TestCertificates, POLL,
+};
 
 /// A webhook secret in Standard Webhooks form (24 random-looking bytes).
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// Awaits `f` for at most [`WAIT`]: no test hangs on a server that stopped answering.
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    timeout(WAIT, f).await.expect("timed out")
+/// Hands `batch` to `sink` and waits for its outcomes.
+async fn deliver(sink: &mut Sink, batch: &[Arc<Event>]) -> Vec<Outcome> {
+    within("the sink's outcomes", sink.deliver(batch)).await
+}
+
+/// A mock Chatwoot that confirms the agent token of [`bridge_yaml`].
+async fn agent_mock() -> MockServer {
+    start_mock(MockConfig {
+        tokens: vec![mock_token("tok-agent", MockAnswer::Confirm)],
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// A config reading the agent token from `cable`, the spool in `spool`, a 20 s shutdown window;
+/// no sinks or routes yet.
+fn bridge_yaml(cable: &str, spool: &Path) -> BridgeYaml {
+    BridgeYaml::new(cable)
+        .agent("agent", "tok-agent", 1)
+        .spool(spool)
+        .setting("shutdown_timeout: 20s")
 }
 
 fn event(id: u128, name: &str, data: &str) -> Arc<Event> {
@@ -77,8 +96,12 @@ fn verify_signature(received: &Received) {
 async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
     let server = NatsServer::start().await;
     let reader = server.client().await;
-    let mut sub = within(reader.subscribe("chatwoot.>")).await.unwrap();
-    within(reader.flush()).await.unwrap();
+    let mut sub = within("a subscription", reader.subscribe("chatwoot.>"))
+        .await
+        .unwrap();
+    within("the subscription flushed", reader.flush())
+        .await
+        .unwrap();
     let mut sink = sink(
         "nats-core",
         &format!(
@@ -94,7 +117,7 @@ async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
         // No account id: the subject cannot be rendered, which is permanent for this event.
         event(3, "presence.update", r#"{"users":{"1":"online"}}"#),
     ];
-    let outcomes = timeout(WAIT, sink.deliver(&batch)).await.unwrap();
+    let outcomes = deliver(&mut sink, &batch).await;
     let kinds: Vec<&str> = outcomes.iter().map(kind).collect();
     assert_eq!(kinds, ["delivered", "delivered", "permanent"]);
     let Outcome::Permanent(e) = &outcomes[2] else {
@@ -105,7 +128,7 @@ async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
         "subject template {account_id}: event presence.update has no account_id"
     );
 
-    let first = timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let first = within("the first message", sub.next()).await.unwrap();
     assert_eq!(
         first.subject.as_str(),
         "chatwoot.1.Ana_B___x_.message_created"
@@ -142,10 +165,10 @@ async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
         Some("message.created")
     );
     assert_eq!(nats_header(h, "ce-chatwootaccount").as_deref(), Some("1"));
-    let second = timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let second = within("the second message", sub.next()).await.unwrap();
     assert_eq!(second.subject.as_str(), "chatwoot.1.nobody.contact_updated");
     assert_eq!(nats_header(&second.headers, "ce-subject"), None);
-    within(sink.close()).await;
+    within("the sink to close", sink.close()).await;
 }
 
 #[tokio::test]
@@ -166,35 +189,32 @@ async fn nats_jetstream_acks_and_drops_duplicates_by_event_id() {
         r#"{"account_id":1,"conversation_id":5}"#,
     );
     let b = event(11, "conversation.updated", r#"{"account_id":2,"id":6}"#);
-    let first = timeout(WAIT, sink.deliver(&[a.clone(), b.clone()]))
-        .await
-        .unwrap();
+    let first = deliver(&mut sink, &[a.clone(), b.clone()]).await;
     assert!(
         first.iter().all(|o| matches!(o, Outcome::Delivered)),
         "{first:?}"
     );
     // The same event again, as after a lost ack or a second token's copy: acknowledged, and
     // the stream still holds it once.
-    let again = timeout(WAIT, sink.deliver(&[a.clone(), a.clone()]))
-        .await
-        .unwrap();
+    let again = deliver(&mut sink, &[a.clone(), a.clone()]).await;
     assert!(
         again.iter().all(|o| matches!(o, Outcome::Delivered)),
         "{again:?}"
     );
 
     let js = async_nats::jetstream::new(server.client().await);
-    let mut stream = timeout(WAIT, js.get_stream("CHATWOOT"))
+    let mut stream = within("the stream", js.get_stream("CHATWOOT"))
+        .await
+        .unwrap();
+    let info = within("the stream's info", stream.info())
         .await
         .unwrap()
-        .unwrap();
-    let info = timeout(WAIT, stream.info()).await.unwrap().unwrap().clone();
+        .clone();
     assert_eq!(info.state.messages, 2, "duplicates must be dropped");
     assert_eq!(info.config.subjects, vec!["chatwoot.*.>".to_owned()]);
     assert_eq!(info.config.duplicate_window, Duration::from_secs(7200));
-    let stored = timeout(WAIT, stream.get_raw_message(1))
+    let stored = within("stored message 1", stream.get_raw_message(1))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(stored.subject.as_str(), "chatwoot.1.message_created");
     assert_eq!(
@@ -208,12 +228,11 @@ async fn nats_jetstream_acks_and_drops_duplicates_by_event_id() {
     let ce: serde_json::Value = serde_json::from_slice(&stored.payload).unwrap();
     assert_eq!(ce["id"], "0000000000000000000000000000000a");
     assert_eq!(ce["data"]["conversation_id"], 5);
-    let stored = timeout(WAIT, stream.get_raw_message(2))
+    let stored = within("stored message 2", stream.get_raw_message(2))
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(stored.subject.as_str(), "chatwoot.2.conversation_updated");
-    within(sink.close()).await;
+    within("the sink to close", sink.close()).await;
 }
 
 #[tokio::test]
@@ -233,9 +252,7 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
         "building must not wait for the server"
     );
     let e = event(1, "message.created", r#"{"account_id":1}"#);
-    let down = timeout(WAIT, sink.deliver(std::slice::from_ref(&e)))
-        .await
-        .unwrap();
+    let down = deliver(&mut sink, std::slice::from_ref(&e)).await;
     assert_eq!(kind(&down[0]), "retryable", "{down:?}");
 
     // Core mode, same missing server: the flush cannot be confirmed, so not delivered.
@@ -246,31 +263,24 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
         ),
     )
     .await;
-    let down = timeout(WAIT, core.deliver(std::slice::from_ref(&e)))
-        .await
-        .unwrap();
+    let down = deliver(&mut core, std::slice::from_ref(&e)).await;
     assert_eq!(kind(&down[0]), "retryable", "{down:?}");
 
     let server = NatsServer::start_on(port).await;
-    let deadline = Instant::now() + WAIT;
-    let mut attempts = 0;
-    let delivered = loop {
-        attempts += 1;
-        let outcome = timeout(WAIT, sink.deliver(std::slice::from_ref(&e)))
-            .await
-            .unwrap();
-        if matches!(outcome[0], Outcome::Delivered) {
-            break true;
+    // Delivered by a later attempt, once the sink has connected.
+    within("a delivery once the server is up", async {
+        while !matches!(
+            deliver(&mut sink, std::slice::from_ref(&e)).await[0],
+            Outcome::Delivered
+        ) {
+            tokio::time::sleep(POLL).await;
         }
-        if Instant::now() > deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(delivered, "not delivered after {attempts} attempts");
+    })
+    .await;
     let js = async_nats::jetstream::new(server.client().await);
-    let mut stream = within(js.get_stream("LATE")).await.unwrap();
-    assert_eq!(within(stream.info()).await.unwrap().state.messages, 1);
+    let mut stream = within("the stream", js.get_stream("LATE")).await.unwrap();
+    let info = within("the stream's info", stream.info()).await.unwrap();
+    assert_eq!(info.state.messages, 1);
 }
 
 #[tokio::test]
@@ -286,7 +296,7 @@ async fn nats_token_and_user_password_auth() {
         (&with_user, "user: bridge, password: pa55-s3cret", true),
         (&with_user, "user: bridge, password: wrong", false),
     ] {
-        let mut sink = support::sink(
+        let mut sink = sink(
             "nats-auth",
             &format!(
                 "{{ type: nats, url: '{}', subject: 'auth.{{event}}', timeout: 1s, {auth} }}",
@@ -294,7 +304,7 @@ async fn nats_token_and_user_password_auth() {
             ),
         )
         .await;
-        let outcome = within(sink.deliver(std::slice::from_ref(&e))).await;
+        let outcome = deliver(&mut sink, std::slice::from_ref(&e)).await;
         let expected = if good { "delivered" } else { "retryable" };
         assert_eq!(kind(&outcome[0]), expected, "{auth}: {outcome:?}");
         if let Outcome::Retryable(err) = &outcome[0] {
@@ -317,7 +327,7 @@ async fn nats_tls_with_a_private_ca() {
     .await;
     let e = event(1, "message.created", r#"{"account_id":1}"#);
     // Trusting the private CA: delivered over TLS.
-    let mut trusted = support::sink(
+    let mut trusted = sink(
         "nats-tls",
         &format!(
             "{{ type: nats, url: '{}', subject: 'tls.{{event}}', tls_required: true, timeout: 2s, tls: {{ ca_file: '{}' }} }}",
@@ -326,10 +336,10 @@ async fn nats_tls_with_a_private_ca() {
         ),
     )
     .await;
-    let outcome = within(trusted.deliver(std::slice::from_ref(&e))).await;
+    let outcome = deliver(&mut trusted, std::slice::from_ref(&e)).await;
     assert_eq!(kind(&outcome[0]), "delivered", "{outcome:?}");
     // Without the CA the server's certificate is not trusted: nothing is sent.
-    let mut untrusted = support::sink(
+    let mut untrusted = sink(
         "nats-tls",
         &format!(
             "{{ type: nats, url: '{}', subject: 'tls.{{event}}', tls_required: true, timeout: 1s }}",
@@ -337,7 +347,7 @@ async fn nats_tls_with_a_private_ca() {
         ),
     )
     .await;
-    let outcome = within(untrusted.deliver(std::slice::from_ref(&e))).await;
+    let outcome = deliver(&mut untrusted, std::slice::from_ref(&e)).await;
     assert_eq!(kind(&outcome[0]), "retryable", "{outcome:?}");
 }
 
@@ -346,20 +356,25 @@ async fn nats_tls_with_a_private_ca() {
 
 #[tokio::test]
 async fn webhook_status_classes_signatures_and_no_redirects() {
-    let receiver = within(Receiver::start(Arc::new(
-        |req: &Received, before: usize| match (req.path.as_str(), before) {
-            ("/hook/ok", _) => (StatusCode::NO_CONTENT, vec![]),
-            ("/hook/busy", 0) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                vec![("retry-after", "3".to_owned())],
-            ),
-            ("/hook/busy", _) => (StatusCode::OK, vec![]),
-            ("/hook/bad", _) => (StatusCode::BAD_REQUEST, vec![]),
-            ("/hook/gone", _) => (StatusCode::GONE, vec![]),
-            ("/hook/moved", _) => (StatusCode::FOUND, vec![("location", "/hook/ok".to_owned())]),
-            _ => (StatusCode::NOT_FOUND, vec![]),
-        },
-    )))
+    let receiver = within(
+        "the receiver to start",
+        Receiver::start(Arc::new(|req: &Received, before: usize| {
+            match (req.path.as_str(), before) {
+                ("/hook/ok", _) => (StatusCode::NO_CONTENT, vec![]),
+                ("/hook/busy", 0) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    vec![("retry-after", "3".to_owned())],
+                ),
+                ("/hook/busy", _) => (StatusCode::OK, vec![]),
+                ("/hook/bad", _) => (StatusCode::BAD_REQUEST, vec![]),
+                ("/hook/gone", _) => (StatusCode::GONE, vec![]),
+                ("/hook/moved", _) => {
+                    (StatusCode::FOUND, vec![("location", "/hook/ok".to_owned())])
+                }
+                _ => (StatusCode::NOT_FOUND, vec![]),
+            }
+        })),
+    )
     .await;
     let mut sink = sink(
         "hook",
@@ -381,7 +396,7 @@ async fn webhook_status_classes_signatures_and_no_redirects() {
             )
         })
         .collect();
-    let outcomes = timeout(WAIT, sink.deliver(&batch)).await.unwrap();
+    let outcomes = deliver(&mut sink, &batch).await;
     let kinds: Vec<&str> = outcomes.iter().map(kind).collect();
     assert_eq!(
         kinds,
@@ -406,7 +421,7 @@ async fn webhook_status_classes_signatures_and_no_redirects() {
     );
 
     // The retry of the 503: delivered, with the same webhook-id.
-    let retried = timeout(WAIT, sink.deliver(&batch[1..2])).await.unwrap();
+    let retried = deliver(&mut sink, &batch[1..2]).await;
     assert_eq!(kind(&retried[0]), "delivered");
 
     let received = receiver.received();
@@ -440,7 +455,7 @@ async fn webhook_status_classes_signatures_and_no_redirects() {
 
 #[tokio::test]
 async fn webhook_structured_envelope_and_unreachable_endpoint() {
-    let receiver = within(Receiver::start(scripted(vec![]))).await;
+    let receiver = within("the receiver to start", Receiver::start(scripted(vec![]))).await;
     let mut sink = sink(
         "hook",
         &format!(
@@ -455,7 +470,7 @@ async fn webhook_structured_envelope_and_unreachable_endpoint() {
         r#"{"account_id":1,"conversation_id":42}"#,
     );
     let contact = event(8, "contact.updated", r#"{"account_id":1,"id":3}"#);
-    let outcomes = timeout(WAIT, sink.deliver(&[e, contact])).await.unwrap();
+    let outcomes = deliver(&mut sink, &[e, contact]).await;
     assert_eq!(kind(&outcomes[0]), "delivered");
     assert_eq!(
         kind(&outcomes[1]),
@@ -478,9 +493,7 @@ async fn webhook_structured_envelope_and_unreachable_endpoint() {
     // Nobody listening: a connection error is retryable.
     let port = free_port();
     let mut down = sink_at(&format!("http://127.0.0.1:{port}/x")).await;
-    let outcomes = timeout(WAIT, down.deliver(&[event(9, "x", "{}")]))
-        .await
-        .unwrap();
+    let outcomes = deliver(&mut down, &[event(9, "x", "{}")]).await;
     assert_eq!(kind(&outcomes[0]), "retryable", "{outcomes:?}");
 }
 
@@ -494,37 +507,36 @@ async fn sink_at(url: &str) -> chatwoot_bridge::sink::Sink {
 
 #[tokio::test]
 async fn webhook_retry_after_holds_back_the_retry_loop() {
-    let receiver = within(Receiver::start(scripted(vec![(
-        StatusCode::TOO_MANY_REQUESTS,
-        vec![("retry-after", "2".to_owned())],
-    )])))
+    let receiver = within(
+        "the receiver to start",
+        Receiver::start(scripted(vec![(
+            StatusCode::TOO_MANY_REQUESTS,
+            vec![("retry-after", "2".to_owned())],
+        )])),
+    )
     .await;
-    let mock = within(MockServer::start(MockConfig {
-        tokens: vec![MockToken {
-            pubsub_token: "tok-agent".into(),
-            answer: MockAnswer::Confirm,
-        }],
-        ..MockConfig::default()
-    }))
-    .await
-    .unwrap();
-    let (config, _spool) = config(
-        &mock.url(),
-        &format!(
-            "sinks:\n  hook: {{ type: http, url: '{}', secret: {SECRET} }}\nroutes:\n  - {{ name: all, match: {{}}, to: [hook] }}\n",
-            receiver.url("/in")
-        ),
+    let mock = agent_mock().await;
+    let spool = tempfile::tempdir().unwrap();
+    let hook = format!(
+        "{{ type: http, url: '{}', secret: {SECRET} }}",
+        receiver.url("/in")
     );
-    let bridge = within(Bridge::start(config)).await.unwrap();
-    assert!(
-        eventually(WAIT, || async { mock.streaming_subscriptions() >= 1 }).await,
-        "bridge never subscribed"
-    );
+    let config = bridge_yaml(&mock.url(), spool.path())
+        .sink("hook", &hook)
+        .route_all(&["hook"])
+        .config();
+    let bridge = within("the bridge to start", Bridge::start(config))
+        .await
+        .unwrap();
+    wait_until("the bridge to subscribe", || {
+        mock.streaming_subscriptions() >= 1
+    })
+    .await;
     mock.broadcast(
         "message.created",
         r#"{"id":1,"account_id":1,"conversation_id":3,"content":"hi"}"#,
     );
-    let got = receiver.wait_for(2, WAIT).await;
+    let got = receiver.wait_for(2).await;
     assert_eq!(got.len(), 2, "one refusal, one retry");
     let gap = got[1].at - got[0].at;
     assert!(
@@ -535,9 +547,9 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
         verify_signature(r);
     }
     assert_eq!(got[0].headers["webhook-id"], got[1].headers["webhook-id"]);
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+    let report = shut_down(bridge).await;
     assert!(report.drained);
-    within(mock.stop()).await;
+    within("the mock Chatwoot to stop", mock.stop()).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -574,7 +586,7 @@ async fn kafka_keeps_a_conversation_on_one_partition_in_order() {
     ));
     // No `stream` field: the topic cannot be rendered; permanent, and the rest still goes.
     batch.push(event(2001, "message.created", r#"{"account_id":7}"#));
-    let outcomes = timeout(WAIT, sink.deliver(&batch)).await.unwrap();
+    let outcomes = deliver(&mut sink, &batch).await;
     let kinds: Vec<&str> = outcomes.iter().map(kind).collect();
     assert!(
         kinds[..41].iter().all(|k| *k == "delivered"),
@@ -587,9 +599,9 @@ async fn kafka_keeps_a_conversation_on_one_partition_in_order() {
     let mut read = 0;
     let mut stream = consumer.stream();
     while read < 41 {
-        let message = timeout(WAIT, stream.next())
+        let what = format!("record {} of 41", read + 1);
+        let message = within(&what, stream.next())
             .await
-            .expect("all records read back in time")
             .unwrap()
             .expect("consume");
         read += 1;
@@ -635,7 +647,7 @@ async fn kafka_keeps_a_conversation_on_one_partition_in_order() {
         partitions.len() > 1,
         "four conversations all landed on one partition; the key is not used"
     );
-    within(sink.close()).await;
+    within("the sink to close", sink.close()).await;
 }
 
 #[tokio::test]
@@ -650,9 +662,7 @@ async fn kafka_sink_builds_without_a_broker_and_reports_no_delivery() {
     )
     .await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    let outcomes = timeout(WAIT, sink.deliver(&[event(1, "x", r#"{"a":1}"#)]))
-        .await
-        .unwrap();
+    let outcomes = deliver(&mut sink, &[event(1, "x", r#"{"a":1}"#)]).await;
     // Not confirmed by a broker, so not delivered; a timeout is worth retrying.
     assert_eq!(kind(&outcomes[0]), "retryable", "{outcomes:?}");
     let Outcome::Retryable(e) = &outcomes[0] else {
@@ -683,7 +693,7 @@ async fn kafka_queue_full_slows_the_sink_down_instead_of_failing_events() {
             )
         })
         .collect();
-    let outcomes = timeout(WAIT, sink.deliver(&batch)).await.unwrap();
+    let outcomes = deliver(&mut sink, &batch).await;
     assert!(
         outcomes.iter().all(|o| matches!(o, Outcome::Delivered)),
         "{outcomes:?}"
@@ -691,9 +701,8 @@ async fn kafka_queue_full_slows_the_sink_down_instead_of_failing_events() {
     let consumer = broker.consumer("cw-small-queue", 1);
     let mut stream = consumer.stream();
     for n in 0..60u64 {
-        let m = timeout(WAIT, stream.next())
+        let m = within(&format!("record {n}"), stream.next())
             .await
-            .expect("record in time")
             .unwrap()
             .unwrap();
         let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
@@ -723,7 +732,7 @@ async fn kafka_unknown_topic_and_oversized_record_are_permanent() {
         ),
         event(3, "message.created", r#"{"t":"exists"}"#),
     ];
-    let outcomes = within(sink.deliver(&batch)).await;
+    let outcomes = deliver(&mut sink, &batch).await;
     let kinds: Vec<&str> = outcomes.iter().map(kind).collect();
     assert_eq!(
         kinds,
@@ -757,12 +766,10 @@ async fn kafka_structured_envelope() {
         "conversation.status_changed",
         r#"{"account_id":2,"id":9,"status":"resolved"}"#,
     );
-    let outcomes = timeout(WAIT, sink.deliver(std::slice::from_ref(&e)))
-        .await
-        .unwrap();
+    let outcomes = deliver(&mut sink, std::slice::from_ref(&e)).await;
     assert_eq!(kind(&outcomes[0]), "delivered", "{outcomes:?}");
     let consumer = broker.consumer("cw-structured", 1);
-    let message = timeout(WAIT, consumer.recv()).await.unwrap().unwrap();
+    let message = within("the record", consumer.recv()).await.unwrap();
     assert_eq!(
         message.key(),
         Some(&b"agent-conversation.status_changed"[..])
@@ -783,11 +790,11 @@ async fn kafka_structured_envelope() {
 async fn probes_reach_real_servers_and_name_what_is_missing() {
     let (nats, broker) = tokio::join!(NatsServer::start(), KafkaBroker::start());
     broker.create_topics(&[("cw-probe", 1)]).await;
-    let receiver = within(Receiver::start(scripted(vec![]))).await;
+    let receiver = within("the receiver to start", Receiver::start(scripted(vec![]))).await;
     let dead = free_port();
     let probe = |yaml: String| async move {
         let kind = sink_kind("probe", &yaml);
-        within(Sink::probe("probe", &kind)).await
+        within("the probe", Sink::probe("probe", &kind)).await
     };
     let kafka = |topic: &str, brokers: &str| {
         format!("{{ type: kafka, brokers: '{brokers}', topic: {topic} }}")
@@ -950,60 +957,39 @@ routes:
 // ---------------------------------------------------------------------------------------------
 // Everything at once, from the mock Chatwoot.
 
-#[tokio::test]
-async fn one_stream_to_kafka_jetstream_and_a_signed_webhook() {
-    let (nats, broker) = tokio::join!(NatsServer::start(), KafkaBroker::start());
-    broker
-        .create_topics(&[
-            ("chatwoot.message.created", 2),
-            ("chatwoot.conversation.status_changed", 2),
-        ])
-        .await;
-    let receiver = within(Receiver::start(scripted(vec![]))).await;
-    let mock = within(MockServer::start(MockConfig {
-        tokens: vec![MockToken {
-            pubsub_token: "tok-agent".into(),
-            answer: MockAnswer::Confirm,
-        }],
-        ..MockConfig::default()
-    }))
-    .await
-    .unwrap();
-    let sinks = format!(
-        r#"sinks:
-  kafka-main:
-    type: kafka
-    brokers: "{brokers}"
-    topic: "chatwoot.{{event}}"
-    librdkafka:
-      linger.ms: "5"
-  nats-js:
-    type: nats
-    url: "{nats}"
-    subject: "chatwoot.{{account_id}}.{{event}}"
-    jetstream: {{ stream: CHATWOOT, create: true, duplicate_window: 2h }}
-  hook:
-    type: http
-    url: "{hook}"
-    secret: [{SECRET}, whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=]
-    max_in_flight: 4
-routes:
-  - {{ name: all, match: {{}}, to: [kafka-main, nats-js, hook] }}
-"#,
-        brokers = broker.bootstrap(),
-        nats = nats.url(),
-        hook = receiver.url("/chatwoot/{event}"),
-    );
-    let (config, _spool) = config(&mock.url(), &sinks);
-    let bridge = within(Bridge::start(config)).await.unwrap();
-    assert!(
-        eventually(WAIT, || async { mock.streaming_subscriptions() >= 1 }).await,
-        "bridge never subscribed"
-    );
+/// How many events [`broadcast_mixed`] sends.
+const MIXED: u64 = 24;
 
-    const N: u64 = 24;
+/// Every event to a Kafka topic per event name, to JetStream (stream CHATWOOT) and to a webhook
+/// signed with two secrets.
+fn three_sinks(bridge: BridgeYaml, brokers: &str, nats: &str, hook: &str) -> BridgeYaml {
+    bridge
+        .sink(
+            "kafka-main",
+            &format!(
+                "{{ type: kafka, brokers: '{brokers}', topic: 'chatwoot.{{event}}', librdkafka: {{ linger.ms: '5' }} }}"
+            ),
+        )
+        .sink(
+            "nats-js",
+            &format!(
+                "{{ type: nats, url: '{nats}', subject: 'chatwoot.{{account_id}}.{{event}}', jetstream: {{ stream: CHATWOOT, create: true, duplicate_window: 2h }} }}"
+            ),
+        )
+        .sink(
+            "hook",
+            &format!(
+                "{{ type: http, url: '{hook}', secret: [{SECRET}, whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=], max_in_flight: 4 }}"
+            ),
+        )
+        .route_all(&["kafka-main", "nats-js", "hook"])
+}
+
+/// Broadcasts [`MIXED`] events numbered `n`, every third a status change, in two
+/// conversations; returns each one's name and data, indexed by `n`.
+fn broadcast_mixed(mock: &MockServer) -> Vec<(&'static str, String)> {
     let mut sent = Vec::new();
-    for i in 0..N {
+    for i in 0..MIXED {
         let (name, data) = if i % 3 == 2 {
             (
                 "conversation.status_changed",
@@ -1024,10 +1010,18 @@ routes:
         mock.broadcast(name, &data);
         sent.push((name, data));
     }
+    sent
+}
 
-    // Webhook: every event, signed, at the event's path, data byte for byte.
-    let hooks = receiver.wait_for(N as usize, WAIT).await;
-    assert_eq!(hooks.len(), N as usize);
+/// Webhook: every event, signed, at the event's path, data byte for byte. Returns the id of
+/// each event by its `n`.
+async fn check_webhook(
+    receiver: &Receiver,
+    sent: &[(&str, String)],
+    cable_url: &str,
+) -> HashMap<u64, String> {
+    let hooks = receiver.wait_for(MIXED as usize).await;
+    assert_eq!(hooks.len(), MIXED as usize);
     let mut ids_by_n: HashMap<u64, String> = HashMap::new();
     for r in &hooks {
         verify_signature(r);
@@ -1051,33 +1045,41 @@ routes:
             format!("conversation/{}", 50 + n % 2)
         );
         let source = r.headers["ce-source"].to_str().unwrap();
-        assert_eq!(source, format!("{}#agent", mock.url()));
+        assert_eq!(source, format!("{cable_url}#agent"));
         ids_by_n.insert(n, r.headers["webhook-id"].to_str().unwrap().to_owned());
     }
-    assert_eq!(ids_by_n.len(), N as usize);
+    assert_eq!(ids_by_n.len(), MIXED as usize);
+    ids_by_n
+}
 
-    // JetStream: every event once, on its subject, with the same id.
+/// JetStream: every event once, on its subject, with the same id as at the webhook.
+async fn check_jetstream(
+    nats: &NatsServer,
+    sent: &[(&str, String)],
+    ids_by_n: &HashMap<u64, String>,
+) {
     let js = async_nats::jetstream::new(nats.client().await);
-    let stream = within(js.get_stream("CHATWOOT")).await.unwrap();
-    assert!(
-        eventually(WAIT, || {
-            let mut stream = stream.clone();
-            async move {
-                stream
-                    .info()
-                    .await
-                    .map(|i| i.state.messages == N)
-                    .unwrap_or(false)
-            }
-        })
-        .await,
-        "stream did not reach {N} messages"
-    );
-    for seq in 1..=N {
-        let m = timeout(WAIT, stream.get_raw_message(seq))
-            .await
-            .unwrap()
-            .unwrap();
+    let stream = within("the stream", js.get_stream("CHATWOOT"))
+        .await
+        .unwrap();
+    wait_until_async(&format!("{MIXED} messages in the stream"), || {
+        let mut stream = stream.clone();
+        async move {
+            stream
+                .info()
+                .await
+                .map(|i| i.state.messages == MIXED)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    for seq in 1..=MIXED {
+        let m = within(
+            &format!("stored message {seq}"),
+            stream.get_raw_message(seq),
+        )
+        .await
+        .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         let n = body["n"].as_u64().unwrap();
         let (name, data) = &sent[n as usize];
@@ -1090,18 +1092,25 @@ routes:
         assert_eq!(id, ids_by_n[&n]);
         assert_eq!(m.headers.get("ce-id").unwrap().as_str(), id);
     }
+}
 
-    // Kafka: every event on its event's topic, keyed by account and conversation.
+/// Kafka: every event on its event's topic, keyed by account and conversation, with the same id
+/// as at the webhook.
+async fn check_kafka(
+    broker: &KafkaBroker,
+    sent: &[(&str, String)],
+    ids_by_n: &HashMap<u64, String>,
+    cable_url: &str,
+) {
     for (topic, expected) in [
-        ("chatwoot.message.created", N - N / 3),
-        ("chatwoot.conversation.status_changed", N / 3),
+        ("chatwoot.message.created", MIXED - MIXED / 3),
+        ("chatwoot.conversation.status_changed", MIXED / 3),
     ] {
         let consumer = broker.consumer(topic, 2);
         let mut stream = consumer.stream();
-        for _ in 0..expected {
-            let m = timeout(WAIT, stream.next())
+        for i in 0..expected {
+            let m = within(&format!("record {} of {topic}", i + 1), stream.next())
                 .await
-                .expect("record in time")
                 .unwrap()
                 .unwrap();
             let value: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
@@ -1114,11 +1123,44 @@ routes:
             assert_eq!(headers["ce_id"], ids_by_n[&n]);
             assert_eq!(headers["ce_chatwootevent"], *name);
             assert_eq!(headers["ce_chatwoottoken"], "agent");
-            assert_eq!(headers["ce_source"], format!("{}#agent", mock.url()));
+            assert_eq!(headers["ce_source"], format!("{cable_url}#agent"));
         }
     }
+}
 
-    let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
+#[tokio::test]
+async fn one_stream_to_kafka_jetstream_and_a_signed_webhook() {
+    let (nats, broker) = tokio::join!(NatsServer::start(), KafkaBroker::start());
+    broker
+        .create_topics(&[
+            ("chatwoot.message.created", 2),
+            ("chatwoot.conversation.status_changed", 2),
+        ])
+        .await;
+    let receiver = within("the receiver to start", Receiver::start(scripted(vec![]))).await;
+    let mock = agent_mock().await;
+    let spool = tempfile::tempdir().unwrap();
+    let config = three_sinks(
+        bridge_yaml(&mock.url(), spool.path()),
+        &broker.bootstrap(),
+        &nats.url(),
+        &receiver.url("/chatwoot/{event}"),
+    )
+    .config();
+    let bridge = within("the bridge to start", Bridge::start(config))
+        .await
+        .unwrap();
+    wait_until("the bridge to subscribe", || {
+        mock.streaming_subscriptions() >= 1
+    })
+    .await;
+
+    let sent = broadcast_mixed(&mock);
+    let ids_by_n = check_webhook(&receiver, &sent, &mock.url()).await;
+    check_jetstream(&nats, &sent, &ids_by_n).await;
+    check_kafka(&broker, &sent, &ids_by_n, &mock.url()).await;
+
+    let report = shut_down(bridge).await;
     assert!(report.drained);
-    within(mock.stop()).await;
+    within("the mock Chatwoot to stop", mock.stop()).await;
 }

@@ -1,0 +1,151 @@
+//! A webhook receiver for the HTTP sink: records every request and answers as the test says, on
+//! a loopback port, until dropped.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::wait_until;
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// To check the configured method is used.
+    pub method: String,
+    /// Rendered from the URL template.
+    pub path: String,
+    /// CloudEvents, custom and signature headers.
+    pub headers: HeaderMap,
+    /// Exactly as sent, for byte comparisons and signature checks.
+    pub body: Bytes,
+    /// Arrival time, to measure the pause before a retry.
+    pub at: Instant,
+}
+
+/// What the receiver answers: status, extra headers.
+pub type Reply = (StatusCode, Vec<(&'static str, String)>);
+
+/// Decides the answer to a request from it and the answers given so far for its path.
+pub type Responder = Arc<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
+
+/// A webhook receiver: records every request and answers as `responder` says.
+pub struct Receiver {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Every request so far, in arrival order.
+    pub requests: Arc<Mutex<Vec<Received>>>,
+    /// The accept loop, aborted on drop.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    /// Starts on a free port.
+    pub async fn start(responder: Responder) -> Receiver {
+        Receiver::start_on(0, responder).await
+    }
+
+    /// Starts on a given port (to bring up an endpoint a sink was already pointed at).
+    pub async fn start_on(port: u16, responder: Responder) -> Receiver {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                let responder = responder.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |request| answer(request, seen.clone(), responder.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// The URL of `path` on this receiver.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived; returns all of them.
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        wait_until(&format!("{n} requests at the receiver"), || {
+            self.requests.lock().unwrap().len() >= n
+        })
+        .await;
+        self.received()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Replys from a fixed queue, then 200.
+pub fn scripted(answers: Vec<Reply>) -> Responder {
+    let queue = Arc::new(Mutex::new(VecDeque::from(answers)));
+    Arc::new(move |_, _| {
+        queue
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or((StatusCode::OK, vec![]))
+    })
+}
+
+/// Records one request and answers it as `responder` decides.
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    seen: Arc<Mutex<Vec<Received>>>,
+    responder: Responder,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let received = Received {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers,
+        body,
+        at: Instant::now(),
+    };
+    let (status, extra) = {
+        let mut all = seen.lock().unwrap();
+        let before = all.iter().filter(|r| r.path == received.path).count();
+        all.push(received.clone());
+        responder(&received, before)
+    };
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    for (name, value) in extra {
+        response.headers_mut().insert(name, value.parse().unwrap());
+    }
+    Ok(response)
+}
