@@ -5,7 +5,7 @@
 //! delivered or dead-lettered), so a crash re-delivers at most what was not confirmed yet.
 //!
 //! A sink that keeps up takes each appended batch in memory; one that is behind reads the spool,
-//! the next batch on a blocking thread while the current one is sent ([`FileReader`]).
+//! the next batch on a blocking thread while the current one is sent (`reader`).
 //!
 //! A sink that keeps order itself (Kafka, NATS, file) is handed the next batches while earlier
 //! ones await their acknowledgements, up to `MAX_UNCONFIRMED` events. When an event fails, the
@@ -15,6 +15,17 @@
 //! A sink that sends concurrently (HTTP) settles one batch at a time and is given *waves*, at
 //! most one event per conversation each: an event waits for the earlier one of its conversation
 //! to be delivered, including across retries.
+//!
+//! # Layout
+//! - this file: `SinkLoop`'s loop, one step at a time: take and hand over, wait for the oldest
+//!   answer, idle; and why it ended (`LoopEnd`).
+//! - `intake`: where the next events come from (read ahead, in-memory tail, spool); `reader`:
+//!   the spool cursor that reads ahead on a blocking thread.
+//! - `progress`: what is finished, what is committed, when the next commit is due.
+//! - `in_flight`: the batches handed over and not answered yet, up to `MAX_UNCONFIRMED` events.
+//! - `settle`: delivering a batch to the end (retries, dead letters), in `waves`.
+//! - [`ingest`]: from the sockets to the spool; [`dead_letter`]: the dead letter files;
+//!   [`retry`]: a sink's retry settings.
 
 pub mod dead_letter;
 mod in_flight;
@@ -250,7 +261,8 @@ impl SinkLoop {
         let wake = tokio::select! {
             answered = state.in_flight.oldest_answer() => match answered {
                 Some((batch, answer)) => Wake::Answered(batch, answer),
-                None => unreachable!("await_oldest runs with batches in flight"),
+                // Not expected: this step runs with batches in flight. The loop looks again.
+                None => return ControlFlow::Continue(()),
             },
             _ = self.reader.wait_for_data(), if caught_up => Wake::Appended,
             _ = self.give_up.cancelled() => Wake::GiveUp,
