@@ -23,26 +23,39 @@ use crate::event::{Event, EventId, JsonText};
 /// One event that will not be delivered without an operator.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The whole event, to deliver it again after `dlq replay`.
     pub event: Event,
     /// The last error, in words.
     pub error: String,
+    /// How many times delivery was tried.
     pub attempts: u32,
+    /// When delivery was first tried.
     pub first_attempt: SystemTime,
+    /// When it was given up.
     pub last_attempt: SystemTime,
 }
 
+/// A dead letter file that cannot be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
+    /// A file operation failed.
     #[error("cannot {action} {path}: {source}")]
     Io {
+        /// What was being done ("open", "write", "rename", ...).
         action: &'static str,
+        /// The file or folder it was done to.
         path: PathBuf,
+        /// Why it failed.
         source: io::Error,
     },
+    /// A line (or a replay's progress file) that this program did not write.
     #[error("{path} line {line}: not a dead letter written by this program ({reason})")]
     Corrupt {
+        /// The file.
         path: PathBuf,
+        /// Its line number, from 1.
         line: usize,
+        /// What is wrong with it.
         reason: String,
     },
 }
@@ -50,11 +63,17 @@ pub enum DeadLetterError {
 /// The line as stored.
 #[derive(Serialize, Deserialize)]
 struct Line<'a> {
+    /// The sink that gave the event up.
     sink: &'a str,
+    /// [`DeadLetter::error`].
     error: &'a str,
+    /// [`DeadLetter::attempts`].
     attempts: u32,
+    /// [`DeadLetter::first_attempt`], RFC 3339.
     first_attempt: String,
+    /// [`DeadLetter::last_attempt`], RFC 3339.
     last_attempt: String,
+    /// The event in CloudEvents structured form.
     #[serde(borrow)]
     event: &'a RawValue,
 }
@@ -62,11 +81,17 @@ struct Line<'a> {
 /// The CloudEvent fields needed to rebuild an [`Event`].
 #[derive(Deserialize)]
 struct StoredEvent<'a> {
+    /// The event id, hex.
     id: &'a str,
+    /// The CloudEvents `source`.
     source: &'a str,
+    /// The CloudEvents `time`, when it was received.
     time: &'a str,
+    /// The Chatwoot event name.
     chatwootevent: &'a str,
+    /// The name of the token whose socket received it.
     chatwoottoken: &'a str,
+    /// The event's `data`, as the sink was given it.
     #[serde(borrow)]
     data: &'a RawValue,
 }
@@ -90,6 +115,7 @@ impl DeadLetters {
         Ok(DeadLetters { dir })
     }
 
+    /// The dead letter file of `sink`.
     fn file(&self, sink: &str) -> PathBuf {
         self.dir.join(format!("{sink}.jsonl"))
     }
@@ -249,7 +275,7 @@ impl DeadLetters {
     }
 
     /// Reads a replay file from where an earlier replay of it stopped (its start the first time).
-    pub fn resume_replay(&self, path: &Path) -> Result<LetterReader, DeadLetterError> {
+    pub(crate) fn resume_replay(&self, path: &Path) -> Result<LetterReader, DeadLetterError> {
         let progress = progress_file(path);
         let from = match fs::read_to_string(&progress) {
             Ok(text) => ReplayPosition::parse(&text).ok_or_else(|| DeadLetterError::Corrupt {
@@ -273,7 +299,7 @@ impl DeadLetters {
     /// replay stopped after this goes on from there. Written to a temporary file, fsynced and
     /// renamed: a crash leaves the old position or the new one, and at worst letters after the
     /// old one are put back twice, never skipped.
-    pub fn replay_done_upto(
+    pub(crate) fn replay_done_upto(
         &self,
         path: &Path,
         upto: ReplayPosition,
@@ -293,7 +319,7 @@ impl DeadLetters {
     }
 
     /// Removes a replay file once its events are back in the spool, then its progress.
-    pub fn finish_replay(&self, path: &Path) -> Result<(), DeadLetterError> {
+    pub(crate) fn finish_replay(&self, path: &Path) -> Result<(), DeadLetterError> {
         fs::remove_file(path).map_err(|source| DeadLetterError::Io {
             action: "delete",
             path: path.to_owned(),
@@ -324,6 +350,7 @@ fn replay_sink(name: &str) -> Option<&str> {
         .then_some(sink)
 }
 
+/// The file that says how far the replay of `replay` got.
 fn progress_file(replay: &Path) -> PathBuf {
     with_suffix(replay, PROGRESS_SUFFIX)
 }
@@ -337,7 +364,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 
 /// A place in a dead-letter file: just past a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplayPosition {
+pub(crate) struct ReplayPosition {
     /// Where the next line starts, in bytes.
     offset: u64,
     /// How many lines come before it: errors name lines, however far into a file a replay
@@ -346,8 +373,10 @@ pub struct ReplayPosition {
 }
 
 impl ReplayPosition {
+    /// The start of a file.
     const START: ReplayPosition = ReplayPosition { offset: 0, line: 0 };
 
+    /// A position as a progress file holds it: `<byte offset> <line>`.
     fn parse(text: &str) -> Option<ReplayPosition> {
         let (offset, line) = text.trim().split_once(' ')?;
         Some(ReplayPosition {
@@ -359,7 +388,7 @@ impl ReplayPosition {
 
 /// Reads a dead-letter file one line at a time from a position: memory holds one line however
 /// many the file has.
-pub struct LetterReader {
+pub(crate) struct LetterReader {
     /// For errors.
     path: PathBuf,
     /// `None` when the file does not exist: no letters.
@@ -412,12 +441,12 @@ impl LetterReader {
     }
 
     /// Just past the last letter read.
-    pub fn position(&self) -> ReplayPosition {
+    pub(crate) fn position(&self) -> ReplayPosition {
         self.position
     }
 
     /// The next letter, or `None` at the end of the file.
-    pub fn next_letter(&mut self) -> Result<Option<DeadLetter>, DeadLetterError> {
+    pub(crate) fn next_letter(&mut self) -> Result<Option<DeadLetter>, DeadLetterError> {
         let Some(lines) = &mut self.lines else {
             return Ok(None);
         };

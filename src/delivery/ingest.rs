@@ -8,7 +8,7 @@
 //! Every event is in the spool, with the sinks its routes chose, before any sink sees it. Each
 //! sink reads the spool from its own cursor ([`crate::delivery`]), so a dead webhook never stalls
 //! Kafka, and a sink that comes back catches up from where it was. Once appended, a batch is
-//! also offered to the sink loops in memory ([`Appended`]): a sink that keeps up takes it from
+//! also offered to the sink loops in memory (`Appended`): a sink that keeps up takes it from
 //! there instead of reading back and decoding what was just written.
 
 use std::collections::BTreeMap;
@@ -32,31 +32,32 @@ use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 /// Most events appended (and read by a sink) at once: one write syscall, one produce batch.
 pub const MAX_BATCH: usize = 512;
 
-/// Capacity of the channel from the token tasks to the ingest. Small on purpose: an event in
-/// this channel has been read from a socket but is not on disk yet.
-pub const INGEST_CAPACITY: usize = 1024;
+/// Bounds the events read from the sockets and not on disk yet: the capacity of the channel from
+/// the token tasks to the ingest. Small on purpose: the sockets are held back instead.
+pub(crate) const INGEST_CAPACITY: usize = 1024;
 
-/// Appended batches kept for sink loops that have not taken them yet. A loop that falls further
-/// behind reads the spool instead; small, since a slow sink's share stays here until overwritten.
-pub const TAIL_BATCHES: usize = 16;
+/// Bounds the appended batches kept in memory for sink loops that have not taken them yet. A loop
+/// that falls further behind reads the spool instead; small, since a slow sink's share stays
+/// here until overwritten.
+pub(crate) const TAIL_BATCHES: usize = 16;
 
 /// A batch as it was appended to the spool, for the sink loops to take in memory.
 #[derive(Debug)]
-pub struct Appended {
+pub(crate) struct Appended {
     /// Seq of the first record; the others follow one by one.
-    pub first_seq: u64,
+    pub(crate) first_seq: u64,
     /// Each record's event, in seq order.
-    pub events: Vec<Arc<Event>>,
+    pub(crate) events: Vec<Arc<Event>>,
     /// Each record's sinks, in seq order.
-    pub masks: Vec<SinkMask>,
+    pub(crate) masks: Vec<SinkMask>,
     /// Where the spool's file continues after this batch.
-    pub end: SpoolPosition,
+    pub(crate) end: SpoolPosition,
 }
 
 /// Sends every appended batch to the sink loops (each subscribes its own receiver).
-pub type Tail = broadcast::Sender<Arc<Appended>>;
+pub(crate) type Tail = broadcast::Sender<Arc<Appended>>;
 
-/// How often dead-letter replay requests are looked for.
+/// Bounds how long a queued dead-letter replay waits before the daemon looks for it.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
 
 /// Counters of the pipeline, readable from outside.
@@ -66,8 +67,9 @@ pub struct PipelineStats {
     pub spooled: AtomicU64,
     /// Events that matched no route, by event name (they went to the `unmatched` sink, if any).
     pub unmatched: Mutex<BTreeMap<String, u64>>,
-    /// Events refused by a full spool (`drop_newest`), and events deleted from it (`drop_oldest`).
+    /// Events refused by a full spool (`when_full: drop_newest`).
     pub spool_dropped_newest: AtomicU64,
+    /// Undelivered events deleted from a full spool to make room (`when_full: drop_oldest`).
     pub spool_dropped_oldest: AtomicU64,
     /// Deliveries confirmed, summed over sinks.
     pub delivered: AtomicU64,
@@ -79,7 +81,7 @@ pub struct PipelineStats {
 
 /// Events encoded as spool records, each with its sinks, ready for one append (one write).
 #[derive(Debug, Default)]
-pub struct RecordBatch {
+pub(crate) struct RecordBatch {
     /// The encoded records, back to back; reused across batches.
     buffer: Vec<u8>,
     /// Where each record is in `buffer`, and its sinks.
@@ -87,17 +89,20 @@ pub struct RecordBatch {
 }
 
 impl RecordBatch {
-    pub fn push(&mut self, event: &Event, sinks: SinkMask) {
+    /// Encodes `event` as the next record, for `sinks`.
+    pub(crate) fn push(&mut self, event: &Event, sinks: SinkMask) {
         let start = self.buffer.len();
         event.encode_record(&mut self.buffer);
         self.records.push((start, self.buffer.len(), sinks));
     }
 
-    pub fn len(&self) -> usize {
+    /// How many records it holds.
+    pub(crate) fn len(&self) -> usize {
         self.records.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    /// Whether it holds no record.
+    pub(crate) fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
 
@@ -114,13 +119,14 @@ impl RecordBatch {
         }
     }
 
-    pub fn clear(&mut self) {
+    /// Empties it, keeping its buffers for the next batch.
+    pub(crate) fn clear(&mut self) {
         self.buffer.clear();
         self.records.clear();
     }
 
     /// Appends every record in one write. Blocking I/O: call from a blocking thread.
-    pub fn append_to(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+    pub(crate) fn append_to(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
         self.append_then(spool, |_| {})
     }
 
@@ -129,6 +135,7 @@ impl RecordBatch {
         spool.append_within_room(&self.as_records())
     }
 
+    /// Each record's bytes, with its sinks.
     fn as_records(&self) -> Vec<(&[u8], SinkMask)> {
         self.records
             .iter()
@@ -137,7 +144,7 @@ impl RecordBatch {
     }
 
     /// [`RecordBatch::append_to`], with [`Spool::append_then`]'s `before_wake`.
-    pub fn append_then(
+    pub(crate) fn append_then(
         &self,
         spool: &Spool,
         before_wake: impl FnOnce(&AppendReport),
@@ -148,20 +155,14 @@ impl RecordBatch {
 
 /// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
 /// dropped their senders and everything received is appended.
-pub async fn ingest(
+pub(crate) async fn ingest(
     mut events: mpsc::Receiver<Event>,
     routes: RouteTable,
     spool: Spool,
     tail: Tail,
     stats: Arc<PipelineStats>,
 ) {
-    // The spool's bit of each sink a route can name, by route sink index.
-    let sink_masks: Vec<SinkMask> = routes
-        .sink_names()
-        .iter()
-        .map(|name| spool.mask(&[name.as_str()]))
-        .collect();
-    let mut ids = IdAssigner::new();
+    let mut router = Router::new(routes, &spool);
     let mut received = Vec::with_capacity(MAX_BATCH);
     let mut batch = RecordBatch::default();
     // A batch never takes more than the whole spool: under DropOldest one that did would lose
@@ -171,17 +172,10 @@ pub async fn ingest(
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
         let mut masks = Vec::with_capacity(received.len());
-        for mut event in received.drain(..) {
-            event.id = ids.assign(event.content_hash, &event.token, event.received_at);
-            let routed = routes.route(&event);
-            if !routed.matched {
-                count_unmatched(&stats, &event.name);
-                debug!(event = %event.name, token = %event.token, "event matched no route");
-            }
-            if routed.sinks.is_empty() {
+        for event in received.drain(..) {
+            let Some((event, mask)) = router.route(event, &stats) else {
                 continue;
-            }
-            let mask = SinkMask(routed.sinks.iter().fold(0, |m, t| m | sink_masks[t].0));
+            };
             batch.push(&event, mask);
             if batch.len() > 1 && batch.spool_bytes() > max_batch_bytes {
                 batch.pop();
@@ -202,6 +196,50 @@ pub async fn ingest(
         batch = append_until_stored(&spool, batch, (appended, masks), &tail, &stats).await;
     }
     info!("ingest finished: every event read is in the spool");
+}
+
+/// Gives each event its id and the spool mask of the sinks its routes chose.
+struct Router {
+    /// The compiled routes.
+    routes: RouteTable,
+    /// The spool's bit of each sink a route can name, by route sink index.
+    sink_masks: Vec<SinkMask>,
+    /// Assigns stable event ids.
+    ids: IdAssigner,
+}
+
+impl Router {
+    /// Routes to the sinks of `spool`.
+    fn new(routes: RouteTable, spool: &Spool) -> Router {
+        let sink_masks = routes
+            .sink_names()
+            .iter()
+            .map(|name| spool.mask(&[name.as_str()]))
+            .collect();
+        Router {
+            routes,
+            sink_masks,
+            ids: IdAssigner::new(),
+        }
+    }
+
+    /// The event with its id, and the sinks it goes to; `None` when it goes to none. An event
+    /// that matched no route is counted in `stats`.
+    fn route(&mut self, mut event: Event, stats: &PipelineStats) -> Option<(Event, SinkMask)> {
+        event.id = self
+            .ids
+            .assign(event.content_hash, &event.token, event.received_at);
+        let routed = self.routes.route(&event);
+        if !routed.matched {
+            count_unmatched(stats, &event.name);
+            debug!(event = %event.name, token = %event.token, "event matched no route");
+        }
+        if routed.sinks.is_empty() {
+            return None;
+        }
+        let mask = routed.sinks.iter().fold(0, |m, t| m | self.sink_masks[t].0);
+        Some((event, SinkMask(mask)))
+    }
 }
 
 /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
@@ -247,23 +285,7 @@ async fn append_until_stored(
         offer = kept;
         match result {
             Ok(report) => {
-                stats
-                    .spooled
-                    .fetch_add(report.appended as u64, Ordering::Relaxed);
-                if report.dropped_newest > 0 {
-                    stats
-                        .spool_dropped_newest
-                        .fetch_add(report.dropped_newest, Ordering::Relaxed);
-                    error!(dropped = report.dropped_newest,
-                        "spool is full (spool.max_bytes): the newest events were DROPPED (when_full: drop_newest)");
-                }
-                if report.dropped_oldest > 0 {
-                    stats
-                        .spool_dropped_oldest
-                        .fetch_add(report.dropped_oldest, Ordering::Relaxed);
-                    error!(dropped = report.dropped_oldest,
-                        "spool is full (spool.max_bytes): the oldest undelivered events were DROPPED (when_full: drop_oldest)");
-                }
+                count_appended(&report, stats);
                 return batch;
             }
             Err(e) => {
@@ -276,9 +298,32 @@ async fn append_until_stored(
     }
 }
 
-/// Distinct event names counted one by one; the server chooses the names, so the map is bounded.
+/// Counts what an append stored and what a full spool dropped, loudly.
+fn count_appended(report: &AppendReport, stats: &PipelineStats) {
+    stats
+        .spooled
+        .fetch_add(report.appended as u64, Ordering::Relaxed);
+    if report.dropped_newest > 0 {
+        stats
+            .spool_dropped_newest
+            .fetch_add(report.dropped_newest, Ordering::Relaxed);
+        error!(dropped = report.dropped_newest,
+            "spool is full (spool.max_bytes): the newest events were DROPPED (when_full: drop_newest)");
+    }
+    if report.dropped_oldest > 0 {
+        stats
+            .spool_dropped_oldest
+            .fetch_add(report.dropped_oldest, Ordering::Relaxed);
+        error!(dropped = report.dropped_oldest,
+            "spool is full (spool.max_bytes): the oldest undelivered events were DROPPED (when_full: drop_oldest)");
+    }
+}
+
+/// Bounds the distinct event names counted one by one (the rest count as `(other)`): the server
+/// chooses the names.
 const MAX_COUNTED_NAMES: usize = 1000;
 
+/// Counts an event of `name` that matched no route.
 fn count_unmatched(stats: &PipelineStats, name: &str) {
     let mut unmatched = stats.unmatched.lock().expect("stats lock");
     if let Some(count) = unmatched.get_mut(name) {
@@ -294,7 +339,7 @@ fn count_unmatched(stats: &PipelineStats, name: &str) {
 }
 
 /// Forces the spool to disk every `interval` until `stop`, then once more.
-pub async fn sync_periodically(spool: Spool, interval: Duration, stop: CancellationToken) {
+pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: CancellationToken) {
     loop {
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
@@ -314,54 +359,59 @@ pub async fn sync_periodically(spool: Spool, interval: Duration, stop: Cancellat
 }
 
 /// Puts dead letters that `dlq replay` queued back into the spool, for their sink only.
-pub async fn replay_dead_letters(
+pub(crate) async fn replay_dead_letters(
     dead_letters: DeadLetters,
     spool: Spool,
     sinks: Vec<String>,
     stop: CancellationToken,
 ) {
     loop {
-        let store = dead_letters.clone();
-        let pending = match tokio::task::spawn_blocking(move || store.pending_replays())
-            .await
-            .expect("listing replays does not panic")
-        {
-            Ok(pending) => pending,
-            Err(e) => {
-                warn!(error = %e, "cannot look for dead-letter replays");
-                Vec::new()
-            }
-        };
-        for (sink, path) in pending {
-            if !sinks.contains(&sink) {
-                warn!(sink = %sink, file = %path.display(), "replay file for a sink that is not configured; left in place");
-                continue;
-            }
-            let (store, spool2, path2) = (dead_letters.clone(), spool.clone(), path.clone());
-            let replayed =
-                tokio::task::spawn_blocking(move || replay_file(&store, &spool2, &sink, &path2))
-                    .await
-                    .expect("replays do not panic");
-            match replayed {
-                Ok(Replayed::All(n)) => {
-                    info!(count = n, file = %path.display(), "dead letters put back into the spool")
-                }
-                Ok(Replayed::UntilFull(n)) => {
-                    // Every second while the spool stays full: loud only when it moved.
-                    if n > 0 {
-                        info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
-                    } else {
-                        debug!(file = %path.display(), "the spool is full; the replay waits for room");
-                    }
-                    // A later file (perhaps the same sink's newer letters) must not get in first.
-                    break;
-                }
-                Err(e) => error!(error = %e, file = %path.display(), "cannot replay dead letters"),
-            }
-        }
+        replay_pending(&dead_letters, &spool, &sinks).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = sleep(REPLAY_POLL) => {}
+        }
+    }
+}
+
+/// One look for replay files, each put back into the spool in turn until one waits for room.
+async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[String]) {
+    let store = dead_letters.clone();
+    let pending = match tokio::task::spawn_blocking(move || store.pending_replays())
+        .await
+        .expect("listing replays does not panic")
+    {
+        Ok(pending) => pending,
+        Err(e) => {
+            warn!(error = %e, "cannot look for dead-letter replays");
+            Vec::new()
+        }
+    };
+    for (sink, path) in pending {
+        if !sinks.contains(&sink) {
+            warn!(sink = %sink, file = %path.display(), "replay file for a sink that is not configured; left in place");
+            continue;
+        }
+        let (store, spool, path2) = (dead_letters.clone(), spool.clone(), path.clone());
+        let replayed =
+            tokio::task::spawn_blocking(move || replay_file(&store, &spool, &sink, &path2))
+                .await
+                .expect("replays do not panic");
+        match replayed {
+            Ok(Replayed::All(n)) => {
+                info!(count = n, file = %path.display(), "dead letters put back into the spool")
+            }
+            Ok(Replayed::UntilFull(n)) => {
+                // Every second while the spool stays full: loud only when it moved.
+                if n > 0 {
+                    info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+                } else {
+                    debug!(file = %path.display(), "the spool is full; the replay waits for room");
+                }
+                // A later file (perhaps the same sink's newer letters) must not get in first.
+                return;
+            }
+            Err(e) => error!(error = %e, file = %path.display(), "cannot replay dead letters"),
         }
     }
 }

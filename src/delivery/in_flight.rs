@@ -1,0 +1,196 @@
+//! The batches an order-keeping sink was handed and has not confirmed yet, oldest first.
+//!
+//! Batches are handed over while earlier ones await their acknowledgements, up to
+//! [`MAX_UNCONFIRMED`] events. When a batch comes back with a failure, every later one is let
+//! answer first and they are settled together ([`InFlight::answer_all`]): one merged retry after
+//! an outage, not one backoff per batch.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+
+use super::GaveUp;
+use crate::delivery::ingest::MAX_BATCH;
+use crate::event::Event;
+use crate::sink::{Outcome, Sink, SinkError};
+
+/// Bounds the events an order-keeping sink may have been handed and not confirmed yet (checked
+/// before a batch is handed over, so up to `MAX_UNCONFIRMED + MAX_BATCH - 1` at once).
+///
+/// Keeps the broker busy while acknowledgements travel: waiting for a batch's last ack before
+/// sending the next would leave the connection idle in between, and a NATS core flush answers
+/// only after everything before it reached the server. Bounds what the loop holds in memory
+/// (16 batches of message.created hold about 12 MB) and what a crash sends again.
+pub(crate) const MAX_UNCONFIRMED: usize = 16 * MAX_BATCH;
+
+/// A sink's answer for one batch; `Err` holds a panic raised while handing it over or waiting.
+pub(super) type Answer = std::thread::Result<Vec<Outcome>>;
+
+/// The answer a batch handed over will get.
+type Confirmation = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// A batch handed to the sink whose outcomes are not known yet.
+pub(super) struct Unconfirmed {
+    /// Seq of its last record: committed once it and every batch before it are settled.
+    pub(super) last_seq: u64,
+    /// Its events, to settle them if the answer is not a clean delivery.
+    pub(super) events: Vec<Arc<Event>>,
+    /// The sink's answer, once it comes.
+    answer: Confirmation,
+}
+
+/// What a sink's answer means for its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Every event was delivered: the batch is finished.
+    AllDelivered,
+    /// Something failed, panicked or got no outcome: the batch must be settled.
+    ToSettle,
+}
+
+impl Verdict {
+    /// The verdict on a sink's `answer` for `count` events. A sink that answered for fewer
+    /// events than it was given goes the careful way: the events without an outcome are retried.
+    pub(super) fn of(answer: &Answer, count: usize) -> Verdict {
+        let all_delivered = matches!(answer, Ok(outcomes) if outcomes.len() == count
+            && outcomes.iter().all(|o| matches!(o, Outcome::Delivered)));
+        if all_delivered {
+            Verdict::AllDelivered
+        } else {
+            Verdict::ToSettle
+        }
+    }
+}
+
+/// Whether more batches may be handed over before the unconfirmed ones are settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    /// Yes, up to [`MAX_UNCONFIRMED`] events.
+    Open,
+    /// A batch failed as it was handed over (its answer was there at once: a NATS client not
+    /// connected, a producer refusing): a later batch could get through before its retry and
+    /// overtake it.
+    HeldBack,
+}
+
+/// The unconfirmed batches, oldest first.
+pub(super) struct InFlight {
+    /// The batches, in spool order.
+    batches: VecDeque<Unconfirmed>,
+    /// Events in `batches`, bounded by [`MAX_UNCONFIRMED`].
+    events: usize,
+    /// Whether a batch that failed at once holds back the next hand-over.
+    handover: Handover,
+}
+
+impl InFlight {
+    /// Nothing in flight.
+    pub(super) fn new() -> InFlight {
+        InFlight {
+            batches: VecDeque::new(),
+            events: 0,
+            handover: Handover::Open,
+        }
+    }
+
+    /// Whether the next batch may be handed over now.
+    pub(super) fn accepts_more(&self) -> bool {
+        self.handover == Handover::Open && self.events < MAX_UNCONFIRMED
+    }
+
+    /// Whether every batch handed over is settled.
+    pub(super) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Hands `events` to the sink and queues them until answered. A panic while handing them
+    /// over, or while waiting for the answer, becomes the answer, so that it is settled in
+    /// order with the other batches. An answer that is there at once and not a clean delivery
+    /// holds back further hand-overs.
+    pub(super) async fn hand_over(
+        &mut self,
+        sink: &mut Sink,
+        events: Vec<Arc<Event>>,
+        last_seq: u64,
+    ) {
+        let mut answer: Confirmation =
+            match AssertUnwindSafe(sink.send(&events)).catch_unwind().await {
+                Ok(confirmations) => Box::pin(AssertUnwindSafe(confirmations).catch_unwind()),
+                Err(panic) => Box::pin(std::future::ready(Err(panic))),
+            };
+        if let Some(known) = (&mut answer).now_or_never() {
+            if Verdict::of(&known, events.len()) == Verdict::ToSettle {
+                self.handover = Handover::HeldBack;
+            }
+            answer = Box::pin(std::future::ready(known));
+        }
+        self.events += events.len();
+        self.batches.push_back(Unconfirmed {
+            last_seq,
+            events,
+            answer,
+        });
+    }
+
+    /// The oldest batch's answer, when it comes; `None` when nothing is in flight. Cancel-safe.
+    pub(super) async fn oldest_answer(&mut self) -> Option<(Unconfirmed, Answer)> {
+        let answer = (&mut self.batches.front_mut()?.answer).await;
+        let batch = self.batches.pop_front().expect("answered just now");
+        self.events -= batch.events.len();
+        Some((batch, answer))
+    }
+
+    /// After `first` (the oldest) came back with a failure: waits for every later batch's
+    /// answer, so that retries go in spool order, and merges them into one batch to settle.
+    /// Afterwards nothing is in flight and hand-overs are open again (the caller settles the
+    /// merged batch before it hands over the next).
+    pub(super) async fn answer_all(
+        &mut self,
+        first: (Unconfirmed, Answer),
+        give_up: &CancellationToken,
+        mut panicked: impl FnMut(usize) -> Vec<Outcome>,
+    ) -> Result<Merged, GaveUp> {
+        let mut answered = vec![first];
+        while let Some(mut later) = self.batches.pop_front() {
+            let answer = tokio::select! {
+                answer = &mut later.answer => answer,
+                _ = give_up.cancelled() => return Err(GaveUp),
+            };
+            answered.push((later, answer));
+        }
+        self.events = 0;
+        self.handover = Handover::Open;
+        let mut merged = Merged {
+            events: Vec::new(),
+            first_pass: Vec::new(),
+            last_seq: 0,
+        };
+        for (batch, answer) in answered {
+            let count = batch.events.len();
+            let mut outcomes = answer.unwrap_or_else(|_| panicked(count));
+            // Lined up with its own events, whatever the sink answered.
+            outcomes.resize_with(count, || {
+                Outcome::Retryable(SinkError::new("the sink gave no outcome"))
+            });
+            merged.events.extend(batch.events);
+            merged.first_pass.extend(outcomes);
+            merged.last_seq = batch.last_seq;
+        }
+        Ok(merged)
+    }
+}
+
+/// Batches answered together, to settle as one.
+pub(super) struct Merged {
+    /// Their events, in spool order.
+    pub(super) events: Vec<Arc<Event>>,
+    /// The sink's outcome for each event: the first pass over the merged batch.
+    pub(super) first_pass: Vec<Outcome>,
+    /// Seq of the last record of the last batch: finished once the merged batch is settled.
+    pub(super) last_seq: u64,
+}
