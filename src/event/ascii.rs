@@ -14,6 +14,7 @@ pub struct AsciiBuf<const N: usize> {
 }
 
 impl<const N: usize> AsciiBuf<N> {
+    /// The text.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.bytes[..self.len]).expect("only ASCII is written")
     }

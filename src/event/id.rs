@@ -75,6 +75,7 @@ impl Group {
 }
 
 impl IdAssigner {
+    /// An assigner that remembers no broadcast yet.
     pub fn new() -> Self {
         Self::default()
     }

@@ -21,9 +21,11 @@ use serde::Deserialize;
 /// Identifiers pulled out of `data` once, for routing, keys, templates and the CloudEvents subject.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataKeys {
+    /// The account the event belongs to.
     pub account_id: Option<u64>,
     /// The conversation's display id, when the event concerns one conversation.
     pub conversation_id: Option<u64>,
+    /// The inbox of the conversation or message.
     pub inbox_id: Option<u64>,
 }
 

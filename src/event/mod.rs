@@ -88,6 +88,7 @@ impl JsonText {
         JsonText(Utf8Bytes::from(text))
     }
 
+    /// The JSON text.
     pub fn get(&self) -> &str {
         self.0.as_str()
     }
@@ -121,6 +122,7 @@ pub struct Event {
     pub source: Arc<str>,
     /// When the frame was read from the socket.
     pub received_at: SystemTime,
+    /// The ids read out of `data` once, for routing, keys, templates and the subject.
     pub keys: DataKeys,
 }
 

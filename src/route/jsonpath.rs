@@ -12,14 +12,14 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 
 /// A dotted path, split once at load: `conversation.messages.0.id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonPath {
+pub(crate) struct JsonPath {
     /// Object keys; a segment that is a number also indexes arrays.
     segments: Vec<String>,
 }
 
 impl JsonPath {
     /// Parses `a.b.0.c`. Empty segments (`a..b`, a leading or trailing dot) are an error.
-    pub fn parse(path: &str) -> Result<JsonPath, String> {
+    pub(crate) fn parse(path: &str) -> Result<JsonPath, String> {
         if path.is_empty() {
             return Err("path is empty".into());
         }
@@ -30,12 +30,12 @@ impl JsonPath {
         Ok(JsonPath { segments })
     }
 
-    pub fn segments(&self) -> &[String] {
+    pub(crate) fn segments(&self) -> &[String] {
         &self.segments
     }
 
     /// The value at this path in `json`, or `None` when it is absent (or `json` is invalid).
-    pub fn lookup<'a>(&self, json: &'a str) -> Option<Found<'a>> {
+    pub(crate) fn lookup<'a>(&self, json: &'a str) -> Option<Found<'a>> {
         let mut deserializer = serde_json::Deserializer::from_str(json);
         PathSeed {
             rest: &self.segments,
@@ -54,7 +54,7 @@ impl fmt::Display for JsonPath {
 
 /// A value found at a path. Containers are reported by kind only.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Found<'a> {
+pub(crate) enum Found<'a> {
     Null,
     Bool(bool),
     Unsigned(u64),
@@ -67,7 +67,7 @@ pub enum Found<'a> {
 
 impl Found<'_> {
     /// Whether this equals a value written in the config.
-    pub fn equals(&self, expected: &serde_json::Value) -> bool {
+    pub(crate) fn equals(&self, expected: &serde_json::Value) -> bool {
         use serde_json::Value;
         match (self, expected) {
             (Found::Null, Value::Null) => true,

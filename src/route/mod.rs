@@ -4,9 +4,9 @@
 //! comparisons and no allocation. Routes are tried in file order; the first that matches wins
 //! unless it says `continue: true`.
 
-pub mod jsonpath;
+pub(crate) mod jsonpath;
 pub mod redact;
-pub mod template;
+pub(crate) mod template;
 
 use std::collections::BTreeSet;
 
@@ -48,6 +48,7 @@ pub struct MatchSpec {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionSpec {
+    /// Dotted path into `data`, such as `conversation.meta.sender.id`.
     pub path: String,
     /// The value equals one of these.
     #[serde(rename = "in", default)]
@@ -126,6 +127,7 @@ impl SinkSet {
         self.0 |= 1 << index;
     }
 
+    /// Whether no sink is in the set.
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
@@ -139,6 +141,7 @@ impl SinkSet {
 /// Where one event goes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Routed {
+    /// The sinks the event goes to.
     pub sinks: SinkSet,
     /// Whether a route matched (if not, `sinks` is the `unmatched` sink or nothing).
     pub matched: bool,

@@ -25,7 +25,7 @@ pub struct Redaction {
     /// Remove every `pubsub_token` key at any depth (the default).
     pub strip_pubsub_tokens: bool,
     /// Exact paths to remove.
-    pub drop: Vec<JsonPath>,
+    pub(crate) drop: Vec<JsonPath>,
 }
 
 impl Default for Redaction {

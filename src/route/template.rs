@@ -13,7 +13,7 @@ use crate::route::jsonpath::{Found, JsonPath};
 
 /// A compiled template.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Template {
+pub(crate) struct Template {
     /// What it names (`topic`, `subject`, `key`, `url`), for error messages.
     what: &'static str,
     /// The text as written, for Debug output and error messages.
@@ -56,7 +56,7 @@ enum Field {
 
 /// Why a template text cannot be compiled; the caller prefixes the key path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TemplateError {
+pub(crate) enum TemplateError {
     #[error("unknown template field {{{0}}} (known: event, account_id, conversation_id, inbox_id, token, id, data.<path>)")]
     UnknownField(String),
     #[error("unbalanced braces in template `{0}`")]
@@ -68,18 +68,18 @@ pub enum TemplateError {
 /// An event lacks a value the template needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} template {{{name}}}: event {event} has no {name}")]
-pub struct MissingValue {
+pub(crate) struct MissingValue {
     /// Which template (`topic`, `subject`, ...).
-    pub what: &'static str,
+    pub(crate) what: &'static str,
     /// The field as written.
-    pub name: String,
+    pub(crate) name: String,
     /// The event's name, so the operator can tell which kind of event lacks it.
-    pub event: String,
+    pub(crate) event: String,
 }
 
 impl Template {
     /// Compiles `text`; `what` names the template in later error messages.
-    pub fn compile(what: &'static str, text: &str) -> Result<Template, TemplateError> {
+    pub(crate) fn compile(what: &'static str, text: &str) -> Result<Template, TemplateError> {
         if text.is_empty() {
             return Err(TemplateError::Empty);
         }
@@ -116,19 +116,19 @@ impl Template {
     }
 
     /// The text as written.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.source
     }
 
     /// Whether the template inserts any value (a constant topic needs no rendering).
-    pub fn has_fields(&self) -> bool {
+    pub(crate) fn has_fields(&self) -> bool {
         self.parts.iter().any(|p| matches!(p, Part::Field { .. }))
     }
 
     /// Renders for `event`, passing each inserted value through `clean` (which makes it safe
     /// where it lands: a subject token, a topic name, a URL path). Literals are not cleaned:
     /// they were checked when the config was loaded.
-    pub fn render(
+    pub(crate) fn render(
         &self,
         event: &Event,
         clean: impl Fn(&str) -> Cow<'_, str>,
@@ -160,7 +160,7 @@ impl Template {
 
     /// A NATS subject filter matching every subject this template can render: a token holding
     /// a field becomes `*`, or `>` when it is the last token.
-    pub fn nats_filter(&self) -> String {
+    pub(crate) fn nats_filter(&self) -> String {
         let tokens: Vec<&str> = self.source.split('.').collect();
         // Split on dots of the source; a `.` inside `{data.a.b}` must not split a token, so
         // re-join pieces while braces are open.
@@ -194,7 +194,7 @@ impl Template {
     }
 
     /// The literal text before the first field: for URLs, where the scheme and host must be.
-    pub fn literal_prefix(&self) -> &str {
+    pub(crate) fn literal_prefix(&self) -> &str {
         match self.parts.first() {
             Some(Part::Literal(text)) => text,
             _ => "",
@@ -203,7 +203,7 @@ impl Template {
 
     /// Renders with every field replaced by `filler`, to check the shape of the result at
     /// config load.
-    pub fn render_sample(&self, filler: &str) -> String {
+    pub(crate) fn render_sample(&self, filler: &str) -> String {
         self.parts
             .iter()
             .map(|p| match p {
@@ -214,7 +214,7 @@ impl Template {
     }
 
     /// The literal parts, for checks of characters that would break the target.
-    pub fn literals(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn literals(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
             Part::Literal(text) => Some(text.as_str()),
             Part::Field { .. } => None,
@@ -267,7 +267,7 @@ fn lookup(field: &Field, event: &Event) -> Option<String> {
 }
 
 /// Keeps a value one NATS subject token: space, `.`, `*`, `>` (and other whitespace) become `_`.
-pub fn nats_token(value: &str) -> Cow<'_, str> {
+pub(crate) fn nats_token(value: &str) -> Cow<'_, str> {
     let bad = |c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>');
     if value.contains(bad) {
         Cow::Owned(value.replace(bad, "_"))
@@ -277,7 +277,7 @@ pub fn nats_token(value: &str) -> Cow<'_, str> {
 }
 
 /// Keeps a value legal in a Kafka topic name: anything outside `[A-Za-z0-9._-]` becomes `_`.
-pub fn kafka_topic(value: &str) -> Cow<'_, str> {
+pub(crate) fn kafka_topic(value: &str) -> Cow<'_, str> {
     let bad = |c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if value.contains(bad) {
         Cow::Owned(value.replace(bad, "_"))
@@ -288,7 +288,7 @@ pub fn kafka_topic(value: &str) -> Cow<'_, str> {
 
 /// Inserts a value as one URL path segment: anything but unreserved characters is
 /// percent-encoded, so a value can neither add segments nor a query.
-pub fn url_segment(value: &str) -> Cow<'_, str> {
+pub(crate) fn url_segment(value: &str) -> Cow<'_, str> {
     // `.` and `..` are unreserved but mean "here" and "up" in a path: a value taken from data
     // (a contact's name) must not move the request to another path on the host.
     if value == "." || value == ".." {
@@ -310,7 +310,7 @@ pub fn url_segment(value: &str) -> Cow<'_, str> {
 }
 
 /// Inserts a value unchanged (Kafka keys are bytes; anything goes).
-pub fn verbatim(value: &str) -> Cow<'_, str> {
+pub(crate) fn verbatim(value: &str) -> Cow<'_, str> {
     Cow::Borrowed(value)
 }
 

@@ -84,7 +84,7 @@ fn spawn(program: &Path, args: &[String], dir: tempfile::TempDir) -> (Process, P
 }
 
 /// A real `nats-server` with JetStream, storing in a temporary directory.
-pub struct NatsServer {
+pub(crate) struct NatsServer {
     /// Keeps the server running for as long as the handle lives.
     process: Process,
     /// Where it listens on 127.0.0.1.
@@ -93,17 +93,17 @@ pub struct NatsServer {
 
 impl NatsServer {
     /// Starts on a free port.
-    pub async fn start() -> NatsServer {
+    pub(crate) async fn start() -> NatsServer {
         NatsServer::start_on(free_port()).await
     }
 
     /// Starts on a given port (to bring up a server a sink was already pointed at).
-    pub async fn start_on(port: u16) -> NatsServer {
+    pub(crate) async fn start_on(port: u16) -> NatsServer {
         NatsServer::start_with(port, &[]).await
     }
 
     /// Starts with extra command-line options (auth, for instance).
-    pub async fn start_with(port: u16, extra: &[&str]) -> NatsServer {
+    pub(crate) async fn start_with(port: u16, extra: &[&str]) -> NatsServer {
         let bin = binary(
             "nats-server",
             &[
@@ -130,12 +130,12 @@ impl NatsServer {
     }
 
     /// The URL clients connect to.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
     /// An independent client for reading back.
-    pub async fn client(&self) -> async_nats::Client {
+    pub(crate) async fn client(&self) -> async_nats::Client {
         within(
             "a connection to nats-server",
             async_nats::connect(self.url()),
@@ -146,7 +146,7 @@ impl NatsServer {
 }
 
 /// A throwaway CA and a server certificate for 127.0.0.1, made with the `openssl` command.
-pub struct TestCertificates {
+pub(crate) struct TestCertificates {
     /// Holds the files; removed on drop.
     pub dir: tempfile::TempDir,
     /// The CA certificate clients trust.
@@ -159,7 +159,7 @@ pub struct TestCertificates {
 
 impl TestCertificates {
     /// Makes the CA and the server certificate in a new temporary folder.
-    pub fn make() -> TestCertificates {
+    pub(crate) fn make() -> TestCertificates {
         let openssl = binary("openssl", &[], "apt-get install openssl");
         let dir = tempfile::tempdir().unwrap();
         let at = |name: &str| dir.path().join(name).display().to_string();
@@ -245,7 +245,7 @@ impl TestCertificates {
 }
 
 /// A real Kafka-protocol broker: tansu with in-memory storage.
-pub struct KafkaBroker {
+pub(crate) struct KafkaBroker {
     /// Keeps the broker running for as long as the handle lives.
     process: Process,
     /// Where it listens (and advertises itself) on 127.0.0.1.
@@ -254,7 +254,7 @@ pub struct KafkaBroker {
 
 impl KafkaBroker {
     /// Starts on a free port.
-    pub async fn start() -> KafkaBroker {
+    pub(crate) async fn start() -> KafkaBroker {
         let home = std::env::var_os("HOME")
             .map(PathBuf::from)
             .unwrap_or_default();
@@ -273,12 +273,12 @@ impl KafkaBroker {
     }
 
     /// The `bootstrap.servers` of clients.
-    pub fn bootstrap(&self) -> String {
+    pub(crate) fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// Creates topics (tansu does not auto-create them) with the rdkafka admin client.
-    pub async fn create_topics(&self, topics: &[(&str, i32)]) {
+    pub(crate) async fn create_topics(&self, topics: &[(&str, i32)]) {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         use rdkafka::client::DefaultClientContext;
         let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
@@ -301,13 +301,13 @@ impl KafkaBroker {
     }
 
     /// An independent consumer reading `topic`'s partitions from the beginning.
-    pub fn consumer(&self, topic: &str, partitions: i32) -> rdkafka::consumer::StreamConsumer {
+    pub(crate) fn consumer(&self, topic: &str, partitions: i32) -> rdkafka::consumer::StreamConsumer {
         kafka_consumer(&self.bootstrap(), topic, partitions)
     }
 }
 
 /// An independent consumer reading `topic`'s partitions at `bootstrap` from the beginning.
-pub fn kafka_consumer(
+pub(crate) fn kafka_consumer(
     bootstrap: &str,
     topic: &str,
     partitions: i32,

@@ -17,25 +17,25 @@ use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::sink::{Sink, SinkLimits};
 use chatwoot_bridge::{Bridge, ShutdownReport};
 
-pub use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
-pub use receiver::{scripted, Received, Receiver, Reply, Responder};
-pub use yaml::{quoted, BridgeYaml};
+pub(crate) use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
+pub(crate) use receiver::{scripted, Received, Receiver, Reply, Responder};
+pub(crate) use yaml::{quoted, BridgeYaml};
 
 /// Bounds every wait of the tests: for a condition, a server, a command or a future. Generous,
 /// because a loaded machine is slow; a passing test never waits this long.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Bounds how long a wait sleeps before it looks at its condition again.
-pub const POLL: Duration = Duration::from_millis(20);
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 
 /// Waits until `condition` holds; after [`WAIT`] fails the test naming `what` it waited for.
-pub async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
     wait_until_explained(what, condition, String::new).await;
 }
 
 /// Waits until `condition` holds; after [`WAIT`] fails the test naming `what` it waited for and
 /// what `explain` then says about the state it was left in.
-pub async fn wait_until_explained(
+pub(crate) async fn wait_until_explained(
     what: &str,
     mut condition: impl FnMut() -> bool,
     explain: impl FnOnce() -> String,
@@ -55,7 +55,7 @@ pub async fn wait_until_explained(
 
 /// Waits until the future `check` makes says yes; after [`WAIT`] fails the test naming `what`
 /// it waited for.
-pub async fn wait_until_async<F, Fut>(what: &str, mut check: F)
+pub(crate) async fn wait_until_async<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -70,19 +70,19 @@ where
 
 /// Awaits `future`; after [`WAIT`] fails the test naming `what` it waited for: no test hangs on
 /// a server that stopped answering.
-pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+pub(crate) async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     tokio::time::timeout(WAIT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
 }
 
 /// Shuts `bridge` down within [`WAIT`] and returns its report.
-pub async fn shut_down(bridge: Bridge) -> ShutdownReport {
+pub(crate) async fn shut_down(bridge: Bridge) -> ShutdownReport {
     within("the bridge to shut down", bridge.shutdown()).await
 }
 
 /// A token the mock Chatwoot knows by `pubsub_token`, answering subscriptions as `answer` says.
-pub fn mock_token(pubsub_token: &str, answer: Answer) -> MockToken {
+pub(crate) fn mock_token(pubsub_token: &str, answer: Answer) -> MockToken {
     MockToken {
         pubsub_token: pubsub_token.to_owned(),
         answer,
@@ -90,14 +90,14 @@ pub fn mock_token(pubsub_token: &str, answer: Answer) -> MockToken {
 }
 
 /// Starts a mock Chatwoot with `config`.
-pub async fn start_mock(config: MockConfig) -> MockServer {
+pub(crate) async fn start_mock(config: MockConfig) -> MockServer {
     within("the mock Chatwoot to start", MockServer::start(config))
         .await
         .expect("the mock Chatwoot starts")
 }
 
 /// A port nobody listens on right now (the OS picks it; the listener is closed before use).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind a loopback port")
         .local_addr()
@@ -106,7 +106,7 @@ pub fn free_port() -> u16 {
 }
 
 /// The validated settings of a sink given as the YAML of one `sinks:` entry.
-pub fn sink_kind(name: &str, sink_yaml: &str) -> SinkKind {
+pub(crate) fn sink_kind(name: &str, sink_yaml: &str) -> SinkKind {
     let config = BridgeYaml::new("ws://127.0.0.1:9/cable")
         .agent("agent", "tok-agent", 1)
         .sink(name, sink_yaml)
@@ -122,7 +122,7 @@ const TEST_SINK_LIMITS: SinkLimits = SinkLimits {
 };
 
 /// Builds the sink named `name` from the YAML of one `sinks:` entry.
-pub async fn sink(name: &str, sink_yaml: &str) -> Sink {
+pub(crate) async fn sink(name: &str, sink_yaml: &str) -> Sink {
     within(
         "the sink to build",
         Sink::build(name, &sink_kind(name, sink_yaml), TEST_SINK_LIMITS),

@@ -18,7 +18,7 @@ use super::wait_until;
 
 /// One request as the receiver saw it.
 #[derive(Debug, Clone)]
-pub struct Received {
+pub(crate) struct Received {
     /// To check the configured method is used.
     pub method: String,
     /// Rendered from the URL template.
@@ -32,13 +32,13 @@ pub struct Received {
 }
 
 /// What the receiver answers: status, extra headers.
-pub type Reply = (StatusCode, Vec<(&'static str, String)>);
+pub(crate) type Reply = (StatusCode, Vec<(&'static str, String)>);
 
 /// Decides the answer to a request from it and the answers given so far for its path.
-pub type Responder = Arc<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
+pub(crate) type Responder = Arc<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
 
 /// A webhook receiver: records every request and answers as `responder` says.
-pub struct Receiver {
+pub(crate) struct Receiver {
     /// Where it listens.
     pub addr: SocketAddr,
     /// Every request so far, in arrival order.
@@ -49,12 +49,12 @@ pub struct Receiver {
 
 impl Receiver {
     /// Starts on a free port.
-    pub async fn start(responder: Responder) -> Receiver {
+    pub(crate) async fn start(responder: Responder) -> Receiver {
         Receiver::start_on(0, responder).await
     }
 
     /// Starts on a given port (to bring up an endpoint a sink was already pointed at).
-    pub async fn start_on(port: u16, responder: Responder) -> Receiver {
+    pub(crate) async fn start_on(port: u16, responder: Responder) -> Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Received>>> = Arc::default();
@@ -80,17 +80,17 @@ impl Receiver {
     }
 
     /// The URL of `path` on this receiver.
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// Every request so far, in arrival order.
-    pub fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.requests.lock().unwrap().clone()
     }
 
     /// Waits until at least `n` requests arrived; returns all of them.
-    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+    pub(crate) async fn wait_for(&self, n: usize) -> Vec<Received> {
         wait_until(&format!("{n} requests at the receiver"), || {
             self.requests.lock().unwrap().len() >= n
         })
@@ -106,7 +106,7 @@ impl Drop for Receiver {
 }
 
 /// Replys from a fixed queue, then 200.
-pub fn scripted(answers: Vec<Reply>) -> Responder {
+pub(crate) fn scripted(answers: Vec<Reply>) -> Responder {
     let queue = Arc::new(Mutex::new(VecDeque::from(answers)));
     Arc::new(move |_, _| {
         queue

@@ -8,7 +8,7 @@ use chatwoot_bridge::config::Config;
 /// A bridge config under construction; every part is YAML text, each sink and route in flow
 /// style on one line (`{ type: file, path: ... }`).
 #[derive(Debug, Clone)]
-pub struct BridgeYaml {
+pub(crate) struct BridgeYaml {
     /// The cable's WebSocket URL (`chatwoot.url`).
     cable_url: String,
     /// More `chatwoot:` keys, one `key: value` each (timings, frame limits).
@@ -29,7 +29,7 @@ pub struct BridgeYaml {
 
 impl BridgeYaml {
     /// A config reading the cable at `cable_url`; no tokens, sinks or routes yet.
-    pub fn new(cable_url: &str) -> BridgeYaml {
+    pub(crate) fn new(cable_url: &str) -> BridgeYaml {
         BridgeYaml {
             cable_url: cable_url.to_owned(),
             cable_settings: Vec::new(),
@@ -43,61 +43,61 @@ impl BridgeYaml {
     }
 
     /// Adds a `chatwoot:` key, e.g. `confirm_timeout: 500ms`.
-    pub fn cable(mut self, setting: &str) -> BridgeYaml {
+    pub(crate) fn cable(mut self, setting: &str) -> BridgeYaml {
         self.cable_settings.push(setting.to_owned());
         self
     }
 
     /// Adds a token given as its YAML flow mapping.
-    pub fn token(mut self, token: &str) -> BridgeYaml {
+    pub(crate) fn token(mut self, token: &str) -> BridgeYaml {
         self.tokens.push(token.to_owned());
         self
     }
 
     /// Adds an agent token of account 1: `name`, its pubsub token and user id.
-    pub fn agent(self, name: &str, pubsub_token: &str, user_id: u64) -> BridgeYaml {
+    pub(crate) fn agent(self, name: &str, pubsub_token: &str, user_id: u64) -> BridgeYaml {
         self.token(&format!(
             "{{ name: {name}, pubsub_token: {pubsub_token}, account_id: 1, user_id: {user_id} }}"
         ))
     }
 
     /// Adds the sink `name`, given as the YAML value of its `sinks:` entry.
-    pub fn sink(mut self, name: &str, sink: &str) -> BridgeYaml {
+    pub(crate) fn sink(mut self, name: &str, sink: &str) -> BridgeYaml {
         self.sinks.push((name.to_owned(), sink.to_owned()));
         self
     }
 
     /// Adds a route given as its YAML flow mapping.
-    pub fn route(mut self, route: &str) -> BridgeYaml {
+    pub(crate) fn route(mut self, route: &str) -> BridgeYaml {
         self.routes.push(route.to_owned());
         self
     }
 
     /// Adds the route `all`: every event to each of `sinks`.
-    pub fn route_all(self, sinks: &[&str]) -> BridgeYaml {
+    pub(crate) fn route_all(self, sinks: &[&str]) -> BridgeYaml {
         self.route(&format!("{{ name: all, to: [{}] }}", sinks.join(", ")))
     }
 
     /// Puts the spool in `dir` (created when a bridge starts).
-    pub fn spool(mut self, dir: &Path) -> BridgeYaml {
+    pub(crate) fn spool(mut self, dir: &Path) -> BridgeYaml {
         self.spool_dir = Some(dir.to_owned());
         self
     }
 
     /// Adds a `spool:` key, e.g. `fsync: never`.
-    pub fn spool_setting(mut self, setting: &str) -> BridgeYaml {
+    pub(crate) fn spool_setting(mut self, setting: &str) -> BridgeYaml {
         self.spool_settings.push(setting.to_owned());
         self
     }
 
     /// Adds a top-level key, e.g. `shutdown_timeout: 5s`.
-    pub fn setting(mut self, setting: &str) -> BridgeYaml {
+    pub(crate) fn setting(mut self, setting: &str) -> BridgeYaml {
         self.settings.push(setting.to_owned());
         self
     }
 
     /// The YAML text.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         let mut yaml = format!("chatwoot:\n  url: {}\n", quoted(&self.cable_url));
         for setting in &self.cable_settings {
             yaml += &format!("  {setting}\n");
@@ -130,13 +130,13 @@ impl BridgeYaml {
     }
 
     /// The validated config; a mistake fails the test with the text.
-    pub fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let yaml = self.text();
         Config::from_yaml(&yaml, &|_| None, false).unwrap_or_else(|e| panic!("config: {e}\n{yaml}"))
     }
 
     /// Writes the text to `path` (for the binary) and returns the path.
-    pub fn write(&self, path: &Path) -> PathBuf {
+    pub(crate) fn write(&self, path: &Path) -> PathBuf {
         std::fs::write(path, self.text())
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path.to_owned()
@@ -144,6 +144,6 @@ impl BridgeYaml {
 }
 
 /// `value` as a double-quoted YAML scalar (a JSON string is one).
-pub fn quoted(value: impl serde::Serialize) -> String {
+pub(crate) fn quoted(value: impl serde::Serialize) -> String {
     serde_json::to_string(&value).expect("a string or a path serializes")
 }
