@@ -3,8 +3,6 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::registry::MAX_SINKS;
-
 /// Why a spool operation failed; I/O errors name the operation and the file.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -38,10 +36,12 @@ pub enum SpoolError {
         max: u64,
     },
     /// Masks are `u64`s.
-    #[error("{count} sinks configured; a spool serves at most {MAX_SINKS}")]
+    #[error("{count} sinks configured; a spool serves at most {max}")]
     TooManySinks {
         /// Distinct sinks asked for.
         count: usize,
+        /// How many a spool serves: one bit each in a record's sink mask.
+        max: usize,
     },
     /// `reader` was asked for a sink that was not passed to `open`.
     #[error("sink {0:?} is not configured for this spool")]

@@ -8,8 +8,8 @@ use std::path::Path;
 use tracing::{info, warn};
 
 use super::error::{io_err, SpoolError};
-use super::format::{parse_segment_name, scan_tail, segment_path, sync_dir};
-use super::registry::{self, StateFile, MAX_SINKS};
+use super::format::{parse_segment_name, scan_tail, segment_path, sync_dir, Next, SegmentCursor};
+use super::registry::{self, SinkState, StateFile, MAX_SINKS};
 use super::state::{Segment, State};
 use super::SpoolConfig;
 
@@ -30,7 +30,10 @@ pub(super) fn validate<'n>(
         }
     }
     if names.len() > MAX_SINKS {
-        return Err(SpoolError::TooManySinks { count: names.len() });
+        return Err(SpoolError::TooManySinks {
+            count: names.len(),
+            max: MAX_SINKS,
+        });
     }
     Ok(names)
 }
@@ -60,7 +63,7 @@ impl State {
         // Records appended after the cursor file was last written are not in its backlog counts.
         let saved_next = saved.as_ref().map_or(0, |s| s.next_seq);
         if saved_next > 0 && !sinks.is_empty() {
-            registry::count_backlog_since(dir, &segments, log_next, saved_next, &mut sinks)?;
+            count_backlog_since(dir, &segments, log_next, saved_next, &mut sinks)?;
         }
         registry::add_new_sinks(&mut sinks, names, next_seq)?;
         registry::warn_unconfigured(&sinks);
@@ -77,6 +80,41 @@ impl State {
             next_seq, "spool open");
         Ok(state)
     }
+}
+
+/// Adds to each sink's backlog the records routed to it with seq in `from..to` (appended after
+/// the cursor file was written).
+fn count_backlog_since(
+    dir: &Path,
+    segments: &VecDeque<Segment>,
+    to: u64,
+    from: u64,
+    registry: &mut [SinkState],
+) -> Result<(), SpoolError> {
+    if from >= to {
+        return Ok(());
+    }
+    let first = segments
+        .partition_point(|s| s.base <= from)
+        .saturating_sub(1);
+    let mut payload = Vec::new();
+    for seg in segments.iter().skip(first) {
+        let mut cursor = SegmentCursor::open(segment_path(dir, seg.base), seg.base)?;
+        loop {
+            match cursor.next(seg.bytes, u64::MAX, &mut payload)? {
+                Next::Record { seq, mask } if seq >= from => {
+                    for sink in registry.iter_mut() {
+                        if mask & (1 << sink.bit) != 0 && seq > sink.committed {
+                            sink.pending += 1;
+                        }
+                    }
+                }
+                Next::Record { .. } => {}
+                _ => break,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The segment files in `dir`, oldest first, with their sizes.
@@ -315,7 +353,7 @@ mod tests {
         let many: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
         assert!(matches!(
             Spool::open(config(dir.path()), &many),
-            Err(SpoolError::TooManySinks { count: 65 })
+            Err(SpoolError::TooManySinks { count: 65, .. })
         ));
         assert!(Spool::open(config(dir.path()), &many[..64]).is_ok());
     }

@@ -1,18 +1,15 @@
 //! The sink registry and its cursors: which mask bit is whose, how far each sink committed, its
 //! backlog; kept in `sinks.json` and persisted lazily.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::error::{io_err, SpoolError};
-use super::format::{segment_path, Next, SegmentCursor};
-use super::state::{Segment, State};
 
 /// Bounds how many sinks a spool serves: one bit each in a `u64` mask.
 pub(crate) const MAX_SINKS: usize = 64;
@@ -27,7 +24,7 @@ pub(crate) const PERSIST_EVERY_COMMITS: u32 = 1024;
 pub(super) const STATE_FILE: &str = "sinks.json";
 
 /// Version of `sinks.json`, so a future layout can tell old files apart.
-const STATE_VERSION: u32 = 1;
+pub(super) const STATE_VERSION: u32 = 1;
 
 /// One sink of the registry.
 #[derive(Debug, Clone)]
@@ -118,41 +115,6 @@ pub(super) fn restore(
     Ok(registry)
 }
 
-/// Adds to each sink's backlog the records routed to it with seq in `from..to` (appended after
-/// the cursor file was written).
-pub(super) fn count_backlog_since(
-    dir: &Path,
-    segments: &VecDeque<Segment>,
-    to: u64,
-    from: u64,
-    registry: &mut [SinkState],
-) -> Result<(), SpoolError> {
-    if from >= to {
-        return Ok(());
-    }
-    let first = segments
-        .partition_point(|s| s.base <= from)
-        .saturating_sub(1);
-    let mut payload = Vec::new();
-    for seg in segments.iter().skip(first) {
-        let mut cursor = SegmentCursor::open(segment_path(dir, seg.base), seg.base)?;
-        loop {
-            match cursor.next(seg.bytes, u64::MAX, &mut payload)? {
-                Next::Record { seq, mask } if seq >= from => {
-                    for sink in registry.iter_mut() {
-                        if mask & (1 << sink.bit) != 0 && seq > sink.committed {
-                            sink.pending += 1;
-                        }
-                    }
-                }
-                Next::Record { .. } => {}
-                _ => break,
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Registers the configured sinks the registry does not know yet, each at the current end
 /// (everything up to `next_seq - 1` counts as committed), with a free bit.
 pub(super) fn add_new_sinks(
@@ -187,7 +149,10 @@ fn free_bit(registry: &mut Vec<SinkState>, configured: usize) -> Result<u8, Spoo
     }
     // Safe to reuse: the new sink starts at the end and never reads the old records.
     let Some(i) = registry.iter().position(|s| !s.configured) else {
-        return Err(SpoolError::TooManySinks { count: configured });
+        return Err(SpoolError::TooManySinks {
+            count: configured,
+            max: MAX_SINKS,
+        });
     };
     let gone = registry.remove(i);
     info!(sink = %gone.name, bit = gone.bit, "forgetting unconfigured sink to reuse its bit");
@@ -199,53 +164,6 @@ pub(super) fn warn_unconfigured(registry: &[SinkState]) {
     for gone in registry.iter().filter(|s| !s.configured) {
         warn!(sink = %gone.name, records = gone.pending,
             "sink is no longer configured: its records are left behind and no longer hold back reclaiming");
-    }
-}
-
-impl State {
-    /// The registry entry of the configured sink `name`.
-    pub(super) fn configured_sink(&self, name: &str) -> Option<usize> {
-        self.sinks
-            .iter()
-            .position(|s| s.configured && s.name == name)
-    }
-
-    /// Whether enough commits or time went by since the cursors were last written.
-    pub(super) fn persist_due(&self) -> bool {
-        self.dirty_commits >= PERSIST_EVERY_COMMITS
-            || self.last_persist.elapsed() >= PERSIST_INTERVAL
-    }
-
-    /// Writes the cursor file now, under the lock (at open and at close).
-    pub(super) fn persist(&mut self, dir: &Path) -> Result<(), SpoolError> {
-        let json = self.snapshot(dir)?;
-        write_state_file(dir, &json)
-    }
-
-    /// The cursor file's content now; counts as persisted (the caller writes it).
-    pub(super) fn snapshot(&mut self, dir: &Path) -> Result<Vec<u8>, SpoolError> {
-        let file = StateFile {
-            version: STATE_VERSION,
-            next_seq: self.next_seq,
-            sinks: self
-                .sinks
-                .iter()
-                .map(|s| SinkEntry {
-                    name: s.name.clone(),
-                    bit: s.bit,
-                    committed: s.committed,
-                    pending: s.pending,
-                    lost: s.lost,
-                })
-                .collect(),
-        };
-        let json = serde_json::to_vec_pretty(&file).map_err(|e| SpoolError::Corrupt {
-            path: dir.join(STATE_FILE),
-            detail: format!("cannot encode: {e}"),
-        })?;
-        self.dirty_commits = 0;
-        self.last_persist = Instant::now();
-        Ok(json)
     }
 }
 

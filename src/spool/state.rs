@@ -10,7 +10,10 @@ use std::time::Instant;
 
 use super::error::{io_err, SpoolError};
 use super::format::{segment_path, sync_dir, Next, SegmentCursor};
-use super::registry::SinkState;
+use super::registry::{
+    write_state_file, SinkEntry, SinkState, StateFile, PERSIST_EVERY_COMMITS, PERSIST_INTERVAL,
+    STATE_FILE, STATE_VERSION,
+};
 use super::{FsyncMode, SpoolConfig};
 
 /// The mutable part of the spool.
@@ -188,5 +191,52 @@ impl State {
             }
         }
         lost_any
+    }
+}
+
+impl State {
+    /// The registry entry of the configured sink `name`.
+    pub(super) fn configured_sink(&self, name: &str) -> Option<usize> {
+        self.sinks
+            .iter()
+            .position(|s| s.configured && s.name == name)
+    }
+
+    /// Whether enough commits or time went by since the cursors were last written.
+    pub(super) fn persist_due(&self) -> bool {
+        self.dirty_commits >= PERSIST_EVERY_COMMITS
+            || self.last_persist.elapsed() >= PERSIST_INTERVAL
+    }
+
+    /// Writes the cursor file now, under the lock (at open and at close).
+    pub(super) fn persist(&mut self, dir: &Path) -> Result<(), SpoolError> {
+        let json = self.snapshot(dir)?;
+        write_state_file(dir, &json)
+    }
+
+    /// The cursor file's content now; counts as persisted (the caller writes it).
+    pub(super) fn snapshot(&mut self, dir: &Path) -> Result<Vec<u8>, SpoolError> {
+        let file = StateFile {
+            version: STATE_VERSION,
+            next_seq: self.next_seq,
+            sinks: self
+                .sinks
+                .iter()
+                .map(|s| SinkEntry {
+                    name: s.name.clone(),
+                    bit: s.bit,
+                    committed: s.committed,
+                    pending: s.pending,
+                    lost: s.lost,
+                })
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| SpoolError::Corrupt {
+            path: dir.join(STATE_FILE),
+            detail: format!("cannot encode: {e}"),
+        })?;
+        self.dirty_commits = 0;
+        self.last_persist = Instant::now();
+        Ok(json)
     }
 }

@@ -301,7 +301,11 @@ impl KafkaBroker {
     }
 
     /// An independent consumer reading `topic`'s partitions from the beginning.
-    pub(crate) fn consumer(&self, topic: &str, partitions: i32) -> rdkafka::consumer::StreamConsumer {
+    pub(crate) fn consumer(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> rdkafka::consumer::StreamConsumer {
         kafka_consumer(&self.bootstrap(), topic, partitions)
     }
 }
