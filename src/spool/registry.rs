@@ -24,7 +24,7 @@ pub(crate) const PERSIST_EVERY_COMMITS: u32 = 1024;
 pub(super) const STATE_FILE: &str = "sinks.json";
 
 /// Version of `sinks.json`, so a future layout can tell old files apart.
-pub(super) const STATE_VERSION: u32 = 1;
+const STATE_VERSION: u32 = 1;
 
 /// One sink of the registry.
 #[derive(Debug, Clone)]
@@ -165,6 +165,32 @@ pub(super) fn warn_unconfigured(registry: &[SinkState]) {
         warn!(sink = %gone.name, records = gone.pending,
             "sink is no longer configured: its records are left behind and no longer hold back reclaiming");
     }
+}
+
+/// The cursor file's content for `sinks` with the log ending before `next_seq`.
+pub(super) fn encode(
+    dir: &Path,
+    next_seq: u64,
+    sinks: &[SinkState],
+) -> Result<Vec<u8>, SpoolError> {
+    let file = StateFile {
+        version: STATE_VERSION,
+        next_seq,
+        sinks: sinks
+            .iter()
+            .map(|s| SinkEntry {
+                name: s.name.clone(),
+                bit: s.bit,
+                committed: s.committed,
+                pending: s.pending,
+                lost: s.lost,
+            })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&file).map_err(|e| SpoolError::Corrupt {
+        path: dir.join(STATE_FILE),
+        detail: format!("cannot encode: {e}"),
+    })
 }
 
 /// Writes the cursor file atomically.

@@ -10,10 +10,7 @@ use std::time::Instant;
 
 use super::error::{io_err, SpoolError};
 use super::format::{segment_path, sync_dir, Next, SegmentCursor};
-use super::registry::{
-    write_state_file, SinkEntry, SinkState, StateFile, PERSIST_EVERY_COMMITS, PERSIST_INTERVAL,
-    STATE_FILE, STATE_VERSION,
-};
+use super::registry::{self, write_state_file, SinkState, PERSIST_EVERY_COMMITS, PERSIST_INTERVAL};
 use super::{FsyncMode, SpoolConfig};
 
 /// The mutable part of the spool.
@@ -216,25 +213,7 @@ impl State {
 
     /// The cursor file's content now; counts as persisted (the caller writes it).
     pub(super) fn snapshot(&mut self, dir: &Path) -> Result<Vec<u8>, SpoolError> {
-        let file = StateFile {
-            version: STATE_VERSION,
-            next_seq: self.next_seq,
-            sinks: self
-                .sinks
-                .iter()
-                .map(|s| SinkEntry {
-                    name: s.name.clone(),
-                    bit: s.bit,
-                    committed: s.committed,
-                    pending: s.pending,
-                    lost: s.lost,
-                })
-                .collect(),
-        };
-        let json = serde_json::to_vec_pretty(&file).map_err(|e| SpoolError::Corrupt {
-            path: dir.join(STATE_FILE),
-            detail: format!("cannot encode: {e}"),
-        })?;
+        let json = registry::encode(dir, self.next_seq, &self.sinks)?;
         self.dirty_commits = 0;
         self.last_persist = Instant::now();
         Ok(json)
