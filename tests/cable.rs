@@ -159,7 +159,7 @@ async fn every_event_of_two_tokens_reaches_the_file_with_the_envelope() {
     }
     let events = wait_for_lines(&out, 60).await;
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(report.drained);
+    assert_eq!(report.drain, chatwoot_bridge::bridge::Drain::CaughtUp);
     let origin = server.last_origin();
     let addr = server.addr();
     server.stop().await;
@@ -610,7 +610,7 @@ async fn shutdown_delivers_everything_that_was_read() {
     .await;
     let status = bridge.status().clone();
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(report.drained);
+    assert_eq!(report.drain, chatwoot_bridge::bridge::Drain::CaughtUp);
     let read = status.token("agent").unwrap().events as usize;
     let events = read_events(&out);
     assert_eq!(

@@ -212,7 +212,7 @@ routes: [{{ name: all, to: [hook] }}]
     })
     .await;
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(report.drained);
+    assert_eq!(report.drain, chatwoot_bridge::bridge::Drain::CaughtUp);
     mock.stop().await;
 
     let accepted = accepted.lock().unwrap().clone();
@@ -886,8 +886,15 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     spool_numbered(&bridge, &mock, TOTAL).await;
     assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(!report.drained, "nothing could be delivered");
-    assert!(report.persisted);
+    assert_eq!(
+        report.drain,
+        chatwoot_bridge::bridge::Drain::DeadlinePassed,
+        "nothing could be delivered"
+    );
+    assert_eq!(
+        report.persistence,
+        chatwoot_bridge::bridge::Persistence::Synced
+    );
 
     // Both destinations come up; the next start delivers everything that was read.
     let receiver = Receiver::start_on(down_port, support::scripted(vec![])).await;
@@ -935,7 +942,11 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
     let bridge = Bridge::start(config).await.unwrap();
     spool_numbered(&bridge, &mock, TOTAL).await;
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(!report.drained, "nothing could be delivered");
+    assert_eq!(
+        report.drain,
+        chatwoot_bridge::bridge::Drain::DeadlinePassed,
+        "nothing could be delivered"
+    );
 
     let nats = NatsServer::start_on(nats_port).await;
     let mut subscription = subscribed(&nats, "drain.>").await;
@@ -949,7 +960,7 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
         "each event once, in spool order"
     );
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(report.drained);
+    assert_eq!(report.drain, chatwoot_bridge::bridge::Drain::CaughtUp);
 
     // Everything was committed: a third start finds nothing to send.
     let bridge = Bridge::start(yaml(&mock.url(), &spool, &sinks))
@@ -1029,7 +1040,11 @@ async fn a_dead_letter_sink_outlives_the_sinks_that_feed_it_at_shutdown() {
     // The webhook gives up on every event 0.5 s into the 5 s shutdown window.
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
     mock.stop().await;
-    assert!(report.drained, "every sink caught up before the deadline");
+    assert_eq!(
+        report.drain,
+        chatwoot_bridge::bridge::Drain::CaughtUp,
+        "every sink caught up before the deadline"
+    );
     let parked = std::fs::read_to_string(&parking).unwrap_or_default();
     assert_eq!(
         parked.lines().count(),

@@ -536,7 +536,7 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
     }
     assert_eq!(got[0].headers["webhook-id"], got[1].headers["webhook-id"]);
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(report.drained);
+    assert_eq!(report.drain, chatwoot_bridge::bridge::Drain::CaughtUp);
     within(mock.stop()).await;
 }
 
@@ -1119,6 +1119,6 @@ routes:
     }
 
     let report = timeout(WAIT, bridge.shutdown()).await.unwrap();
-    assert!(report.drained);
+    assert_eq!(report.drain, chatwoot_bridge::bridge::Drain::CaughtUp);
     within(mock.stop()).await;
 }
