@@ -26,17 +26,24 @@ use crate::status::StatusBoard;
 /// Why the bridge could not start. Nothing has connected when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A sink could not be built (bad address, refused credentials, ...).
     #[error(transparent)]
     Sink(#[from] SinkBuildError),
+    /// The spool could not be opened or read.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The dead-letter store could not be opened.
     #[error(transparent)]
     DeadLetters(#[from] DeadLetterError),
+    /// Another process holds the spool's lock.
     #[error("spool {0} is in use by another chatwoot-bridge process (one spool, one process)")]
     SpoolInUse(PathBuf),
+    /// The spool directory or its lock file could not be created or locked.
     #[error("cannot lock spool {path}: {source}")]
     Lock {
+        /// The directory or file that failed.
         path: PathBuf,
+        /// Why.
         source: std::io::Error,
     },
 }

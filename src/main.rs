@@ -15,15 +15,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
 /// Every event is a handful of short-lived allocations made on one thread and freed on another
-/// (socket task, ingest, sink loop); glibc's allocator spent a fifth of the daemon's CPU on
-/// them under load (see BENCHMARKS.md). Built without its transparent-huge-page advice
-/// (`no_thp`): with it, growth faulted in and zeroed 2 MiB at a time (9% of the CPU in a
-/// blast profile) and the resident set was a quarter larger for the same events. That only
-/// stops asking for huge pages; where the host's setting is `always`, `MIMALLOC_ALLOW_THP=0`
-/// (set by the Dockerfile and the systemd unit) turns them off for the process.
+/// (socket task, ingest, sink loop); glibc's allocator spends a large share of the daemon's CPU
+/// on that pattern under load (BENCHMARKS.md has the numbers). Built without its
+/// transparent-huge-page advice (`no_thp`): with it, growth is faulted in and zeroed 2 MiB at a
+/// time and the resident set is larger for the same events. That only stops asking for huge
+/// pages; where the host's setting is `always`, `MIMALLOC_ALLOW_THP=0` (set by the Dockerfile and
+/// the systemd unit) turns them off for the process.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// The command line. Doc comments on clap items are its help text.
 #[derive(Parser)]
 #[command(
     name = "chatwoot-bridge",
@@ -44,12 +45,14 @@ struct Cli {
     command: Command,
 }
 
+// How log lines are written on stderr.
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
 }
 
+// What `dlq` does.
 #[derive(Subcommand)]
 enum DlqAction {
     /// One line per dead letter: id, event, attempts, last attempt, error.
@@ -61,6 +64,7 @@ enum DlqAction {
     Purge(DlqArgs),
 }
 
+// Which dead letters `dlq` acts on.
 #[derive(clap::Args)]
 struct DlqArgs {
     #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
@@ -70,6 +74,7 @@ struct DlqArgs {
     sink: String,
 }
 
+// The subcommands.
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon until SIGTERM or Ctrl-C.
@@ -108,6 +113,7 @@ enum Command {
     MockServer(MockServerArgs),
 }
 
+// The flags of `mock-server`.
 #[derive(clap::Args)]
 struct MockServerArgs {
     #[arg(long, default_value = "127.0.0.1:3000")]

@@ -70,6 +70,7 @@ struct BlastTemplate {
 }
 
 impl BlastTemplate {
+    /// The template for events on subscription `identifier`.
     fn new(identifier: &str) -> BlastTemplate {
         let (_, rest) = templates()
             .iter()

@@ -22,6 +22,7 @@ use super::events::ping_frame;
 use super::{Answer, Closed, Push, Shared};
 use crate::source::protocol::SUBPROTOCOL;
 
+/// A server-side WebSocket.
 type Socket = WebSocketStream<TcpStream>;
 
 /// Accepts connections until cancelled; each gets its own task.

@@ -333,6 +333,7 @@ impl MockServer {
         self.tasks.wait().await;
     }
 
+    /// Sends `push` to every open connection.
     fn push(&self, push: Push) {
         // No receivers just means no connection is open.
         let _ = self.shared.pushes.send(push);

@@ -46,6 +46,7 @@ pub(crate) const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 /// Bounds the delay of a reconnect after a `disconnect` with `reconnect: true` (jittered).
 const PROMPT_RECONNECT_CEILING: Duration = Duration::from_secs(1);
 
+/// A client WebSocket, plain or TLS.
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A frame as the socket yields it: `None` once the stream ends.
@@ -105,10 +106,16 @@ impl From<SessionEnd> for Ended {
 enum Subscription {
     /// No welcome yet; nothing sent.
     AwaitingWelcome,
-    /// `subscribe` sent; unconfirmed after the deadline.
-    Pending { deadline: Instant },
-    /// Confirmed at `since`; events are expected.
-    Confirmed { since: Instant },
+    /// `subscribe` sent, not confirmed yet.
+    Pending {
+        /// When waiting for the confirm ends and the token counts as unconfirmed.
+        deadline: Instant,
+    },
+    /// Confirmed; events are expected.
+    Confirmed {
+        /// When, to tell how long the connection was healthy.
+        since: Instant,
+    },
     /// Unconfirmed or rejected; subscribe again at this instant.
     RetryAt(Instant),
 }
@@ -220,6 +227,7 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
+    /// A session on a socket that just opened: nothing sent, no frame read.
     fn new(
         task: &'a TokenTask,
         identifier: &'a str,
@@ -408,6 +416,7 @@ impl<'a> Session<'a> {
         ControlFlow::Continue(())
     }
 
+    /// The server confirmed our subscription.
     fn on_confirm(&mut self) {
         // Only a pending subscribe can be confirmed. A confirm that arrives after we gave up and
         // sent `unsubscribe` is for a subscription the server has dropped since: believing it
@@ -425,6 +434,7 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The server refused our subscription: retry after a backoff.
     fn on_reject(&mut self) {
         let delay = self.backoff.next_delay();
         error!(token = %self.task.spec.name, retry_in = ?delay,
