@@ -193,18 +193,16 @@ impl Connection {
         if !self.shared.pings.load(Ordering::Relaxed) {
             return ControlFlow::Continue(());
         }
-        continue_if(self.ws.send(Message::text(ping_frame())).await.is_ok())
+        go_on_if_sent(self.ws.send(Message::text(ping_frame())).await)
     }
 
     /// Does what the handle asked of every connection.
     async fn on_push(&mut self, push: Push) -> ControlFlow<()> {
         match push {
             Push::Event { only, message } => {
-                continue_if(self.send_event(only.as_deref(), &message).await.is_ok())
+                go_on_if_sent(self.send_event(only.as_deref(), &message).await)
             }
-            Push::Raw(frame) => {
-                continue_if(self.ws.send(Message::text(frame.to_string())).await.is_ok())
-            }
+            Push::Raw(frame) => go_on_if_sent(self.ws.send(Message::text(frame.to_string())).await),
             Push::Drop => ControlFlow::Break(()),
             Push::Disconnect { reconnect } => {
                 let frame = format!(
@@ -254,7 +252,7 @@ impl Connection {
         {
             return ControlFlow::Break(());
         }
-        continue_if(self.blast_once().await.is_ok())
+        go_on_if_sent(self.blast_once().await)
     }
 
     /// In high-rate mode, writes the blast on the first streaming subscription, once.
@@ -292,12 +290,11 @@ impl Connection {
     }
 }
 
-/// Goes on while `ok`.
-fn continue_if(ok: bool) -> ControlFlow<()> {
-    if ok {
-        ControlFlow::Continue(())
-    } else {
-        ControlFlow::Break(())
+/// Goes on after a successful write; a failed one ends the connection.
+fn go_on_if_sent<E>(written: Result<(), E>) -> ControlFlow<()> {
+    match written {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
     }
 }
 
