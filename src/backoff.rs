@@ -10,7 +10,7 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 /// The delays of one token's reconnects and resubscribes.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     /// Kept to start the ceilings over on [`Backoff::reset`].
     builder: ExponentialBuilder,
     /// Exponentially growing ceilings, capped at the configured maximum.
@@ -21,7 +21,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Ceilings start at `initial` and double up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         let builder = ExponentialBuilder::default()
             .with_min_delay(initial)
             .with_max_delay(max)
@@ -35,23 +35,23 @@ impl Backoff {
     }
 
     /// The next delay: uniformly random up to the current ceiling.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         full_jitter(self.next_ceiling())
     }
 
     /// The next ceiling, without jitter.
-    pub fn next_ceiling(&mut self) -> Duration {
+    pub(crate) fn next_ceiling(&mut self) -> Duration {
         self.ceilings.next().unwrap_or(self.max)
     }
 
     /// Starts over at the initial ceiling, after a connection proved healthy.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.ceilings = self.builder.build();
     }
 }
 
 /// A duration drawn uniformly from `[0, ceiling]`.
-pub fn full_jitter(ceiling: Duration) -> Duration {
+pub(crate) fn full_jitter(ceiling: Duration) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 

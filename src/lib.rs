@@ -46,4 +46,4 @@ pub mod spool;
 pub mod status;
 pub mod types;
 
-pub use bridge::{run, Bridge, ShutdownReport, StartError};
+pub use bridge::{run, Bridge, Drain, Persistence, ShutdownReport, StartError};

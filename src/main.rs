@@ -1,26 +1,30 @@
 //! The `chatwoot-bridge` command: a thin CLI over the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
+use chatwoot_bridge::bridge::{Drain, Persistence};
 use chatwoot_bridge::config::Config;
+use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
 /// Every event is a handful of short-lived allocations made on one thread and freed on another
-/// (socket task, ingest, sink loop); glibc's allocator spent a fifth of the daemon's CPU on
-/// them under load (see BENCHMARKS.md). Built without its transparent-huge-page advice
-/// (`no_thp`): with it, growth faulted in and zeroed 2 MiB at a time (9% of the CPU in a
-/// blast profile) and the resident set was a quarter larger for the same events. That only
-/// stops asking for huge pages; where the host's setting is `always`, `MIMALLOC_ALLOW_THP=0`
-/// (set by the Dockerfile and the systemd unit) turns them off for the process.
+/// (socket task, ingest, sink loop); glibc's allocator spends a large share of the daemon's CPU
+/// on that pattern under load (BENCHMARKS.md has the numbers). Built without its
+/// transparent-huge-page advice (`no_thp`): with it, growth is faulted in and zeroed 2 MiB at a
+/// time and the resident set is larger for the same events. That only stops asking for huge
+/// pages; where the host's setting is `always`, `MIMALLOC_ALLOW_THP=0` (set by the Dockerfile and
+/// the systemd unit) turns them off for the process.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// The command line. Doc comments on clap items are its help text.
 #[derive(Parser)]
 #[command(
     name = "chatwoot-bridge",
@@ -41,12 +45,14 @@ struct Cli {
     command: Command,
 }
 
+// How log lines are written on stderr.
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
 }
 
+// What `dlq` does.
 #[derive(Subcommand)]
 enum DlqAction {
     /// One line per dead letter: id, event, attempts, last attempt, error.
@@ -58,6 +64,7 @@ enum DlqAction {
     Purge(DlqArgs),
 }
 
+// Which dead letters `dlq` acts on.
 #[derive(clap::Args)]
 struct DlqArgs {
     #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
@@ -67,6 +74,7 @@ struct DlqArgs {
     sink: String,
 }
 
+// The subcommands.
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon until SIGTERM or Ctrl-C.
@@ -102,31 +110,35 @@ enum Command {
         action: DlqAction,
     },
     /// Run a mock Chatwoot ActionCable server (for trying pipelines without a Chatwoot).
-    MockServer {
-        #[arg(long, default_value = "127.0.0.1:3000")]
-        listen: SocketAddr,
-        /// A pubsub token the server confirms (repeatable).
-        #[arg(long = "token")]
-        tokens: Vec<String>,
-        /// A pubsub token the server ignores in silence, as Chatwoot does a wrong one (repeatable).
-        #[arg(long = "silent-token")]
-        silent_tokens: Vec<String>,
-        /// A pubsub token the server rejects (repeatable).
-        #[arg(long = "reject-token")]
-        reject_tokens: Vec<String>,
-        /// Confirm every token not listed otherwise (default: silence, like Chatwoot).
-        #[arg(long)]
-        accept_any: bool,
-        /// Events per second to broadcast.
-        #[arg(long, default_value_t = 1.0)]
-        rate: f64,
-        /// Stop broadcasting after this many events.
-        #[arg(long)]
-        count: Option<u64>,
-        /// Heartbeat period.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-        ping_interval: Duration,
-    },
+    MockServer(MockServerArgs),
+}
+
+// The flags of `mock-server`.
+#[derive(clap::Args)]
+struct MockServerArgs {
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// A pubsub token the server confirms (repeatable).
+    #[arg(long = "token")]
+    tokens: Vec<String>,
+    /// A pubsub token the server ignores in silence, as Chatwoot does a wrong one (repeatable).
+    #[arg(long = "silent-token")]
+    silent_tokens: Vec<String>,
+    /// A pubsub token the server rejects (repeatable).
+    #[arg(long = "reject-token")]
+    reject_tokens: Vec<String>,
+    /// Confirm every token not listed otherwise (default: silence, like Chatwoot).
+    #[arg(long)]
+    accept_any: bool,
+    /// Events per second to broadcast.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Stop broadcasting after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Heartbeat period.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
 }
 
 fn main() -> ExitCode {
@@ -159,98 +171,55 @@ fn init_logging(format: LogFormat) {
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
-            let report = chatwoot_bridge::run(config, shutdown_signal()).await?;
-            // Undelivered events are safe in the spool: a clean stop as long as it was synced.
-            Ok(if report.persisted {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Command::Check {
-            config: path,
-            connect,
-        } => match Config::load(&path) {
-            Ok(config) => {
-                println!(
-                    "{}: ok ({} tokens, {} sinks, {} routes)",
-                    path.display(),
-                    config.tokens.len(),
-                    config.sinks.len(),
-                    config.routes.route_names().count()
-                );
-                if connect && !check_connect(&config).await {
-                    return Ok(ExitCode::FAILURE);
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("{}: invalid config\n{e}", path.display());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Run { config } => run(&config).await,
+        Command::Check { config, connect } => Ok(check(&config, connect).await),
         Command::Demo { rate, events, file } => demo(rate, events, file).await,
         Command::Dlq { action } => dlq(action),
         Command::Schema => {
             print!("{}", chatwoot_bridge::config::json_schema());
             Ok(ExitCode::SUCCESS)
         }
-        Command::MockServer {
-            listen,
-            tokens,
-            silent_tokens,
-            reject_tokens,
-            accept_any,
-            rate,
-            count,
-            ping_interval,
-        } => {
-            let answers = [
-                (tokens, Answer::Confirm),
-                (silent_tokens, Answer::Silent),
-                (reject_tokens, Answer::Reject),
-            ];
-            let tokens = answers
-                .into_iter()
-                .flat_map(|(list, answer)| {
-                    list.into_iter().map(move |pubsub_token| MockToken {
-                        pubsub_token,
-                        answer,
-                    })
-                })
-                .collect();
-            let server = MockServer::start(MockConfig {
-                listen,
-                tokens,
-                unknown_answer: if accept_any {
-                    Answer::Confirm
-                } else {
-                    Answer::Silent
-                },
-                ping_interval,
-                rate,
-                count,
-                wait_for_subscriptions: 0,
-                blast: None,
-            })
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-            info!(url = %server.url(), "mock Chatwoot cable server listening");
-            shutdown_signal().await;
-            server.stop().await;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::MockServer(args) => mock_server(args).await,
     }
 }
 
-fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
-    let (args, verb) = match &action {
-        DlqAction::List(a) => (a, "list"),
-        DlqAction::Replay(a) => (a, "replay"),
-        DlqAction::Purge(a) => (a, "purge"),
+/// The daemon, until SIGTERM or Ctrl-C.
+async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let report = chatwoot_bridge::run(config, shutdown_signal()).await?;
+    // Undelivered events are safe in the spool: a clean stop as long as it was synced.
+    Ok(match report.persistence {
+        Persistence::Synced => ExitCode::SUCCESS,
+        Persistence::SyncFailed => ExitCode::FAILURE,
+    })
+}
+
+/// Validates the config and, with `connect`, tries every sink and token.
+async fn check(path: &Path, connect: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: invalid config\n{e}", path.display());
+            return ExitCode::FAILURE;
+        }
     };
+    println!(
+        "{}: ok ({} tokens, {} sinks, {} routes)",
+        path.display(),
+        config.tokens.len(),
+        config.sinks.len(),
+        config.routes.route_names().count()
+    );
+    if connect {
+        check_connect(&config).await
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Acts on one sink's dead letters.
+fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
+    let (DlqAction::List(args) | DlqAction::Replay(args) | DlqAction::Purge(args)) = &action;
     let config = Config::load(&args.config)?;
     anyhow::ensure!(
         config.sinks.contains_key(&args.sink),
@@ -258,9 +227,9 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
         args.sink,
         config.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    let store = chatwoot_bridge::delivery::dead_letter::DeadLetters::open(&config.spool.dir)?;
-    match verb {
-        "list" => {
+    let store = DeadLetters::open(&config.spool.dir)?;
+    match action {
+        DlqAction::List(_) => {
             let count = store.each(&args.sink, |l| {
                 println!(
                     "{}  {}  attempts={}  last={}  {}",
@@ -273,14 +242,14 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
             })?;
             eprintln!("{count} dead letters for sink {}", args.sink);
         }
-        "replay" => {
+        DlqAction::Replay(_) => {
             let n = store.queue_replay(&args.sink)?;
             println!(
                 "{n} dead letters queued for redelivery to sink {}",
                 args.sink
             );
         }
-        _ => {
+        DlqAction::Purge(_) => {
             let n = store.purge(&args.sink)?;
             println!("{n} dead letters of sink {} deleted", args.sink);
         }
@@ -288,14 +257,14 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Tries every sink and token; prints one line each. Returns whether all succeeded.
-async fn check_connect(config: &Config) -> bool {
-    let mut all_ok = true;
+/// Tries every sink and token; prints one line each. Fails if any failed.
+async fn check_connect(config: &Config) -> ExitCode {
+    let mut failures = 0usize;
     for (name, sink) in &config.sinks {
         match chatwoot_bridge::sink::Sink::probe(name, &sink.kind).await {
             Ok(()) => println!("sink {name}: ok"),
             Err(e) => {
-                all_ok = false;
+                failures += 1;
                 println!("sink {name}: FAILED: {e}");
             }
         }
@@ -310,12 +279,55 @@ async fn check_connect(config: &Config) -> bool {
         match result {
             Ok(()) => println!("token {name}: ok (subscription confirmed)"),
             Err(e) => {
-                all_ok = false;
+                failures += 1;
                 println!("token {name}: FAILED: {e}");
             }
         }
     }
-    all_ok
+    if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A mock Chatwoot cable server, until SIGTERM or Ctrl-C.
+async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
+    let answers = [
+        (args.tokens, Answer::Confirm),
+        (args.silent_tokens, Answer::Silent),
+        (args.reject_tokens, Answer::Reject),
+    ];
+    let tokens = answers
+        .into_iter()
+        .flat_map(|(list, answer)| {
+            list.into_iter().map(move |pubsub_token| MockToken {
+                pubsub_token,
+                answer,
+            })
+        })
+        .collect();
+    let listen = args.listen;
+    let server = MockServer::start(MockConfig {
+        listen,
+        tokens,
+        unknown_answer: if args.accept_any {
+            Answer::Confirm
+        } else {
+            Answer::Silent
+        },
+        ping_interval: args.ping_interval,
+        rate: args.rate,
+        count: args.count,
+        wait_for_subscriptions: 0,
+        blast: None,
+    })
+    .await
+    .with_context(|| format!("cannot listen on {listen}"))?;
+    info!(url = %server.url(), "mock Chatwoot cable server listening");
+    shutdown_signal().await;
+    server.stop().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The demo: a mock Chatwoot with an agent and a widget visitor, and the bridge printing events.
@@ -340,7 +352,31 @@ async fn demo(rate: f64, events: Option<u64>, file: Option<PathBuf>) -> anyhow::
     .context("cannot start the mock server")?;
     let spool_dir =
         std::env::temp_dir().join(format!("chatwoot-bridge-demo-{}", std::process::id()));
-    let sink = match &file {
+    let config = demo_config(&server.url(), file.as_deref(), &spool_dir)?;
+    info!(url = %server.url(), "demo: mock Chatwoot started; events follow (Ctrl-C to stop)");
+    let bridge = chatwoot_bridge::Bridge::start(config).await?;
+    match events {
+        // Each event reaches both tokens: wait for all copies, then stop.
+        Some(n) => {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = delivered_at_least(&bridge, n * 2) => {}
+            }
+        }
+        None => shutdown_signal().await,
+    }
+    let report = bridge.shutdown().await;
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&spool_dir);
+    Ok(match report.drain {
+        Drain::CaughtUp => ExitCode::SUCCESS,
+        Drain::DeadlinePassed => ExitCode::FAILURE,
+    })
+}
+
+/// The demo's config: both mock tokens, one sink (stdout or `file`), one route for everything.
+fn demo_config(url: &str, file: Option<&Path>, spool_dir: &Path) -> anyhow::Result<Config> {
+    let sink = match file {
         Some(path) => format!("{{ type: file, path: {} }}", serde_json::to_string(path)?),
         None => "{ type: stdout }".to_string(),
     };
@@ -357,36 +393,16 @@ routes:
   - {{ name: everything, match: {{}}, to: [out] }}
 spool: {{ dir: {spool} }}
 "#,
-        url = server.url(),
-        spool = serde_json::to_string(&spool_dir)?
+        spool = serde_json::to_string(spool_dir)?
     );
-    let config = Config::from_yaml(&yaml, &|_| None, false)?;
-    info!(url = %server.url(), "demo: mock Chatwoot started; events follow (Ctrl-C to stop)");
-    let bridge = chatwoot_bridge::Bridge::start(config).await?;
-    match events {
-        // Each event reaches both tokens: wait for all copies, then stop.
-        Some(n) => {
-            let want = n * 2;
-            let stats = bridge.stats();
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = async {
-                    while stats.delivered.load(std::sync::atomic::Ordering::Relaxed) < want {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                } => {}
-            }
-        }
-        None => shutdown_signal().await,
+    Ok(Config::from_yaml(&yaml, &|_| None, false)?)
+}
+
+/// Completes once the sinks have delivered `want` events.
+async fn delivered_at_least(bridge: &chatwoot_bridge::Bridge, want: u64) {
+    while bridge.stats().delivered.load(Ordering::Relaxed) < want {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let report = bridge.shutdown().await;
-    server.stop().await;
-    let _ = std::fs::remove_dir_all(&spool_dir);
-    Ok(if report.drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// Completes on Ctrl-C or SIGTERM (what `docker stop` and systemd send).

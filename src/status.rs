@@ -40,6 +40,7 @@ impl fmt::Display for TokenState {
 /// A copy of one token's status at one moment.
 #[derive(Clone, Debug, Serialize)]
 pub struct TokenStatus {
+    /// Where the socket is.
     pub state: TokenState,
     /// When the token entered `state`.
     #[serde(serialize_with = "rfc3339")]
@@ -56,6 +57,7 @@ pub struct TokenStatus {
     pub stale_reconnects: u64,
 }
 
+/// Serializes a time as RFC 3339 with milliseconds.
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
@@ -63,6 +65,7 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 /// A state, since when, and the last failure: the part every token and sink has.
 #[derive(Debug)]
 struct Phase<S> {
+    /// State, when it was entered, and the latest failure; one lock so they read consistently.
     inner: Mutex<(S, SystemTime, Option<String>)>,
 }
 
@@ -100,9 +103,13 @@ impl<S: Copy + PartialEq> Phase<S> {
 struct TokenCell {
     /// State, since when, and the last failure.
     phase: Phase<TokenState>,
+    /// See [`TokenStatus::connects`].
     connects: AtomicU64,
+    /// See [`TokenStatus::events`].
     events: AtomicU64,
+    /// See [`TokenStatus::malformed_frames`].
     malformed_frames: AtomicU64,
+    /// See [`TokenStatus::stale_reconnects`].
     stale_reconnects: AtomicU64,
 }
 
@@ -123,40 +130,53 @@ pub enum SinkState {
 /// A copy of one sink's status at one moment.
 #[derive(Clone, Debug, Serialize)]
 pub struct SinkStatus {
+    /// Where the delivery loop is.
     pub state: SinkState,
+    /// When the sink entered `state`.
     #[serde(serialize_with = "rfc3339")]
     pub since: SystemTime,
     /// The latest delivery error, in words; never contains secrets.
     pub last_error: Option<String>,
+    /// Events delivered.
     pub delivered: u64,
+    /// Events that exhausted their retries (or were refused for good) and went to the dead
+    /// letters.
     pub dead_lettered: u64,
     /// Waits before a retry: how often deliveries failed and were tried again, so that an
     /// outage shows as it happens, not only once events reach the dead letters.
     pub retries: u64,
 }
 
+/// Shared cell a sink loop writes and everyone else reads.
 #[derive(Debug)]
 struct SinkCell {
+    /// State, since when, and the last failure.
     phase: Phase<SinkState>,
+    /// See [`SinkStatus::delivered`].
     delivered: AtomicU64,
+    /// See [`SinkStatus::dead_lettered`].
     dead_lettered: AtomicU64,
+    /// See [`SinkStatus::retries`].
     retries: AtomicU64,
 }
 
 /// What a sink loop uses to report.
 #[derive(Clone, Debug)]
 pub struct SinkReporter {
+    /// This sink's cell on the board.
     cell: Arc<SinkCell>,
+    /// The board's change counter, bumped so waiters wake up.
     changed: watch::Sender<u64>,
 }
 
 impl SinkReporter {
-    pub fn set(&self, state: SinkState) {
+    /// Enters `state`, keeping the last error.
+    pub(crate) fn set(&self, state: SinkState) {
         self.update(state, None);
     }
 
     /// A delivery failed and waits for its next attempt.
-    pub fn retrying(&self, error: impl Into<String>) {
+    pub(crate) fn retrying(&self, error: impl Into<String>) {
         self.cell.retries.fetch_add(1, Ordering::Relaxed);
         self.update(SinkState::Retrying, Some(error.into()));
     }
@@ -167,11 +187,13 @@ impl SinkReporter {
         }
     }
 
-    pub fn delivered(&self, n: u64) {
+    /// Counts `n` delivered events.
+    pub(crate) fn delivered(&self, n: u64) {
         self.cell.delivered.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn dead_lettered(&self, n: u64) {
+    /// Counts `n` dead-lettered events.
+    pub(crate) fn dead_lettered(&self, n: u64) {
         self.cell.dead_lettered.fetch_add(n, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
@@ -180,7 +202,9 @@ impl SinkReporter {
 /// The registry of token and sink states. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StatusBoard {
+    /// Every running token's cell, by name.
     tokens: Arc<Mutex<BTreeMap<Arc<str>, Arc<TokenCell>>>>,
+    /// Every sink's cell, by name.
     sinks: Arc<Mutex<BTreeMap<String, Arc<SinkCell>>>>,
     /// Bumped on every state change so waiters wake up without polling.
     changed: watch::Sender<u64>,
@@ -198,18 +222,21 @@ impl Default for StatusBoard {
 
 /// What a token task uses to report; counters are atomics so the hot path takes no lock.
 #[derive(Clone, Debug)]
-pub struct TokenReporter {
+pub(crate) struct TokenReporter {
+    /// This token's cell on the board.
     cell: Arc<TokenCell>,
+    /// The board's change counter, bumped so waiters wake up.
     changed: watch::Sender<u64>,
 }
 
 impl StatusBoard {
+    /// An empty board.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// The reporter for `name`, registering the token if it is new.
-    pub fn register(&self, name: &Arc<str>) -> TokenReporter {
+    pub(crate) fn register(&self, name: &Arc<str>) -> TokenReporter {
         let cell = self
             .tokens
             .lock()
@@ -233,7 +260,7 @@ impl StatusBoard {
     }
 
     /// The reporter for sink `name`, registering it if it is new.
-    pub fn register_sink(&self, name: &str) -> SinkReporter {
+    pub(crate) fn register_sink(&self, name: &str) -> SinkReporter {
         let cell = self
             .sinks
             .lock()
@@ -275,12 +302,13 @@ impl StatusBoard {
             .collect()
     }
 
+    /// One sink's status, if it exists.
     pub fn sink(&self, name: &str) -> Option<SinkStatus> {
         self.sinks().remove(name)
     }
 
     /// Forgets a token that was removed from the config.
-    pub fn unregister(&self, name: &str) {
+    pub(crate) fn unregister(&self, name: &str) {
         self.tokens.lock().expect("status lock").remove(name);
         self.changed.send_modify(|v| *v += 1);
     }
@@ -295,6 +323,7 @@ impl StatusBoard {
             .collect()
     }
 
+    /// One token's status, if it runs.
     pub fn token(&self, name: &str) -> Option<TokenStatus> {
         self.tokens
             .lock()
@@ -341,12 +370,12 @@ impl TokenCell {
 
 impl TokenReporter {
     /// Enters `state`, keeping the last error.
-    pub fn set(&self, state: TokenState) {
+    pub(crate) fn set(&self, state: TokenState) {
         self.update(state, None);
     }
 
     /// Enters `state` because of `error`.
-    pub fn fail(&self, state: TokenState, error: impl Into<String>) {
+    pub(crate) fn fail(&self, state: TokenState, error: impl Into<String>) {
         self.update(state, Some(error.into()));
     }
 
@@ -356,24 +385,24 @@ impl TokenReporter {
         }
     }
 
-    pub fn state(&self) -> TokenState {
-        self.cell.phase.get().0
-    }
-
-    pub fn connected(&self) {
+    /// Counts a successful handshake.
+    pub(crate) fn connected(&self) {
         self.cell.connects.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn event(&self) {
+    /// Counts an event read from the socket.
+    pub(crate) fn event(&self) {
         self.cell.events.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn malformed_frame(&self) {
+    /// Counts a frame that was skipped.
+    pub(crate) fn malformed_frame(&self) {
         self.cell.malformed_frames.fetch_add(1, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
 
-    pub fn stale(&self) {
+    /// Counts a reconnect caused by silence.
+    pub(crate) fn stale(&self) {
         self.cell.stale_reconnects.fetch_add(1, Ordering::Relaxed);
     }
 }

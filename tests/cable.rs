@@ -10,7 +10,7 @@ use std::time::Duration;
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::status::TokenState;
-use chatwoot_bridge::Bridge;
+use chatwoot_bridge::{Bridge, Drain};
 use serde_json::Value;
 use support::{
     mock_token, quoted, shut_down, start_mock, wait_until, wait_until_explained, within,
@@ -133,7 +133,7 @@ async fn every_event_of_two_tokens_reaches_the_file_with_the_envelope() {
     }
     let events = wait_for_lines(&out, 60).await;
     let report = shut_down(bridge).await;
-    assert!(report.drained);
+    assert_eq!(report.drain, Drain::CaughtUp);
     let origin = server.last_origin();
     let addr = server.addr();
     server.stop().await;
@@ -555,7 +555,7 @@ async fn shutdown_delivers_everything_that_was_read() {
     .await;
     let status = bridge.status().clone();
     let report = shut_down(bridge).await;
-    assert!(report.drained);
+    assert_eq!(report.drain, Drain::CaughtUp);
     let read = status.token("agent").unwrap().events as usize;
     let events = read_events(&out);
     assert_eq!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer, MockToken};
-use chatwoot_bridge::Bridge;
+use chatwoot_bridge::{Bridge, Drain, Persistence};
 use futures_util::StreamExt;
 use hyper::StatusCode;
 use support::{
@@ -200,7 +200,7 @@ async fn a_webhook_outage_loses_nothing_and_keeps_conversation_order() {
     })
     .await;
     let report = shut_down(bridge).await;
-    assert!(report.drained);
+    assert_eq!(report.drain, Drain::CaughtUp);
     mock.stop().await;
 
     let accepted = accepted.lock().unwrap().clone();
@@ -844,8 +844,12 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     spool_numbered(&bridge, &mock, TOTAL).await;
     assert_eq!(bridge.stats().delivered.load(Ordering::Relaxed), 0);
     let report = shut_down(bridge).await;
-    assert!(!report.drained, "nothing could be delivered");
-    assert!(report.persisted);
+    assert_eq!(
+        report.drain,
+        Drain::DeadlinePassed,
+        "nothing could be delivered"
+    );
+    assert_eq!(report.persistence, Persistence::Synced);
 
     // Both destinations come up; the next start delivers everything that was read.
     let receiver = Receiver::start_on(down_port, scripted(vec![])).await;
@@ -892,7 +896,11 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
     let bridge = Bridge::start(config).await.unwrap();
     spool_numbered(&bridge, &mock, TOTAL).await;
     let report = shut_down(bridge).await;
-    assert!(!report.drained, "nothing could be delivered");
+    assert_eq!(
+        report.drain,
+        Drain::DeadlinePassed,
+        "nothing could be delivered"
+    );
 
     let nats = NatsServer::start_on(nats_port).await;
     let mut subscription = subscribed(&nats, "drain.>").await;
@@ -904,7 +912,7 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
         "each event once, in spool order"
     );
     let report = shut_down(bridge).await;
-    assert!(report.drained);
+    assert_eq!(report.drain, Drain::CaughtUp);
 
     // Everything was committed: a third start finds nothing to send.
     let bridge = Bridge::start(yaml.config()).await.unwrap();
@@ -978,7 +986,11 @@ async fn a_dead_letter_sink_outlives_the_sinks_that_feed_it_at_shutdown() {
     // The webhook gives up on every event 0.5 s into the 5 s shutdown window.
     let report = shut_down(bridge).await;
     mock.stop().await;
-    assert!(report.drained, "every sink caught up before the deadline");
+    assert_eq!(
+        report.drain,
+        Drain::CaughtUp,
+        "every sink caught up before the deadline"
+    );
     let parked = std::fs::read_to_string(&parking).unwrap_or_default();
     assert_eq!(
         parked.lines().count(),

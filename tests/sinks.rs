@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chatwoot_bridge::event::{Event, EventId};
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer};
 use chatwoot_bridge::sink::{Outcome, Sink};
-use chatwoot_bridge::Bridge;
+use chatwoot_bridge::{Bridge, Drain};
 use futures_util::StreamExt;
 use hyper::StatusCode;
 use rdkafka::message::{Headers, Message};
@@ -548,7 +548,7 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
     }
     assert_eq!(got[0].headers["webhook-id"], got[1].headers["webhook-id"]);
     let report = shut_down(bridge).await;
-    assert!(report.drained);
+    assert_eq!(report.drain, Drain::CaughtUp);
     within("the mock Chatwoot to stop", mock.stop()).await;
 }
 
@@ -1161,6 +1161,6 @@ async fn one_stream_to_kafka_jetstream_and_a_signed_webhook() {
     check_kafka(&broker, &sent, &ids_by_n, &mock.url()).await;
 
     let report = shut_down(bridge).await;
-    assert!(report.drained);
+    assert_eq!(report.drain, Drain::CaughtUp);
     within("the mock Chatwoot to stop", mock.stop()).await;
 }

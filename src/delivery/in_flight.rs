@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::GaveUp;
 use crate::delivery::ingest::MAX_BATCH;
 use crate::event::Event;
-use crate::sink::{Outcome, Sink, SinkError};
+use crate::sink::{Outcome, Sink, SinkError, SinkLimits};
 
 /// Bounds the events an order-keeping sink may have been handed and not confirmed yet (checked
 /// before a batch is handed over, so up to `MAX_UNCONFIRMED + MAX_BATCH - 1` at once).
@@ -27,6 +27,11 @@ use crate::sink::{Outcome, Sink, SinkError};
 /// only after everything before it reached the server. Bounds what the loop holds in memory
 /// (16 batches of message.created hold about 12 MB) and what a crash sends again.
 pub(crate) const MAX_UNCONFIRMED: usize = 16 * MAX_BATCH;
+
+/// What every sink is built to hold unconfirmed at once: what the loop may hand it.
+pub(crate) const SINK_LIMITS: SinkLimits = SinkLimits {
+    max_unconfirmed_events: MAX_UNCONFIRMED + MAX_BATCH - 1,
+};
 
 /// A sink's answer for one batch; `Err` holds a panic raised while handing it over or waiting.
 pub(super) type Answer = std::thread::Result<Vec<Outcome>>;

@@ -6,27 +6,27 @@
 //! number (`mock_seq`) and a send time (`mock_sent_at_us`) at the start of `data`. Tests steer it
 //! from outside: drop every connection abruptly, send `disconnect` frames, go silent, inject raw
 //! frames.
+//!
+//! [`MockServer`] is the handle; [`connection`] serves one client, [`events`] makes the generated
+//! events, and [`blast`] writes pre-encoded frames in high-rate mode.
 
+mod blast;
+mod connection;
+mod events;
 pub mod fixtures;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::broadcast;
-use tokio::time::{interval, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
 
-use crate::source::protocol::SUBPROTOCOL;
+use events::{encode_message, next_generated};
 
 /// How the server answers a subscription with a given pubsub token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,13 +47,16 @@ pub enum Answer {
 /// One token the server knows.
 #[derive(Debug, Clone)]
 pub struct MockToken {
+    /// The token as it appears in the subscription identifier.
     pub pubsub_token: String,
+    /// How a subscription with it is answered.
     pub answer: Answer,
 }
 
 /// What the server does.
 #[derive(Debug, Clone)]
 pub struct MockConfig {
+    /// Address to listen on; port 0 picks a free one (see [`MockServer::addr`]).
     pub listen: SocketAddr,
     /// Known tokens; any other gets `unknown_answer`.
     pub tokens: Vec<MockToken>,
@@ -109,7 +112,9 @@ impl Default for MockConfig {
 enum Push {
     /// An event, pre-encoded as the `message` value, for subscriptions of `only` (or all).
     Event {
+        /// The pubsub token whose subscriptions get it; `None` for all.
         only: Option<Arc<str>>,
+        /// The `message` value of the frame.
         message: Arc<str>,
     },
     /// A raw text frame, sent as is.
@@ -117,39 +122,58 @@ enum Push {
     /// Close TCP without a close frame, as a Chatwoot deploy does.
     Drop,
     /// A `disconnect` frame, then close.
-    Disconnect { reconnect: bool },
+    Disconnect {
+        /// The frame's `reconnect` field.
+        reconnect: bool,
+    },
 }
 
 /// State shared by the server's tasks and its handle.
 struct Shared {
+    /// How each known pubsub token is answered; changeable while running.
     answers: Mutex<HashMap<String, Answer>>,
+    /// How any other token is answered.
     unknown_answer: Answer,
+    /// What the handle sends to every connection.
     pushes: broadcast::Sender<Push>,
+    /// Whether connections send the heartbeat; off simulates a half-dead server.
     pings: AtomicBool,
-    /// Counters tests and benchmarks read.
+    /// Handshakes completed, ever.
     connections: AtomicU64,
+    /// Connections open right now.
     open_connections: AtomicUsize,
+    /// `subscribe` commands received, repeated ones included.
     subscribes: AtomicU64,
+    /// `unsubscribe` commands received.
     unsubscribes: AtomicU64,
+    /// `update_presence` messages received.
     presence_updates: AtomicU64,
     /// Subscriptions that stream events right now.
     streaming: AtomicUsize,
+    /// The next `mock_seq`: unique across connections and the generator.
     sequence: AtomicU64,
     /// `Origin` header of the latest handshake.
     last_origin: Mutex<Option<String>>,
+    /// High-rate mode, if configured.
     blast: Option<Blast>,
+    /// Streaming subscriptions a blast waits for before it starts.
     wait_for_subscriptions: usize,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
 pub struct MockServer {
+    /// Where it listens.
     addr: SocketAddr,
+    /// State shared with the connections.
     shared: Arc<Shared>,
+    /// Stops the acceptor, the generator and every connection.
     cancel: CancellationToken,
+    /// The server's tasks, waited for by [`MockServer::stop`].
     tasks: TaskTracker,
 }
 
 impl MockServer {
+    /// Binds `config.listen` and starts accepting connections (and generating, if `rate` > 0).
     pub async fn start(config: MockConfig) -> std::io::Result<MockServer> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
@@ -178,7 +202,7 @@ impl MockServer {
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(accept_loop(
+        tasks.spawn(connection::accept_loop(
             listener,
             shared.clone(),
             config.ping_interval,
@@ -186,7 +210,7 @@ impl MockServer {
             tasks.clone(),
         ));
         if config.rate > 0.0 {
-            tasks.spawn(generate(
+            tasks.spawn(events::generate(
                 shared.clone(),
                 config.rate,
                 config.count,
@@ -202,6 +226,7 @@ impl MockServer {
         })
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -271,26 +296,32 @@ impl MockServer {
         self.shared.streaming.load(Ordering::Relaxed)
     }
 
+    /// WebSocket handshakes completed since start.
     pub fn connections_accepted(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
+    /// Connections open right now.
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections.load(Ordering::Relaxed)
     }
 
+    /// `subscribe` commands received since start, repeated ones included.
     pub fn subscribe_commands(&self) -> u64 {
         self.shared.subscribes.load(Ordering::Relaxed)
     }
 
+    /// `unsubscribe` commands received since start.
     pub fn unsubscribe_commands(&self) -> u64 {
         self.shared.unsubscribes.load(Ordering::Relaxed)
     }
 
+    /// `update_presence` messages received since start.
     pub fn presence_updates(&self) -> u64 {
         self.shared.presence_updates.load(Ordering::Relaxed)
     }
 
+    /// The `Origin` header of the latest handshake, if it had one.
     pub fn last_origin(&self) -> Option<String> {
         self.shared.last_origin.lock().expect("origin lock").clone()
     }
@@ -302,507 +333,69 @@ impl MockServer {
         self.tasks.wait().await;
     }
 
+    /// Sends `push` to every open connection.
     fn push(&self, push: Push) {
         // No receivers just means no connection is open.
         let _ = self.shared.pushes.send(push);
     }
 }
 
-/// `{"event":...,"data":...}` with `data` inserted verbatim.
-fn encode_message(event: &str, data: &str) -> String {
-    let event = serde_json::to_string(event).expect("a string serializes");
-    format!(r#"{{"event":{event},"data":{data}}}"#)
-}
+/// A connection or task cannot go on: its socket failed, or the server is stopping.
+#[derive(Debug)]
+struct Closed;
 
-/// Templates of generated events: `(event name, data after its opening brace)`.
-fn templates() -> &'static [(String, String)] {
-    static TEMPLATES: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
-    TEMPLATES.get_or_init(|| {
-        fixtures::ALL
-            .iter()
-            .map(|(name, frame)| {
-                // Keep the fixture's bytes (key order, spacing) as Chatwoot sent them.
-                #[derive(serde::Deserialize)]
-                struct Frame<'a> {
-                    #[serde(borrow)]
-                    message: Message<'a>,
-                }
-                #[derive(serde::Deserialize)]
-                struct Message<'a> {
-                    #[serde(borrow)]
-                    data: &'a serde_json::value::RawValue,
-                }
-                let frame: Frame = serde_json::from_str(frame).expect("fixture is JSON");
-                let data = frame.message.data.get();
-                (name.to_string(), data[1..].to_string())
-            })
-            .collect()
-    })
-}
+#[cfg(test)]
+mod tests {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
 
-/// The next generated event: a fixture's data with `mock_seq` and `mock_sent_at_us` in front.
-fn next_generated(shared: &Shared) -> (u64, String) {
-    let seq = shared.sequence.fetch_add(1, Ordering::Relaxed);
-    let templates = templates();
-    let (name, rest) = &templates[seq as usize % templates.len()];
-    let sent_at_us = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_micros())
-        .unwrap_or(0);
-    let data = format!(r#"{{"mock_seq":{seq},"mock_sent_at_us":{sent_at_us},{rest}"#);
-    (seq, encode_message(name, &data))
-}
+    use super::*;
 
-async fn generate(
-    shared: Arc<Shared>,
-    rate: f64,
-    count: Option<u64>,
-    wait_for_subscriptions: usize,
-    cancel: CancellationToken,
-) {
-    while shared.streaming.load(Ordering::Relaxed) < wait_for_subscriptions {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+    #[tokio::test]
+    async fn a_blast_sends_every_event_once_then_the_connection_serves_as_usual() {
+        let server = MockServer::start(MockConfig {
+            tokens: vec![MockToken {
+                pubsub_token: "t".into(),
+                answer: Answer::Confirm,
+            }],
+            blast: Some(Blast {
+                count: 100,
+                rate: None,
+                conversations: 3,
+            }),
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.url())
+            .await
+            .unwrap();
+        let identifier = r#"{"channel":"RoomChannel","pubsub_token":"t"}"#;
+        let subscribe = serde_json::json!({"command": "subscribe", "identifier": identifier});
+        ws.send(Message::text(subscribe.to_string())).await.unwrap();
+        let mut seqs = Vec::new();
+        let mut conversations = std::collections::BTreeSet::new();
+        while seqs.len() < 100 {
+            let Some(Ok(Message::Text(text))) = ws.next().await else {
+                panic!("the connection ended early");
+            };
+            let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            if let Some(data) = frame["message"]["data"].as_object() {
+                seqs.push(data["mock_seq"].as_u64().unwrap());
+                conversations.insert(data["conversation_id"].as_u64().unwrap());
+            }
         }
-    }
-    let mut tick = interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut sent = 0u64;
-    while count.is_none_or(|c| sent < c) {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let (_, message) = next_generated(&shared);
-        let _ = shared.pushes.send(Push::Event {
-            only: None,
-            message: message.into(),
-        });
-        sent += 1;
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    ping_interval: Duration,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    warn!(error = %e, "mock server: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        assert_eq!(seqs, (0..100).collect::<Vec<_>>());
+        assert_eq!(conversations, [1, 2, 3].into());
+        server.broadcast_generated();
+        let text = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("mock_seq") => break text,
+                Some(Ok(_)) => continue,
+                other => panic!("no broadcast after the blast: {other:?}"),
+            }
         };
-        // Subscribe before the handshake so no push sent after accept is missed.
-        let pushes = shared.pushes.subscribe();
-        tasks.spawn(serve(
-            stream,
-            shared.clone(),
-            pushes,
-            ping_interval,
-            cancel.clone(),
-        ));
+        assert!(text.contains(r#""mock_seq":100"#), "{text}");
+        server.stop().await;
     }
-}
-
-/// One subscription on one connection.
-struct Subscribed {
-    identifier: String,
-    pubsub_token: String,
-    streams: bool,
-}
-
-async fn serve(
-    stream: TcpStream,
-    shared: Arc<Shared>,
-    mut pushes: broadcast::Receiver<Push>,
-    ping_interval: Duration,
-    cancel: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    let origin = Arc::new(Mutex::new(None));
-    let seen_origin = origin.clone();
-    // The handshake callback's error type is tungstenite's, which is large; it never fails here.
-    #[allow(clippy::result_large_err)]
-    let callback = move |request: &Request, mut response: Response| {
-        *seen_origin.lock().expect("origin lock") = request
-            .headers()
-            .get("origin")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let offered = request
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if offered.split(',').any(|p| p.trim() == SUBPROTOCOL) {
-            response.headers_mut().insert(
-                "sec-websocket-protocol",
-                HeaderValue::from_static(SUBPROTOCOL),
-            );
-        }
-        Ok(response)
-    };
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
-        return;
-    };
-    *shared.last_origin.lock().expect("origin lock") = origin.lock().expect("origin lock").take();
-    shared.connections.fetch_add(1, Ordering::Relaxed);
-    shared.open_connections.fetch_add(1, Ordering::Relaxed);
-    let mut subscriptions: Vec<Subscribed> = Vec::new();
-    let mut blasted = false;
-    let mut ping = interval(ping_interval);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    ping.tick().await;
-
-    let welcome = ws.send(Message::text(r#"{"type":"welcome"}"#)).await;
-    if welcome.is_ok() {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = ping.tick() => {
-                    if shared.pings.load(Ordering::Relaxed) {
-                        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                        if ws.send(Message::text(format!(r#"{{"type":"ping","message":{now}}}"#))).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                push = pushes.recv() => {
-                    let push = match push {
-                        Ok(push) => push,
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            warn!(missed = n, "mock server: a connection lagged behind the broadcasts");
-                            continue;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    };
-                    match push {
-                        Push::Event { only, message } => {
-                            let mut failed = false;
-                            for sub in subscriptions.iter().filter(|s| s.streams) {
-                                if only.as_deref().is_some_and(|t| t != sub.pubsub_token) {
-                                    continue;
-                                }
-                                let identifier = serde_json::to_string(&sub.identifier).expect("a string serializes");
-                                let frame = format!(r#"{{"identifier":{identifier},"message":{message}}}"#);
-                                if ws.feed(Message::text(frame)).await.is_err() {
-                                    failed = true;
-                                    break;
-                                }
-                            }
-                            if failed || ws.flush().await.is_err() {
-                                break;
-                            }
-                        }
-                        Push::Raw(frame) => {
-                            if ws.send(Message::text(frame.to_string())).await.is_err() {
-                                break;
-                            }
-                        }
-                        Push::Drop => break,
-                        Push::Disconnect { reconnect } => {
-                            let frame = format!(r#"{{"type":"disconnect","reason":"server_restart","reconnect":{reconnect}}}"#);
-                            let _ = ws.send(Message::text(frame)).await;
-                            let _ = ws.close(None).await;
-                            break;
-                        }
-                    }
-                }
-                incoming = ws.next() => {
-                    let text = match incoming {
-                        Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                        Some(Ok(_)) => continue,
-                    };
-                    if handle_command(&shared, text.as_str(), &mut subscriptions, &mut ws).await.is_err() {
-                        break;
-                    }
-                    if let Some(blast) = shared.blast.filter(|_| !blasted) {
-                        if let Some(sub) = subscriptions.iter().find(|s| s.streams) {
-                            blasted = true;
-                            let identifier = sub.identifier.clone();
-                            if run_blast(&mut ws, &shared, blast, &identifier, &mut ping, &cancel).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let streaming = subscriptions.iter().filter(|s| s.streams).count();
-    shared.streaming.fetch_sub(streaming, Ordering::Relaxed);
-    shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-    // Dropping `ws` drops TCP: no close frame, like a Chatwoot deploy.
-}
-
-async fn handle_command<S>(
-    shared: &Shared,
-    text: &str,
-    subscriptions: &mut Vec<Subscribed>,
-    ws: &mut S,
-) -> Result<(), ()>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    #[derive(serde::Deserialize)]
-    struct Command {
-        command: String,
-        identifier: String,
-        data: Option<String>,
-    }
-    let Ok(command) = serde_json::from_str::<Command>(text) else {
-        debug!("mock server: ignored a frame that is not a command");
-        return Ok(());
-    };
-    match command.command.as_str() {
-        "subscribe" => {
-            shared.subscribes.fetch_add(1, Ordering::Relaxed);
-            // Chatwoot ignores a subscribe for an identifier that is already registered,
-            // including one that failed silently.
-            if subscriptions
-                .iter()
-                .any(|s| s.identifier == command.identifier)
-            {
-                return Ok(());
-            }
-            let pubsub_token = serde_json::from_str::<serde_json::Value>(&command.identifier)
-                .ok()
-                .and_then(|v| v["pubsub_token"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            let answer = shared
-                .answers
-                .lock()
-                .expect("answers lock")
-                .get(&pubsub_token)
-                .copied()
-                .unwrap_or(shared.unknown_answer);
-            let identifier =
-                serde_json::to_string(&command.identifier).expect("a string serializes");
-            match answer {
-                Answer::Reject => {
-                    let frame =
-                        format!(r#"{{"identifier":{identifier},"type":"reject_subscription"}}"#);
-                    return ws.send(Message::text(frame)).await.map_err(|_| ());
-                }
-                Answer::Silent
-                | Answer::Confirm
-                | Answer::StreamUnconfirmed
-                | Answer::ConfirmAfter(_) => {
-                    let streams = answer != Answer::Silent;
-                    if streams {
-                        shared.streaming.fetch_add(1, Ordering::Relaxed);
-                    }
-                    subscriptions.push(Subscribed {
-                        identifier: command.identifier,
-                        pubsub_token,
-                        streams,
-                    });
-                    if answer == Answer::Confirm {
-                        let frame = format!(
-                            r#"{{"identifier":{identifier},"type":"confirm_subscription"}}"#
-                        );
-                        return ws.send(Message::text(frame)).await.map_err(|_| ());
-                    }
-                }
-            }
-        }
-        "unsubscribe" => {
-            shared.unsubscribes.fetch_add(1, Ordering::Relaxed);
-            if let Some(at) = subscriptions
-                .iter()
-                .position(|s| s.identifier == command.identifier)
-            {
-                if subscriptions.remove(at).streams {
-                    shared.streaming.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        }
-        "message"
-            if command
-                .data
-                .as_deref()
-                .is_some_and(|d| d.contains("update_presence")) =>
-        {
-            shared.presence_updates.fetch_add(1, Ordering::Relaxed);
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// Width of the space-padded numbers in a blast frame (JSON allows whitespace before a value).
-const SEQ_WIDTH: usize = 12;
-const SENT_AT_WIDTH: usize = 17;
-const CONVERSATION_WIDTH: usize = 8;
-
-/// One WebSocket text frame (server to client: unmasked), header included.
-fn ws_text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= u16::MAX as usize => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Writes `value` right-aligned in `field`, spaces in front.
-fn patch_number(field: &mut [u8], mut value: u64) {
-    let mut i = field.len();
-    loop {
-        i -= 1;
-        field[i] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 || i == 0 {
-            break;
-        }
-    }
-    field[..i].fill(b' ');
-}
-
-/// A pre-encoded `message.created` frame and where its numbers are.
-struct BlastTemplate {
-    frame: Vec<u8>,
-    seq_at: usize,
-    sent_at_at: usize,
-    conversation_at: usize,
-}
-
-impl BlastTemplate {
-    fn new(identifier: &str) -> BlastTemplate {
-        let (_, rest) = templates()
-            .iter()
-            .find(|(name, _)| name == "message.created")
-            .expect("the message.created fixture exists");
-        let pad = |w: usize| " ".repeat(w);
-        let rest = rest.replacen(
-            r#""conversation_id":87"#,
-            &format!(r#""conversation_id":{}"#, pad(CONVERSATION_WIDTH)),
-            1,
-        );
-        let identifier = serde_json::to_string(identifier).expect("a string serializes");
-        let data = format!(
-            r#"{{"mock_seq":{},"mock_sent_at_us":{},{rest}"#,
-            pad(SEQ_WIDTH),
-            pad(SENT_AT_WIDTH)
-        );
-        let payload = format!(
-            r#"{{"identifier":{identifier},"message":{}}}"#,
-            encode_message("message.created", &data)
-        );
-        let frame = ws_text_frame(payload.as_bytes());
-        let find = |key: &str| {
-            let needle = format!(r#""{key}":"#);
-            frame
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .expect("the template has the key")
-                + needle.len()
-        };
-        BlastTemplate {
-            seq_at: find("mock_seq"),
-            sent_at_at: find("mock_sent_at_us"),
-            conversation_at: find("conversation_id"),
-            frame,
-        }
-    }
-
-    /// Appends the frame for one event.
-    fn write(&mut self, out: &mut Vec<u8>, seq: u64, sent_at_us: u64, conversation: u64) {
-        patch_number(&mut self.frame[self.seq_at..][..SEQ_WIDTH], seq);
-        patch_number(
-            &mut self.frame[self.sent_at_at..][..SENT_AT_WIDTH],
-            sent_at_us,
-        );
-        patch_number(
-            &mut self.frame[self.conversation_at..][..CONVERSATION_WIDTH],
-            conversation,
-        );
-        out.extend_from_slice(&self.frame);
-    }
-}
-
-/// Most frames written with one `write` in a blast.
-const BLAST_CHUNK: u64 = 32;
-
-/// Writes a connection's blast (see [`Blast`]), answering nothing meanwhile but keeping pings.
-async fn run_blast(
-    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
-    shared: &Shared,
-    blast: Blast,
-    identifier: &str,
-    ping: &mut tokio::time::Interval,
-    cancel: &CancellationToken,
-) -> Result<(), ()> {
-    use tokio::io::AsyncWriteExt;
-    while shared.streaming.load(Ordering::Relaxed) < shared.wait_for_subscriptions {
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(()),
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-        }
-    }
-    ws.flush().await.map_err(|_| ())?;
-    let mut template = BlastTemplate::new(identifier);
-    let conversations = blast.conversations.max(1);
-    let stream = ws.get_mut();
-    let mut buffer = Vec::with_capacity(template.frame.len() * BLAST_CHUNK as usize);
-    let start = tokio::time::Instant::now();
-    let mut sent = 0u64;
-    while sent < blast.count {
-        let due = match blast.rate {
-            None => blast.count,
-            Some(rate) => blast
-                .count
-                .min((start.elapsed().as_secs_f64() * rate) as u64 + 1),
-        };
-        if due <= sent {
-            let rate = blast.rate.expect("only a paced blast waits");
-            let next = start + Duration::from_secs_f64((sent as f64) / rate);
-            tokio::select! {
-                _ = cancel.cancelled() => return Err(()),
-                _ = ping.tick() => {
-                    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                    let frame = ws_text_frame(format!(r#"{{"type":"ping","message":{now}}}"#).as_bytes());
-                    stream.write_all(&frame).await.map_err(|_| ())?;
-                }
-                _ = tokio::time::sleep_until(next) => {}
-            }
-            continue;
-        }
-        let n = (due - sent).min(BLAST_CHUNK);
-        let first = shared.sequence.fetch_add(n, Ordering::Relaxed);
-        let sent_at_us = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        buffer.clear();
-        for seq in first..first + n {
-            template.write(&mut buffer, seq, sent_at_us, seq % conversations + 1);
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(()),
-            written = stream.write_all(&buffer) => written.map_err(|_| ())?,
-        }
-        sent += n;
-    }
-    Ok(())
 }

@@ -4,7 +4,12 @@
 //! [`StatusBoard`](crate::status::StatusBoard). It never gives up; only cancellation stops it.
 //! Every event it reads is handed to the pipeline before the next frame is read, so the socket's
 //! TCP window is the backpressure.
+//!
+//! One connection is a [`Session`]: the socket, where its subscription is, and its timers. It
+//! ends with a [`SessionEnd`] that says why, and the reason decides the pause before the next.
 
+use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,11 +17,12 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -27,47 +33,72 @@ use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::status::{TokenReporter, TokenState};
 
-/// Read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets must stay
-/// cheap, and tungstenite's 128 KiB default would cost over a gigabyte at 10,000 tokens.
+/// Bounds the read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets
+/// must stay cheap, and tungstenite's 128 KiB default would cost over a gigabyte at 10,000 tokens.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 
-/// Handshakes in progress at once, over all tokens. A handshake's buffers (request,
-/// response, TLS) are several KB; 10,000 tokens starting together held them all at once and
-/// the process kept that peak (about 90 MB of RSS) for good. Slots are released as soon as the
-/// WebSocket is open; a loopback handshake takes about a millisecond, a TLS one tens.
-pub const MAX_CONCURRENT_HANDSHAKES: usize = 64;
+/// Bounds the handshakes in progress at once, over all tokens. A handshake's buffers (request,
+/// response, TLS) are several KB, and a process keeps the peak of many at once for good; slots
+/// are released as soon as the WebSocket is open. A loopback handshake takes about a
+/// millisecond, a TLS one tens.
+pub(crate) const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 
-/// After a `disconnect` with `reconnect: true`, reconnect within this (jittered) delay.
+/// Bounds the delay of a reconnect after a `disconnect` with `reconnect: true` (jittered).
 const PROMPT_RECONNECT_CEILING: Duration = Duration::from_secs(1);
 
+/// A client WebSocket, plain or TLS.
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A frame as the socket yields it: `None` once the stream ends.
+type Incoming = Option<Result<Message, tungstenite::Error>>;
+
 /// The supervised loop of one token.
-pub struct TokenTask {
+pub(crate) struct TokenTask {
     /// What to connect to and as whom.
-    pub spec: Arc<TokenSpec>,
+    pub(crate) spec: Arc<TokenSpec>,
     /// Timeouts and limits shared by all tokens.
-    pub settings: Arc<CableSettings>,
+    pub(crate) settings: Arc<CableSettings>,
     /// Where decoded events go; the pipeline assigns ids and routes them.
-    pub events: mpsc::Sender<Event>,
+    pub(crate) events: mpsc::Sender<Event>,
     /// This token's cell on the status board.
-    pub status: TokenReporter,
+    pub(crate) status: TokenReporter,
     /// Stops the task: on shutdown, or when the token is removed or changed by a reload.
-    pub cancel: CancellationToken,
+    pub(crate) cancel: CancellationToken,
     /// Handshake slots shared by all tokens of one supervisor.
-    pub handshakes: Arc<tokio::sync::Semaphore>,
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
 }
 
-/// How a connection ended, which decides the delay before the next one.
+/// Why a connection ended, which decides the delay before the next one.
 #[derive(Debug)]
 enum SessionEnd {
+    /// The task was cancelled, or the pipeline is gone: no next connection.
     Cancelled,
     /// Transport failure, close, stale socket: reconnect with backoff.
     Lost(String),
-    /// The server asked us to come back now.
-    DisconnectReconnect(String),
-    /// The server asked us not to come back soon.
-    DisconnectNoReconnect(String),
+    /// The server sent `disconnect` with `reconnect: true`: come back promptly.
+    ServerAskedToReconnect(String),
+    /// The server sent `disconnect` with `reconnect: false`: wait long before coming back.
+    ServerAskedToWait(String),
+}
+
+/// How a connection went: why it ended and how long it had been subscribed by then.
+#[derive(Debug)]
+struct Ended {
+    /// Why it ended.
+    end: SessionEnd,
+    /// How long the subscription had been confirmed (zero if it never was); a long healthy
+    /// connection starts the backoff over.
+    healthy_for: Duration,
+}
+
+impl From<SessionEnd> for Ended {
+    /// A connection that ended before it was ever subscribed.
+    fn from(end: SessionEnd) -> Self {
+        Ended {
+            end,
+            healthy_for: Duration::ZERO,
+        }
+    }
 }
 
 /// Where the subscription is on the current socket.
@@ -75,11 +106,14 @@ enum SessionEnd {
 enum Subscription {
     /// No welcome yet; nothing sent.
     AwaitingWelcome,
-    /// `subscribe` sent; unconfirmed after the deadline.
+    /// `subscribe` sent, not confirmed yet.
     Pending {
+        /// When waiting for the confirm ends and the token counts as unconfirmed.
         deadline: Instant,
     },
+    /// Confirmed; events are expected.
     Confirmed {
+        /// When, to tell how long the connection was healthy.
         since: Instant,
     },
     /// Unconfirmed or rejected; subscribe again at this instant.
@@ -88,37 +122,24 @@ enum Subscription {
 
 impl TokenTask {
     /// Runs until cancelled.
-    pub async fn run(self) {
+    pub(crate) async fn run(self) {
         let identifier = protocol::identifier(&self.spec.pubsub_token, &self.spec.identity);
         let source: Arc<str> = Arc::from(self.spec.source());
         let mut backoff =
             Backoff::new(self.settings.reconnect.initial, self.settings.reconnect.max);
         loop {
             self.status.set(TokenState::Connecting);
-            let mut healthy_for = Duration::ZERO;
-            let end = self
-                .session(&identifier, &source, &mut backoff, &mut healthy_for)
-                .await;
-            let Some(delay) =
-                delay_after(&end, healthy_for, &self.settings.reconnect, &mut backoff)
-            else {
+            let ended = self.session(&identifier, &source, &mut backoff).await;
+            let Some(delay) = delay_after(
+                &ended.end,
+                ended.healthy_for,
+                &self.settings.reconnect,
+                &mut backoff,
+            ) else {
                 break;
             };
-            let reason = match end {
-                SessionEnd::Cancelled => break,
-                SessionEnd::Lost(reason) => {
-                    warn!(token = %self.spec.name, %reason, "connection lost; reconnecting with backoff");
-                    reason
-                }
-                SessionEnd::DisconnectReconnect(reason) => {
-                    info!(token = %self.spec.name, %reason, "server sent disconnect (reconnect: true); reconnecting now");
-                    reason
-                }
-                SessionEnd::DisconnectNoReconnect(reason) => {
-                    error!(token = %self.spec.name, %reason, delay = ?delay,
-                        "server sent disconnect (reconnect: false); waiting long before trying again");
-                    reason
-                }
+            let Some(reason) = self.announce(ended.end, delay) else {
+                break;
             };
             self.status.fail(TokenState::BackingOff, reason);
             debug!(token = %self.spec.name, delay = ?delay, "backing off");
@@ -130,184 +151,348 @@ impl TokenTask {
         self.status.set(TokenState::Stopped);
     }
 
-    /// One connection, from connect to its end. `healthy_for` tells how long it was subscribed.
-    async fn session(
-        &self,
-        identifier: &str,
-        source: &Arc<str>,
-        backoff: &mut Backoff,
-        healthy_for: &mut Duration,
-    ) -> SessionEnd {
+    /// Logs why the connection ended and returns the reason, or `None` when cancelled.
+    fn announce(&self, end: SessionEnd, delay: Duration) -> Option<String> {
         let name = &self.spec.name;
+        match end {
+            SessionEnd::Cancelled => None,
+            SessionEnd::Lost(reason) => {
+                warn!(token = %name, %reason, "connection lost; reconnecting with backoff");
+                Some(reason)
+            }
+            SessionEnd::ServerAskedToReconnect(reason) => {
+                info!(token = %name, %reason, "server sent disconnect (reconnect: true); reconnecting now");
+                Some(reason)
+            }
+            SessionEnd::ServerAskedToWait(reason) => {
+                error!(token = %name, %reason, delay = ?delay,
+                    "server sent disconnect (reconnect: false); waiting long before trying again");
+                Some(reason)
+            }
+        }
+    }
+
+    /// One connection, from connect to its end.
+    async fn session(&self, identifier: &str, source: &Arc<str>, backoff: &mut Backoff) -> Ended {
+        let ws = match self.open().await {
+            Ok(ws) => ws,
+            Err(end) => return end.into(),
+        };
+        self.status.connected();
+        debug!(token = %self.spec.name, url = %self.spec.url, "connected");
+        Session::new(self, identifier, source, backoff, ws)
+            .run()
+            .await
+    }
+
+    /// Takes a handshake slot and opens the socket within the connect timeout.
+    async fn open(&self) -> Result<Socket, SessionEnd> {
         // Waiting for a handshake slot does not count against connect_timeout.
-        let handshake = tokio::select! {
-            _ = self.cancel.cancelled() => return SessionEnd::Cancelled,
+        let _handshake = tokio::select! {
+            _ = self.cancel.cancelled() => return Err(SessionEnd::Cancelled),
             permit = self.handshakes.acquire() => permit.expect("the handshake semaphore is never closed"),
         };
-        let mut ws = tokio::select! {
-            _ = self.cancel.cancelled() => return SessionEnd::Cancelled,
-            connected = timeout(self.settings.connect_timeout, Box::pin(connect(&self.spec, &self.settings))) => match connected {
-                Err(_) => return SessionEnd::Lost(format!(
-                    "connect to {} timed out after {:?}", self.spec.url, self.settings.connect_timeout)),
-                Ok(Err(e)) => return SessionEnd::Lost(format!(
-                    "connect to {} failed: {}", self.spec.url, describe(&e))),
-                Ok(Ok(ws)) => ws,
+        let connect_timeout = self.settings.connect_timeout;
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(SessionEnd::Cancelled),
+            connected = timeout(connect_timeout, Box::pin(connect(&self.spec, &self.settings))) => match connected {
+                Err(_) => Err(SessionEnd::Lost(format!(
+                    "connect to {} timed out after {connect_timeout:?}", self.spec.url))),
+                Ok(Err(e)) => Err(SessionEnd::Lost(format!(
+                    "connect to {} failed: {}", self.spec.url, describe(&e)))),
+                Ok(Ok(ws)) => Ok(ws),
             },
-        };
-        drop(handshake);
-        self.status.connected();
-        debug!(token = %name, url = %self.spec.url, "connected");
+        }
+    }
+}
 
-        let stale_after = self.settings.stale_after;
-        let stale = sleep(stale_after);
-        tokio::pin!(stale);
-        let mut subscription = Subscription::AwaitingWelcome;
-        let mut next_presence = Instant::now();
+/// One open connection: the socket, where its subscription is, and its timers.
+struct Session<'a> {
+    /// The token this connection belongs to: its spec, settings, status and pipeline.
+    task: &'a TokenTask,
+    /// The subscription identifier, sent in commands and matched in frames.
+    identifier: &'a str,
+    /// `source` of the events read here.
+    source: &'a Arc<str>,
+    /// The token's backoff, which also spaces resubscribes after a reject or silence.
+    backoff: &'a mut Backoff,
+    /// The open socket.
+    ws: Socket,
+    /// Where the subscription is.
+    subscription: Subscription,
+    /// When the next `update_presence` is due, once confirmed (for tokens that send it).
+    next_presence: Instant,
+    /// Fires after `stale_after` without any frame; every frame pushes it back.
+    stale: Pin<Box<Sleep>>,
+}
 
+impl<'a> Session<'a> {
+    /// A session on a socket that just opened: nothing sent, no frame read.
+    fn new(
+        task: &'a TokenTask,
+        identifier: &'a str,
+        source: &'a Arc<str>,
+        backoff: &'a mut Backoff,
+        ws: Socket,
+    ) -> Self {
+        Session {
+            task,
+            identifier,
+            source,
+            backoff,
+            ws,
+            subscription: Subscription::AwaitingWelcome,
+            next_presence: Instant::now(),
+            stale: Box::pin(sleep(task.settings.stale_after)),
+        }
+    }
+
+    /// Reads frames and fires timers until the connection ends.
+    async fn run(mut self) -> Ended {
         let end = loop {
-            let timer = match subscription {
-                Subscription::Pending { deadline } => Some(deadline),
-                Subscription::RetryAt(at) => Some(at),
-                Subscription::Confirmed { .. } if self.spec.presence => Some(next_presence),
-                _ => None,
-            };
-            tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => {
-                    let _ = ws.close(None).await;
-                    break SessionEnd::Cancelled;
-                }
-                frame = ws.next() => {
-                    let text = match frame {
-                        None => break SessionEnd::Lost("server closed the connection".into()),
-                        Some(Err(e)) => break SessionEnd::Lost(describe(&e)),
-                        Some(Ok(Message::Text(text))) => text,
-                        Some(Ok(Message::Close(close))) => break SessionEnd::Lost(match close {
-                            Some(c) => format!("server closed the connection (code {})", u16::from(c.code)),
-                            None => "server closed the connection".into(),
-                        }),
-                        Some(Ok(Message::Binary(_))) => {
-                            self.status.malformed_frame();
-                            warn!(token = %name, "skipped a binary frame: ActionCable frames are text");
-                            stale.as_mut().reset(Instant::now() + stale_after);
-                            continue;
-                        }
-                        Some(Ok(_)) => {
-                            // WebSocket ping/pong: proof of life; tungstenite answers pings itself.
-                            stale.as_mut().reset(Instant::now() + stale_after);
-                            continue;
-                        }
-                    };
-                    let received_at = SystemTime::now();
-                    stale.as_mut().reset(Instant::now() + stale_after);
-                    match protocol::decode(text.as_str()) {
-                        Err(e) => {
-                            self.status.malformed_frame();
-                            warn!(token = %name, error = %e, bytes = text.len(), "skipped a malformed frame");
-                        }
-                        Ok(ServerFrame::Welcome) => {
-                            if let Subscription::AwaitingWelcome = subscription {
-                                if let Err(e) = ws.send(Message::text(protocol::subscribe(identifier))).await {
-                                    break SessionEnd::Lost(describe(&e));
-                                }
-                                self.status.set(TokenState::Pending);
-                                subscription = Subscription::Pending { deadline: Instant::now() + self.settings.confirm_timeout };
-                            }
-                        }
-                        Ok(ServerFrame::Ping) | Ok(ServerFrame::Other { .. }) => {}
-                        Ok(ServerFrame::Confirm { identifier: confirmed }) if confirmed == identifier => {
-                            // Only a pending subscribe can be confirmed. A confirm that arrives
-                            // after we gave up and sent `unsubscribe` is for a subscription the
-                            // server has dropped since: believing it would show `subscribed`
-                            // while no event can come.
-                            if let Subscription::Pending { .. } = subscription {
-                                info!(token = %name, "subscribed");
-                                self.status.set(TokenState::Subscribed);
-                                subscription = Subscription::Confirmed { since: Instant::now() };
-                                next_presence = Instant::now();
-                            } else {
-                                debug!(token = %name, "ignored a confirm that came after the subscription was given up");
-                            }
-                        }
-                        Ok(ServerFrame::Reject { identifier: rejected }) if rejected == identifier => {
-                            let delay = backoff.next_delay();
-                            error!(token = %name, retry_in = ?delay,
-                                "subscription rejected: check the token's pubsub_token, account_id and user_id");
-                            self.status.fail(TokenState::Rejected, "server rejected the subscription");
-                            subscription = Subscription::RetryAt(Instant::now() + delay);
-                        }
-                        Ok(ServerFrame::Confirm { .. }) | Ok(ServerFrame::Reject { .. }) => {
-                            debug!(token = %name, "ignored a confirm/reject for another identifier");
-                        }
-                        Ok(ServerFrame::Disconnect { reason, reconnect }) => {
-                            let reason = format!("server sent disconnect: {}", reason.as_deref().unwrap_or("no reason"));
-                            break if reconnect {
-                                SessionEnd::DisconnectReconnect(reason)
-                            } else {
-                                SessionEnd::DisconnectNoReconnect(reason)
-                            };
-                        }
-                        Ok(ServerFrame::Message { identifier: of, event, data }) => {
-                            if of != identifier {
-                                debug!(token = %name, "ignored a message for another identifier");
-                                continue;
-                            }
-                            // Data may arrive before the confirm (the server attaches the stream
-                            // first); it is accepted in every subscription state.
-                            // A slice of the frame's buffer, not a copy.
-                            let data = JsonText::in_frame(&Bytes::from(text.clone()), data.0);
-                            let event = Event::new(&event, data, self.spec.name.clone(), source.clone(), received_at);
-                            self.status.event();
-                            if self.events.send(event).await.is_err() {
-                                // The pipeline is gone: only happens when the process is ending.
-                                error!(token = %name, "pipeline closed; an event read from the socket could not be handed over");
-                                break SessionEnd::Cancelled;
-                            }
-                        }
-                    }
-                }
-                _ = &mut stale => {
-                    self.status.stale();
-                    break SessionEnd::Lost(format!("no frame for {stale_after:?} (the server pings every 3 s): socket is stale"));
-                }
-                _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
-                    match subscription {
-                        Subscription::Pending { .. } => {
-                            let delay = backoff.next_delay();
-                            error!(token = %name, timeout = ?self.settings.confirm_timeout, retry_in = ?delay,
-                                "subscription not confirmed: Chatwoot ignores a wrong or rotated pubsub_token, \
-                                 account_id or user_id in silence; check this token");
-                            self.status.fail(TokenState::Unconfirmed, format!(
-                                "no confirm_subscription within {:?}", self.settings.confirm_timeout));
-                            // The failed subscription stays registered on the server, which would
-                            // ignore a second subscribe: drop it first.
-                            if let Err(e) = ws.send(Message::text(protocol::unsubscribe(identifier))).await {
-                                break SessionEnd::Lost(describe(&e));
-                            }
-                            subscription = Subscription::RetryAt(Instant::now() + delay);
-                        }
-                        Subscription::RetryAt(_) => {
-                            if let Err(e) = ws.send(Message::text(protocol::subscribe(identifier))).await {
-                                break SessionEnd::Lost(describe(&e));
-                            }
-                            self.status.set(TokenState::Pending);
-                            subscription = Subscription::Pending { deadline: Instant::now() + self.settings.confirm_timeout };
-                        }
-                        Subscription::Confirmed { .. } => {
-                            if let Err(e) = ws.send(Message::text(protocol::update_presence(identifier))).await {
-                                break SessionEnd::Lost(describe(&e));
-                            }
-                            next_presence = Instant::now() + self.settings.presence_interval;
-                        }
-                        Subscription::AwaitingWelcome => {}
-                    }
-                }
+            if let ControlFlow::Break(end) = self.step().await {
+                break end;
             }
         };
-        if let Subscription::Confirmed { since } = subscription {
-            *healthy_for = since.elapsed();
+        let healthy_for = match self.subscription {
+            Subscription::Confirmed { since } => since.elapsed(),
+            _ => Duration::ZERO,
+        };
+        Ended { end, healthy_for }
+    }
+
+    /// Waits for the first of cancellation, a frame, silence, or the subscription's timer.
+    async fn step(&mut self) -> ControlFlow<SessionEnd> {
+        let timer = self.timer();
+        tokio::select! {
+            biased;
+            _ = self.task.cancel.cancelled() => {
+                let _ = self.ws.close(None).await;
+                ControlFlow::Break(SessionEnd::Cancelled)
+            }
+            frame = self.ws.next() => self.on_frame(frame).await,
+            _ = &mut self.stale => {
+                self.task.status.stale();
+                ControlFlow::Break(SessionEnd::Lost(format!(
+                    "no frame for {:?} (the server pings every 3 s): socket is stale",
+                    self.task.settings.stale_after
+                )))
+            }
+            _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                self.on_timer().await
+            }
         }
-        end
+    }
+
+    /// When the subscription next needs attention, if ever.
+    fn timer(&self) -> Option<Instant> {
+        match self.subscription {
+            Subscription::Pending { deadline } => Some(deadline),
+            Subscription::RetryAt(at) => Some(at),
+            Subscription::Confirmed { .. } if self.task.spec.presence => Some(self.next_presence),
+            _ => None,
+        }
+    }
+
+    /// Any frame is proof of life: silence is measured from the latest one.
+    fn alive(&mut self) {
+        let at = Instant::now() + self.task.settings.stale_after;
+        self.stale.as_mut().reset(at);
+    }
+
+    /// Handles whatever the socket yielded.
+    async fn on_frame(&mut self, frame: Incoming) -> ControlFlow<SessionEnd> {
+        let text = match frame {
+            None => return ControlFlow::Break(SessionEnd::Lost(closed(None))),
+            Some(Err(e)) => return ControlFlow::Break(SessionEnd::Lost(describe(&e))),
+            Some(Ok(Message::Close(close))) => {
+                return ControlFlow::Break(SessionEnd::Lost(closed(close)))
+            }
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => {
+                self.task.status.malformed_frame();
+                warn!(token = %self.task.spec.name, "skipped a binary frame: ActionCable frames are text");
+                self.alive();
+                return ControlFlow::Continue(());
+            }
+            Some(Ok(_)) => {
+                // WebSocket ping/pong: proof of life; tungstenite answers pings itself.
+                self.alive();
+                return ControlFlow::Continue(());
+            }
+        };
+        let received_at = SystemTime::now();
+        self.alive();
+        self.on_text(&text, received_at).await
+    }
+
+    /// Handles one ActionCable frame.
+    async fn on_text(
+        &mut self,
+        text: &Utf8Bytes,
+        received_at: SystemTime,
+    ) -> ControlFlow<SessionEnd> {
+        let name = &self.task.spec.name;
+        match protocol::decode(text.as_str()) {
+            Err(e) => {
+                self.task.status.malformed_frame();
+                warn!(token = %name, error = %e, bytes = text.len(), "skipped a malformed frame");
+            }
+            Ok(ServerFrame::Welcome) => return self.on_welcome().await,
+            Ok(ServerFrame::Ping) | Ok(ServerFrame::Other { .. }) => {}
+            Ok(ServerFrame::Confirm { identifier }) if identifier == self.identifier => {
+                self.on_confirm()
+            }
+            Ok(ServerFrame::Reject { identifier }) if identifier == self.identifier => {
+                self.on_reject()
+            }
+            Ok(ServerFrame::Confirm { .. }) | Ok(ServerFrame::Reject { .. }) => {
+                debug!(token = %name, "ignored a confirm/reject for another identifier");
+            }
+            Ok(ServerFrame::Disconnect { reason, reconnect }) => {
+                let reason = format!(
+                    "server sent disconnect: {}",
+                    reason.as_deref().unwrap_or("no reason")
+                );
+                return ControlFlow::Break(if reconnect {
+                    SessionEnd::ServerAskedToReconnect(reason)
+                } else {
+                    SessionEnd::ServerAskedToWait(reason)
+                });
+            }
+            Ok(ServerFrame::Message {
+                identifier,
+                event,
+                data,
+            }) => {
+                if identifier != self.identifier {
+                    debug!(token = %name, "ignored a message for another identifier");
+                    return ControlFlow::Continue(());
+                }
+                // Data may arrive before the confirm (the server attaches the stream first); it
+                // is accepted in every subscription state. A slice of the frame's buffer, not a
+                // copy.
+                let data = JsonText::in_frame(&Bytes::from(text.clone()), data.0);
+                let event = Event::new(
+                    &event,
+                    data,
+                    self.task.spec.name.clone(),
+                    self.source.clone(),
+                    received_at,
+                );
+                return self.hand_over(event).await;
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Passes an event to the pipeline, waiting while it is full.
+    async fn hand_over(&mut self, event: Event) -> ControlFlow<SessionEnd> {
+        self.task.status.event();
+        if self.task.events.send(event).await.is_err() {
+            // The pipeline is gone: only happens when the process is ending.
+            error!(token = %self.task.spec.name,
+                "pipeline closed; an event read from the socket could not be handed over");
+            return ControlFlow::Break(SessionEnd::Cancelled);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// The server greets once per socket: subscribe then.
+    async fn on_welcome(&mut self) -> ControlFlow<SessionEnd> {
+        if let Subscription::AwaitingWelcome = self.subscription {
+            return self.subscribe().await;
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Sends `subscribe` and starts waiting for its confirm.
+    async fn subscribe(&mut self) -> ControlFlow<SessionEnd> {
+        self.send(protocol::subscribe(self.identifier)).await?;
+        self.task.status.set(TokenState::Pending);
+        self.subscription = Subscription::Pending {
+            deadline: Instant::now() + self.task.settings.confirm_timeout,
+        };
+        ControlFlow::Continue(())
+    }
+
+    /// The server confirmed our subscription.
+    fn on_confirm(&mut self) {
+        // Only a pending subscribe can be confirmed. A confirm that arrives after we gave up and
+        // sent `unsubscribe` is for a subscription the server has dropped since: believing it
+        // would show `subscribed` while no event can come.
+        if let Subscription::Pending { .. } = self.subscription {
+            info!(token = %self.task.spec.name, "subscribed");
+            self.task.status.set(TokenState::Subscribed);
+            self.subscription = Subscription::Confirmed {
+                since: Instant::now(),
+            };
+            self.next_presence = Instant::now();
+        } else {
+            debug!(token = %self.task.spec.name,
+                "ignored a confirm that came after the subscription was given up");
+        }
+    }
+
+    /// The server refused our subscription: retry after a backoff.
+    fn on_reject(&mut self) {
+        let delay = self.backoff.next_delay();
+        error!(token = %self.task.spec.name, retry_in = ?delay,
+            "subscription rejected: check the token's pubsub_token, account_id and user_id");
+        self.task
+            .status
+            .fail(TokenState::Rejected, "server rejected the subscription");
+        self.subscription = Subscription::RetryAt(Instant::now() + delay);
+    }
+
+    /// The subscription's timer fired: give up waiting for a confirm, subscribe again, or keep
+    /// the agent present.
+    async fn on_timer(&mut self) -> ControlFlow<SessionEnd> {
+        match self.subscription {
+            Subscription::Pending { .. } => self.give_up_unconfirmed().await,
+            Subscription::RetryAt(_) => self.subscribe().await,
+            Subscription::Confirmed { .. } => {
+                self.send(protocol::update_presence(self.identifier))
+                    .await?;
+                self.next_presence = Instant::now() + self.task.settings.presence_interval;
+                ControlFlow::Continue(())
+            }
+            Subscription::AwaitingWelcome => ControlFlow::Continue(()),
+        }
+    }
+
+    /// No confirm came in time: report it, drop the subscription and retry after a backoff.
+    async fn give_up_unconfirmed(&mut self) -> ControlFlow<SessionEnd> {
+        let confirm_timeout = self.task.settings.confirm_timeout;
+        let delay = self.backoff.next_delay();
+        error!(token = %self.task.spec.name, timeout = ?confirm_timeout, retry_in = ?delay,
+            "subscription not confirmed: Chatwoot ignores a wrong or rotated pubsub_token, \
+             account_id or user_id in silence; check this token");
+        self.task.status.fail(
+            TokenState::Unconfirmed,
+            format!("no confirm_subscription within {confirm_timeout:?}"),
+        );
+        // The failed subscription stays registered on the server, which would ignore a second
+        // subscribe: drop it first.
+        self.send(protocol::unsubscribe(self.identifier)).await?;
+        self.subscription = Subscription::RetryAt(Instant::now() + delay);
+        ControlFlow::Continue(())
+    }
+
+    /// Sends a command; a failed send ends the connection.
+    async fn send(&mut self, command: String) -> ControlFlow<SessionEnd> {
+        match self.ws.send(Message::text(command)).await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => ControlFlow::Break(SessionEnd::Lost(describe(&e))),
+        }
+    }
+}
+
+/// Why the server closed the connection, with the close code when it sent one.
+fn closed(close: Option<CloseFrame>) -> String {
+    match close {
+        Some(c) => format!("server closed the connection (code {})", u16::from(c.code)),
+        None => "server closed the connection".into(),
     }
 }
 
@@ -326,9 +511,9 @@ fn delay_after(
     match end {
         SessionEnd::Cancelled => None,
         SessionEnd::Lost(_) => Some(backoff.next_delay()),
-        SessionEnd::DisconnectReconnect(_) => Some(full_jitter(PROMPT_RECONNECT_CEILING)),
+        SessionEnd::ServerAskedToReconnect(_) => Some(full_jitter(PROMPT_RECONNECT_CEILING)),
         // Half fixed, half jittered: long, but still spread.
-        SessionEnd::DisconnectNoReconnect(_) => {
+        SessionEnd::ServerAskedToWait(_) => {
             let delay = settings.after_disconnect_without_reconnect;
             Some(delay / 2 + full_jitter(delay / 2))
         }
@@ -367,6 +552,15 @@ async fn connect(spec: &TokenSpec, settings: &CableSettings) -> Result<Socket, t
     Ok(ws)
 }
 
+/// Where a probe is in its exchange with the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeStage {
+    /// Connected; no welcome yet, nothing sent.
+    AwaitingWelcome,
+    /// `subscribe` sent; waiting for its confirm.
+    AwaitingConfirm,
+}
+
 /// Checks a token once, for `check --connect`: handshake, welcome, subscribe, confirm.
 /// Returns how it went in words; never the token.
 pub async fn probe(spec: &TokenSpec, settings: &CableSettings) -> Result<(), String> {
@@ -381,51 +575,63 @@ pub async fn probe(spec: &TokenSpec, settings: &CableSettings) -> Result<(), Str
         Ok(Ok(ws)) => ws,
     };
     let identifier = protocol::identifier(&spec.pubsub_token, &spec.identity);
-    let mut deadline = Instant::now() + settings.connect_timeout;
-    let mut subscribed = false;
-    let outcome = loop {
-        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) if subscribed => break Err(format!(
-                "no confirm_subscription within {:?}: Chatwoot ignores a wrong or rotated pubsub_token, account_id or user_id in silence",
-                settings.confirm_timeout
-            )),
-            Err(_) => break Err("the server sent no welcome".to_string()),
-            Ok(None) => break Err("server closed the connection".into()),
-            Ok(Some(Err(e))) => break Err(describe(&e)),
-            Ok(Some(Ok(Message::Text(text)))) => text,
-            Ok(Some(Ok(_))) => continue,
-        };
-        match protocol::decode(frame.as_str()) {
-            Ok(ServerFrame::Welcome) if !subscribed => {
-                if let Err(e) = ws
-                    .send(Message::text(protocol::subscribe(&identifier)))
-                    .await
-                {
-                    break Err(describe(&e));
-                }
-                subscribed = true;
-                deadline = Instant::now() + settings.confirm_timeout;
-            }
-            Ok(ServerFrame::Confirm { identifier: of }) if of == identifier => break Ok(()),
-            Ok(ServerFrame::Reject { identifier: of }) if of == identifier => {
-                break Err("server rejected the subscription".into())
-            }
-            Ok(ServerFrame::Disconnect { reason, .. }) => {
-                break Err(format!(
-                    "server sent disconnect: {}",
-                    reason.as_deref().unwrap_or("no reason")
-                ))
-            }
-            _ => {}
-        }
-    };
-    if subscribed {
+    let mut stage = ProbeStage::AwaitingWelcome;
+    let outcome = probe_exchange(&mut ws, &identifier, settings, &mut stage).await;
+    if stage == ProbeStage::AwaitingConfirm {
         let _ = ws
             .send(Message::text(protocol::unsubscribe(&identifier)))
             .await;
     }
     let _ = ws.close(None).await;
     outcome
+}
+
+/// Reads frames until the subscription is confirmed, refused, or times out; `stage` tells the
+/// caller whether a subscription must be dropped afterwards.
+async fn probe_exchange(
+    ws: &mut Socket,
+    identifier: &str,
+    settings: &CableSettings,
+    stage: &mut ProbeStage,
+) -> Result<(), String> {
+    let mut deadline = Instant::now() + settings.connect_timeout;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => {
+                return Err(match stage {
+                    ProbeStage::AwaitingConfirm => format!(
+                        "no confirm_subscription within {:?}: Chatwoot ignores a wrong or rotated pubsub_token, account_id or user_id in silence",
+                        settings.confirm_timeout
+                    ),
+                    ProbeStage::AwaitingWelcome => "the server sent no welcome".to_string(),
+                })
+            }
+            Ok(None) => return Err("server closed the connection".into()),
+            Ok(Some(Err(e))) => return Err(describe(&e)),
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(_))) => continue,
+        };
+        match protocol::decode(frame.as_str()) {
+            Ok(ServerFrame::Welcome) if *stage == ProbeStage::AwaitingWelcome => {
+                ws.send(Message::text(protocol::subscribe(identifier)))
+                    .await
+                    .map_err(|e| describe(&e))?;
+                *stage = ProbeStage::AwaitingConfirm;
+                deadline = Instant::now() + settings.confirm_timeout;
+            }
+            Ok(ServerFrame::Confirm { identifier: of }) if of == identifier => return Ok(()),
+            Ok(ServerFrame::Reject { identifier: of }) if of == identifier => {
+                return Err("server rejected the subscription".into())
+            }
+            Ok(ServerFrame::Disconnect { reason, .. }) => {
+                return Err(format!(
+                    "server sent disconnect: {}",
+                    reason.as_deref().unwrap_or("no reason")
+                ))
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A transport error in words an operator can act on. Never includes frame content.
@@ -485,7 +691,7 @@ mod tests {
         let mut backoff = Backoff::new(s.initial, s.max);
         for _ in 0..100 {
             let now = delay_after(
-                &SessionEnd::DisconnectReconnect(String::new()),
+                &SessionEnd::ServerAskedToReconnect(String::new()),
                 Duration::ZERO,
                 &s,
                 &mut backoff,
@@ -493,7 +699,7 @@ mod tests {
             .unwrap();
             assert!(now <= PROMPT_RECONNECT_CEILING);
             let long = delay_after(
-                &SessionEnd::DisconnectNoReconnect(String::new()),
+                &SessionEnd::ServerAskedToWait(String::new()),
                 Duration::ZERO,
                 &s,
                 &mut backoff,

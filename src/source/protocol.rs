@@ -18,26 +18,39 @@ pub const SUBPROTOCOL: &str = "actioncable-v1-json";
 /// A frame from the server, borrowing from the text it was read from.
 #[derive(Debug, PartialEq)]
 pub enum ServerFrame<'a> {
+    /// The greeting, once per connection: subscribe after it.
     Welcome,
+    /// The heartbeat, every 3 s.
     Ping,
+    /// `confirm_subscription`: the subscription is registered.
     Confirm {
+        /// The subscription it confirms.
         identifier: Cow<'a, str>,
     },
+    /// `reject_subscription`: the server refused the subscription.
     Reject {
+        /// The subscription it refuses.
         identifier: Cow<'a, str>,
     },
+    /// The server is closing the connection.
     Disconnect {
+        /// Why, in the server's words (`server_restart`, `unauthorized`, ...).
         reason: Option<Cow<'a, str>>,
+        /// Whether the server invites the client back at once (absent means yes).
         reconnect: bool,
     },
     /// A broadcast on a subscription. `data` is the raw JSON object.
     Message {
+        /// The subscription it was broadcast on.
         identifier: Cow<'a, str>,
+        /// Chatwoot's event name (`message.created`, ...).
         event: Cow<'a, str>,
+        /// The event's payload, as the server wrote it.
         data: Data<'a>,
     },
     /// A well-formed frame of a type this client does not act on.
     Other {
+        /// Its `type`.
         kind: Cow<'a, str>,
     },
 }
@@ -62,29 +75,38 @@ impl std::ops::Deref for Data<'_> {
 /// Why a frame could not be decoded. Carries no frame content: frames hold tokens.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
+    /// Not JSON, or not an object; the parser's class and position only.
     #[error("frame is not a JSON object: {0}")]
     NotJson(String),
+    /// A frame that needs an `identifier` has none.
     #[error("message frame has no `identifier`")]
     NoIdentifier,
+    /// `message` is not an object with a string `event` and an object `data`.
     #[error(
         "message frame's `message` is not an object with a string `event` and an object `data`"
     )]
     BadMessage,
+    /// Neither `type` nor `message`: not an ActionCable frame.
     #[error("frame has neither `type` nor `message`")]
     Unrecognized,
 }
 
+/// Every field any server frame has, as read off the wire.
 #[derive(Deserialize)]
 struct RawFrame<'a> {
+    /// `type`: welcome, ping, confirm/reject_subscription, disconnect; absent on broadcasts.
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
+    /// The subscription a confirm, reject or broadcast is about.
     #[serde(borrow, default)]
     identifier: Option<Cow<'a, str>>,
-    /// Read in the same pass as the frame: a second parse of `message` re-scanned all of `data`.
+    /// A broadcast's body, read in the same pass as the frame so `data` is scanned once.
     #[serde(borrow, default)]
     message: Option<RawMessage<'a>>,
+    /// A disconnect's reason.
     #[serde(borrow, default)]
     reason: Option<Cow<'a, str>>,
+    /// A disconnect's invitation to come back.
     #[serde(default)]
     reconnect: Option<bool>,
 }
@@ -93,10 +115,14 @@ struct RawFrame<'a> {
 /// `Bad` instead of failing the frame, so that a frame that is JSON with a bad `message` stays a
 /// different error from a frame that is not JSON.
 enum RawMessage<'a> {
+    /// An object with a string `event` and a `data`.
     Good {
+        /// The event name.
         event: Cow<'a, str>,
+        /// The payload, unparsed.
         data: &'a RawValue,
     },
+    /// Any other shape.
     Bad,
 }
 
@@ -299,7 +325,9 @@ pub fn decode(text: &str) -> Result<ServerFrame<'_>, FrameError> {
     }
 }
 
+/// An error message that never quotes the input (frames hold tokens).
 trait ClassifyMessage {
+    /// The error's class and position.
     fn classify_message(&self) -> String;
 }
 
@@ -318,7 +346,7 @@ impl ClassifyMessage for serde_json::Error {
 
 /// The subscription identifier, as Chatwoot's own clients write it. The server echoes this exact
 /// string in every frame of the subscription.
-pub fn identifier(token: &Secret, identity: &Identity) -> String {
+pub(crate) fn identifier(token: &Secret, identity: &Identity) -> String {
     let token = serde_json::to_string(token.expose()).expect("a string serializes");
     match identity {
         Identity::Agent {
@@ -331,20 +359,23 @@ pub fn identifier(token: &Secret, identity: &Identity) -> String {
     }
 }
 
+/// A command frame without data.
 fn command(command: &str, identifier: &str) -> String {
     serde_json::json!({ "command": command, "identifier": identifier }).to_string()
 }
 
-pub fn subscribe(identifier: &str) -> String {
+/// The `subscribe` command for a subscription.
+pub(crate) fn subscribe(identifier: &str) -> String {
     command("subscribe", identifier)
 }
 
-pub fn unsubscribe(identifier: &str) -> String {
+/// The `unsubscribe` command, which drops a subscription on the server.
+pub(crate) fn unsubscribe(identifier: &str) -> String {
     command("unsubscribe", identifier)
 }
 
 /// Keeps an agent shown online. `data` is a JSON string inside the JSON frame.
-pub fn update_presence(identifier: &str) -> String {
+pub(crate) fn update_presence(identifier: &str) -> String {
     serde_json::json!({
         "command": "message",
         "identifier": identifier,

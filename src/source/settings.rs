@@ -66,7 +66,12 @@ impl Default for ReconnectSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     /// An agent or administrator token: events of the inboxes and account it can see.
-    Agent { account_id: u64, user_id: u64 },
+    Agent {
+        /// The Chatwoot account whose events it receives.
+        account_id: u64,
+        /// The agent's user id; Chatwoot ignores the subscription in silence if it is wrong.
+        user_id: u64,
+    },
     /// A contact (widget visitor) token: events of that contact's conversations.
     Contact,
 }
@@ -84,6 +89,7 @@ pub struct TokenSpec {
     pub headers: Vec<(String, Secret)>,
     /// The bearer token of the subscription.
     pub pubsub_token: Secret,
+    /// Whose token it is, which decides the subscription identifier.
     pub identity: Identity,
     /// Whether to send `update_presence`, which shows the agent online.
     pub presence: bool,

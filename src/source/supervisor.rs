@@ -28,6 +28,7 @@ pub struct Supervisor {
     settings: Arc<CableSettings>,
     /// Into the pipeline; each task holds a clone.
     events: mpsc::Sender<Event>,
+    /// Where every token's state is reported.
     status: StatusBoard,
     /// Tracks every token task so shutdown can wait for them.
     tracker: TaskTracker,
@@ -39,6 +40,7 @@ pub struct Supervisor {
     handshakes: Arc<Semaphore>,
 }
 
+/// One token whose task runs.
 struct Running {
     /// The spec the task was started with, to tell whether a reload changed it.
     spec: Arc<TokenSpec>,
@@ -49,12 +51,17 @@ struct Running {
 /// What [`Supervisor::apply`] did, by token name.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
+    /// Tokens that were not running and now are.
     pub started: Vec<String>,
+    /// Tokens that are no longer configured; their sockets are closed.
     pub stopped: Vec<String>,
+    /// Tokens whose spec changed; their sockets were closed and opened again.
     pub restarted: Vec<String>,
 }
 
 impl Supervisor {
+    /// A supervisor with no token running yet; [`Supervisor::apply`] starts them. Cancelling
+    /// `cancel` stops every token.
     pub fn new(
         settings: Arc<CableSettings>,
         events: mpsc::Sender<Event>,
@@ -114,12 +121,14 @@ impl Supervisor {
         self.tracker.wait().await;
     }
 
+    /// Cancels one token's task; its end is awaited only at shutdown.
     fn stop(&mut self, name: &str) {
         if let Some(running) = self.running.remove(name) {
             running.cancel.cancel();
         }
     }
 
+    /// Starts one token's task, restarting it after a panic until it is cancelled.
     fn start(&mut self, spec: TokenSpec) {
         let spec = Arc::new(spec);
         let cancel = self.cancel.child_token();

@@ -1,0 +1,405 @@
+//! One client connection: handshake, welcome, pings, commands, and what the handle pushes.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::time::{interval, Interval, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::blast::run_blast;
+use super::events::ping_frame;
+use super::{Answer, Closed, Push, Shared};
+use crate::source::protocol::SUBPROTOCOL;
+
+/// A server-side WebSocket.
+type Socket = WebSocketStream<TcpStream>;
+
+/// Accepts connections until cancelled; each gets its own task.
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    ping_interval: Duration,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "mock server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Subscribe before the handshake so no push sent after accept is missed.
+        let pushes = shared.pushes.subscribe();
+        tasks.spawn(serve(
+            stream,
+            shared.clone(),
+            pushes,
+            ping_interval,
+            cancel.clone(),
+        ));
+    }
+}
+
+/// One subscription on one connection.
+struct Subscribed {
+    /// The identifier the client subscribed with, echoed in every frame of the subscription.
+    identifier: String,
+    /// The pubsub token inside the identifier, for pushes to one token only.
+    pubsub_token: String,
+    /// Whether events are sent to it (every answer but silence).
+    streams: bool,
+}
+
+/// Whether this connection has written its blast yet (in high-rate mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlastProgress {
+    /// Waiting for the connection's first streaming subscription.
+    NotYet,
+    /// Written; the connection behaves as usual since.
+    Done,
+}
+
+/// One accepted WebSocket and what the server knows of it.
+struct Connection {
+    /// The socket.
+    ws: Socket,
+    /// The server's state and counters.
+    shared: Arc<Shared>,
+    /// What the handle sends to every connection.
+    pushes: broadcast::Receiver<Push>,
+    /// This connection's subscriptions, in the order they were made.
+    subscriptions: Vec<Subscribed>,
+    /// Whether the blast (if configured) has been written.
+    blast: BlastProgress,
+    /// The heartbeat.
+    ping: Interval,
+    /// Stops the server.
+    cancel: CancellationToken,
+}
+
+/// Serves one connection until it ends or the server stops.
+async fn serve(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    pushes: broadcast::Receiver<Push>,
+    ping_interval: Duration,
+    cancel: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(ws) = handshake(stream, &shared).await else {
+        return;
+    };
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    shared.open_connections.fetch_add(1, Ordering::Relaxed);
+    let mut ping = interval(ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut connection = Connection {
+        ws,
+        shared,
+        pushes,
+        subscriptions: Vec::new(),
+        blast: BlastProgress::NotYet,
+        ping,
+        cancel,
+    };
+    connection.run().await;
+    connection.close();
+}
+
+/// Accepts the WebSocket handshake, answering the ActionCable subprotocol when offered, and
+/// records the `Origin` header.
+async fn handshake(stream: TcpStream, shared: &Shared) -> Option<Socket> {
+    let origin = Arc::new(Mutex::new(None));
+    let seen_origin = origin.clone();
+    // The handshake callback's error type is tungstenite's, which is large; it never fails here.
+    #[allow(clippy::result_large_err)]
+    let callback = move |request: &Request, mut response: Response| {
+        *seen_origin.lock().expect("origin lock") = request
+            .headers()
+            .get("origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let offered = request
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if offered.split(',').any(|p| p.trim() == SUBPROTOCOL) {
+            response.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(SUBPROTOCOL),
+            );
+        }
+        Ok(response)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async(stream, callback)
+        .await
+        .ok()?;
+    *shared.last_origin.lock().expect("origin lock") = origin.lock().expect("origin lock").take();
+    Some(ws)
+}
+
+impl Connection {
+    /// Greets, then serves until the connection ends or the server stops.
+    async fn run(&mut self) {
+        if self
+            .ws
+            .send(Message::text(r#"{"type":"welcome"}"#))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while self.step().await.is_continue() {}
+    }
+
+    /// Waits for the first of: the server stopping, a heartbeat, a push, a client frame.
+    async fn step(&mut self) -> ControlFlow<()> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => ControlFlow::Break(()),
+            _ = self.ping.tick() => self.heartbeat().await,
+            push = self.pushes.recv() => match push {
+                Ok(push) => self.on_push(push).await,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(missed = n, "mock server: a connection lagged behind the broadcasts");
+                    ControlFlow::Continue(())
+                }
+                Err(broadcast::error::RecvError::Closed) => ControlFlow::Break(()),
+            },
+            incoming = self.ws.next() => self.on_incoming(incoming).await,
+        }
+    }
+
+    /// Sends a ping unless pings are switched off.
+    async fn heartbeat(&mut self) -> ControlFlow<()> {
+        if !self.shared.pings.load(Ordering::Relaxed) {
+            return ControlFlow::Continue(());
+        }
+        go_on_if_sent(self.ws.send(Message::text(ping_frame())).await)
+    }
+
+    /// Does what the handle asked of every connection.
+    async fn on_push(&mut self, push: Push) -> ControlFlow<()> {
+        match push {
+            Push::Event { only, message } => {
+                go_on_if_sent(self.send_event(only.as_deref(), &message).await)
+            }
+            Push::Raw(frame) => go_on_if_sent(self.ws.send(Message::text(frame.to_string())).await),
+            Push::Drop => ControlFlow::Break(()),
+            Push::Disconnect { reconnect } => {
+                let frame = format!(
+                    r#"{{"type":"disconnect","reason":"server_restart","reconnect":{reconnect}}}"#
+                );
+                let _ = self.ws.send(Message::text(frame)).await;
+                let _ = self.ws.close(None).await;
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// Sends an event to every streaming subscription (of token `only`, if given).
+    async fn send_event(&mut self, only: Option<&str>, message: &str) -> Result<(), Closed> {
+        for sub in self.subscriptions.iter().filter(|s| s.streams) {
+            if only.is_some_and(|t| t != sub.pubsub_token) {
+                continue;
+            }
+            let identifier = serde_json::to_string(&sub.identifier).expect("a string serializes");
+            let frame = format!(r#"{{"identifier":{identifier},"message":{message}}}"#);
+            self.ws
+                .feed(Message::text(frame))
+                .await
+                .map_err(|_| Closed)?;
+        }
+        self.ws.flush().await.map_err(|_| Closed)
+    }
+
+    /// Answers a client frame, then starts the blast once a subscription streams.
+    async fn on_incoming(
+        &mut self,
+        incoming: Option<Result<Message, tungstenite::Error>>,
+    ) -> ControlFlow<()> {
+        let text = match incoming {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return ControlFlow::Break(()),
+            Some(Ok(_)) => return ControlFlow::Continue(()),
+        };
+        if handle_command(
+            &self.shared,
+            text.as_str(),
+            &mut self.subscriptions,
+            &mut self.ws,
+        )
+        .await
+        .is_err()
+        {
+            return ControlFlow::Break(());
+        }
+        go_on_if_sent(self.blast_once().await)
+    }
+
+    /// In high-rate mode, writes the blast on the first streaming subscription, once.
+    async fn blast_once(&mut self) -> Result<(), Closed> {
+        let Some(blast) = self.shared.blast else {
+            return Ok(());
+        };
+        if self.blast == BlastProgress::Done {
+            return Ok(());
+        }
+        let Some(sub) = self.subscriptions.iter().find(|s| s.streams) else {
+            return Ok(());
+        };
+        self.blast = BlastProgress::Done;
+        let identifier = sub.identifier.clone();
+        run_blast(
+            &mut self.ws,
+            &self.shared,
+            blast,
+            &identifier,
+            &mut self.ping,
+            &self.cancel,
+        )
+        .await
+    }
+
+    /// Takes the connection's subscriptions off the counters. Dropping the socket afterwards
+    /// drops TCP: no close frame, like a Chatwoot deploy.
+    fn close(self) {
+        let streaming = self.subscriptions.iter().filter(|s| s.streams).count();
+        self.shared
+            .streaming
+            .fetch_sub(streaming, Ordering::Relaxed);
+        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Goes on after a successful write; a failed one ends the connection.
+fn go_on_if_sent<E>(written: Result<(), E>) -> ControlFlow<()> {
+    match written {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
+    }
+}
+
+/// A command from the client, as ActionCable clients send it.
+#[derive(serde::Deserialize)]
+struct Command {
+    /// `subscribe`, `unsubscribe` or `message`.
+    command: String,
+    /// The subscription it is about.
+    identifier: String,
+    /// For `message`: a JSON string with the action.
+    data: Option<String>,
+}
+
+/// Acts on one client frame and counts it.
+async fn handle_command<S>(
+    shared: &Shared,
+    text: &str,
+    subscriptions: &mut Vec<Subscribed>,
+    ws: &mut S,
+) -> Result<(), Closed>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let Ok(command) = serde_json::from_str::<Command>(text) else {
+        debug!("mock server: ignored a frame that is not a command");
+        return Ok(());
+    };
+    match command.command.as_str() {
+        "subscribe" => {
+            shared.subscribes.fetch_add(1, Ordering::Relaxed);
+            return subscribe(shared, command.identifier, subscriptions, ws).await;
+        }
+        "unsubscribe" => {
+            shared.unsubscribes.fetch_add(1, Ordering::Relaxed);
+            if let Some(at) = subscriptions
+                .iter()
+                .position(|s| s.identifier == command.identifier)
+            {
+                if subscriptions.remove(at).streams {
+                    shared.streaming.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        "message"
+            if command
+                .data
+                .as_deref()
+                .is_some_and(|d| d.contains("update_presence")) =>
+        {
+            shared.presence_updates.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Answers a `subscribe` the way the token is configured to be answered.
+async fn subscribe<S>(
+    shared: &Shared,
+    identifier: String,
+    subscriptions: &mut Vec<Subscribed>,
+    ws: &mut S,
+) -> Result<(), Closed>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    // Chatwoot ignores a subscribe for an identifier that is already registered, including one
+    // that failed silently.
+    if subscriptions.iter().any(|s| s.identifier == identifier) {
+        return Ok(());
+    }
+    let pubsub_token = serde_json::from_str::<serde_json::Value>(&identifier)
+        .ok()
+        .and_then(|v| v["pubsub_token"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let answer = shared
+        .answers
+        .lock()
+        .expect("answers lock")
+        .get(&pubsub_token)
+        .copied()
+        .unwrap_or(shared.unknown_answer);
+    let quoted = serde_json::to_string(&identifier).expect("a string serializes");
+    let reply = match answer {
+        Answer::Reject => Some("reject_subscription"),
+        Answer::Confirm => Some("confirm_subscription"),
+        Answer::Silent | Answer::StreamUnconfirmed | Answer::ConfirmAfter(_) => None,
+    };
+    if answer != Answer::Reject {
+        let streams = answer != Answer::Silent;
+        if streams {
+            shared.streaming.fetch_add(1, Ordering::Relaxed);
+        }
+        subscriptions.push(Subscribed {
+            identifier,
+            pubsub_token,
+            streams,
+        });
+    }
+    match reply {
+        Some(kind) => {
+            let frame = format!(r#"{{"identifier":{quoted},"type":"{kind}"}}"#);
+            ws.send(Message::text(frame)).await.map_err(|_| Closed)
+        }
+        None => Ok(()),
+    }
+}
