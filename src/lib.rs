@@ -5,31 +5,36 @@
 //! appended to the spool, and is delivered from there to every sink its routes chose.
 //!
 //! # Layout
-//! One folder per stage, in the order data flows:
+//! One folder per stage, in the order data flows; each stage owns its settings, so a folder
+//! imports only from the stages after it (and [`types`]), never back:
 //!
 //! ```text
-//! source ──Event──▶ delivery::ingest ──(route)──▶ spool ──▶ delivery (one loop per sink) ──▶ sink
+//! source ──Event──▶ delivery::ingest ──route──▶ spool ──▶ delivery (a loop per sink) ──▶ sink
 //! ```
 //! - [`source`]: Chatwoot's cable: frames ([`source::protocol`]), one token's socket
 //!   ([`source::cable`]), one task per token ([`source::supervisor`]), their settings.
-//! - [`event`]: the envelope, its ids ([`event::id`]), the keys scanned out of `data`, the
-//!   CloudEvents form and the spool record codec.
-//! - [`route`]: the compiled route table, with [`route::template`] (topics, subjects, URLs),
-//!   [`route::jsonpath`] (conditions on `data`) and [`route::redact`] (what a sink may not see).
+//! - [`event`]: the envelope ([`event::Event`]), its ids ([`event::id`]), the keys scanned out of
+//!   `data`, its CloudEvents attributes, the spool record codec.
+//! - [`route`]: the compiled route table (event globs, tokens, accounts, conditions on `data`),
+//!   the templates of topics, subjects and URLs, and [`route::redact`] (what a sink may not see).
 //! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
-//! - [`delivery`]: the ingest (ids, routes, append), one loop per sink (deliver in order, retry,
-//!   commit), its retry settings and the dead letters.
-//! - [`sink`]: the sink contract and the sinks: `file`/`stdout`, Kafka, NATS, HTTP webhooks, each
-//!   with its config beside it.
+//! - [`delivery`]: [`delivery::ingest`] (ids, routes, append), then one loop per sink: read,
+//!   hand over with acks outstanding, settle retries, dead-letter ([`delivery::dead_letter`]),
+//!   commit.
+//! - [`sink`]: the sink contract and the sinks: `file`/`stdout`, [`sink::kafka`], [`sink::nats`],
+//!   [`sink::http`]; each folder holds its config, its validation and its transport.
 //!
-//! Beside the data path:
-//! - [`config`]: the YAML file, `${VAR}` expansion, validation into each stage's settings.
+//! Around the data path:
+//! - [`config`]: the YAML file, `${VAR}` expansion, validation into each stage's settings; it
+//!   sits above the stages because it builds their settings.
 //! - [`types`]: the config vocabulary every stage shares (secrets, durations, problems); a leaf.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
 //! - [`backoff`]: exponential delays with full jitter, shared by reconnects and sink retries.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
 //!   [`mock::fixtures`], for tests, demos and benchmarks.
-//! - [`bridge`]: the wiring: [`Bridge::start`], [`Bridge::shutdown`], [`run`].
+//! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
+//!   starts the ingest and the sockets; [`Bridge::shutdown`] stops them in reverse; [`run`] is
+//!   both around an injected shutdown future.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`Bridge`] and [`mock::MockServer`].
 

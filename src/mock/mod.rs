@@ -7,8 +7,8 @@
 //! from outside: drop every connection abruptly, send `disconnect` frames, go silent, inject raw
 //! frames.
 //!
-//! [`MockServer`] is the handle; [`connection`] serves one client, [`events`] makes the generated
-//! events, and [`blast`] writes pre-encoded frames in high-rate mode.
+//! [`MockServer`] is the handle; `connection` serves one client, `events` makes the generated
+//! events, and `blast` writes pre-encoded frames in high-rate mode.
 
 mod blast;
 mod connection;

@@ -1,12 +1,12 @@
 //! One token's socket: connect, subscribe, read events, notice silence, reconnect. Forever.
 //!
-//! A [`TokenTask`] owns one WebSocket at a time and reports every state change to the
+//! A `TokenTask` owns one WebSocket at a time and reports every state change to the
 //! [`StatusBoard`](crate::status::StatusBoard). It never gives up; only cancellation stops it.
 //! Every event it reads is handed to the pipeline before the next frame is read, so the socket's
 //! TCP window is the backpressure.
 //!
-//! One connection is a [`Session`]: the socket, where its subscription is, and its timers. It
-//! ends with a [`SessionEnd`] that says why, and the reason decides the pause before the next.
+//! One connection is a `Session`: the socket, where its subscription is, and its timers. It
+//! ends with a `SessionEnd` that says why, and the reason decides the pause before the next.
 
 use std::ops::ControlFlow;
 use std::pin::Pin;

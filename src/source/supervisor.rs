@@ -1,4 +1,4 @@
-//! Keeps one [`TokenTask`] running per configured token.
+//! Keeps one `TokenTask` running per configured token.
 //!
 //! The token set can change while running ([`Supervisor::apply`]): new tokens start, removed ones
 //! stop, changed ones restart, and the others are not touched. A panic in one token's task is
