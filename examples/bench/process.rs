@@ -158,14 +158,17 @@ pub(crate) fn me() -> Result<PathBuf> {
     Ok(std::env::current_exe()?)
 }
 
-/// The real daemon, built beside this example (`target/release/chatwoot-bridge`).
+/// The daemon measured: `BENCH_BRIDGE` if set (another build, for an A/B with the same harness),
+/// else the release binary built beside this example (`target/release/chatwoot-bridge`).
 pub(crate) fn bridge_binary() -> Result<PathBuf> {
-    let exe = me()?;
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("chatwoot-bridge"))
-        .ok_or_else(|| anyhow!("no target dir"))?;
+    let bin = match std::env::var_os("BENCH_BRIDGE") {
+        Some(path) => PathBuf::from(path),
+        None => me()?
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("chatwoot-bridge"))
+            .ok_or_else(|| anyhow!("no target dir"))?,
+    };
     if !bin.is_file() {
         bail!(
             "{} is missing: cargo build --release --bin chatwoot-bridge",

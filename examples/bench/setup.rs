@@ -1,6 +1,7 @@
 //! What a measurement runs against: the brokers, and the bridge's YAML.
 //!
-//! Environment knobs, read here and nowhere else:
+//! Environment knobs read here (`BENCH_BRIDGE`, `BENCH_PERF`, `BENCH_PYTHON` and
+//! `BENCH_NATS_CONSUMER` are read where they act):
 //! - `BENCH_NATS_SERVER`: the nats-server binary (default: `nats-server` on the PATH).
 //! - `BENCH_TANSU`: the tansu binary (default: `~/.cargo/bin/tansu` if present, else `tansu` on
 //!   the PATH).
