@@ -74,11 +74,11 @@ impl Series {
     }
 }
 
-/// `median (lowest to highest)` of `values`, two decimals.
-fn spread(values: &mut [f64]) -> String {
+/// `median (lowest to highest)` of `values`, with `decimals` places.
+fn spread(values: &mut [f64], decimals: usize) -> String {
     match median(values) {
         Some(m) => format!(
-            "{m:.2} ({:.2} to {:.2})",
+            "{m:.decimals$} ({:.decimals$} to {:.decimals$})",
             values[0],
             values[values.len() - 1]
         ),
@@ -112,8 +112,8 @@ pub(crate) fn throughput_summary(
     }
     println!(
         "CPU sink={sink} median of {n} runs, s per million events: bridge {}, bare {}",
-        spread(&mut bridge.cpu_per_million),
-        spread(&mut bare.cpu_per_million)
+        spread(&mut bridge.cpu_per_million, 2),
+        spread(&mut bare.cpu_per_million, 2)
     );
 }
 
@@ -122,9 +122,9 @@ pub(crate) fn latency_summary(sink: &str, variant: &str, series: &mut Series) {
     let n = series.p99.len();
     println!(
         "LATENCY sink={sink} variant={variant} median of {n} runs, ms: p50 {} p99 {} p99.9 {}; CPU s per million events {}",
-        spread(&mut series.p50),
-        spread(&mut series.p99),
-        spread(&mut series.p999),
-        spread(&mut series.cpu_per_million)
+        spread(&mut series.p50, 3),
+        spread(&mut series.p99, 3),
+        spread(&mut series.p999, 3),
+        spread(&mut series.cpu_per_million, 2)
     );
 }
