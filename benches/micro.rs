@@ -74,8 +74,8 @@ routes:
     to: [archive]
 "#;
 
-fn micro(c: &mut Criterion) {
-    let message = frame("message.created");
+/// Frame decoding, by frame size.
+fn decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     for name in [
         "message.created",
@@ -87,9 +87,11 @@ fn micro(c: &mut Criterion) {
         g.bench_function(name, |b| b.iter(|| protocol::decode(black_box(f)).unwrap()));
     }
     g.finish();
+}
 
-    // The ids read out of every event's data on the socket's task; a typing event finds them in
-    // its nested `conversation`, a conversation event at the top.
+/// The ids read out of every event's data on the socket's task; a typing event finds them in
+/// its nested `conversation`, a conversation event at the top.
+fn data_keys(c: &mut Criterion) {
     let mut g = c.benchmark_group("event");
     for name in [
         "message.created",
@@ -103,8 +105,11 @@ fn micro(c: &mut Criterion) {
         });
     }
     g.finish();
+}
 
-    // What the socket task does per broadcast: decode the frame, build the event.
+/// What the socket task does per broadcast: decode the frame, build the event.
+fn socket(c: &mut Criterion) {
+    let message = frame("message.created");
     let mut g = c.benchmark_group("socket");
     g.bench_function("decode+Event::new/message.created", |b| {
         let token: Arc<str> = Arc::from("support-agent");
@@ -125,7 +130,11 @@ fn micro(c: &mut Criterion) {
         )
     });
     g.finish();
+}
 
+/// The content hash and the id assignment, for distinct events and for one broadcast seen by
+/// five tokens.
+fn ids(c: &mut Criterion) {
     let e = event("message.created");
     let mut g = c.benchmark_group("ids");
     g.bench_function("content_hash/message.created", |b| {
@@ -154,8 +163,15 @@ fn micro(c: &mut Criterion) {
         })
     });
     g.finish();
+}
 
-    let config = Config::from_yaml(CONFIG, &|_| None, false).expect("bench config is valid");
+fn bench_config() -> Config {
+    Config::from_yaml(CONFIG, &|_| None, false).expect("bench config is valid")
+}
+
+/// The route table of [`CONFIG`]: a regex condition, a data condition, the first route.
+fn route(c: &mut Criterion) {
+    let config = bench_config();
     let mut g = c.benchmark_group("route");
     for name in [
         "message.created",
@@ -166,7 +182,10 @@ fn micro(c: &mut Criterion) {
         g.bench_function(name, |b| b.iter(|| config.routes.route(black_box(&ev))));
     }
     g.finish();
+}
 
+/// The envelopes and headers each sink builds, and the spool record.
+fn envelope(c: &mut Criterion) {
     let mut e = event("message.created");
     e.id = chatwoot_bridge::event::EventId(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
     let mut g = c.benchmark_group("envelope");
@@ -204,7 +223,12 @@ fn micro(c: &mut Criterion) {
         b.iter(|| Event::decode_record(black_box(&record)).unwrap())
     });
     g.finish();
+}
 
+/// Redaction: the default with and without a token to redact, and a sink's dropped paths.
+fn redact(c: &mut Criterion) {
+    let config = bench_config();
+    let e = event("message.created");
     let mut g = c.benchmark_group("redact");
     let default = chatwoot_bridge::route::redact::Redaction::default();
     let crm = config.sinks["crm"].redaction.clone();
@@ -221,5 +245,5 @@ fn micro(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, micro);
+criterion_group!(benches, decode, data_keys, socket, ids, route, envelope, redact);
 criterion_main!(benches);

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs the benchmark set of BENCHMARKS.md and prints its tables. Loopback only; every process it
-# starts is stopped by the harness. Needs nats-server, tansu (~/.cargo/bin/tansu) and, for the
-# Python context figure, bench/venv (python3 -m venv bench/venv && bench/venv/bin/pip install
-# websockets nats-py).
+# starts is stopped by the harness. Needs nats-server and tansu (`cargo install tansu`) on the
+# PATH or named by BENCH_NATS_SERVER / BENCH_TANSU, and, for the Python context figure,
+# bench/venv (python3 -m venv bench/venv && bench/venv/bin/pip install websockets nats-py).
 #
-#   scripts/bench.sh                 # everything (about 20 minutes on 2 cores)
+#   scripts/bench.sh                 # everything (about 25 minutes on 2 cores)
 #   scripts/bench.sh throughput      # one part: throughput | latency | scale | backlog | python | micro
+#   BENCH_BRIDGE=other/chatwoot-bridge scripts/bench.sh throughput   # another build, same harness
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -22,7 +23,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 part="${1:-all}"
 run() { [[ "$part" == all || "$part" == "$1" ]]; }
 
-echo "# machine: $(nproc) cores; $(free -h | awk '/Mem:/ {print $2}') memory; $(date -u +%FT%TZ)"
+echo "# machine: $(nproc) cores; $(free -h | awk '/Mem:/ {print $2}') memory; $(date -u +%FT%TZ); $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if run throughput; then
   "$B" throughput --sink nats --count "$COUNT" --reps "$THROUGHPUT_REPS" --with-reader 1
   "$B" throughput --sink jetstream --count "$COUNT" --reps "$THROUGHPUT_REPS"
