@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::delivery::dead_letter::DeadLetters;
-use crate::delivery::in_flight::{Answer, InFlight, Unconfirmed, Verdict};
 pub(crate) use crate::delivery::in_flight::SINK_LIMITS;
+use crate::delivery::in_flight::{Answer, InFlight, Unconfirmed, Verdict};
 use crate::delivery::ingest::{Appended, PipelineStats};
 use crate::delivery::intake::Intake;
 use crate::delivery::progress::Progress;
