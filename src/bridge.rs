@@ -26,7 +26,8 @@ use crate::status::StatusBoard;
 /// Why the bridge could not start. Nothing has connected when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A sink could not be built (bad address, refused credentials, ...).
+    /// A sink's settings can never work (an unreadable credentials file, a bad TLS file, ...);
+    /// building a sink contacts no broker.
     #[error(transparent)]
     Sink(#[from] SinkBuildError),
     /// The spool could not be opened or read.

@@ -5,8 +5,10 @@
 //! appended to the spool, and is delivered from there to every sink its routes chose.
 //!
 //! # Layout
-//! One folder per stage, in the order data flows; each stage owns its settings, so a folder
-//! imports only from the stages after it (and [`types`]), never back:
+//! One folder per stage, in the order data flows, each owning its settings. Folders import each
+//! other in one direction only: the wiring and the config on top, the delivery loop above the
+//! sinks it drives, sinks and the source above the routes and events they use, and the event,
+//! the spool, the status board and the config vocabulary ([`types`]) at the bottom.
 //!
 //! ```text
 //! source ──Event──▶ delivery::ingest ──route──▶ spool ──▶ delivery (a loop per sink) ──▶ sink
@@ -29,7 +31,7 @@
 //!   sits above the stages because it builds their settings.
 //! - [`types`]: the config vocabulary every stage shares (secrets, durations, problems); a leaf.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
-//! - [`backoff`]: exponential delays with full jitter, shared by reconnects and sink retries.
+//! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
 //!   [`mock::fixtures`], for tests, demos and benchmarks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
@@ -38,7 +40,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`Bridge`] and [`mock::MockServer`].
 
-pub mod backoff;
+mod backoff;
 pub mod bridge;
 pub mod config;
 pub mod delivery;

@@ -75,7 +75,7 @@ impl Verdict {
 /// Whether more batches may be handed over before the unconfirmed ones are settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handover {
-    /// Yes, up to [`MAX_UNCONFIRMED`] events.
+    /// Yes, while fewer than [`MAX_UNCONFIRMED`] events are unconfirmed.
     Open,
     /// A batch failed as it was handed over (its answer was there at once: a NATS client not
     /// connected, a producer refusing): a later batch could get through before its retry and
@@ -87,7 +87,8 @@ enum Handover {
 pub(super) struct InFlight {
     /// The batches, in spool order.
     batches: VecDeque<Unconfirmed>,
-    /// Events in `batches`, bounded by [`MAX_UNCONFIRMED`].
+    /// Events in `batches`: under [`MAX_UNCONFIRMED`] before each hand-over, so at most one
+    /// batch more.
     events: usize,
     /// Whether a batch that failed at once holds back the next hand-over.
     handover: Handover,

@@ -1,4 +1,4 @@
-//! The reading side of a sink loop: where its next events come from.
+//! Where a sink loop's next events come from.
 //!
 //! Records read ahead from the spool go first, then batches just appended, taken in memory when
 //! they continue exactly where the reader is, then the spool itself. Each call to the spool

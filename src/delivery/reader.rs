@@ -1,5 +1,5 @@
-//! The reading side of a sink loop that is behind: its spool cursor, which may be away on a
-//! blocking thread reading the next records ahead while the current ones are sent.
+//! The spool cursor of a sink loop that is behind, which may be away on a blocking thread
+//! reading the next records ahead while the current ones are sent.
 
 use tokio::task::JoinHandle;
 use tracing::error;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
-use tokio::time::{interval, Interval, MissedTickBehavior};
+use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -67,6 +67,15 @@ struct Subscribed {
     streams: bool,
 }
 
+/// A `confirm_subscription` a slow server sends after the fact ([`Answer::ConfirmAfter`]).
+struct LateConfirm {
+    /// When it is sent.
+    at: Instant,
+    /// The frame, ready to send: sent even if the client unsubscribed meanwhile, as a server
+    /// that handles the subscribe late still confirms it before it reads the unsubscribe.
+    frame: String,
+}
+
 /// Whether this connection has written its blast yet (in high-rate mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BlastProgress {
@@ -88,6 +97,8 @@ struct Connection {
     subscriptions: Vec<Subscribed>,
     /// Whether the blast (if configured) has been written.
     blast: BlastProgress,
+    /// Confirms still to send, earliest first.
+    late_confirms: Vec<LateConfirm>,
     /// The heartbeat.
     ping: Interval,
     /// Stops the server.
@@ -117,6 +128,7 @@ async fn serve(
         pushes,
         subscriptions: Vec::new(),
         blast: BlastProgress::NotYet,
+        late_confirms: Vec::new(),
         ping,
         cancel,
     };
@@ -171,11 +183,17 @@ impl Connection {
         while self.step().await.is_continue() {}
     }
 
-    /// Waits for the first of: the server stopping, a heartbeat, a push, a client frame.
+    /// Waits for the first of: the server stopping, a heartbeat, a late confirm falling due, a
+    /// push, a client frame.
     async fn step(&mut self) -> ControlFlow<()> {
+        let next_confirm = self.late_confirms.first().map(|late| late.at);
         tokio::select! {
             _ = self.cancel.cancelled() => ControlFlow::Break(()),
             _ = self.ping.tick() => self.heartbeat().await,
+            _ = sleep_until(next_confirm.unwrap_or_else(Instant::now)), if next_confirm.is_some() => {
+                let late = self.late_confirms.remove(0);
+                go_on_if_sent(self.ws.send(Message::text(late.frame)).await)
+            }
             push = self.pushes.recv() => match push {
                 Ok(push) => self.on_push(push).await,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -241,16 +259,20 @@ impl Connection {
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return ControlFlow::Break(()),
             Some(Ok(_)) => return ControlFlow::Continue(()),
         };
-        if handle_command(
+        match handle_command(
             &self.shared,
             text.as_str(),
             &mut self.subscriptions,
             &mut self.ws,
         )
         .await
-        .is_err()
         {
-            return ControlFlow::Break(());
+            Err(Closed) => return ControlFlow::Break(()),
+            Ok(Some(late)) => {
+                let at = self.late_confirms.partition_point(|l| l.at <= late.at);
+                self.late_confirms.insert(at, late);
+            }
+            Ok(None) => {}
         }
         go_on_if_sent(self.blast_once().await)
     }
@@ -309,19 +331,19 @@ struct Command {
     data: Option<String>,
 }
 
-/// Acts on one client frame and counts it.
+/// Acts on one client frame and counts it; a subscribe may leave a confirm to send later.
 async fn handle_command<S>(
     shared: &Shared,
     text: &str,
     subscriptions: &mut Vec<Subscribed>,
     ws: &mut S,
-) -> Result<(), Closed>
+) -> Result<Option<LateConfirm>, Closed>
 where
     S: futures_util::Sink<Message> + Unpin,
 {
     let Ok(command) = serde_json::from_str::<Command>(text) else {
         debug!("mock server: ignored a frame that is not a command");
-        return Ok(());
+        return Ok(None);
     };
     match command.command.as_str() {
         "subscribe" => {
@@ -349,7 +371,7 @@ where
         }
         _ => {}
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Answers a `subscribe` the way the token is configured to be answered.
@@ -358,14 +380,14 @@ async fn subscribe<S>(
     identifier: String,
     subscriptions: &mut Vec<Subscribed>,
     ws: &mut S,
-) -> Result<(), Closed>
+) -> Result<Option<LateConfirm>, Closed>
 where
     S: futures_util::Sink<Message> + Unpin,
 {
     // Chatwoot ignores a subscribe for an identifier that is already registered, including one
     // that failed silently.
     if subscriptions.iter().any(|s| s.identifier == identifier) {
-        return Ok(());
+        return Ok(None);
     }
     let pubsub_token = serde_json::from_str::<serde_json::Value>(&identifier)
         .ok()
@@ -395,11 +417,19 @@ where
             streams,
         });
     }
+    let frame = |kind: &str| format!(r#"{{"identifier":{quoted},"type":"{kind}"}}"#);
+    if let Answer::ConfirmAfter(delay) = answer {
+        return Ok(Some(LateConfirm {
+            at: Instant::now() + delay,
+            frame: frame("confirm_subscription"),
+        }));
+    }
     match reply {
-        Some(kind) => {
-            let frame = format!(r#"{{"identifier":{quoted},"type":"{kind}"}}"#);
-            ws.send(Message::text(frame)).await.map_err(|_| Closed)
-        }
-        None => Ok(()),
+        Some(kind) => ws
+            .send(Message::text(frame(kind)))
+            .await
+            .map(|_| None)
+            .map_err(|_| Closed),
+        None => Ok(None),
     }
 }

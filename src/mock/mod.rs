@@ -39,8 +39,8 @@ pub enum Answer {
     Reject,
     /// Stream events but never confirm, as installs older than v4.0.4 did for a bad user id.
     StreamUnconfirmed,
-    /// Confirm only after this delay (a server under load); the connection does nothing else
-    /// meanwhile.
+    /// Confirm only after this delay, as a server under load would, even if the client gave
+    /// up and unsubscribed meanwhile; events stream from the subscribe on.
     ConfirmAfter(Duration),
 }
 

@@ -22,9 +22,9 @@ pub(super) type Record<'p> = (&'p [u8], SinkMask);
 pub(super) enum WhenNoRoom {
     /// The configured policy, counted in the stats and logged.
     Policy(WhenFull),
-    /// Refuse what does not fit without counting it: the records are safe elsewhere until
-    /// they are in ([`Spool::append_within_room`]).
-    Wait,
+    /// Refuse what does not fit without counting it as dropped: the records are safe elsewhere
+    /// and are offered again later ([`Spool::append_within_room`]).
+    RefuseUncounted,
 }
 
 /// Records of a batch and their size on disk.
@@ -70,7 +70,7 @@ impl Spool {
         let mut state = self.inner.lock();
         let state = &mut *state;
         let accepted = if state.total_bytes + batch.bytes > config.max_bytes {
-            state.make_room(config, batch, when_no_room, &mut report)?
+            state.fit_batch(config, batch, when_no_room, &mut report)?
         } else {
             batch
         };
@@ -101,9 +101,9 @@ fn batch_bytes(records: &[Record<'_>], max_bytes: u64) -> Result<u64, SpoolError
 }
 
 impl State {
-    /// The spool would exceed `max_bytes`: applies `when_no_room` and returns what of the
-    /// batch is to be written.
-    fn make_room<'b, 'p>(
+    /// The spool would exceed `max_bytes`: applies `when_no_room` (refuse the newest records or
+    /// delete the oldest segments) and returns what of the batch is to be written.
+    fn fit_batch<'b, 'p>(
         &mut self,
         config: &SpoolConfig,
         batch: Batch<'b, 'p>,
@@ -111,7 +111,7 @@ impl State {
         report: &mut AppendReport,
     ) -> Result<Batch<'b, 'p>, SpoolError> {
         match when_no_room {
-            WhenNoRoom::Wait => Ok(self.refuse_newest(config.max_bytes, batch, report)),
+            WhenNoRoom::RefuseUncounted => Ok(self.refuse_newest(config.max_bytes, batch, report)),
             WhenNoRoom::Policy(WhenFull::DropNewest) => {
                 let accepted = self.refuse_newest(config.max_bytes, batch, report);
                 self.dropped_newest += report.dropped_newest;

@@ -49,7 +49,8 @@
 //! Sequence numbers start at 1, grow by one per record and never go back, across restarts
 //! (`sinks.json` remembers the next one in case the tail was lost). A segment's records are the
 //! seqs from its base (in the file name) up to the next segment's base. A batch always goes into
-//! one segment (one write), so a segment may exceed `segment_bytes` by up to one batch.
+//! one segment (one write), so a segment may exceed [`SpoolConfig::segment_limit`] by up to one
+//! batch.
 //!
 //! Recovery at open scans only the last segment and cuts it at its first bad record (a torn
 //! write leaves nothing valid after it). Older segments were complete before the next one was
@@ -108,9 +109,9 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Cap on the total size of segment files; what happens past it is `when_full`.
     pub max_bytes: u64,
-    /// A new segment is started once the active one would grow past this (or past an eighth of
-    /// `max_bytes`, whichever is smaller). Smaller segments reclaim space sooner; larger ones
-    /// mean fewer files.
+    /// A new segment is started once the active one would grow past this, or past
+    /// [`SpoolConfig::segment_limit`] for a small spool. Smaller segments reclaim space sooner;
+    /// larger ones mean fewer files.
     pub segment_bytes: u64,
     /// When appends are fsynced (see the module doc for what each mode can lose).
     pub fsync: FsyncMode,
@@ -121,7 +122,8 @@ pub struct SpoolConfig {
 }
 
 impl SpoolConfig {
-    /// The defaults: 1 GiB cap, 64 MiB segments, fsync every 100 ms, drop the newest when full.
+    /// The defaults: 1 GiB cap, 64 MiB segments, fsync on the bridge's 100 ms timer, drop the
+    /// newest when full.
     pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
         SpoolConfig {
             dir: dir.into(),
@@ -338,7 +340,7 @@ impl Spool {
         &self,
         records: &[(&[u8], SinkMask)],
     ) -> Result<AppendReport, SpoolError> {
-        self.append_with(records, WhenNoRoom::Wait, |_| {})
+        self.append_with(records, WhenNoRoom::RefuseUncounted, |_| {})
     }
 
     /// Fsyncs the active segment and persists the cursors.

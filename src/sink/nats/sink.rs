@@ -140,9 +140,10 @@ impl Destination for NatsSink {
                 .timeout(settings.timeout)
                 .ack_timeout(settings.timeout)
                 // With this many acks outstanding async-nats refuses a publish (MaxAckPending,
-                // retried). The caller keeps up to `max_unconfirmed_events` unconfirmed and polls
-                // a batch's acks only when it gets to them: the limit must be above that, or
-                // publishes fail (and with backpressure on, would wait for acks nobody polls).
+                // retried). The caller keeps up to `max_unconfirmed_events` unconfirmed and, after
+                // one look at hand-over, polls a batch's acks only when it gets to them: the limit
+                // must be above that, or publishes fail (and with backpressure on, would wait for
+                // acks nobody polls).
                 .max_ack_inflight(limits.max_unconfirmed_events + 1)
                 .build(client.clone())
         });
@@ -227,11 +228,10 @@ impl NatsSink {
     /// keeps what it is given in its buffer and sends it once it reconnects: after the retries of
     /// the same events (extra copies of each, one per retry), and even after this sink was closed
     /// (the client's connection task keeps reconnecting until it succeeds, whoever holds the
-    /// client). A
-    /// connection lost but not noticed yet (no read error, pings not yet missed) still counts as
-    /// connected: what is published then can still go out again after the reconnect. The
-    /// delivery loop hands nothing more over after a batch answered `NotConnected`, so later
-    /// batches do not overtake its retry.
+    /// client). A connection lost but not noticed yet (no read error, pings not yet missed)
+    /// still counts as connected: what is published then can still go out again after the
+    /// reconnect. The delivery loop hands nothing more over after a batch answered
+    /// `NotConnected`, so later batches do not overtake its retry.
     async fn connected(&self) -> bool {
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
         loop {
