@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::event::id::IdAssigner;
-use chatwoot_bridge::event::{content_hash, DataKeys, Event, JsonText};
+use chatwoot_bridge::event::{content_hash, nesting_exceeds, DataKeys, Event, JsonText};
 use chatwoot_bridge::mock::fixtures;
 use chatwoot_bridge::sink::{self, Envelope};
 use chatwoot_bridge::source::protocol;
@@ -102,6 +102,9 @@ fn data_keys(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(ev.data.get().len() as u64));
         g.bench_function(format!("DataKeys::extract/{name}"), |b| {
             b.iter(|| DataKeys::extract(black_box(&ev.name), black_box(ev.data.get())))
+        });
+        g.bench_function(format!("nesting_exceeds/{name}"), |b| {
+            b.iter(|| nesting_exceeds(black_box(ev.data.get()), black_box(128)))
         });
     }
     g.finish();

@@ -508,6 +508,55 @@ async fn malformed_and_oversized_frames_are_skipped_and_counted() {
 }
 
 #[tokio::test]
+async fn data_nested_deeper_than_the_limit_is_counted_and_never_spooled() {
+    // 100,000 levels with a token at the bottom: walking it recursively would exhaust a stack
+    // (the redaction that strips `pubsub_token` did), and once spooled it would do so at every
+    // start. It is refused at the socket; the socket and the events after it go on.
+    let server = mock(vec![mock_token("agent-secret", Answer::Confirm)]).await;
+    let (_dir, out) = out_file();
+    let cfg = agent_only(&server.url(), &out);
+    let bridge = Bridge::start(cfg.config()).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+    let depth = 100_000;
+    let deep = format!(
+        r#"{{"account_id":1,"n":"deep","x":{}{{"pubsub_token":"contact-secret"}}{}}}"#,
+        r#"{"a":"#.repeat(depth),
+        "}".repeat(depth)
+    );
+    server.broadcast("message.created", &deep);
+    // Just under the default limit of 128 passes, token stripped.
+    let fine = format!(
+        r#"{{"account_id":1,"n":"fine","x":{}{{"pubsub_token":"contact-secret"}}{}}}"#,
+        "[".repeat(120),
+        "]".repeat(120)
+    );
+    server.broadcast("message.created", &fine);
+    server.broadcast("message.created", r#"{"account_id":1,"n":"after"}"#);
+    let events = wait_for_lines(&out, 2).await;
+    assert_eq!(events[0]["data"]["n"], "fine");
+    assert_eq!(events[1]["data"]["n"], "after");
+    assert_eq!(bridge.status().token("agent").unwrap().malformed_frames, 1);
+    assert_eq!(server.connections_accepted(), 1, "the socket stays up");
+    stop(bridge, server).await;
+    let spooled: Vec<u8> = std::fs::read_dir(out.with_extension("spool"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .flat_map(|e| std::fs::read(e.path()).unwrap_or_default())
+        .collect();
+    let text = String::from_utf8_lossy(&spooled);
+    assert!(
+        text.contains(r#""n":"fine""#),
+        "the spool was not where expected"
+    );
+    assert!(
+        !text.contains(r#""n":"deep""#),
+        "the deep event reached the spool"
+    );
+}
+
+#[tokio::test]
 async fn presence_is_sent_only_when_the_token_asks() {
     let server = mock(vec![
         mock_token("agent-secret", Answer::Confirm),

@@ -457,6 +457,20 @@ routes:
             err.contains("spool.max_bytes: 4194304 is smaller than twice chatwoot.max_frame_bytes"),
             "{err}"
         );
+        for bad in ["0", "1025"] {
+            let text = MINIMAL.replace(
+                "  url: wss://chat.example.com/cable",
+                &format!("  url: wss://chat.example.com/cable\n  max_nesting: {bad}"),
+            );
+            let err = load(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!(
+                    "chatwoot.max_nesting: {bad} is out of range; give 1 to 1024"
+                )),
+                "{err}"
+            );
+        }
+        assert_eq!(load(MINIMAL).unwrap().cable.max_nesting, 128);
     }
 
     /// A config with one of every mistake validation knows, in every section.

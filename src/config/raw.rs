@@ -74,6 +74,11 @@ pub(super) struct RawChatwoot {
     #[serde(default = "default_max_frame_bytes", deserialize_with = "number")]
     #[schemars(with = "u64")]
     pub(super) max_frame_bytes: u64,
+    /// Deepest nesting of objects and arrays accepted in an event's `data` (Chatwoot's nest
+    /// under 10); a deeper event is counted as malformed and dropped. At most 1024.
+    #[serde(default = "default_max_nesting", deserialize_with = "number")]
+    #[schemars(with = "u64")]
+    pub(super) max_nesting: u64,
     /// Backoff between reconnects.
     #[serde(default)]
     pub(super) reconnect: RawReconnect,
@@ -231,6 +236,9 @@ fn default_stale_after() -> HumanDuration {
 }
 fn default_presence_interval() -> HumanDuration {
     HumanDuration(CableSettings::default().presence_interval)
+}
+fn default_max_nesting() -> u64 {
+    CableSettings::default().max_nesting as u64
 }
 fn default_max_frame_bytes() -> u64 {
     CableSettings::default().max_frame_bytes as u64

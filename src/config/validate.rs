@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
 use super::raw::{RawChatwoot, RawConfig, RawSink, RawSpool, RawToken};
 use super::{Config, ConfigError, SinkSettings};
 use crate::delivery::retry::RetrySettings;
+use crate::event::MAX_NESTING_CEILING;
 use crate::route::jsonpath::JsonPath;
 use crate::route::redact::Redaction;
 use crate::route::{RouteSpec, RouteTable};
@@ -97,6 +98,15 @@ fn check_cable(raw: RawChatwoot, problems: &mut Problems<'_>) -> Chatwoot {
             format!("{max_frame_bytes} is too small; Chatwoot frames are often several KB"),
         );
     }
+    if !(1..=MAX_NESTING_CEILING as u64).contains(&raw.max_nesting) {
+        at.add(
+            "max_nesting",
+            format!(
+                "{} is out of range; give 1 to {MAX_NESTING_CEILING} (Chatwoot's payloads nest under 10)",
+                raw.max_nesting
+            ),
+        );
+    }
     let reconnect = &raw.reconnect;
     for (field, value) in [
         ("connect_timeout", raw.connect_timeout.0),
@@ -123,6 +133,7 @@ fn check_cable(raw: RawChatwoot, problems: &mut Problems<'_>) -> Chatwoot {
             stale_after: raw.stale_after.0,
             presence_interval: raw.presence_interval.0,
             max_frame_bytes: max_frame_bytes as usize,
+            max_nesting: raw.max_nesting.min(MAX_NESTING_CEILING as u64) as usize,
             reconnect: ReconnectSettings {
                 initial: raw.reconnect.initial.0,
                 max: raw.reconnect.max.0,

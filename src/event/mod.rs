@@ -160,6 +160,57 @@ impl Event {
     }
 }
 
+/// Deepest nesting of objects and arrays accepted in an event's `data` (Chatwoot's payloads
+/// nest under 10): what the configured limit may be raised to, and what the redaction walks.
+pub const MAX_NESTING_CEILING: usize = 1024;
+
+/// Whether the JSON `json` nests objects and arrays deeper than `limit` levels. One pass over
+/// the bytes, without recursion: strings (and the brackets and escapes inside them) are skipped.
+/// Texts with no more than `limit` brackets in all, nearly every event, are settled by counting.
+pub fn nesting_exceeds(json: &str, limit: usize) -> bool {
+    let bytes = json.as_bytes();
+    if openings(bytes) <= limit {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// How many `{` and `[` bytes `bytes` holds. They differ only in bit 0x20, so one comparison
+/// per byte does, and counting into a `u8` per chunk of 255 lets the compiler vectorize it.
+fn openings(bytes: &[u8]) -> usize {
+    bytes
+        .chunks(255)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .fold(0u8, |n, &b| n + u8::from(b | 0x20 == b'{')) as usize
+        })
+        .sum()
+}
+
 /// Hash of what a broadcast carries: the event name and the data bytes.
 pub fn content_hash(name: &str, data: &str) -> u128 {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -173,6 +224,20 @@ pub fn content_hash(name: &str, data: &str) -> u128 {
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let text = r#"{"a":[1,{"b":"[[[{{\"{"}],"c":{}}"#;
+        assert!(serde_json::from_str::<serde_json::Value>(text).is_ok());
+        assert!(nesting_exceeds(text, 2));
+        assert!(!nesting_exceeds(text, 3));
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(nesting_exceeds(&deep, 128));
+        assert!(!nesting_exceeds(&deep, 100_000));
+        // Brackets only inside strings, more of them than the limit: not nesting.
+        let flat = format!(r#"{{"s":"{}"}}"#, "[".repeat(500));
+        assert!(!nesting_exceeds(&flat, 2));
+    }
 
     #[test]
     fn keys_by_event_kind() {

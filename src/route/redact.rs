@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::event::MAX_NESTING_CEILING;
 use crate::route::jsonpath::JsonPath;
 
 /// The key Chatwoot uses for bearer tokens of its cable.
@@ -64,8 +65,9 @@ impl Redaction {
             changed: false,
         };
         if rewriter.value().is_err() {
-            // Unreachable for the validated JSON the bridge carries; if it ever happens, send
-            // nothing of it rather than a payload that may still hold a token.
+            // Not for the JSON the socket accepts (valid, nested at most `max_nesting`): only a
+            // record another build spooled can get here. Send nothing of it rather than a
+            // payload that may still hold a token.
             return Some(r#"{"redaction_failed":true}"#.to_owned());
         }
         rewriter.changed.then_some(rewriter.out)
@@ -91,12 +93,13 @@ struct Rewriter<'a> {
     pos: usize,
     out: String,
     redaction: &'a Redaction,
-    /// Keys (and array indices as text) from the root to the current value.
+    /// Keys (and array indices as text) from the root to the current value; its length is
+    /// the nesting depth, bounded by [`MAX_NESTING_CEILING`].
     path: Vec<Cow<'a, str>>,
     changed: bool,
 }
 
-/// The input was not valid JSON; the data is then left as it is.
+/// The input was not valid JSON, or nested deeper than the walk goes: nothing of it is sent.
 struct Invalid;
 
 impl<'a> Rewriter<'a> {
@@ -117,9 +120,14 @@ impl<'a> Rewriter<'a> {
         self.src.get(self.pos).copied().ok_or(Invalid)
     }
 
-    /// Copies one value to `out`, rewriting objects inside it.
+    /// Copies one value to `out`, rewriting objects inside it. Recursion stops at
+    /// [`MAX_NESTING_CEILING`] levels: data that deep never passes the socket, but a spool
+    /// record written by another build may hold it, and it must not exhaust the stack.
     fn value(&mut self) -> Result<(), Invalid> {
         self.skip_ws();
+        if self.path.len() >= MAX_NESTING_CEILING {
+            return Err(Invalid);
+        }
         match self.peek()? {
             b'{' => self.object(),
             b'[' => self.array(),
@@ -305,6 +313,34 @@ mod tests {
         );
         assert!(!out.contains("bf2RWA4T"));
         let _: serde_json::Value = serde_json::from_str(&out).unwrap();
+    }
+
+    #[test]
+    fn data_deeper_than_the_walk_goes_is_withheld_not_walked() {
+        // What a spool written by another build could hold: walked recursively it exhausted the
+        // stack at every start. Nothing of it is sent, since it may hide a token.
+        let depth = 100_000;
+        let deep = format!(
+            r#"{{"x":{}{{"pubsub_token":"secret"}}{}}}"#,
+            r#"{"a":"#.repeat(depth),
+            "}".repeat(depth)
+        );
+        assert_eq!(
+            strip().apply(&deep).as_deref(),
+            Some(r#"{"redaction_failed":true}"#)
+        );
+    }
+
+    #[test]
+    fn data_as_deep_as_the_socket_accepts_is_still_redacted() {
+        let depth = 1000;
+        let deep = format!(
+            r#"{{"x":{}{{"pubsub_token":"secret","k":1}}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        let out = strip().apply(&deep).expect("a token was removed");
+        assert!(!out.contains("secret") && out.contains(r#"{"k":1}"#));
     }
 
     #[test]

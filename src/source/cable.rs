@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
-use crate::event::{Event, JsonText};
+use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::status::{TokenReporter, TokenState};
@@ -368,6 +368,14 @@ impl<'a> Session<'a> {
             }) => {
                 if identifier != self.identifier {
                     debug!(token = %name, "ignored a message for another identifier");
+                    return ControlFlow::Continue(());
+                }
+                let max_nesting = self.task.settings.max_nesting;
+                if nesting_exceeds(data.0.get(), max_nesting) {
+                    // Never spooled: walking it (redaction, paths) could exhaust a stack.
+                    self.task.status.malformed_frame();
+                    warn!(token = %name, bytes = text.len(), max_nesting,
+                        "skipped an event whose data nests deeper than chatwoot.max_nesting");
                     return ControlFlow::Continue(());
                 }
                 // Data may arrive before the confirm (the server attaches the stream first); it

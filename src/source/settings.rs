@@ -19,6 +19,10 @@ pub struct CableSettings {
     pub presence_interval: Duration,
     /// Largest frame accepted; a larger one ends the connection instead of exhausting memory.
     pub max_frame_bytes: usize,
+    /// Deepest nesting of objects and arrays accepted in an event's `data`; a deeper event is
+    /// counted as malformed and dropped before the spool, since walking it could exhaust a
+    /// stack.
+    pub max_nesting: usize,
     /// Reconnect backoff.
     pub reconnect: ReconnectSettings,
 }
@@ -32,6 +36,7 @@ impl Default for CableSettings {
             // Chatwoot keeps an agent present for about 20 s after each `update_presence`.
             presence_interval: Duration::from_secs(15),
             max_frame_bytes: 8 * 1024 * 1024,
+            max_nesting: 128,
             reconnect: ReconnectSettings::default(),
         }
     }
