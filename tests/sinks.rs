@@ -219,7 +219,7 @@ async fn nats_jetstream_acks_and_drops_duplicates_by_event_id() {
     assert_eq!(stored.subject.as_str(), "chatwoot.1.message_created");
     assert_eq!(
         stored.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
-        Some("0000000000000000000000000000000a")
+        Some("0000000000000000000000000000000a:chatwoot.1.message_created")
     );
     assert_eq!(
         stored.headers.get("content-type").map(|v| v.as_str()),
@@ -233,6 +233,78 @@ async fn nats_jetstream_acks_and_drops_duplicates_by_event_id() {
         .unwrap();
     assert_eq!(stored.subject.as_str(), "chatwoot.2.conversation_updated");
     within("the sink to close", sink.close()).await;
+}
+
+/// A JetStream sink publishing to subject `subject` in the stream SHARED.
+async fn shared_stream_sink(name: &str, server: &NatsServer, subject: &str) -> Sink {
+    let yaml = format!(
+        "{{ type: nats, url: ['{}'], subject: '{subject}', jetstream: {{ stream: SHARED, create: true }} }}",
+        server.url()
+    );
+    sink(name, &yaml).await
+}
+
+#[tokio::test]
+async fn jetstream_keeps_one_event_on_every_subject_it_was_sent_to() {
+    // Deduplication is per stream, not per subject: with the event id alone as Nats-Msg-Id the
+    // stream kept the first of these and acknowledged the others as duplicates.
+    let server = NatsServer::start().await;
+    let mut a = shared_stream_sink("a", &server, "a.{event}").await;
+    let mut b = shared_stream_sink("b", &server, "b.{event}").await;
+    let mut by_token = shared_stream_sink("t", &server, "t.{token}.{event}").await;
+    let agent = event(
+        10,
+        "message.created",
+        r#"{"account_id":1,"conversation_id":5}"#,
+    );
+    let mut copy = Event::for_test("message.created", "visitor", agent.data.get());
+    copy.id = agent.id;
+    let copy = Arc::new(copy);
+    let both = vec![agent.clone(), copy];
+    // The token sink gets both copies twice, as after a lost ack: still stored once per subject.
+    for (sink, batch) in [
+        (&mut a, &vec![agent.clone()]),
+        (&mut b, &vec![agent.clone()]),
+        (&mut by_token, &both),
+    ] {
+        let outcomes = deliver(sink, batch).await;
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Outcome::Delivered)),
+            "{outcomes:?}"
+        );
+    }
+    let again = deliver(&mut by_token, &both).await;
+    assert!(
+        again.iter().all(|o| matches!(o, Outcome::Delivered)),
+        "{again:?}"
+    );
+    let js = async_nats::jetstream::new(server.client().await);
+    let mut stream = within("the stream", js.get_stream("SHARED")).await.unwrap();
+    let info = within("the stream's info", stream.info())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 4, "one per subject");
+    let mut subjects = Vec::new();
+    for seq in 1..=4 {
+        let stored = within("a stored message", stream.get_raw_message(seq))
+            .await
+            .unwrap();
+        subjects.push(stored.subject.to_string());
+    }
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "a.message_created",
+            "b.message_created",
+            "t.agent.message_created",
+            "t.visitor.message_created"
+        ]
+    );
+    for mut sink in [a, b, by_token] {
+        within("the sink to close", sink.close()).await;
+    }
 }
 
 #[tokio::test]
@@ -1088,9 +1160,12 @@ async fn check_jetstream(
             format!("chatwoot.1.{}", name.replace('.', "_"))
         );
         assert_eq!(&m.payload[..], data.as_bytes());
-        let id = m.headers.get("Nats-Msg-Id").unwrap().as_str();
+        let id = m.headers.get("ce-id").unwrap().as_str();
         assert_eq!(id, ids_by_n[&n]);
-        assert_eq!(m.headers.get("ce-id").unwrap().as_str(), id);
+        assert_eq!(
+            m.headers.get("Nats-Msg-Id").unwrap().as_str(),
+            format!("{id}:{}", m.subject)
+        );
     }
 }
 

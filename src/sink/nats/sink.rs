@@ -282,7 +282,8 @@ impl NatsSink {
     }
 
     /// JetStream: publish the whole batch; the confirmations are its acks. `Nats-Msg-Id` is the
-    /// event id, so a retry after a lost ack (or a second copy of a broadcast) is stored once.
+    /// event id and the subject ([`message_id`]), so a retry after a lost ack (or a second copy
+    /// of a broadcast to the same subject) is stored once.
     async fn send_jetstream(
         &mut self,
         js: &jetstream::Context,
@@ -310,7 +311,7 @@ impl NatsSink {
             let message = PublishMessage::build()
                 .payload(body)
                 .headers(headers)
-                .message_id(event.id.to_string());
+                .message_id(message_id(event, &subject));
             match tokio::time::timeout(settings.timeout, js.send_publish(subject, message)).await {
                 Ok(Ok(ack)) => acks.push((i, ack)),
                 Ok(Err(e)) => {
@@ -358,6 +359,14 @@ impl NatsSink {
             payload(event, self.settings.envelope),
         ))
     }
+}
+
+/// The `Nats-Msg-Id` of an event published to `subject`: `<event id>:<subject>`. A stream
+/// deduplicates by it alone, whatever the subject, so the event id by itself would make a stream
+/// drop the second of two sinks' copies (subjects `a.{event}` and `b.{event}` into one stream),
+/// or the copy of a broadcast that another token's subject (`{token}`) should also hold.
+fn message_id(event: &Event, subject: &str) -> String {
+    format!("{}:{subject}", event.id)
 }
 
 /// The client's options for the configured authentication and TLS files; reading a `.creds`
