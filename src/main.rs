@@ -210,10 +210,26 @@ async fn check(path: &Path, connect: bool) -> ExitCode {
         config.sinks.len(),
         config.routes.route_names().count()
     );
+    print_sample_subjects(&config);
     if connect {
         check_connect(&config).await
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// The topic or subject each Kafka and NATS sink gives a recorded `message.created`, so an
+/// operator sees what to subscribe to before anything runs.
+fn print_sample_subjects(config: &Config) {
+    let Some(sample) = chatwoot_bridge::mock::fixtures::sample_event("message.created") else {
+        return;
+    };
+    for (name, sink) in &config.sinks {
+        match sink.kind.topic_or_subject(&sample) {
+            Some(Ok(target)) => println!("sink {name}: message.created goes to {target}"),
+            Some(Err(why)) => println!("sink {name}: message.created goes nowhere: {why}"),
+            None => {}
+        }
     }
 }
 

@@ -32,6 +32,13 @@ async fn check_accepts_the_example_and_reports_every_mistake_with_its_path() {
     let out = run(&["check", "--config", example], &[]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("ok (2 tokens"));
+    // The example's NATS sink, as the README's subscription examples expect.
+    assert!(
+        text(&out.stdout)
+            .contains("sink nats-events: message.created goes to chatwoot.1.message.created"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");

@@ -45,6 +45,24 @@ pub const ALL: &[(&str, &str)] = &[
     ),
 ];
 
+/// The recorded event `name` as the token `sample` would have received it, for showing what a
+/// config does with it (`check`); `None` for a name with no recording.
+pub fn sample_event(name: &str) -> Option<crate::event::Event> {
+    let (_, frame) = ALL.iter().find(|(recorded, _)| *recorded == name)?;
+    match crate::source::protocol::decode(frame).ok()? {
+        crate::source::protocol::ServerFrame::Message { event, data, .. } => {
+            Some(crate::event::Event::new(
+                &event,
+                crate::event::JsonText::from_raw(data.0),
+                std::sync::Arc::from("sample"),
+                std::sync::Arc::from("wss://chatwoot.example/cable#sample"),
+                std::time::SystemTime::now(),
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// The event name and `data` of a fixture frame, for tests that check something of every
 /// recorded event. Panics for a frame that is not a message (every fixture is one).
 #[cfg(test)]

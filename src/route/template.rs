@@ -133,6 +133,18 @@ impl Template {
         event: &Event,
         clean: impl Fn(&str) -> Cow<'_, str>,
     ) -> Result<String, MissingValue> {
+        self.render_with(event, &clean, &clean)
+    }
+
+    /// [`Template::render`] with the event name cleaned by `clean_event` and every other value
+    /// by `clean_value`: a NATS subject keeps the dots of `message.created` as subject tokens,
+    /// but not those of a value taken from `data`.
+    pub(crate) fn render_with(
+        &self,
+        event: &Event,
+        clean_event: &dyn Fn(&str) -> Cow<'_, str>,
+        clean_value: &dyn Fn(&str) -> Cow<'_, str>,
+    ) -> Result<String, MissingValue> {
         let mut out = String::with_capacity(self.source.len() + 16);
         // Parsed at most once per render, and only when a `data.` field asks for it.
         for part in &self.parts {
@@ -151,6 +163,11 @@ impl Template {
                             event: event.name.to_string(),
                         });
                     };
+                    let clean = if *field == Field::Event {
+                        clean_event
+                    } else {
+                        clean_value
+                    };
                     out.push_str(&clean(&value));
                 }
             }
@@ -159,7 +176,8 @@ impl Template {
     }
 
     /// A NATS subject filter matching every subject this template can render: a token holding
-    /// a field becomes `*`, or `>` when it is the last token.
+    /// a field becomes `*`, or `>` when it is the last token or holds the event name (which
+    /// [`nats_event`] may render as several tokens).
     pub(crate) fn nats_filter(&self) -> String {
         let tokens: Vec<&str> = self.source.split('.').collect();
         // Split on dots of the source; a `.` inside `{data.a.b}` must not split a token, so
@@ -176,21 +194,20 @@ impl Template {
             }
             open += token.matches('{').count() as i32 - token.matches('}').count() as i32;
         }
+        let mut filter: Vec<String> = Vec::with_capacity(joined.len());
         let count = joined.len();
-        joined
-            .into_iter()
-            .enumerate()
-            .map(|(i, token)| {
-                if !token.contains('{') {
-                    token
-                } else if i + 1 == count {
-                    ">".to_owned()
-                } else {
-                    "*".to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(".")
+        for (i, token) in joined.into_iter().enumerate() {
+            if !token.contains('{') {
+                filter.push(token);
+            } else if i + 1 == count || token.contains("{event") {
+                // The last token, or the event name, which may be several tokens: all the rest.
+                filter.push(">".to_owned());
+                break;
+            } else {
+                filter.push("*".to_owned());
+            }
+        }
+        filter.join(".")
     }
 
     /// The literal text before the first field: for URLs, where the scheme and host must be.
@@ -263,6 +280,23 @@ fn lookup(field: &Field, event: &Event) -> Option<String> {
             Found::Bool(b) => Some(b.to_string()),
             Found::Null | Found::Object | Found::Array => None,
         },
+    }
+}
+
+/// An event name as NATS subject tokens: a name of lowercase words, digits and `_` joined by
+/// single dots (every name Chatwoot sends) keeps its dots, so `chatwoot.{event}` gives
+/// `chatwoot.message.created` and `chatwoot.message.>` subscribes to every message event. Any
+/// other name becomes one token, as [`nats_token`] makes it.
+pub(crate) fn nats_event(name: &str) -> Cow<'_, str> {
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    if name.split('.').all(word) {
+        Cow::Borrowed(name)
+    } else {
+        nats_token(name)
     }
 }
 
@@ -421,13 +455,31 @@ mod tests {
     }
 
     #[test]
+    fn event_names_keep_their_dots_only_when_every_token_is_plain() {
+        assert_eq!(nats_event("message.created"), "message.created");
+        assert_eq!(
+            nats_event("conversation.typing_on"),
+            "conversation.typing_on"
+        );
+        assert_eq!(nats_event("presence.update"), "presence.update");
+        // Anything else is one token, with no wildcard, space or empty token.
+        assert_eq!(nats_event("message..created"), "message__created");
+        assert_eq!(nats_event(".message"), "_message");
+        assert_eq!(nats_event("message.>"), "message__");
+        assert_eq!(nats_event("Message.Created"), "Message_Created");
+        assert_eq!(nats_event("a b.c"), "a_b_c");
+        assert_eq!(nats_event(""), "");
+    }
+
+    #[test]
     fn cleaners_keep_targets_valid() {
         let e = message();
         let subject = Template::compile("subject", "chatwoot.{data.sender.name}.{event}")
             .unwrap()
-            .render(&e, nats_token)
+            .render_with(&e, &nats_event, &nats_token)
             .unwrap();
-        assert_eq!(subject, "chatwoot.Ana_B_.message_created");
+        // The event name keeps its dots as subject tokens; a value from data stays one token.
+        assert_eq!(subject, "chatwoot.Ana_B_.message.created");
         assert_eq!(nats_token("a*b>c d\te"), "a_b_c_d_e");
         let topic = Template::compile("topic", "cw.{data.sender.name}")
             .unwrap()
@@ -444,6 +496,9 @@ mod tests {
         assert_eq!(t("chatwoot.{account_id}.{event}"), "chatwoot.*.>");
         assert_eq!(t("chatwoot.events"), "chatwoot.events");
         assert_eq!(t("cw.{data.sender.id}.x"), "cw.*.x");
-        assert_eq!(t("cw.acct-{account_id}.{event}.v1"), "cw.*.*.v1");
+        // The event name may be several tokens (`message.created`): everything from it on.
+        assert_eq!(t("cw.acct-{account_id}.{event}.v1"), "cw.*.>");
+        assert_eq!(t("chatwoot.{event}.{account_id}"), "chatwoot.>");
+        assert_eq!(t("chatwoot.{token}.{event}"), "chatwoot.*.>");
     }
 }

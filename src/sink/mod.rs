@@ -40,6 +40,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::event::Event;
+use crate::route::template;
 use crate::types::Problem;
 
 pub use cloudevents::{binary_attributes, Envelope};
@@ -333,6 +334,23 @@ pub enum SinkKind {
     Nats(Arc<nats::NatsSettings>),
     /// Send webhooks.
     Http(Arc<http::HttpSettings>),
+}
+
+impl SinkKind {
+    /// The Kafka topic or NATS subject this sink gives `event` (for `check`), or why it cannot;
+    /// `None` for sinks without one (file, stdout, webhooks, whose URL may hold credentials).
+    pub fn topic_or_subject(&self, event: &Event) -> Option<Result<String, String>> {
+        let rendered = match self {
+            SinkKind::Kafka(settings) => settings.topic.render(event, template::kafka_topic),
+            SinkKind::Nats(settings) => {
+                settings
+                    .subject
+                    .render_with(event, &template::nats_event, &template::nats_token)
+            }
+            SinkKind::File { .. } | SinkKind::Stdout | SinkKind::Http(_) => return None,
+        };
+        Some(rendered.map_err(|e| e.to_string()))
+    }
 }
 
 impl SinkConfig {

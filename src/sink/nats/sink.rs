@@ -351,7 +351,7 @@ impl NatsSink {
         let subject = self
             .settings
             .subject
-            .render(event, template::nats_token)
+            .render_with(event, &template::nats_event, &template::nats_token)
             .map_err(|e| Outcome::Permanent(SinkError::new(e.to_string())))?;
         Ok((
             subject,
