@@ -273,8 +273,9 @@ async fn a_rejected_token_is_reported_and_retried() {
 
 #[tokio::test]
 async fn a_confirm_after_the_timeout_is_not_believed() {
-    // The confirm comes 800 ms after the subscribe; the bridge gave up at 500 ms and sent
-    // `unsubscribe`, so the server has dropped that subscription: it is not subscribed.
+    // The server is behind: it still owes the confirm when the bridge gives up at 500 ms and
+    // sends `unsubscribe`, and answers in order, so the confirm reaches the bridge after it gave
+    // up. The server then drops that subscription: the bridge must not believe the confirm.
     let server = mock(vec![mock_token(
         "agent-secret",
         Answer::ConfirmAfter(Duration::from_millis(800)),

@@ -259,6 +259,13 @@ impl Connection {
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return ControlFlow::Break(()),
             Some(Ok(_)) => return ControlFlow::Continue(()),
         };
+        // A server that is behind answers in order: a confirm still owed goes out before the
+        // next command is handled (before an `unsubscribe`, the client then sees it late).
+        for late in std::mem::take(&mut self.late_confirms) {
+            if self.ws.send(Message::text(late.frame)).await.is_err() {
+                return ControlFlow::Break(());
+            }
+        }
         match handle_command(
             &self.shared,
             text.as_str(),

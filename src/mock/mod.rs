@@ -39,8 +39,9 @@ pub enum Answer {
     Reject,
     /// Stream events but never confirm, as installs older than v4.0.4 did for a bad user id.
     StreamUnconfirmed,
-    /// Confirm only after this delay, as a server under load would, even if the client gave
-    /// up and unsubscribed meanwhile; events stream from the subscribe on.
+    /// Confirm only after this delay, or just before handling the client's next command if
+    /// that comes first, as a server that fell behind answers in order: a client that gave up
+    /// and unsubscribes gets the confirm after it gave up. Events stream from the subscribe on.
     ConfirmAfter(Duration),
 }
 
