@@ -186,7 +186,27 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
 /// The daemon, until SIGTERM or Ctrl-C.
 async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    let report = chatwoot_bridge::run(config, shutdown_signal()).await?;
+    let first_signal = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stop = {
+        let first_signal = first_signal.clone();
+        async move {
+            shutdown_signal().await;
+            first_signal.notify_one();
+        }
+    };
+    let report = tokio::select! {
+        report = chatwoot_bridge::run(config, stop) => report?,
+        () = async {
+            first_signal.notified().await;
+            shutdown_signal().await;
+        } => {
+            // An operator who asks twice does not wait for the shutdown deadline.
+            tracing::error!("second signal: exiting now, before the shutdown finished; \
+                what was appended stays in the spool for the next start, events still in memory \
+                on their way to it are lost");
+            std::process::exit(EXIT_SECOND_SIGNAL);
+        }
+    };
     // Undelivered events are safe in the spool: a clean stop as long as it was synced.
     Ok(match report.persistence {
         Persistence::Synced => ExitCode::SUCCESS,
@@ -420,6 +440,10 @@ async fn delivered_at_least(bridge: &chatwoot_bridge::Bridge, want: u64) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The exit code after a second Ctrl-C or SIGTERM cut the shutdown short: 128 + SIGINT, as a
+/// shell reports an interrupted command.
+const EXIT_SECOND_SIGNAL: i32 = 130;
 
 /// Completes on Ctrl-C or SIGTERM (what `docker stop` and systemd send).
 async fn shutdown_signal() {

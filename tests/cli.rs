@@ -3,6 +3,7 @@
 mod support;
 
 use std::process::Output;
+use std::time::Duration;
 
 use chatwoot_bridge::mock::{Answer, MockConfig};
 use support::{mock_token, quoted, start_mock, wait_until, within, BridgeYaml};
@@ -218,4 +219,61 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
     for line in lines.lines() {
         serde_json::from_str::<serde_json::Value>(line).expect("no torn line at shutdown");
     }
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once() {
+    // The only sink is a webhook that refuses connections, so the first SIGTERM's shutdown
+    // waits the whole shutdown_timeout (60 s) for it; the second cuts that short.
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("t", Answer::Confirm)],
+        rate: 200.0,
+        ..MockConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let path = BridgeYaml::new(&server.url())
+        .token("{ name: a, pubsub_token: t }")
+        .sink("hook", &format!("{{ type: http, url: '{url}' }}"))
+        .route_all(&["hook"])
+        .spool(&dir.path().join("spool"))
+        .setting("shutdown_timeout: 60s")
+        .write(&dir.path().join("c.yaml"));
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until("the token to subscribe", || {
+        server.streaming_subscriptions() >= 1
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    let term = || {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    term();
+    // Still shutting down: the dead webhook holds it for up to 60 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the sinks"
+    );
+    term();
+    let output = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .expect("the second SIGTERM ends the process within seconds")
+        .unwrap();
+    server.stop().await;
+    assert_eq!(output.status.code(), Some(130), "{:?}", output.status);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("second signal: exiting now"), "{stderr}");
 }
