@@ -171,14 +171,29 @@ async fn demo_runs_end_to_end_and_stops_by_itself() {
     );
 }
 
-#[tokio::test]
-async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
-    let server = start_mock(MockConfig {
+/// A mock Chatwoot streaming 200 events a second to the token `t`.
+async fn streaming_mock() -> chatwoot_bridge::mock::MockServer {
+    start_mock(MockConfig {
         tokens: vec![mock_token("t", Answer::Confirm)],
         rate: 200.0,
         ..MockConfig::default()
     })
-    .await;
+    .await
+}
+
+/// Sends SIGTERM with kill(1), as systemd and docker stop do.
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the daemon is running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
+    let server = streaming_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("out.jsonl");
     let path = BridgeYaml::new(&server.url())
@@ -203,13 +218,7 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
             >= 20
     })
     .await;
-    let pid = child.id().unwrap() as i32;
-    // kill(1) sends the signal, as systemd and docker stop do.
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    sigterm(&child);
     let status = within("the daemon to exit after SIGTERM", child.wait())
         .await
         .unwrap();
@@ -225,12 +234,7 @@ async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
 async fn a_second_sigterm_exits_at_once() {
     // The only sink is a webhook that refuses connections, so the first SIGTERM's shutdown
     // waits the whole shutdown_timeout (60 s) for it; the second cuts that short.
-    let server = start_mock(MockConfig {
-        tokens: vec![mock_token("t", Answer::Confirm)],
-        rate: 200.0,
-        ..MockConfig::default()
-    })
-    .await;
+    let server = streaming_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", closed.local_addr().unwrap());
@@ -252,22 +256,14 @@ async fn a_second_sigterm_exits_at_once() {
         server.streaming_subscriptions() >= 1
     })
     .await;
-    let pid = child.id().unwrap().to_string();
-    let term = || {
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
-    term();
+    sigterm(&child);
     // Still shutting down: the dead webhook holds it for up to 60 s.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the sinks"
     );
-    term();
+    sigterm(&child);
     let output = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
         .await
         .expect("the second SIGTERM ends the process within seconds")

@@ -47,6 +47,18 @@ fn bridge_yaml(cable: &str, spool: &Path) -> BridgeYaml {
         .setting("shutdown_timeout: 20s")
 }
 
+/// Starts a bridge on `config` and waits until its token streams from `mock`.
+async fn start_subscribed(config: chatwoot_bridge::config::Config, mock: &MockServer) -> Bridge {
+    let bridge = within("the bridge to start", Bridge::start(config))
+        .await
+        .unwrap();
+    wait_until("the bridge to subscribe", || {
+        mock.streaming_subscriptions() >= 1
+    })
+    .await;
+    bridge
+}
+
 fn event(id: u128, name: &str, data: &str) -> Arc<Event> {
     let mut e = Event::for_test(name, "agent", data);
     e.id = EventId(id);
@@ -597,13 +609,7 @@ async fn webhook_retry_after_holds_back_the_retry_loop() {
         .sink("hook", &hook)
         .route_all(&["hook"])
         .config();
-    let bridge = within("the bridge to start", Bridge::start(config))
-        .await
-        .unwrap();
-    wait_until("the bridge to subscribe", || {
-        mock.streaming_subscriptions() >= 1
-    })
-    .await;
+    let bridge = start_subscribed(config, &mock).await;
     mock.broadcast(
         "message.created",
         r#"{"id":1,"account_id":1,"conversation_id":3,"content":"hi"}"#,
@@ -1219,13 +1225,7 @@ async fn one_stream_to_kafka_jetstream_and_a_signed_webhook() {
         &receiver.url("/chatwoot/{event}"),
     )
     .config();
-    let bridge = within("the bridge to start", Bridge::start(config))
-        .await
-        .unwrap();
-    wait_until("the bridge to subscribe", || {
-        mock.streaming_subscriptions() >= 1
-    })
-    .await;
+    let bridge = start_subscribed(config, &mock).await;
 
     let sent = broadcast_mixed(&mock);
     let ids_by_n = check_webhook(&receiver, &sent, &mock.url()).await;
