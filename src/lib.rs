@@ -37,6 +37,8 @@
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
 //!   starts the ingest and the sockets; [`Bridge::shutdown`] stops them in reverse; [`run`] is
 //!   both around an injected shutdown future.
+//! - `fuzzing` (feature `fuzzing`, for `fuzz/` only): one entry point per reader of untrusted
+//!   input, so the fuzz targets reach private readers without making them public.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`Bridge`] and [`mock::MockServer`].
 
@@ -45,6 +47,9 @@ pub mod bridge;
 pub mod config;
 pub mod delivery;
 pub mod event;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mock;
 pub mod route;
 pub mod sink;
