@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use chatwoot_bridge::bridge::{Drain, Persistence};
+use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
@@ -148,7 +148,11 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(execute(cli.command)) {
+    let result = runtime.block_on(execute(cli.command));
+    // Whatever was left behind (a write stuck on a disk that does not answer) must not hold the
+    // exit: the shutdown has logged what it could not finish.
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -156,6 +160,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Bounds the wait for tasks and threads still running once a command has finished.
+const RUNTIME_STOP: Duration = Duration::from_secs(1);
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -207,12 +214,23 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             std::process::exit(EXIT_SECOND_SIGNAL);
         }
     };
-    // Undelivered events are safe in the spool: a clean stop as long as it was synced.
-    Ok(match report.persistence {
-        Persistence::Synced => ExitCode::SUCCESS,
-        Persistence::SyncFailed => ExitCode::FAILURE,
-    })
+    Ok(ExitCode::from(exit_code(&report)))
 }
+
+/// The exit code of `run` after a shutdown. Undelivered events are safe in the spool: a stop is
+/// clean when every event read reached it and it was fsynced; else [`EXIT_NOT_SPOOLED`].
+fn exit_code(report: &ShutdownReport) -> u8 {
+    if report.everything_read_is_spooled() {
+        0
+    } else {
+        EXIT_NOT_SPOOLED
+    }
+}
+
+/// The exit code after a shutdown in which events read did not all reach the spool, or the
+/// spool's final fsync did not complete: the spool's disk failed. `EX_IOERR` of sysexits.h; the
+/// last log line says which, and how many events.
+const EXIT_NOT_SPOOLED: u8 = 74;
 
 /// Validates the config and, with `connect`, tries every sink and token.
 async fn check(path: &Path, connect: bool) -> ExitCode {
@@ -464,5 +482,41 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => info!("Ctrl-C received"),
         _ = terminate => info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chatwoot_bridge::bridge::{Drain, Persistence, ShutdownReport};
+
+    use super::{exit_code, EXIT_NOT_SPOOLED};
+
+    fn report(not_spooled: u64, persistence: Persistence) -> ShutdownReport {
+        ShutdownReport {
+            drain: Drain::DeadlinePassed,
+            persistence,
+            read: 100,
+            spooled: 100 - not_spooled,
+            not_spooled,
+        }
+    }
+
+    #[test]
+    fn the_exit_code_says_whether_every_event_read_reached_the_spool() {
+        // Undelivered is fine (the spool has it); unstored or unsynced is not.
+        assert_eq!(exit_code(&report(0, Persistence::Synced)), 0);
+        assert_eq!(exit_code(&report(3, Persistence::Synced)), EXIT_NOT_SPOOLED);
+        assert_eq!(
+            exit_code(&report(0, Persistence::SyncFailed)),
+            EXIT_NOT_SPOOLED
+        );
+        assert_eq!(
+            exit_code(&report(0, Persistence::SyncTimedOut)),
+            EXIT_NOT_SPOOLED
+        );
+        assert_eq!(
+            exit_code(&report(3, Persistence::SyncTimedOut)),
+            EXIT_NOT_SPOOLED
+        );
     }
 }

@@ -86,7 +86,8 @@ pub struct Config {
     pub routes: RouteTable,
     /// The durable queue in front of the sinks.
     pub spool: SpoolConfig,
-    /// How long shutdown may take to deliver what is in flight before it gives up.
+    /// How long shutdown may take, from the signal, to store and deliver what was read before it
+    /// gives up; the process ends within this plus 5 s.
     pub shutdown_timeout: Duration,
 }
 

@@ -41,7 +41,8 @@ pub(super) struct RawConfig {
     /// The durable local queue every event is written to before any sink sees it.
     #[serde(default)]
     pub(super) spool: RawSpool,
-    /// How long shutdown may take to deliver what is in flight before it gives up.
+    /// How long shutdown may take, from the signal, to store and deliver what was read before it
+    /// gives up; the process ends within this plus 5 s.
     #[serde(default = "default_shutdown_timeout")]
     pub(super) shutdown_timeout: HumanDuration,
 }

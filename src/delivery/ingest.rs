@@ -65,6 +65,9 @@ const REPLAY_POLL: Duration = Duration::from_secs(1);
 pub struct PipelineStats {
     /// Events appended to the spool.
     pub spooled: AtomicU64,
+    /// Events read that the ingest gave up on when the shutdown deadline passed while the spool
+    /// refused them (or its disk did not answer): never appended, so lost.
+    pub not_spooled: AtomicU64,
     /// Events that matched no route, by event name (they went to the `unmatched` sink, if any).
     pub unmatched: Mutex<BTreeMap<String, u64>>,
     /// Events refused by a full spool (`when_full: drop_newest`).
@@ -155,25 +158,40 @@ impl RecordBatch {
 
 /// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
 /// dropped their senders and everything received is appended.
+///
+/// Once the appender's deadline is cancelled (the shutdown deadline passed) it stops waiting
+/// for the disk: it closes the channel (a token task still waiting to hand an event over gets
+/// an error and counts it), and what it has not appended by then, in hand or queued, is
+/// counted as not spooled.
 pub(crate) async fn ingest(
     mut events: mpsc::Receiver<Event>,
     routes: RouteTable,
-    spool: Spool,
-    tail: Tail,
-    stats: Arc<PipelineStats>,
+    mut appender: Appender,
 ) {
-    let mut router = Router::new(routes, &spool);
+    let mut router = Router::new(routes, &appender.spool);
     let mut received = Vec::with_capacity(MAX_BATCH);
     let mut batch = RecordBatch::default();
     // A batch never takes more than the whole spool: under DropOldest one that did would lose
     // its own oldest events before they were ever spooled (or counted as spooled).
-    let max_batch_bytes = spool.max_bytes();
-    while events.recv_many(&mut received, MAX_BATCH).await > 0 {
+    let max_batch_bytes = appender.spool.max_bytes();
+    let mut channel_open = true;
+    loop {
+        let received_some = tokio::select! {
+            n = events.recv_many(&mut received, MAX_BATCH) => n > 0,
+            () = appender.deadline.cancelled(), if channel_open => {
+                events.close();
+                channel_open = false;
+                continue;
+            }
+        };
+        if !received_some {
+            break;
+        }
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
         let mut masks = Vec::with_capacity(received.len());
         for event in received.drain(..) {
-            let Some((event, mask)) = router.route(event, &stats) else {
+            let Some((event, mask)) = router.route(event, &appender.stats) else {
                 continue;
             };
             batch.push(&event, mask);
@@ -183,7 +201,7 @@ pub(crate) async fn ingest(
                     std::mem::replace(&mut appended, Vec::with_capacity(MAX_BATCH)),
                     std::mem::replace(&mut masks, Vec::with_capacity(MAX_BATCH)),
                 );
-                batch = append_until_stored(&spool, batch, offered, &tail, &stats).await;
+                batch = appender.append_until_stored(batch, offered).await;
                 batch.clear();
                 batch.push(&event, mask);
             }
@@ -193,9 +211,24 @@ pub(crate) async fn ingest(
         if batch.is_empty() {
             continue;
         }
-        batch = append_until_stored(&spool, batch, (appended, masks), &tail, &stats).await;
+        batch = appender.append_until_stored(batch, (appended, masks)).await;
     }
-    info!("ingest finished: every event read is in the spool");
+    appender.finish();
+}
+
+/// Where the ingest appends, and how long it keeps trying.
+pub(crate) struct Appender {
+    /// Every routed event is appended here.
+    spool: Spool,
+    /// Appended batches are offered to the sink loops here.
+    tail: Tail,
+    /// Counts what was stored, dropped by a full spool, or given up on.
+    stats: Arc<PipelineStats>,
+    /// Cancelled when the shutdown deadline passes: from then on nothing more is tried, and
+    /// what is not appended is counted as not spooled.
+    deadline: CancellationToken,
+    /// Events given up on at the deadline, for the ingest's last word.
+    given_up: u64,
 }
 
 /// Gives each event its id and the spool mask of the sinks its routes chose.
@@ -242,24 +275,80 @@ impl Router {
     }
 }
 
-/// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
-/// an event that was read is never dropped for an I/O error. Once stored, the batch's events
-/// are offered to the sink loops on `tail`, before they are woken.
-async fn append_until_stored(
-    spool: &Spool,
-    batch: RecordBatch,
-    events: (Vec<Arc<Event>>, Vec<SinkMask>),
-    tail: &Tail,
-    stats: &PipelineStats,
-) -> RecordBatch {
-    debug_assert_eq!(events.0.len(), batch.len(), "one event per record");
-    debug_assert_eq!(events.1.len(), batch.len(), "one mask per record");
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let mut batch = batch;
-    let mut offer = Some(events);
-    loop {
-        let (spool, tail) = (spool.clone(), tail.clone());
-        let (returned, kept, result) = tokio::task::spawn_blocking(move || {
+impl Appender {
+    /// Appends to `spool` and offers on `tail` until `deadline` is cancelled.
+    pub(crate) fn new(
+        spool: Spool,
+        tail: Tail,
+        stats: Arc<PipelineStats>,
+        deadline: CancellationToken,
+    ) -> Appender {
+        Appender {
+            spool,
+            tail,
+            stats,
+            deadline,
+            given_up: 0,
+        }
+    }
+
+    /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
+    /// an event that was read is never dropped for an I/O error, until the shutdown deadline.
+    /// Once stored, the batch's events are offered to the sink loops on `tail`, before they are
+    /// woken. Past the deadline the batch is counted as not spooled instead: a write still
+    /// running on its thread then (a disk that hangs) is not waited for, and counts as not
+    /// spooled whatever becomes of it.
+    async fn append_until_stored(&mut self, batch: RecordBatch, events: Offer) -> RecordBatch {
+        debug_assert_eq!(events.0.len(), batch.len(), "one event per record");
+        debug_assert_eq!(events.1.len(), batch.len(), "one mask per record");
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut batch = batch;
+        let mut offer = Some(events);
+        loop {
+            let records = batch.len();
+            if self.deadline.is_cancelled() {
+                self.give_up(records);
+                return batch;
+            }
+            let attempt = self.attempt(batch, offer);
+            let (returned, kept, result) = tokio::select! {
+                biased;
+                done = attempt => done.expect("spool appends do not panic"),
+                () = self.deadline.cancelled() => {
+                    self.give_up(records);
+                    return RecordBatch::default();
+                }
+            };
+            batch = returned;
+            offer = kept;
+            match result {
+                Ok(report) => {
+                    count_appended(&report, &self.stats);
+                    return batch;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    error!(error = %e, events = batch.len(), retry_in = ?delay,
+                        "cannot append to the spool; holding the sockets until it works");
+                    tokio::select! {
+                        () = sleep(delay) => {}
+                        () = self.deadline.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One append of `batch` on a blocking thread; the whole batch is offered on the tail once
+    /// written. Gives the batch back, with the offer if it was not taken.
+    fn attempt(
+        &self,
+        batch: RecordBatch,
+        offer: Option<Offer>,
+    ) -> tokio::task::JoinHandle<(RecordBatch, Option<Offer>, Result<AppendReport, SpoolError>)>
+    {
+        let (spool, tail) = (self.spool.clone(), self.tail.clone());
+        tokio::task::spawn_blocking(move || {
             let mut offer = offer;
             let result = batch.append_then(&spool, |report| {
                 // Only a whole batch is offered: what a full spool refused is not delivered.
@@ -279,24 +368,40 @@ async fn append_until_stored(
             });
             (batch, offer, result)
         })
-        .await
-        .expect("spool appends do not panic");
-        batch = returned;
-        offer = kept;
-        match result {
-            Ok(report) => {
-                count_appended(&report, stats);
-                return batch;
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                error!(error = %e, events = batch.len(), retry_in = ?delay,
-                    "cannot append to the spool; holding the sockets until it works");
-                sleep(delay).await;
-            }
+    }
+
+    /// Counts `records` events as not spooled: the shutdown deadline passed before the spool
+    /// took them.
+    fn give_up(&mut self, records: usize) {
+        if self.given_up == 0 {
+            error!(
+                "the shutdown deadline passed before the spool took every event read: giving up \
+                 on the disk; what the ingest still holds is lost"
+            );
+        }
+        self.given_up += records as u64;
+        self.stats
+            .not_spooled
+            .fetch_add(records as u64, Ordering::Relaxed);
+    }
+
+    /// The ingest's last word: whether everything it received went where its routes said.
+    fn finish(self) {
+        if self.given_up == 0 {
+            info!("ingest finished: every event read is in the spool");
+        } else {
+            error!(
+                not_spooled = self.given_up,
+                "ingest stopped at the shutdown deadline: {} events read were NOT appended to \
+                 the spool and are lost",
+                self.given_up
+            );
         }
     }
 }
+
+/// A batch's events and sinks, offered to the sink loops once the batch is appended.
+type Offer = (Vec<Arc<Event>>, Vec<SinkMask>);
 
 /// Counts what an append stored and what a full spool dropped, loudly.
 fn count_appended(report: &AppendReport, stats: &PipelineStats) {
@@ -509,12 +614,10 @@ mod tests {
         drop(events);
         let stats = Arc::new(PipelineStats::default());
         let (tail, _) = broadcast::channel(16);
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            ingest(received, routes, spool.clone(), tail, stats.clone()),
-        )
-        .await
-        .expect("ingest ends once the senders are gone");
+        let appender = Appender::new(spool.clone(), tail, stats.clone(), CancellationToken::new());
+        tokio::time::timeout(Duration::from_secs(30), ingest(received, routes, appender))
+            .await
+            .expect("ingest ends once the senders are gone");
         assert_eq!(stats.spooled.load(Ordering::Relaxed), EVENTS);
         assert!(stats.spool_dropped_oldest.load(Ordering::Relaxed) > 0);
     }

@@ -82,6 +82,8 @@ mod registry;
 mod state;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+pub(crate) use test_support::{inject_fault, DiskFault};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -413,6 +415,11 @@ impl Inner {
             ))?;
             (active, base)
         };
+        #[cfg(test)]
+        test_support::injected_fault(&self.config.dir).map_err(io_err(
+            "fsync spool segment",
+            &segment_path(&self.config.dir, base),
+        ))?;
         active.sync_data().map_err(io_err(
             "fsync spool segment",
             &segment_path(&self.config.dir, base),

@@ -200,6 +200,8 @@ pub(super) fn write_state_file(dir: &Path, json: &[u8]) -> Result<(), SpoolError
     // Write, fsync, rename: a crash leaves either the old file or the new one, never a torn
     // one. Always fsynced, whatever the policy: it is small and written a few times a
     // second at most, and losing it would scramble which bit is which sink.
+    #[cfg(test)]
+    super::test_support::injected_fault(dir).map_err(io_err("write spool cursor file", &tmp))?;
     {
         let mut f = File::create(&tmp).map_err(io_err("create spool cursor file", &tmp))?;
         io::Write::write_all(&mut f, json).map_err(io_err("write spool cursor file", &tmp))?;
