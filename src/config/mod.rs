@@ -88,6 +88,8 @@ pub struct Config {
     pub spool: SpoolConfig,
     /// How long shutdown may take to deliver what is in flight before it gives up.
     pub shutdown_timeout: Duration,
+    /// Bytes of events held in memory at once, divided among the stages that hold them.
+    pub memory_limit: u64,
 }
 
 /// One sink: where it delivers and what it removes from `data` first.
@@ -455,6 +457,21 @@ routes:
             .to_string();
         assert!(
             err.contains("spool.max_bytes: 4194304 is smaller than twice chatwoot.max_frame_bytes"),
+            "{err}"
+        );
+        assert_eq!(load(MINIMAL).unwrap().memory_limit, 64 << 20);
+        let err = load(&format!("{MINIMAL}memory_limit: 1048576\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit: 1048576 is too small; give at least 4 MiB"),
+            "{err}"
+        );
+        let err = load(&format!("{MINIMAL}memory_limit: 8388608\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit: 8388608 is smaller than twice chatwoot.max_frame_bytes"),
             "{err}"
         );
         for bad in ["0", "1025"] {

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::delivery::retry::RetrySettings;
+use crate::memory::DEFAULT_MEMORY_LIMIT;
 use crate::route::redact::FieldsSpec;
 use crate::route::RouteSpec;
 use crate::sink::SinkConfig;
@@ -44,6 +45,11 @@ pub(super) struct RawConfig {
     /// How long shutdown may take to deliver what is in flight before it gives up.
     #[serde(default = "default_shutdown_timeout")]
     pub(super) shutdown_timeout: HumanDuration,
+    /// Bytes of events held in memory at once, shared by the sockets' way to the spool, the
+    /// in-memory tail and the sinks; at least twice `chatwoot.max_frame_bytes`.
+    #[serde(default = "default_memory_limit", deserialize_with = "number")]
+    #[schemars(with = "u64")]
+    pub(super) memory_limit: u64,
 }
 
 /// Chatwoot's ActionCable endpoint, and the timing and limits of every socket to it.
@@ -224,6 +230,9 @@ const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(DEFAULT_SHUTDOWN_TIMEOUT)
+}
+fn default_memory_limit() -> u64 {
+    DEFAULT_MEMORY_LIMIT
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(CableSettings::default().connect_timeout)
