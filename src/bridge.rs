@@ -18,10 +18,10 @@ use tracing::{error, info};
 use crate::config::{Config, SinkSettings};
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{self, Appender, PipelineStats, Tail, INGEST_CAPACITY};
-use crate::delivery::{SinkLoop, SINK_LIMITS};
-use crate::event::Event;
+use crate::delivery::{FileReader, SinkLoop, SINK_LIMITS};
+use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::{Sink, SinkBuildError};
-use crate::source::supervisor::Supervisor;
+use crate::source::supervisor::{EventSender, Supervisor};
 use crate::spool::{FsyncMode, Spool, SpoolError};
 use crate::status::StatusBoard;
 
@@ -192,6 +192,8 @@ struct Wiring {
     ingest_done: CancellationToken,
     /// Tells sink loops to stop without finishing once the shutdown deadline has passed.
     give_up: CancellationToken,
+    /// `memory_limit` divided among the ingest, the tail, replays and the sink loops.
+    memory: MemoryBudget,
 }
 
 impl Bridge {
@@ -199,13 +201,15 @@ impl Bridge {
     /// Fails before connecting anything if the spool or a sink cannot be opened.
     pub async fn start(config: Config) -> Result<Bridge, StartError> {
         let (spool_lock, spool, dead_letters) = open_storage(&config).await?;
+        let memory = MemoryBudget::divide(config.memory_limit, config.sinks.len());
         let wiring = Wiring {
             spool,
             stats: Arc::new(PipelineStats::default()),
             status: StatusBoard::new(),
-            tail: tokio::sync::broadcast::channel(ingest::TAIL_BATCHES).0,
+            tail: Tail::new(memory.tail),
             ingest_done: CancellationToken::new(),
             give_up: CancellationToken::new(),
+            memory,
         };
         let delivery = wiring.start_delivery(&config, dead_letters).await?;
         let (ingest, events) = wiring.start_ingest(&config);
@@ -442,6 +446,7 @@ impl Wiring {
             status,
             tail,
             give_up,
+            memory,
             ..
         } = self;
         let sink = Sink::build(name, &settings.kind, SINK_LIMITS).await?;
@@ -450,9 +455,9 @@ impl Wiring {
             sink,
             redaction: settings.redaction.clone(),
             retry: settings.retry,
-            reader: spool.reader(name)?.into(),
-            tail: tail.subscribe(),
-            held: None,
+            reader: FileReader::new(spool.reader(name)?, memory.sink.read_bytes),
+            tail: tail.clone(),
+            unconfirmed_bytes: memory.sink.unconfirmed_bytes,
             dead_letters: dead_letters.clone(),
             dead_letter_sink: settings
                 .dead_letter
@@ -483,15 +488,19 @@ impl Wiring {
             dead_letters,
             self.spool.clone(),
             config.sinks.keys().cloned().collect(),
+            self.memory.replay_batch,
             self.ingest_done.clone(),
         ));
     }
 
     /// Starts the ingest: events in, routed and appended to the spool, then announced on the
-    /// tail. Returns its task and the sender the token sockets hand events to.
-    fn start_ingest(&self, config: &Config) -> (TaskTracker, mpsc::Sender<Event>) {
+    /// tail. Returns its task and the sender the token sockets hand events to, behind the byte
+    /// gate of the ingest's share of `memory_limit`.
+    fn start_ingest(&self, config: &Config) -> (TaskTracker, EventSender) {
         let ingest = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(INGEST_CAPACITY);
+        let gate = ByteGate::new(self.memory.ingest_events);
+        let events_tx = EventSender::gated(events_tx, gate.clone());
         let (routes, done) = (config.routes.clone(), self.ingest_done.clone());
         let appender = Appender::new(
             self.spool.clone(),
@@ -500,7 +509,7 @@ impl Wiring {
             self.give_up.clone(),
         );
         ingest.spawn(async move {
-            ingest::ingest(events_rx, routes, appender).await;
+            ingest::ingest(events_rx, gate, routes, appender).await;
             done.cancel();
         });
         ingest.close();
@@ -509,11 +518,7 @@ impl Wiring {
 }
 
 /// Starts one socket per configured token.
-fn start_supervisor(
-    config: &Config,
-    events: mpsc::Sender<Event>,
-    status: &StatusBoard,
-) -> Supervisor {
+fn start_supervisor(config: &Config, events: EventSender, status: &StatusBoard) -> Supervisor {
     let mut supervisor = Supervisor::new(
         Arc::new(config.cable.clone()),
         events,

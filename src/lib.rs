@@ -32,6 +32,8 @@
 //! - [`types`]: the config vocabulary every stage shares (secrets, durations, problems); a leaf.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
 //! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
+//! - `memory`: `memory_limit` divided among the stages that hold events, and the byte gate
+//!   between the sockets and the spool.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
 //!   [`mock::fixtures`], for tests, demos and benchmarks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
@@ -50,6 +52,7 @@ pub mod event;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod memory;
 pub mod mock;
 pub mod route;
 pub mod sink;

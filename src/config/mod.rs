@@ -89,6 +89,8 @@ pub struct Config {
     /// How long shutdown may take, from the signal, to store and deliver what was read before it
     /// gives up; the process ends within this plus 5 s.
     pub shutdown_timeout: Duration,
+    /// Bytes of events held in memory at once, divided among the stages that hold them.
+    pub memory_limit: u64,
 }
 
 /// One sink: where it delivers and what it removes from `data` first.
@@ -456,6 +458,21 @@ routes:
             .to_string();
         assert!(
             err.contains("spool.max_bytes: 4194304 is smaller than twice chatwoot.max_frame_bytes"),
+            "{err}"
+        );
+        assert_eq!(load(MINIMAL).unwrap().memory_limit, 64 << 20);
+        let err = load(&format!("{MINIMAL}memory_limit: 1048576\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit: 1048576 is too small; give at least 4 MiB"),
+            "{err}"
+        );
+        let err = load(&format!("{MINIMAL}memory_limit: 8388608\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit: 8388608 is smaller than twice chatwoot.max_frame_bytes"),
             "{err}"
         );
         for bad in ["0", "1025"] {

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::delivery::retry::RetrySettings;
+use crate::memory::DEFAULT_MEMORY_LIMIT;
 use crate::route::redact::FieldsSpec;
 use crate::route::RouteSpec;
 use crate::sink::SinkConfig;
@@ -45,6 +46,11 @@ pub(super) struct RawConfig {
     /// gives up; the process ends within this plus 5 s.
     #[serde(default = "default_shutdown_timeout")]
     pub(super) shutdown_timeout: HumanDuration,
+    /// Bytes of events held in memory at once, shared by the sockets' way to the spool, the
+    /// in-memory tail and the sinks; at least twice `chatwoot.max_frame_bytes`.
+    #[serde(default = "default_memory_limit", deserialize_with = "number")]
+    #[schemars(with = "u64")]
+    pub(super) memory_limit: u64,
 }
 
 /// Chatwoot's ActionCable endpoint, and the timing and limits of every socket to it.
@@ -225,6 +231,9 @@ const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(DEFAULT_SHUTDOWN_TIMEOUT)
+}
+fn default_memory_limit() -> u64 {
+    DEFAULT_MEMORY_LIMIT
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(CableSettings::default().connect_timeout)

@@ -11,13 +11,13 @@
 //! also offered to the sink loops in memory (`Appended`): a sink that keeps up takes it from
 //! there instead of reading back and decoding what was just written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -26,6 +26,7 @@ use crate::backoff::Backoff;
 use crate::delivery::dead_letter::DeadLetters;
 use crate::event::id::IdAssigner;
 use crate::event::Event;
+use crate::memory::ByteGate;
 use crate::route::RouteTable;
 use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
@@ -33,12 +34,12 @@ use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 pub const MAX_BATCH: usize = 512;
 
 /// Bounds the events read from the sockets and not on disk yet: the capacity of the channel from
-/// the token tasks to the ingest. Small on purpose: the sockets are held back instead.
+/// the token tasks to the ingest. Small on purpose: the sockets are held back instead. Their
+/// bytes are bounded too, by the byte gate the token tasks pass (`memory_limit`).
 pub(crate) const INGEST_CAPACITY: usize = 1024;
 
-/// Bounds the appended batches kept in memory for sink loops that have not taken them yet. A loop
-/// that falls further behind reads the spool instead; small, since a slow sink's share stays
-/// here until overwritten.
+/// Bounds the appended batches kept in memory for the sink loops, besides their bytes (the
+/// tail's share of `memory_limit`). A loop that falls further behind reads the spool instead.
 pub(crate) const TAIL_BATCHES: usize = 16;
 
 /// A batch as it was appended to the spool, for the sink loops to take in memory.
@@ -54,8 +55,76 @@ pub(crate) struct Appended {
     pub(crate) end: SpoolPosition,
 }
 
-/// Sends every appended batch to the sink loops (each subscribes its own receiver).
-pub(crate) type Tail = broadcast::Sender<Arc<Appended>>;
+impl Appended {
+    /// Seq of the last record.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.first_seq + self.masks.len() as u64 - 1
+    }
+}
+
+/// The batches just appended, newest last, for the sink loops to take in memory instead of
+/// reading them back: at most [`TAIL_BATCHES`] of them and `max_bytes` of events. The newest
+/// push the oldest out, whoever has taken them, so that a sink that is down holds nothing here;
+/// a batch larger than `max_bytes` is not kept. Shared by the ingest and every sink loop.
+#[derive(Debug, Clone)]
+pub(crate) struct Tail {
+    /// The batches, behind a lock taken once per batch, never per event.
+    ring: Arc<Mutex<TailRing>>,
+}
+
+/// The batches of a [`Tail`].
+#[derive(Debug)]
+struct TailRing {
+    /// The batches with their bytes ([`Event::memory_bytes`] summed), oldest first.
+    batches: VecDeque<(Arc<Appended>, usize)>,
+    /// The bytes of `batches`, at most `max_bytes`.
+    bytes: usize,
+    /// What `batches` may hold: the tail's share of `memory_limit`.
+    max_bytes: usize,
+}
+
+impl Tail {
+    /// An empty tail holding at most `max_bytes` of events.
+    pub(crate) fn new(max_bytes: usize) -> Tail {
+        Tail {
+            ring: Arc::new(Mutex::new(TailRing {
+                batches: VecDeque::with_capacity(TAIL_BATCHES),
+                bytes: 0,
+                max_bytes,
+            })),
+        }
+    }
+
+    /// Keeps a batch just appended, pushing the oldest out to make room; false when it is
+    /// larger than the whole tail and not kept (its sinks read it from the spool, a read's worth
+    /// at a time). Called before the sink loops are woken, so that a loop that wakes finds it.
+    pub(crate) fn send(&self, batch: Arc<Appended>) -> bool {
+        let bytes: usize = batch.events.iter().map(|e| e.memory_bytes()).sum();
+        let mut ring = self.ring.lock().expect("tail lock");
+        if bytes > ring.max_bytes {
+            return false;
+        }
+        while ring.batches.len() >= TAIL_BATCHES || ring.bytes + bytes > ring.max_bytes {
+            let Some((_, oldest)) = ring.batches.pop_front() else {
+                break;
+            };
+            ring.bytes -= oldest;
+        }
+        ring.bytes += bytes;
+        ring.batches.push_back((batch, bytes));
+        true
+    }
+
+    /// The oldest batch kept with records after `seq`, and its bytes; `None` when no batch kept
+    /// goes past it. It may start after `seq + 1`: the records in between are in the spool only.
+    pub(crate) fn after(&self, seq: u64) -> Option<(Arc<Appended>, usize)> {
+        let ring = self.ring.lock().expect("tail lock");
+        ring.batches
+            .iter()
+            .find(|(batch, _)| batch.last_seq() > seq)
+            .map(|(batch, bytes)| (batch.clone(), *bytes))
+    }
+}
 
 /// Bounds how long a queued dead-letter replay waits before the daemon looks for it.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
@@ -157,14 +226,16 @@ impl RecordBatch {
 }
 
 /// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
-/// dropped their senders and everything received is appended.
+/// dropped their senders and everything received is appended. The bytes the token tasks took
+/// from `gate` for each event go back once it is appended (or routed nowhere).
 ///
 /// Once the appender's deadline is cancelled (the shutdown deadline passed) it stops waiting
-/// for the disk: it closes the channel (a token task still waiting to hand an event over gets
-/// an error and counts it), and what it has not appended by then, in hand or queued, is
-/// counted as not spooled.
+/// for the disk: it closes the channel (a token task still waiting to hand an event over, or
+/// waiting for the gate, gets an error and counts it), and what it has not appended by then, in
+/// hand or queued, is counted as not spooled.
 pub(crate) async fn ingest(
     mut events: mpsc::Receiver<Event>,
+    gate: ByteGate,
     routes: RouteTable,
     mut appender: Appender,
 ) {
@@ -187,6 +258,10 @@ pub(crate) async fn ingest(
         if !received_some {
             break;
         }
+        let charged: usize = received
+            .iter()
+            .map(|e| gate.charge(e.memory_bytes()) as usize)
+            .sum();
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
         let mut masks = Vec::with_capacity(received.len());
@@ -208,10 +283,12 @@ pub(crate) async fn ingest(
             appended.push(Arc::new(event));
             masks.push(mask);
         }
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            batch = appender.append_until_stored(batch, (appended, masks)).await;
         }
-        batch = appender.append_until_stored(batch, (appended, masks)).await;
+        // Everything received is in the spool (or went nowhere, or was given up at the
+        // deadline): the sockets may read more.
+        gate.release(charged);
     }
     appender.finish();
 }
@@ -355,7 +432,7 @@ impl Appender {
                 if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
                     if report.appended == batch.len() {
                         if let Some((events, masks)) = offer.take() {
-                            // No receiver (shutting down) is fine: the spool has them.
+                            // Not kept when larger than the tail's share: the spool has them.
                             let _ = tail.send(Arc::new(Appended {
                                 first_seq,
                                 events,
@@ -463,15 +540,17 @@ pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: Ca
     }
 }
 
-/// Puts dead letters that `dlq replay` queued back into the spool, for their sink only.
+/// Puts dead letters that `dlq replay` queued back into the spool, for their sink only, in
+/// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`).
 pub(crate) async fn replay_dead_letters(
     dead_letters: DeadLetters,
     spool: Spool,
     sinks: Vec<String>,
+    max_batch_bytes: usize,
     stop: CancellationToken,
 ) {
     loop {
-        replay_pending(&dead_letters, &spool, &sinks).await;
+        replay_pending(&dead_letters, &spool, &sinks, max_batch_bytes).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = sleep(REPLAY_POLL) => {}
@@ -480,7 +559,12 @@ pub(crate) async fn replay_dead_letters(
 }
 
 /// One look for replay files, each put back into the spool in turn until one waits for room.
-async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[String]) {
+async fn replay_pending(
+    dead_letters: &DeadLetters,
+    spool: &Spool,
+    sinks: &[String],
+    max_batch_bytes: usize,
+) {
     let store = dead_letters.clone();
     let pending = match tokio::task::spawn_blocking(move || store.pending_replays())
         .await
@@ -498,10 +582,11 @@ async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[Stri
             continue;
         }
         let (store, spool, path2) = (dead_letters.clone(), spool.clone(), path.clone());
-        let replayed =
-            tokio::task::spawn_blocking(move || replay_file(&store, &spool, &sink, &path2))
-                .await
-                .expect("replays do not panic");
+        let replayed = tokio::task::spawn_blocking(move || {
+            replay_file(&store, &spool, &sink, &path2, max_batch_bytes)
+        })
+        .await
+        .expect("replays do not panic");
         match replayed {
             Ok(Replayed::All(n)) => {
                 info!(count = n, file = %path.display(), "dead letters put back into the spool")
@@ -530,14 +615,16 @@ enum Replayed {
 }
 
 /// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
-/// pass stopped: a batch at a time, only into the room left (replayed letters wait in their
-/// file; they must not push out records no sink has delivered), each batch fsynced before the
-/// file records it as done, so that a crash can repeat letters but never skip one. Blocking.
+/// pass stopped: a batch at a time (up to [`MAX_BATCH`] letters, stopping once they take
+/// `max_batch_bytes`), only into the room left (replayed letters wait in their file; they must
+/// not push out records no sink has delivered), each batch fsynced before the file records it
+/// as done, so that a crash can repeat letters but never skip one. Blocking.
 fn replay_file(
     store: &DeadLetters,
     spool: &Spool,
     sink: &str,
     path: &Path,
+    max_batch_bytes: usize,
 ) -> Result<Replayed, String> {
     let mut letters = store.resume_replay(path).map_err(|e| e.to_string())?;
     let mask = spool.mask(&[sink]);
@@ -547,7 +634,7 @@ fn replay_file(
         batch.clear();
         // Where the file continues after each letter of the batch, for a batch taken in part.
         let mut after = Vec::with_capacity(MAX_BATCH);
-        while after.len() < MAX_BATCH {
+        while after.len() < MAX_BATCH && batch.spool_bytes() < max_batch_bytes as u64 {
             let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? else {
                 break;
             };
@@ -613,12 +700,56 @@ mod tests {
         }
         drop(events);
         let stats = Arc::new(PipelineStats::default());
-        let (tail, _) = broadcast::channel(16);
+        let (gate, tail) = (ByteGate::new(64 << 20), Tail::new(16 << 20));
         let appender = Appender::new(spool.clone(), tail, stats.clone(), CancellationToken::new());
-        tokio::time::timeout(Duration::from_secs(30), ingest(received, routes, appender))
-            .await
-            .expect("ingest ends once the senders are gone");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            ingest(received, gate, routes, appender),
+        )
+        .await
+        .expect("ingest ends once the senders are gone");
         assert_eq!(stats.spooled.load(Ordering::Relaxed), EVENTS);
         assert!(stats.spool_dropped_oldest.load(Ordering::Relaxed) > 0);
+    }
+
+    /// A batch of `events` events of about `bytes` bytes each, starting at `first_seq`.
+    fn appended(first_seq: u64, events: usize, bytes: usize) -> Arc<Appended> {
+        let data = format!(r#"{{"pad":"{}"}}"#, "x".repeat(bytes));
+        let event = Arc::new(Event::for_test("message.created", "t", &data));
+        Arc::new(Appended {
+            first_seq,
+            events: vec![event; events],
+            masks: vec![SinkMask(1); events],
+            end: SpoolPosition {
+                segment: 1,
+                offset: 0,
+            },
+        })
+    }
+
+    #[test]
+    fn the_tail_keeps_the_newest_batches_within_its_bytes() {
+        let event_bytes = appended(1, 1, 1000).events[0].memory_bytes();
+        // Room for five events of this size.
+        let tail = Tail::new(5 * event_bytes);
+        assert!(tail.send(appended(1, 2, 1000)));
+        assert!(tail.send(appended(3, 2, 1000)));
+        assert_eq!(tail.after(0).unwrap().0.first_seq, 1);
+        assert_eq!(tail.after(2).unwrap().0.first_seq, 3);
+        assert_eq!(tail.after(2).unwrap().1, 2 * event_bytes);
+        // Two more events: the oldest batch makes room, whoever took it.
+        assert!(tail.send(appended(5, 2, 1000)));
+        assert_eq!(tail.after(0).unwrap().0.first_seq, 3, "seqs 1-2 are gone");
+        assert!(tail.after(6).is_none(), "nothing kept past seq 6");
+        // Larger than the whole tail: not kept, and nothing pushed out for it.
+        assert!(!tail.send(appended(7, 6, 1000)));
+        assert!(tail.after(6).is_none());
+        assert_eq!(tail.after(0).unwrap().0.first_seq, 3);
+        // The count bound holds for small batches.
+        let tail = Tail::new(usize::MAX);
+        for n in 0..2 * TAIL_BATCHES as u64 {
+            tail.send(appended(n + 1, 1, 10));
+        }
+        assert_eq!(tail.after(0).unwrap().0.first_seq, TAIL_BATCHES as u64 + 1);
     }
 }

@@ -148,6 +148,13 @@ impl Event {
         }
     }
 
+    /// Bytes it holds in memory, as `memory_limit` counts them: its `data`, its name and the
+    /// envelope. Computed the same wherever it is asked, so that what one stage charges for an
+    /// event, another can give back.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.data.get().len() + self.name.len() + std::mem::size_of::<Event>()
+    }
+
     /// An event with the given parts, for tests of routing and encoding.
     pub fn for_test(name: &str, token: &str, data: &str) -> Event {
         Event::new(

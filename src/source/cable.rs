@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -31,6 +30,7 @@ use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
+use crate::source::supervisor::EventSender;
 use crate::status::{TokenReporter, TokenState};
 
 /// Bounds the read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets
@@ -63,7 +63,7 @@ pub(crate) struct TokenTask {
     /// Timeouts and limits shared by all tokens.
     pub(crate) settings: Arc<CableSettings>,
     /// Where decoded events go; the pipeline assigns ids and routes them.
-    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) events: EventSender,
     /// This token's cell on the status board.
     pub(crate) status: TokenReporter,
     /// Stops the task: on shutdown, or when the token is removed or changed by a reload.
