@@ -52,9 +52,7 @@ pub(super) fn encode_record(buf: &mut Vec<u8>, seq: u64, mask: u64, payload: &[u
 
 /// Fsyncs a directory so that file creations, renames and deletions in it survive a machine crash.
 pub(super) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync spool directory", dir))
+    super::durable::fsync_dir(dir).map_err(io_err("fsync spool directory", dir))
 }
 
 /// What the next bytes of a segment hold.

@@ -72,9 +72,11 @@
 //! - `repair`: the active segment's repair at open (cut a torn tail, resynchronise past damage);
 //! - `append`: the append path, `when_full` included;
 //! - `reader`: [`SpoolReader`], one sink's reading and commits;
+//! - `durable`: directory fsyncs, so that created and renamed files survive a machine crash;
 //! - `error`: [`SpoolError`].
 
 mod append;
+mod durable;
 mod error;
 mod format;
 #[cfg(test)]
@@ -95,6 +97,9 @@ use tokio::sync::watch;
 use tracing::error;
 
 use append::WhenNoRoom;
+#[cfg(test)]
+pub(crate) use durable::record as dir_fsyncs;
+pub(crate) use durable::{create_dir_durably, fsync_dir};
 use error::io_err;
 pub use error::SpoolError;
 use format::segment_path;

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use tracing::info;
 
+use super::durable::create_dir_durably;
 use super::error::{io_err, SpoolError};
 use super::format::{parse_segment_name, segment_path, sync_dir, Next, SegmentCursor};
 use super::registry::{self, SinkState, StateFile, MAX_SINKS};
@@ -54,7 +55,7 @@ impl State {
     /// (clean close, process crash, machine crash), for the sinks in `names`.
     pub(super) fn recover(config: &SpoolConfig, names: &[&String]) -> Result<State, SpoolError> {
         let dir = &config.dir;
-        fs::create_dir_all(dir).map_err(io_err("create spool directory", dir))?;
+        create_dir_durably(dir).map_err(io_err("create spool directory", dir))?;
         let saved = registry::read_state_file(dir)?;
         let mut segments = list_segments(dir)?;
         let log_next = repair_active_segment(dir, &mut segments)?;

@@ -323,7 +323,9 @@ mod tests {
         damaged[offsets[3] as usize + 30] ^= 1;
         damaged[offsets[5] as usize] = 0xee;
         fs::write(&path, &damaged).unwrap();
+        crate::spool::dir_fsyncs::take();
         let repaired = repair_segment(&path, 5, buf.len() as u64).unwrap();
+        assert_eq!(crate::spool::dir_fsyncs::take(), [dir.path()], "the rename");
         assert_eq!(repaired.last_seq, Some(12));
         assert_eq!(repaired.skipped_records, 3);
         assert_eq!(repaired.skipped_bytes, 3 * (HEADER_BYTES + 10));
