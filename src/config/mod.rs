@@ -135,19 +135,44 @@ impl Config {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let tree = expand_tree(tree, "", env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let raw: RawConfig = serde_path_to_error::deserialize(&tree).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::Schema {
                 key: if key == "." {
                     "(top level)".into()
                 } else {
-                    key
+                    key_inside_sink(&tree, &key).unwrap_or(key)
                 },
                 message: e.into_inner().to_string(),
             }
         })?;
         raw.validate()
     }
+}
+
+/// The full key path of an error that `key` places at a sink (`sinks.<name>`): a sink's kind
+/// is a tagged enum, which reads its fields from a copy that the path tracking does not see,
+/// so they are read again here, the kind's own type alone, to find where. `None` when that
+/// finds nothing more precise.
+fn key_inside_sink(tree: &serde_json::Value, key: &str) -> Option<String> {
+    fn inner<T: serde::de::DeserializeOwned>(sink: serde_json::Value) -> Option<String> {
+        let error = serde_path_to_error::deserialize::<_, T>(sink).err()?;
+        Some(error.path().to_string()).filter(|path| path != ".")
+    }
+    let name = key.strip_prefix("sinks.")?;
+    let mut sink = tree.get("sinks")?.get(name)?.as_object()?.clone();
+    let kind = sink.remove("type")?;
+    for shared in ["keep_pubsub_tokens", "fields", "retry", "dead_letter"] {
+        sink.remove(shared);
+    }
+    let sink = serde_json::Value::Object(sink);
+    let path = match kind.as_str()? {
+        "kafka" => inner::<crate::sink::kafka::KafkaConfig>(sink),
+        "nats" => inner::<crate::sink::nats::NatsConfig>(sink),
+        "http" => inner::<crate::sink::http::HttpConfig>(sink),
+        _ => None,
+    }?;
+    Some(format!("{key}.{path}"))
 }
 
 #[cfg(test)]
@@ -404,15 +429,58 @@ routes:
     }
 
     #[test]
-    fn secrets_may_be_numbers_and_bad_shapes_are_not_echoed() {
-        let cfg =
-            load(&MINIMAL.replace("pubsub_token: contact-token", "pubsub_token: 123456")).unwrap();
-        assert_eq!(cfg.tokens[1].pubsub_token.expose(), "123456");
-        let err = load(&MINIMAL.replace("pubsub_token: contact-token", "pubsub_token: [987654]"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("tokens[1].pubsub_token"), "{err}");
-        assert!(!err.contains("987654"), "{err}");
+    fn secrets_must_be_strings_and_bad_shapes_are_not_echoed() {
+        let quoted = MINIMAL.replace("pubsub_token: contact-token", r#"pubsub_token: "0123456""#);
+        let cfg = load(&quoted).unwrap();
+        assert_eq!(cfg.tokens[1].pubsub_token.expose(), "0123456");
+        for (written, echo) in [
+            ("pubsub_token: 0123456", "123456"),
+            ("pubsub_token: 98765.5", "98765"),
+            ("pubsub_token: true", "true"),
+            ("pubsub_token: [987654]", "987654"),
+        ] {
+            let err = load(&MINIMAL.replace("pubsub_token: contact-token", written))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("tokens[1].pubsub_token: "), "{err}");
+            assert!(!err.contains(echo), "{err}");
+            if !written.contains('[') {
+                assert!(err.contains("put it in quotes"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_secret_field_refuses_a_number() {
+        for (sink, key) in [
+            (
+                "{ type: nats, url: nats://127.0.0.1:4222, subject: s, user: u, password: 4711 }",
+                "sinks.s.password",
+            ),
+            (
+                "{ type: nats, url: nats://127.0.0.1:4222, subject: s, token: 4711 }",
+                "sinks.s.token",
+            ),
+            (
+                "{ type: http, url: 'http://127.0.0.1:1/h', secret: 4711 }",
+                "sinks.s.secret",
+            ),
+            (
+                "{ type: http, url: 'http://127.0.0.1:1/h', secret: [whsec_abc, 4711] }",
+                "sinks.s.secret",
+            ),
+            (
+                "{ type: http, url: 'http://127.0.0.1:1/h', headers: { X-Key: 4711 } }",
+                "sinks.s.headers.X-Key",
+            ),
+        ] {
+            let archive = "  archive: { type: file, path: ./events.jsonl }\n";
+            let text = MINIMAL.replace(archive, &format!("{archive}  s: {sink}\n"));
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{err}");
+            assert!(err.contains("put it in quotes"), "{err}");
+            assert!(!err.contains("4711"), "{err}");
+        }
     }
 
     #[test]
