@@ -11,9 +11,11 @@
 
 mod expand;
 mod raw;
+mod shape;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +28,7 @@ use crate::spool::SpoolConfig;
 pub use crate::types::{HumanDuration, OneOrMany, Problem, Secret};
 use expand::expand_tree;
 use raw::RawConfig;
+pub use shape::{MAX_CONFIG_BYTES, MAX_CONFIG_NESTING, MAX_CONFIG_VALUES};
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
 pub(crate) const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
@@ -68,6 +71,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// The file is larger, nests deeper or holds more values than the loader reads (see
+    /// [`MAX_CONFIG_BYTES`], [`MAX_CONFIG_NESTING`], [`MAX_CONFIG_VALUES`]).
+    #[error("{at}: {message}")]
+    Limit {
+        /// Where it went past the limit: a line and column, a key path, the file.
+        at: String,
+        /// Which limit, and by what.
+        message: String,
+    },
     /// The file fits the schema but its values do not make a working config: every problem.
     #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
@@ -106,10 +118,15 @@ pub struct SinkSettings {
 impl Config {
     /// Reads, expands and validates a config file. Environment overrides apply.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        // One byte past the limit is enough to know it is past (`/dev/zero` never ends).
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(read)?;
         Config::from_yaml(&text, &|name| std::env::var(name).ok(), true)
     }
 
@@ -120,9 +137,14 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         env_overrides: bool,
     ) -> Result<Config, ConfigError> {
+        shape::check_yaml(text)?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Yaml));
         if env_overrides {
+            let names: Vec<String> = std::env::vars_os()
+                .filter_map(|(name, _)| name.into_string().ok())
+                .collect();
+            shape::check_overrides(names.iter().map(String::as_str))?;
             builder = builder.add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
@@ -448,6 +470,29 @@ routes:
                 assert!(err.contains("put it in quotes"), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn a_config_nested_deeper_than_the_limit_is_refused_not_walked() {
+        // Two bytes a level: walked by the loader, it overflowed the stack.
+        let deep = format!(
+            "{MINIMAL}unmatched:\n  {}x\n",
+            "- ".repeat(100_000),
+            MINIMAL = MINIMAL.trim_start()
+        );
+        let err = load(&deep).unwrap_err();
+        assert!(matches!(err, ConfigError::Limit { .. }), "{err}");
+        let err = err.to_string();
+        assert!(err.starts_with("line 16, column "), "{err}");
+        assert!(err.contains("deeper than 32 levels"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_never_ends_is_refused_at_the_size_limit() {
+        let err = Config::load(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MAX_CONFIG_BYTES"), "{err}");
     }
 
     #[test]
