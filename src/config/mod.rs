@@ -1,7 +1,8 @@
 //! The YAML an operator writes, checked into typed settings before anything connects.
 //!
 //! Loading goes in three steps, each with errors that name the key path:
-//! 1. the `config` crate reads the YAML file and `CHATWOOT_BRIDGE__A__B` overrides into a tree;
+//! 1. the file's size, nesting and aliases are checked on its YAML events (`shape`), then the
+//!    `config` crate reads it and `CHATWOOT_BRIDGE__A__B` overrides into a tree;
 //! 2. `${VAR}` / `${VAR:-default}` are expanded in every string of that tree (`expand`);
 //! 3. the tree is deserialized into the `Raw*` schema (`raw`, unknown keys rejected) and
 //!    validated section by section (`validate`) into [`Config`], whose values are the ones the
