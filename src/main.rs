@@ -41,6 +41,15 @@ struct Cli {
         env = "CHATWOOT_BRIDGE_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Let the transport libraries log at trace level (`RUST_LOG=trace`): what crosses the wire,
+    /// including pubsub tokens, handshake headers and passwords. Off: they stop at debug.
+    #[arg(
+        long,
+        global = true,
+        env = "CHATWOOT_BRIDGE_TRACE_SECRETS",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    trace_secrets: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,7 +152,7 @@ struct MockServerArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, cli.trace_secrets);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -164,16 +173,47 @@ fn main() -> ExitCode {
 /// Bounds the wait for tasks and threads still running once a command has finished.
 const RUNTIME_STOP: Duration = Duration::from_secs(1);
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+/// The transport libraries whose trace level writes what crosses the wire: WebSocket frames and
+/// handshakes (the subscribe command holds the pubsub token, the handshake the configured
+/// headers, broadcasts the contacts' tokens), NATS protocol operations (CONNECT), the Kafka and
+/// HTTP clients' internals. Without `--trace-secrets` they log at most at debug, whatever
+/// `RUST_LOG` says, so that turning tracing on to chase a bug does not put secrets in the logs.
+const WIRE_TARGETS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "async_nats",
+    "rdkafka",
+    "librdkafka",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+];
+
+fn init_logging(format: LogFormat, trace_secrets: bool) {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A filter of its own rather than directives added to RUST_LOG's: a more specific target
+    // there (`tungstenite::protocol=trace`) would win over an added `tungstenite=debug`.
+    let wire_cap = (!trace_secrets).then(|| {
+        Targets::new()
+            .with_default(LevelFilter::TRACE)
+            .with_targets(WIRE_TARGETS.iter().map(|t| (*t, LevelFilter::DEBUG)))
+    });
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let output = match format {
+        LogFormat::Text => output.boxed(),
+        LogFormat::Json => output.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(wire_cap)
+        .with(output)
+        .init();
 }
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {

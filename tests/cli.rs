@@ -358,3 +358,78 @@ async fn sigterm_on_a_disk_that_refuses_writes_exits_by_the_deadline_saying_what
         "the last line says what was lost: {last}"
     );
 }
+
+/// The daemon's stderr at `RUST_LOG=trace` (and `env`), run against a mock streaming to the
+/// token `wire-secret-token` until events reached its file sink, then stopped with SIGTERM.
+async fn stderr_of_a_traced_run(env: &[(&str, &str)]) -> String {
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("wire-secret-token", Answer::Confirm)],
+        rate: 200.0,
+        ..MockConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.jsonl");
+    let path = BridgeYaml::new(&server.url())
+        .token("{ name: a, pubsub_token: wire-secret-token }")
+        .sink(
+            "out",
+            &format!("{{ type: file, path: {} }}", quoted(&out_file)),
+        )
+        .route_all(&["out"])
+        .spool(&dir.path().join("spool"))
+        .write(&dir.path().join("c.yaml"));
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Read as it comes: a full pipe would stop the daemon at its next log line.
+    let mut stderr = child.stderr.take().unwrap();
+    let reading = tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut bytes)
+            .await
+            .unwrap();
+        bytes
+    });
+    wait_until("events to flow (5 in the file)", || {
+        std::fs::read_to_string(&out_file)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 5
+    })
+    .await;
+    sigterm(&child);
+    let status = within("the daemon to exit after SIGTERM", child.wait())
+        .await
+        .unwrap();
+    server.stop().await;
+    assert!(status.success(), "exit status {status:?}");
+    text(&within("its stderr to end", reading).await.unwrap())
+}
+
+#[tokio::test]
+async fn trace_logs_show_no_token_unless_asked_to() {
+    // The contacts' token inside the recorded broadcasts' data.
+    let contact_token = "bf2RWA4TaHac2fPThmKYp6Nn";
+    // Asking for the transports by name does not lift the cap either.
+    let capped = stderr_of_a_traced_run(&[("RUST_LOG", "trace,tungstenite::protocol=trace")]).await;
+    // The WebSocket library still logs, at debug.
+    assert!(capped.contains("Client handshake done"), "{capped}");
+    assert!(
+        !capped.contains("wire-secret-token"),
+        "the subscribing token leaked"
+    );
+    assert!(!capped.contains(contact_token), "a contact's token leaked");
+
+    let uncapped = stderr_of_a_traced_run(&[("CHATWOOT_BRIDGE_TRACE_SECRETS", "1")]).await;
+    assert!(
+        uncapped.contains("wire-secret-token"),
+        "--trace-secrets shows the frames, token included"
+    );
+}

@@ -336,9 +336,12 @@ impl Router {
     /// The event with its id, and the sinks it goes to; `None` when it goes to none. An event
     /// that matched no route is counted in `stats`.
     fn route(&mut self, mut event: Event, stats: &PipelineStats) -> Option<(Event, SinkMask)> {
-        event.id = self
-            .ids
-            .assign(event.content_hash, &event.token, event.received_at);
+        event.id = self.ids.assign(
+            event.content_hash,
+            &event.token,
+            event.received_at,
+            event.received_mono,
+        );
         let routed = self.routes.route(&event);
         if !routed.matched {
             count_unmatched(stats, &event.name);

@@ -52,8 +52,10 @@
 //! one segment (one write), so a segment may exceed [`SpoolConfig::segment_limit`] by up to one
 //! batch.
 //!
-//! Recovery at open scans only the last segment and cuts it at its first bad record (a torn
-//! write leaves nothing valid after it). Older segments were complete before the next one was
+//! Recovery at open scans only the last segment: a torn tail (what a process crash leaves) is
+//! cut off; damage with intact records after it (a machine crash that wrote pages back out of
+//! order, bit rot) is skipped, counted and logged, and the records after it are kept (see
+//! `repair`). Older segments were complete before the next one was
 //! created; if one is damaged anyway (bit rot, or a machine crash under `Never`), readers skip
 //! from the bad record to the next segment and log it.
 //!
@@ -67,11 +69,14 @@
 //! - `state`: what the lock guards, and the segment lifecycle (roll, reclaim, drop the oldest);
 //! - `registry`: the sinks, their mask bits and cursors, `sinks.json` and its lazy persistence;
 //! - `open`: recovery at open, step by step;
+//! - `repair`: the active segment's repair at open (cut a torn tail, resynchronise past damage);
 //! - `append`: the append path, `when_full` included;
 //! - `reader`: [`SpoolReader`], one sink's reading and commits;
+//! - `durable`: directory fsyncs, so that created and renamed files survive a machine crash;
 //! - `error`: [`SpoolError`].
 
 mod append;
+mod durable;
 mod error;
 mod format;
 #[cfg(test)]
@@ -79,6 +84,7 @@ mod model_tests;
 mod open;
 mod reader;
 mod registry;
+mod repair;
 mod state;
 #[cfg(test)]
 mod test_support;
@@ -93,6 +99,9 @@ use tokio::sync::watch;
 use tracing::error;
 
 use append::WhenNoRoom;
+#[cfg(test)]
+pub(crate) use durable::record as dir_fsyncs;
+pub(crate) use durable::{create_dir_durably, fsync_dir};
 use error::io_err;
 pub use error::SpoolError;
 use format::segment_path;
@@ -279,7 +288,8 @@ struct Inner {
 impl Spool {
     /// Opens or creates the spool in `config.dir` for the sinks named in `sinks`.
     ///
-    /// Recovers after a crash: a torn or corrupt tail in the last segment is truncated away,
+    /// Recovers after a crash: a torn or corrupt tail in the last segment is truncated away
+    /// (damage with intact records after it is skipped and they are kept),
     /// cursors are loaded. Sinks keep their mask bit across restarts; a new sink starts at the
     /// current end; a sink no longer configured stays in the registry (it resumes if it comes
     /// back) but no longer holds back reclaiming.

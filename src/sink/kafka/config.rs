@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::route::template::Template;
 use crate::sink::Envelope;
-use crate::types::{OneOrMany, Problem, Problems, Secret};
+use crate::types::{OneOrMany, Problem, Problems, Scalar, Secret, SECRET_MUST_BE_TEXT};
 
 /// `type: kafka` as written.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -19,9 +19,10 @@ pub struct KafkaConfig {
     topic: String,
     /// Record key template; absent means `{account_id}:{conversation_id}` or the event id.
     key: Option<String>,
-    /// Passed to librdkafka as is (SASL, SSL, compression, linger, ...); values may be secrets.
+    /// Passed to librdkafka as is (SASL, SSL, compression, linger, ...); values may be secrets,
+    /// and those (names with `password` or `secret`) must be strings.
     #[serde(default)]
-    librdkafka: BTreeMap<String, Secret>,
+    librdkafka: BTreeMap<String, Scalar>,
     /// Binary (default) or structured CloudEvents.
     #[serde(default)]
     envelope: Envelope,
@@ -78,15 +79,21 @@ impl KafkaConfig {
                 .map(Some),
             None => Some(None),
         };
-        for name in self.librdkafka.keys() {
+        for (name, value) in &self.librdkafka {
             if matches!(name.as_str(), "bootstrap.servers" | "metadata.broker.list") {
                 problems.add(
                     &format!("librdkafka.{name}"),
                     "set the brokers with `brokers`, not here",
                 );
+            } else if !value.quoted && (name.contains("password") || name.contains("secret")) {
+                problems.add(&format!("librdkafka.{name}"), SECRET_MUST_BE_TEXT);
             }
         }
-        let librdkafka = self.librdkafka.into_iter().collect();
+        let librdkafka = self
+            .librdkafka
+            .into_iter()
+            .map(|(name, value)| (name, value.text))
+            .collect();
         let envelope = self.envelope;
         problems.finish(|| KafkaSettings {
             brokers: brokers.join(","),
@@ -147,5 +154,40 @@ mod tests {
         let dump = format!("{settings:?}");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("sasl.password"), "{dump}");
+    }
+
+    #[test]
+    fn librdkafka_numbers_are_text_but_a_secret_must_be_written_as_text() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "a:9092",
+            "topic": "t",
+            "librdkafka": {"linger.ms": 5, "enable.idempotence": false, "sasl.password": 4711}
+        }))
+        .unwrap();
+        let problems = config.validate("sinks.k").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "sinks.k.librdkafka.sasl.password");
+        assert!(problems[0].message.contains("put it in quotes"));
+        assert!(!problems[0].message.contains("4711"));
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "a:9092",
+            "topic": "t",
+            "librdkafka": {"linger.ms": 5, "enable.idempotence": false, "sasl.password": "0042"}
+        }))
+        .unwrap();
+        let settings = config.validate("sinks.k").unwrap();
+        let options: Vec<(&str, &str)> = settings
+            .librdkafka
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        assert_eq!(
+            options,
+            [
+                ("enable.idempotence", "false"),
+                ("linger.ms", "5"),
+                ("sasl.password", "0042")
+            ]
+        );
     }
 }
