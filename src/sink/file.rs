@@ -84,8 +84,6 @@ impl FileSink {
 impl Destination for FileSink {
     type Settings = FileTarget;
     type BuildError = FileBuildError;
-    /// One writer, one sequential stream.
-    const ORDERED: bool = true;
 
     async fn build(target: &FileTarget, _: SinkLimits) -> Result<FileSink, FileBuildError> {
         FileSink::open(target).await
@@ -94,6 +92,11 @@ impl Destination for FileSink {
     /// The batch is written before this returns: its outcomes are already known.
     async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
         settled(self.write(batch).await)
+    }
+
+    /// One writer, one sequential stream.
+    fn preserves_key_order(&self) -> bool {
+        true
     }
 
     /// An open file (or stdout) is reached already.

@@ -12,7 +12,7 @@
 //! - **probe**: tries the destination once, for `check --connect`, without delivering anything.
 //! - **close**: flushes and releases the sink at shutdown.
 //!
-//! Each sink declares its ordering (`Destination::ORDERED`) and keeps the classification of its
+//! Each sink declares its ordering (`Destination::preserves_key_order`) and keeps the classification of its
 //! errors (retryable or permanent) in a pure function beside its transport, so the decision can
 //! be tested alone. Sinks hold no retry policy: the delivery loop decides what to do with each
 //! outcome.
@@ -57,9 +57,10 @@ pub(crate) trait Destination: Sized {
     /// Why the settings can never work; never an unreachable destination.
     type BuildError: Into<BuildCause>;
     /// Whether events handed over in one batch arrive in batch order for each conversation
-    /// (sequential writes, a partitioned log). A sink that sends concurrently does not, and is
-    /// then given at most one event per conversation at a time.
-    const ORDERED: bool;
+    /// (sequential writes, a partitioned log). A sink that sends concurrently, or whose client
+    /// may reorder retries, does not, and is then given at most one event per conversation at a
+    /// time.
+    fn preserves_key_order(&self) -> bool;
 
     /// Creates the sink; connecting happens in the background or on first use.
     async fn build(settings: &Self::Settings, limits: SinkLimits)
@@ -275,13 +276,13 @@ impl Sink {
     }
 
     /// Whether events handed over in one batch arrive in batch order for each conversation, as
-    /// the sink declares ([`Destination::ORDERED`]).
+    /// the sink declares ([`Destination::preserves_key_order`]).
     pub(crate) fn preserves_key_order(&self) -> bool {
         match self {
-            Sink::File(_) => file::FileSink::ORDERED,
-            Sink::Kafka(_) => kafka::KafkaSink::ORDERED,
-            Sink::Nats(_) => nats::NatsSink::ORDERED,
-            Sink::Http(_) => http::HttpSink::ORDERED,
+            Sink::File(sink) => sink.preserves_key_order(),
+            Sink::Kafka(sink) => sink.preserves_key_order(),
+            Sink::Nats(sink) => sink.preserves_key_order(),
+            Sink::Http(sink) => sink.preserves_key_order(),
         }
     }
 

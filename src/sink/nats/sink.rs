@@ -114,8 +114,6 @@ pub struct NatsSink {
 impl Destination for NatsSink {
     type Settings = Arc<NatsSettings>;
     type BuildError = NatsBuildError;
-    /// One connection; the server stores publishes in the order they arrive.
-    const ORDERED: bool = true;
 
     async fn build(
         settings: &Arc<NatsSettings>,
@@ -171,6 +169,11 @@ impl Destination for NatsSink {
             Some(js) => self.send_jetstream(&js, batch).await,
             None => self.send_core(batch).await,
         }
+    }
+
+    /// One connection; the server stores publishes in the order they arrive.
+    fn preserves_key_order(&self) -> bool {
+        true
     }
 
     /// Waits for the connection (a flush needs the server's answer); in JetStream mode also
