@@ -368,6 +368,62 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
 }
 
 #[tokio::test]
+async fn jetstream_create_leaves_an_existing_streams_settings_alone() {
+    let server = NatsServer::start().await;
+    let js = async_nats::jetstream::new(server.client().await);
+    let window = Duration::from_secs(600);
+    within(
+        "the stream to be created",
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "KEEP".to_owned(),
+            subjects: vec!["keep.>".to_owned()],
+            duplicate_window: window,
+            max_messages: 1000,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    // The stream captures this sink's subjects already; the sink asks for another window.
+    let mut inside = sink(
+        "inside",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'keep.{{account_id}}.{{event}}', \
+             jetstream: {{ stream: KEEP, create: true, duplicate_window: 2h }} }}",
+            server.url()
+        ),
+    )
+    .await;
+    // The stream lacks this sink's subjects: they are added, and nothing else changes.
+    let mut added = sink(
+        "added",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'added.{{event}}', \
+             jetstream: {{ stream: KEEP, create: true }} }}",
+            server.url()
+        ),
+    )
+    .await;
+    let e = event(1, "message.created", r#"{"account_id":1}"#);
+    for sink in [&mut inside, &mut added] {
+        let outcomes = deliver(sink, std::slice::from_ref(&e)).await;
+        assert_eq!(kind(&outcomes[0]), "delivered", "{outcomes:?}");
+    }
+    let mut stream = within("the stream", js.get_stream("KEEP")).await.unwrap();
+    let info = within("the stream's info", stream.info())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 2);
+    assert_eq!(info.config.subjects, ["keep.>", "added.>"]);
+    assert_eq!(info.config.duplicate_window, window);
+    assert_eq!(info.config.max_messages, 1000);
+    for mut sink in [inside, added] {
+        within("the sink to close", sink.close()).await;
+    }
+}
+
+#[tokio::test]
 async fn nats_token_and_user_password_auth() {
     let (with_token, with_user) = tokio::join!(
         NatsServer::start_with(free_port(), &["--auth", "tok-s3cret"]),

@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use futures_util::future::join_all;
 
-use super::config::{JetStreamSettings, NatsAuth};
+use super::config::{JetStreamSettings, NatsAuth, DEFAULT_DUPLICATE_WINDOW};
 use super::NatsSettings;
 use crate::event::Event;
 use crate::route::template;
@@ -400,39 +400,21 @@ async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, Nats
     Ok(options)
 }
 
-/// Creates the stream, or adds this sink's subject filter to an existing one and sets its
-/// duplicate window; other subjects already on the stream are kept.
+/// Creates the stream when it is missing, with this sink's subject filter and duplicate window;
+/// an existing one is adopted ([`adopt_stream`]).
 async fn ensure_stream(
     js: &jetstream::Context,
     settings: &JetStreamSettings,
 ) -> Result<(), (jetstream::context::CreateStreamErrorKind, String)> {
     match js.get_stream(&settings.stream).await {
-        Ok(stream) => {
-            let mut config = stream.cached_info().config.clone();
-            let mut changed = false;
-            if !config.subjects.contains(&settings.filter) {
-                config.subjects.push(settings.filter.clone());
-                changed = true;
-            }
-            if config.duplicate_window != settings.duplicate_window {
-                config.duplicate_window = settings.duplicate_window;
-                changed = true;
-            }
-            if changed {
-                js.update_stream(config).await.map_err(|e| {
-                    (
-                        e.kind(),
-                        format!("updating stream {}: {e}", settings.stream),
-                    )
-                })?;
-            }
-            Ok(())
-        }
+        Ok(stream) => adopt_stream(js, settings, stream.cached_info().config.clone()).await,
         Err(get_error) => {
             let config = jetstream::stream::Config {
                 name: settings.stream.clone(),
                 subjects: vec![settings.filter.clone()],
-                duplicate_window: settings.duplicate_window,
+                duplicate_window: settings
+                    .duplicate_window
+                    .unwrap_or(DEFAULT_DUPLICATE_WINDOW),
                 ..Default::default()
             };
             match js.create_stream(config).await {
@@ -447,6 +429,65 @@ async fn ensure_stream(
             }
         }
     }
+}
+
+/// An existing stream keeps every setting someone gave it (duplicate window, limits, storage,
+/// its other subjects): the sink only adds its subject filter when none of the stream's subjects
+/// captures it yet, since without it nothing the sink publishes would be stored. A duplicate
+/// window in the config that differs from the stream's is reported, not applied.
+async fn adopt_stream(
+    js: &jetstream::Context,
+    settings: &JetStreamSettings,
+    mut config: jetstream::stream::Config,
+) -> Result<(), (jetstream::context::CreateStreamErrorKind, String)> {
+    if let Some(asked) = settings.duplicate_window {
+        if asked != config.duplicate_window {
+            tracing::warn!(
+                stream = %settings.stream,
+                configured = ?asked,
+                stream_has = ?config.duplicate_window,
+                "the stream exists with another duplicate window; it is left as it is, and \
+                 repeats are dropped within the stream's window"
+            );
+        }
+    }
+    if config
+        .subjects
+        .iter()
+        .any(|subject| subject_captures(subject, &settings.filter))
+    {
+        return Ok(());
+    }
+    config.subjects.push(settings.filter.clone());
+    js.update_stream(config).await.map_err(|e| {
+        (
+            e.kind(),
+            format!(
+                "adding subjects {} to stream {}: {e}",
+                settings.filter, settings.stream
+            ),
+        )
+    })?;
+    Ok(())
+}
+
+/// Whether every subject matching `filter` also matches the stream subject `subject`: token by
+/// token, `>` takes one or more remaining tokens, `*` any one token but not the filter's `>`,
+/// and a literal only itself.
+fn subject_captures(subject: &str, filter: &str) -> bool {
+    let mut filter_tokens = filter.split('.');
+    for token in subject.split('.') {
+        let Some(wanted) = filter_tokens.next() else {
+            return false;
+        };
+        match token {
+            ">" => return true,
+            "*" if wanted != ">" => {}
+            literal if literal == wanted => {}
+            _ => return false,
+        }
+    }
+    filter_tokens.next().is_none()
 }
 
 fn timed_out(kind: NatsFailure, timeout: Duration) -> Outcome {
@@ -513,6 +554,33 @@ mod tests {
         ];
         for f in retryable {
             assert_eq!(classify(&f), ErrorClass::Retryable, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn a_stream_subject_captures_the_filters_it_matches() {
+        for (subject, filter) in [
+            ("chatwoot.>", "chatwoot.*.>"),
+            ("chatwoot.>", "chatwoot.>"),
+            ("chatwoot.*.>", "chatwoot.*.>"),
+            ("*.*", "a.b"),
+            ("a.*", "a.*"),
+            ("a.b", "a.b"),
+            (">", "a"),
+        ] {
+            assert!(subject_captures(subject, filter), "{subject} {filter}");
+        }
+        for (subject, filter) in [
+            ("chatwoot.*.>", "chatwoot.>"),
+            ("chatwoot.*", "chatwoot.*.>"),
+            ("chatwoot.*", "chatwoot.>"),
+            ("a.b", "a.*"),
+            ("a.b", "a.b.c"),
+            ("a.b.c", "a.b"),
+            ("chatwoot.>", "chatwoot"),
+            ("other.>", "chatwoot.>"),
+        ] {
+            assert!(!subject_captures(subject, filter), "{subject} {filter}");
         }
     }
 
