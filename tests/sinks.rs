@@ -368,6 +368,60 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
 }
 
 #[tokio::test]
+async fn nats_core_counts_a_batch_only_once_the_server_has_read_it() {
+    let server = NatsServer::start().await;
+    let reader = server.client().await;
+    let mut sub = within("a subscription", reader.subscribe("seen.>"))
+        .await
+        .unwrap();
+    within("the subscription flushed", reader.flush())
+        .await
+        .unwrap();
+    let mut sink = sink(
+        "nats-core",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'seen.{{event}}', timeout: 1s }}",
+            server.url()
+        ),
+    )
+    .await;
+    let first = event(1, "message.created", r#"{"account_id":1}"#);
+    let outcomes = deliver(&mut sink, std::slice::from_ref(&first)).await;
+    assert_eq!(kind(&outcomes[0]), "delivered", "{outcomes:?}");
+
+    // A frozen server: the kernel takes the batch and the flush completes, but the server has
+    // not read it, and would lose it if it died now.
+    server.pause();
+    let second = event(2, "message.created", r#"{"account_id":1}"#);
+    let frozen = deliver(&mut sink, std::slice::from_ref(&second)).await;
+    server.resume();
+    assert_eq!(kind(&frozen[0]), "retryable", "{frozen:?}");
+    let Outcome::Retryable(e) = &frozen[0] else {
+        unreachable!()
+    };
+    assert!(e.message.contains("not confirmed by the server"), "{e:?}");
+
+    let retried = deliver(&mut sink, std::slice::from_ref(&second)).await;
+    assert_eq!(kind(&retried[0]), "delivered", "{retried:?}");
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let message = within("the messages", sub.next()).await.unwrap();
+        ids.push(nats_header(&message.headers, "ce-id").unwrap());
+    }
+    // The second event twice: the frozen attempt's copy, read once the server ran again, and
+    // the retry's.
+    assert_eq!(
+        ids,
+        [
+            "00000000000000000000000000000001",
+            "00000000000000000000000000000002",
+            "00000000000000000000000000000002"
+        ]
+    );
+    within("the sink to close", sink.close()).await;
+}
+
+#[tokio::test]
 async fn jetstream_create_leaves_an_existing_streams_settings_alone() {
     let server = NatsServer::start().await;
     let js = async_nats::jetstream::new(server.client().await);
