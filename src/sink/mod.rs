@@ -41,7 +41,7 @@ use serde::Deserialize;
 
 use crate::event::Event;
 use crate::route::template;
-use crate::types::Problem;
+use crate::types::{Problem, Problems};
 
 pub use cloudevents::{binary_attributes, Envelope};
 pub(crate) use cloudevents::{
@@ -234,8 +234,11 @@ impl Sink {
             }
             SinkKind::Nats(settings) => Sink::Nats(Box::new(build(name, settings, limits).await?)),
             SinkKind::Http(settings) => Sink::Http(Box::new(build(name, settings, limits).await?)),
-            SinkKind::File { path } => {
-                let target = file::FileTarget::Append(path.clone());
+            SinkKind::File { path, mode } => {
+                let target = file::FileTarget::Append {
+                    path: path.clone(),
+                    mode: *mode,
+                };
                 Sink::File(build(name, &target, limits).await?)
             }
             SinkKind::Stdout => Sink::File(build(name, &file::FileTarget::Stdout, limits).await?),
@@ -308,6 +311,9 @@ pub enum SinkConfig {
     File {
         /// The file, created when missing.
         path: PathBuf,
+        /// Permissions of a file the sink creates, octal in quotes (default "0600": the owner
+        /// alone); an existing file keeps its own.
+        mode: Option<file::FileMode>,
     },
     /// Write CloudEvents JSON lines to standard output.
     Stdout {},
@@ -326,6 +332,8 @@ pub enum SinkKind {
     File {
         /// The file, created when missing.
         path: PathBuf,
+        /// Permission bits of the file when the sink creates it.
+        mode: u32,
     },
     /// Write to standard output.
     Stdout,
@@ -358,7 +366,14 @@ impl SinkConfig {
     /// Checks one sink; `key` is its path (`sinks.<name>`), the prefix of every problem.
     pub(crate) fn validate(self, key: &str) -> Result<SinkKind, Vec<Problem>> {
         Ok(match self {
-            SinkConfig::File { path } => SinkKind::File { path },
+            SinkConfig::File { path, mode } => {
+                let mut problems = Problems::new(key);
+                let mode = problems.check("mode", file::parse_mode(mode.as_ref()));
+                problems.finish(|| SinkKind::File {
+                    path,
+                    mode: mode.expect("no problems means the mode parsed"),
+                })?
+            }
             SinkConfig::Stdout {} => SinkKind::Stdout,
             SinkConfig::Kafka(c) => SinkKind::Kafka(Arc::new(c.validate(key)?)),
             SinkConfig::Nats(c) => SinkKind::Nats(Arc::new(c.validate(key)?)),
