@@ -546,12 +546,15 @@ fn subject_captures(subject: &str, filter: &str) -> bool {
 }
 
 fn timed_out(kind: NatsFailure, timeout: Duration) -> Outcome {
-    let what = match kind {
-        NatsFailure::NotConfirmed => "batch not confirmed by the server",
-        NatsFailure::ReceiptNotSent => "receipt marker not accepted",
-        _ => "publish not accepted",
+    let message = match kind {
+        NatsFailure::NotConfirmed => format!(
+            "batch not confirmed by the server within {timeout:?}: its receipt did not come back \
+             (a stalled server, or a user without publish and subscribe on _INBOX.>)"
+        ),
+        NatsFailure::ReceiptNotSent => format!("receipt marker not accepted within {timeout:?}"),
+        _ => format!("publish not accepted within {timeout:?}"),
     };
-    failure(kind, &format!("{what} within {timeout:?}"))
+    failure(kind, &message)
 }
 
 fn failure(kind: NatsFailure, error: &dyn std::fmt::Display) -> Outcome {
