@@ -258,7 +258,7 @@ routes:
         assert_eq!(cfg.cable.max_frame_bytes, 8 * 1024 * 1024);
         assert!(matches!(
             &cfg.sinks["archive"].kind,
-            SinkKind::File { path } if path == Path::new("./events.jsonl")
+            SinkKind::File { path, mode: 0o600 } if path == Path::new("./events.jsonl")
         ));
         assert!(cfg.sinks["archive"].redaction.strip_pubsub_tokens);
     }

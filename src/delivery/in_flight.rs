@@ -237,6 +237,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kind = SinkKind::File {
             path: dir.path().join("out.jsonl"),
+            mode: 0o600,
         };
         let mut sink = Sink::build("out", &kind, SINK_LIMITS).await.unwrap();
         let event_bytes = events(1, 1000)[0].memory_bytes();

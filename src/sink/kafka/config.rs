@@ -41,6 +41,44 @@ pub struct KafkaSettings {
     pub(crate) librdkafka: Vec<(String, Secret)>,
     /// Binary or structured CloudEvents.
     pub(crate) envelope: Envelope,
+    /// Whether librdkafka's retries can reorder a partition's records, given the overrides.
+    pub(crate) record_order: RecordOrder,
+}
+
+/// What librdkafka's settings do to the order of one partition's records across retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordOrder {
+    /// The idempotent producer (the sink's default) keeps order with up to 5 requests in flight.
+    Idempotent,
+    /// Idempotence is off and at most one request per connection is in flight (the sink sets
+    /// this when the operator did not set `max.in.flight`): a retry goes out before anything
+    /// later, so it cannot land after it.
+    OneInFlight,
+    /// Idempotence is off and the operator allowed more than one request in flight: a retried
+    /// request can land after a later one, so the sink does not claim order.
+    Unordered,
+}
+
+impl RecordOrder {
+    /// The order the operator's overrides leave: only `enable.idempotence` and `max.in.flight`
+    /// (and its long name) matter. Values are read as librdkafka reads them.
+    fn from_overrides(overrides: &BTreeMap<String, Secret>) -> RecordOrder {
+        let idempotent = overrides.get("enable.idempotence").is_none_or(|v| {
+            !matches!(
+                v.expose().trim().to_ascii_lowercase().as_str(),
+                "false" | "f" | "0"
+            )
+        });
+        let in_flight = overrides
+            .get("max.in.flight.requests.per.connection")
+            .or_else(|| overrides.get("max.in.flight"));
+        match (idempotent, in_flight) {
+            (true, _) => RecordOrder::Idempotent,
+            (false, None) => RecordOrder::OneInFlight,
+            (false, Some(n)) if n.expose().trim() == "1" => RecordOrder::OneInFlight,
+            (false, Some(_)) => RecordOrder::Unordered,
+        }
+    }
 }
 
 impl KafkaConfig {
@@ -89,18 +127,20 @@ impl KafkaConfig {
                 problems.add(&format!("librdkafka.{name}"), SECRET_MUST_BE_TEXT);
             }
         }
-        let librdkafka = self
+        let librdkafka: BTreeMap<String, Secret> = self
             .librdkafka
             .into_iter()
             .map(|(name, value)| (name, value.text))
             .collect();
+        let record_order = RecordOrder::from_overrides(&librdkafka);
         let envelope = self.envelope;
         problems.finish(|| KafkaSettings {
             brokers: brokers.join(","),
             topic: topic.expect("no problems means the topic compiled"),
             key: record_key.expect("no problems means the key compiled"),
-            librdkafka,
+            librdkafka: librdkafka.into_iter().collect(),
             envelope,
+            record_order,
         })
     }
 }
