@@ -16,7 +16,7 @@ use tracing::{error, info};
 use crate::config::{Config, SinkSettings};
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{self, PipelineStats, Tail, INGEST_CAPACITY};
-use crate::delivery::{SinkLoop, SINK_LIMITS};
+use crate::delivery::{Parked, SinkLoop, SINK_LIMITS};
 use crate::event::Event;
 use crate::sink::{Sink, SinkBuildError};
 use crate::source::supervisor::Supervisor;
@@ -237,8 +237,14 @@ impl Wiring {
         let mut loops = Vec::with_capacity(config.sinks.len());
         for (name, settings) in &config.sinks {
             let inputs_done = self.inputs_done(config, name, &ended, &delivery);
+            let parked = Parked::new(
+                &config.spool.dir,
+                name,
+                config.cable.max_frame_bytes as u64,
+                &settings.retry,
+            );
             loops.push(
-                self.build_sink_loop(name, settings, &dead_letters, inputs_done)
+                self.build_sink_loop(name, settings, &dead_letters, parked, inputs_done)
                     .await?,
             );
         }
@@ -291,6 +297,7 @@ impl Wiring {
         name: &str,
         settings: &SinkSettings,
         dead_letters: &DeadLetters,
+        parked: Parked,
         inputs_done: CancellationToken,
     ) -> Result<SinkLoop, StartError> {
         let Wiring {
@@ -307,6 +314,7 @@ impl Wiring {
             sink,
             redaction: settings.redaction.clone(),
             retry: settings.retry,
+            parked,
             reader: spool.reader(name)?.into(),
             tail: tail.subscribe(),
             held: None,
