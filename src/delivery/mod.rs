@@ -157,6 +157,10 @@ struct LoopState {
     in_flight: InFlight,
     /// Whether the last look for events found some.
     intake: Intake,
+    /// Whether the last step was a pass over the retry set: the next step is another (taking
+    /// new events, if any) even if the next pass is due at once, so that a long parked
+    /// conversation draining does not hold up the sink's other conversations.
+    retried_parked: bool,
 }
 
 /// What the loop woke up for while batches were unconfirmed.
@@ -183,16 +187,20 @@ impl SinkLoop {
             progress: Progress::new(self.reader.back().await.position()),
             in_flight: InFlight::new(),
             intake: Intake::MayHaveMore,
+            retried_parked: false,
         };
         if let ControlFlow::Break(end) = self.load_parked().await {
             return self.finish(state.progress, end).await;
         }
         let end = loop {
-            let step = if state.in_flight.is_empty() && self.parked.set.is_due() {
+            let parked_due = self.parked.set.is_due() && !state.retried_parked;
+            state.retried_parked = state.in_flight.is_empty() && parked_due;
+            let step = if state.retried_parked {
                 unless_gave_up(self.retry_parked().await)
             } else if state.intake == Intake::MayHaveMore
                 && state.in_flight.accepts_more()
-                && self.parked.takes_more()
+                && !self.parked.set.is_full()
+                && !parked_due
             {
                 self.take_and_hand_over(&mut state).await
             } else if state.in_flight.is_empty() {
@@ -348,7 +356,7 @@ impl SinkLoop {
         }
         if end != LoopEnd::Interrupted {
             // Lines of events that left the retry set would be sent again after a restart.
-            self.compact_parked().await;
+            self.compact_parked(true).await;
         }
         self.sink.close().await;
         self.status.set(SinkState::Stopped);

@@ -85,12 +85,6 @@ impl Parked {
             set: ParkedSet::new(retry),
         }
     }
-
-    /// Whether the loop may take new events: the set is under its bounds and no retry pass is
-    /// due (a due pass goes first, once nothing is unconfirmed).
-    pub(crate) fn takes_more(&self) -> bool {
-        !self.set.is_full() && !self.set.is_due()
-    }
 }
 
 /// Runs `f` with the parked file on the blocking pool.
@@ -283,7 +277,7 @@ impl SinkLoop {
                 self.settle_head(*head, attempt, &mut pass);
             }
         }
-        self.compact_parked().await;
+        self.compact_parked(false).await;
         let more = pass.tried >= PASS_EVENTS;
         self.parked
             .set
@@ -361,11 +355,12 @@ impl SinkLoop {
         }
     }
 
-    /// Rewrites the parked file without its finished lines when the set says so. A failure is
-    /// logged and harmless: the file keeps lines already finished, which a restart would send
-    /// again; the next pass tries again.
-    pub(super) async fn compact_parked(&mut self) {
-        if !self.parked.set.wants_compaction() {
+    /// Rewrites the parked file without its finished lines when the set says so, or, if
+    /// `any` (as the loop stops), whenever it has some. A failure is logged and harmless: the
+    /// file keeps lines already finished, which a restart would send again; the next pass
+    /// tries again.
+    pub(super) async fn compact_parked(&mut self, any: bool) {
+        if !self.parked.set.wants_compaction(any) {
             return;
         }
         let before = self.parked.set.live_spans();

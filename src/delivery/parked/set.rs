@@ -218,10 +218,10 @@ impl ParkedSet {
 
     /// Whether the file should be rewritten without its finished lines: when nothing is
     /// parked any more (the file goes), or when they take as much as the parked ones (so each
-    /// byte is rewritten a bounded number of times).
-    pub(super) fn wants_compaction(&self) -> bool {
+    /// byte is rewritten a bounded number of times), or, if `any`, whenever it has some.
+    pub(super) fn wants_compaction(&self, any: bool) -> bool {
         let finished = self.file_bytes - self.live_bytes;
-        finished > 0 && (self.is_empty() || finished >= self.live_bytes)
+        finished > 0 && (any || self.is_empty() || finished >= self.live_bytes)
     }
 
     /// Where every parked event is in the file, in file order: what a rewrite keeps.
@@ -323,14 +323,15 @@ mod tests {
         assert!(!set.finish_head(a), "its second event is next");
         assert_eq!(heads(&set, &HashSet::new()), [150, 180, 100]);
         assert!(
-            !set.wants_compaction(),
+            !set.wants_compaction(false),
             "100 bytes finished, 120 parked: not yet"
         );
+        assert!(set.wants_compaction(true), "as the loop stops");
         assert!(set.finish_head(a), "unparked");
         assert!(!set.holds((1, 7)));
         assert!(set.finish_head(alone));
         set.parked(Some((1, 8)), 10);
-        assert!(set.wants_compaction(), "180 bytes finished, 50 parked");
+        assert!(set.wants_compaction(false), "180 bytes finished, 50 parked");
 
         let before = set.live_spans();
         assert_eq!(
@@ -350,7 +351,7 @@ mod tests {
         assert!(!set.finish_head(b));
         assert!(set.finish_head(b));
         assert!(set.is_empty() && set.next_pass().is_none());
-        assert!(set.wants_compaction(), "the file goes");
+        assert!(set.wants_compaction(false), "the file goes");
     }
 
     #[test]
