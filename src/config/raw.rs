@@ -170,7 +170,8 @@ pub(super) struct RawRetry {
     pub(super) max: HumanDuration,
     /// An event still failing this long after its first attempt is set aside with the later
     /// events of its conversation, so that the sink's other conversations and its cursor move
-    /// on; at most `max_elapsed`. Default 5m, or `max_elapsed` if that is shorter.
+    /// on; at most `max_elapsed` (equal to it: nothing is parked). Default 5m, or
+    /// `max_elapsed` if that is shorter.
     #[serde(default)]
     pub(super) park_after: Option<HumanDuration>,
     /// An event still failing this long after its first attempt goes to the dead letters.

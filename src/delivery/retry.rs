@@ -12,8 +12,8 @@ pub struct RetrySettings {
     pub max: Duration,
     /// Set an event aside (park it, with every later event of its conversation) when it still
     /// fails this long after its first try: the sink's cursor moves on and its other
-    /// conversations flow. At most `max_elapsed` (5 min by default, or `max_elapsed` if that
-    /// is shorter).
+    /// conversations flow. At most `max_elapsed`; equal to it, nothing is parked (5 min by
+    /// default, or `max_elapsed` if that is shorter).
     pub park_after: Duration,
     /// Give an event up (to the dead letters) when it still fails this long after its first try.
     pub max_elapsed: Duration,

@@ -177,8 +177,10 @@ impl SinkLoop {
 
     /// After a pass over a batch being settled: parks the conversations whose first
     /// unfinished event has failed for `park_after` (see [`overdue`]), unless the set is full.
+    /// A `park_after` of `max_elapsed` parks nothing: such an event is given up instead (it
+    /// may not have been, yet, if its last try came just before `max_elapsed`).
     pub(super) async fn park_overdue(&mut self, attempts: &mut [Attempt]) -> Result<(), GaveUp> {
-        if self.parked.set.is_full() {
+        if self.parked.set.is_full() || self.retry.park_after >= self.retry.max_elapsed {
             return Ok(());
         }
         let now = SystemTime::now();
