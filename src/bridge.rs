@@ -18,7 +18,7 @@ use tracing::{error, info};
 use crate::config::{Config, SinkSettings};
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{self, Appender, PipelineStats, Tail, INGEST_CAPACITY};
-use crate::delivery::{FileReader, SinkLoop, SINK_LIMITS};
+use crate::delivery::{FileReader, Parked, SinkLoop, SINK_LIMITS};
 use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::{Sink, SinkBuildError};
 use crate::source::supervisor::{EventSender, Supervisor};
@@ -384,8 +384,14 @@ impl Wiring {
         let mut loops = Vec::with_capacity(config.sinks.len());
         for (name, settings) in &config.sinks {
             let inputs_done = self.inputs_done(config, name, &ended, &delivery);
+            let parked = Parked::new(
+                &config.spool.dir,
+                name,
+                config.cable.max_frame_bytes as u64,
+                &settings.retry,
+            );
             loops.push(
-                self.build_sink_loop(name, settings, &dead_letters, inputs_done)
+                self.build_sink_loop(name, settings, &dead_letters, parked, inputs_done)
                     .await?,
             );
         }
@@ -438,6 +444,7 @@ impl Wiring {
         name: &str,
         settings: &SinkSettings,
         dead_letters: &DeadLetters,
+        parked: Parked,
         inputs_done: CancellationToken,
     ) -> Result<SinkLoop, StartError> {
         let Wiring {
@@ -455,6 +462,7 @@ impl Wiring {
             sink,
             redaction: settings.redaction.clone(),
             retry: settings.retry,
+            parked,
             reader: FileReader::new(spool.reader(name)?, memory.sink.read_bytes),
             tail: tail.clone(),
             unconfirmed_bytes: memory.sink.unconfirmed_bytes,

@@ -151,6 +151,9 @@ pub struct SinkStatus {
     /// Waits before a retry: how often deliveries failed and were tried again, so that an
     /// outage shows as it happens, not only once events reach the dead letters.
     pub retries: u64,
+    /// Events set aside in the sink's retry set (conversations that failed for
+    /// `retry.park_after`, with their later events), on disk, waiting to be retried.
+    pub parked: u64,
 }
 
 /// Shared cell a sink loop writes and everyone else reads.
@@ -164,6 +167,8 @@ struct SinkCell {
     dead_lettered: AtomicU64,
     /// See [`SinkStatus::retries`].
     retries: AtomicU64,
+    /// See [`SinkStatus::parked`].
+    parked: AtomicU64,
 }
 
 /// What a sink loop uses to report.
@@ -202,6 +207,13 @@ impl SinkReporter {
     pub(crate) fn dead_lettered(&self, n: u64) {
         self.cell.dead_lettered.fetch_add(n, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// `n` events are parked now.
+    pub(crate) fn parked(&self, n: u64) {
+        if self.cell.parked.swap(n, Ordering::Relaxed) != n {
+            self.changed.send_modify(|v| *v += 1);
+        }
     }
 }
 
@@ -279,6 +291,7 @@ impl StatusBoard {
                     delivered: AtomicU64::new(0),
                     dead_lettered: AtomicU64::new(0),
                     retries: AtomicU64::new(0),
+                    parked: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -303,6 +316,7 @@ impl StatusBoard {
                     delivered: cell.delivered.load(Ordering::Relaxed),
                     dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
                     retries: cell.retries.load(Ordering::Relaxed),
+                    parked: cell.parked.load(Ordering::Relaxed),
                 };
                 (name.clone(), status)
             })

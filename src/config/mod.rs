@@ -605,6 +605,30 @@ routes:
         assert_eq!(load(MINIMAL).unwrap().cable.max_nesting, 128);
     }
 
+    #[test]
+    fn park_after_defaults_to_five_minutes_or_max_elapsed_and_is_at_most_max_elapsed() {
+        let retry = load(MINIMAL).unwrap().sinks["archive"].retry;
+        assert_eq!(retry.park_after, Duration::from_secs(300));
+        let with_retry = |retry: &str| {
+            MINIMAL.replace(
+                "archive: { type: file, path: ./events.jsonl }",
+                &format!("archive: {{ type: file, path: ./events.jsonl, retry: {retry} }}"),
+            )
+        };
+        let retry = load(&with_retry("{ park_after: 2s }")).unwrap().sinks["archive"].retry;
+        assert_eq!(retry.park_after, Duration::from_secs(2));
+        // A config that gives up sooner than the default parks as it gives up.
+        let retry = load(&with_retry("{ max_elapsed: 1m }")).unwrap().sinks["archive"].retry;
+        assert_eq!(retry.park_after, Duration::from_secs(60));
+        for bad in ["{ park_after: 2h, max_elapsed: 1h }", "{ park_after: 0s }"] {
+            let err = load(&with_retry(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("sinks.archive.retry.park_after: must be above zero and at most retry.max_elapsed"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
     /// A config with one of every mistake validation knows, in every section.
     const EVERY_MISTAKE: &str = r#"
 chatwoot:

@@ -175,6 +175,12 @@ pub(super) struct RawRetry {
     /// Largest ceiling the delays grow to.
     #[serde(default = "default_retry_max")]
     pub(super) max: HumanDuration,
+    /// An event still failing this long after its first attempt is set aside with the later
+    /// events of its conversation, so that the sink's other conversations and its cursor move
+    /// on; at most `max_elapsed` (equal to it: nothing is parked). Default 5m, or
+    /// `max_elapsed` if that is shorter.
+    #[serde(default)]
+    pub(super) park_after: Option<HumanDuration>,
     /// An event still failing this long after its first attempt goes to the dead letters.
     #[serde(default = "default_retry_max_elapsed")]
     pub(super) max_elapsed: HumanDuration,
@@ -185,6 +191,7 @@ impl Default for RawRetry {
         RawRetry {
             initial: default_retry_initial(),
             max: default_retry_max(),
+            park_after: None,
             max_elapsed: default_retry_max_elapsed(),
         }
     }

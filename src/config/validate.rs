@@ -301,12 +301,29 @@ fn check_sink(name: &str, raw: RawSink, problems: &mut Problems<'_>) -> SinkSett
     let retry = RetrySettings {
         initial: raw.retry.initial.0,
         max: raw.retry.max.0,
+        park_after: raw.retry.park_after.map_or_else(
+            || {
+                RetrySettings::default()
+                    .park_after
+                    .min(raw.retry.max_elapsed.0)
+            },
+            |given| given.0,
+        ),
         max_elapsed: raw.retry.max_elapsed.0,
     };
     if retry.initial.is_zero() || retry.max < retry.initial {
         at.add(
             "retry",
             "initial must be above zero and max at least initial",
+        );
+    }
+    if retry.park_after.is_zero() || retry.park_after > retry.max_elapsed {
+        at.add(
+            "retry.park_after",
+            format!(
+                "must be above zero and at most retry.max_elapsed ({})",
+                humantime::format_duration(retry.max_elapsed)
+            ),
         );
     }
     problems.include(at);

@@ -159,18 +159,7 @@ impl DeadLetters {
         };
         let mut text = Vec::new();
         for letter in letters {
-            let mut event = Vec::new();
-            letter.event.write_structured(&mut event);
-            let event = String::from_utf8(event).expect("structured events are UTF-8");
-            let line = Line {
-                sink,
-                error: &letter.error,
-                attempts: letter.attempts,
-                first_attempt: humantime::format_rfc3339_millis(letter.first_attempt).to_string(),
-                last_attempt: humantime::format_rfc3339_millis(letter.last_attempt).to_string(),
-                event: &RawValue::from_string(event).expect("structured events are JSON"),
-            };
-            serde_json::to_writer(&mut text, &line).expect("writing JSON to a Vec cannot fail");
+            encode_line(sink, letter, &mut text);
             text.push(b'\n');
         }
         let mut file = OpenOptions::new()
@@ -499,8 +488,29 @@ impl LetterReader {
     }
 }
 
+/// `letter` of `sink` as one line of a dead-letter file (without the newline), appended to
+/// `out`. The parked events of a sink use the same form.
+pub(crate) fn encode_line(sink: &str, letter: &DeadLetter, out: &mut Vec<u8>) {
+    let mut event = Vec::new();
+    letter.event.write_structured(&mut event);
+    let event = String::from_utf8(event).expect("structured events are UTF-8");
+    let line = Line {
+        sink,
+        error: &letter.error,
+        attempts: letter.attempts,
+        first_attempt: humantime::format_rfc3339_millis(letter.first_attempt).to_string(),
+        last_attempt: humantime::format_rfc3339_millis(letter.last_attempt).to_string(),
+        event: &RawValue::from_string(event).expect("structured events are JSON"),
+    };
+    serde_json::to_writer(out, &line).expect("writing JSON to a Vec cannot fail");
+}
+
 /// Line number `line` of `path` (named in errors) back to a dead letter.
-fn parse_line(path: &Path, line: usize, text: &str) -> Result<DeadLetter, DeadLetterError> {
+pub(crate) fn parse_line(
+    path: &Path,
+    line: usize,
+    text: &str,
+) -> Result<DeadLetter, DeadLetterError> {
     let corrupt = |reason: String| DeadLetterError::Corrupt {
         path: path.to_owned(),
         line,

@@ -2,7 +2,7 @@
 //! conversation, retry what failed, dead-letter what cannot succeed, and commit.
 //!
 //! The cursor moves past a batch only once it and every batch before it are finished (every event
-//! delivered or dead-lettered), so a crash re-delivers at most what was not confirmed yet.
+//! delivered, dead-lettered or parked), so a crash re-delivers at most what was not confirmed yet.
 //!
 //! A sink that keeps up takes each appended batch in memory; one that is behind reads the spool,
 //! the next batch on a blocking thread while the current one is sent (`reader`).
@@ -17,6 +17,10 @@
 //! most one event per conversation each: an event waits for the earlier one of its conversation
 //! to be delivered, including across retries.
 //!
+//! A conversation whose event keeps failing for `retry.park_after` is set aside in the sink's
+//! retry set (`parked`), on disk, with its later events: the batch settles without it, the
+//! cursor moves on, and the set is retried on its own schedule, between batches.
+//!
 //! # Layout
 //! - this file: `SinkLoop`'s loop, one step at a time: take and hand over, wait for the oldest
 //!   answer, idle; and why it ended (`LoopEnd`).
@@ -26,6 +30,7 @@
 //! - `in_flight`: the batches handed over and not answered yet, up to `MAX_UNCONFIRMED` events
 //!   and the sink's unconfirmed bytes.
 //! - `settle`: delivering a batch to the end (retries, dead letters), in `waves`.
+//! - `parked`: the retry set of conversations set aside, and its file.
 //! - [`ingest`]: from the sockets to the spool; [`dead_letter`]: the dead letter files;
 //!   [`retry`]: a sink's retry settings.
 
@@ -33,6 +38,7 @@ pub mod dead_letter;
 mod in_flight;
 pub mod ingest;
 mod intake;
+mod parked;
 mod progress;
 mod reader;
 pub mod retry;
@@ -51,6 +57,7 @@ pub(crate) use crate::delivery::in_flight::SINK_LIMITS;
 use crate::delivery::in_flight::{Answer, InFlight, Unconfirmed, Verdict};
 use crate::delivery::ingest::{PipelineStats, Tail};
 use crate::delivery::intake::Intake;
+pub(crate) use crate::delivery::parked::Parked;
 use crate::delivery::progress::Progress;
 pub(crate) use crate::delivery::reader::FileReader;
 use crate::delivery::retry::RetrySettings;
@@ -67,8 +74,11 @@ pub(crate) struct SinkLoop {
     pub(crate) sink: Sink,
     /// What this sink removes from `data` before delivery.
     pub(crate) redaction: Redaction,
-    /// How failed deliveries are retried, and when an event is given up.
+    /// How failed deliveries are retried, when a conversation is set aside, and when an event
+    /// is given up.
     pub(crate) retry: RetrySettings,
+    /// The conversations set aside after failing for `retry.park_after`, and their file.
+    pub(crate) parked: Parked,
     /// Its cursor over the spool.
     pub(crate) reader: FileReader,
     /// Batches just appended, taken in memory while they continue where `reader` is.
@@ -148,6 +158,10 @@ struct LoopState {
     in_flight: InFlight,
     /// Whether the last look for events found some.
     intake: Intake,
+    /// Whether the last step was a pass over the retry set: the next step is another (taking
+    /// new events, if any) even if the next pass is due at once, so that a long parked
+    /// conversation draining does not hold up the sink's other conversations.
+    retried_parked: bool,
 }
 
 /// What the loop woke up for while batches were unconfirmed.
@@ -174,9 +188,21 @@ impl SinkLoop {
             progress: Progress::new(self.reader.back().await.position()),
             in_flight: InFlight::new(self.unconfirmed_bytes),
             intake: Intake::MayHaveMore,
+            retried_parked: false,
         };
+        if let ControlFlow::Break(end) = self.load_parked().await {
+            return self.finish(state.progress, end).await;
+        }
         let end = loop {
-            let step = if state.intake == Intake::MayHaveMore && state.in_flight.accepts_more() {
+            let parked_due = self.parked.set.is_due() && !state.retried_parked;
+            state.retried_parked = state.in_flight.is_empty() && parked_due;
+            let step = if state.retried_parked {
+                unless_gave_up(self.retry_parked().await)
+            } else if state.intake == Intake::MayHaveMore
+                && state.in_flight.accepts_more()
+                && !self.parked.set.is_full()
+                && !parked_due
+            {
                 self.take_and_hand_over(&mut state).await
             } else if state.in_flight.is_empty() {
                 self.idle(&mut state).await
@@ -197,28 +223,33 @@ impl SinkLoop {
             state.intake = Intake::CaughtUp;
             return ControlFlow::Continue(());
         };
+        let events = unless_gave_up(self.park_behind(taken.events).await)?;
         self.status.set(SinkState::Delivering);
         match state.pace {
+            Pace::Pipelined if events.is_empty() && state.in_flight.is_empty() => {
+                // Every event was parked, and nothing before them awaits an answer.
+                state.progress.finished(taken.last_seq);
+            }
             Pace::Pipelined => {
-                let handed_over =
-                    state
-                        .in_flight
-                        .hand_over(&mut self.sink, taken.events, taken.last_seq);
+                let handed_over = state
+                    .in_flight
+                    .hand_over(&mut self.sink, events, taken.last_seq);
                 tokio::select! {
                     () = handed_over => {}
                     _ = self.give_up.cancelled() => return ControlFlow::Break(LoopEnd::Interrupted),
                 }
             }
             Pace::OneBatchAtATime => {
-                unless_gave_up(self.settle(taken.events, None).await)?;
+                unless_gave_up(self.settle(events, None).await)?;
                 state.progress.finished(taken.last_seq);
             }
         }
         ControlFlow::Continue(())
     }
 
-    /// Nothing is unconfirmed: commits, then waits for an append, or ends once no more will
-    /// come or the shutdown deadline passed.
+    /// Nothing is unconfirmed: commits, then waits for an append or the retry set's next pass,
+    /// or ends once no more will come or the shutdown deadline passed. A full retry set takes
+    /// no appends: the loop waits for its passes to make room.
     async fn idle(&mut self, state: &mut LoopState) -> ControlFlow<LoopEnd> {
         // Everything up to the reader's position is settled, including other sinks' records it
         // passed over: committing that position lets the spool reclaim segments even for a sink
@@ -237,18 +268,24 @@ impl SinkLoop {
             state.progress.committed(upto);
         }
         self.status.set(SinkState::Idle);
-        if self.ingest_done.is_cancelled() {
+        let ingest_done = self.ingest_done.is_cancelled();
+        let takes_more = !self.parked.set.is_full();
+        if ingest_done {
             // The last appends may have come while the loop was busy: end only when nothing is
-            // left to take.
+            // left to take. Parked events stay parked, in their file, for the next start.
             if self.reader.get().caught_up() {
                 return ControlFlow::Break(LoopEnd::Drained);
             }
-            state.intake = Intake::MayHaveMore;
-            return ControlFlow::Continue(());
+            if takes_more {
+                state.intake = Intake::MayHaveMore;
+                return ControlFlow::Continue(());
+            }
         }
+        let parked_pass = self.parked.set.next_pass();
         tokio::select! {
-            _ = self.reader.wait_for_data() => {}
-            _ = self.ingest_done.cancelled() => {}
+            _ = self.reader.wait_for_data(), if takes_more => {}
+            _ = self.ingest_done.cancelled(), if !ingest_done => {}
+            _ = tokio::time::sleep_until(parked_pass.unwrap_or_else(tokio::time::Instant::now)), if parked_pass.is_some() => {}
             _ = self.give_up.cancelled() => return ControlFlow::Break(LoopEnd::DeadlineWhileIdle),
         }
         state.intake = Intake::MayHaveMore;
@@ -317,6 +354,10 @@ impl SinkLoop {
         let settled_upto = (end.everything_read_settled() && !unsent).then_some(position);
         if let Some(seq) = progress.last_commit(settled_upto) {
             let _ = self.reader.io(Some(seq), false).await;
+        }
+        if end != LoopEnd::Interrupted {
+            // Lines of events that left the retry set would be sent again after a restart.
+            self.compact_parked(true).await;
         }
         self.sink.close().await;
         self.status.set(SinkState::Stopped);

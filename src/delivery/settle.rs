@@ -1,5 +1,6 @@
-//! Settling a batch: delivering it, retrying what failed after a backoff, and dead-lettering
-//! what cannot succeed, until every event is delivered or dead-lettered.
+//! Settling a batch: delivering it, retrying what failed after a backoff, dead-lettering what
+//! cannot succeed, and parking the conversations that fail for `retry.park_after` (`parked`),
+//! until every event is delivered, dead-lettered or parked.
 //!
 //! An order-keeping sink gets the first pass all at once. After a failure, a retry pass goes one
 //! event per conversation per wave whatever the sink (the first pass cannot be undone, but
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
-use tokio::time::sleep;
+use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{error, info, warn};
 
 use super::{GaveUp, SinkLoop};
@@ -28,13 +29,13 @@ use crate::spool::{SinkMask, Spool};
 /// The dead-letter error of an event whose delivery panicked.
 const PANICKED: &str = "the bridge panicked while delivering this batch";
 
-/// What one pass over a batch leaves to do.
+/// What one pass over a batch (or a wave of the retry set) leaves to do.
 #[derive(Default)]
-struct Pass {
+pub(super) struct Pass {
     /// Events given up in this pass, to store before the batch counts as settled.
-    dead: Vec<DeadLetter>,
+    pub(super) dead: Vec<DeadLetter>,
     /// The longest wait a destination asked for (`Retry-After`): the next pass waits as long.
-    retry_after: Duration,
+    pub(super) retry_after: Duration,
 }
 
 impl SinkLoop {
@@ -78,6 +79,8 @@ impl SinkLoop {
             if !pass.dead.is_empty() {
                 self.bury(pass.dead).await?;
             }
+            // A conversation failing for `park_after` is set aside: the batch settles without it.
+            self.park_overdue(&mut attempts).await?;
             let waiting = attempts.iter().filter(|a| !a.is_done()).count();
             if waiting == 0 {
                 return Ok(());
@@ -123,7 +126,7 @@ impl SinkLoop {
 
     /// Sends the events of `wave` and waits for their outcomes. A panic in the sink costs this
     /// wave, not the whole (merged) batch.
-    async fn send_wave(
+    pub(super) async fn send_wave(
         &mut self,
         attempts: &[Attempt],
         wave: &[usize],
@@ -139,7 +142,7 @@ impl SinkLoop {
 
     /// Records the outcomes of a wave sent at `now`: counts deliveries, gives up what failed
     /// for good or for too long (into `pass`), and keeps the rest for the next pass.
-    fn record_wave(
+    pub(super) fn record_wave(
         &self,
         attempts: &mut [Attempt],
         wave: &[usize],
@@ -191,9 +194,11 @@ impl SinkLoop {
         }
     }
 
-    /// Reports the `waiting` events that failed and waits `delay` before the next pass.
+    /// Reports the `waiting` events that failed and waits `delay` before the next pass,
+    /// retrying the parked conversations meanwhile when their pass is due (none of them has an
+    /// event in this batch: they were parked at intake or with it).
     async fn wait_to_retry(
-        &self,
+        &mut self,
         attempts: &[Attempt],
         waiting: usize,
         delay: Duration,
@@ -205,9 +210,17 @@ impl SinkLoop {
             .unwrap_or_default();
         warn!(sink = %self.name, events = waiting, retry_in = ?delay, %error, "delivery failed; will retry");
         self.status.retrying(error);
-        tokio::select! {
-            _ = self.give_up.cancelled() => Err(GaveUp),
-            _ = sleep(delay) => Ok(()),
+        let until = Instant::now() + delay;
+        loop {
+            let parked_pass = self.parked.set.next_pass().filter(|&at| at < until);
+            tokio::select! {
+                _ = self.give_up.cancelled() => return Err(GaveUp),
+                _ = sleep_until(parked_pass.unwrap_or(until)) => {}
+            }
+            if parked_pass.is_none() {
+                return Ok(());
+            }
+            self.retry_parked().await?;
         }
     }
 
@@ -240,7 +253,7 @@ impl SinkLoop {
 
     /// Stores dead letters durably; until that succeeds the batch is not committed. `Err`
     /// when the shutdown deadline came first (the batch then stays in the spool).
-    async fn bury(&self, letters: Vec<DeadLetter>) -> Result<(), GaveUp> {
+    pub(super) async fn bury(&self, letters: Vec<DeadLetter>) -> Result<(), GaveUp> {
         for letter in &letters {
             error!(sink = %self.name, id = %letter.event.id, event = %letter.event.name,
                 attempts = letter.attempts, error = %letter.error, "event dead-lettered");

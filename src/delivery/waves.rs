@@ -40,19 +40,50 @@ enum Standing {
     Done,
 }
 
+/// An event's conversation key for ordering, `(account, conversation)`; `None` orders with
+/// nothing.
+pub(super) fn order_key(event: &Event) -> Option<(u64, u64)> {
+    event
+        .keys
+        .conversation_id
+        .map(|c| (event.keys.account_id.unwrap_or(0), c))
+}
+
+/// The tries of an event so far, kept while it waits in a sink's retry set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Tries {
+    /// Tries so far, for the dead letter.
+    pub(super) attempts: u32,
+    /// When it was first tried: it is given up `max_elapsed` after.
+    pub(super) first_attempt: Option<SystemTime>,
+    /// The last error, logged and reported while it waits to be retried.
+    pub(super) last_error: Option<String>,
+}
+
 impl Attempt {
     /// An event not tried yet.
     pub(super) fn new(event: Arc<Event>) -> Attempt {
+        Attempt::resume(event, Tries::default())
+    }
+
+    /// An event tried before (in a sink's retry set), to try again.
+    pub(super) fn resume(event: Arc<Event>, tries: Tries) -> Attempt {
         Attempt {
-            order_key: event
-                .keys
-                .conversation_id
-                .map(|c| (event.keys.account_id.unwrap_or(0), c)),
+            order_key: order_key(&event),
             event,
-            attempts: 0,
-            first_attempt: None,
-            last_error: None,
+            attempts: tries.attempts,
+            first_attempt: tries.first_attempt,
+            last_error: tries.last_error,
             standing: Standing::Untried,
+        }
+    }
+
+    /// Its tries so far.
+    pub(super) fn tries(&self) -> Tries {
+        Tries {
+            attempts: self.attempts,
+            first_attempt: self.first_attempt,
+            last_error: self.last_error.clone(),
         }
     }
 
@@ -173,6 +204,34 @@ pub(super) fn next_wave(attempts: &[Attempt], mode: WaveMode) -> Vec<usize> {
     wave
 }
 
+/// The events to set aside as of `now`: of each conversation whose first unfinished event has
+/// failed for `park_after`, every unfinished event, in batch order (its later events wait
+/// behind it); and each event without a conversation that has failed that long.
+pub(super) fn overdue(attempts: &[Attempt], now: SystemTime, park_after: Duration) -> Vec<usize> {
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut parked: HashSet<(u64, u64)> = HashSet::new();
+    let mut overdue = Vec::new();
+    for (i, a) in attempts.iter().enumerate() {
+        if a.is_done() {
+            continue;
+        }
+        let expired = a.expired(now, park_after);
+        let park = match a.order_key {
+            None => expired,
+            Some(key) if parked.contains(&key) => true,
+            Some(key) if seen.insert(key) && expired => {
+                parked.insert(key);
+                true
+            }
+            Some(_) => false,
+        };
+        if park {
+            overdue.push(i);
+        }
+    }
+    overdue
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +293,35 @@ mod tests {
         batch[3].standing = Standing::Failed;
         assert_eq!(next_wave(&batch, OnePerConversation), vec![4, 5]);
         assert_eq!(next_wave(&batch, AllAtOnce), vec![4, 5]);
+    }
+
+    #[test]
+    fn a_conversation_is_parked_whole_when_its_first_unfinished_event_is_overdue() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let park_after = Duration::from_secs(300);
+        let mut batch = vec![
+            attempt(Some(1), true),  // delivered: stays
+            attempt(Some(1), false), // failing since `start`
+            attempt(Some(2), false), // failing, not for long enough
+            attempt(Some(1), false), // behind conversation 1's failing event
+            attempt(None, false),    // failing since `start`, no conversation
+            attempt(None, false),    // never tried
+            attempt(Some(3), false), // never tried
+            attempt(Some(2), false), // behind conversation 2's
+        ];
+        for i in [1, 4] {
+            batch[i].tried(start);
+        }
+        batch[2].tried(start + Duration::from_secs(100));
+        let at = |secs| start + Duration::from_secs(secs);
+        assert!(overdue(&batch, at(299), park_after).is_empty());
+        assert_eq!(overdue(&batch, at(300), park_after), vec![1, 3, 4]);
+        assert_eq!(overdue(&batch, at(400), park_after), vec![1, 2, 3, 4, 7]);
+        // What is tried again keeps its first try's time.
+        let resumed = Attempt::resume(batch[1].event.clone(), batch[1].tries());
+        assert_eq!(resumed.tries().first_attempt, Some(start));
+        assert_eq!(resumed.attempts(), 1);
+        assert!(!resumed.is_done());
     }
 
     #[test]
