@@ -252,8 +252,14 @@ async fn a_second_sigterm_exits_at_once() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait_until("the token to subscribe", || {
-        server.streaming_subscriptions() >= 1
+    let (lines, reader) = collect_lines(child.stderr.take().unwrap());
+    // An event in the spool that the webhook refused: the first shutdown has work to wait for.
+    wait_until("a delivery to fail", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("delivery failed; will retry"))
     })
     .await;
     sigterm(&child);
@@ -264,13 +270,14 @@ async fn a_second_sigterm_exits_at_once() {
         "the first SIGTERM waits for the sinks"
     );
     sigterm(&child);
-    let output = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await
         .expect("the second SIGTERM ends the process within seconds")
         .unwrap();
     server.stop().await;
-    assert_eq!(output.status.code(), Some(130), "{:?}", output.status);
-    let stderr = text(&output.stderr);
+    reader.await.unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    let stderr = lines.lock().unwrap().join("\n");
     assert!(stderr.contains("second signal: exiting now"), "{stderr}");
 }
 
