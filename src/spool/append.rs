@@ -44,6 +44,7 @@ impl AppendReport {
             appended: 0,
             dropped_newest: 0,
             dropped_oldest: 0,
+            awaiting_room: 0,
             end: None,
         }
     }
@@ -101,8 +102,9 @@ fn batch_bytes(records: &[Record<'_>], max_bytes: u64) -> Result<u64, SpoolError
 }
 
 impl State {
-    /// The spool would exceed `max_bytes`: applies `when_no_room` (refuse the newest records or
-    /// delete the oldest segments) and returns what of the batch is to be written.
+    /// The spool would exceed `max_bytes`: applies `when_no_room` (refuse the newest records,
+    /// delete the oldest segments, or leave room-making to the caller) and returns what of the
+    /// batch is to be written.
     fn fit_batch<'b, 'p>(
         &mut self,
         config: &SpoolConfig,
@@ -123,6 +125,14 @@ impl State {
                 Ok(accepted)
             }
             WhenNoRoom::Policy(WhenFull::DropOldest) => self.drop_oldest_for(config, batch, report),
+            WhenNoRoom::Policy(WhenFull::DeadLetter) => {
+                // All or nothing: the caller makes room and offers the same batch again, whole.
+                report.awaiting_room = batch.records.len() as u64;
+                Ok(Batch {
+                    records: &[],
+                    bytes: 0,
+                })
+            }
         }
     }
 

@@ -68,11 +68,13 @@
 //! - `registry`: the sinks, their mask bits and cursors, `sinks.json` and its lazy persistence;
 //! - `open`: recovery at open, step by step;
 //! - `append`: the append path, `when_full` included;
+//! - `evict`: [`Eviction`], pushing the oldest segment out for `when_full: dead_letter`;
 //! - `reader`: [`SpoolReader`], one sink's reading and commits;
 //! - `error`: [`SpoolError`].
 
 mod append;
 mod error;
+mod evict;
 mod format;
 #[cfg(test)]
 mod model_tests;
@@ -93,6 +95,7 @@ use tracing::error;
 use append::WhenNoRoom;
 use error::io_err;
 pub use error::SpoolError;
+pub use evict::{Eviction, UndeliveredRecord};
 use format::segment_path;
 pub use format::HEADER_BYTES;
 pub use reader::SpoolReader;
@@ -122,8 +125,8 @@ pub struct SpoolConfig {
 }
 
 impl SpoolConfig {
-    /// The defaults: 1 GiB cap, 64 MiB segments, fsync on the bridge's 100 ms timer, drop the
-    /// newest when full.
+    /// The defaults: 1 GiB cap, 64 MiB segments, fsync on the bridge's 100 ms timer, push the
+    /// oldest segment out to the dead letters of the sinks that lag when full.
     pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
         SpoolConfig {
             dir: dir.into(),
@@ -131,12 +134,13 @@ impl SpoolConfig {
             segment_bytes: MAX_SEGMENT_BYTES,
             fsync: FsyncMode::Interval,
             fsync_interval: Duration::from_millis(100),
-            when_full: WhenFull::DropNewest,
+            when_full: WhenFull::DeadLetter,
         }
     }
 
     /// The size at which a segment is closed: at most an eighth of the spool (and at least
-    /// 64 KiB), so `drop_oldest` frees a fraction of a small spool rather than all of it.
+    /// 64 KiB), so `drop_oldest` and `dead_letter` free a fraction of a small spool rather than
+    /// all of it.
     pub fn segment_limit(&self) -> u64 {
         self.segment_bytes
             .min((self.max_bytes / 8).clamp(1 << 16, MAX_SEGMENT_BYTES))
@@ -160,8 +164,12 @@ pub enum FsyncMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
-    /// Refuse the records that do not fit (the tail of the batch); keep the backlog.
+    /// Push the oldest segment out: its records that a sink has not delivered go to that sink's
+    /// dead letters first, so only the sinks that lag pay, and nothing is lost.
     #[default]
+    DeadLetter,
+    /// Refuse the records that do not fit (the tail of the batch), for every sink; keep the
+    /// backlog.
     DropNewest,
     /// Delete the oldest whole segments until the batch fits, even if sinks still needed them.
     DropOldest,
@@ -190,6 +198,10 @@ pub struct AppendReport {
     /// Records lost to make room (`DropOldest`): spooled ones that some configured sink had not
     /// committed, plus records of this batch that could not fit at all.
     pub dropped_oldest: u64,
+    /// Records of this batch not written because the whole batch did not fit (`DeadLetter`):
+    /// nothing of it was written, nothing is lost or counted as dropped; the caller makes room
+    /// with [`Spool::evict_oldest`] and appends it again.
+    pub awaiting_room: u64,
     /// Where the file continues after the last record written; lets a reader that took these
     /// records in memory ([`SpoolReader::take_appended`]) resume reading the file there.
     pub end: Option<SpoolPosition>,
@@ -300,6 +312,13 @@ impl Spool {
         self.inner.config.max_bytes
     }
 
+    /// The size at which a segment is closed ([`SpoolConfig::segment_limit`]): a batch no larger
+    /// than this never makes a segment larger, so pushing the oldest segment out takes at most
+    /// this much of the backlog at once.
+    pub fn segment_limit(&self) -> u64 {
+        self.inner.config.segment_limit()
+    }
+
     /// The mask of the named sinks; names not configured are ignored.
     pub fn mask(&self, sinks: &[&str]) -> SinkMask {
         let state = self.inner.lock();
@@ -315,7 +334,9 @@ impl Spool {
     /// Appends a batch with one `write`, fsynced when the policy is `Always`.
     ///
     /// When the spool would exceed `max_bytes`: `DropNewest` writes the records that fit and
-    /// refuses the rest; `DropOldest` deletes the oldest whole segments until the batch fits.
+    /// refuses the rest; `DropOldest` deletes the oldest whole segments until the batch fits;
+    /// `DeadLetter` writes nothing and reports the batch as awaiting room (the caller pushes the
+    /// oldest segment out with [`Spool::evict_oldest`], then appends again).
     /// A record larger than `max_bytes` fails the whole batch before anything is written.
     pub fn append(&self, records: &[(&[u8], SinkMask)]) -> Result<AppendReport, SpoolError> {
         self.append_then(records, |_| {})

@@ -1,6 +1,6 @@
 //! What the spool's lock guards: the live segments, the active file, the next seq, the sink
 //! registry and the counters; and the segment lifecycle on it (start a new segment, delete the
-//! ones nobody needs, or, when full, the oldest one anyway).
+//! ones nobody needs, or, when full, the oldest one anyway; `evict` pushes it out instead).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -143,7 +143,7 @@ impl State {
     }
 
     /// Deletes the oldest segment's file (gone already is fine) and forgets it.
-    fn delete_oldest(&mut self, dir: &Path) -> Result<(), SpoolError> {
+    pub(super) fn delete_oldest(&mut self, dir: &Path) -> Result<(), SpoolError> {
         let seg = self.segments[0];
         let path = segment_path(dir, seg.base);
         match fs::remove_file(&path) {
