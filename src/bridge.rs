@@ -16,6 +16,7 @@ use tracing::{error, info};
 use crate::config::{Config, SinkSettings};
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{self, PipelineStats, Tail, INGEST_CAPACITY};
+use crate::delivery::pressure::{PressureSink, PushOut};
 use crate::delivery::{SinkLoop, SINK_LIMITS};
 use crate::event::Event;
 use crate::sink::{Sink, SinkBuildError};
@@ -130,8 +131,8 @@ impl Bridge {
             ingest_done: CancellationToken::new(),
             give_up: CancellationToken::new(),
         };
-        let delivery = wiring.start_delivery(&config, dead_letters).await?;
-        let (ingest, events) = wiring.start_ingest(&config);
+        let delivery = wiring.start_delivery(&config, dead_letters.clone()).await?;
+        let (ingest, events) = wiring.start_ingest(&config, dead_letters);
         let supervisor = start_supervisor(&config, events, &wiring.status);
         let Wiring {
             spool,
@@ -345,10 +346,27 @@ impl Wiring {
     }
 
     /// Starts the ingest: events in, routed and appended to the spool, then announced on the
-    /// tail. Returns its task and the sender the token sockets hand events to.
-    fn start_ingest(&self, config: &Config) -> (TaskTracker, mpsc::Sender<Event>) {
+    /// tail; a full spool pushes its oldest segment out to `dead_letters`. Returns its task and
+    /// the sender the token sockets hand events to.
+    fn start_ingest(
+        &self,
+        config: &Config,
+        dead_letters: DeadLetters,
+    ) -> (TaskTracker, mpsc::Sender<Event>) {
         let ingest = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(INGEST_CAPACITY);
+        let sinks = config
+            .sinks
+            .iter()
+            .map(|(name, settings)| {
+                let sink = PressureSink {
+                    redaction: settings.redaction.clone(),
+                    status: self.status.register_sink(name),
+                };
+                (name.clone(), sink)
+            })
+            .collect();
+        let push_out = Arc::new(PushOut::new(dead_letters, sinks, self.stats.clone()));
         let (routes, spool, tail, stats, done) = (
             config.routes.clone(),
             self.spool.clone(),
@@ -357,7 +375,7 @@ impl Wiring {
             self.ingest_done.clone(),
         );
         ingest.spawn(async move {
-            ingest::ingest(events_rx, routes, spool, tail, stats).await;
+            ingest::ingest(events_rx, routes, spool, tail, stats, push_out).await;
             done.cancel();
         });
         ingest.close();

@@ -145,6 +145,10 @@ pub struct SinkStatus {
     /// Waits before a retry: how often deliveries failed and were tried again, so that an
     /// outage shows as it happens, not only once events reach the dead letters.
     pub retries: u64,
+    /// Events pushed out of the full spool into this sink's dead letters before it delivered
+    /// them (`when_full: dead_letter`): the price of lagging, paid by this sink alone. Not
+    /// included in `dead_lettered`.
+    pub pushed_out: u64,
 }
 
 /// Shared cell a sink loop writes and everyone else reads.
@@ -158,6 +162,8 @@ struct SinkCell {
     dead_lettered: AtomicU64,
     /// See [`SinkStatus::retries`].
     retries: AtomicU64,
+    /// See [`SinkStatus::pushed_out`].
+    pushed_out: AtomicU64,
 }
 
 /// What a sink loop uses to report.
@@ -195,6 +201,12 @@ impl SinkReporter {
     /// Counts `n` dead-lettered events.
     pub(crate) fn dead_lettered(&self, n: u64) {
         self.cell.dead_lettered.fetch_add(n, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Counts `n` events pushed out of the full spool into this sink's dead letters.
+    pub(crate) fn pushed_out(&self, n: u64) {
+        self.cell.pushed_out.fetch_add(n, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
 }
@@ -272,6 +284,7 @@ impl StatusBoard {
                     delivered: AtomicU64::new(0),
                     dead_lettered: AtomicU64::new(0),
                     retries: AtomicU64::new(0),
+                    pushed_out: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -296,6 +309,7 @@ impl StatusBoard {
                     delivered: cell.delivered.load(Ordering::Relaxed),
                     dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
                     retries: cell.retries.load(Ordering::Relaxed),
+                    pushed_out: cell.pushed_out.load(Ordering::Relaxed),
                 };
                 (name.clone(), status)
             })

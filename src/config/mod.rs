@@ -473,6 +473,22 @@ routes:
         assert_eq!(load(MINIMAL).unwrap().cable.max_nesting, 128);
     }
 
+    #[test]
+    fn when_full_pushes_out_by_default_and_a_wrong_value_names_the_choices() {
+        use crate::spool::WhenFull;
+        assert_eq!(load(MINIMAL).unwrap().spool.when_full, WhenFull::DeadLetter);
+        let chosen = load(&format!("{MINIMAL}spool: {{ when_full: drop_oldest }}\n")).unwrap();
+        assert_eq!(chosen.spool.when_full, WhenFull::DropOldest);
+        let err = load(&format!("{MINIMAL}spool: {{ when_full: discard }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("when_full"), "{err}");
+        assert!(
+            err.contains("`dead_letter`, `drop_newest`, `drop_oldest`"),
+            "{err}"
+        );
+    }
+
     /// A config with one of every mistake validation knows, in every section.
     const EVERY_MISTAKE: &str = r#"
 chatwoot:

@@ -202,7 +202,9 @@ pub(super) struct RawSpool {
     /// How often the spool is fsynced under `fsync: interval`.
     #[serde(default = "default_fsync_interval")]
     pub(super) fsync_interval: HumanDuration,
-    /// What to do when the spool is full: `drop_newest` or `drop_oldest` (counted, logged).
+    /// What to do when the spool is full: `dead_letter` (the default: push the oldest segment
+    /// out, its events a sink had not delivered into that sink's dead letters), `drop_newest` or
+    /// `drop_oldest` (lost for every sink; counted, logged).
     #[serde(default)]
     pub(super) when_full: WhenFull,
 }

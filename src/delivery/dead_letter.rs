@@ -120,6 +120,18 @@ impl DeadLetters {
         self.dir.join(format!("{sink}.jsonl"))
     }
 
+    /// Fsyncs the folder, so that a dead letter file created since survives a machine crash
+    /// (`append` fsyncs the lines; the file's name is in the folder).
+    pub(crate) fn sync_folder(&self) -> Result<(), DeadLetterError> {
+        File::open(&self.dir)
+            .and_then(|folder| folder.sync_all())
+            .map_err(|source| DeadLetterError::Io {
+                action: "fsync",
+                path: self.dir.clone(),
+                source,
+            })
+    }
+
     /// Holds the folder's lock (shared by the daemon and the `dlq` command) while `f` runs, so
     /// a dead letter being written never lands in a file that `dlq replay` has just renamed.
     fn exclusively<T>(

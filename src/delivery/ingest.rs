@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::delivery::dead_letter::DeadLetters;
+use crate::delivery::pressure::{PushOut, PushOutError};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
 use crate::route::RouteTable;
@@ -71,9 +72,13 @@ pub struct PipelineStats {
     pub spool_dropped_newest: AtomicU64,
     /// Undelivered events deleted from a full spool to make room (`when_full: drop_oldest`).
     pub spool_dropped_oldest: AtomicU64,
+    /// Copies of undelivered events pushed out of a full spool into the dead letters of the
+    /// sinks that had not delivered them (`when_full: dead_letter`), summed over sinks; not
+    /// included in `dead_lettered`.
+    pub spool_pushed_out: AtomicU64,
     /// Deliveries confirmed, summed over sinks.
     pub delivered: AtomicU64,
-    /// Events put in a sink's dead letters.
+    /// Events a sink gave up and put in its dead letters (pushed-out ones are counted apart).
     pub dead_lettered: AtomicU64,
     /// Spool records that could not be decoded (never expected).
     pub undecodable: AtomicU64,
@@ -161,13 +166,22 @@ pub(crate) async fn ingest(
     spool: Spool,
     tail: Tail,
     stats: Arc<PipelineStats>,
+    push_out: Arc<PushOut>,
 ) {
     let mut router = Router::new(routes, &spool);
     let mut received = Vec::with_capacity(MAX_BATCH);
     let mut batch = RecordBatch::default();
-    // A batch never takes more than the whole spool: under DropOldest one that did would lose
-    // its own oldest events before they were ever spooled (or counted as spooled).
-    let max_batch_bytes = spool.max_bytes();
+    // A batch never takes more than a segment (at most an eighth of the spool): under
+    // DropOldest one larger than the spool would lose its own oldest events before they were
+    // ever spooled; under DeadLetter, one segment pushed out then makes room for it, and that
+    // segment is the oldest eighth of the spool, which a sink that keeps up has delivered.
+    let max_batch_bytes = spool.segment_limit();
+    let store = Store {
+        spool: &spool,
+        tail: &tail,
+        stats: &stats,
+        push_out: &push_out,
+    };
     while events.recv_many(&mut received, MAX_BATCH).await > 0 {
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
@@ -183,7 +197,7 @@ pub(crate) async fn ingest(
                     std::mem::replace(&mut appended, Vec::with_capacity(MAX_BATCH)),
                     std::mem::replace(&mut masks, Vec::with_capacity(MAX_BATCH)),
                 );
-                batch = append_until_stored(&spool, batch, offered, &tail, &stats).await;
+                batch = store.append_until_stored(batch, offered).await;
                 batch.clear();
                 batch.push(&event, mask);
             }
@@ -193,7 +207,7 @@ pub(crate) async fn ingest(
         if batch.is_empty() {
             continue;
         }
-        batch = append_until_stored(&spool, batch, (appended, masks), &tail, &stats).await;
+        batch = store.append_until_stored(batch, (appended, masks)).await;
     }
     info!("ingest finished: every event read is in the spool");
 }
@@ -242,57 +256,97 @@ impl Router {
     }
 }
 
-/// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
-/// an event that was read is never dropped for an I/O error. Once stored, the batch's events
-/// are offered to the sink loops on `tail`, before they are woken.
-async fn append_until_stored(
-    spool: &Spool,
-    batch: RecordBatch,
-    events: (Vec<Arc<Event>>, Vec<SinkMask>),
-    tail: &Tail,
-    stats: &PipelineStats,
-) -> RecordBatch {
-    debug_assert_eq!(events.0.len(), batch.len(), "one event per record");
-    debug_assert_eq!(events.1.len(), batch.len(), "one mask per record");
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let mut batch = batch;
-    let mut offer = Some(events);
-    loop {
-        let (spool, tail) = (spool.clone(), tail.clone());
-        let (returned, kept, result) = tokio::task::spawn_blocking(move || {
-            let mut offer = offer;
-            let result = batch.append_then(&spool, |report| {
-                // Only a whole batch is offered: what a full spool refused is not delivered.
-                if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
-                    if report.appended == batch.len() {
-                        if let Some((events, masks)) = offer.take() {
-                            // No receiver (shutting down) is fine: the spool has them.
-                            let _ = tail.send(Arc::new(Appended {
-                                first_seq,
-                                events,
-                                masks,
-                                end,
-                            }));
-                        }
-                    }
+/// Where the ingest stores its batches, and what it needs to make room.
+struct Store<'s> {
+    /// The spool appended to.
+    spool: &'s Spool,
+    /// Where appended batches are offered to the sink loops.
+    tail: &'s Tail,
+    /// Counts what was spooled and what a full spool dropped.
+    stats: &'s PipelineStats,
+    /// Makes room when the spool is full under `when_full: dead_letter`.
+    push_out: &'s Arc<PushOut>,
+}
+
+impl Store<'_> {
+    /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
+    /// an event that was read is never dropped for an I/O error. Once stored, the batch's events
+    /// are offered to the sink loops on `tail`, before they are woken.
+    async fn append_until_stored(
+        &self,
+        batch: RecordBatch,
+        events: (Vec<Arc<Event>>, Vec<SinkMask>),
+    ) -> RecordBatch {
+        debug_assert_eq!(events.0.len(), batch.len(), "one event per record");
+        debug_assert_eq!(events.1.len(), batch.len(), "one mask per record");
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut batch = batch;
+        let mut offer = Some(events);
+        loop {
+            let (spool, tail, push_out) =
+                (self.spool.clone(), self.tail.clone(), self.push_out.clone());
+            let (returned, kept, result) = tokio::task::spawn_blocking(move || {
+                let mut offer = offer;
+                let result = append_making_room(&batch, &spool, &push_out, |report| {
+                    offer_whole(report, batch.len(), &mut offer, &tail)
+                });
+                (batch, offer, result)
+            })
+            .await
+            .expect("spool appends do not panic");
+            batch = returned;
+            offer = kept;
+            match result {
+                Ok(report) => {
+                    count_appended(&report, self.stats);
+                    return batch;
                 }
-            });
-            (batch, offer, result)
-        })
-        .await
-        .expect("spool appends do not panic");
-        batch = returned;
-        offer = kept;
-        match result {
-            Ok(report) => {
-                count_appended(&report, stats);
-                return batch;
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    error!(error = %e, events = batch.len(), retry_in = ?delay,
+                        "cannot append to the spool; holding the sockets until it works");
+                    sleep(delay).await;
+                }
             }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                error!(error = %e, events = batch.len(), retry_in = ?delay,
-                    "cannot append to the spool; holding the sockets until it works");
-                sleep(delay).await;
+        }
+    }
+}
+
+/// Appends `batch`; while the spool has no room for it (`when_full: dead_letter`), pushes the
+/// oldest segment out and tries again. Blocking.
+pub(super) fn append_making_room(
+    batch: &RecordBatch,
+    spool: &Spool,
+    push_out: &PushOut,
+    mut before_wake: impl FnMut(&AppendReport),
+) -> Result<AppendReport, PushOutError> {
+    loop {
+        let report = batch.append_then(spool, &mut before_wake)?;
+        if report.awaiting_room == 0 {
+            return Ok(report);
+        }
+        push_out.push_out_oldest(spool)?;
+    }
+}
+
+/// Offers the events of an append to the sink loops, if the whole batch was written: what a
+/// full spool refused is not delivered.
+fn offer_whole(
+    report: &AppendReport,
+    records: usize,
+    offer: &mut Option<(Vec<Arc<Event>>, Vec<SinkMask>)>,
+    tail: &Tail,
+) {
+    if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
+        if report.appended == records {
+            if let Some((events, masks)) = offer.take() {
+                // No receiver (shutting down) is fine: the spool has them.
+                let _ = tail.send(Arc::new(Appended {
+                    first_seq,
+                    events,
+                    masks,
+                    end,
+                }));
             }
         }
     }
@@ -511,7 +565,18 @@ mod tests {
         let (tail, _) = broadcast::channel(16);
         tokio::time::timeout(
             Duration::from_secs(30),
-            ingest(received, routes, spool.clone(), tail, stats.clone()),
+            ingest(
+                received,
+                routes,
+                spool.clone(),
+                tail,
+                stats.clone(),
+                Arc::new(PushOut::new(
+                    DeadLetters::open(dir.path()).unwrap(),
+                    BTreeMap::new(),
+                    stats.clone(),
+                )),
+            ),
         )
         .await
         .expect("ingest ends once the senders are gone");

@@ -24,13 +24,15 @@
 //! - `progress`: what is finished, what is committed, when the next commit is due.
 //! - `in_flight`: the batches handed over and not answered yet, up to `MAX_UNCONFIRMED` events.
 //! - `settle`: delivering a batch to the end (retries, dead letters), in `waves`.
-//! - [`ingest`]: from the sockets to the spool; [`dead_letter`]: the dead letter files;
-//!   [`retry`]: a sink's retry settings.
+//! - [`ingest`]: from the sockets to the spool; [`pressure`]: making room in a full spool by
+//!   pushing its oldest segment out to the dead letters of the sinks that lag;
+//!   [`dead_letter`]: the dead letter files; [`retry`]: a sink's retry settings.
 
 pub mod dead_letter;
 mod in_flight;
 pub mod ingest;
 mod intake;
+pub mod pressure;
 mod progress;
 mod reader;
 pub mod retry;
