@@ -667,9 +667,10 @@ async fn a_sink_routed_nothing_does_not_pin_the_spool() {
     assert_eq!(
         (
             stats.spool_dropped_newest.load(Ordering::Relaxed),
-            stats.spool_dropped_oldest.load(Ordering::Relaxed)
+            stats.spool_dropped_oldest.load(Ordering::Relaxed),
+            stats.spool_pushed_out.load(Ordering::Relaxed)
         ),
-        (0, 0),
+        (0, 0, 0),
         "the spool filled up: the idle sink's cursor held its segments"
     );
     shut_down(bridge).await;
