@@ -173,8 +173,8 @@ pub(crate) async fn ingest(
     let mut batch = RecordBatch::default();
     // A batch never takes more than a segment (at most an eighth of the spool): under
     // DropOldest one larger than the spool would lose its own oldest events before they were
-    // ever spooled; under DeadLetter, one segment pushed out then makes room for it, and that
-    // segment is the oldest eighth of the spool, which a sink that keeps up has delivered.
+    // ever spooled; under DeadLetter, the room it needs comes from the oldest end of the spool,
+    // which a sink that keeps up has delivered, never from the newest seven eighths.
     let max_batch_bytes = spool.segment_limit();
     let store = Store {
         spool: &spool,
