@@ -148,9 +148,10 @@ fn ids(c: &mut Criterion) {
         let mut ids = IdAssigner::new();
         let mut n = 0u128;
         let now = SystemTime::now();
+        let mono = std::time::Instant::now();
         b.iter(|| {
             n += 1;
-            ids.assign(black_box(n), &token, now)
+            ids.assign(black_box(n), &token, now, mono)
         })
     });
     g.bench_function("IdAssigner::assign/fanout-5-tokens", |b| {
@@ -158,10 +159,11 @@ fn ids(c: &mut Criterion) {
         let tokens: Vec<Arc<str>> = (0..5).map(|i| Arc::from(format!("t{i}"))).collect();
         let mut n = 0u128;
         let now = SystemTime::now();
+        let mono = std::time::Instant::now();
         b.iter(|| {
             n += 1;
             for t in &tokens {
-                black_box(ids.assign(n, t, now));
+                black_box(ids.assign(n, t, now, mono));
             }
         })
     });

@@ -7,20 +7,22 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::config::{Config, SinkSettings};
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
-use crate::delivery::ingest::{self, PipelineStats, Tail, INGEST_CAPACITY};
+use crate::delivery::ingest::{self, Appender, PipelineStats, Tail, INGEST_CAPACITY};
 use crate::delivery::pressure::{PressureSink, PushOut};
-use crate::delivery::{SinkLoop, SINK_LIMITS};
-use crate::event::Event;
+use crate::delivery::{FileReader, SinkLoop, SINK_LIMITS};
+use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::{Sink, SinkBuildError};
-use crate::source::supervisor::Supervisor;
+use crate::source::supervisor::{EventSender, Supervisor};
 use crate::spool::{FsyncMode, Spool, SpoolError};
 use crate::status::StatusBoard;
 
@@ -64,15 +66,26 @@ pub struct Bridge {
     delivery: TaskTracker,
     /// Cancelled once the ingest has appended its last event: sink loops end when caught up.
     ingest_done: CancellationToken,
-    /// Tells sink loops to stop without finishing once the shutdown deadline has passed.
+    /// Cancelled when the shutdown deadline passes: sink loops stop without finishing, and the
+    /// ingest stops waiting for the disk.
     give_up: CancellationToken,
     /// Every event read is appended here before any sink sees it.
     spool: Spool,
     /// Held for the life of the bridge: two processes on one spool would deliver twice.
     _spool_lock: File,
-    /// How long shutdown waits for in-flight events.
-    shutdown_timeout: std::time::Duration,
+    /// How long shutdown may take to store what was read and deliver it, from the signal.
+    shutdown_timeout: Duration,
 }
+
+/// How long the stages told to stop at the shutdown deadline (sockets, ingest, sink loops) get
+/// to end before the shutdown goes on without them: a sink or a disk that does not answer
+/// cannot hold the process.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Bounds the wait for the spool's final fsync and cursor write: a disk that stopped answering
+/// cannot hold the process either. With [`STOP_GRACE`], a shutdown takes at most
+/// `shutdown_timeout` plus 4 seconds.
+const FINAL_SYNC_LIMIT: Duration = Duration::from_secs(2);
 
 /// Whether the sinks caught up with the spool before the shutdown deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +104,9 @@ pub enum Persistence {
     Synced,
     /// The final fsync failed (the error is logged): the latest appends may be lost.
     SyncFailed,
+    /// The final fsync did not finish within two seconds (a disk that stopped answering) and
+    /// was not waited for: whether the latest appends reached the disk is unknown.
+    SyncTimedOut,
 }
 
 /// What shutdown achieved.
@@ -100,6 +116,67 @@ pub struct ShutdownReport {
     pub drain: Drain,
     /// Whether the spool was fsynced at the end.
     pub persistence: Persistence,
+    /// Events read from the token sockets since start.
+    pub read: u64,
+    /// Events appended to the spool since start. With `not_spooled`, events routed to no sink
+    /// and events a full spool refused (both counted and logged as they happen), it adds up to
+    /// `read`.
+    pub spooled: u64,
+    /// Events read that never reached the spool because the shutdown deadline came first: the
+    /// disk refused them (or did not answer) until then, or they were still on their way to it.
+    /// They are lost. Zero unless the spool's disk failed.
+    pub not_spooled: u64,
+}
+
+impl ShutdownReport {
+    /// Whether nothing read is lost: every event read reached the spool, and the spool was
+    /// fsynced.
+    pub fn everything_read_is_spooled(&self) -> bool {
+        self.not_spooled == 0 && self.persistence == Persistence::Synced
+    }
+
+    /// The shutdown's last log line: whether everything read reached the spool, or how much did
+    /// not; with the deliveries since start.
+    fn log(&self, delivered: u64) {
+        let ShutdownReport {
+            read,
+            spooled,
+            not_spooled,
+            persistence,
+            drain,
+        } = *self;
+        if not_spooled > 0 {
+            error!(
+                read,
+                spooled,
+                not_spooled,
+                delivered,
+                ?persistence,
+                ?drain,
+                "shutdown complete: {not_spooled} events read were not stored: the spool's disk \
+                 refused them until the shutdown deadline; they are lost"
+            );
+        } else if persistence != Persistence::Synced {
+            error!(
+                read,
+                spooled,
+                delivered,
+                ?persistence,
+                ?drain,
+                "shutdown complete: every event read was appended to the spool, but its final \
+                 fsync did not complete: a machine crash before the disk catches up can lose the \
+                 latest ones"
+            );
+        } else {
+            info!(
+                read,
+                spooled,
+                delivered,
+                ?drain,
+                "shutdown complete: every event read is in the spool"
+            );
+        }
+    }
 }
 
 /// What the stages started by [`Bridge::start`] share.
@@ -116,6 +193,8 @@ struct Wiring {
     ingest_done: CancellationToken,
     /// Tells sink loops to stop without finishing once the shutdown deadline has passed.
     give_up: CancellationToken,
+    /// `memory_limit` divided among the ingest, the tail, replays and the sink loops.
+    memory: MemoryBudget,
 }
 
 impl Bridge {
@@ -123,13 +202,15 @@ impl Bridge {
     /// Fails before connecting anything if the spool or a sink cannot be opened.
     pub async fn start(config: Config) -> Result<Bridge, StartError> {
         let (spool_lock, spool, dead_letters) = open_storage(&config).await?;
+        let memory = MemoryBudget::divide(config.memory_limit, config.sinks.len());
         let wiring = Wiring {
             spool,
             stats: Arc::new(PipelineStats::default()),
             status: StatusBoard::new(),
-            tail: tokio::sync::broadcast::channel(ingest::TAIL_BATCHES).0,
+            tail: Tail::new(memory.tail),
             ingest_done: CancellationToken::new(),
             give_up: CancellationToken::new(),
+            memory,
         };
         let delivery = wiring.start_delivery(&config, dead_letters.clone()).await?;
         let (ingest, events) = wiring.start_ingest(&config, dead_letters);
@@ -172,38 +253,104 @@ impl Bridge {
     }
 
     /// Stops reading sockets, appends what was read to the spool, then lets the sinks deliver
-    /// within the shutdown timeout. What is not delivered by then stays in the spool.
+    /// until `shutdown_timeout` after the call. What is not delivered by then stays in the spool.
+    ///
+    /// Ends within `shutdown_timeout` plus [`STOP_GRACE`] and [`FINAL_SYNC_LIMIT`] whatever the
+    /// disk and the sinks do: past the deadline the ingest stops waiting for a disk that refuses
+    /// writes (what it holds is counted as not spooled), the sink loops are told to stop, and
+    /// what still does not end is left behind.
     pub async fn shutdown(self) -> ShutdownReport {
-        info!("shutting down: closing sockets, delivering what was read");
-        self.supervisor.shutdown().await;
-        self.ingest.wait().await;
-        self.ingest_done.cancel();
-        let drain = match tokio::time::timeout(self.shutdown_timeout, self.delivery.wait()).await {
-            Ok(()) => Drain::CaughtUp,
-            Err(_) => {
-                self.give_up.cancel();
-                self.delivery.wait().await;
-                error!(timeout = ?self.shutdown_timeout,
-                    "shutdown deadline passed before every sink caught up; the rest stays in the spool for the next start");
-                Drain::DeadlinePassed
-            }
-        };
-        let spool = self.spool.clone();
-        let persistence = match tokio::task::spawn_blocking(move || spool.sync())
+        info!(timeout = ?self.shutdown_timeout,
+            "shutting down: closing sockets, storing what was read, delivering it until the \
+             timeout");
+        let deadline = Instant::now() + self.shutdown_timeout;
+        let stop_by = deadline + STOP_GRACE;
+        let give_up = self.give_up.clone();
+        let deadline_timer = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            give_up.cancel();
+        });
+        if timeout_at(stop_by, self.supervisor.shutdown())
             .await
-            .expect("spool sync does not panic")
+            .is_err()
         {
+            error!(
+                "token sockets did not close by the shutdown deadline and its grace; leaving them"
+            );
+        }
+        if timeout_at(stop_by, self.ingest.wait()).await.is_err() {
+            error!(
+                "the ingest did not stop by the shutdown deadline and its grace; events it still \
+                 holds are missing from the count of events not stored"
+            );
+        }
+        self.ingest_done.cancel();
+        let drain = drain(
+            &self.delivery,
+            &self.give_up,
+            deadline,
+            self.shutdown_timeout,
+        )
+        .await;
+        deadline_timer.abort();
+        let persistence = final_sync(self.spool).await;
+        let tokens = self.status.tokens();
+        let report = ShutdownReport {
+            drain,
+            persistence,
+            read: tokens.values().map(|t| t.events).sum(),
+            spooled: self.stats.spooled.load(Ordering::Relaxed),
+            not_spooled: self.stats.not_spooled.load(Ordering::Relaxed)
+                + tokens.values().map(|t| t.dropped_at_stop).sum::<u64>(),
+        };
+        report.log(self.stats.delivered.load(Ordering::Relaxed));
+        report
+    }
+}
+
+/// Lets the sink loops deliver until `deadline`; past it, tells them to stop (`give_up`) and
+/// waits [`STOP_GRACE`] more for them to end.
+async fn drain(
+    delivery: &TaskTracker,
+    give_up: &CancellationToken,
+    deadline: Instant,
+    timeout: Duration,
+) -> Drain {
+    if timeout_at(deadline, delivery.wait()).await.is_ok() {
+        return Drain::CaughtUp;
+    }
+    give_up.cancel();
+    if timeout_at(deadline + STOP_GRACE, delivery.wait())
+        .await
+        .is_err()
+    {
+        error!(grace = ?STOP_GRACE,
+            "sink loops did not stop after the shutdown deadline (a sink or the disk does not \
+             answer); leaving them: what they did not commit stays in the spool");
+    }
+    error!(?timeout,
+        "shutdown deadline passed before every sink caught up; the rest stays in the spool for the next start");
+    Drain::DeadlinePassed
+}
+
+/// The spool's last fsync and cursor write, on a blocking thread, waited for at most
+/// [`FINAL_SYNC_LIMIT`].
+async fn final_sync(spool: Spool) -> Persistence {
+    let sync = tokio::task::spawn_blocking(move || spool.sync());
+    match tokio::time::timeout(FINAL_SYNC_LIMIT, sync).await {
+        Ok(synced) => match synced.expect("spool sync does not panic") {
             Ok(()) => Persistence::Synced,
             Err(e) => {
                 error!(error = %e, "cannot fsync the spool at shutdown");
                 Persistence::SyncFailed
             }
-        };
-        info!(
-            delivered = self.stats.delivered.load(Ordering::Relaxed),
-            "shutdown complete"
-        );
-        ShutdownReport { drain, persistence }
+        },
+        Err(_) => {
+            error!(limit = ?FINAL_SYNC_LIMIT,
+                "the spool's final fsync did not finish in time (its disk does not answer); \
+                 not waiting for it");
+            Persistence::SyncTimedOut
+        }
     }
 }
 
@@ -300,6 +447,7 @@ impl Wiring {
             status,
             tail,
             give_up,
+            memory,
             ..
         } = self;
         let sink = Sink::build(name, &settings.kind, SINK_LIMITS).await?;
@@ -308,9 +456,9 @@ impl Wiring {
             sink,
             redaction: settings.redaction.clone(),
             retry: settings.retry,
-            reader: spool.reader(name)?.into(),
-            tail: tail.subscribe(),
-            held: None,
+            reader: FileReader::new(spool.reader(name)?, memory.sink.read_bytes),
+            tail: tail.clone(),
+            unconfirmed_bytes: memory.sink.unconfirmed_bytes,
             dead_letters: dead_letters.clone(),
             dead_letter_sink: settings
                 .dead_letter
@@ -341,20 +489,43 @@ impl Wiring {
             dead_letters,
             self.spool.clone(),
             config.sinks.keys().cloned().collect(),
+            self.memory.replay_batch,
             self.ingest_done.clone(),
         ));
     }
 
     /// Starts the ingest: events in, routed and appended to the spool, then announced on the
     /// tail; a full spool pushes its oldest segment out to `dead_letters`. Returns its task and
-    /// the sender the token sockets hand events to.
+    /// the sender the token sockets hand events to, behind the byte gate of the ingest's share
+    /// of `memory_limit`.
     fn start_ingest(
         &self,
         config: &Config,
         dead_letters: DeadLetters,
-    ) -> (TaskTracker, mpsc::Sender<Event>) {
+    ) -> (TaskTracker, EventSender) {
         let ingest = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(INGEST_CAPACITY);
+        let gate = ByteGate::new(self.memory.ingest_events);
+        let events_tx = EventSender::gated(events_tx, gate.clone());
+        let (routes, done) = (config.routes.clone(), self.ingest_done.clone());
+        let appender = Appender::new(
+            self.spool.clone(),
+            self.tail.clone(),
+            self.stats.clone(),
+            self.give_up.clone(),
+            self.push_out(config, dead_letters),
+        );
+        ingest.spawn(async move {
+            ingest::ingest(events_rx, gate, routes, appender).await;
+            done.cancel();
+        });
+        ingest.close();
+        (ingest, events_tx)
+    }
+
+    /// What makes room in a full spool (`when_full: dead_letter`): every configured sink, with
+    /// its redaction and its cell on the status board, and the dead letters its events go to.
+    fn push_out(&self, config: &Config, dead_letters: DeadLetters) -> Arc<PushOut> {
         let sinks = config
             .sinks
             .iter()
@@ -366,29 +537,12 @@ impl Wiring {
                 (name.clone(), sink)
             })
             .collect();
-        let push_out = Arc::new(PushOut::new(dead_letters, sinks, self.stats.clone()));
-        let (routes, spool, tail, stats, done) = (
-            config.routes.clone(),
-            self.spool.clone(),
-            self.tail.clone(),
-            self.stats.clone(),
-            self.ingest_done.clone(),
-        );
-        ingest.spawn(async move {
-            ingest::ingest(events_rx, routes, spool, tail, stats, push_out).await;
-            done.cancel();
-        });
-        ingest.close();
-        (ingest, events_tx)
+        Arc::new(PushOut::new(dead_letters, sinks, self.stats.clone()))
     }
 }
 
 /// Starts one socket per configured token.
-fn start_supervisor(
-    config: &Config,
-    events: mpsc::Sender<Event>,
-    status: &StatusBoard,
-) -> Supervisor {
+fn start_supervisor(config: &Config, events: EventSender, status: &StatusBoard) -> Supervisor {
     let mut supervisor = Supervisor::new(
         Arc::new(config.cable.clone()),
         events,
@@ -442,4 +596,157 @@ pub async fn run(
     let bridge = Bridge::start(config).await?;
     shutdown.await;
     Ok(bridge.shutdown().await)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::mock::{Answer, Blast, MockConfig, MockServer, MockToken};
+    use crate::spool::{inject_fault, DiskFault, SpoolConfig};
+
+    /// Linux's "No space left on device".
+    const ENOSPC: i32 = 28;
+
+    /// A mock Chatwoot that writes events to its one token as fast as the socket takes them.
+    async fn blasting_mock() -> MockServer {
+        MockServer::start(MockConfig {
+            tokens: vec![MockToken {
+                pubsub_token: "t".into(),
+                answer: Answer::Confirm,
+            }],
+            blast: Some(Blast {
+                count: 20_000,
+                rate: None,
+                conversations: 10,
+            }),
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// One token, one file sink, every event routed to it, a shutdown deadline of `timeout`.
+    fn config(url: &str, dir: &Path, timeout: &str) -> Config {
+        let yaml = format!(
+            r#"
+chatwoot: {{ url: "{url}" }}
+tokens: [{{ name: a, pubsub_token: t }}]
+sinks:
+  out: {{ type: file, path: {out} }}
+routes: [{{ name: all, match: {{}}, to: [out] }}]
+spool: {{ dir: {spool} }}
+shutdown_timeout: {timeout}
+"#,
+            out = serde_json::to_string(&dir.join("out.jsonl")).unwrap(),
+            spool = serde_json::to_string(&dir.join("spool")).unwrap(),
+        );
+        Config::from_yaml(&yaml, &|_| None, false).unwrap()
+    }
+
+    /// Events read from the token's socket and not appended yet.
+    fn in_flight(bridge: &Bridge) -> u64 {
+        let read = bridge.status().token("a").map_or(0, |t| t.events);
+        read - bridge.stats().spooled.load(Ordering::Relaxed)
+    }
+
+    /// Waits until the spool's disk has failed with more events read than the ingest channel
+    /// holds: the channel is full and the token's task waits to hand over the next one.
+    async fn pile_up_behind_the_disk(bridge: &Bridge) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while in_flight(bridge) <= INGEST_CAPACITY as u64 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("events pile up in memory behind the failing disk");
+    }
+
+    /// The most a shutdown may take: its one-second deadline, the grace periods, and slack for
+    /// a loaded test machine.
+    const SHUTDOWN_BOUND: Duration = Duration::from_secs(1 + 3)
+        .saturating_add(STOP_GRACE)
+        .saturating_add(FINAL_SYNC_LIMIT);
+
+    #[tokio::test]
+    async fn a_shutdown_on_a_disk_that_refuses_writes_ends_by_its_deadline_and_counts_the_loss() {
+        let mock = blasting_mock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let bridge = Bridge::start(config(&mock.url(), dir.path(), "1s"))
+            .await
+            .unwrap();
+        let full = inject_fault(&spool_dir, DiskFault::Refuse(ENOSPC));
+        pile_up_behind_the_disk(&bridge).await;
+        let report = tokio::time::timeout(SHUTDOWN_BOUND, bridge.shutdown())
+            .await
+            .expect("the shutdown ends by its deadline plus a few seconds");
+        mock.stop().await;
+        drop(full);
+        assert!(
+            report.not_spooled > INGEST_CAPACITY as u64,
+            "what the ingest, its channel and the token held is counted: {report:?}"
+        );
+        assert_eq!(
+            report.read,
+            report.spooled + report.not_spooled,
+            "every event read is either spooled or counted as lost (all are routed)"
+        );
+        assert_eq!(report.persistence, Persistence::SyncFailed);
+        assert!(!report.everything_read_is_spooled());
+        let spool = Spool::open(SpoolConfig::new(&spool_dir), &["out".into()]).unwrap();
+        assert_eq!(
+            spool.stats().last_seq,
+            report.spooled,
+            "the spool holds exactly what the report calls spooled"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_disk_that_hangs_cannot_hold_the_shutdown_past_its_deadline() {
+        let mock = blasting_mock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let bridge = Bridge::start(config(&mock.url(), dir.path(), "1s"))
+            .await
+            .unwrap();
+        // Cleared at the end (or when the test fails), so the stuck threads can finish.
+        let _hung = inject_fault(&dir.path().join("spool"), DiskFault::Hang);
+        pile_up_behind_the_disk(&bridge).await;
+        let read_before = in_flight(&bridge);
+        let report = tokio::time::timeout(SHUTDOWN_BOUND, bridge.shutdown())
+            .await
+            .expect("the shutdown ends by its deadline plus a few seconds");
+        mock.stop().await;
+        assert!(
+            report.not_spooled >= read_before,
+            "nothing read after the disk hung was stored: {report:?}"
+        );
+        assert_eq!(report.read, report.spooled + report.not_spooled);
+        assert_eq!(report.persistence, Persistence::SyncTimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_disk_that_comes_back_before_the_deadline_loses_nothing() {
+        // The token's task waits to hand an event over to a full pipeline when the shutdown
+        // starts: it keeps waiting, and the events behind the stuck disk are stored when it
+        // answers again.
+        let mock = blasting_mock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let bridge = Bridge::start(config(&mock.url(), dir.path(), "10s"))
+            .await
+            .unwrap();
+        let hung = inject_fault(&dir.path().join("spool"), DiskFault::Hang);
+        pile_up_behind_the_disk(&bridge).await;
+        // The blast fills whatever room is left at once; then the task waits on the pipeline.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let shutdown = tokio::spawn(bridge.shutdown());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(hung);
+        let report = shutdown.await.unwrap();
+        mock.stop().await;
+        assert_eq!(report.not_spooled, 0, "{report:?}");
+        assert_eq!(report.read, report.spooled);
+        assert!(report.everything_read_is_spooled());
+    }
 }

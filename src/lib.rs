@@ -32,11 +32,15 @@
 //! - [`types`]: the config vocabulary every stage shares (secrets, durations, problems); a leaf.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
 //! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
+//! - `memory`: `memory_limit` divided among the stages that hold events, and the byte gate
+//!   between the sockets and the spool.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
 //!   [`mock::fixtures`], for tests, demos and benchmarks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
 //!   starts the ingest and the sockets; [`Bridge::shutdown`] stops them in reverse; [`run`] is
 //!   both around an injected shutdown future.
+//! - `fuzzing` (feature `fuzzing`, for `fuzz/` only): one entry point per reader of untrusted
+//!   input, so the fuzz targets reach private readers without making them public.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`Bridge`] and [`mock::MockServer`].
 
@@ -45,6 +49,10 @@ pub mod bridge;
 pub mod config;
 pub mod delivery;
 pub mod event;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+mod memory;
 pub mod mock;
 pub mod route;
 pub mod sink;

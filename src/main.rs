@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use chatwoot_bridge::bridge::{Drain, Persistence};
+use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
@@ -41,6 +41,15 @@ struct Cli {
         env = "CHATWOOT_BRIDGE_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// Let the transport libraries log at trace level (`RUST_LOG=trace`): what crosses the wire,
+    /// including pubsub tokens, handshake headers and passwords. Off: they stop at debug.
+    #[arg(
+        long,
+        global = true,
+        env = "CHATWOOT_BRIDGE_TRACE_SECRETS",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    trace_secrets: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,12 +152,16 @@ struct MockServerArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, cli.trace_secrets);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(execute(cli.command)) {
+    let result = runtime.block_on(execute(cli.command));
+    // Whatever was left behind (a write stuck on a disk that does not answer) must not hold the
+    // exit: the shutdown has logged what it could not finish.
+    runtime.shutdown_timeout(RUNTIME_STOP);
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -157,16 +170,50 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+/// Bounds the wait for tasks and threads still running once a command has finished.
+const RUNTIME_STOP: Duration = Duration::from_secs(1);
+
+/// The transport libraries whose trace level writes what crosses the wire: WebSocket frames and
+/// handshakes (the subscribe command holds the pubsub token, the handshake the configured
+/// headers, broadcasts the contacts' tokens), NATS protocol operations (CONNECT), the Kafka and
+/// HTTP clients' internals. Without `--trace-secrets` they log at most at debug, whatever
+/// `RUST_LOG` says, so that turning tracing on to chase a bug does not put secrets in the logs.
+const WIRE_TARGETS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "async_nats",
+    "rdkafka",
+    "librdkafka",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+];
+
+fn init_logging(format: LogFormat, trace_secrets: bool) {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A filter of its own rather than directives added to RUST_LOG's: a more specific target
+    // there (`tungstenite::protocol=trace`) would win over an added `tungstenite=debug`.
+    let wire_cap = (!trace_secrets).then(|| {
+        Targets::new()
+            .with_default(LevelFilter::TRACE)
+            .with_targets(WIRE_TARGETS.iter().map(|t| (*t, LevelFilter::DEBUG)))
+    });
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let output = match format {
+        LogFormat::Text => output.boxed(),
+        LogFormat::Json => output.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(wire_cap)
+        .with(output)
+        .init();
 }
 
 async fn execute(command: Command) -> anyhow::Result<ExitCode> {
@@ -207,12 +254,23 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             std::process::exit(EXIT_SECOND_SIGNAL);
         }
     };
-    // Undelivered events are safe in the spool: a clean stop as long as it was synced.
-    Ok(match report.persistence {
-        Persistence::Synced => ExitCode::SUCCESS,
-        Persistence::SyncFailed => ExitCode::FAILURE,
-    })
+    Ok(ExitCode::from(exit_code(&report)))
 }
+
+/// The exit code of `run` after a shutdown. Undelivered events are safe in the spool: a stop is
+/// clean when every event read reached it and it was fsynced; else [`EXIT_NOT_SPOOLED`].
+fn exit_code(report: &ShutdownReport) -> u8 {
+    if report.everything_read_is_spooled() {
+        0
+    } else {
+        EXIT_NOT_SPOOLED
+    }
+}
+
+/// The exit code after a shutdown in which events read did not all reach the spool, or the
+/// spool's final fsync did not complete: the spool's disk failed. `EX_IOERR` of sysexits.h; the
+/// last log line says which, and how many events.
+const EXIT_NOT_SPOOLED: u8 = 74;
 
 /// Validates the config and, with `connect`, tries every sink and token.
 async fn check(path: &Path, connect: bool) -> ExitCode {
@@ -464,5 +522,41 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => info!("Ctrl-C received"),
         _ = terminate => info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chatwoot_bridge::bridge::{Drain, Persistence, ShutdownReport};
+
+    use super::{exit_code, EXIT_NOT_SPOOLED};
+
+    fn report(not_spooled: u64, persistence: Persistence) -> ShutdownReport {
+        ShutdownReport {
+            drain: Drain::DeadlinePassed,
+            persistence,
+            read: 100,
+            spooled: 100 - not_spooled,
+            not_spooled,
+        }
+    }
+
+    #[test]
+    fn the_exit_code_says_whether_every_event_read_reached_the_spool() {
+        // Undelivered is fine (the spool has it); unstored or unsynced is not.
+        assert_eq!(exit_code(&report(0, Persistence::Synced)), 0);
+        assert_eq!(exit_code(&report(3, Persistence::Synced)), EXIT_NOT_SPOOLED);
+        assert_eq!(
+            exit_code(&report(0, Persistence::SyncFailed)),
+            EXIT_NOT_SPOOLED
+        );
+        assert_eq!(
+            exit_code(&report(0, Persistence::SyncTimedOut)),
+            EXIT_NOT_SPOOLED
+        );
+        assert_eq!(
+            exit_code(&report(3, Persistence::SyncTimedOut)),
+            EXIT_NOT_SPOOLED
+        );
     }
 }

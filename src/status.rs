@@ -51,6 +51,10 @@ pub struct TokenStatus {
     pub connects: u64,
     /// Events read from the socket.
     pub events: u64,
+    /// Events read from the socket that the task still held when it was stopped, waiting for
+    /// room in a full pipeline (or finding it closed): never spooled, so lost. Only a shutdown
+    /// whose disk or ingest was stuck leaves any.
+    pub dropped_at_stop: u64,
     /// Frames that could not be decoded and were skipped.
     pub malformed_frames: u64,
     /// Reconnects caused by silence (no ping within the stale timeout).
@@ -107,6 +111,8 @@ struct TokenCell {
     connects: AtomicU64,
     /// See [`TokenStatus::events`].
     events: AtomicU64,
+    /// See [`TokenStatus::dropped_at_stop`].
+    dropped_at_stop: AtomicU64,
     /// See [`TokenStatus::malformed_frames`].
     malformed_frames: AtomicU64,
     /// See [`TokenStatus::stale_reconnects`].
@@ -259,6 +265,7 @@ impl StatusBoard {
                     phase: Phase::new(TokenState::Connecting),
                     connects: AtomicU64::new(0),
                     events: AtomicU64::new(0),
+                    dropped_at_stop: AtomicU64::new(0),
                     malformed_frames: AtomicU64::new(0),
                     stale_reconnects: AtomicU64::new(0),
                 })
@@ -376,6 +383,7 @@ impl TokenCell {
             last_error,
             connects: self.connects.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
+            dropped_at_stop: self.dropped_at_stop.load(Ordering::Relaxed),
             malformed_frames: self.malformed_frames.load(Ordering::Relaxed),
             stale_reconnects: self.stale_reconnects.load(Ordering::Relaxed),
         }
@@ -407,6 +415,11 @@ impl TokenReporter {
     /// Counts an event read from the socket.
     pub(crate) fn event(&self) {
         self.cell.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an event read from the socket that was never handed to the pipeline.
+    pub(crate) fn dropped_at_stop(&self) {
+        self.cell.dropped_at_stop.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a frame that was skipped.

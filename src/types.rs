@@ -15,34 +15,85 @@ use serde::{Deserialize, Deserializer};
 #[serde(transparent)]
 pub struct Secret(String);
 
+/// Why a secret written as a number or a boolean is refused: YAML has already turned `007` into
+/// 7 (and `1e3` into 1000) by the time the value is read, so the secret sent would be another.
+pub(crate) const SECRET_MUST_BE_TEXT: &str = "a secret must be a string, not a number or a \
+    boolean: put it in quotes (YAML reads `password: 007` as the number 7). An environment \
+    override that looks like a number is read as one too: write `${VAR}` in the file instead";
+
 impl<'de> Deserialize<'de> for Secret {
-    /// Any scalar is taken as text (a numeric password, `linger.ms: 5`, an env override parsed
-    /// as a number), and a wrong shape is refused without echoing the value, as serde's own
-    /// "invalid type: integer `123456`" would.
+    /// Only a string: a number or a boolean has lost how it was written (see
+    /// [`SECRET_MUST_BE_TEXT`]). Nothing wrong is echoed, as serde's own "invalid type: integer
+    /// `123456`" would.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = Scalar::deserialize(d)?;
+        if !value.quoted {
+            return Err(serde::de::Error::custom(SECRET_MUST_BE_TEXT));
+        }
+        Ok(value.text)
+    }
+}
+
+/// A value handed on to a library as text (librdkafka's options): a string, or a number or a
+/// boolean written plainly (`linger.ms: 5`). Kept out of logs like a [`Secret`], since some of
+/// those options are secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scalar {
+    /// The value as text.
+    pub(crate) text: Secret,
+    /// Whether it was written as a string. A number or a boolean lost how it was written
+    /// (`007` is 7), which a secret must not have: options that are secrets check this.
+    pub(crate) quoted: bool,
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    /// Any scalar; other shapes are refused without echoing the value.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
+        fn plain<E>(text: String) -> Result<Scalar, E> {
+            Ok(Scalar {
+                text: Secret(text),
+                quoted: false,
+            })
+        }
         impl serde::de::Visitor<'_> for V {
-            type Value = Secret;
+            type Value = Scalar;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a string")
             }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
-                Ok(Secret(v.to_owned()))
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar {
+                    text: Secret(v.to_owned()),
+                    quoted: true,
+                })
             }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                plain(v.to_string())
             }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                plain(v.to_string())
             }
-            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Scalar, E> {
+                plain(v.to_string())
             }
-            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Secret, E> {
-                Ok(Secret(v.to_string()))
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Scalar, E> {
+                plain(v.to_string())
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Scalar {
+    fn schema_name() -> Cow<'static, str> {
+        "Scalar".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": ["string", "number", "boolean"],
+            "description": "Text, or a number or boolean written plainly; secrets must be quoted."
+        })
     }
 }
 
@@ -163,13 +214,31 @@ impl<'a> Problems<'a> {
 
 /// One value or a list of them (a list means any-of in routes): `url: nats://a:4222` or
 /// `url: [nats://a:4222, nats://b:4222]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     /// A single value written without a list.
     One(T),
     /// A list, possibly empty.
     Many(Vec<T>),
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for OneOrMany<T> {
+    /// A list is `Many`, anything else `One`. A value that does not fit gets its own error
+    /// (such as "put the secret in quotes"), where an untagged enum would only say that no
+    /// variant matched.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .map(T::deserialize)
+                .collect::<Result<_, _>>()
+                .map(OneOrMany::Many),
+            one => T::deserialize(one).map(OneOrMany::One),
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 impl<T> Default for OneOrMany<T> {

@@ -5,7 +5,7 @@ mod support;
 use std::process::Output;
 use std::time::Duration;
 
-use chatwoot_bridge::mock::{Answer, MockConfig};
+use chatwoot_bridge::mock::{Answer, Blast, MockConfig};
 use support::{mock_token, quoted, start_mock, wait_until, within, BridgeYaml};
 use tokio::process::Command;
 
@@ -272,4 +272,164 @@ async fn a_second_sigterm_exits_at_once() {
     assert_eq!(output.status.code(), Some(130), "{:?}", output.status);
     let stderr = text(&output.stderr);
     assert!(stderr.contains("second signal: exiting now"), "{stderr}");
+}
+
+/// Every line the child writes on stderr, collected as it comes.
+fn collect_lines(
+    stderr: tokio::process::ChildStderr,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let collected = lines.clone();
+    let reader = tokio::spawn(async move {
+        let mut stderr = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            collected.lock().unwrap().push(line);
+        }
+    });
+    (lines, reader)
+}
+
+#[tokio::test]
+async fn sigterm_on_a_disk_that_refuses_writes_exits_by_the_deadline_saying_what_was_lost() {
+    // A file-size limit (RLIMIT_FSIZE) makes the spool's segment refuse every write past 1 MiB
+    // with EFBIG, as a full disk refuses with ENOSPC: a real failing write, without root or a
+    // small filesystem. SIGXFSZ is ignored (and stays so across exec) so that the write fails
+    // instead of killing the process. The mock writes events as fast as the socket takes them,
+    // and the only sink is a webhook nobody listens on.
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("t", Answer::Confirm)],
+        blast: Some(Blast {
+            count: 50_000,
+            rate: None,
+            conversations: 10,
+        }),
+        ..MockConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", closed.local_addr().unwrap());
+    drop(closed);
+    let path = BridgeYaml::new(&server.url())
+        .token("{ name: a, pubsub_token: t }")
+        .sink("hook", &format!("{{ type: http, url: '{url}' }}"))
+        .route_all(&["hook"])
+        .spool(&dir.path().join("spool"))
+        .setting("shutdown_timeout: 1s")
+        .write(&dir.path().join("c.yaml"));
+    // dash counts `ulimit -f` in 512-byte blocks: 1 MiB.
+    let mut child = Command::new("sh")
+        .args(["-c", r#"trap '' XFSZ; ulimit -f 2048; exec "$0" "$@""#, BIN])
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (lines, reader) = collect_lines(child.stderr.take().unwrap());
+    // The first retry has come: the ingest holds a batch, and the blast fills its channel and
+    // holds the token's task behind it within milliseconds.
+    wait_until("the spool to refuse a write twice", || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("cannot append to the spool"))
+            .count()
+            >= 2
+    })
+    .await;
+    sigterm(&child);
+    // One second of deadline, four of grace, one for the runtime, and slack for a loaded machine.
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("SIGTERM ends the process by the shutdown deadline plus a few seconds")
+        .unwrap();
+    server.stop().await;
+    reader.await.unwrap();
+    let lines = lines.lock().unwrap();
+    assert_eq!(status.code(), Some(74), "{status:?}\n{}", lines.join("\n"));
+    let last = lines.last().expect("the daemon logged");
+    assert!(
+        last.contains("shutdown complete") && last.contains("events read were not stored"),
+        "the last line says what was lost: {last}"
+    );
+}
+
+/// The daemon's stderr at `RUST_LOG=trace` (and `env`), run against a mock streaming to the
+/// token `wire-secret-token` until events reached its file sink, then stopped with SIGTERM.
+async fn stderr_of_a_traced_run(env: &[(&str, &str)]) -> String {
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("wire-secret-token", Answer::Confirm)],
+        rate: 200.0,
+        ..MockConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.jsonl");
+    let path = BridgeYaml::new(&server.url())
+        .token("{ name: a, pubsub_token: wire-secret-token }")
+        .sink(
+            "out",
+            &format!("{{ type: file, path: {} }}", quoted(&out_file)),
+        )
+        .route_all(&["out"])
+        .spool(&dir.path().join("spool"))
+        .write(&dir.path().join("c.yaml"));
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Read as it comes: a full pipe would stop the daemon at its next log line.
+    let mut stderr = child.stderr.take().unwrap();
+    let reading = tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut bytes)
+            .await
+            .unwrap();
+        bytes
+    });
+    wait_until("events to flow (5 in the file)", || {
+        std::fs::read_to_string(&out_file)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 5
+    })
+    .await;
+    sigterm(&child);
+    let status = within("the daemon to exit after SIGTERM", child.wait())
+        .await
+        .unwrap();
+    server.stop().await;
+    assert!(status.success(), "exit status {status:?}");
+    text(&within("its stderr to end", reading).await.unwrap())
+}
+
+#[tokio::test]
+async fn trace_logs_show_no_token_unless_asked_to() {
+    // The contacts' token inside the recorded broadcasts' data.
+    let contact_token = "bf2RWA4TaHac2fPThmKYp6Nn";
+    // Asking for the transports by name does not lift the cap either.
+    let capped = stderr_of_a_traced_run(&[("RUST_LOG", "trace,tungstenite::protocol=trace")]).await;
+    // The WebSocket library still logs, at debug.
+    assert!(capped.contains("Client handshake done"), "{capped}");
+    assert!(
+        !capped.contains("wire-secret-token"),
+        "the subscribing token leaked"
+    );
+    assert!(!capped.contains(contact_token), "a contact's token leaked");
+
+    let uncapped = stderr_of_a_traced_run(&[("CHATWOOT_BRIDGE_TRACE_SECRETS", "1")]).await;
+    assert!(
+        uncapped.contains("wire-secret-token"),
+        "--trace-secrets shows the frames, token included"
+    );
 }

@@ -368,6 +368,116 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
 }
 
 #[tokio::test]
+async fn nats_core_counts_a_batch_only_once_the_server_has_read_it() {
+    let server = NatsServer::start().await;
+    let reader = server.client().await;
+    let mut sub = within("a subscription", reader.subscribe("seen.>"))
+        .await
+        .unwrap();
+    within("the subscription flushed", reader.flush())
+        .await
+        .unwrap();
+    let mut sink = sink(
+        "nats-core",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'seen.{{event}}', timeout: 1s }}",
+            server.url()
+        ),
+    )
+    .await;
+    let first = event(1, "message.created", r#"{"account_id":1}"#);
+    let outcomes = deliver(&mut sink, std::slice::from_ref(&first)).await;
+    assert_eq!(kind(&outcomes[0]), "delivered", "{outcomes:?}");
+
+    // A frozen server: the kernel takes the batch and the flush completes, but the server has
+    // not read it, and would lose it if it died now.
+    server.pause();
+    let second = event(2, "message.created", r#"{"account_id":1}"#);
+    let frozen = deliver(&mut sink, std::slice::from_ref(&second)).await;
+    server.resume();
+    assert_eq!(kind(&frozen[0]), "retryable", "{frozen:?}");
+    let Outcome::Retryable(e) = &frozen[0] else {
+        unreachable!()
+    };
+    assert!(e.message.contains("not confirmed by the server"), "{e:?}");
+
+    let retried = deliver(&mut sink, std::slice::from_ref(&second)).await;
+    assert_eq!(kind(&retried[0]), "delivered", "{retried:?}");
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let message = within("the messages", sub.next()).await.unwrap();
+        ids.push(nats_header(&message.headers, "ce-id").unwrap());
+    }
+    // The second event twice: the frozen attempt's copy, read once the server ran again, and
+    // the retry's.
+    assert_eq!(
+        ids,
+        [
+            "00000000000000000000000000000001",
+            "00000000000000000000000000000002",
+            "00000000000000000000000000000002"
+        ]
+    );
+    within("the sink to close", sink.close()).await;
+}
+
+#[tokio::test]
+async fn jetstream_create_leaves_an_existing_streams_settings_alone() {
+    let server = NatsServer::start().await;
+    let js = async_nats::jetstream::new(server.client().await);
+    let window = Duration::from_secs(600);
+    within(
+        "the stream to be created",
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "KEEP".to_owned(),
+            subjects: vec!["keep.>".to_owned()],
+            duplicate_window: window,
+            max_messages: 1000,
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    // The stream captures this sink's subjects already; the sink asks for another window.
+    let mut inside = sink(
+        "inside",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'keep.{{account_id}}.{{event}}', \
+             jetstream: {{ stream: KEEP, create: true, duplicate_window: 2h }} }}",
+            server.url()
+        ),
+    )
+    .await;
+    // The stream lacks this sink's subjects: they are added, and nothing else changes.
+    let mut added = sink(
+        "added",
+        &format!(
+            "{{ type: nats, url: '{}', subject: 'added.{{event}}', \
+             jetstream: {{ stream: KEEP, create: true }} }}",
+            server.url()
+        ),
+    )
+    .await;
+    let e = event(1, "message.created", r#"{"account_id":1}"#);
+    for sink in [&mut inside, &mut added] {
+        let outcomes = deliver(sink, std::slice::from_ref(&e)).await;
+        assert_eq!(kind(&outcomes[0]), "delivered", "{outcomes:?}");
+    }
+    let mut stream = within("the stream", js.get_stream("KEEP")).await.unwrap();
+    let info = within("the stream's info", stream.info())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 2);
+    assert_eq!(info.config.subjects, ["keep.>", "added.>"]);
+    assert_eq!(info.config.duplicate_window, window);
+    assert_eq!(info.config.max_messages, 1000);
+    for mut sink in [inside, added] {
+        within("the sink to close", sink.close()).await;
+    }
+}
+
+#[tokio::test]
 async fn nats_token_and_user_password_auth() {
     let (with_token, with_user) = tokio::join!(
         NatsServer::start_with(free_port(), &["--auth", "tok-s3cret"]),

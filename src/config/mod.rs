@@ -1,7 +1,8 @@
 //! The YAML an operator writes, checked into typed settings before anything connects.
 //!
 //! Loading goes in three steps, each with errors that name the key path:
-//! 1. the `config` crate reads the YAML file and `CHATWOOT_BRIDGE__A__B` overrides into a tree;
+//! 1. the file's size, nesting and aliases are checked on its YAML events (`shape`), then the
+//!    `config` crate reads it and `CHATWOOT_BRIDGE__A__B` overrides into a tree;
 //! 2. `${VAR}` / `${VAR:-default}` are expanded in every string of that tree (`expand`);
 //! 3. the tree is deserialized into the `Raw*` schema (`raw`, unknown keys rejected) and
 //!    validated section by section (`validate`) into [`Config`], whose values are the ones the
@@ -11,9 +12,11 @@
 
 mod expand;
 mod raw;
+mod shape;
 mod validate;
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +29,7 @@ use crate::spool::SpoolConfig;
 pub use crate::types::{HumanDuration, OneOrMany, Problem, Secret};
 use expand::expand_tree;
 use raw::RawConfig;
+pub use shape::{MAX_CONFIG_BYTES, MAX_CONFIG_NESTING, MAX_CONFIG_VALUES};
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).
 pub(crate) const ENV_PREFIX: &str = "CHATWOOT_BRIDGE";
@@ -68,6 +72,15 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// The file is larger, nests deeper or holds more values than the loader reads (see
+    /// [`MAX_CONFIG_BYTES`], [`MAX_CONFIG_NESTING`], [`MAX_CONFIG_VALUES`]).
+    #[error("{at}: {message}")]
+    Limit {
+        /// Where it went past the limit: a line and column, a key path, the file.
+        at: String,
+        /// Which limit, and by what.
+        message: String,
+    },
     /// The file fits the schema but its values do not make a working config: every problem.
     #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Problem>),
@@ -86,8 +99,11 @@ pub struct Config {
     pub routes: RouteTable,
     /// The durable queue in front of the sinks.
     pub spool: SpoolConfig,
-    /// How long shutdown may take to deliver what is in flight before it gives up.
+    /// How long shutdown may take, from the signal, to store and deliver what was read before it
+    /// gives up; the process ends within this plus 5 s.
     pub shutdown_timeout: Duration,
+    /// Bytes of events held in memory at once, divided among the stages that hold them.
+    pub memory_limit: u64,
 }
 
 /// One sink: where it delivers and what it removes from `data` first.
@@ -106,10 +122,15 @@ pub struct SinkSettings {
 impl Config {
     /// Reads, expands and validates a config file. Environment overrides apply.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut text = String::new();
+        // One byte past the limit is enough to know it is past (`/dev/zero` never ends).
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
+            .map_err(read)?;
         Config::from_yaml(&text, &|name| std::env::var(name).ok(), true)
     }
 
@@ -120,9 +141,14 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         env_overrides: bool,
     ) -> Result<Config, ConfigError> {
+        shape::check_yaml(text)?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Yaml));
         if env_overrides {
+            let names: Vec<String> = std::env::vars_os()
+                .filter_map(|(name, _)| name.into_string().ok())
+                .collect();
+            shape::check_overrides(names.iter().map(String::as_str))?;
             builder = builder.add_source(
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
@@ -135,19 +161,44 @@ impl Config {
             .and_then(|c| c.try_deserialize())
             .map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let tree = expand_tree(tree, "", env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let raw: RawConfig = serde_path_to_error::deserialize(&tree).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::Schema {
                 key: if key == "." {
                     "(top level)".into()
                 } else {
-                    key
+                    key_inside_sink(&tree, &key).unwrap_or(key)
                 },
                 message: e.into_inner().to_string(),
             }
         })?;
         raw.validate()
     }
+}
+
+/// The full key path of an error that `key` places at a sink (`sinks.<name>`): a sink's kind
+/// is a tagged enum, which reads its fields from a copy that the path tracking does not see,
+/// so they are read again here, the kind's own type alone, to find where. `None` when that
+/// finds nothing more precise.
+fn key_inside_sink(tree: &serde_json::Value, key: &str) -> Option<String> {
+    fn inner<T: serde::de::DeserializeOwned>(sink: serde_json::Value) -> Option<String> {
+        let error = serde_path_to_error::deserialize::<_, T>(sink).err()?;
+        Some(error.path().to_string()).filter(|path| path != ".")
+    }
+    let name = key.strip_prefix("sinks.")?;
+    let mut sink = tree.get("sinks")?.get(name)?.as_object()?.clone();
+    let kind = sink.remove("type")?;
+    for shared in ["keep_pubsub_tokens", "fields", "retry", "dead_letter"] {
+        sink.remove(shared);
+    }
+    let sink = serde_json::Value::Object(sink);
+    let path = match kind.as_str()? {
+        "kafka" => inner::<crate::sink::kafka::KafkaConfig>(sink),
+        "nats" => inner::<crate::sink::nats::NatsConfig>(sink),
+        "http" => inner::<crate::sink::http::HttpConfig>(sink),
+        _ => None,
+    }?;
+    Some(format!("{key}.{path}"))
 }
 
 #[cfg(test)]
@@ -207,7 +258,7 @@ routes:
         assert_eq!(cfg.cable.max_frame_bytes, 8 * 1024 * 1024);
         assert!(matches!(
             &cfg.sinks["archive"].kind,
-            SinkKind::File { path } if path == Path::new("./events.jsonl")
+            SinkKind::File { path, mode: 0o600 } if path == Path::new("./events.jsonl")
         ));
         assert!(cfg.sinks["archive"].redaction.strip_pubsub_tokens);
     }
@@ -404,15 +455,81 @@ routes:
     }
 
     #[test]
-    fn secrets_may_be_numbers_and_bad_shapes_are_not_echoed() {
-        let cfg =
-            load(&MINIMAL.replace("pubsub_token: contact-token", "pubsub_token: 123456")).unwrap();
-        assert_eq!(cfg.tokens[1].pubsub_token.expose(), "123456");
-        let err = load(&MINIMAL.replace("pubsub_token: contact-token", "pubsub_token: [987654]"))
+    fn secrets_must_be_strings_and_bad_shapes_are_not_echoed() {
+        let quoted = MINIMAL.replace("pubsub_token: contact-token", r#"pubsub_token: "0123456""#);
+        let cfg = load(&quoted).unwrap();
+        assert_eq!(cfg.tokens[1].pubsub_token.expose(), "0123456");
+        for (written, echo) in [
+            ("pubsub_token: 0123456", "123456"),
+            ("pubsub_token: 98765.5", "98765"),
+            ("pubsub_token: true", "true"),
+            ("pubsub_token: [987654]", "987654"),
+        ] {
+            let err = load(&MINIMAL.replace("pubsub_token: contact-token", written))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("tokens[1].pubsub_token: "), "{err}");
+            assert!(!err.contains(echo), "{err}");
+            if !written.contains('[') {
+                assert!(err.contains("put it in quotes"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_config_nested_deeper_than_the_limit_is_refused_not_walked() {
+        // Two bytes a level: walked by the loader, it overflowed the stack.
+        let deep = format!(
+            "{MINIMAL}unmatched:\n  {}x\n",
+            "- ".repeat(100_000),
+            MINIMAL = MINIMAL.trim_start()
+        );
+        let err = load(&deep).unwrap_err();
+        assert!(matches!(err, ConfigError::Limit { .. }), "{err}");
+        let err = err.to_string();
+        assert!(err.starts_with("line 16, column "), "{err}");
+        assert!(err.contains("deeper than 32 levels"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_never_ends_is_refused_at_the_size_limit() {
+        let err = Config::load(Path::new("/dev/zero"))
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("tokens[1].pubsub_token"), "{err}");
-        assert!(!err.contains("987654"), "{err}");
+        assert!(err.contains("MAX_CONFIG_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn every_secret_field_refuses_a_number() {
+        for (sink, key) in [
+            (
+                "{ type: nats, url: nats://127.0.0.1:4222, subject: s, user: u, password: 4711 }",
+                "sinks.s.password",
+            ),
+            (
+                "{ type: nats, url: nats://127.0.0.1:4222, subject: s, token: 4711 }",
+                "sinks.s.token",
+            ),
+            (
+                "{ type: http, url: 'http://127.0.0.1:1/h', secret: 4711 }",
+                "sinks.s.secret",
+            ),
+            (
+                "{ type: http, url: 'http://127.0.0.1:1/h', secret: [whsec_abc, 4711] }",
+                "sinks.s.secret",
+            ),
+            (
+                "{ type: http, url: 'http://127.0.0.1:1/h', headers: { X-Key: 4711 } }",
+                "sinks.s.headers.X-Key",
+            ),
+        ] {
+            let archive = "  archive: { type: file, path: ./events.jsonl }\n";
+            let text = MINIMAL.replace(archive, &format!("{archive}  s: {sink}\n"));
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{err}");
+            assert!(err.contains("put it in quotes"), "{err}");
+            assert!(!err.contains("4711"), "{err}");
+        }
     }
 
     #[test]
@@ -455,6 +572,21 @@ routes:
             .to_string();
         assert!(
             err.contains("spool.max_bytes: 4194304 is smaller than twice chatwoot.max_frame_bytes"),
+            "{err}"
+        );
+        assert_eq!(load(MINIMAL).unwrap().memory_limit, 64 << 20);
+        let err = load(&format!("{MINIMAL}memory_limit: 1048576\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit: 1048576 is too small; give at least 4 MiB"),
+            "{err}"
+        );
+        let err = load(&format!("{MINIMAL}memory_limit: 8388608\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("memory_limit: 8388608 is smaller than twice chatwoot.max_frame_bytes"),
             "{err}"
         );
         for bad in ["0", "1025"] {

@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::delivery::retry::RetrySettings;
+use crate::memory::DEFAULT_MEMORY_LIMIT;
 use crate::route::redact::FieldsSpec;
 use crate::route::RouteSpec;
 use crate::sink::SinkConfig;
@@ -41,9 +42,15 @@ pub(super) struct RawConfig {
     /// The durable local queue every event is written to before any sink sees it.
     #[serde(default)]
     pub(super) spool: RawSpool,
-    /// How long shutdown may take to deliver what is in flight before it gives up.
+    /// How long shutdown may take, from the signal, to store and deliver what was read before it
+    /// gives up; the process ends within this plus 5 s.
     #[serde(default = "default_shutdown_timeout")]
     pub(super) shutdown_timeout: HumanDuration,
+    /// Bytes of events held in memory at once, shared by the sockets' way to the spool, the
+    /// in-memory tail and the sinks; at least twice `chatwoot.max_frame_bytes`.
+    #[serde(default = "default_memory_limit", deserialize_with = "number")]
+    #[schemars(with = "u64")]
+    pub(super) memory_limit: u64,
 }
 
 /// Chatwoot's ActionCable endpoint, and the timing and limits of every socket to it.
@@ -226,6 +233,9 @@ const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(DEFAULT_SHUTDOWN_TIMEOUT)
+}
+fn default_memory_limit() -> u64 {
+    DEFAULT_MEMORY_LIMIT
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(CableSettings::default().connect_timeout)

@@ -29,6 +29,10 @@ const MIN_FRAME_BYTES: u64 = 1024;
 /// Smallest `spool.max_bytes` accepted.
 const MIN_SPOOL_BYTES: u64 = 1 << 20;
 
+/// Smallest `memory_limit` accepted: below it, the shares of the stages that hold events
+/// would each hold a few ordinary events at most.
+const MIN_MEMORY_LIMIT: u64 = 4 << 20;
+
 impl RawConfig {
     /// The config the daemon runs on, or every problem found in any section.
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
@@ -40,6 +44,7 @@ impl RawConfig {
             unmatched,
             spool,
             shutdown_timeout,
+            memory_limit,
         } = self;
         let mut problems = Problems::top_level();
         let chatwoot = check_cable(chatwoot, &mut problems);
@@ -47,6 +52,7 @@ impl RawConfig {
         let sinks = check_sinks(sinks, &mut problems);
         let routes = check_routes(routes, unmatched, &sinks, &mut problems);
         let spool = check_spool(spool, chatwoot.max_frame_bytes, &mut problems);
+        check_memory_limit(memory_limit, chatwoot.max_frame_bytes, &mut problems);
         // Compiled last: the problems of conditions and token names come after all the others.
         let table = RouteTable::compile(routes.specs, &tokens.names, routes.unmatched);
         let Some(routes) = problems.absorb(table) else {
@@ -60,6 +66,7 @@ impl RawConfig {
                 routes,
                 spool,
                 shutdown_timeout: shutdown_timeout.0,
+                memory_limit,
             })
             .map_err(ConfigError::Invalid)
     }
@@ -432,6 +439,22 @@ fn check_spool(raw: RawSpool, max_frame_bytes: u64, problems: &mut Problems<'_>)
     }
     problems.include(at);
     spool
+}
+
+/// Checks `memory_limit`: room for two events as large as a frame, one on its way from a
+/// socket and one on its way to a sink.
+fn check_memory_limit(limit: u64, max_frame_bytes: u64, problems: &mut Problems<'_>) {
+    if limit < MIN_MEMORY_LIMIT {
+        problems.add(
+            "memory_limit",
+            format!("{limit} is too small; give at least 4 MiB (4194304)"),
+        );
+    } else if limit < 2 * max_frame_bytes {
+        problems.add(
+            "memory_limit",
+            format!("{limit} is smaller than twice chatwoot.max_frame_bytes ({max_frame_bytes})"),
+        );
+    }
 }
 
 /// Names appear in metrics labels, log fields and templates, so they stay plain.

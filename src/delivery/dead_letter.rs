@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::event::{Event, EventId, JsonText};
+use crate::spool::{create_dir_durably, fsync_dir};
 
 /// One event that will not be delivered without an operator.
 #[derive(Debug, Clone)]
@@ -107,7 +108,7 @@ impl DeadLetters {
     /// Opens (creating if needed) the dead letter folder under `spool_dir`.
     pub fn open(spool_dir: &Path) -> Result<DeadLetters, DeadLetterError> {
         let dir = spool_dir.join("dead-letters");
-        fs::create_dir_all(&dir).map_err(|source| DeadLetterError::Io {
+        create_dir_durably(&dir).map_err(|source| DeadLetterError::Io {
             action: "create",
             path: dir.clone(),
             source,
@@ -189,8 +190,23 @@ impl DeadLetters {
             .append(true)
             .open(&path)
             .map_err(|e| io_error("open", e))?;
+        let created = file.metadata().map_err(|e| io_error("inspect", e))?.len() == 0;
         file.write_all(&text).map_err(|e| io_error("write", e))?;
-        file.sync_data().map_err(|e| io_error("fsync", e))
+        file.sync_data().map_err(|e| io_error("fsync", e))?;
+        if created {
+            self.fsync_dir()?;
+        }
+        Ok(())
+    }
+
+    /// Fsyncs the folder, so that a file created or renamed in it stays so after a machine
+    /// crash (a file's own fsync does not make its name durable).
+    fn fsync_dir(&self) -> Result<(), DeadLetterError> {
+        fsync_dir(&self.dir).map_err(|source| DeadLetterError::Io {
+            action: "fsync",
+            path: self.dir.clone(),
+            source,
+        })
     }
 
     /// The dead letters of `sink`, oldest first. Collects them all: for tests and small files;
@@ -255,6 +271,7 @@ impl DeadLetters {
             path,
             source,
         })?;
+        self.fsync_dir()?;
         Ok(count)
     }
 
@@ -327,7 +344,8 @@ impl DeadLetters {
         file.write_all(format!("{} {}\n", upto.offset, upto.line).as_bytes())
             .and_then(|()| file.sync_data())
             .map_err(|e| io_error("write", &temporary, e))?;
-        fs::rename(&temporary, &progress).map_err(|e| io_error("rename", &progress, e))
+        fs::rename(&temporary, &progress).map_err(|e| io_error("rename", &progress, e))?;
+        self.fsync_dir()
     }
 
     /// Removes a replay file once its events are back in the spool, then its progress.
@@ -700,5 +718,37 @@ mod tests {
         let (_dir, store, _) = damaged(&[letter(1)]);
         let err = store.list("hook").unwrap_err().to_string();
         assert!(err.contains("hook.jsonl line 2"), "{err}");
+    }
+
+    #[test]
+    fn files_created_and_renamed_are_fsynced_into_the_folder() {
+        use crate::spool::dir_fsyncs;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("dead-letters");
+        dir_fsyncs::take();
+        let store = DeadLetters::open(dir.path()).unwrap();
+        assert_eq!(dir_fsyncs::take(), [dir.path()], "the new folder");
+        store.append("hook", &[letter(1)]).unwrap();
+        assert_eq!(dir_fsyncs::take(), vec![folder.clone()], "a new file");
+        store.append("hook", &[letter(2)]).unwrap();
+        assert!(
+            dir_fsyncs::take().is_empty(),
+            "an append to a file already there"
+        );
+        store.queue_replay("hook").unwrap();
+        assert_eq!(
+            dir_fsyncs::take(),
+            vec![folder.clone()],
+            "the rename to a replay file"
+        );
+        let (_, replay) = store.pending_replays().unwrap().remove(0);
+        store
+            .replay_done_upto(&replay, ReplayPosition { offset: 0, line: 1 })
+            .unwrap();
+        assert_eq!(
+            dir_fsyncs::take(),
+            vec![folder.clone()],
+            "the progress file's rename"
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The batches an order-keeping sink was handed and has not confirmed yet, oldest first.
 //!
 //! Batches are handed over while earlier ones await their acknowledgements, up to
-//! [`MAX_UNCONFIRMED`] events. When a batch comes back with a failure, every later one is let
+//! [`MAX_UNCONFIRMED`] events and the sink's unconfirmed bytes (its share of `memory_limit`).
+//! When a batch comes back with a failure, every later one is let
 //! answer first and they are settled together ([`InFlight::answer_all`]): one merged retry after
 //! an outage, not one backoff per batch.
 
@@ -24,8 +25,9 @@ use crate::sink::{Outcome, Sink, SinkError, SinkLimits};
 ///
 /// Keeps the broker busy while acknowledgements travel: waiting for a batch's last ack before
 /// sending the next would leave the connection idle in between, and a NATS core flush answers
-/// only after everything before it reached the server. Bounds what the loop holds in memory
-/// (16 batches of message.created hold about 12 MB) and what a crash sends again.
+/// only after everything before it reached the server. Bounds what a crash sends again, and what
+/// a client sized by [`SINK_LIMITS`] must accept; the bytes are bounded by the sink's share of
+/// `memory_limit`, whichever bound comes first.
 pub(crate) const MAX_UNCONFIRMED: usize = 16 * MAX_BATCH;
 
 /// What every sink is built to hold unconfirmed at once: what the loop may hand it.
@@ -45,6 +47,8 @@ pub(super) struct Unconfirmed {
     pub(super) last_seq: u64,
     /// Its events, to settle them if the answer is not a clean delivery.
     pub(super) events: Vec<Arc<Event>>,
+    /// Their bytes ([`Event::memory_bytes`] summed), counted while unconfirmed.
+    bytes: usize,
     /// The sink's answer, once it comes.
     answer: Confirmation,
 }
@@ -75,7 +79,7 @@ impl Verdict {
 /// Whether more batches may be handed over before the unconfirmed ones are settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handover {
-    /// Yes, while fewer than [`MAX_UNCONFIRMED`] events are unconfirmed.
+    /// Yes, while fewer than [`MAX_UNCONFIRMED`] events and `max_bytes` bytes are unconfirmed.
     Open,
     /// A batch failed as it was handed over (its answer was there at once: a NATS client not
     /// connected, a producer refusing): a later batch could get through before its retry and
@@ -90,23 +94,33 @@ pub(super) struct InFlight {
     /// Events in `batches`: under [`MAX_UNCONFIRMED`] before each hand-over, so at most one
     /// batch more.
     events: usize,
+    /// Bytes of the events in `batches`: under `max_bytes` before each hand-over, so at most
+    /// one batch (one read from the spool) more. A batch larger than `max_bytes` is handed over
+    /// alone.
+    bytes: usize,
+    /// The sink's share of `memory_limit` for unconfirmed events.
+    max_bytes: usize,
     /// Whether a batch that failed at once holds back the next hand-over.
     handover: Handover,
 }
 
 impl InFlight {
-    /// Nothing in flight.
-    pub(super) fn new() -> InFlight {
+    /// Nothing in flight; at most `max_bytes` of events unconfirmed when a batch is handed over.
+    pub(super) fn new(max_bytes: usize) -> InFlight {
         InFlight {
             batches: VecDeque::new(),
             events: 0,
+            bytes: 0,
+            max_bytes,
             handover: Handover::Open,
         }
     }
 
     /// Whether the next batch may be handed over now.
     pub(super) fn accepts_more(&self) -> bool {
-        self.handover == Handover::Open && self.events < MAX_UNCONFIRMED
+        self.handover == Handover::Open
+            && self.events < MAX_UNCONFIRMED
+            && (self.bytes < self.max_bytes || self.batches.is_empty())
     }
 
     /// Whether every batch handed over is settled.
@@ -135,10 +149,13 @@ impl InFlight {
             }
             answer = Box::pin(std::future::ready(known));
         }
+        let bytes = events.iter().map(|e| e.memory_bytes()).sum();
         self.events += events.len();
+        self.bytes += bytes;
         self.batches.push_back(Unconfirmed {
             last_seq,
             events,
+            bytes,
             answer,
         });
     }
@@ -148,6 +165,7 @@ impl InFlight {
         let answer = (&mut self.batches.front_mut()?.answer).await;
         let batch = self.batches.pop_front().expect("answered just now");
         self.events -= batch.events.len();
+        self.bytes -= batch.bytes;
         Some((batch, answer))
     }
 
@@ -170,6 +188,7 @@ impl InFlight {
             answered.push((later, answer));
         }
         self.events = 0;
+        self.bytes = 0;
         self.handover = Handover::Open;
         let mut merged = Merged {
             events: Vec::new(),
@@ -199,4 +218,47 @@ pub(super) struct Merged {
     pub(super) first_pass: Vec<Outcome>,
     /// Seq of the last record of the last batch: finished once the merged batch is settled.
     pub(super) last_seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::SinkKind;
+
+    /// `count` events of about `bytes` bytes each.
+    fn events(count: usize, bytes: usize) -> Vec<Arc<Event>> {
+        let data = format!(r#"{{"pad":"{}"}}"#, "x".repeat(bytes));
+        let event = Arc::new(Event::for_test("message.created", "t", &data));
+        vec![event; count]
+    }
+
+    #[tokio::test]
+    async fn hand_overs_stop_at_the_unconfirmed_bytes_but_a_larger_batch_goes_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let kind = SinkKind::File {
+            path: dir.path().join("out.jsonl"),
+            mode: 0o600,
+        };
+        let mut sink = Sink::build("out", &kind, SINK_LIMITS).await.unwrap();
+        let event_bytes = events(1, 1000)[0].memory_bytes();
+        let mut in_flight = InFlight::new(3 * event_bytes);
+        in_flight.hand_over(&mut sink, events(2, 1000), 2).await;
+        assert!(in_flight.accepts_more(), "two events are under three");
+        in_flight.hand_over(&mut sink, events(2, 1000), 4).await;
+        assert!(!in_flight.accepts_more(), "four events are over three");
+        let (first, answer) = in_flight.oldest_answer().await.unwrap();
+        assert_eq!(first.last_seq, 2);
+        assert_eq!(Verdict::of(&answer, 2), Verdict::AllDelivered);
+        assert!(in_flight.accepts_more(), "two are unconfirmed again");
+        let (second, answer) = in_flight.oldest_answer().await.unwrap();
+        assert_eq!(
+            Verdict::of(&answer, second.events.len()),
+            Verdict::AllDelivered
+        );
+        // Nothing unconfirmed: a batch larger than the whole share is handed over alone.
+        let mut in_flight = InFlight::new(0);
+        assert!(in_flight.accepts_more());
+        in_flight.hand_over(&mut sink, events(5, 1000), 9).await;
+        assert!(!in_flight.accepts_more());
+    }
 }

@@ -11,13 +11,13 @@
 //! also offered to the sink loops in memory (`Appended`): a sink that keeps up takes it from
 //! there instead of reading back and decoding what was just written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -27,6 +27,7 @@ use crate::delivery::dead_letter::DeadLetters;
 use crate::delivery::pressure::{PushOut, PushOutError};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
+use crate::memory::ByteGate;
 use crate::route::RouteTable;
 use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
@@ -34,12 +35,12 @@ use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 pub const MAX_BATCH: usize = 512;
 
 /// Bounds the events read from the sockets and not on disk yet: the capacity of the channel from
-/// the token tasks to the ingest. Small on purpose: the sockets are held back instead.
+/// the token tasks to the ingest. Small on purpose: the sockets are held back instead. Their
+/// bytes are bounded too, by the byte gate the token tasks pass (`memory_limit`).
 pub(crate) const INGEST_CAPACITY: usize = 1024;
 
-/// Bounds the appended batches kept in memory for sink loops that have not taken them yet. A loop
-/// that falls further behind reads the spool instead; small, since a slow sink's share stays
-/// here until overwritten.
+/// Bounds the appended batches kept in memory for the sink loops, besides their bytes (the
+/// tail's share of `memory_limit`). A loop that falls further behind reads the spool instead.
 pub(crate) const TAIL_BATCHES: usize = 16;
 
 /// A batch as it was appended to the spool, for the sink loops to take in memory.
@@ -55,8 +56,76 @@ pub(crate) struct Appended {
     pub(crate) end: SpoolPosition,
 }
 
-/// Sends every appended batch to the sink loops (each subscribes its own receiver).
-pub(crate) type Tail = broadcast::Sender<Arc<Appended>>;
+impl Appended {
+    /// Seq of the last record.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.first_seq + self.masks.len() as u64 - 1
+    }
+}
+
+/// The batches just appended, newest last, for the sink loops to take in memory instead of
+/// reading them back: at most [`TAIL_BATCHES`] of them and `max_bytes` of events. The newest
+/// push the oldest out, whoever has taken them, so that a sink that is down holds nothing here;
+/// a batch larger than `max_bytes` is not kept. Shared by the ingest and every sink loop.
+#[derive(Debug, Clone)]
+pub(crate) struct Tail {
+    /// The batches, behind a lock taken once per batch, never per event.
+    ring: Arc<Mutex<TailRing>>,
+}
+
+/// The batches of a [`Tail`].
+#[derive(Debug)]
+struct TailRing {
+    /// The batches with their bytes ([`Event::memory_bytes`] summed), oldest first.
+    batches: VecDeque<(Arc<Appended>, usize)>,
+    /// The bytes of `batches`, at most `max_bytes`.
+    bytes: usize,
+    /// What `batches` may hold: the tail's share of `memory_limit`.
+    max_bytes: usize,
+}
+
+impl Tail {
+    /// An empty tail holding at most `max_bytes` of events.
+    pub(crate) fn new(max_bytes: usize) -> Tail {
+        Tail {
+            ring: Arc::new(Mutex::new(TailRing {
+                batches: VecDeque::with_capacity(TAIL_BATCHES),
+                bytes: 0,
+                max_bytes,
+            })),
+        }
+    }
+
+    /// Keeps a batch just appended, pushing the oldest out to make room; false when it is
+    /// larger than the whole tail and not kept (its sinks read it from the spool, a read's worth
+    /// at a time). Called before the sink loops are woken, so that a loop that wakes finds it.
+    pub(crate) fn send(&self, batch: Arc<Appended>) -> bool {
+        let bytes: usize = batch.events.iter().map(|e| e.memory_bytes()).sum();
+        let mut ring = self.ring.lock().expect("tail lock");
+        if bytes > ring.max_bytes {
+            return false;
+        }
+        while ring.batches.len() >= TAIL_BATCHES || ring.bytes + bytes > ring.max_bytes {
+            let Some((_, oldest)) = ring.batches.pop_front() else {
+                break;
+            };
+            ring.bytes -= oldest;
+        }
+        ring.bytes += bytes;
+        ring.batches.push_back((batch, bytes));
+        true
+    }
+
+    /// The oldest batch kept with records after `seq`, and its bytes; `None` when no batch kept
+    /// goes past it. It may start after `seq + 1`: the records in between are in the spool only.
+    pub(crate) fn after(&self, seq: u64) -> Option<(Arc<Appended>, usize)> {
+        let ring = self.ring.lock().expect("tail lock");
+        ring.batches
+            .iter()
+            .find(|(batch, _)| batch.last_seq() > seq)
+            .map(|(batch, bytes)| (batch.clone(), *bytes))
+    }
+}
 
 /// Bounds how long a queued dead-letter replay waits before the daemon looks for it.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
@@ -66,6 +135,9 @@ const REPLAY_POLL: Duration = Duration::from_secs(1);
 pub struct PipelineStats {
     /// Events appended to the spool.
     pub spooled: AtomicU64,
+    /// Events read that the ingest gave up on when the shutdown deadline passed while the spool
+    /// refused them (or its disk did not answer): never appended, so lost.
+    pub not_spooled: AtomicU64,
     /// Events that matched no route, by event name (they went to the `unmatched` sink, if any).
     pub unmatched: Mutex<BTreeMap<String, u64>>,
     /// Events refused by a full spool (`when_full: drop_newest`).
@@ -159,35 +231,49 @@ impl RecordBatch {
 }
 
 /// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
-/// dropped their senders and everything received is appended.
+/// dropped their senders and everything received is appended. The bytes the token tasks took
+/// from `gate` for each event go back once it is appended (or routed nowhere).
+///
+/// Once the appender's deadline is cancelled (the shutdown deadline passed) it stops waiting
+/// for the disk: it closes the channel (a token task still waiting to hand an event over, or
+/// waiting for the gate, gets an error and counts it), and what it has not appended by then, in
+/// hand or queued, is counted as not spooled.
 pub(crate) async fn ingest(
     mut events: mpsc::Receiver<Event>,
+    gate: ByteGate,
     routes: RouteTable,
-    spool: Spool,
-    tail: Tail,
-    stats: Arc<PipelineStats>,
-    push_out: Arc<PushOut>,
+    mut appender: Appender,
 ) {
-    let mut router = Router::new(routes, &spool);
+    let mut router = Router::new(routes, &appender.spool);
     let mut received = Vec::with_capacity(MAX_BATCH);
     let mut batch = RecordBatch::default();
     // A batch never takes more than a segment (at most an eighth of the spool): under
     // DropOldest one larger than the spool would lose its own oldest events before they were
     // ever spooled; under DeadLetter, the room it needs comes from the oldest end of the spool,
     // which a sink that keeps up has delivered, never from the newest seven eighths.
-    let max_batch_bytes = spool.segment_limit();
-    let store = Store {
-        spool: &spool,
-        tail: &tail,
-        stats: &stats,
-        push_out: &push_out,
-    };
-    while events.recv_many(&mut received, MAX_BATCH).await > 0 {
+    let max_batch_bytes = appender.spool.segment_limit();
+    let mut channel_open = true;
+    loop {
+        let received_some = tokio::select! {
+            n = events.recv_many(&mut received, MAX_BATCH) => n > 0,
+            () = appender.deadline.cancelled(), if channel_open => {
+                events.close();
+                channel_open = false;
+                continue;
+            }
+        };
+        if !received_some {
+            break;
+        }
+        let charged: usize = received
+            .iter()
+            .map(|e| gate.charge(e.memory_bytes()) as usize)
+            .sum();
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
         let mut masks = Vec::with_capacity(received.len());
         for event in received.drain(..) {
-            let Some((event, mask)) = router.route(event, &stats) else {
+            let Some((event, mask)) = router.route(event, &appender.stats) else {
                 continue;
             };
             batch.push(&event, mask);
@@ -197,19 +283,39 @@ pub(crate) async fn ingest(
                     std::mem::replace(&mut appended, Vec::with_capacity(MAX_BATCH)),
                     std::mem::replace(&mut masks, Vec::with_capacity(MAX_BATCH)),
                 );
-                batch = store.append_until_stored(batch, offered).await;
+                batch = appender.append_until_stored(batch, offered).await;
                 batch.clear();
                 batch.push(&event, mask);
             }
             appended.push(Arc::new(event));
             masks.push(mask);
         }
-        if batch.is_empty() {
-            continue;
+        if !batch.is_empty() {
+            batch = appender.append_until_stored(batch, (appended, masks)).await;
         }
-        batch = store.append_until_stored(batch, (appended, masks)).await;
+        // Everything received is in the spool (or went nowhere, or was given up at the
+        // deadline): the sockets may read more.
+        gate.release(charged);
     }
-    info!("ingest finished: every event read is in the spool");
+    appender.finish();
+}
+
+/// Where the ingest appends, how it makes room, and how long it keeps trying.
+pub(crate) struct Appender {
+    /// Every routed event is appended here.
+    spool: Spool,
+    /// Appended batches are offered to the sink loops here.
+    tail: Tail,
+    /// Counts what was stored, dropped by a full spool, or given up on.
+    stats: Arc<PipelineStats>,
+    /// Cancelled when the shutdown deadline passes: from then on nothing more is tried, and
+    /// what is not appended is counted as not spooled.
+    deadline: CancellationToken,
+    /// Makes room when the spool is full under `when_full: dead_letter`, by pushing its oldest
+    /// segment out to the dead letters of the sinks that lag.
+    push_out: Arc<PushOut>,
+    /// Events given up on at the deadline, for the ingest's last word.
+    given_up: u64,
 }
 
 /// Gives each event its id and the spool mask of the sinks its routes chose.
@@ -240,9 +346,12 @@ impl Router {
     /// The event with its id, and the sinks it goes to; `None` when it goes to none. An event
     /// that matched no route is counted in `stats`.
     fn route(&mut self, mut event: Event, stats: &PipelineStats) -> Option<(Event, SinkMask)> {
-        event.id = self
-            .ids
-            .assign(event.content_hash, &event.token, event.received_at);
+        event.id = self.ids.assign(
+            event.content_hash,
+            &event.token,
+            event.received_at,
+            event.received_mono,
+        );
         let routed = self.routes.route(&event);
         if !routed.matched {
             count_unmatched(stats, &event.name);
@@ -256,61 +365,128 @@ impl Router {
     }
 }
 
-/// Where the ingest stores its batches, and what it needs to make room.
-struct Store<'s> {
-    /// The spool appended to.
-    spool: &'s Spool,
-    /// Where appended batches are offered to the sink loops.
-    tail: &'s Tail,
-    /// Counts what was spooled and what a full spool dropped.
-    stats: &'s PipelineStats,
-    /// Makes room when the spool is full under `when_full: dead_letter`.
-    push_out: &'s Arc<PushOut>,
-}
+impl Appender {
+    /// Appends to `spool` and offers on `tail` until `deadline` is cancelled; `push_out` makes
+    /// room in a full spool.
+    pub(crate) fn new(
+        spool: Spool,
+        tail: Tail,
+        stats: Arc<PipelineStats>,
+        deadline: CancellationToken,
+        push_out: Arc<PushOut>,
+    ) -> Appender {
+        Appender {
+            spool,
+            tail,
+            stats,
+            deadline,
+            push_out,
+            given_up: 0,
+        }
+    }
 
-impl Store<'_> {
     /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
-    /// an event that was read is never dropped for an I/O error. Once stored, the batch's events
-    /// are offered to the sink loops on `tail`, before they are woken.
-    async fn append_until_stored(
-        &self,
-        batch: RecordBatch,
-        events: (Vec<Arc<Event>>, Vec<SinkMask>),
-    ) -> RecordBatch {
+    /// an event that was read is never dropped for an I/O error, until the shutdown deadline.
+    /// Once stored, the batch's events are offered to the sink loops on `tail`, before they are
+    /// woken. Past the deadline the batch is counted as not spooled instead: a write still
+    /// running on its thread then (a disk that hangs) is not waited for, and counts as not
+    /// spooled whatever becomes of it.
+    async fn append_until_stored(&mut self, batch: RecordBatch, events: Offer) -> RecordBatch {
         debug_assert_eq!(events.0.len(), batch.len(), "one event per record");
         debug_assert_eq!(events.1.len(), batch.len(), "one mask per record");
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut batch = batch;
         let mut offer = Some(events);
         loop {
-            let (spool, tail, push_out) =
-                (self.spool.clone(), self.tail.clone(), self.push_out.clone());
-            let (returned, kept, result) = tokio::task::spawn_blocking(move || {
-                let mut offer = offer;
-                let result = append_making_room(&batch, &spool, &push_out, |report| {
-                    offer_whole(report, batch.len(), &mut offer, &tail)
-                });
-                (batch, offer, result)
-            })
-            .await
-            .expect("spool appends do not panic");
+            let records = batch.len();
+            if self.deadline.is_cancelled() {
+                self.give_up(records);
+                return batch;
+            }
+            let attempt = self.attempt(batch, offer);
+            let (returned, kept, result) = tokio::select! {
+                biased;
+                done = attempt => done.expect("spool appends do not panic"),
+                () = self.deadline.cancelled() => {
+                    self.give_up(records);
+                    return RecordBatch::default();
+                }
+            };
             batch = returned;
             offer = kept;
             match result {
                 Ok(report) => {
-                    count_appended(&report, self.stats);
+                    count_appended(&report, &self.stats);
                     return batch;
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     error!(error = %e, events = batch.len(), retry_in = ?delay,
                         "cannot append to the spool; holding the sockets until it works");
-                    sleep(delay).await;
+                    tokio::select! {
+                        () = sleep(delay) => {}
+                        () = self.deadline.cancelled() => {}
+                    }
                 }
             }
         }
     }
+
+    /// One append of `batch` on a blocking thread, making room first if the spool is full
+    /// ([`append_making_room`]); the whole batch is offered on the tail once written. Gives the
+    /// batch back, with the offer if it was not taken.
+    fn attempt(
+        &self,
+        batch: RecordBatch,
+        offer: Option<Offer>,
+    ) -> tokio::task::JoinHandle<(
+        RecordBatch,
+        Option<Offer>,
+        Result<AppendReport, PushOutError>,
+    )> {
+        let (spool, tail, push_out) =
+            (self.spool.clone(), self.tail.clone(), self.push_out.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut offer = offer;
+            let result = append_making_room(&batch, &spool, &push_out, |report| {
+                offer_whole(report, batch.len(), &mut offer, &tail);
+            });
+            (batch, offer, result)
+        })
+    }
+
+    /// Counts `records` events as not spooled: the shutdown deadline passed before the spool
+    /// took them.
+    fn give_up(&mut self, records: usize) {
+        if self.given_up == 0 {
+            error!(
+                "the shutdown deadline passed before the spool took every event read: giving up \
+                 on the disk; what the ingest still holds is lost"
+            );
+        }
+        self.given_up += records as u64;
+        self.stats
+            .not_spooled
+            .fetch_add(records as u64, Ordering::Relaxed);
+    }
+
+    /// The ingest's last word: whether everything it received went where its routes said.
+    fn finish(self) {
+        if self.given_up == 0 {
+            info!("ingest finished: every event read is in the spool");
+        } else {
+            error!(
+                not_spooled = self.given_up,
+                "ingest stopped at the shutdown deadline: {} events read were NOT appended to \
+                 the spool and are lost",
+                self.given_up
+            );
+        }
+    }
 }
+
+/// A batch's events and sinks, offered to the sink loops once the batch is appended.
+type Offer = (Vec<Arc<Event>>, Vec<SinkMask>);
 
 /// Appends `batch`; while the spool has no room for it (`when_full: dead_letter`), pushes the
 /// oldest segment out and tries again. Blocking.
@@ -330,17 +506,12 @@ pub(super) fn append_making_room(
 }
 
 /// Offers the events of an append to the sink loops, if the whole batch was written: what a
-/// full spool refused is not delivered.
-fn offer_whole(
-    report: &AppendReport,
-    records: usize,
-    offer: &mut Option<(Vec<Arc<Event>>, Vec<SinkMask>)>,
-    tail: &Tail,
-) {
+/// full spool refused is not delivered. Not kept when larger than the tail's share: the spool
+/// has them.
+fn offer_whole(report: &AppendReport, records: usize, offer: &mut Option<Offer>, tail: &Tail) {
     if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
         if report.appended == records {
             if let Some((events, masks)) = offer.take() {
-                // No receiver (shutting down) is fine: the spool has them.
                 let _ = tail.send(Arc::new(Appended {
                     first_seq,
                     events,
@@ -412,15 +583,17 @@ pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: Ca
     }
 }
 
-/// Puts dead letters that `dlq replay` queued back into the spool, for their sink only.
+/// Puts dead letters that `dlq replay` queued back into the spool, for their sink only, in
+/// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`).
 pub(crate) async fn replay_dead_letters(
     dead_letters: DeadLetters,
     spool: Spool,
     sinks: Vec<String>,
+    max_batch_bytes: usize,
     stop: CancellationToken,
 ) {
     loop {
-        replay_pending(&dead_letters, &spool, &sinks).await;
+        replay_pending(&dead_letters, &spool, &sinks, max_batch_bytes).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = sleep(REPLAY_POLL) => {}
@@ -429,7 +602,12 @@ pub(crate) async fn replay_dead_letters(
 }
 
 /// One look for replay files, each put back into the spool in turn until one waits for room.
-async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[String]) {
+async fn replay_pending(
+    dead_letters: &DeadLetters,
+    spool: &Spool,
+    sinks: &[String],
+    max_batch_bytes: usize,
+) {
     let store = dead_letters.clone();
     let pending = match tokio::task::spawn_blocking(move || store.pending_replays())
         .await
@@ -447,10 +625,11 @@ async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[Stri
             continue;
         }
         let (store, spool, path2) = (dead_letters.clone(), spool.clone(), path.clone());
-        let replayed =
-            tokio::task::spawn_blocking(move || replay_file(&store, &spool, &sink, &path2))
-                .await
-                .expect("replays do not panic");
+        let replayed = tokio::task::spawn_blocking(move || {
+            replay_file(&store, &spool, &sink, &path2, max_batch_bytes)
+        })
+        .await
+        .expect("replays do not panic");
         match replayed {
             Ok(Replayed::All(n)) => {
                 info!(count = n, file = %path.display(), "dead letters put back into the spool")
@@ -479,14 +658,16 @@ enum Replayed {
 }
 
 /// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
-/// pass stopped: a batch at a time, only into the room left (replayed letters wait in their
-/// file; they must not push out records no sink has delivered), each batch fsynced before the
-/// file records it as done, so that a crash can repeat letters but never skip one. Blocking.
+/// pass stopped: a batch at a time (up to [`MAX_BATCH`] letters, stopping once they take
+/// `max_batch_bytes`), only into the room left (replayed letters wait in their file; they must
+/// not push out records no sink has delivered), each batch fsynced before the file records it
+/// as done, so that a crash can repeat letters but never skip one. Blocking.
 fn replay_file(
     store: &DeadLetters,
     spool: &Spool,
     sink: &str,
     path: &Path,
+    max_batch_bytes: usize,
 ) -> Result<Replayed, String> {
     let mut letters = store.resume_replay(path).map_err(|e| e.to_string())?;
     let mask = spool.mask(&[sink]);
@@ -496,7 +677,7 @@ fn replay_file(
         batch.clear();
         // Where the file continues after each letter of the batch, for a batch taken in part.
         let mut after = Vec::with_capacity(MAX_BATCH);
-        while after.len() < MAX_BATCH {
+        while after.len() < MAX_BATCH && batch.spool_bytes() < max_batch_bytes as u64 {
             let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? else {
                 break;
             };
@@ -562,25 +743,67 @@ mod tests {
         }
         drop(events);
         let stats = Arc::new(PipelineStats::default());
-        let (tail, _) = broadcast::channel(16);
+        let (gate, tail) = (ByteGate::new(64 << 20), Tail::new(16 << 20));
+        let push_out = PushOut::new(
+            DeadLetters::open(dir.path()).unwrap(),
+            BTreeMap::new(),
+            stats.clone(),
+        );
+        let appender = Appender::new(
+            spool.clone(),
+            tail,
+            stats.clone(),
+            CancellationToken::new(),
+            Arc::new(push_out),
+        );
         tokio::time::timeout(
             Duration::from_secs(30),
-            ingest(
-                received,
-                routes,
-                spool.clone(),
-                tail,
-                stats.clone(),
-                Arc::new(PushOut::new(
-                    DeadLetters::open(dir.path()).unwrap(),
-                    BTreeMap::new(),
-                    stats.clone(),
-                )),
-            ),
+            ingest(received, gate, routes, appender),
         )
         .await
         .expect("ingest ends once the senders are gone");
         assert_eq!(stats.spooled.load(Ordering::Relaxed), EVENTS);
         assert!(stats.spool_dropped_oldest.load(Ordering::Relaxed) > 0);
+    }
+
+    /// A batch of `events` events of about `bytes` bytes each, starting at `first_seq`.
+    fn appended(first_seq: u64, events: usize, bytes: usize) -> Arc<Appended> {
+        let data = format!(r#"{{"pad":"{}"}}"#, "x".repeat(bytes));
+        let event = Arc::new(Event::for_test("message.created", "t", &data));
+        Arc::new(Appended {
+            first_seq,
+            events: vec![event; events],
+            masks: vec![SinkMask(1); events],
+            end: SpoolPosition {
+                segment: 1,
+                offset: 0,
+            },
+        })
+    }
+
+    #[test]
+    fn the_tail_keeps_the_newest_batches_within_its_bytes() {
+        let event_bytes = appended(1, 1, 1000).events[0].memory_bytes();
+        // Room for five events of this size.
+        let tail = Tail::new(5 * event_bytes);
+        assert!(tail.send(appended(1, 2, 1000)));
+        assert!(tail.send(appended(3, 2, 1000)));
+        assert_eq!(tail.after(0).unwrap().0.first_seq, 1);
+        assert_eq!(tail.after(2).unwrap().0.first_seq, 3);
+        assert_eq!(tail.after(2).unwrap().1, 2 * event_bytes);
+        // Two more events: the oldest batch makes room, whoever took it.
+        assert!(tail.send(appended(5, 2, 1000)));
+        assert_eq!(tail.after(0).unwrap().0.first_seq, 3, "seqs 1-2 are gone");
+        assert!(tail.after(6).is_none(), "nothing kept past seq 6");
+        // Larger than the whole tail: not kept, and nothing pushed out for it.
+        assert!(!tail.send(appended(7, 6, 1000)));
+        assert!(tail.after(6).is_none());
+        assert_eq!(tail.after(0).unwrap().0.first_seq, 3);
+        // The count bound holds for small batches.
+        let tail = Tail::new(usize::MAX);
+        for n in 0..2 * TAIL_BATCHES as u64 {
+            tail.send(appended(n + 1, 1, 10));
+        }
+        assert_eq!(tail.after(0).unwrap().0.first_seq, TAIL_BATCHES as u64 + 1);
     }
 }

@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::broadcast::error::TryRecvError;
 use tokio::time::sleep;
 use tracing::error;
 
@@ -91,12 +90,15 @@ impl SinkLoop {
         Ok(self.take_records(records, progress))
     }
 
-    /// Records read from the spool, as events. A full batch from the file: the next records are
-    /// most likely there too. They are read while these are decoded and sent (a read's round
-    /// trip through the blocking pool is a large part of a backlog drain's loop), carrying the
-    /// commit that is due by then; it is counted when the read comes back.
+    /// Records read from the spool, as events. A full read from the file (as many records or
+    /// bytes as a read takes): the next records are most likely there too. They are read while
+    /// these are decoded and sent (a read's round trip through the blocking pool is a large part
+    /// of a backlog drain's loop), carrying the commit that is due by then; it is counted when
+    /// the read comes back.
     fn take_records(&mut self, records: Records, progress: &mut Progress) -> Option<Taken> {
-        if records.len() == MAX_BATCH && !self.reader.get().caught_up() {
+        let full = records.len() == MAX_BATCH
+            || records.iter().map(|(_, r)| r.len()).sum::<usize>() >= self.reader.read_bytes();
+        if full && !self.reader.get().caught_up() {
             self.reader.read_ahead(progress.take_commit());
         }
         let last_seq = records.last()?.0;
@@ -123,31 +125,25 @@ impl SinkLoop {
     }
 
     /// The next events from the in-memory tail, if the tail continues exactly where the reader
-    /// is.
+    /// is. A batch larger than one read of this sink is read from the spool instead, a read at
+    /// a time: the sink's share of `memory_limit` bounds what it takes at once.
     fn take_from_tail(&mut self) -> Option<Taken> {
         loop {
-            let batch = match self.held.take() {
-                Some(batch) => batch,
-                None => match self.tail.try_recv() {
-                    Ok(batch) => batch,
-                    // What was missed is read from the spool.
-                    Err(TryRecvError::Lagged(_)) => continue,
-                    Err(TryRecvError::Empty | TryRecvError::Closed) => return None,
-                },
-            };
-            let Some(mine) =
-                self.reader
-                    .get()
-                    .take_appended(batch.first_seq, &batch.masks, batch.end)
-            else {
-                self.held = Some(batch);
+            let (batch, bytes) = self.tail.after(self.reader.get().position())?;
+            if bytes > self.reader.read_bytes() {
                 return None;
-            };
+            }
+            // `None`: the records in between (dead-letter replays, batches pushed out of the
+            // tail) are read from the spool first.
+            let mine = self
+                .reader
+                .get()
+                .take_appended(batch.first_seq, &batch.masks, batch.end)?;
             if mine.is_empty() {
-                // Read from the spool already, or nothing of this sink's.
+                // Nothing of this sink's.
                 continue;
             }
-            let last_seq = batch.first_seq + batch.masks.len() as u64 - 1;
+            let last_seq = batch.last_seq();
             let events = mine
                 .into_iter()
                 .map(|i| self.redacted(batch.events[i].clone()))

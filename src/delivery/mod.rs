@@ -8,7 +8,8 @@
 //! the next batch on a blocking thread while the current one is sent (`reader`).
 //!
 //! A sink that keeps order itself (Kafka, NATS, file) is handed the next batches while earlier
-//! ones await their acknowledgements, up to `MAX_UNCONFIRMED` events. When an event fails, the
+//! ones await their acknowledgements, up to `MAX_UNCONFIRMED` events and the sink's unconfirmed
+//! bytes (its share of `memory_limit`). When an event fails, the
 //! later batches are let answer first and the failures are retried in spool order; an event of
 //! the same conversation in a later batch may then have arrived before the retried one.
 //!
@@ -22,7 +23,8 @@
 //! - `intake`: where the next events come from (read ahead, in-memory tail, spool); `reader`:
 //!   the spool cursor that reads ahead on a blocking thread.
 //! - `progress`: what is finished, what is committed, when the next commit is due.
-//! - `in_flight`: the batches handed over and not answered yet, up to `MAX_UNCONFIRMED` events.
+//! - `in_flight`: the batches handed over and not answered yet, up to `MAX_UNCONFIRMED` events
+//!   and the sink's unconfirmed bytes.
 //! - `settle`: delivering a batch to the end (retries, dead letters), in `waves`.
 //! - [`ingest`]: from the sockets to the spool; [`pressure`]: making room in a full spool by
 //!   pushing its oldest segment out to the dead letters of the sinks that lag;
@@ -43,14 +45,13 @@ use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::delivery::dead_letter::DeadLetters;
 pub(crate) use crate::delivery::in_flight::SINK_LIMITS;
 use crate::delivery::in_flight::{Answer, InFlight, Unconfirmed, Verdict};
-use crate::delivery::ingest::{Appended, PipelineStats};
+use crate::delivery::ingest::{PipelineStats, Tail};
 use crate::delivery::intake::Intake;
 use crate::delivery::progress::Progress;
 pub(crate) use crate::delivery::reader::FileReader;
@@ -73,10 +74,10 @@ pub(crate) struct SinkLoop {
     /// Its cursor over the spool.
     pub(crate) reader: FileReader,
     /// Batches just appended, taken in memory while they continue where `reader` is.
-    pub(crate) tail: broadcast::Receiver<Arc<Appended>>,
-    /// A batch from `tail` that starts past the reader: records in between (dead-letter
-    /// replays, a lag) are read from the spool first.
-    pub(crate) held: Option<Arc<Appended>>,
+    pub(crate) tail: Tail,
+    /// The most bytes of events handed to the sink and not confirmed yet: its share of
+    /// `memory_limit`, with the reads `reader` makes.
+    pub(crate) unconfirmed_bytes: usize,
     /// Local dead letter files, used unless `dead_letter_sink` is set.
     pub(crate) dead_letters: DeadLetters,
     /// The spool and the mask of the sink that takes this sink's dead letters (`dead_letter:`).
@@ -173,7 +174,7 @@ impl SinkLoop {
         let mut state = LoopState {
             pace,
             progress: Progress::new(self.reader.back().await.position()),
-            in_flight: InFlight::new(),
+            in_flight: InFlight::new(self.unconfirmed_bytes),
             intake: Intake::MayHaveMore,
         };
         let end = loop {
@@ -241,7 +242,7 @@ impl SinkLoop {
         if self.ingest_done.is_cancelled() {
             // The last appends may have come while the loop was busy: end only when nothing is
             // left to take.
-            if self.reader.get().caught_up() && self.held.is_none() {
+            if self.reader.get().caught_up() {
                 return ControlFlow::Break(LoopEnd::Drained);
             }
             state.intake = Intake::MayHaveMore;

@@ -22,22 +22,31 @@ pub(crate) struct FileReader {
     ahead: Option<(Option<u64>, JoinHandle<SpoolIo>)>,
     /// A read ahead that came back, and the commit it carried: its records are sent next.
     read: Option<SpoolRead>,
+    /// Bytes of records at which a read stops: the sink's share of `memory_limit` bounds what
+    /// one read holds (one record larger than this is read alone).
+    read_bytes: usize,
 }
 
 /// What a blocking spool call hands back: the reader, and what it read.
 type SpoolIo = (SpoolReader, Result<Records, SpoolError>);
 
-impl From<SpoolReader> for FileReader {
-    fn from(reader: SpoolReader) -> FileReader {
+impl FileReader {
+    /// Reads with `reader`, stopping each read at [`MAX_BATCH`] records or once they hold
+    /// `read_bytes`.
+    pub(crate) fn new(reader: SpoolReader, read_bytes: usize) -> FileReader {
         FileReader {
             reader: Some(reader),
             ahead: None,
             read: None,
+            read_bytes,
         }
     }
-}
 
-impl FileReader {
+    /// Bytes of records at which a read stops.
+    pub(super) fn read_bytes(&self) -> usize {
+        self.read_bytes
+    }
+
     /// The reader, once a read ahead is back (its outcome waits in `take_read_ahead`).
     /// Cancel-safe: the read stays under way until awaited to the end.
     pub(super) async fn back(&mut self) -> &mut SpoolReader {
@@ -69,7 +78,8 @@ impl FileReader {
     /// Starts reading the next records on a blocking thread, after committing up to `upto`.
     pub(super) fn read_ahead(&mut self, upto: Option<u64>) {
         let reader = self.get_owned();
-        self.ahead = Some((upto, spawn_spool_io(reader, upto, true)));
+        let read = Some(self.read_bytes);
+        self.ahead = Some((upto, spawn_spool_io(reader, upto, read)));
     }
 
     /// Commits up to `upto` and, if `read`, reads the next records, now. Reading with records
@@ -85,6 +95,7 @@ impl FileReader {
             "records read ahead not taken"
         );
         let reader = self.get_owned();
+        let read = read.then_some(self.read_bytes);
         let (reader, result) = spawn_spool_io(reader, upto, read)
             .await
             .expect("spool reads do not panic");
@@ -104,9 +115,13 @@ impl FileReader {
     }
 }
 
-/// Commits progress up to `upto` and, if `read`, reads the next records: file I/O, on a blocking
-/// thread, which needs the reader for the time being.
-fn spawn_spool_io(mut reader: SpoolReader, upto: Option<u64>, read: bool) -> JoinHandle<SpoolIo> {
+/// Commits progress up to `upto` and, if `read` gives a read's bytes, reads the next records:
+/// file I/O, on a blocking thread, which needs the reader for the time being.
+fn spawn_spool_io(
+    mut reader: SpoolReader,
+    upto: Option<u64>,
+    read: Option<usize>,
+) -> JoinHandle<SpoolIo> {
     tokio::task::spawn_blocking(move || {
         let mut result = Ok(Vec::new());
         if let Some(seq) = upto {
@@ -115,8 +130,8 @@ fn spawn_spool_io(mut reader: SpoolReader, upto: Option<u64>, read: bool) -> Joi
                 error!(sink = %reader.sink(), error = %e, "cannot commit spool progress; the batch may be delivered again after a restart");
             }
         }
-        if read {
-            result = reader.read_batch(MAX_BATCH);
+        if let Some(max_bytes) = read {
+            result = reader.read_batch_within(MAX_BATCH, max_bytes);
         }
         (reader, result)
     })

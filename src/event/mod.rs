@@ -21,7 +21,7 @@ pub use record::RecordError;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -120,8 +120,13 @@ pub struct Event {
     pub token: Arc<str>,
     /// CloudEvents `source`: the cable URL and `#<token name>`.
     pub source: Arc<str>,
-    /// When the frame was read from the socket.
+    /// When the frame was read from the socket: the event's published `time`.
     pub received_at: SystemTime,
+    /// When the event was built, on the monotonic clock: on the socket's task right after its
+    /// frame was read. The id window runs on it, so that a wall clock stepped back cannot stop
+    /// it (see [`crate::event::id`]). An event read back from the spool or a dead letter, which
+    /// has its id already, carries when it was read.
+    pub received_mono: Instant,
     /// The ids read out of `data` once, for routing, keys, templates and the subject.
     pub keys: DataKeys,
 }
@@ -144,8 +149,16 @@ impl Event {
             token,
             source,
             received_at,
+            received_mono: Instant::now(),
             keys,
         }
+    }
+
+    /// Bytes it holds in memory, as `memory_limit` counts them: its `data`, its name and the
+    /// envelope. Computed the same wherever it is asked, so that what one stage charges for an
+    /// event, another can give back.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.data.get().len() + self.name.len() + std::mem::size_of::<Event>()
     }
 
     /// An event with the given parts, for tests of routing and encoding.

@@ -86,6 +86,7 @@ impl Event {
             token,
             source,
             received_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
+            received_mono: std::time::Instant::now(),
             keys: DataKeys {
                 account_id: keys[0],
                 conversation_id: keys[1],

@@ -48,11 +48,12 @@ pub struct FieldsSpec {
 }
 
 impl Redaction {
-    /// The rewritten data, or `None` when nothing had to be removed (the common case costs one
-    /// substring search when only tokens are stripped). `pubsub` is searched rather than the
-    /// whole key so that an escaped key (`pubsub\u005ftoken`) still takes the careful path.
+    /// The rewritten data, or `None` when nothing had to be removed (the common case costs two
+    /// substring searches when only tokens are stripped). Keys are compared decoded, and any
+    /// letter of a key can be written as a `\u` escape (`\u0070ubsub_token`), so data with a
+    /// `\u` anywhere takes the careful path too.
     pub fn apply(&self, data: &str) -> Option<String> {
-        let tokens_present = self.strip_pubsub_tokens && data.contains("pubsub");
+        let tokens_present = self.strip_pubsub_tokens && may_hold_token_key(data);
         if !tokens_present && self.drop.is_empty() {
             return None;
         }
@@ -85,6 +86,12 @@ impl Redaction {
                     && segments[path.len()] == key
             })
     }
+}
+
+/// Whether `data` can hold a `pubsub_token` key: written plainly, or with some of its letters
+/// escaped (only `\u` escapes can stand for letters and `_`).
+fn may_hold_token_key(data: &str) -> bool {
+    data.contains(PUBSUB_TOKEN) || data.contains("\\u")
 }
 
 /// A single pass over valid JSON, copying what stays.
@@ -388,6 +395,27 @@ mod tests {
             r.apply(r#"{"pubsub\u005ftoken":"t","ok":true}"#).unwrap(),
             r#"{"ok":true}"#
         );
+    }
+
+    #[test]
+    fn a_key_with_any_of_its_letters_escaped_is_still_stripped() {
+        let key = PUBSUB_TOKEN.as_bytes();
+        let mut keys: Vec<String> = (0..key.len())
+            .map(|i| {
+                let (before, after) = (&PUBSUB_TOKEN[..i], &PUBSUB_TOKEN[i + 1..]);
+                format!("{before}\\u{:04x}{after}", key[i])
+            })
+            .collect();
+        keys.push(key.iter().map(|b| format!("\\u{b:04X}")).collect());
+        for escaped in keys {
+            let data = format!(r#"{{"contact_inbox":{{"{escaped}":"secret","id":5}}}}"#);
+            let out = strip().apply(&data);
+            assert_eq!(
+                out.as_deref(),
+                Some(r#"{"contact_inbox":{"id":5}}"#),
+                "{escaped}"
+            );
+        }
     }
 
     #[test]

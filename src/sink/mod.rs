@@ -12,7 +12,7 @@
 //! - **probe**: tries the destination once, for `check --connect`, without delivering anything.
 //! - **close**: flushes and releases the sink at shutdown.
 //!
-//! Each sink declares its ordering (`Destination::ORDERED`) and keeps the classification of its
+//! Each sink declares its ordering (`Destination::preserves_key_order`) and keeps the classification of its
 //! errors (retryable or permanent) in a pure function beside its transport, so the decision can
 //! be tested alone. Sinks hold no retry policy: the delivery loop decides what to do with each
 //! outcome.
@@ -41,7 +41,7 @@ use serde::Deserialize;
 
 use crate::event::Event;
 use crate::route::template;
-use crate::types::Problem;
+use crate::types::{Problem, Problems};
 
 pub use cloudevents::{binary_attributes, Envelope};
 pub(crate) use cloudevents::{
@@ -57,9 +57,10 @@ pub(crate) trait Destination: Sized {
     /// Why the settings can never work; never an unreachable destination.
     type BuildError: Into<BuildCause>;
     /// Whether events handed over in one batch arrive in batch order for each conversation
-    /// (sequential writes, a partitioned log). A sink that sends concurrently does not, and is
-    /// then given at most one event per conversation at a time.
-    const ORDERED: bool;
+    /// (sequential writes, a partitioned log). A sink that sends concurrently, or whose client
+    /// may reorder retries, does not, and is then given at most one event per conversation at a
+    /// time.
+    fn preserves_key_order(&self) -> bool;
 
     /// Creates the sink; connecting happens in the background or on first use.
     async fn build(settings: &Self::Settings, limits: SinkLimits)
@@ -233,8 +234,11 @@ impl Sink {
             }
             SinkKind::Nats(settings) => Sink::Nats(Box::new(build(name, settings, limits).await?)),
             SinkKind::Http(settings) => Sink::Http(Box::new(build(name, settings, limits).await?)),
-            SinkKind::File { path } => {
-                let target = file::FileTarget::Append(path.clone());
+            SinkKind::File { path, mode } => {
+                let target = file::FileTarget::Append {
+                    path: path.clone(),
+                    mode: *mode,
+                };
                 Sink::File(build(name, &target, limits).await?)
             }
             SinkKind::Stdout => Sink::File(build(name, &file::FileTarget::Stdout, limits).await?),
@@ -275,13 +279,13 @@ impl Sink {
     }
 
     /// Whether events handed over in one batch arrive in batch order for each conversation, as
-    /// the sink declares ([`Destination::ORDERED`]).
+    /// the sink declares ([`Destination::preserves_key_order`]).
     pub(crate) fn preserves_key_order(&self) -> bool {
         match self {
-            Sink::File(_) => file::FileSink::ORDERED,
-            Sink::Kafka(_) => kafka::KafkaSink::ORDERED,
-            Sink::Nats(_) => nats::NatsSink::ORDERED,
-            Sink::Http(_) => http::HttpSink::ORDERED,
+            Sink::File(sink) => sink.preserves_key_order(),
+            Sink::Kafka(sink) => sink.preserves_key_order(),
+            Sink::Nats(sink) => sink.preserves_key_order(),
+            Sink::Http(sink) => sink.preserves_key_order(),
         }
     }
 
@@ -307,6 +311,9 @@ pub enum SinkConfig {
     File {
         /// The file, created when missing.
         path: PathBuf,
+        /// Permissions of a file the sink creates, octal in quotes (default "0600": the owner
+        /// alone); an existing file keeps its own.
+        mode: Option<file::FileMode>,
     },
     /// Write CloudEvents JSON lines to standard output.
     Stdout {},
@@ -325,6 +332,8 @@ pub enum SinkKind {
     File {
         /// The file, created when missing.
         path: PathBuf,
+        /// Permission bits of the file when the sink creates it.
+        mode: u32,
     },
     /// Write to standard output.
     Stdout,
@@ -357,7 +366,14 @@ impl SinkConfig {
     /// Checks one sink; `key` is its path (`sinks.<name>`), the prefix of every problem.
     pub(crate) fn validate(self, key: &str) -> Result<SinkKind, Vec<Problem>> {
         Ok(match self {
-            SinkConfig::File { path } => SinkKind::File { path },
+            SinkConfig::File { path, mode } => {
+                let mut problems = Problems::new(key);
+                let mode = problems.check("mode", file::parse_mode(mode.as_ref()));
+                problems.finish(|| SinkKind::File {
+                    path,
+                    mode: mode.expect("no problems means the mode parsed"),
+                })?
+            }
             SinkConfig::Stdout {} => SinkKind::Stdout,
             SinkConfig::Kafka(c) => SinkKind::Kafka(Arc::new(c.validate(key)?)),
             SinkConfig::Nats(c) => SinkKind::Nats(Arc::new(c.validate(key)?)),

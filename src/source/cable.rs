@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -31,6 +30,7 @@ use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
+use crate::source::supervisor::EventSender;
 use crate::status::{TokenReporter, TokenState};
 
 /// Bounds the read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets
@@ -46,6 +46,10 @@ pub(crate) const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 /// Bounds the delay of a reconnect after a `disconnect` with `reconnect: true` (jittered).
 const PROMPT_RECONNECT_CEILING: Duration = Duration::from_secs(1);
 
+/// Bounds the wait for a stopped socket's close: a server that does not read cannot hold up a
+/// shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A client WebSocket, plain or TLS.
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -59,7 +63,7 @@ pub(crate) struct TokenTask {
     /// Timeouts and limits shared by all tokens.
     pub(crate) settings: Arc<CableSettings>,
     /// Where decoded events go; the pipeline assigns ids and routes them.
-    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) events: EventSender,
     /// This token's cell on the status board.
     pub(crate) status: TokenReporter,
     /// Stops the task: on shutdown, or when the token is removed or changed by a reload.
@@ -267,10 +271,7 @@ impl<'a> Session<'a> {
         let timer = self.timer();
         tokio::select! {
             biased;
-            _ = self.task.cancel.cancelled() => {
-                let _ = self.ws.close(None).await;
-                ControlFlow::Break(SessionEnd::Cancelled)
-            }
+            _ = self.task.cancel.cancelled() => self.close().await,
             frame = self.ws.next() => self.on_frame(frame).await,
             _ = &mut self.stale => {
                 self.task.status.stale();
@@ -395,16 +396,26 @@ impl<'a> Session<'a> {
         ControlFlow::Continue(())
     }
 
-    /// Passes an event to the pipeline, waiting while it is full.
+    /// Passes an event to the pipeline, waiting while it is full, even once the task is
+    /// stopped: a disk that answers again before the shutdown deadline loses nothing. The wait
+    /// ends at that deadline at the latest, when the ingest closes the pipeline; an event not
+    /// handed over then is lost, and counted.
     async fn hand_over(&mut self, event: Event) -> ControlFlow<SessionEnd> {
         self.task.status.event();
-        if self.task.events.send(event).await.is_err() {
-            // The pipeline is gone: only happens when the process is ending.
-            error!(token = %self.task.spec.name,
-                "pipeline closed; an event read from the socket could not be handed over");
-            return ControlFlow::Break(SessionEnd::Cancelled);
+        if self.task.events.send(event).await.is_ok() {
+            return ControlFlow::Continue(());
         }
-        ControlFlow::Continue(())
+        self.task.status.dropped_at_stop();
+        error!(token = %self.task.spec.name,
+            "the pipeline closed (shutdown deadline passed): an event read from the socket was \
+             not handed over and is lost");
+        self.close().await
+    }
+
+    /// Closes the socket, waiting at most [`CLOSE_TIMEOUT`] for the server: ends the session.
+    async fn close(&mut self) -> ControlFlow<SessionEnd> {
+        let _ = timeout(CLOSE_TIMEOUT, self.ws.close(None)).await;
+        ControlFlow::Break(SessionEnd::Cancelled)
     }
 
     /// The server greets once per socket: subscribe then.
@@ -488,9 +499,14 @@ impl<'a> Session<'a> {
         ControlFlow::Continue(())
     }
 
-    /// Sends a command; a failed send ends the connection.
+    /// Sends a command; a failed send ends the connection. A server that stops reading cannot
+    /// hold a stopped task here.
     async fn send(&mut self, command: String) -> ControlFlow<SessionEnd> {
-        match self.ws.send(Message::text(command)).await {
+        let sent = tokio::select! {
+            sent = self.ws.send(Message::text(command)) => sent,
+            _ = self.task.cancel.cancelled() => return ControlFlow::Break(SessionEnd::Cancelled),
+        };
+        match sent {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => ControlFlow::Break(SessionEnd::Lost(describe(&e))),
         }

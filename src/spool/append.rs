@@ -237,7 +237,12 @@ impl State {
             .back()
             .expect("spool always has an active segment");
         let path = segment_path(&config.dir, seg.base);
-        if let Err(e) = self.active.write_all_at(&buf, seg.bytes) {
+        #[cfg(test)]
+        let write = super::test_support::injected_fault(&config.dir)
+            .and_then(|()| self.active.write_all_at(&buf, seg.bytes));
+        #[cfg(not(test))]
+        let write = self.active.write_all_at(&buf, seg.bytes);
+        if let Err(e) = write {
             // Cut off whatever part was written; if even that fails, never write after it.
             if let Err(trunc) = self.active.set_len(seg.bytes) {
                 error!(segment = %path.display(), error = %trunc,

@@ -52,8 +52,10 @@
 //! one segment (one write), so a segment may exceed [`SpoolConfig::segment_limit`] by up to one
 //! batch.
 //!
-//! Recovery at open scans only the last segment and cuts it at its first bad record (a torn
-//! write leaves nothing valid after it). Older segments were complete before the next one was
+//! Recovery at open scans only the last segment: a torn tail (what a process crash leaves) is
+//! cut off; damage with intact records after it (a machine crash that wrote pages back out of
+//! order, bit rot) is skipped, counted and logged, and the records after it are kept (see
+//! `repair`). Older segments were complete before the next one was
 //! created; if one is damaged anyway (bit rot, or a machine crash under `Never`), readers skip
 //! from the bad record to the next segment and log it.
 //!
@@ -67,12 +69,15 @@
 //! - `state`: what the lock guards, and the segment lifecycle (roll, reclaim, drop the oldest);
 //! - `registry`: the sinks, their mask bits and cursors, `sinks.json` and its lazy persistence;
 //! - `open`: recovery at open, step by step;
+//! - `repair`: the active segment's repair at open (cut a torn tail, resynchronise past damage);
 //! - `append`: the append path, `when_full` included;
 //! - `evict`: [`Eviction`], pushing the oldest segment out for `when_full: dead_letter`;
 //! - `reader`: [`SpoolReader`], one sink's reading and commits;
+//! - `durable`: directory fsyncs, so that created and renamed files survive a machine crash;
 //! - `error`: [`SpoolError`].
 
 mod append;
+mod durable;
 mod error;
 mod evict;
 mod format;
@@ -81,9 +86,12 @@ mod model_tests;
 mod open;
 mod reader;
 mod registry;
+mod repair;
 mod state;
 #[cfg(test)]
 mod test_support;
+#[cfg(test)]
+pub(crate) use test_support::{inject_fault, DiskFault};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -93,6 +101,9 @@ use tokio::sync::watch;
 use tracing::error;
 
 use append::WhenNoRoom;
+#[cfg(test)]
+pub(crate) use durable::record as dir_fsyncs;
+pub(crate) use durable::{create_dir_durably, fsync_dir};
 use error::io_err;
 pub use error::SpoolError;
 pub use evict::{Eviction, UndeliveredRecord};
@@ -289,7 +300,8 @@ struct Inner {
 impl Spool {
     /// Opens or creates the spool in `config.dir` for the sinks named in `sinks`.
     ///
-    /// Recovers after a crash: a torn or corrupt tail in the last segment is truncated away,
+    /// Recovers after a crash: a torn or corrupt tail in the last segment is truncated away
+    /// (damage with intact records after it is skipped and they are kept),
     /// cursors are loaded. Sinks keep their mask bit across restarts; a new sink starts at the
     /// current end; a sink no longer configured stays in the registry (it resumes if it comes
     /// back) but no longer holds back reclaiming.
@@ -434,6 +446,11 @@ impl Inner {
             ))?;
             (active, base)
         };
+        #[cfg(test)]
+        test_support::injected_fault(&self.config.dir).map_err(io_err(
+            "fsync spool segment",
+            &segment_path(&self.config.dir, base),
+        ))?;
         active.sync_data().map_err(io_err(
             "fsync spool segment",
             &segment_path(&self.config.dir, base),

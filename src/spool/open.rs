@@ -5,11 +5,13 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::path::Path;
 
-use tracing::{info, warn};
+use tracing::info;
 
+use super::durable::create_dir_durably;
 use super::error::{io_err, SpoolError};
-use super::format::{parse_segment_name, scan_tail, segment_path, sync_dir, Next, SegmentCursor};
+use super::format::{parse_segment_name, segment_path, sync_dir, Next, SegmentCursor};
 use super::registry::{self, SinkState, StateFile, MAX_SINKS};
+use super::repair::repair_segment;
 use super::state::{Segment, State};
 use super::SpoolConfig;
 
@@ -53,10 +55,10 @@ impl State {
     /// (clean close, process crash, machine crash), for the sinks in `names`.
     pub(super) fn recover(config: &SpoolConfig, names: &[&String]) -> Result<State, SpoolError> {
         let dir = &config.dir;
-        fs::create_dir_all(dir).map_err(io_err("create spool directory", dir))?;
+        create_dir_durably(dir).map_err(io_err("create spool directory", dir))?;
         let saved = registry::read_state_file(dir)?;
         let mut segments = list_segments(dir)?;
-        let log_next = cut_torn_tail(dir, &mut segments)?;
+        let log_next = repair_active_segment(dir, &mut segments)?;
         let next_seq = resume_seq(log_next, saved.as_ref());
 
         let mut sinks = registry::restore(dir, saved.as_ref(), names)?;
@@ -138,30 +140,19 @@ fn list_segments(dir: &Path) -> Result<VecDeque<Segment>, SpoolError> {
     Ok(segments)
 }
 
-/// Truncates the last segment at its first bad record; returns the seq after its last good
-/// one (1 when there is no segment).
+/// Repairs the last segment (see [`super::repair`]); returns the seq after its last intact
+/// record (its base when none is left, 1 when there is no segment).
 ///
 /// Only the last segment can have a torn tail after a process crash (sealed ones were
 /// complete before the next was created).
-fn cut_torn_tail(dir: &Path, segments: &mut VecDeque<Segment>) -> Result<u64, SpoolError> {
+fn repair_active_segment(dir: &Path, segments: &mut VecDeque<Segment>) -> Result<u64, SpoolError> {
     let Some(last) = segments.back_mut() else {
         return Ok(1);
     };
     let path = segment_path(dir, last.base);
-    let (good_bytes, last_seq) = scan_tail(&path, last.base, last.bytes)?;
-    if good_bytes < last.bytes {
-        warn!(segment = %path.display(), kept = good_bytes, cut = last.bytes - good_bytes,
-            "truncating a torn or corrupt tail left by a crash");
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open spool segment", &path))?;
-        f.set_len(good_bytes)
-            .map_err(io_err("truncate spool segment", &path))?;
-        f.sync_all().map_err(io_err("fsync spool segment", &path))?;
-        last.bytes = good_bytes;
-    }
-    Ok(last_seq.map_or(last.base, |s| s + 1))
+    let repaired = repair_segment(&path, last.base, last.bytes)?;
+    last.bytes = repaired.bytes;
+    Ok(repaired.last_seq.map_or(last.base, |s| s + 1))
 }
 
 /// The seq the next record gets: past the log's last record, and never below what
@@ -308,6 +299,80 @@ mod tests {
     #[test]
     fn corrupt_last_record_is_truncated() {
         recover_after(Damage::FlipPayloadByte);
+    }
+
+    /// Ten records `record 0`..`record 9` (seqs 1..=10) in one active segment, damaged by
+    /// `damage` (given the file and each record's offset), then reopened: the seqs read back.
+    fn reopen_after_damage_in_the_middle(damage: impl FnOnce(&fs::File, &[u64])) -> Vec<u64> {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let payloads: Vec<Vec<u8>> = (0..10)
+            .map(|i| format!("record {i}").into_bytes())
+            .collect();
+        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        drop(spool);
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let offsets: Vec<u64> = payloads
+            .iter()
+            .scan(0, |at, p| {
+                let start = *at;
+                *at += HEADER_BYTES + p.len() as u64;
+                Some(start)
+            })
+            .collect();
+        let f = OpenOptions::new().write(true).open(&files[0]).unwrap();
+        damage(&f, &offsets);
+        drop(f);
+
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        let got = read_all(&mut reader);
+        for (seq, payload) in &got {
+            assert_eq!(payload, &payloads[*seq as usize - 1]);
+        }
+        // Appends go on after the last record, and a restart finds the same records.
+        let report = spool.append(&[(b"after".as_slice(), mask)]).unwrap();
+        assert_eq!(report.first_seq, Some(11));
+        drop(reader);
+        drop(spool);
+        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
+        let again: Vec<u64> = read_all(&mut spool.reader("a").unwrap())
+            .iter()
+            .map(|r| r.0)
+            .collect();
+        let mut expected: Vec<u64> = got.iter().map(|r| r.0).collect();
+        expected.push(11);
+        assert_eq!(again, expected);
+        got.iter().map(|r| r.0).collect()
+    }
+
+    #[test]
+    fn a_corrupt_record_in_the_middle_of_the_active_segment_costs_only_itself() {
+        let seqs = reopen_after_damage_in_the_middle(|f, offsets| {
+            f.write_all_at(b"X", offsets[4] + HEADER_BYTES + 2).unwrap();
+        });
+        assert_eq!(seqs, vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn a_zeroed_stretch_in_the_active_segment_costs_only_the_records_in_it() {
+        // What a machine crash can leave: pages written back out of order, a hole of zeros.
+        let seqs = reopen_after_damage_in_the_middle(|f, offsets| {
+            let hole = vec![0u8; (offsets[6] - offsets[3] - 3) as usize];
+            f.write_all_at(&hole, offsets[3] + 1).unwrap();
+        });
+        assert_eq!(seqs, vec![1, 2, 3, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn a_corrupt_first_record_costs_only_itself() {
+        let seqs = reopen_after_damage_in_the_middle(|f, _| {
+            f.write_all_at(b"\xff\xff", 0).unwrap();
+        });
+        assert_eq!(seqs, (2..=10).collect::<Vec<_>>());
     }
 
     #[test]

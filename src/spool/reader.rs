@@ -59,6 +59,34 @@ struct View {
     end: u64,
 }
 
+/// Bounds the buffer kept for reading other sinks' records between reads: a larger one (a
+/// large record was read into it) is let go, not kept for the life of the reader.
+const SCRATCH_KEPT_BYTES: usize = 64 * 1024;
+
+/// One pass of [`SpoolReader::advance`]: how far it may go, and what it passed so far.
+struct Pass<'a> {
+    /// Most of this sink's records to pass.
+    max_records: u64,
+    /// Bytes of payload collected at which the pass stops (the record that reaches it is the
+    /// last one).
+    max_bytes: usize,
+    /// Records past this seq are left for later.
+    stop_after: u64,
+    /// This sink's records passed so far.
+    mine: u64,
+    /// Bytes of payload collected into `out` so far.
+    bytes: usize,
+    /// Where this sink's records are collected, when they are (a commit only passes them).
+    out: Option<&'a mut Vec<(u64, Vec<u8>)>>,
+}
+
+impl Pass<'_> {
+    /// Whether it passed as many records, or collected as many bytes, as it may.
+    fn full(&self) -> bool {
+        self.mine >= self.max_records || self.bytes >= self.max_bytes
+    }
+}
+
 /// How reading one segment ended.
 enum SegmentRead {
     /// At a record past the caller's stop point.
@@ -99,6 +127,17 @@ impl SpoolReader {
     /// the oldest kept record (the loss is counted in the sink's registry entry, persisted); so
     /// it does past records pushed out to the dead letters ([`super::Eviction`]).
     pub fn read_batch(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        self.read_batch_within(max, usize::MAX)
+    }
+
+    /// [`SpoolReader::read_batch`], stopping also once the payloads read hold `max_bytes`: the
+    /// record that reaches it is the last one, so a read holds less than `max_bytes` plus one
+    /// record, and a record larger than `max_bytes` is read alone.
+    pub fn read_batch_within(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         if self.caught_up() {
             // Nothing was appended past the position: no file to look at.
             return Ok(Vec::new());
@@ -106,8 +145,21 @@ impl SpoolReader {
         let mut out = Vec::with_capacity(max.min(1024));
         let pos0 = self.pos;
         let flight0 = self.in_flight.len();
-        match self.advance(max, u64::MAX, Some(&mut out)) {
-            Ok(_) => {}
+        let mut pass = Pass {
+            max_records: max as u64,
+            max_bytes,
+            stop_after: u64::MAX,
+            mine: 0,
+            bytes: 0,
+            out: Some(&mut out),
+        };
+        let advanced = self.advance(&mut pass);
+        if self.scratch.capacity() > SCRATCH_KEPT_BYTES {
+            // A large record of another sink: its buffer is not kept for the life of the reader.
+            self.scratch = Vec::new();
+        }
+        match advanced {
+            Ok(()) => {}
             Err(e) => {
                 // Nothing of this call counts as read, so nothing is skipped on the next one.
                 self.pos = pos0;
@@ -214,7 +266,16 @@ impl SpoolReader {
             done += u64::from(seq >= oldest);
         }
         if upto > self.pos {
-            done += self.advance(usize::MAX, upto, None)?;
+            let mut pass = Pass {
+                max_records: u64::MAX,
+                max_bytes: usize::MAX,
+                stop_after: upto,
+                mine: 0,
+                bytes: 0,
+                out: None,
+            };
+            self.advance(&mut pass)?;
+            done += pass.mine;
             self.pos = self.pos.max(upto);
             self.seen_end = self.pos + 1;
         }
@@ -310,24 +371,18 @@ impl SpoolReader {
         }
     }
 
-    /// Reads forward from `pos`, stopping after `max` records of this sink, before any record
-    /// past `stop_after`, or at the end. Collects this sink's records into `out` (and tracks
-    /// them as in flight) when given; returns how many of this sink's records it passed.
-    fn advance(
-        &mut self,
-        max: usize,
-        stop_after: u64,
-        mut out: Option<&mut Vec<(u64, Vec<u8>)>>,
-    ) -> Result<u64, SpoolError> {
-        let mut mine = 0u64;
-        while (mine as usize) < max {
+    /// Reads forward from `pos` as far as `pass` allows: until it is full, before any record
+    /// past its `stop_after`, or at the end. Collects this sink's records into its `out` (and
+    /// tracks them as in flight) when given, and counts this sink's records it passed.
+    fn advance(&mut self, pass: &mut Pass<'_>) -> Result<(), SpoolError> {
+        while !pass.full() {
             let view = self.view();
             if !self.open_cursor(&view)? {
                 // Deleted between the look-up and the open: look again.
                 continue;
             }
-            match self.read_segment(&view, max, stop_after, &mut mine, out.as_deref_mut())? {
-                SegmentRead::Stopped => return Ok(mine),
+            match self.read_segment(&view, pass)? {
+                SegmentRead::Stopped => return Ok(()),
                 SegmentRead::Filled => break,
                 SegmentRead::Exhausted => {}
             }
@@ -342,7 +397,7 @@ impl SpoolReader {
                 break;
             }
         }
-        Ok(mine)
+        Ok(())
     }
 
     /// Opens the viewed segment unless a cursor is open already, and jumps past records taken
@@ -369,29 +424,26 @@ impl SpoolReader {
         Ok(true)
     }
 
-    /// Reads the open segment forward, as [`SpoolReader::advance`] does, counting this sink's
-    /// records in `mine`.
+    /// Reads the open segment forward, as [`SpoolReader::advance`] does.
     fn read_segment(
         &mut self,
         view: &View,
-        max: usize,
-        stop_after: u64,
-        mine: &mut u64,
-        mut out: Option<&mut Vec<(u64, Vec<u8>)>>,
+        pass: &mut Pass<'_>,
     ) -> Result<SegmentRead, SpoolError> {
-        while (*mine as usize) < max {
+        while !pass.full() {
             let Some(cursor) = self.cursor.as_mut() else {
                 return Ok(SegmentRead::Exhausted);
             };
-            match cursor.next(view.limit, stop_after, &mut self.scratch)? {
+            match cursor.next(view.limit, pass.stop_after, &mut self.scratch)? {
                 Next::Record { seq, mask } => {
                     if seq <= self.pos {
                         continue;
                     }
                     self.pos = seq;
                     if mask & self.bit != 0 {
-                        *mine += 1;
-                        if let Some(out) = out.as_deref_mut() {
+                        pass.mine += 1;
+                        if let Some(out) = pass.out.as_deref_mut() {
+                            pass.bytes += self.scratch.len();
                             out.push((seq, std::mem::take(&mut self.scratch)));
                             self.in_flight.push_back(seq);
                         }
@@ -590,6 +642,43 @@ mod tests {
         assert_eq!(got.len() as u64, N / 10);
         reader_b.commit(got.last().unwrap().0).unwrap();
         assert_eq!(spool.stats().segments, 1);
+    }
+
+    #[test]
+    fn a_read_stops_at_its_bytes_and_a_larger_record_is_read_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.segment_bytes = 1 << 20;
+        let spool = Spool::open(cfg, &names(&["a", "b"])).unwrap();
+        let (a, b) = (spool.mask(&["a"]), spool.mask(&["b"]));
+        let small = [1u8; 100];
+        let large = [2u8; 5000];
+        let other = vec![3u8; 100_000];
+        let records: Vec<(&[u8], SinkMask)> = vec![
+            (&small, a),
+            (&small, a),
+            (&small, a),
+            (&large, a),
+            (&small, a),
+            (&other, b),
+        ];
+        spool.append(&records).unwrap();
+        let mut reader = spool.reader("a").unwrap();
+        let sizes = |batch: Vec<(u64, Vec<u8>)>| -> Vec<(u64, usize)> {
+            batch.into_iter().map(|(seq, p)| (seq, p.len())).collect()
+        };
+        // Stops once 250 bytes are read: the record that reaches them is the last one.
+        let first = reader.read_batch_within(100, 250).unwrap();
+        assert_eq!(sizes(first), [(1, 100), (2, 100), (3, 100)]);
+        // Larger than a whole read: read alone.
+        let second = reader.read_batch_within(100, 250).unwrap();
+        assert_eq!(sizes(second), [(4, 5000)]);
+        let third = reader.read_batch_within(100, 250).unwrap();
+        assert_eq!(sizes(third), [(5, 100)]);
+        // The other sink's large record, passed over at the end of that read, went through the
+        // buffer for other sinks' records, which is not kept that large.
+        assert_eq!(reader.position(), 6);
+        assert!(reader.scratch.capacity() <= super::SCRATCH_KEPT_BYTES);
     }
 
     #[tokio::test]

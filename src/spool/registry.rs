@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::error::{io_err, SpoolError};
+use super::format::sync_dir;
 
 /// Bounds how many sinks a spool serves: one bit each in a `u64` mask.
 pub(crate) const MAX_SINKS: usize = 64;
@@ -197,9 +198,11 @@ pub(super) fn encode(
 pub(super) fn write_state_file(dir: &Path, json: &[u8]) -> Result<(), SpoolError> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let path = dir.join(STATE_FILE);
-    // Write, fsync, rename: a crash leaves either the old file or the new one, never a torn
-    // one. Always fsynced, whatever the policy: it is small and written a few times a
-    // second at most, and losing it would scramble which bit is which sink.
+    // Write, fsync, rename, fsync the directory: a crash leaves either the old file or the new
+    // one, never a torn one. Always fsynced, whatever the policy: it is small and written a
+    // few times a second at most, and losing it would scramble which bit is which sink.
+    #[cfg(test)]
+    super::test_support::injected_fault(dir).map_err(io_err("write spool cursor file", &tmp))?;
     {
         let mut f = File::create(&tmp).map_err(io_err("create spool cursor file", &tmp))?;
         io::Write::write_all(&mut f, json).map_err(io_err("write spool cursor file", &tmp))?;
@@ -207,13 +210,15 @@ pub(super) fn write_state_file(dir: &Path, json: &[u8]) -> Result<(), SpoolError
             .map_err(io_err("fsync spool cursor file", &tmp))?;
     }
     fs::rename(&tmp, &path).map_err(io_err("replace spool cursor file", &path))?;
-    Ok(())
+    // The rename itself is durable only once the directory is fsynced.
+    sync_dir(dir)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{write_state_file, STATE_FILE};
     use crate::spool::test_support::{append_n, append_one_by_one, config, names, read_all, REC};
-    use crate::spool::{SinkMask, Spool, SpoolError};
+    use crate::spool::{dir_fsyncs, FsyncMode, SinkMask, Spool, SpoolError};
 
     #[test]
     fn sink_added_later_starts_at_the_end_and_bits_are_stable() {
@@ -244,6 +249,35 @@ mod tests {
         let mut a_reader = spool.reader("a").unwrap();
         assert_eq!(read_all(&mut a_reader).len(), 6);
         assert!(matches!(spool.reader("c"), Err(SpoolError::UnknownSink(_))));
+    }
+
+    #[test]
+    fn the_cursor_file_is_renamed_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        dir_fsyncs::take();
+        write_state_file(dir.path(), b"{}").unwrap();
+        assert_eq!(dir_fsyncs::take(), [dir.path()]);
+        assert_eq!(std::fs::read(dir.path().join(STATE_FILE)).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn a_new_spool_and_its_segments_are_fsynced_into_their_folders() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spool");
+        let mut cfg = config(&dir);
+        cfg.fsync = FsyncMode::Interval;
+        cfg.segment_bytes = 3 * REC;
+        dir_fsyncs::take();
+        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let at_open = dir_fsyncs::take();
+        assert_eq!(at_open[0], root.path(), "the new spool folder");
+        assert!(at_open[1..].iter().all(|d| *d == dir), "{at_open:?}");
+        assert!(
+            at_open.len() >= 3,
+            "first segment, cursor file: {at_open:?}"
+        );
+        append_one_by_one(&spool, 4, spool.mask(&["a"]));
+        assert_eq!(dir_fsyncs::take(), vec![dir.clone()], "the second segment");
     }
 
     #[test]

@@ -78,3 +78,57 @@ pub(super) fn small_spool(dir: &Path, sinks: &[&str], when_full: WhenFull) -> Sp
     cfg.when_full = when_full;
     Spool::open(cfg, &names(sinks)).unwrap()
 }
+
+/// A failing disk, for tests of what the bridge does when the spool cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiskFault {
+    /// Every segment write, fsync and cursor write fails at once with this OS error (`ENOSPC`,
+    /// `EIO`), as on a full or broken disk.
+    Refuse(i32),
+    /// Every segment write, fsync and cursor write blocks until the fault is cleared, as on a
+    /// disk (or network mount) that stopped answering.
+    Hang,
+}
+
+/// The faults in force, by spool directory: tests run in parallel, each on its own directory.
+static FAULTS: std::sync::Mutex<Vec<(PathBuf, DiskFault)>> = std::sync::Mutex::new(Vec::new());
+
+/// Clears its fault when dropped, so that a failing test does not leave threads hung.
+#[must_use = "the fault is cleared when the guard is dropped"]
+pub(crate) struct FaultGuard {
+    /// The spool directory whose fault this clears.
+    dir: PathBuf,
+}
+
+impl Drop for FaultGuard {
+    fn drop(&mut self) {
+        faults().retain(|(dir, _)| *dir != self.dir);
+    }
+}
+
+fn faults() -> std::sync::MutexGuard<'static, Vec<(PathBuf, DiskFault)>> {
+    FAULTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes the spool in `dir` suffer `fault` until the guard is dropped.
+pub(crate) fn inject_fault(dir: &Path, fault: DiskFault) -> FaultGuard {
+    let mut faults = faults();
+    faults.retain(|(d, _)| d != dir);
+    faults.push((dir.to_path_buf(), fault));
+    FaultGuard {
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// Called by the spool before it writes or fsyncs in `dir`: the injected fault's error, or a
+/// wait while the disk hangs.
+pub(super) fn injected_fault(dir: &Path) -> std::io::Result<()> {
+    loop {
+        let fault = faults().iter().find(|(d, _)| d == dir).map(|(_, f)| *f);
+        match fault {
+            None => return Ok(()),
+            Some(DiskFault::Refuse(errno)) => return Err(std::io::Error::from_raw_os_error(errno)),
+            Some(DiskFault::Hang) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}

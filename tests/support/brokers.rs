@@ -134,6 +134,25 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open and the kernel still takes what
+    /// clients write, but nothing is read or answered, as with a server stuck in a long pause.
+    pub(crate) fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub(crate) fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let status = Command::new("kill")
+            .args([which, &self.process.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {which} nats-server: {status}");
+    }
+
     /// An independent client for reading back.
     pub(crate) async fn client(&self) -> async_nats::Client {
         within(

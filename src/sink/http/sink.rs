@@ -45,8 +45,6 @@ pub struct HttpSink {
 impl Destination for HttpSink {
     type Settings = Arc<HttpSettings>;
     type BuildError = HttpBuildError;
-    /// Requests run concurrently (`max_in_flight`).
-    const ORDERED: bool = false;
 
     async fn build(
         settings: &Arc<HttpSettings>,
@@ -77,6 +75,11 @@ impl Destination for HttpSink {
                 .collect()
                 .await,
         )
+    }
+
+    /// Requests run concurrently (`max_in_flight`).
+    fn preserves_key_order(&self) -> bool {
+        false
     }
 
     /// Opens a TCP connection to the endpoint's host. No request is sent: to a webhook, any

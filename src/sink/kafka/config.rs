@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::route::template::Template;
 use crate::sink::Envelope;
-use crate::types::{OneOrMany, Problem, Problems, Secret};
+use crate::types::{OneOrMany, Problem, Problems, Scalar, Secret, SECRET_MUST_BE_TEXT};
 
 /// `type: kafka` as written.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -19,9 +19,10 @@ pub struct KafkaConfig {
     topic: String,
     /// Record key template; absent means `{account_id}:{conversation_id}` or the event id.
     key: Option<String>,
-    /// Passed to librdkafka as is (SASL, SSL, compression, linger, ...); values may be secrets.
+    /// Passed to librdkafka as is (SASL, SSL, compression, linger, ...); values may be secrets,
+    /// and those (names with `password` or `secret`) must be strings.
     #[serde(default)]
-    librdkafka: BTreeMap<String, Secret>,
+    librdkafka: BTreeMap<String, Scalar>,
     /// Binary (default) or structured CloudEvents.
     #[serde(default)]
     envelope: Envelope,
@@ -40,6 +41,44 @@ pub struct KafkaSettings {
     pub(crate) librdkafka: Vec<(String, Secret)>,
     /// Binary or structured CloudEvents.
     pub(crate) envelope: Envelope,
+    /// Whether librdkafka's retries can reorder a partition's records, given the overrides.
+    pub(crate) record_order: RecordOrder,
+}
+
+/// What librdkafka's settings do to the order of one partition's records across retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordOrder {
+    /// The idempotent producer (the sink's default) keeps order with up to 5 requests in flight.
+    Idempotent,
+    /// Idempotence is off and at most one request per connection is in flight (the sink sets
+    /// this when the operator did not set `max.in.flight`): a retry goes out before anything
+    /// later, so it cannot land after it.
+    OneInFlight,
+    /// Idempotence is off and the operator allowed more than one request in flight: a retried
+    /// request can land after a later one, so the sink does not claim order.
+    Unordered,
+}
+
+impl RecordOrder {
+    /// The order the operator's overrides leave: only `enable.idempotence` and `max.in.flight`
+    /// (and its long name) matter. Values are read as librdkafka reads them.
+    fn from_overrides(overrides: &BTreeMap<String, Secret>) -> RecordOrder {
+        let idempotent = overrides.get("enable.idempotence").is_none_or(|v| {
+            !matches!(
+                v.expose().trim().to_ascii_lowercase().as_str(),
+                "false" | "f" | "0"
+            )
+        });
+        let in_flight = overrides
+            .get("max.in.flight.requests.per.connection")
+            .or_else(|| overrides.get("max.in.flight"));
+        match (idempotent, in_flight) {
+            (true, _) => RecordOrder::Idempotent,
+            (false, None) => RecordOrder::OneInFlight,
+            (false, Some(n)) if n.expose().trim() == "1" => RecordOrder::OneInFlight,
+            (false, Some(_)) => RecordOrder::Unordered,
+        }
+    }
 }
 
 impl KafkaConfig {
@@ -78,22 +117,30 @@ impl KafkaConfig {
                 .map(Some),
             None => Some(None),
         };
-        for name in self.librdkafka.keys() {
+        for (name, value) in &self.librdkafka {
             if matches!(name.as_str(), "bootstrap.servers" | "metadata.broker.list") {
                 problems.add(
                     &format!("librdkafka.{name}"),
                     "set the brokers with `brokers`, not here",
                 );
+            } else if !value.quoted && (name.contains("password") || name.contains("secret")) {
+                problems.add(&format!("librdkafka.{name}"), SECRET_MUST_BE_TEXT);
             }
         }
-        let librdkafka = self.librdkafka.into_iter().collect();
+        let librdkafka: BTreeMap<String, Secret> = self
+            .librdkafka
+            .into_iter()
+            .map(|(name, value)| (name, value.text))
+            .collect();
+        let record_order = RecordOrder::from_overrides(&librdkafka);
         let envelope = self.envelope;
         problems.finish(|| KafkaSettings {
             brokers: brokers.join(","),
             topic: topic.expect("no problems means the topic compiled"),
             key: record_key.expect("no problems means the key compiled"),
-            librdkafka,
+            librdkafka: librdkafka.into_iter().collect(),
             envelope,
+            record_order,
         })
     }
 }
@@ -147,5 +194,40 @@ mod tests {
         let dump = format!("{settings:?}");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("sasl.password"), "{dump}");
+    }
+
+    #[test]
+    fn librdkafka_numbers_are_text_but_a_secret_must_be_written_as_text() {
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "a:9092",
+            "topic": "t",
+            "librdkafka": {"linger.ms": 5, "enable.idempotence": false, "sasl.password": 4711}
+        }))
+        .unwrap();
+        let problems = config.validate("sinks.k").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "sinks.k.librdkafka.sasl.password");
+        assert!(problems[0].message.contains("put it in quotes"));
+        assert!(!problems[0].message.contains("4711"));
+        let config: KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "a:9092",
+            "topic": "t",
+            "librdkafka": {"linger.ms": 5, "enable.idempotence": false, "sasl.password": "0042"}
+        }))
+        .unwrap();
+        let settings = config.validate("sinks.k").unwrap();
+        let options: Vec<(&str, &str)> = settings
+            .librdkafka
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        assert_eq!(
+            options,
+            [
+                ("enable.idempotence", "false"),
+                ("linger.ms", "5"),
+                ("sasl.password", "0042")
+            ]
+        );
     }
 }

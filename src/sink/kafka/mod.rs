@@ -10,6 +10,7 @@
 mod config;
 mod sink;
 
+pub(crate) use config::RecordOrder;
 pub use config::{KafkaConfig, KafkaSettings};
 pub(crate) use sink::KafkaBuildError;
 pub use sink::{headers, KafkaSink};

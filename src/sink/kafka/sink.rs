@@ -11,7 +11,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::KafkaSettings;
+use super::{KafkaSettings, RecordOrder};
 use crate::event::Event;
 use crate::route::template;
 use crate::sink::{
@@ -68,8 +68,6 @@ pub struct KafkaSink {
 impl Destination for KafkaSink {
     type Settings = Arc<KafkaSettings>;
     type BuildError = KafkaBuildError;
-    /// The idempotent producer keeps per-partition order, and one conversation is one key.
-    const ORDERED: bool = true;
 
     async fn build(
         settings: &Arc<KafkaSettings>,
@@ -114,6 +112,12 @@ impl Destination for KafkaSink {
                 .map(|o| o.expect("every event got an outcome"))
                 .collect()
         })
+    }
+
+    /// One conversation is one key, so one partition; librdkafka keeps a partition's order
+    /// unless retries may reorder it ([`RecordOrder`]).
+    fn preserves_key_order(&self) -> bool {
+        self.settings.record_order != RecordOrder::Unordered
     }
 
     /// Asks the cluster for metadata; a constant topic must exist (topics are not assumed to
@@ -227,12 +231,17 @@ fn create_producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaBuil
         .map_err(|e: KafkaError| KafkaBuildError::Config(redact_values(&e.to_string(), settings)))
 }
 
-/// The librdkafka configuration: safe defaults, then the operator's overrides.
+/// The librdkafka configuration: safe defaults, then the operator's overrides. With idempotence
+/// turned off and nothing said about requests in flight, one at a time: otherwise a retried
+/// request could land after a later one and break a conversation's order.
 pub(crate) fn client_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
     for (name, value) in DEFAULTS {
         config.set(*name, *value);
+    }
+    if settings.record_order == RecordOrder::OneInFlight {
+        config.set("max.in.flight.requests.per.connection", "1");
     }
     for (name, value) in &settings.librdkafka {
         config.set(name, value.expose());
@@ -326,6 +335,7 @@ pub(crate) fn classify(code: RDKafkaErrorCode) -> ErrorClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::{Sink, SinkKind};
     use rdkafka::message::Headers;
 
     #[test]
@@ -409,5 +419,58 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("acks"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    /// The settings of a sink with these librdkafka overrides.
+    fn settings(librdkafka: serde_json::Value) -> KafkaSettings {
+        let config: super::super::KafkaConfig = serde_json::from_value(serde_json::json!({
+            "brokers": "127.0.0.1:1", "topic": "t", "librdkafka": librdkafka
+        }))
+        .unwrap();
+        config.validate("sinks.k").unwrap()
+    }
+
+    /// What the sink claims about order, and the in-flight limit librdkafka is given.
+    async fn claim(librdkafka: serde_json::Value) -> (bool, Option<String>) {
+        let settings = settings(librdkafka);
+        let config = client_config(&settings);
+        let in_flight = config
+            .get("max.in.flight.requests.per.connection")
+            .or_else(|| config.get("max.in.flight"))
+            .map(str::to_owned);
+        let limits = SinkLimits {
+            max_unconfirmed_events: 1,
+        };
+        let sink = Sink::build("k", &SinkKind::Kafka(Arc::new(settings)), limits)
+            .await
+            .unwrap();
+        (sink.preserves_key_order(), in_flight)
+    }
+
+    #[tokio::test]
+    async fn order_is_claimed_only_when_retries_cannot_reorder() {
+        // The idempotent producer (the default) keeps order with up to 5 requests in flight.
+        assert_eq!(claim(serde_json::json!({})).await, (true, None));
+        // Without idempotence a retried request can land after a later one: one in flight.
+        assert_eq!(
+            claim(serde_json::json!({"enable.idempotence": "false"})).await,
+            (true, Some("1".to_owned()))
+        );
+        assert_eq!(
+            claim(serde_json::json!({"enable.idempotence": "F", "max.in.flight": "1"})).await,
+            (true, Some("1".to_owned()))
+        );
+        // The operator allowed more in flight: their setting stands, and order is not claimed.
+        assert_eq!(
+            claim(serde_json::json!({
+                "enable.idempotence": "0", "max.in.flight.requests.per.connection": "5"
+            }))
+            .await,
+            (false, Some("5".to_owned()))
+        );
+        assert_eq!(
+            claim(serde_json::json!({"enable.idempotence": "true", "max.in.flight": "5"})).await,
+            (true, Some("5".to_owned()))
+        );
     }
 }

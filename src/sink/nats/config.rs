@@ -16,9 +16,9 @@ fn default_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
-fn default_duplicate_window() -> HumanDuration {
-    HumanDuration(Duration::from_secs(120))
-}
+/// The duplicate window of a stream the sink creates when the config names none (the server's
+/// own default too).
+pub(crate) const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// `type: nats` as written.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -71,12 +71,13 @@ pub(crate) struct NatsTls {
 pub(crate) struct JetStreamConfig {
     /// The stream the subjects belong to.
     stream: String,
-    /// Create the stream (or add this sink's subjects to it) when missing.
+    /// Create the stream when missing, or add this sink's subjects to an existing one that does
+    /// not capture them yet; an existing stream's other settings are left as they are.
     #[serde(default)]
     create: bool,
-    /// How long the server remembers message ids to drop duplicates (only set when creating).
-    #[serde(default = "default_duplicate_window")]
-    duplicate_window: HumanDuration,
+    /// How long the server remembers message ids to drop duplicates (default 2m). Set only on a
+    /// stream the sink creates; an existing stream keeps its own (a warning says when it differs).
+    duplicate_window: Option<HumanDuration>,
 }
 
 /// How the sink authenticates.
@@ -94,10 +95,12 @@ pub(crate) enum NatsAuth {
 pub(crate) struct JetStreamSettings {
     /// Stream name.
     pub(crate) stream: String,
-    /// Whether the sink creates/updates the stream.
+    /// Whether the sink creates the stream, or adds its subjects to it.
     pub(crate) create: bool,
-    /// Server-side deduplication window by `Nats-Msg-Id`.
-    pub(crate) duplicate_window: Duration,
+    /// Server-side deduplication window by `Nats-Msg-Id`, as the config gives it: what a
+    /// created stream gets (else [`DEFAULT_DUPLICATE_WINDOW`]), and what an existing stream's
+    /// window is compared with.
+    pub(crate) duplicate_window: Option<Duration>,
     /// The subject filter the stream must capture, derived from the subject template.
     pub(crate) filter: String,
 }
@@ -311,7 +314,7 @@ impl JetStreamConfig {
                 ),
             );
         }
-        if self.duplicate_window.0.is_zero() {
+        if self.duplicate_window.is_some_and(|w| w.0.is_zero()) {
             problems.add(
                 "jetstream.duplicate_window",
                 "must be greater than zero: retries rely on it to store events once",
@@ -321,7 +324,7 @@ impl JetStreamConfig {
             filter: subject.map(Template::nats_filter).unwrap_or_default(),
             stream: self.stream,
             create: self.create,
-            duplicate_window: self.duplicate_window.0,
+            duplicate_window: self.duplicate_window.map(|w| w.0),
         }
     }
 }
@@ -347,7 +350,7 @@ mod tests {
         .unwrap();
         let js = s.jetstream.as_ref().unwrap();
         assert_eq!(js.filter, "chatwoot.*.>");
-        assert_eq!(js.duplicate_window, Duration::from_secs(7200));
+        assert_eq!(js.duplicate_window, Some(Duration::from_secs(7200)));
         assert!(!format!("{s:?}").contains("s3cret-token"));
 
         let problems = settings(serde_json::json!({

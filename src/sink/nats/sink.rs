@@ -1,6 +1,6 @@
-//! The NATS client: core publish (confirmed only as far as a flush goes) or JetStream
-//! (confirmed by the stream's publish ack, deduplicated by `Nats-Msg-Id`), and the
-//! classification of its errors.
+//! The NATS client: core publish (confirmed by a receipt, a marker the server sends back once it
+//! has read the batch) or JetStream (confirmed by the stream's publish ack, deduplicated by
+//! `Nats-Msg-Id`), and the classification of its errors.
 
 use std::future::IntoFuture;
 use std::path::PathBuf;
@@ -13,13 +13,14 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use futures_util::future::join_all;
 
-use super::config::{JetStreamSettings, NatsAuth};
+use super::config::{JetStreamSettings, NatsAuth, DEFAULT_DUPLICATE_WINDOW};
+use super::receipt::{Receipt, Receipts};
 use super::NatsSettings;
 use crate::event::Event;
 use crate::route::template;
 use crate::sink::{
-    each_binary_attribute, payload, percent_encode_header, settled_all, Confirmations, Destination,
-    Envelope, ErrorClass, Outcome, SinkError, SinkLimits, DATA_CONTENT_TYPE,
+    each_binary_attribute, payload, percent_encode_header, settled, settled_all, Confirmations,
+    Destination, Envelope, ErrorClass, Outcome, SinkError, SinkLimits, DATA_CONTENT_TYPE,
     STRUCTURED_CONTENT_TYPE,
 };
 
@@ -35,6 +36,9 @@ pub(crate) enum NatsBuildError {
     /// The client refused its options (TLS files, an NKey seed, the server list).
     #[error("NATS client settings refused: {0}")]
     Connect(async_nats::ConnectError),
+    /// The client took no subscription for the receipts (its connection task is gone).
+    #[error("cannot subscribe to the NATS sink's receipt inbox: {0}")]
+    Receipts(async_nats::SubscribeError),
 }
 
 /// What went wrong, per operation, with the client's own kinds inside.
@@ -42,10 +46,10 @@ pub(crate) enum NatsBuildError {
 pub(crate) enum NatsFailure {
     /// Handing a message to the client (core mode).
     Publish(async_nats::client::PublishErrorKind),
-    /// Flushing the connection after a core batch.
-    Flush(async_nats::client::FlushErrorKind),
-    /// The flush did not complete within the sink's timeout.
-    FlushTimedOut,
+    /// The client did not take a core batch's receipt marker.
+    ReceiptNotSent,
+    /// A core batch's receipt did not come back from the server within the sink's timeout.
+    NotConfirmed,
     /// The client did not take the message within the sink's timeout (disconnected, buffer
     /// full).
     PublishTimedOut,
@@ -61,14 +65,14 @@ pub(crate) enum NatsFailure {
 /// Whether a NATS failure can succeed later with the same message (and the same id, which the
 /// stream's duplicate window turns into exactly one stored copy).
 pub(crate) fn classify(failure: &NatsFailure) -> ErrorClass {
-    use async_nats::client::{FlushErrorKind as F, PublishErrorKind as P};
+    use async_nats::client::PublishErrorKind as P;
     use jetstream::context::{CreateStreamErrorKind as S, PublishErrorKind as J};
     match failure {
         // The server would refuse this message every time.
         NatsFailure::Publish(P::MaxPayloadExceeded | P::InvalidSubject) => ErrorClass::Permanent,
         NatsFailure::Publish(P::Send) => ErrorClass::Retryable,
-        NatsFailure::Flush(F::SendError | F::FlushError)
-        | NatsFailure::FlushTimedOut
+        NatsFailure::ReceiptNotSent
+        | NatsFailure::NotConfirmed
         | NatsFailure::PublishTimedOut
         | NatsFailure::NotConnected => ErrorClass::Retryable,
         NatsFailure::JetStreamPublish(kind) => match kind {
@@ -102,8 +106,8 @@ pub struct NatsSink {
     /// Connects and reconnects in the background, so a server that is down at startup only
     /// delays delivery.
     client: async_nats::Client,
-    /// Present in JetStream mode.
-    jetstream: Option<jetstream::Context>,
+    /// Core NATS or JetStream, with what confirms a batch in each.
+    publisher: Publisher,
     /// Whether the stream is known to exist with this sink's subjects (JetStream, `create`).
     /// Shared with outstanding confirmations: an ack saying the stream is gone clears it.
     stream_ready: Arc<AtomicBool>,
@@ -111,11 +115,17 @@ pub struct NatsSink {
     settings: Arc<NatsSettings>,
 }
 
+/// How a batch is published and confirmed.
+enum Publisher {
+    /// Core NATS: confirmed by a receipt the server sends back ([`Receipts`]).
+    Core(Receipts),
+    /// JetStream: confirmed by the stream's publish acks.
+    JetStream(jetstream::Context),
+}
+
 impl Destination for NatsSink {
     type Settings = Arc<NatsSettings>;
     type BuildError = NatsBuildError;
-    /// One connection; the server stores publishes in the order they arrive.
-    const ORDERED: bool = true;
 
     async fn build(
         settings: &Arc<NatsSettings>,
@@ -135,27 +145,34 @@ impl Destination for NatsSink {
             .connect(addrs)
             .await
             .map_err(NatsBuildError::Connect)?;
-        let jetstream = settings.jetstream.as_ref().map(|_| {
-            jetstream::ContextBuilder::new()
-                .timeout(settings.timeout)
-                .ack_timeout(settings.timeout)
-                // With this many acks outstanding async-nats refuses a publish (MaxAckPending,
-                // retried). The caller keeps up to `max_unconfirmed_events` unconfirmed and, after
-                // one look at hand-over, polls a batch's acks only when it gets to them: the limit
-                // must be above that, or publishes fail (and with backpressure on, would wait for
-                // acks nobody polls).
-                .max_ack_inflight(limits.max_unconfirmed_events + 1)
-                .build(client.clone())
-        });
+        let publisher = match &settings.jetstream {
+            None => Publisher::Core(
+                Receipts::start(&client)
+                    .await
+                    .map_err(NatsBuildError::Receipts)?,
+            ),
+            Some(_) => Publisher::JetStream(
+                jetstream::ContextBuilder::new()
+                    .timeout(settings.timeout)
+                    .ack_timeout(settings.timeout)
+                    // With this many acks outstanding async-nats refuses a publish (MaxAckPending,
+                    // retried). The caller keeps up to `max_unconfirmed_events` unconfirmed and, after
+                    // one look at hand-over, polls a batch's acks only when it gets to them: the limit
+                    // must be above that, or publishes fail (and with backpressure on, would wait for
+                    // acks nobody polls).
+                    .max_ack_inflight(limits.max_unconfirmed_events + 1)
+                    .build(client.clone()),
+            ),
+        };
         Ok(NatsSink {
             client,
-            jetstream,
+            publisher,
             stream_ready: Arc::new(AtomicBool::new(false)),
             settings: settings.clone(),
         })
     }
 
-    /// Publishes a batch; the confirmations are the flush (core) or the acks (JetStream).
+    /// Publishes a batch; the confirmations are its receipt (core) or its acks (JetStream).
     async fn send(&mut self, batch: &[Arc<Event>]) -> Confirmations {
         if !self.connected().await {
             let outcome = failure(
@@ -167,25 +184,61 @@ impl Destination for NatsSink {
             );
             return settled_all(batch, &outcome);
         }
-        match self.jetstream.clone() {
-            Some(js) => self.send_jetstream(&js, batch).await,
-            None => self.send_core(batch).await,
+        match &mut self.publisher {
+            Publisher::Core(receipts) => {
+                let receipt = receipts.next();
+                self.send_core(receipt, batch).await
+            }
+            Publisher::JetStream(js) => {
+                let js = js.clone();
+                self.send_jetstream(&js, batch).await
+            }
         }
     }
 
-    /// Waits for the connection (a flush needs the server's answer); in JetStream mode also
-    /// looks the stream up, which must exist unless the sink creates it.
+    /// One connection; the server stores publishes in the order they arrive.
+    fn preserves_key_order(&self) -> bool {
+        true
+    }
+
+    /// Waits for the server's answer: a receipt (core), or the stream's lookup (JetStream),
+    /// which must find it unless the sink creates it.
     async fn probe(&self, within: Duration) -> Result<(), String> {
+        let no_answer = || {
+            format!(
+                "no answer from {} within {within:?}",
+                self.settings.urls.join(", ")
+            )
+        };
+        let js = match &self.publisher {
+            Publisher::Core(_) => {
+                // A receipt of its own: the sink's are taken one batch at a time.
+                let mut receipts = Receipts::start(&self.client)
+                    .await
+                    .map_err(|e| format!("nats: {e}"))?;
+                let receipt = receipts.next();
+                let answered = async {
+                    receipt.send(&self.client).await?;
+                    receipt.returned().await;
+                    Ok::<(), async_nats::PublishError>(())
+                };
+                return tokio::time::timeout(within, answered)
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "{} (the sink needs publish and subscribe permission on _INBOX.>)",
+                            no_answer()
+                        )
+                    })?
+                    .map_err(|e| format!("nats: {e}"));
+            }
+            Publisher::JetStream(js) => js,
+        };
         tokio::time::timeout(within, self.client.flush())
             .await
-            .map_err(|_| {
-                format!(
-                    "no answer from {} within {within:?}",
-                    self.settings.urls.join(", ")
-                )
-            })?
+            .map_err(|_| no_answer())?
             .map_err(|e| format!("nats: {e}"))?;
-        let (Some(js), Some(stream)) = (&self.jetstream, &self.settings.jetstream) else {
+        let Some(stream) = &self.settings.jetstream else {
             return Ok(());
         };
         use jetstream::context::GetStreamErrorKind;
@@ -215,7 +268,7 @@ impl Destination for NatsSink {
     }
 
     async fn close(&mut self) {
-        // Every batch already ended in a flush or its acks; only a live connection can hold
+        // Every batch already ended in a receipt or its acks; only a live connection can hold
         // anything more, and waiting on a dead one would only slow shutdown down.
         if self.client.connection_state() == async_nats::connection::State::Connected {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await;
@@ -246,9 +299,9 @@ impl NatsSink {
         }
     }
 
-    /// Core NATS: publish all, then one flush. The server does not confirm core messages; the
-    /// flush only proves they reached it (not that anyone subscribed).
-    async fn send_core(&mut self, batch: &[Arc<Event>]) -> Confirmations {
+    /// Core NATS: publish all, then the receipt's marker; the batch counts once the marker is
+    /// back, which proves the server read every message before it (not that anyone subscribed).
+    async fn send_core(&self, receipt: Receipt, batch: &[Arc<Event>]) -> Confirmations {
         let timeout = self.settings.timeout;
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
         for event in batch {
@@ -267,16 +320,25 @@ impl NatsSink {
             };
             outcomes.push(outcome);
         }
-        let client = self.client.clone();
+        if outcomes.iter().all(Option::is_some) {
+            return settled(outcomes.into_iter().flatten().collect());
+        }
+        let sent = match tokio::time::timeout(timeout, receipt.send(&self.client)).await {
+            Ok(Ok(())) => Ok(receipt),
+            Ok(Err(e)) => Err(failure(NatsFailure::ReceiptNotSent, &e)),
+            Err(_) => Err(timed_out(NatsFailure::ReceiptNotSent, timeout)),
+        };
         Box::pin(async move {
-            let flushed = match tokio::time::timeout(timeout, client.flush()).await {
-                Ok(Ok(())) => Outcome::Delivered,
-                Ok(Err(e)) => failure(NatsFailure::Flush(e.kind()), &e),
-                Err(_) => timed_out(NatsFailure::FlushTimedOut, timeout),
+            let confirmed = match sent {
+                Err(outcome) => outcome,
+                Ok(receipt) => match tokio::time::timeout(timeout, receipt.returned()).await {
+                    Ok(()) => Outcome::Delivered,
+                    Err(_) => timed_out(NatsFailure::NotConfirmed, timeout),
+                },
             };
             outcomes
                 .into_iter()
-                .map(|o| o.unwrap_or_else(|| flushed.same()))
+                .map(|o| o.unwrap_or_else(|| confirmed.same()))
                 .collect()
         })
     }
@@ -284,11 +346,7 @@ impl NatsSink {
     /// JetStream: publish the whole batch; the confirmations are its acks. `Nats-Msg-Id` is the
     /// event id and the subject ([`message_id`]), so a retry after a lost ack (or a second copy
     /// of a broadcast to the same subject) is stored once.
-    async fn send_jetstream(
-        &mut self,
-        js: &jetstream::Context,
-        batch: &[Arc<Event>],
-    ) -> Confirmations {
+    async fn send_jetstream(&self, js: &jetstream::Context, batch: &[Arc<Event>]) -> Confirmations {
         let settings = self.settings.clone();
         let stream = settings.jetstream.as_ref().expect("jetstream mode");
         if stream.create && !self.stream_ready.load(Ordering::Relaxed) {
@@ -397,39 +455,21 @@ async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, Nats
     Ok(options)
 }
 
-/// Creates the stream, or adds this sink's subject filter to an existing one and sets its
-/// duplicate window; other subjects already on the stream are kept.
+/// Creates the stream when it is missing, with this sink's subject filter and duplicate window;
+/// an existing one is adopted ([`adopt_stream`]).
 async fn ensure_stream(
     js: &jetstream::Context,
     settings: &JetStreamSettings,
 ) -> Result<(), (jetstream::context::CreateStreamErrorKind, String)> {
     match js.get_stream(&settings.stream).await {
-        Ok(stream) => {
-            let mut config = stream.cached_info().config.clone();
-            let mut changed = false;
-            if !config.subjects.contains(&settings.filter) {
-                config.subjects.push(settings.filter.clone());
-                changed = true;
-            }
-            if config.duplicate_window != settings.duplicate_window {
-                config.duplicate_window = settings.duplicate_window;
-                changed = true;
-            }
-            if changed {
-                js.update_stream(config).await.map_err(|e| {
-                    (
-                        e.kind(),
-                        format!("updating stream {}: {e}", settings.stream),
-                    )
-                })?;
-            }
-            Ok(())
-        }
+        Ok(stream) => adopt_stream(js, settings, stream.cached_info().config.clone()).await,
         Err(get_error) => {
             let config = jetstream::stream::Config {
                 name: settings.stream.clone(),
                 subjects: vec![settings.filter.clone()],
-                duplicate_window: settings.duplicate_window,
+                duplicate_window: settings
+                    .duplicate_window
+                    .unwrap_or(DEFAULT_DUPLICATE_WINDOW),
                 ..Default::default()
             };
             match js.create_stream(config).await {
@@ -446,12 +486,75 @@ async fn ensure_stream(
     }
 }
 
+/// An existing stream keeps every setting someone gave it (duplicate window, limits, storage,
+/// its other subjects): the sink only adds its subject filter when none of the stream's subjects
+/// captures it yet, since without it nothing the sink publishes would be stored. A duplicate
+/// window in the config that differs from the stream's is reported, not applied.
+async fn adopt_stream(
+    js: &jetstream::Context,
+    settings: &JetStreamSettings,
+    mut config: jetstream::stream::Config,
+) -> Result<(), (jetstream::context::CreateStreamErrorKind, String)> {
+    if let Some(asked) = settings.duplicate_window {
+        if asked != config.duplicate_window {
+            tracing::warn!(
+                stream = %settings.stream,
+                configured = ?asked,
+                stream_has = ?config.duplicate_window,
+                "the stream exists with another duplicate window; it is left as it is, and \
+                 repeats are dropped within the stream's window"
+            );
+        }
+    }
+    if config
+        .subjects
+        .iter()
+        .any(|subject| subject_captures(subject, &settings.filter))
+    {
+        return Ok(());
+    }
+    config.subjects.push(settings.filter.clone());
+    js.update_stream(config).await.map_err(|e| {
+        (
+            e.kind(),
+            format!(
+                "adding subjects {} to stream {}: {e}",
+                settings.filter, settings.stream
+            ),
+        )
+    })?;
+    Ok(())
+}
+
+/// Whether every subject matching `filter` also matches the stream subject `subject`: token by
+/// token, `>` takes one or more remaining tokens, `*` any one token but not the filter's `>`,
+/// and a literal only itself.
+fn subject_captures(subject: &str, filter: &str) -> bool {
+    let mut filter_tokens = filter.split('.');
+    for token in subject.split('.') {
+        let Some(wanted) = filter_tokens.next() else {
+            return false;
+        };
+        match token {
+            ">" => return true,
+            "*" if wanted != ">" => {}
+            literal if literal == wanted => {}
+            _ => return false,
+        }
+    }
+    filter_tokens.next().is_none()
+}
+
 fn timed_out(kind: NatsFailure, timeout: Duration) -> Outcome {
-    let what = match kind {
-        NatsFailure::FlushTimedOut => "flush not confirmed",
-        _ => "publish not accepted",
+    let message = match kind {
+        NatsFailure::NotConfirmed => format!(
+            "batch not confirmed by the server within {timeout:?}: its receipt did not come back \
+             (a stalled server, or a user without publish and subscribe on _INBOX.>)"
+        ),
+        NatsFailure::ReceiptNotSent => format!("receipt marker not accepted within {timeout:?}"),
+        _ => format!("publish not accepted within {timeout:?}"),
     };
-    failure(kind, &format!("{what} within {timeout:?}"))
+    failure(kind, &message)
 }
 
 fn failure(kind: NatsFailure, error: &dyn std::fmt::Display) -> Outcome {
@@ -482,7 +585,7 @@ pub fn headers(event: &Event, envelope: Envelope) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_nats::client::{FlushErrorKind, PublishErrorKind};
+    use async_nats::client::PublishErrorKind;
     use jetstream::context::{CreateStreamErrorKind, PublishErrorKind as JsKind};
 
     #[test]
@@ -499,8 +602,8 @@ mod tests {
         let retryable = [
             NatsFailure::Publish(PublishErrorKind::Send),
             NatsFailure::NotConnected,
-            NatsFailure::Flush(FlushErrorKind::FlushError),
-            NatsFailure::FlushTimedOut,
+            NatsFailure::ReceiptNotSent,
+            NatsFailure::NotConfirmed,
             NatsFailure::PublishTimedOut,
             NatsFailure::JetStreamPublish(JsKind::TimedOut),
             NatsFailure::JetStreamPublish(JsKind::StreamNotFound),
@@ -510,6 +613,33 @@ mod tests {
         ];
         for f in retryable {
             assert_eq!(classify(&f), ErrorClass::Retryable, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn a_stream_subject_captures_the_filters_it_matches() {
+        for (subject, filter) in [
+            ("chatwoot.>", "chatwoot.*.>"),
+            ("chatwoot.>", "chatwoot.>"),
+            ("chatwoot.*.>", "chatwoot.*.>"),
+            ("*.*", "a.b"),
+            ("a.*", "a.*"),
+            ("a.b", "a.b"),
+            (">", "a"),
+        ] {
+            assert!(subject_captures(subject, filter), "{subject} {filter}");
+        }
+        for (subject, filter) in [
+            ("chatwoot.*.>", "chatwoot.>"),
+            ("chatwoot.*", "chatwoot.*.>"),
+            ("chatwoot.*", "chatwoot.>"),
+            ("a.b", "a.*"),
+            ("a.b", "a.b.c"),
+            ("a.b.c", "a.b"),
+            ("chatwoot.>", "chatwoot"),
+            ("other.>", "chatwoot.>"),
+        ] {
+            assert!(!subject_captures(subject, filter), "{subject} {filter}");
         }
     }
 
