@@ -347,7 +347,10 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
         .collect();
     store.append("hook", &letters).unwrap();
     drop(letters);
-    assert_eq!(store.queue_replay("hook").unwrap(), LETTERS as usize);
+    assert_eq!(
+        store.queue_replay("hook").unwrap().letters,
+        LETTERS as usize
+    );
     let hook = format!(
         "{{ type: http, url: 'http://127.0.0.1:{port}/in', retry: {{ initial: 50ms, max: 200ms }} }}"
     );

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::delivery::dead_letter::DeadLetters;
+use crate::delivery::dead_letter::{DeadLetters, LetterCount};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
 use crate::route::RouteTable;
@@ -398,13 +398,15 @@ async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[Stri
                 .await
                 .expect("replays do not panic");
         match replayed {
-            Ok(Replayed::All(n)) => {
-                info!(count = n, file = %path.display(), "dead letters put back into the spool")
+            Ok(Replayed::All(pass)) => {
+                info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
+                    "dead letters put back into the spool")
             }
-            Ok(Replayed::UntilFull(n)) => {
+            Ok(Replayed::UntilFull(pass)) => {
                 // Every second while the spool stays full: loud only when it moved.
-                if n > 0 {
-                    info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+                if pass.letters > 0 || pass.skipped > 0 {
+                    info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
+                        "dead letters put back until the spool was full; the rest follow as it makes room");
                 } else {
                     debug!(file = %path.display(), "the spool is full; the replay waits for room");
                 }
@@ -418,16 +420,17 @@ async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[Stri
 
 /// How far one pass over a replay file got.
 enum Replayed {
-    /// Every letter left in the file, this many, is back in the spool; the file is gone.
-    All(usize),
-    /// This many went back before the spool was full; the file waits for the next pass.
-    UntilFull(usize),
+    /// Every letter left in the file is back in the spool; the file is gone.
+    All(LetterCount),
+    /// These went back before the spool was full; the file waits for the next pass.
+    UntilFull(LetterCount),
 }
 
 /// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
 /// pass stopped: a batch at a time, only into the room left (replayed letters wait in their
 /// file; they must not push out records no sink has delivered), each batch fsynced before the
-/// file records it as done, so that a crash can repeat letters but never skip one. Blocking.
+/// file records it as done, so that a crash can repeat letters but never skip one. Lines that
+/// are not dead letters are skipped and kept aside. Blocking.
 fn replay_file(
     store: &DeadLetters,
     spool: &Spool,
@@ -451,8 +454,12 @@ fn replay_file(
         }
         if after.is_empty() {
             spool.sync().map_err(|e| e.to_string())?;
-            store.finish_replay(path).map_err(|e| e.to_string())?;
-            return Ok(Replayed::All(replayed));
+            let skipped = letters.skipped();
+            store.finish_replay(letters).map_err(|e| e.to_string())?;
+            return Ok(Replayed::All(LetterCount {
+                letters: replayed,
+                skipped,
+            }));
         }
         // The first `appended` are in: the room left took no more.
         let appended = batch
@@ -462,12 +469,15 @@ fn replay_file(
         if appended > 0 {
             spool.sync().map_err(|e| e.to_string())?;
             store
-                .replay_done_upto(path, after[appended - 1])
+                .replay_done_upto(&mut letters, after[appended - 1])
                 .map_err(|e| e.to_string())?;
             replayed += appended;
         }
         if appended < after.len() {
-            return Ok(Replayed::UntilFull(replayed));
+            return Ok(Replayed::UntilFull(LetterCount {
+                letters: replayed,
+                skipped: letters.kept_aside(),
+            }));
         }
     }
 }
