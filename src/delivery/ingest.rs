@@ -60,6 +60,11 @@ pub(crate) type Tail = broadcast::Sender<Arc<Appended>>;
 /// Bounds how long a queued dead-letter replay waits before the daemon looks for it.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
 
+/// Bounds the letters a replay reads into one batch, in spool bytes (a larger letter goes
+/// alone): what it holds in memory at once, and what it reads again on a pass that finds the
+/// spool's replay share used up.
+const REPLAY_BATCH_BYTES: u64 = 4 << 20;
+
 /// Counters of the pipeline, readable from outside.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -130,9 +135,9 @@ impl RecordBatch {
         self.append_then(spool, |_| {})
     }
 
-    /// Appends what fits in the spool's room left ([`Spool::append_within_room`]).
-    fn append_within_room(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
-        spool.append_within_room(&self.as_records())
+    /// Appends what fits in a replay's share of the spool ([`Spool::append_replayed`]).
+    fn append_replayed(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+        spool.append_replayed(&self.as_records())
     }
 
     /// Each record's bytes, with its sinks.
@@ -402,13 +407,13 @@ async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[Stri
                 info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
                     "dead letters put back into the spool")
             }
-            Ok(Replayed::UntilFull(pass)) => {
-                // Every second while the spool stays full: loud only when it moved.
+            Ok(Replayed::UntilShareUsed(pass)) => {
+                // Every second while the share stays used up: loud only when it moved.
                 if pass.letters > 0 || pass.skipped > 0 {
                     info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
-                        "dead letters put back until the spool was full; the rest follow as it makes room");
+                        "dead letters put back until the replay's share of the spool (spool.replay_share) was used; the rest follow as the sink makes room");
                 } else {
-                    debug!(file = %path.display(), "the spool is full; the replay waits for room");
+                    debug!(file = %path.display(), "the replay's share of the spool is used; the replay waits for room");
                 }
                 // A later file (perhaps the same sink's newer letters) must not get in first.
                 return;
@@ -422,15 +427,17 @@ async fn replay_pending(dead_letters: &DeadLetters, spool: &Spool, sinks: &[Stri
 enum Replayed {
     /// Every letter left in the file is back in the spool; the file is gone.
     All(LetterCount),
-    /// These went back before the spool was full; the file waits for the next pass.
-    UntilFull(LetterCount),
+    /// These went back before the spool's used bytes reached the replay's share
+    /// (`spool.replay_share`); the file waits for the next pass.
+    UntilShareUsed(LetterCount),
 }
 
 /// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
-/// pass stopped: a batch at a time, only into the room left (replayed letters wait in their
-/// file; they must not push out records no sink has delivered), each batch fsynced before the
-/// file records it as done, so that a crash can repeat letters but never skip one. Lines that
-/// are not dead letters are skipped and kept aside. Blocking.
+/// pass stopped: a batch at a time, only while the spool stays within the replay's share
+/// (replayed letters wait in their file; they must not take the room live events need, nor
+/// push out records no sink has delivered), each batch fsynced before the file records it as
+/// done, so that a crash can repeat letters but never skip one. Lines that are not dead
+/// letters are skipped and kept aside. Blocking.
 fn replay_file(
     store: &DeadLetters,
     spool: &Spool,
@@ -445,7 +452,7 @@ fn replay_file(
         batch.clear();
         // Where the file continues after each letter of the batch, for a batch taken in part.
         let mut after = Vec::with_capacity(MAX_BATCH);
-        while after.len() < MAX_BATCH {
+        while after.len() < MAX_BATCH && batch.spool_bytes() < REPLAY_BATCH_BYTES {
             let Some(letter) = letters.next_letter().map_err(|e| e.to_string())? else {
                 break;
             };
@@ -461,9 +468,9 @@ fn replay_file(
                 skipped,
             }));
         }
-        // The first `appended` are in: the room left took no more.
+        // The first `appended` are in: the replay's share took no more.
         let appended = batch
-            .append_within_room(spool)
+            .append_replayed(spool)
             .map_err(|e| e.to_string())?
             .appended;
         if appended > 0 {
@@ -474,7 +481,7 @@ fn replay_file(
             replayed += appended;
         }
         if appended < after.len() {
-            return Ok(Replayed::UntilFull(LetterCount {
+            return Ok(Replayed::UntilShareUsed(LetterCount {
                 letters: replayed,
                 skipped: letters.kept_aside(),
             }));
