@@ -362,7 +362,8 @@ async fn open_storage(config: &Config) -> Result<(File, Spool, DeadLetters), Sta
     let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config, &sink_names))
         .await
         .expect("opening the spool does not panic")?;
-    let dead_letters = DeadLetters::open(&config.spool.dir)?;
+    let dead_letters =
+        DeadLetters::open(&config.spool.dir)?.with_max_frame_bytes(config.cable.max_frame_bytes);
     Ok((spool_lock, spool, dead_letters))
 }
 

@@ -242,7 +242,7 @@ fn queue_replay(spool_dir: &Path, letters: u64) {
         .collect();
     let count = letters.len();
     store.append("slow", &letters).unwrap();
-    assert_eq!(store.queue_replay("slow").unwrap(), count);
+    assert_eq!(store.queue_replay("slow").unwrap().letters, count);
 }
 
 #[tokio::test]
@@ -256,14 +256,15 @@ async fn a_replay_for_a_lagging_sink_never_costs_a_live_event() {
     let bridge = Bridge::start(two_sinks(&mock.url(), dir.path(), port))
         .await
         .unwrap();
-    // The replay fills the spool for `slow`, which is down; then live events come.
+    // The replay fills its share of the spool (`replay_share`, half) for `slow`, which is down;
+    // then live events come and fill the rest.
     let progress_written = || {
         std::fs::read_dir(spool_dir.join("dead-letters"))
             .unwrap()
             .flatten()
             .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
     };
-    wait_until("the replay filled the spool", progress_written).await;
+    wait_until("the replay took its share of the spool", progress_written).await;
     stream_in_waves(&bridge, &mock).await;
     let stats = bridge.stats();
     assert_eq!(
@@ -287,6 +288,10 @@ async fn a_replay_for_a_lagging_sink_never_costs_a_live_event() {
         assert!(letter.pushed_out_by_spool_pressure());
         covered.borrow_mut().note(letter.event.data.get());
     }
+    assert!(
+        covered.borrow().replayed > 0,
+        "the replayed letters, oldest in the spool, were pushed back to slow's dead letters"
+    );
     let receiver = Receiver::start_on(port, scripted(vec![])).await;
     wait_until_explained(
         "slow to have every live event and every letter, delivered or dead-lettered",

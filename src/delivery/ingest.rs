@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::delivery::dead_letter::DeadLetters;
+use crate::delivery::dead_letter::{DeadLetters, LetterCount};
 use crate::delivery::pressure::{PushOut, PushOutError};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
@@ -130,6 +130,11 @@ impl Tail {
 /// Bounds how long a queued dead-letter replay waits before the daemon looks for it.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
 
+/// Bounds the letters a replay reads into one batch, in spool bytes (a larger letter goes
+/// alone), besides the replays' share of `memory_limit`: what a pass reads again when it finds
+/// the spool's replay share used up, whatever the memory limit.
+const REPLAY_BATCH_BYTES: usize = 4 << 20;
+
 /// Counters of the pipeline, readable from outside.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -207,9 +212,9 @@ impl RecordBatch {
         self.append_then(spool, |_| {})
     }
 
-    /// Appends what fits in the spool's room left ([`Spool::append_within_room`]).
-    fn append_within_room(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
-        spool.append_within_room(&self.as_records())
+    /// Appends what fits in a replay's share of the spool ([`Spool::append_replayed`]).
+    fn append_replayed(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+        spool.append_replayed(&self.as_records())
     }
 
     /// Each record's bytes, with its sinks.
@@ -584,7 +589,8 @@ pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: Ca
 }
 
 /// Puts dead letters that `dlq replay` queued back into the spool, for their sink only, in
-/// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`).
+/// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`) or
+/// [`REPLAY_BATCH_BYTES`], whichever is smaller.
 pub(crate) async fn replay_dead_letters(
     dead_letters: DeadLetters,
     spool: Spool,
@@ -592,6 +598,7 @@ pub(crate) async fn replay_dead_letters(
     max_batch_bytes: usize,
     stop: CancellationToken,
 ) {
+    let max_batch_bytes = max_batch_bytes.min(REPLAY_BATCH_BYTES);
     loop {
         replay_pending(&dead_letters, &spool, &sinks, max_batch_bytes).await;
         tokio::select! {
@@ -631,15 +638,17 @@ async fn replay_pending(
         .await
         .expect("replays do not panic");
         match replayed {
-            Ok(Replayed::All(n)) => {
-                info!(count = n, file = %path.display(), "dead letters put back into the spool")
+            Ok(Replayed::All(pass)) => {
+                info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
+                    "dead letters put back into the spool")
             }
-            Ok(Replayed::UntilFull(n)) => {
-                // Every second while the spool stays full: loud only when it moved.
-                if n > 0 {
-                    info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+            Ok(Replayed::UntilShareUsed(pass)) => {
+                // Every second while the share stays used up: loud only when it moved.
+                if pass.letters > 0 || pass.skipped > 0 {
+                    info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
+                        "dead letters put back until the replay's share of the spool (spool.replay_share) was used; the rest follow as the sink makes room");
                 } else {
-                    debug!(file = %path.display(), "the spool is full; the replay waits for room");
+                    debug!(file = %path.display(), "the replay's share of the spool is used; the replay waits for room");
                 }
                 // A later file (perhaps the same sink's newer letters) must not get in first.
                 return;
@@ -651,17 +660,20 @@ async fn replay_pending(
 
 /// How far one pass over a replay file got.
 enum Replayed {
-    /// Every letter left in the file, this many, is back in the spool; the file is gone.
-    All(usize),
-    /// This many went back before the spool was full; the file waits for the next pass.
-    UntilFull(usize),
+    /// Every letter left in the file is back in the spool; the file is gone.
+    All(LetterCount),
+    /// These went back before the spool's used bytes reached the replay's share
+    /// (`spool.replay_share`); the file waits for the next pass.
+    UntilShareUsed(LetterCount),
 }
 
 /// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
 /// pass stopped: a batch at a time (up to [`MAX_BATCH`] letters, stopping once they take
-/// `max_batch_bytes`), only into the room left (replayed letters wait in their file; they must
-/// not push out records no sink has delivered), each batch fsynced before the file records it
-/// as done, so that a crash can repeat letters but never skip one. Blocking.
+/// `max_batch_bytes`), only while the spool stays within the replay's share (replayed letters
+/// wait in their file; they must not take the room live events need, nor push out records no
+/// sink has delivered), each batch fsynced before the file records it as done, so that a crash
+/// can repeat letters but never skip one. Lines that are not dead letters are skipped and kept
+/// aside. Blocking.
 fn replay_file(
     store: &DeadLetters,
     spool: &Spool,
@@ -686,23 +698,30 @@ fn replay_file(
         }
         if after.is_empty() {
             spool.sync().map_err(|e| e.to_string())?;
-            store.finish_replay(path).map_err(|e| e.to_string())?;
-            return Ok(Replayed::All(replayed));
+            let skipped = letters.skipped();
+            store.finish_replay(letters).map_err(|e| e.to_string())?;
+            return Ok(Replayed::All(LetterCount {
+                letters: replayed,
+                skipped,
+            }));
         }
-        // The first `appended` are in: the room left took no more.
+        // The first `appended` are in: the replay's share took no more.
         let appended = batch
-            .append_within_room(spool)
+            .append_replayed(spool)
             .map_err(|e| e.to_string())?
             .appended;
         if appended > 0 {
             spool.sync().map_err(|e| e.to_string())?;
             store
-                .replay_done_upto(path, after[appended - 1])
+                .replay_done_upto(&mut letters, after[appended - 1])
                 .map_err(|e| e.to_string())?;
             replayed += appended;
         }
         if appended < after.len() {
-            return Ok(Replayed::UntilFull(replayed));
+            return Ok(Replayed::UntilShareUsed(LetterCount {
+                letters: replayed,
+                skipped: letters.kept_aside(),
+            }));
         }
     }
 }

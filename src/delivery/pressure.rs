@@ -138,10 +138,8 @@ impl PushOut {
                 self.store(&mut pending)?;
             }
         }
+        // Each append fsyncs its lines, and the folder when it created the file.
         self.store(&mut pending)?;
-        if !pending.stored.is_empty() {
-            self.dead_letters.sync_folder()?;
-        }
         let segment = eviction.segment();
         let freed_bytes = eviction.finish()?;
         report(segment, freed_bytes, &pending.stored, started.elapsed());

@@ -133,11 +133,16 @@ pub struct SpoolConfig {
     pub fsync_interval: Duration,
     /// What an append does when the spool is at `max_bytes`.
     pub when_full: WhenFull,
+    /// The fraction of `max_bytes` (above 0, at most 1) a dead-letter replay may fill: it puts
+    /// letters back only while the spool's used bytes stay within it, so live events always
+    /// have the rest ([`Spool::append_replayed`]).
+    pub replay_share: f64,
 }
 
 impl SpoolConfig {
     /// The defaults: 1 GiB cap, 64 MiB segments, fsync on the bridge's 100 ms timer, push the
-    /// oldest segment out to the dead letters of the sinks that lag when full.
+    /// oldest segment out to the dead letters of the sinks that lag when full, replays fill at
+    /// most half.
     pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
         SpoolConfig {
             dir: dir.into(),
@@ -146,7 +151,14 @@ impl SpoolConfig {
             fsync: FsyncMode::Interval,
             fsync_interval: Duration::from_millis(100),
             when_full: WhenFull::DeadLetter,
+            replay_share: 0.5,
         }
+    }
+
+    /// The bytes a replay may fill the spool up to: `replay_share` of `max_bytes`.
+    pub fn replay_bytes(&self) -> u64 {
+        // An f64 holds every size below 2^53 bytes exactly; the share is at most 1.
+        ((self.max_bytes as f64) * self.replay_share.clamp(0.0, 1.0)) as u64
     }
 
     /// The size at which a segment is closed: at most an eighth of the spool (and at least
@@ -197,14 +209,15 @@ pub struct SinkMask(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReport {
     /// Seq of the first record written; the others follow one by one. `None` if none was.
-    /// With `DropNewest` (and [`Spool::append_within_room`]) the written records are the first
+    /// With `DropNewest` (and [`Spool::append_replayed`]) the written records are the first
     /// `appended` of the batch; with `DropOldest` (only when the batch alone exceeds
     /// `max_bytes`) the last `appended`.
     pub first_seq: Option<u64>,
     /// Records written.
     pub appended: usize,
-    /// Records of this batch refused because the spool was full (`DropNewest`, or no room left
-    /// for [`Spool::append_within_room`], where they are not lost and not counted as dropped).
+    /// Records of this batch refused because the spool was full (`DropNewest`, or the replay's
+    /// share used up for [`Spool::append_replayed`], where they are not lost and not counted
+    /// as dropped).
     pub dropped_newest: u64,
     /// Records lost to make room (`DropOldest`): spooled ones that some configured sink had not
     /// committed, plus records of this batch that could not fit at all.
@@ -366,14 +379,19 @@ impl Spool {
         self.append_with(records, when_no_room, before_wake)
     }
 
-    /// Appends only what fits in the room left, whatever `when_full` says: for records that
-    /// are safe elsewhere until they are in (dead letters being replayed), which must neither
-    /// push out records no sink has delivered nor count as refused.
-    pub fn append_within_room(
+    /// Appends replayed dead letters, which are safe in their file until they are in: only the
+    /// head of the batch that keeps the spool's used bytes within
+    /// [`SpoolConfig::replay_bytes`], whatever `when_full` says. So a replay never pushes out
+    /// records no sink has delivered, what it leaves out is not counted as refused, and live
+    /// events always have the rest of `max_bytes`: were the replay to fill the spool, they would
+    /// be the ones dropped. A first record larger than that share on its own goes in alone
+    /// while the used bytes are below the share (and it fits in `max_bytes`): the replay then
+    /// holds at most one letter more than its share, and waits until it is back below.
+    pub fn append_replayed(
         &self,
         records: &[(&[u8], SinkMask)],
     ) -> Result<AppendReport, SpoolError> {
-        self.append_with(records, WhenNoRoom::RefuseUncounted, |_| {})
+        self.append_with(records, WhenNoRoom::ReplayShare, |_| {})
     }
 
     /// Fsyncs the active segment and persists the cursors.
