@@ -18,6 +18,7 @@ use tracing::{error, info};
 use crate::config::{Config, SinkSettings};
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{self, Appender, PipelineStats, Tail, INGEST_CAPACITY};
+use crate::delivery::pressure::{PressureSink, PushOut};
 use crate::delivery::{FileReader, Parked, SinkLoop, SINK_LIMITS};
 use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::{Sink, SinkBuildError};
@@ -211,8 +212,8 @@ impl Bridge {
             give_up: CancellationToken::new(),
             memory,
         };
-        let delivery = wiring.start_delivery(&config, dead_letters).await?;
-        let (ingest, events) = wiring.start_ingest(&config);
+        let delivery = wiring.start_delivery(&config, dead_letters.clone()).await?;
+        let (ingest, events) = wiring.start_ingest(&config, dead_letters);
         let supervisor = start_supervisor(&config, events, &wiring.status);
         let Wiring {
             spool,
@@ -361,7 +362,8 @@ async fn open_storage(config: &Config) -> Result<(File, Spool, DeadLetters), Sta
     let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config, &sink_names))
         .await
         .expect("opening the spool does not panic")?;
-    let dead_letters = DeadLetters::open(&config.spool.dir)?;
+    let dead_letters =
+        DeadLetters::open(&config.spool.dir)?.with_max_frame_bytes(config.cable.max_frame_bytes);
     Ok((spool_lock, spool, dead_letters))
 }
 
@@ -502,9 +504,14 @@ impl Wiring {
     }
 
     /// Starts the ingest: events in, routed and appended to the spool, then announced on the
-    /// tail. Returns its task and the sender the token sockets hand events to, behind the byte
-    /// gate of the ingest's share of `memory_limit`.
-    fn start_ingest(&self, config: &Config) -> (TaskTracker, EventSender) {
+    /// tail; a full spool pushes its oldest segment out to `dead_letters`. Returns its task and
+    /// the sender the token sockets hand events to, behind the byte gate of the ingest's share
+    /// of `memory_limit`.
+    fn start_ingest(
+        &self,
+        config: &Config,
+        dead_letters: DeadLetters,
+    ) -> (TaskTracker, EventSender) {
         let ingest = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(INGEST_CAPACITY);
         let gate = ByteGate::new(self.memory.ingest_events);
@@ -515,6 +522,7 @@ impl Wiring {
             self.tail.clone(),
             self.stats.clone(),
             self.give_up.clone(),
+            self.push_out(config, dead_letters),
         );
         ingest.spawn(async move {
             ingest::ingest(events_rx, gate, routes, appender).await;
@@ -522,6 +530,23 @@ impl Wiring {
         });
         ingest.close();
         (ingest, events_tx)
+    }
+
+    /// What makes room in a full spool (`when_full: dead_letter`): every configured sink, with
+    /// its redaction and its cell on the status board, and the dead letters its events go to.
+    fn push_out(&self, config: &Config, dead_letters: DeadLetters) -> Arc<PushOut> {
+        let sinks = config
+            .sinks
+            .iter()
+            .map(|(name, settings)| {
+                let sink = PressureSink {
+                    redaction: settings.redaction.clone(),
+                    status: self.status.register_sink(name),
+                };
+                (name.clone(), sink)
+            })
+            .collect();
+        Arc::new(PushOut::new(dead_letters, sinks, self.stats.clone()))
     }
 }
 

@@ -321,7 +321,8 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
         args.sink,
         config.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    let store = DeadLetters::open(&config.spool.dir)?;
+    let store =
+        DeadLetters::open(&config.spool.dir)?.with_max_frame_bytes(config.cable.max_frame_bytes);
     match action {
         DlqAction::List(_) => {
             let count = store.each(&args.sink, |l| {
@@ -334,21 +335,46 @@ fn dlq(action: DlqAction) -> anyhow::Result<ExitCode> {
                     l.error
                 );
             })?;
-            eprintln!("{count} dead letters for sink {}", args.sink);
+            eprintln!(
+                "{} dead letters for sink {}{}",
+                count.letters,
+                args.sink,
+                skipped_lines(count.skipped, "the log above gives their numbers")
+            );
         }
         DlqAction::Replay(_) => {
-            let n = store.queue_replay(&args.sink)?;
+            let count = store.queue_replay(&args.sink)?;
             println!(
-                "{n} dead letters queued for redelivery to sink {}",
-                args.sink
+                "{} dead letters queued for redelivery to sink {}{}",
+                count.letters,
+                args.sink,
+                skipped_lines(
+                    count.skipped,
+                    "the replay keeps them in <replay file>.bad-lines"
+                )
             );
         }
         DlqAction::Purge(_) => {
-            let n = store.purge(&args.sink)?;
-            println!("{n} dead letters of sink {} deleted", args.sink);
+            let count = store.purge(&args.sink)?;
+            println!(
+                "{} dead letters of sink {} deleted{}",
+                count.letters,
+                args.sink,
+                skipped_lines(count.skipped, "deleted with them")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `dlq` adds to its line when a dead letter file had lines that are not dead letters.
+fn skipped_lines(skipped: usize, what_became_of_them: &str) -> String {
+    match skipped {
+        0 => String::new(),
+        n => format!(
+            "; {n} lines skipped, not dead letters (torn or damaged; {what_became_of_them})"
+        ),
+    }
 }
 
 /// Tries every sink and token; prints one line each. Fails if any failed.

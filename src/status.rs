@@ -154,6 +154,10 @@ pub struct SinkStatus {
     /// Events set aside in the sink's retry set (conversations that failed for
     /// `retry.park_after`, with their later events), on disk, waiting to be retried.
     pub parked: u64,
+    /// Events pushed out of the full spool into this sink's dead letters before it delivered
+    /// them (`when_full: dead_letter`): the price of lagging, paid by this sink alone. Not
+    /// included in `dead_lettered`.
+    pub pushed_out: u64,
 }
 
 /// Shared cell a sink loop writes and everyone else reads.
@@ -169,6 +173,8 @@ struct SinkCell {
     retries: AtomicU64,
     /// See [`SinkStatus::parked`].
     parked: AtomicU64,
+    /// See [`SinkStatus::pushed_out`].
+    pushed_out: AtomicU64,
 }
 
 /// What a sink loop uses to report.
@@ -214,6 +220,12 @@ impl SinkReporter {
         if self.cell.parked.swap(n, Ordering::Relaxed) != n {
             self.changed.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Counts `n` events pushed out of the full spool into this sink's dead letters.
+    pub(crate) fn pushed_out(&self, n: u64) {
+        self.cell.pushed_out.fetch_add(n, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
     }
 }
 
@@ -292,6 +304,7 @@ impl StatusBoard {
                     dead_lettered: AtomicU64::new(0),
                     retries: AtomicU64::new(0),
                     parked: AtomicU64::new(0),
+                    pushed_out: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -317,6 +330,7 @@ impl StatusBoard {
                     dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
                     retries: cell.retries.load(Ordering::Relaxed),
                     parked: cell.parked.load(Ordering::Relaxed),
+                    pushed_out: cell.pushed_out.load(Ordering::Relaxed),
                 };
                 (name.clone(), status)
             })

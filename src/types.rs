@@ -316,6 +316,25 @@ pub(crate) fn number<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
+/// A number that may have a fraction (`0.5`), written as a number or as text (`${VAR}`
+/// expansions are text). Range checks are the caller's, with the key's name.
+pub(crate) fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    /// A number as YAML gives it, or text.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum FractionOrText {
+        Number(f64),
+        Text(String),
+    }
+    match FractionOrText::deserialize(d)? {
+        FractionOrText::Number(n) => Ok(n),
+        FractionOrText::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a number"))),
+    }
+}
+
 /// [`number`] for an optional field: present means `Some`.
 pub(crate) fn optional_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     number(d).map(Some)

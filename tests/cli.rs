@@ -440,3 +440,87 @@ async fn trace_logs_show_no_token_unless_asked_to() {
         "--trace-secrets shows the frames, token included"
     );
 }
+
+/// `dlq list` over a file whose last append was torn (a crash, a full disk): it lists every
+/// whole letter and says how many lines it skipped, without their content; `dlq replay` keeps
+/// the torn bytes aside rather than queueing them.
+#[tokio::test]
+async fn dlq_list_skips_a_torn_line_and_says_how_many() {
+    use chatwoot_bridge::delivery::dead_letter::{DeadLetter, DeadLetters};
+    use chatwoot_bridge::event::Event;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let config = BridgeYaml::new("ws://127.0.0.1:9/cable")
+        .agent("agent", "tok-agent", 1)
+        .sink("hook", "{ type: stdout }")
+        .route_all(&["hook"])
+        .spool(&spool)
+        .write(&dir.path().join("bridge.yaml"));
+    let letters: Vec<DeadLetter> = (1..=2)
+        .map(|n| DeadLetter {
+            event: Event::for_test("message.created", "agent", &format!(r#"{{"n":{n}}}"#)),
+            error: "HTTP 400 Bad Request".into(),
+            attempts: n,
+            first_attempt: std::time::SystemTime::now(),
+            last_attempt: std::time::SystemTime::now(),
+        })
+        .collect();
+    DeadLetters::open(&spool)
+        .unwrap()
+        .append("hook", &letters)
+        .unwrap();
+    let file = spool.join("dead-letters/hook.jsonl");
+    let mut torn_append = std::fs::read(&file).unwrap();
+    torn_append.extend_from_slice(br#"{"sink":"hook","error":"token=SECRET"#);
+    std::fs::write(&file, torn_append).unwrap();
+
+    let config = config.to_str().unwrap();
+    let list = [
+        "dlq",
+        "list",
+        "--sink",
+        "hook",
+        "--log-format",
+        "json",
+        "--config",
+    ];
+    let out = run(&[&list[..], &[config]].concat(), &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        2,
+        "{}",
+        text(&out.stdout)
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("2 dead letters for sink hook; 1 lines skipped"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#""line":3"#) && !stderr.contains("SECRET"),
+        "{stderr}"
+    );
+
+    let out = run(
+        &["dlq", "replay", "--sink", "hook", "--config", config],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("2 dead letters queued for redelivery to sink hook\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    let torn: Vec<_> = std::fs::read_dir(spool.join("dead-letters"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("hook.jsonl.torn-")
+        })
+        .collect();
+    assert_eq!(torn.len(), 1, "the torn bytes are kept aside");
+}

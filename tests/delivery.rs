@@ -315,20 +315,13 @@ async fn a_refused_event_goes_to_dead_letters_and_replay_delivers_it() {
     );
 }
 
-/// A replay larger than the spool: it stops when the spool is full and goes on from there as
-/// the sink makes room, so each dead letter is delivered once and none is put back twice.
-#[tokio::test]
-async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
+/// `count` dead letters of about 1,100 bytes each (1,000 bytes of padding in `data`), numbered
+/// `n` in their data and by id from 1.
+fn padded_letters(count: u64) -> Vec<chatwoot_bridge::delivery::dead_letter::DeadLetter> {
     use chatwoot_bridge::delivery::dead_letter::DeadLetter;
     use chatwoot_bridge::event::{Event, EventId};
-    // About 1,100 bytes a record: three times what the 1 MiB spool holds.
-    const LETTERS: u64 = 3_000;
-    let port = free_port();
-    let mock = agent_mock().await;
-    let dir = tempfile::tempdir().unwrap();
     let padding = "x".repeat(1_000);
-    let store = DeadLetters::open(dir.path()).unwrap();
-    let letters: Vec<DeadLetter> = (0..LETTERS)
+    (0..count)
         .map(|n| {
             let mut event = Event::for_test(
                 "message.created",
@@ -344,10 +337,27 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
                 last_attempt: std::time::SystemTime::now(),
             }
         })
-        .collect();
+        .collect()
+}
+
+/// A replay larger than the spool: it stops when its share of the spool is used and goes on
+/// from there as the sink makes room, so each dead letter is delivered once and none is put
+/// back twice.
+#[tokio::test]
+async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
+    // About 1,100 bytes a record: three times what the 1 MiB spool holds.
+    const LETTERS: u64 = 3_000;
+    let port = free_port();
+    let mock = agent_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DeadLetters::open(dir.path()).unwrap();
+    let letters = padded_letters(LETTERS);
     store.append("hook", &letters).unwrap();
     drop(letters);
-    assert_eq!(store.queue_replay("hook").unwrap(), LETTERS as usize);
+    assert_eq!(
+        store.queue_replay("hook").unwrap().letters,
+        LETTERS as usize
+    );
     let hook = format!(
         "{{ type: http, url: 'http://127.0.0.1:{port}/in', retry: {{ initial: 50ms, max: 200ms }} }}"
     );
@@ -355,7 +365,7 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
     config.spool.max_bytes = 1 << 20;
     config.spool.when_full = chatwoot_bridge::spool::WhenFull::DropNewest;
     let bridge = Bridge::start(config).await.unwrap();
-    // The sink is down: the replay fills the spool and records how far it got.
+    // The sink is down: the replay fills its share of the spool and records how far it got.
     let dead_letters = dir.path().join("dead-letters");
     let progress_written = || {
         std::fs::read_dir(&dead_letters)
@@ -364,7 +374,7 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
             .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
     };
     wait_until("the replay recorded its progress", progress_written).await;
-    // Several polls against the full spool. Once the sink makes room, a replay that recorded
+    // Several polls against the used share. Once the sink makes room, a replay that recorded
     // nothing would start again from its first letter: duplicates, and it would never end.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -401,6 +411,135 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
                 !name.contains(".replay-")
             }),
         "the replay file and its progress are gone"
+    );
+}
+
+/// The `live` number of each event in a file sink's output, in file order.
+fn live_numbers(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            event["data"]["live"]
+                .as_u64()
+                .expect("live events carry `live`")
+        })
+        .collect()
+}
+
+/// Broadcasts the live events numbered `from..to` (about 1,100 bytes each) and waits until each
+/// reached the spool or was refused by it.
+async fn broadcast_live(bridge: &Bridge, mock: &MockServer, from: u64, to: u64) {
+    let padding = "y".repeat(1_000);
+    for n in from..to {
+        mock.broadcast(
+            "message.created",
+            &format!(
+                r#"{{"account_id":2,"conversation_id":{},"live":{n},"pad":"{padding}"}}"#,
+                1_000_000 + n
+            ),
+        );
+    }
+    let stats = bridge.stats();
+    let handled = || {
+        stats.spooled.load(Ordering::Relaxed) + stats.spool_dropped_newest.load(Ordering::Relaxed)
+    };
+    wait_until_explained(
+        &format!("live events up to {to} to reach the spool"),
+        || handled() >= to,
+        || format!("only {}", handled()),
+    )
+    .await;
+}
+
+/// A replay for a sink that is down takes only its share of the spool (`replay_share`, half by
+/// default), so the live events of another sink keep flowing meanwhile and none is dropped;
+/// once the sink is back, the replay goes on and delivers every letter once.
+#[tokio::test]
+async fn a_replay_larger_than_the_spool_leaves_live_events_room() {
+    // About 2.2 MB of letters for a 1 MiB spool; 250 live events of about 1.2 KB while the
+    // replayed sink is down, which fit in the half the replay leaves free.
+    const LETTERS: u64 = 2_000;
+    const LIVE: u64 = 250;
+    let port = free_port();
+    let mock = agent_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = DeadLetters::open(dir.path()).unwrap();
+    store.append("hook", &padded_letters(LETTERS)).unwrap();
+    store.queue_replay("hook").unwrap();
+    let live_out = dir.path().join("live.jsonl");
+    let mut config = bridge_yaml(&mock.url(), dir.path())
+        .sink(
+            "hook",
+            &format!(
+                "{{ type: http, url: 'http://127.0.0.1:{port}/in', retry: {{ initial: 50ms, max: 200ms }} }}"
+            ),
+        )
+        .sink("live", &format!("{{ type: file, path: {} }}", quoted(&live_out)))
+        .route_all(&["live"])
+        .config();
+    config.spool.max_bytes = 1 << 20;
+    config.spool.when_full = chatwoot_bridge::spool::WhenFull::DropNewest;
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
+    let dead_letters = dir.path().join("dead-letters");
+    wait_until("the replay recorded its progress", || {
+        std::fs::read_dir(&dead_letters)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
+    })
+    .await;
+    // A few more replay passes against a sink that is still down.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    broadcast_live(&bridge, &mock, 0, LIVE).await;
+    let stats = bridge.stats();
+    assert_eq!(
+        stats.spool_dropped_newest.load(Ordering::Relaxed),
+        0,
+        "live events were dropped: the replay took the room they needed"
+    );
+    wait_until_explained(
+        "every live event in the live sink",
+        || live_numbers(&live_out).len() as u64 == LIVE,
+        || format!("{} of {LIVE}", live_numbers(&live_out).len()),
+    )
+    .await;
+
+    // The sink is back. What it had not delivered held everything after it in the spool (the
+    // spool reclaims behind the slowest sink); once it is past that, the replay goes on in its
+    // share while more live events arrive.
+    let receiver = Receiver::start_on(port, scripted(vec![])).await;
+    receiver.wait_for(LETTERS as usize / 2).await;
+    broadcast_live(&bridge, &mock, LIVE, 2 * LIVE).await;
+    receiver.wait_for(LETTERS as usize).await;
+    wait_until("the replay finished", || {
+        store.pending_replays().unwrap().is_empty()
+    })
+    .await;
+    wait_until("every live event in the live sink", || {
+        live_numbers(&live_out).len() as u64 == 2 * LIVE
+    })
+    .await;
+    let dropped = stats.spool_dropped_newest.load(Ordering::Relaxed);
+    shut_down(bridge).await;
+    mock.stop().await;
+    assert_eq!(dropped, 0);
+    assert_eq!(live_numbers(&live_out), (0..2 * LIVE).collect::<Vec<_>>());
+    let mut ids: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.headers["ce-id"].to_str().unwrap().to_owned())
+        .collect();
+    let received = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(
+        (ids.len() as u64, received as u64),
+        (LETTERS, LETTERS),
+        "every dead letter delivered once"
     );
 }
 
@@ -667,9 +806,10 @@ async fn a_sink_routed_nothing_does_not_pin_the_spool() {
     assert_eq!(
         (
             stats.spool_dropped_newest.load(Ordering::Relaxed),
-            stats.spool_dropped_oldest.load(Ordering::Relaxed)
+            stats.spool_dropped_oldest.load(Ordering::Relaxed),
+            stats.spool_pushed_out.load(Ordering::Relaxed)
         ),
-        (0, 0),
+        (0, 0, 0),
         "the spool filled up: the idle sink's cursor held its segments"
     );
     shut_down(bridge).await;

@@ -629,6 +629,66 @@ routes:
         }
     }
 
+    #[test]
+    fn when_full_pushes_out_by_default_and_a_wrong_value_names_the_choices() {
+        use crate::spool::WhenFull;
+        assert_eq!(load(MINIMAL).unwrap().spool.when_full, WhenFull::DeadLetter);
+        let chosen = load(&format!("{MINIMAL}spool: {{ when_full: drop_oldest }}\n")).unwrap();
+        assert_eq!(chosen.spool.when_full, WhenFull::DropOldest);
+        let err = load(&format!("{MINIMAL}spool: {{ when_full: discard }}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("when_full"), "{err}");
+        assert!(
+            err.contains("`dead_letter`, `drop_newest`, `drop_oldest`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn replay_share_is_a_fraction_whose_share_holds_a_frame() {
+        let spool = |settings: &str| format!("{MINIMAL}spool: {{ {settings} }}\n");
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.spool.replay_share, 0.5);
+        assert_eq!(config.spool.replay_bytes(), 1 << 29);
+        let config = load(&spool("replay_share: '0.25'")).unwrap();
+        assert_eq!(
+            config.spool.replay_share, 0.25,
+            "text, as ${{VAR}} gives it"
+        );
+        assert_eq!(
+            load(&spool("replay_share: 1")).unwrap().spool.replay_share,
+            1.0
+        );
+        for (bad, said) in [
+            (
+                "0",
+                "0 is out of range; give a fraction above 0 and at most 1",
+            ),
+            ("1.5", "1.5 is out of range"),
+            ("-0.5", "-0.5 is out of range"),
+            ("'NaN'", "NaN is out of range"),
+            ("half", "`half` is not a number"),
+        ] {
+            let err = load(&spool(&format!("replay_share: {bad}")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("spool.replay_share: {said}")),
+                "{bad}: {err}"
+            );
+        }
+        // Half of 16 MiB is exactly one 8 MiB frame; a quarter is not enough.
+        assert!(load(&spool("max_bytes: 16777216")).is_ok());
+        let err = load(&spool("max_bytes: 16777216, replay_share: 0.25"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spool.replay_share: 0.25 of max_bytes is 4194304 bytes, less than chatwoot.max_frame_bytes (8388608)"),
+            "{err}"
+        );
+    }
+
     /// A config with one of every mistake validation knows, in every section.
     const EVERY_MISTAKE: &str = r#"
 chatwoot:

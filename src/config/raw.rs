@@ -18,7 +18,7 @@ use crate::route::RouteSpec;
 use crate::sink::SinkConfig;
 use crate::source::settings::{CableSettings, ReconnectSettings};
 use crate::spool::{FsyncMode, SpoolConfig, WhenFull};
-use crate::types::{number, optional_number, HumanDuration, Secret};
+use crate::types::{fraction, number, optional_number, HumanDuration, Secret};
 
 /// chatwoot-bridge configuration: Chatwoot's cable, the tokens to listen with, the sinks, and
 /// the routes between them.
@@ -216,9 +216,17 @@ pub(super) struct RawSpool {
     /// How often the spool is fsynced under `fsync: interval`.
     #[serde(default = "default_fsync_interval")]
     pub(super) fsync_interval: HumanDuration,
-    /// What to do when the spool is full: `drop_newest` or `drop_oldest` (counted, logged).
+    /// What to do when the spool is full: `dead_letter` (the default: push the oldest segment
+    /// out, its events a sink had not delivered into that sink's dead letters), `drop_newest` or
+    /// `drop_oldest` (lost for every sink; counted, logged).
     #[serde(default)]
     pub(super) when_full: WhenFull,
+    /// The fraction of `max_bytes` (above 0, at most 1) a `dlq replay` may fill: letters go
+    /// back into the spool only while it stays within this share, so live events always have
+    /// the rest.
+    #[serde(default = "default_replay_share", deserialize_with = "fraction")]
+    #[schemars(range(max = 1), extend("exclusiveMinimum" = 0))]
+    pub(super) replay_share: f64,
 }
 
 impl Default for RawSpool {
@@ -229,6 +237,7 @@ impl Default for RawSpool {
             fsync: FsyncMode::default(),
             fsync_interval: default_fsync_interval(),
             when_full: WhenFull::default(),
+            replay_share: default_replay_share(),
         }
     }
 }
@@ -286,6 +295,9 @@ fn default_spool_dir() -> PathBuf {
 }
 fn default_spool_max_bytes() -> u64 {
     SpoolConfig::new(default_spool_dir()).max_bytes
+}
+fn default_replay_share() -> f64 {
+    SpoolConfig::new(default_spool_dir()).replay_share
 }
 fn default_fsync_interval() -> HumanDuration {
     HumanDuration(SpoolConfig::new(default_spool_dir()).fsync_interval)

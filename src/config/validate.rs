@@ -430,6 +430,7 @@ fn check_spool(raw: RawSpool, max_frame_bytes: u64, problems: &mut Problems<'_>)
         fsync: raw.fsync,
         fsync_interval: raw.fsync_interval.0,
         when_full: raw.when_full,
+        replay_share: raw.replay_share,
         ..SpoolConfig::new(raw.dir)
     };
     let mut at = Problems::new("spool");
@@ -454,6 +455,7 @@ fn check_spool(raw: RawSpool, max_frame_bytes: u64, problems: &mut Problems<'_>)
     if spool.fsync_interval.is_zero() {
         at.add("fsync_interval", "must be greater than zero");
     }
+    check_replay_share(&spool, max_frame_bytes, &mut at);
     problems.include(at);
     spool
 }
@@ -470,6 +472,28 @@ fn check_memory_limit(limit: u64, max_frame_bytes: u64, problems: &mut Problems<
         problems.add(
             "memory_limit",
             format!("{limit} is smaller than twice chatwoot.max_frame_bytes ({max_frame_bytes})"),
+        );
+    }
+}
+
+/// Checks `spool.replay_share`: a fraction above 0 and at most 1, whose share of `max_bytes`
+/// holds the largest event (a frame), so that every replayed letter fits in it.
+fn check_replay_share(spool: &SpoolConfig, max_frame_bytes: u64, at: &mut Problems<'_>) {
+    let share = spool.replay_share;
+    if !(share > 0.0 && share <= 1.0) {
+        at.add(
+            "replay_share",
+            format!(
+                "{share} is out of range; give a fraction above 0 and at most 1 (the part of max_bytes a dlq replay may fill, 0.5 by default)"
+            ),
+        );
+    } else if spool.max_bytes >= MIN_SPOOL_BYTES && spool.replay_bytes() < max_frame_bytes {
+        at.add(
+            "replay_share",
+            format!(
+                "{share} of max_bytes is {} bytes, less than chatwoot.max_frame_bytes ({max_frame_bytes}): a replayed event could not fit in it",
+                spool.replay_bytes()
+            ),
         );
     }
 }

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::delivery::dead_letter::DeadLetters;
+use crate::delivery::dead_letter::{DeadLetters, LetterCount};
+use crate::delivery::pressure::{PushOut, PushOutError};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
 use crate::memory::ByteGate;
@@ -129,6 +130,11 @@ impl Tail {
 /// Bounds how long a queued dead-letter replay waits before the daemon looks for it.
 const REPLAY_POLL: Duration = Duration::from_secs(1);
 
+/// Bounds the letters a replay reads into one batch, in spool bytes (a larger letter goes
+/// alone), besides the replays' share of `memory_limit`: what a pass reads again when it finds
+/// the spool's replay share used up, whatever the memory limit.
+const REPLAY_BATCH_BYTES: usize = 4 << 20;
+
 /// Counters of the pipeline, readable from outside.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -143,9 +149,13 @@ pub struct PipelineStats {
     pub spool_dropped_newest: AtomicU64,
     /// Undelivered events deleted from a full spool to make room (`when_full: drop_oldest`).
     pub spool_dropped_oldest: AtomicU64,
+    /// Copies of undelivered events pushed out of a full spool into the dead letters of the
+    /// sinks that had not delivered them (`when_full: dead_letter`), summed over sinks; not
+    /// included in `dead_lettered`.
+    pub spool_pushed_out: AtomicU64,
     /// Deliveries confirmed, summed over sinks.
     pub delivered: AtomicU64,
-    /// Events put in a sink's dead letters.
+    /// Events a sink gave up and put in its dead letters (pushed-out ones are counted apart).
     pub dead_lettered: AtomicU64,
     /// Spool records that could not be decoded (never expected).
     pub undecodable: AtomicU64,
@@ -202,9 +212,9 @@ impl RecordBatch {
         self.append_then(spool, |_| {})
     }
 
-    /// Appends what fits in the spool's room left ([`Spool::append_within_room`]).
-    fn append_within_room(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
-        spool.append_within_room(&self.as_records())
+    /// Appends what fits in a replay's share of the spool ([`Spool::append_replayed`]).
+    fn append_replayed(&self, spool: &Spool) -> Result<AppendReport, SpoolError> {
+        spool.append_replayed(&self.as_records())
     }
 
     /// Each record's bytes, with its sinks.
@@ -242,9 +252,11 @@ pub(crate) async fn ingest(
     let mut router = Router::new(routes, &appender.spool);
     let mut received = Vec::with_capacity(MAX_BATCH);
     let mut batch = RecordBatch::default();
-    // A batch never takes more than the whole spool: under DropOldest one that did would lose
-    // its own oldest events before they were ever spooled (or counted as spooled).
-    let max_batch_bytes = appender.spool.max_bytes();
+    // A batch never takes more than a segment (at most an eighth of the spool): under
+    // DropOldest one larger than the spool would lose its own oldest events before they were
+    // ever spooled; under DeadLetter, the room it needs comes from the oldest end of the spool,
+    // which a sink that keeps up has delivered, never from the newest seven eighths.
+    let max_batch_bytes = appender.spool.segment_limit();
     let mut channel_open = true;
     loop {
         let received_some = tokio::select! {
@@ -293,7 +305,7 @@ pub(crate) async fn ingest(
     appender.finish();
 }
 
-/// Where the ingest appends, and how long it keeps trying.
+/// Where the ingest appends, how it makes room, and how long it keeps trying.
 pub(crate) struct Appender {
     /// Every routed event is appended here.
     spool: Spool,
@@ -304,6 +316,9 @@ pub(crate) struct Appender {
     /// Cancelled when the shutdown deadline passes: from then on nothing more is tried, and
     /// what is not appended is counted as not spooled.
     deadline: CancellationToken,
+    /// Makes room when the spool is full under `when_full: dead_letter`, by pushing its oldest
+    /// segment out to the dead letters of the sinks that lag.
+    push_out: Arc<PushOut>,
     /// Events given up on at the deadline, for the ingest's last word.
     given_up: u64,
 }
@@ -356,18 +371,21 @@ impl Router {
 }
 
 impl Appender {
-    /// Appends to `spool` and offers on `tail` until `deadline` is cancelled.
+    /// Appends to `spool` and offers on `tail` until `deadline` is cancelled; `push_out` makes
+    /// room in a full spool.
     pub(crate) fn new(
         spool: Spool,
         tail: Tail,
         stats: Arc<PipelineStats>,
         deadline: CancellationToken,
+        push_out: Arc<PushOut>,
     ) -> Appender {
         Appender {
             spool,
             tail,
             stats,
             deadline,
+            push_out,
             given_up: 0,
         }
     }
@@ -419,32 +437,24 @@ impl Appender {
         }
     }
 
-    /// One append of `batch` on a blocking thread; the whole batch is offered on the tail once
-    /// written. Gives the batch back, with the offer if it was not taken.
+    /// One append of `batch` on a blocking thread, making room first if the spool is full
+    /// ([`append_making_room`]); the whole batch is offered on the tail once written. Gives the
+    /// batch back, with the offer if it was not taken.
     fn attempt(
         &self,
         batch: RecordBatch,
         offer: Option<Offer>,
-    ) -> tokio::task::JoinHandle<(RecordBatch, Option<Offer>, Result<AppendReport, SpoolError>)>
-    {
-        let (spool, tail) = (self.spool.clone(), self.tail.clone());
+    ) -> tokio::task::JoinHandle<(
+        RecordBatch,
+        Option<Offer>,
+        Result<AppendReport, PushOutError>,
+    )> {
+        let (spool, tail, push_out) =
+            (self.spool.clone(), self.tail.clone(), self.push_out.clone());
         tokio::task::spawn_blocking(move || {
             let mut offer = offer;
-            let result = batch.append_then(&spool, |report| {
-                // Only a whole batch is offered: what a full spool refused is not delivered.
-                if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
-                    if report.appended == batch.len() {
-                        if let Some((events, masks)) = offer.take() {
-                            // Not kept when larger than the tail's share: the spool has them.
-                            let _ = tail.send(Arc::new(Appended {
-                                first_seq,
-                                events,
-                                masks,
-                                end,
-                            }));
-                        }
-                    }
-                }
+            let result = append_making_room(&batch, &spool, &push_out, |report| {
+                offer_whole(report, batch.len(), &mut offer, &tail);
             });
             (batch, offer, result)
         })
@@ -482,6 +492,41 @@ impl Appender {
 
 /// A batch's events and sinks, offered to the sink loops once the batch is appended.
 type Offer = (Vec<Arc<Event>>, Vec<SinkMask>);
+
+/// Appends `batch`; while the spool has no room for it (`when_full: dead_letter`), pushes the
+/// oldest segment out and tries again. Blocking.
+pub(super) fn append_making_room(
+    batch: &RecordBatch,
+    spool: &Spool,
+    push_out: &PushOut,
+    mut before_wake: impl FnMut(&AppendReport),
+) -> Result<AppendReport, PushOutError> {
+    loop {
+        let report = batch.append_then(spool, &mut before_wake)?;
+        if report.awaiting_room == 0 {
+            return Ok(report);
+        }
+        push_out.push_out_oldest(spool)?;
+    }
+}
+
+/// Offers the events of an append to the sink loops, if the whole batch was written: what a
+/// full spool refused is not delivered. Not kept when larger than the tail's share: the spool
+/// has them.
+fn offer_whole(report: &AppendReport, records: usize, offer: &mut Option<Offer>, tail: &Tail) {
+    if let (Some(first_seq), Some(end)) = (report.first_seq, report.end) {
+        if report.appended == records {
+            if let Some((events, masks)) = offer.take() {
+                let _ = tail.send(Arc::new(Appended {
+                    first_seq,
+                    events,
+                    masks,
+                    end,
+                }));
+            }
+        }
+    }
+}
 
 /// Counts what an append stored and what a full spool dropped, loudly.
 fn count_appended(report: &AppendReport, stats: &PipelineStats) {
@@ -544,7 +589,8 @@ pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: Ca
 }
 
 /// Puts dead letters that `dlq replay` queued back into the spool, for their sink only, in
-/// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`).
+/// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`) or
+/// [`REPLAY_BATCH_BYTES`], whichever is smaller.
 pub(crate) async fn replay_dead_letters(
     dead_letters: DeadLetters,
     spool: Spool,
@@ -552,6 +598,7 @@ pub(crate) async fn replay_dead_letters(
     max_batch_bytes: usize,
     stop: CancellationToken,
 ) {
+    let max_batch_bytes = max_batch_bytes.min(REPLAY_BATCH_BYTES);
     loop {
         replay_pending(&dead_letters, &spool, &sinks, max_batch_bytes).await;
         tokio::select! {
@@ -591,15 +638,17 @@ async fn replay_pending(
         .await
         .expect("replays do not panic");
         match replayed {
-            Ok(Replayed::All(n)) => {
-                info!(count = n, file = %path.display(), "dead letters put back into the spool")
+            Ok(Replayed::All(pass)) => {
+                info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
+                    "dead letters put back into the spool")
             }
-            Ok(Replayed::UntilFull(n)) => {
-                // Every second while the spool stays full: loud only when it moved.
-                if n > 0 {
-                    info!(count = n, file = %path.display(), "dead letters put back until the spool was full; the rest follow as it makes room");
+            Ok(Replayed::UntilShareUsed(pass)) => {
+                // Every second while the share stays used up: loud only when it moved.
+                if pass.letters > 0 || pass.skipped > 0 {
+                    info!(count = pass.letters, skipped = pass.skipped, file = %path.display(),
+                        "dead letters put back until the replay's share of the spool (spool.replay_share) was used; the rest follow as the sink makes room");
                 } else {
-                    debug!(file = %path.display(), "the spool is full; the replay waits for room");
+                    debug!(file = %path.display(), "the replay's share of the spool is used; the replay waits for room");
                 }
                 // A later file (perhaps the same sink's newer letters) must not get in first.
                 return;
@@ -611,17 +660,20 @@ async fn replay_pending(
 
 /// How far one pass over a replay file got.
 enum Replayed {
-    /// Every letter left in the file, this many, is back in the spool; the file is gone.
-    All(usize),
-    /// This many went back before the spool was full; the file waits for the next pass.
-    UntilFull(usize),
+    /// Every letter left in the file is back in the spool; the file is gone.
+    All(LetterCount),
+    /// These went back before the spool's used bytes reached the replay's share
+    /// (`spool.replay_share`); the file waits for the next pass.
+    UntilShareUsed(LetterCount),
 }
 
 /// Puts the letters of one replay file back into the spool for `sink`, from where an earlier
 /// pass stopped: a batch at a time (up to [`MAX_BATCH`] letters, stopping once they take
-/// `max_batch_bytes`), only into the room left (replayed letters wait in their file; they must
-/// not push out records no sink has delivered), each batch fsynced before the file records it
-/// as done, so that a crash can repeat letters but never skip one. Blocking.
+/// `max_batch_bytes`), only while the spool stays within the replay's share (replayed letters
+/// wait in their file; they must not take the room live events need, nor push out records no
+/// sink has delivered), each batch fsynced before the file records it as done, so that a crash
+/// can repeat letters but never skip one. Lines that are not dead letters are skipped and kept
+/// aside. Blocking.
 fn replay_file(
     store: &DeadLetters,
     spool: &Spool,
@@ -646,23 +698,30 @@ fn replay_file(
         }
         if after.is_empty() {
             spool.sync().map_err(|e| e.to_string())?;
-            store.finish_replay(path).map_err(|e| e.to_string())?;
-            return Ok(Replayed::All(replayed));
+            let skipped = letters.skipped();
+            store.finish_replay(letters).map_err(|e| e.to_string())?;
+            return Ok(Replayed::All(LetterCount {
+                letters: replayed,
+                skipped,
+            }));
         }
-        // The first `appended` are in: the room left took no more.
+        // The first `appended` are in: the replay's share took no more.
         let appended = batch
-            .append_within_room(spool)
+            .append_replayed(spool)
             .map_err(|e| e.to_string())?
             .appended;
         if appended > 0 {
             spool.sync().map_err(|e| e.to_string())?;
             store
-                .replay_done_upto(path, after[appended - 1])
+                .replay_done_upto(&mut letters, after[appended - 1])
                 .map_err(|e| e.to_string())?;
             replayed += appended;
         }
         if appended < after.len() {
-            return Ok(Replayed::UntilFull(replayed));
+            return Ok(Replayed::UntilShareUsed(LetterCount {
+                letters: replayed,
+                skipped: letters.kept_aside(),
+            }));
         }
     }
 }
@@ -704,7 +763,18 @@ mod tests {
         drop(events);
         let stats = Arc::new(PipelineStats::default());
         let (gate, tail) = (ByteGate::new(64 << 20), Tail::new(16 << 20));
-        let appender = Appender::new(spool.clone(), tail, stats.clone(), CancellationToken::new());
+        let push_out = PushOut::new(
+            DeadLetters::open(dir.path()).unwrap(),
+            BTreeMap::new(),
+            stats.clone(),
+        );
+        let appender = Appender::new(
+            spool.clone(),
+            tail,
+            stats.clone(),
+            CancellationToken::new(),
+            Arc::new(push_out),
+        );
         tokio::time::timeout(
             Duration::from_secs(30),
             ingest(received, gate, routes, appender),

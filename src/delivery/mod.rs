@@ -31,14 +31,16 @@
 //!   and the sink's unconfirmed bytes.
 //! - `settle`: delivering a batch to the end (retries, dead letters), in `waves`.
 //! - `parked`: the retry set of conversations set aside, and its file.
-//! - [`ingest`]: from the sockets to the spool; [`dead_letter`]: the dead letter files;
-//!   [`retry`]: a sink's retry settings.
+//! - [`ingest`]: from the sockets to the spool; [`pressure`]: making room in a full spool by
+//!   pushing its oldest segment out to the dead letters of the sinks that lag;
+//!   [`dead_letter`]: the dead letter files; [`retry`]: a sink's retry settings.
 
 pub mod dead_letter;
 mod in_flight;
 pub mod ingest;
 mod intake;
 mod parked;
+pub mod pressure;
 mod progress;
 mod reader;
 pub mod retry;

@@ -22,9 +22,10 @@ pub(super) type Record<'p> = (&'p [u8], SinkMask);
 pub(super) enum WhenNoRoom {
     /// The configured policy, counted in the stats and logged.
     Policy(WhenFull),
-    /// Refuse what does not fit without counting it as dropped: the records are safe elsewhere
-    /// and are offered again later ([`Spool::append_within_room`]).
-    RefuseUncounted,
+    /// Take only what keeps the spool within the replay's share, refusing the rest without
+    /// counting it as dropped: the records are safe elsewhere and are offered again later
+    /// ([`Spool::append_replayed`]).
+    ReplayShare,
 }
 
 /// Records of a batch and their size on disk.
@@ -44,6 +45,7 @@ impl AppendReport {
             appended: 0,
             dropped_newest: 0,
             dropped_oldest: 0,
+            awaiting_room: 0,
             end: None,
         }
     }
@@ -67,9 +69,17 @@ impl Spool {
         if records.is_empty() {
             return Ok(report);
         }
+        let limit = match when_no_room {
+            WhenNoRoom::Policy(_) => config.max_bytes,
+            WhenNoRoom::ReplayShare => config.replay_bytes(),
+        };
         let mut state = self.inner.lock();
         let state = &mut *state;
-        let accepted = if state.total_bytes + batch.bytes > config.max_bytes {
+        if state.total_bytes + batch.bytes > limit {
+            // Before anything is refused or dropped for room: room that nobody needs.
+            state.reclaim_delivered_active(config)?;
+        }
+        let accepted = if state.total_bytes + batch.bytes > limit {
             state.fit_batch(config, batch, when_no_room, &mut report)?
         } else {
             batch
@@ -101,8 +111,9 @@ fn batch_bytes(records: &[Record<'_>], max_bytes: u64) -> Result<u64, SpoolError
 }
 
 impl State {
-    /// The spool would exceed `max_bytes`: applies `when_no_room` (refuse the newest records or
-    /// delete the oldest segments) and returns what of the batch is to be written.
+    /// The spool would exceed `max_bytes` (or a replay its share): applies `when_no_room`
+    /// (refuse the newest records, delete the oldest segments, leave room-making to the caller,
+    /// or take only a replay's share) and returns what of the batch is to be written.
     fn fit_batch<'b, 'p>(
         &mut self,
         config: &SpoolConfig,
@@ -111,7 +122,7 @@ impl State {
         report: &mut AppendReport,
     ) -> Result<Batch<'b, 'p>, SpoolError> {
         match when_no_room {
-            WhenNoRoom::RefuseUncounted => Ok(self.refuse_newest(config.max_bytes, batch, report)),
+            WhenNoRoom::ReplayShare => Ok(self.fit_replayed(config, batch, report)),
             WhenNoRoom::Policy(WhenFull::DropNewest) => {
                 let accepted = self.refuse_newest(config.max_bytes, batch, report);
                 self.dropped_newest += report.dropped_newest;
@@ -123,6 +134,14 @@ impl State {
                 Ok(accepted)
             }
             WhenNoRoom::Policy(WhenFull::DropOldest) => self.drop_oldest_for(config, batch, report),
+            WhenNoRoom::Policy(WhenFull::DeadLetter) => {
+                // All or nothing: the caller makes room and offers the same batch again, whole.
+                report.awaiting_room = batch.records.len() as u64;
+                Ok(Batch {
+                    records: &[],
+                    bytes: 0,
+                })
+            }
         }
     }
 
@@ -149,6 +168,36 @@ impl State {
         Batch {
             records: &batch.records[..fit],
             bytes: used,
+        }
+    }
+
+    /// The head of a replayed batch that keeps the used bytes within the replay's share; a
+    /// first record larger than the whole share goes in alone while the used bytes are below
+    /// it and it fits in `max_bytes` (else it could never go in). The rest is reported as
+    /// refused.
+    fn fit_replayed<'b, 'p>(
+        &self,
+        config: &SpoolConfig,
+        batch: Batch<'b, 'p>,
+        report: &mut AppendReport,
+    ) -> Batch<'b, 'p> {
+        let share = config.replay_bytes();
+        let fitted = self.refuse_newest(share, batch, report);
+        let Some((first, _)) = batch.records.first() else {
+            return fitted;
+        };
+        let size = HEADER_BYTES + first.len() as u64;
+        let oversized_alone = fitted.records.is_empty()
+            && size > share
+            && self.total_bytes < share
+            && self.total_bytes + size <= config.max_bytes;
+        if !oversized_alone {
+            return fitted;
+        }
+        report.dropped_newest = (batch.records.len() - 1) as u64;
+        Batch {
+            records: &batch.records[..1],
+            bytes: size,
         }
     }
 
@@ -355,14 +404,19 @@ mod tests {
     }
 
     #[test]
-    fn appending_within_room_pushes_nothing_out_and_loses_nothing() {
+    fn appending_replayed_pushes_nothing_out_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["slow"], WhenFull::DropOldest);
+        let mut cfg = config(dir.path());
+        cfg.max_bytes = 10 * REC;
+        cfg.when_full = WhenFull::DropOldest;
+        cfg.segment_bytes = 3 * REC;
+        cfg.replay_share = 1.0;
+        let spool = Spool::open(cfg, &names(&["slow"])).unwrap();
         let mask = spool.mask(&["slow"]);
         append_one_by_one(&spool, 8, mask);
         let payload = [7u8; 100];
         let batch: Vec<(&[u8], SinkMask)> = (0..5).map(|_| (payload.as_slice(), mask)).collect();
-        let report = spool.append_within_room(&batch).unwrap();
+        let report = spool.append_replayed(&batch).unwrap();
         assert_eq!(report.appended, 2, "the room left, not more");
         assert_eq!(report.first_seq, Some(9));
         assert_eq!((report.dropped_oldest, report.dropped_newest), (0, 3));
@@ -373,6 +427,78 @@ mod tests {
             "waiting records are not lost ones"
         );
         assert_eq!(stats.last_seq, 10);
+    }
+
+    /// A spool of ten records (`REC` bytes each) whose replays may fill `share` of it.
+    fn spool_with_replay_share(dir: &std::path::Path, share: f64) -> Spool {
+        let mut cfg = config(dir);
+        cfg.max_bytes = 10 * REC;
+        cfg.replay_share = share;
+        Spool::open(cfg, &names(&["a"])).unwrap()
+    }
+
+    #[test]
+    fn a_replay_fills_only_its_share_and_leaves_live_records_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4.5 records' worth: four replayed records at most.
+        let spool = spool_with_replay_share(dir.path(), 0.45);
+        let mask = spool.mask(&["a"]);
+        append_n(&spool, 1, mask);
+        let payload = [7u8; 100];
+        let replayed = |n: usize| -> Vec<(&[u8], SinkMask)> {
+            (0..n).map(|_| (payload.as_slice(), mask)).collect()
+        };
+        let report = spool.append_replayed(&replayed(5)).unwrap();
+        assert_eq!((report.appended, report.dropped_newest), (3, 2));
+        // Pass after pass, nothing more: the share does not creep towards a full spool.
+        for _ in 0..3 {
+            assert_eq!(spool.append_replayed(&replayed(1)).unwrap().appended, 0);
+        }
+        // Live records have the other six places to themselves.
+        assert_eq!(append_n(&spool, 6, mask).appended, 6);
+        let stats = spool.stats();
+        assert_eq!((stats.bytes, stats.dropped_newest), (10 * REC, 0));
+    }
+
+    #[test]
+    fn a_delivered_active_segment_makes_room_for_the_next_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 4 KiB: every record here stays in the active segment.
+        let spool = spool_with_replay_share(dir.path(), 0.5);
+        let mask = spool.mask(&["a"]);
+        let payload = [7u8; 100];
+        let batch: Vec<(&[u8], SinkMask)> = (0..5).map(|_| (payload.as_slice(), mask)).collect();
+        assert_eq!(spool.append_replayed(&batch).unwrap().appended, 5);
+        let mut reader = spool.reader("a").unwrap();
+        assert_eq!(read_all(&mut reader).len(), 5);
+        reader.commit(5).unwrap();
+        // Reclaiming leaves the active segment; delivered, it must not hold the share.
+        let report = spool.append_replayed(&batch).unwrap();
+        assert_eq!(
+            report.appended, 5,
+            "the replay stalled on delivered records"
+        );
+        let stats = spool.stats();
+        assert_eq!((stats.bytes, stats.segments), (5 * REC, 1));
+        let seqs: Vec<u64> = read_all(&mut reader).iter().map(|r| r.0).collect();
+        assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_replayed_record_larger_than_the_share_goes_in_alone_while_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // 3.7 records' worth; the big record takes about four.
+        let spool = spool_with_replay_share(dir.path(), 0.37);
+        let mask = spool.mask(&["a"]);
+        let (big, small) = ([1u8; 400], [2u8; 100]);
+        let batch = [(big.as_slice(), mask), (small.as_slice(), mask)];
+        let report = spool.append_replayed(&batch).unwrap();
+        assert_eq!((report.appended, report.dropped_newest), (1, 1));
+        // Past its share now: nothing more until the spool is back below it.
+        let report = spool.append_replayed(&[(small.as_slice(), mask)]).unwrap();
+        assert_eq!(report.appended, 0);
+        let report = spool.append_replayed(&[(big.as_slice(), mask)]).unwrap();
+        assert_eq!(report.appended, 0);
     }
 
     #[test]

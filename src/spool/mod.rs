@@ -71,6 +71,7 @@
 //! - `open`: recovery at open, step by step;
 //! - `repair`: the active segment's repair at open (cut a torn tail, resynchronise past damage);
 //! - `append`: the append path, `when_full` included;
+//! - `evict`: [`Eviction`], pushing the oldest segment out for `when_full: dead_letter`;
 //! - `reader`: [`SpoolReader`], one sink's reading and commits;
 //! - `durable`: directory fsyncs, so that created and renamed files survive a machine crash;
 //! - `error`: [`SpoolError`].
@@ -78,6 +79,7 @@
 mod append;
 mod durable;
 mod error;
+mod evict;
 mod format;
 #[cfg(test)]
 mod model_tests;
@@ -104,6 +106,7 @@ pub(crate) use durable::record as dir_fsyncs;
 pub(crate) use durable::{create_dir_durably, fsync_dir};
 use error::io_err;
 pub use error::SpoolError;
+pub use evict::{Eviction, UndeliveredRecord};
 use format::segment_path;
 pub use format::HEADER_BYTES;
 pub use reader::SpoolReader;
@@ -130,11 +133,16 @@ pub struct SpoolConfig {
     pub fsync_interval: Duration,
     /// What an append does when the spool is at `max_bytes`.
     pub when_full: WhenFull,
+    /// The fraction of `max_bytes` (above 0, at most 1) a dead-letter replay may fill: it puts
+    /// letters back only while the spool's used bytes stay within it, so live events always
+    /// have the rest ([`Spool::append_replayed`]).
+    pub replay_share: f64,
 }
 
 impl SpoolConfig {
-    /// The defaults: 1 GiB cap, 64 MiB segments, fsync on the bridge's 100 ms timer, drop the
-    /// newest when full.
+    /// The defaults: 1 GiB cap, 64 MiB segments, fsync on the bridge's 100 ms timer, push the
+    /// oldest segment out to the dead letters of the sinks that lag when full, replays fill at
+    /// most half.
     pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
         SpoolConfig {
             dir: dir.into(),
@@ -142,12 +150,20 @@ impl SpoolConfig {
             segment_bytes: MAX_SEGMENT_BYTES,
             fsync: FsyncMode::Interval,
             fsync_interval: Duration::from_millis(100),
-            when_full: WhenFull::DropNewest,
+            when_full: WhenFull::DeadLetter,
+            replay_share: 0.5,
         }
     }
 
+    /// The bytes a replay may fill the spool up to: `replay_share` of `max_bytes`.
+    pub fn replay_bytes(&self) -> u64 {
+        // An f64 holds every size below 2^53 bytes exactly; the share is at most 1.
+        ((self.max_bytes as f64) * self.replay_share.clamp(0.0, 1.0)) as u64
+    }
+
     /// The size at which a segment is closed: at most an eighth of the spool (and at least
-    /// 64 KiB), so `drop_oldest` frees a fraction of a small spool rather than all of it.
+    /// 64 KiB), so `drop_oldest` and `dead_letter` free a fraction of a small spool rather than
+    /// all of it.
     pub fn segment_limit(&self) -> u64 {
         self.segment_bytes
             .min((self.max_bytes / 8).clamp(1 << 16, MAX_SEGMENT_BYTES))
@@ -171,8 +187,12 @@ pub enum FsyncMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
-    /// Refuse the records that do not fit (the tail of the batch); keep the backlog.
+    /// Push the oldest segment out: its records that a sink has not delivered go to that sink's
+    /// dead letters first, so only the sinks that lag pay, and nothing is lost.
     #[default]
+    DeadLetter,
+    /// Refuse the records that do not fit (the tail of the batch), for every sink; keep the
+    /// backlog.
     DropNewest,
     /// Delete the oldest whole segments until the batch fits, even if sinks still needed them.
     DropOldest,
@@ -189,18 +209,23 @@ pub struct SinkMask(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReport {
     /// Seq of the first record written; the others follow one by one. `None` if none was.
-    /// With `DropNewest` (and [`Spool::append_within_room`]) the written records are the first
+    /// With `DropNewest` (and [`Spool::append_replayed`]) the written records are the first
     /// `appended` of the batch; with `DropOldest` (only when the batch alone exceeds
     /// `max_bytes`) the last `appended`.
     pub first_seq: Option<u64>,
     /// Records written.
     pub appended: usize,
-    /// Records of this batch refused because the spool was full (`DropNewest`, or no room left
-    /// for [`Spool::append_within_room`], where they are not lost and not counted as dropped).
+    /// Records of this batch refused because the spool was full (`DropNewest`, or the replay's
+    /// share used up for [`Spool::append_replayed`], where they are not lost and not counted
+    /// as dropped).
     pub dropped_newest: u64,
     /// Records lost to make room (`DropOldest`): spooled ones that some configured sink had not
     /// committed, plus records of this batch that could not fit at all.
     pub dropped_oldest: u64,
+    /// Records of this batch not written because the whole batch did not fit (`DeadLetter`):
+    /// nothing of it was written, nothing is lost or counted as dropped; the caller makes room
+    /// with [`Spool::evict_oldest`] and appends it again.
+    pub awaiting_room: u64,
     /// Where the file continues after the last record written; lets a reader that took these
     /// records in memory ([`SpoolReader::take_appended`]) resume reading the file there.
     pub end: Option<SpoolPosition>,
@@ -312,6 +337,13 @@ impl Spool {
         self.inner.config.max_bytes
     }
 
+    /// The size at which a segment is closed ([`SpoolConfig::segment_limit`]): a batch no larger
+    /// than this never makes a segment larger, so pushing the oldest segment out takes at most
+    /// this much of the backlog at once.
+    pub fn segment_limit(&self) -> u64 {
+        self.inner.config.segment_limit()
+    }
+
     /// The mask of the named sinks; names not configured are ignored.
     pub fn mask(&self, sinks: &[&str]) -> SinkMask {
         let state = self.inner.lock();
@@ -327,7 +359,9 @@ impl Spool {
     /// Appends a batch with one `write`, fsynced when the policy is `Always`.
     ///
     /// When the spool would exceed `max_bytes`: `DropNewest` writes the records that fit and
-    /// refuses the rest; `DropOldest` deletes the oldest whole segments until the batch fits.
+    /// refuses the rest; `DropOldest` deletes the oldest whole segments until the batch fits;
+    /// `DeadLetter` writes nothing and reports the batch as awaiting room (the caller pushes the
+    /// oldest segment out with [`Spool::evict_oldest`], then appends again).
     /// A record larger than `max_bytes` fails the whole batch before anything is written.
     pub fn append(&self, records: &[(&[u8], SinkMask)]) -> Result<AppendReport, SpoolError> {
         self.append_then(records, |_| {})
@@ -345,14 +379,19 @@ impl Spool {
         self.append_with(records, when_no_room, before_wake)
     }
 
-    /// Appends only what fits in the room left, whatever `when_full` says: for records that
-    /// are safe elsewhere until they are in (dead letters being replayed), which must neither
-    /// push out records no sink has delivered nor count as refused.
-    pub fn append_within_room(
+    /// Appends replayed dead letters, which are safe in their file until they are in: only the
+    /// head of the batch that keeps the spool's used bytes within
+    /// [`SpoolConfig::replay_bytes`], whatever `when_full` says. So a replay never pushes out
+    /// records no sink has delivered, what it leaves out is not counted as refused, and live
+    /// events always have the rest of `max_bytes`: were the replay to fill the spool, they would
+    /// be the ones dropped. A first record larger than that share on its own goes in alone
+    /// while the used bytes are below the share (and it fits in `max_bytes`): the replay then
+    /// holds at most one letter more than its share, and waits until it is back below.
+    pub fn append_replayed(
         &self,
         records: &[(&[u8], SinkMask)],
     ) -> Result<AppendReport, SpoolError> {
-        self.append_with(records, WhenNoRoom::RefuseUncounted, |_| {})
+        self.append_with(records, WhenNoRoom::ReplayShare, |_| {})
     }
 
     /// Fsyncs the active segment and persists the cursors.

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use super::test_support::{config, names, read_all};
-use super::{FsyncMode, SinkMask, Spool, SpoolPosition, SpoolReader, HEADER_BYTES};
+use super::{FsyncMode, SinkMask, Spool, SpoolPosition, SpoolReader, WhenFull, HEADER_BYTES};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -53,10 +53,11 @@ struct SinkModel {
 
 const SINKS: [&str; 3] = ["a", "b", "c"];
 
-fn open_all(dir: &Path, max_bytes: u64) -> (Spool, Vec<SpoolReader>) {
+fn open_all(dir: &Path, max_bytes: u64, when_full: WhenFull) -> (Spool, Vec<SpoolReader>) {
     let mut cfg = config(dir);
     cfg.segment_bytes = 700;
     cfg.max_bytes = max_bytes;
+    cfg.when_full = when_full;
     cfg.fsync = FsyncMode::Interval;
     let spool = Spool::open(cfg, &names(&SINKS)).unwrap();
     let readers = SINKS.iter().map(|s| spool.reader(s).unwrap()).collect();
@@ -70,6 +71,9 @@ struct Run {
     /// `max_bytes` small enough to fill makes DropNewest refuse records; the model then holds
     /// only what the spool accepted.
     max_bytes: u64,
+    /// DropNewest, or DeadLetter: then the run pushes the oldest segments out until a batch
+    /// fits, and the model hands each sink's pushed-out records over.
+    when_full: WhenFull,
     /// The spool under test.
     spool: Spool,
     /// One reader per sink of `SINKS`, in that order.
@@ -81,12 +85,13 @@ struct Run {
 }
 
 impl Run {
-    fn new(max_bytes: u64) -> Run {
+    fn new(max_bytes: u64, when_full: WhenFull) -> Run {
         let dir = tempfile::tempdir().unwrap();
-        let (spool, readers) = open_all(dir.path(), max_bytes);
+        let (spool, readers) = open_all(dir.path(), max_bytes, when_full);
         Run {
             dir,
             max_bytes,
+            when_full,
             spool,
             readers,
             model: (0..3).map(|_| SinkModel::default()).collect(),
@@ -129,7 +134,16 @@ impl Run {
             .zip(&masks)
             .map(|((p, _), m)| (p.as_slice(), *m))
             .collect();
-        let report = self.spool.append(&batch).unwrap();
+        let mut report = self.spool.append(&batch).unwrap();
+        while report.awaiting_room > 0 {
+            prop_assert_eq!(self.when_full, WhenFull::DeadLetter);
+            prop_assert_eq!(
+                (report.appended, report.awaiting_room),
+                (0, batch.len() as u64)
+            );
+            self.push_out_oldest()?;
+            report = self.spool.append(&batch).unwrap();
+        }
         prop_assert_eq!(
             report.appended as u64 + report.dropped_newest,
             batch.len() as u64
@@ -198,6 +212,32 @@ impl Run {
         Ok(())
     }
 
+    /// Pushes the oldest segment out: what each sink is handed must be the oldest records the
+    /// model says it has not committed, and it no longer reads them.
+    fn push_out_oldest(&mut self) -> Result<(), TestCaseError> {
+        let Some(mut eviction) = self.spool.evict_oldest().unwrap() else {
+            return Err(TestCaseError::fail(
+                "a full spool has a segment to push out",
+            ));
+        };
+        let mut handed: Vec<Vec<(u64, Vec<u8>)>> = vec![Vec::new(); SINKS.len()];
+        while let Some(record) = eviction.next_record().unwrap() {
+            for name in &record.sinks {
+                let s = SINKS.iter().position(|n| n == name).unwrap();
+                handed[s].push((record.seq, record.payload.to_vec()));
+            }
+        }
+        eviction.finish().unwrap();
+        for (s, m) in self.model.iter_mut().enumerate() {
+            let oldest: Vec<(u64, Vec<u8>)> =
+                m.records.iter().take(handed[s].len()).cloned().collect();
+            prop_assert_eq!(&handed[s], &oldest, "pushed out of {}", SINKS[s]);
+            m.records.drain(..handed[s].len());
+            m.read = m.read.saturating_sub(handed[s].len());
+        }
+        Ok(())
+    }
+
     fn read(&mut self, sink: usize, max: usize) -> Result<(), TestCaseError> {
         let got = self.readers[sink].read_batch(max).unwrap();
         let m = &mut self.model[sink];
@@ -229,6 +269,7 @@ impl Run {
         let Run {
             dir,
             max_bytes,
+            when_full,
             spool,
             readers,
             mut model,
@@ -236,13 +277,14 @@ impl Run {
         } = self;
         drop(readers);
         drop(spool);
-        let (spool, readers) = open_all(dir.path(), max_bytes);
+        let (spool, readers) = open_all(dir.path(), max_bytes, when_full);
         for m in &mut model {
             m.read = 0;
         }
         Run {
             dir,
             max_bytes,
+            when_full,
             spool,
             readers,
             model,
@@ -294,8 +336,8 @@ impl Run {
     }
 }
 
-fn run_model(ops: Vec<Op>, max_bytes: u64) -> Result<(), TestCaseError> {
-    let mut run = Run::new(max_bytes);
+fn run_model(ops: Vec<Op>, max_bytes: u64, when_full: WhenFull) -> Result<(), TestCaseError> {
+    let mut run = Run::new(max_bytes, when_full);
     for op in ops {
         run = run.apply(op)?;
     }
@@ -306,11 +348,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn spool_matches_model(ops in prop::collection::vec(op(), 1..80)) {
-        run_model(ops, 1 << 30)?;
+        run_model(ops, 1 << 30, WhenFull::DropNewest)?;
     }
 
     #[test]
     fn spool_matches_model_when_full(ops in prop::collection::vec(op(), 1..80)) {
-        run_model(ops, 4000)?;
+        run_model(ops, 4000, WhenFull::DropNewest)?;
+    }
+
+    #[test]
+    fn spool_matches_model_when_full_pushing_out(ops in prop::collection::vec(op(), 1..80)) {
+        run_model(ops, 4000, WhenFull::DeadLetter)?;
     }
 }

@@ -13,7 +13,7 @@ use super::error::SpoolError;
 use super::format::{segment_path, Next, SegmentCursor};
 use super::registry::write_state_file;
 use super::state::State;
-use super::{Inner, SinkMask, SpoolPosition};
+use super::{Inner, SinkMask, SpoolPosition, WhenFull};
 
 /// One sink's view of the spool: its own file handle and read position.
 pub struct SpoolReader {
@@ -124,7 +124,8 @@ impl SpoolReader {
 
     /// Up to `max` records of this sink after the read position, in order, as (seq, payload).
     /// Empty when caught up. If `DropOldest` deleted records ahead of the position, it skips to
-    /// the oldest kept record (the loss is counted in the sink's registry entry, persisted).
+    /// the oldest kept record (the loss is counted in the sink's registry entry, persisted); so
+    /// it does past records pushed out to the dead letters ([`super::Eviction`]).
     pub fn read_batch(&mut self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         self.read_batch_within(max, usize::MAX)
     }
@@ -340,8 +341,13 @@ impl SpoolReader {
         let state = self.inner.lock();
         let oldest = state.oldest_base();
         if self.pos + 1 < oldest {
-            warn!(sink = %self.name, from = self.pos + 1, to = oldest,
-                "records were deleted before this sink read them (spool full, DropOldest); skipping");
+            if self.inner.config.when_full == WhenFull::DeadLetter {
+                warn!(sink = %self.name, from = self.pos + 1, to = oldest,
+                    "records were pushed out of the full spool into this sink's dead letters before it delivered them; going on after them");
+            } else {
+                warn!(sink = %self.name, from = self.pos + 1, to = oldest,
+                    "records were deleted before this sink read them (spool full, DropOldest); skipping");
+            }
             self.pos = oldest - 1;
             self.cursor = None;
         }

@@ -1,6 +1,6 @@
 //! What the spool's lock guards: the live segments, the active file, the next seq, the sink
 //! registry and the counters; and the segment lifecycle on it (start a new segment, delete the
-//! ones nobody needs, or, when full, the oldest one anyway).
+//! ones nobody needs, or, when full, the oldest one anyway; `evict` pushes it out instead).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -142,8 +142,25 @@ impl State {
         Ok(())
     }
 
+    /// Seals and deletes the active segment when every configured sink has committed all of
+    /// it. Reclaiming never deletes the active segment, so without this a spool whose sinks
+    /// are all done could still count that segment as used until the next append rolls it:
+    /// up to a whole batch (a replay's batch can be half the spool), refused room that nobody
+    /// needs.
+    pub(super) fn reclaim_delivered_active(
+        &mut self,
+        config: &SpoolConfig,
+    ) -> Result<(), SpoolError> {
+        let active_bytes = self.segments.back().map_or(0, |s| s.bytes);
+        if active_bytes > 0 && self.reclaimable_upto().saturating_add(1) >= self.next_seq {
+            self.roll(config)?;
+            self.reclaim(&config.dir)?;
+        }
+        Ok(())
+    }
+
     /// Deletes the oldest segment's file (gone already is fine) and forgets it.
-    fn delete_oldest(&mut self, dir: &Path) -> Result<(), SpoolError> {
+    pub(super) fn delete_oldest(&mut self, dir: &Path) -> Result<(), SpoolError> {
         let seg = self.segments[0];
         let path = segment_path(dir, seg.base);
         match fs::remove_file(&path) {

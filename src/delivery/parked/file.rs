@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracing::{error, warn};
 
-use crate::delivery::dead_letter::{encode_line, parse_line, DeadLetter, DeadLetterError};
+use crate::delivery::dead_letter::{encode_line, parse_line, DeadLetter, LineProblem};
 use crate::event::DataKeys;
 
 /// A parked file that cannot be read or written.
@@ -146,14 +146,13 @@ impl ParkedFile {
     }
 
     /// A line back to the event it parked, with its stored ids; `Err` says what is wrong.
-    fn decode(&self, line: &[u8], number: usize) -> Result<DeadLetter, String> {
-        let text = std::str::from_utf8(line).map_err(|e| e.to_string())?;
-        let stored: LineIn = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        let mut letter =
-            parse_line(&self.path, number, stored.letter.get()).map_err(|e| match e {
-                DeadLetterError::Corrupt { reason, .. } => reason,
-                other => other.to_string(),
-            })?;
+    fn decode(&self, line: &[u8]) -> Result<DeadLetter, String> {
+        // Reasons never quote the line: it holds customer data and perhaps tokens.
+        let problem = |p: LineProblem| p.to_string();
+        let text = std::str::from_utf8(line).map_err(|_| problem(LineProblem::NotText))?;
+        let stored: LineIn =
+            serde_json::from_str(text).map_err(|e| problem(LineProblem::from(e)))?;
+        let mut letter = parse_line(stored.letter.get().as_bytes()).map_err(problem)?;
         letter.event.keys = DataKeys {
             account_id: stored.keys.account_id,
             conversation_id: stored.keys.conversation_id,
@@ -192,7 +191,7 @@ impl ParkedFile {
                 }
                 RawLine::Whole(line) => {
                     let len = line.len() as u64;
-                    let read = match self.decode(&line, number + 1) {
+                    let read = match self.decode(&line) {
                         Ok(_) if lines.len() >= max_lines => {
                             Err(format!("more than {max_lines} parked events"))
                         }
@@ -243,7 +242,7 @@ impl ParkedFile {
                 .and_then(|_| file.read_exact(&mut line))
                 .map_err(|e| self.error("read", &self.path, e))?;
             read.push(
-                self.decode(&line, 0)
+                self.decode(&line)
                     .map_err(|reason| format!("at byte {}: {reason}", span.offset)),
             );
         }
