@@ -101,7 +101,20 @@ pub fn template(input: &[u8]) {
     let Ok(template) = Template::compile("fuzz", text) else {
         return;
     };
-    let event = Event::for_test("message.created", "fuzz", data);
+    // The daemon renders only events whose data is JSON within the nesting limit.
+    let Ok(data) = JsonText::from_string(data.to_owned()) else {
+        return;
+    };
+    if nesting_exceeds(data.get(), DEFAULT_MAX_NESTING) {
+        return;
+    }
+    let event = Event::new(
+        "message.created",
+        data,
+        "fuzz".into(),
+        "fuzz".into(),
+        std::time::UNIX_EPOCH,
+    );
     let _ = template.render(&event, crate::route::template::url_segment);
     let _ = template.render_with(
         &event,
