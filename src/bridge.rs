@@ -613,7 +613,7 @@ mod tests {
 
     use super::*;
     use crate::mock::{Answer, Blast, MockConfig, MockServer, MockToken};
-    use crate::spool::{inject_fault, DiskFault, SpoolConfig};
+    use crate::spool::{inject_fault, DiskFault, FaultGuard, SpoolConfig};
 
     /// Linux's "No space left on device".
     const ENOSPC: i32 = 28;
@@ -672,6 +672,37 @@ shutdown_timeout: {timeout}
         .expect("events pile up in memory behind the failing disk");
     }
 
+    /// A bridge whose spool's disk failed while a blast came in, with events piled up in memory
+    /// behind it.
+    struct BehindAFailingDisk {
+        /// The blasting mock Chatwoot; the test stops it.
+        mock: MockServer,
+        /// Holds the config, the spool and the file sink's output.
+        dir: tempfile::TempDir,
+        /// The bridge, still running.
+        bridge: Bridge,
+        /// Keeps the disk failing until dropped.
+        fault: FaultGuard,
+    }
+
+    /// Starts a bridge on [`blasting_mock`] with a shutdown deadline of `timeout`, makes its
+    /// spool's disk suffer `fault`, and waits until events pile up behind it.
+    async fn behind_a_failing_disk(timeout: &str, fault: DiskFault) -> BehindAFailingDisk {
+        let mock = blasting_mock().await;
+        let dir = tempfile::tempdir().unwrap();
+        let bridge = Bridge::start(config(&mock.url(), dir.path(), timeout))
+            .await
+            .unwrap();
+        let fault = inject_fault(&dir.path().join("spool"), fault);
+        pile_up_behind_the_disk(&bridge).await;
+        BehindAFailingDisk {
+            mock,
+            dir,
+            bridge,
+            fault,
+        }
+    }
+
     /// The most a shutdown may take: its one-second deadline, the grace periods, and slack for
     /// a loaded test machine.
     const SHUTDOWN_BOUND: Duration = Duration::from_secs(1 + 3)
@@ -680,19 +711,12 @@ shutdown_timeout: {timeout}
 
     #[tokio::test]
     async fn a_shutdown_on_a_disk_that_refuses_writes_ends_by_its_deadline_and_counts_the_loss() {
-        let mock = blasting_mock().await;
-        let dir = tempfile::tempdir().unwrap();
-        let spool_dir = dir.path().join("spool");
-        let bridge = Bridge::start(config(&mock.url(), dir.path(), "1s"))
-            .await
-            .unwrap();
-        let full = inject_fault(&spool_dir, DiskFault::Refuse(ENOSPC));
-        pile_up_behind_the_disk(&bridge).await;
-        let report = tokio::time::timeout(SHUTDOWN_BOUND, bridge.shutdown())
+        let disk = behind_a_failing_disk("1s", DiskFault::Refuse(ENOSPC)).await;
+        let report = tokio::time::timeout(SHUTDOWN_BOUND, disk.bridge.shutdown())
             .await
             .expect("the shutdown ends by its deadline plus a few seconds");
-        mock.stop().await;
-        drop(full);
+        disk.mock.stop().await;
+        drop(disk.fault);
         assert!(
             report.not_spooled > INGEST_CAPACITY as u64,
             "what the ingest, its channel and the token held is counted: {report:?}"
@@ -704,6 +728,7 @@ shutdown_timeout: {timeout}
         );
         assert_eq!(report.persistence, Persistence::SyncFailed);
         assert!(!report.everything_read_is_spooled());
+        let spool_dir = disk.dir.path().join("spool");
         let spool = Spool::open(SpoolConfig::new(&spool_dir), &["out".into()]).unwrap();
         assert_eq!(
             spool.stats().last_seq,
@@ -714,19 +739,14 @@ shutdown_timeout: {timeout}
 
     #[tokio::test]
     async fn a_disk_that_hangs_cannot_hold_the_shutdown_past_its_deadline() {
-        let mock = blasting_mock().await;
-        let dir = tempfile::tempdir().unwrap();
-        let bridge = Bridge::start(config(&mock.url(), dir.path(), "1s"))
-            .await
-            .unwrap();
-        // Cleared at the end (or when the test fails), so the stuck threads can finish.
-        let _hung = inject_fault(&dir.path().join("spool"), DiskFault::Hang);
-        pile_up_behind_the_disk(&bridge).await;
-        let read_before = in_flight(&bridge);
-        let report = tokio::time::timeout(SHUTDOWN_BOUND, bridge.shutdown())
+        // The fault is cleared at the end (or when the test fails), so the stuck threads can
+        // finish.
+        let disk = behind_a_failing_disk("1s", DiskFault::Hang).await;
+        let read_before = in_flight(&disk.bridge);
+        let report = tokio::time::timeout(SHUTDOWN_BOUND, disk.bridge.shutdown())
             .await
             .expect("the shutdown ends by its deadline plus a few seconds");
-        mock.stop().await;
+        disk.mock.stop().await;
         assert!(
             report.not_spooled >= read_before,
             "nothing read after the disk hung was stored: {report:?}"
@@ -740,20 +760,14 @@ shutdown_timeout: {timeout}
         // The token's task waits to hand an event over to a full pipeline when the shutdown
         // starts: it keeps waiting, and the events behind the stuck disk are stored when it
         // answers again.
-        let mock = blasting_mock().await;
-        let dir = tempfile::tempdir().unwrap();
-        let bridge = Bridge::start(config(&mock.url(), dir.path(), "10s"))
-            .await
-            .unwrap();
-        let hung = inject_fault(&dir.path().join("spool"), DiskFault::Hang);
-        pile_up_behind_the_disk(&bridge).await;
+        let disk = behind_a_failing_disk("10s", DiskFault::Hang).await;
         // The blast fills whatever room is left at once; then the task waits on the pipeline.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let shutdown = tokio::spawn(bridge.shutdown());
+        let shutdown = tokio::spawn(disk.bridge.shutdown());
         tokio::time::sleep(Duration::from_millis(500)).await;
-        drop(hung);
+        drop(disk.fault);
         let report = shutdown.await.unwrap();
-        mock.stop().await;
+        disk.mock.stop().await;
         assert_eq!(report.not_spooled, 0, "{report:?}");
         assert_eq!(report.read, report.spooled);
         assert!(report.everything_read_is_spooled());

@@ -2,11 +2,13 @@
 
 mod support;
 
+use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatwoot_bridge::mock::{Answer, Blast, MockConfig};
-use support::{mock_token, quoted, start_mock, wait_until, within, BridgeYaml};
+use support::{free_port, mock_token, quoted, start_mock, wait_until, within, BridgeYaml};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatwoot-bridge");
@@ -191,37 +193,73 @@ fn sigterm(child: &tokio::process::Child) {
     assert!(sent.success());
 }
 
-#[tokio::test]
-async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
-    let server = streaming_mock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let out_file = dir.path().join("out.jsonl");
-    let path = BridgeYaml::new(&server.url())
-        .token("{ name: a, pubsub_token: t }")
+/// Writes `dir/c.yaml`: the mock at `cable` streaming to `token`, every event routed to a file
+/// sink at `dir/out.jsonl`, the spool in `dir/spool`. Returns the config and the sink's file.
+fn file_sink_config(cable: &str, token: &str, dir: &Path) -> (PathBuf, PathBuf) {
+    let out_file = dir.join("out.jsonl");
+    let config = BridgeYaml::new(cable)
+        .token(&format!("{{ name: a, pubsub_token: {token} }}"))
         .sink(
             "out",
             &format!("{{ type: file, path: {} }}", quoted(&out_file)),
         )
         .route_all(&["out"])
-        .spool(&dir.path().join("spool"))
-        .write(&dir.path().join("c.yaml"));
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().unwrap()])
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_until("events to flow (20 in the file)", || {
-        std::fs::read_to_string(&out_file)
+        .spool(&dir.join("spool"))
+        .write(&dir.join("c.yaml"));
+    (config, out_file)
+}
+
+/// Writes `dir/c.yaml`: the mock at `cable` streaming to the token `t`, every event routed to a
+/// webhook on a loopback port nobody listens on (every delivery fails), the spool in
+/// `dir/spool`, shutting down within `shutdown_timeout`.
+fn refused_webhook_config(cable: &str, dir: &Path, shutdown_timeout: &str) -> PathBuf {
+    let url = format!("http://127.0.0.1:{}/hook", free_port());
+    BridgeYaml::new(cable)
+        .token("{ name: a, pubsub_token: t }")
+        .sink("hook", &format!("{{ type: http, url: '{url}' }}"))
+        .route_all(&["hook"])
+        .spool(&dir.join("spool"))
+        .setting(&format!("shutdown_timeout: {shutdown_timeout}"))
+        .write(&dir.join("c.yaml"))
+}
+
+/// The daemon as `run --config <config>`, killed if the test ends before it does.
+fn daemon(config: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["run", "--config", config.to_str().unwrap()])
+        .kill_on_drop(true);
+    command
+}
+
+/// Waits until the file sink's `file` holds at least `count` lines.
+async fn wait_for_lines_in(file: &Path, count: usize) {
+    wait_until(&format!("events to flow ({count} in the file)"), || {
+        std::fs::read_to_string(file)
             .unwrap_or_default()
             .lines()
             .count()
-            >= 20
+            >= count
     })
     .await;
-    sigterm(&child);
-    let status = within("the daemon to exit after SIGTERM", child.wait())
+}
+
+/// Sends SIGTERM to the daemon and waits for it to exit.
+async fn stop_with_sigterm(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    sigterm(child);
+    within("the daemon to exit after SIGTERM", child.wait())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully_with_exit_code_zero() {
+    let server = streaming_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, out_file) = file_sink_config(&server.url(), "t", dir.path());
+    let mut child = daemon(&path).spawn().unwrap();
+    wait_for_lines_in(&out_file, 20).await;
+    let status = stop_with_sigterm(&mut child).await;
     server.stop().await;
     assert!(status.success(), "exit status {status:?}");
     let lines = std::fs::read_to_string(&out_file).unwrap();
@@ -236,32 +274,16 @@ async fn a_second_sigterm_exits_at_once() {
     // waits the whole shutdown_timeout (60 s) for it; the second cuts that short.
     let server = streaming_mock().await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", closed.local_addr().unwrap());
-    drop(closed);
-    let path = BridgeYaml::new(&server.url())
-        .token("{ name: a, pubsub_token: t }")
-        .sink("hook", &format!("{{ type: http, url: '{url}' }}"))
-        .route_all(&["hook"])
-        .spool(&dir.path().join("spool"))
-        .setting("shutdown_timeout: 60s")
-        .write(&dir.path().join("c.yaml"));
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().unwrap()])
+    let path = refused_webhook_config(&server.url(), dir.path(), "60s");
+    let mut child = daemon(&path)
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let (lines, reader) = collect_lines(child.stderr.take().unwrap());
+    let stderr = StderrLines::collect(&mut child);
     // An event in the spool that the webhook refused: the first shutdown has work to wait for.
-    wait_until("a delivery to fail", || {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("delivery failed; will retry"))
-    })
-    .await;
+    stderr
+        .wait_for("a delivery to fail", "delivery failed; will retry", 1)
+        .await;
     sigterm(&child);
     // Still shutting down: the dead webhook holds it for up to 60 s.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -275,29 +297,55 @@ async fn a_second_sigterm_exits_at_once() {
         .expect("the second SIGTERM ends the process within seconds")
         .unwrap();
     server.stop().await;
-    reader.await.unwrap();
+    let stderr = stderr.all().await.join("\n");
     assert_eq!(status.code(), Some(130), "{status:?}");
-    let stderr = lines.lock().unwrap().join("\n");
     assert!(stderr.contains("second signal: exiting now"), "{stderr}");
 }
 
-/// Every line the child writes on stderr, collected as it comes.
-fn collect_lines(
-    stderr: tokio::process::ChildStderr,
-) -> (
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    use tokio::io::AsyncBufReadExt;
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let collected = lines.clone();
-    let reader = tokio::spawn(async move {
-        let mut stderr = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = stderr.next_line().await {
-            collected.lock().unwrap().push(line);
-        }
-    });
-    (lines, reader)
+/// Every line a child writes on stderr, collected as it comes: a full pipe would stop the
+/// daemon at its next log line.
+struct StderrLines {
+    /// The lines so far, shared with the task that reads them.
+    lines: Arc<Mutex<Vec<String>>>,
+    /// The task that reads them; it ends when the child closes its stderr.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl StderrLines {
+    /// Starts collecting the piped stderr of `child`.
+    fn collect(child: &mut tokio::process::Child) -> StderrLines {
+        use tokio::io::AsyncBufReadExt;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        let reader = tokio::spawn(async move {
+            let mut stderr = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                collected.lock().unwrap().push(line);
+            }
+        });
+        StderrLines { lines, reader }
+    }
+
+    /// Waits until `count` lines contain `needle`; fails the test naming `what` otherwise.
+    async fn wait_for(&self, what: &str, needle: &str, count: usize) {
+        wait_until(what, || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count()
+                >= count
+        })
+        .await;
+    }
+
+    /// Every line, once the child has closed its stderr.
+    async fn all(self) -> Vec<String> {
+        self.reader.await.unwrap();
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
 }
 
 #[tokio::test]
@@ -318,16 +366,7 @@ async fn sigterm_on_a_disk_that_refuses_writes_exits_by_the_deadline_saying_what
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", closed.local_addr().unwrap());
-    drop(closed);
-    let path = BridgeYaml::new(&server.url())
-        .token("{ name: a, pubsub_token: t }")
-        .sink("hook", &format!("{{ type: http, url: '{url}' }}"))
-        .route_all(&["hook"])
-        .spool(&dir.path().join("spool"))
-        .setting("shutdown_timeout: 1s")
-        .write(&dir.path().join("c.yaml"));
+    let path = refused_webhook_config(&server.url(), dir.path(), "1s");
     // dash counts `ulimit -f` in 512-byte blocks: 1 MiB.
     let mut child = Command::new("sh")
         .args(["-c", r#"trap '' XFSZ; ulimit -f 2048; exec "$0" "$@""#, BIN])
@@ -336,19 +375,16 @@ async fn sigterm_on_a_disk_that_refuses_writes_exits_by_the_deadline_saying_what
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let (lines, reader) = collect_lines(child.stderr.take().unwrap());
+    let stderr = StderrLines::collect(&mut child);
     // The first retry has come: the ingest holds a batch, and the blast fills its channel and
     // holds the token's task behind it within milliseconds.
-    wait_until("the spool to refuse a write twice", || {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("cannot append to the spool"))
-            .count()
-            >= 2
-    })
-    .await;
+    stderr
+        .wait_for(
+            "the spool to refuse a write twice",
+            "cannot append to the spool",
+            2,
+        )
+        .await;
     sigterm(&child);
     // One second of deadline, four of grace, one for the runtime, and slack for a loaded machine.
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
@@ -356,8 +392,7 @@ async fn sigterm_on_a_disk_that_refuses_writes_exits_by_the_deadline_saying_what
         .expect("SIGTERM ends the process by the shutdown deadline plus a few seconds")
         .unwrap();
     server.stop().await;
-    reader.await.unwrap();
-    let lines = lines.lock().unwrap();
+    let lines = stderr.all().await;
     assert_eq!(status.code(), Some(74), "{status:?}\n{}", lines.join("\n"));
     let last = lines.last().expect("the daemon logged");
     assert!(
@@ -376,22 +411,11 @@ async fn stderr_of_a_traced_run(env: &[(&str, &str)]) -> String {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let out_file = dir.path().join("out.jsonl");
-    let path = BridgeYaml::new(&server.url())
-        .token("{ name: a, pubsub_token: wire-secret-token }")
-        .sink(
-            "out",
-            &format!("{{ type: file, path: {} }}", quoted(&out_file)),
-        )
-        .route_all(&["out"])
-        .spool(&dir.path().join("spool"))
-        .write(&dir.path().join("c.yaml"));
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", path.to_str().unwrap()])
+    let (path, out_file) = file_sink_config(&server.url(), "wire-secret-token", dir.path());
+    let mut child = daemon(&path)
         .env("RUST_LOG", "trace")
         .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     // Read as it comes: a full pipe would stop the daemon at its next log line.
@@ -403,18 +427,8 @@ async fn stderr_of_a_traced_run(env: &[(&str, &str)]) -> String {
             .unwrap();
         bytes
     });
-    wait_until("events to flow (5 in the file)", || {
-        std::fs::read_to_string(&out_file)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= 5
-    })
-    .await;
-    sigterm(&child);
-    let status = within("the daemon to exit after SIGTERM", child.wait())
-        .await
-        .unwrap();
+    wait_for_lines_in(&out_file, 5).await;
+    let status = stop_with_sigterm(&mut child).await;
     server.stop().await;
     assert!(status.success(), "exit status {status:?}");
     text(&within("its stderr to end", reading).await.unwrap())

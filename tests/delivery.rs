@@ -14,8 +14,9 @@ use chatwoot_bridge::{Bridge, Drain, Persistence};
 use futures_util::StreamExt;
 use hyper::StatusCode;
 use support::{
-    free_port, mock_token, quoted, scripted, shut_down, start_mock, wait_until,
-    wait_until_explained, within, BridgeYaml, NatsServer, Received, Receiver, Responder,
+    free_port, mock_token, padded_letters, quoted, replay_progress_written, scripted, shut_down,
+    start_mock, wait_until, wait_until_explained, within, BridgeYaml, NatsServer, Received,
+    Receiver, Responder,
 };
 
 /// An event the receiver answered 200: its sequence number and conversation subject.
@@ -69,18 +70,6 @@ fn one_sink(cable: &str, spool: &std::path::Path, name: &str, sink: &str) -> Bri
         .route_all(&[name])
 }
 
-/// A core subscription to `subject`, registered with the server before this returns.
-async fn subscribed(nats: &NatsServer, subject: &str) -> async_nats::Subscriber {
-    let reader = nats.client().await;
-    let subscription = within("a subscription", reader.subscribe(subject.to_owned()))
-        .await
-        .unwrap();
-    within("the subscription flushed", reader.flush())
-        .await
-        .unwrap();
-    subscription
-}
-
 /// The `n` of the next `count` messages of `subscription`, in arrival order.
 async fn next_numbered(subscription: &mut async_nats::Subscriber, count: usize) -> Vec<u64> {
     let mut numbers = Vec::with_capacity(count);
@@ -95,26 +84,15 @@ async fn next_numbered(subscription: &mut async_nats::Subscriber, count: usize) 
 
 /// The number under `key` in each message's data, in the order `stream` stored them.
 async fn stored_numbers(nats: &NatsServer, stream: &str, key: &str) -> Vec<u64> {
-    let js = async_nats::jetstream::new(nats.client().await);
-    let mut stream = within("the stream", js.get_stream(stream)).await.unwrap();
-    let stored = within("the stream's info", stream.info())
+    nats.stored_messages(stream)
         .await
-        .unwrap()
-        .state
-        .messages;
-    let mut numbers = Vec::new();
-    for n in 1..=stored {
-        let message = within(&format!("stored message {n}"), stream.get_raw_message(n))
-            .await
-            .unwrap();
-        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        numbers.push(
+        .into_iter()
+        .map(|(_, data)| {
             data[key]
                 .as_u64()
-                .unwrap_or_else(|| panic!("no {key} in {data}")),
-        );
-    }
-    numbers
+                .unwrap_or_else(|| panic!("no {key} in {data}"))
+        })
+        .collect()
 }
 
 /// Broadcasts generated events, `step` every 5 ms, until `done()` or `limit` events; returns
@@ -315,31 +293,6 @@ async fn a_refused_event_goes_to_dead_letters_and_replay_delivers_it() {
     );
 }
 
-/// `count` dead letters of about 1,100 bytes each (1,000 bytes of padding in `data`), numbered
-/// `n` in their data and by id from 1.
-fn padded_letters(count: u64) -> Vec<chatwoot_bridge::delivery::dead_letter::DeadLetter> {
-    use chatwoot_bridge::delivery::dead_letter::DeadLetter;
-    use chatwoot_bridge::event::{Event, EventId};
-    let padding = "x".repeat(1_000);
-    (0..count)
-        .map(|n| {
-            let mut event = Event::for_test(
-                "message.created",
-                "agent",
-                &format!(r#"{{"account_id":1,"conversation_id":{n},"n":{n},"pad":"{padding}"}}"#),
-            );
-            event.id = EventId(u128::from(n) + 1);
-            DeadLetter {
-                event,
-                error: "HTTP 400 Bad Request".into(),
-                attempts: 1,
-                first_attempt: std::time::SystemTime::now(),
-                last_attempt: std::time::SystemTime::now(),
-            }
-        })
-        .collect()
-}
-
 /// A replay larger than the spool: it stops when its share of the spool is used and goes on
 /// from there as the sink makes room, so each dead letter is delivered once and none is put
 /// back twice.
@@ -351,7 +304,7 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
     let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = DeadLetters::open(dir.path()).unwrap();
-    let letters = padded_letters(LETTERS);
+    let letters = padded_letters(LETTERS, "n", 1_000);
     store.append("hook", &letters).unwrap();
     drop(letters);
     assert_eq!(
@@ -367,13 +320,10 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
     let bridge = Bridge::start(config).await.unwrap();
     // The sink is down: the replay fills its share of the spool and records how far it got.
     let dead_letters = dir.path().join("dead-letters");
-    let progress_written = || {
-        std::fs::read_dir(&dead_letters)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
-    };
-    wait_until("the replay recorded its progress", progress_written).await;
+    wait_until("the replay recorded its progress", || {
+        replay_progress_written(&dead_letters)
+    })
+    .await;
     // Several polls against the used share. Once the sink makes room, a replay that recorded
     // nothing would start again from its first letter: duplicates, and it would never end.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -389,15 +339,8 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
     shut_down(bridge).await;
     mock.stop().await;
 
-    let mut ids: Vec<String> = receiver
-        .received()
-        .iter()
-        .map(|r| r.headers["ce-id"].to_str().unwrap().to_owned())
-        .collect();
-    let received = ids.len();
-    ids.sort_unstable();
-    ids.dedup();
-    assert_eq!(ids.len() as u64, LETTERS, "every dead letter delivered");
+    let (received, distinct) = receiver.requests_and_distinct_ids();
+    assert_eq!(distinct as u64, LETTERS, "every dead letter delivered");
     assert_eq!(
         received as u64, LETTERS,
         "each once: the replay put letters back twice"
@@ -428,6 +371,12 @@ fn live_numbers(path: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
+/// Events that reached `bridge`'s spool or were refused by it (`drop_newest`).
+fn spooled_or_refused(bridge: &Bridge) -> u64 {
+    let stats = bridge.stats();
+    stats.spooled.load(Ordering::Relaxed) + stats.spool_dropped_newest.load(Ordering::Relaxed)
+}
+
 /// Broadcasts the live events numbered `from..to` (about 1,100 bytes each) and waits until each
 /// reached the spool or was refused by it.
 async fn broadcast_live(bridge: &Bridge, mock: &MockServer, from: u64, to: u64) {
@@ -441,14 +390,10 @@ async fn broadcast_live(bridge: &Bridge, mock: &MockServer, from: u64, to: u64) 
             ),
         );
     }
-    let stats = bridge.stats();
-    let handled = || {
-        stats.spooled.load(Ordering::Relaxed) + stats.spool_dropped_newest.load(Ordering::Relaxed)
-    };
     wait_until_explained(
         &format!("live events up to {to} to reach the spool"),
-        || handled() >= to,
-        || format!("only {}", handled()),
+        || spooled_or_refused(bridge) >= to,
+        || format!("only {}", spooled_or_refused(bridge)),
     )
     .await;
 }
@@ -466,7 +411,9 @@ async fn a_replay_larger_than_the_spool_leaves_live_events_room() {
     let mock = agent_mock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = DeadLetters::open(dir.path()).unwrap();
-    store.append("hook", &padded_letters(LETTERS)).unwrap();
+    store
+        .append("hook", &padded_letters(LETTERS, "n", 1_000))
+        .unwrap();
     store.queue_replay("hook").unwrap();
     let live_out = dir.path().join("live.jsonl");
     let mut config = bridge_yaml(&mock.url(), dir.path())
@@ -485,10 +432,7 @@ async fn a_replay_larger_than_the_spool_leaves_live_events_room() {
     wait_until("subscribed", || mock.streaming_subscriptions() == 1).await;
     let dead_letters = dir.path().join("dead-letters");
     wait_until("the replay recorded its progress", || {
-        std::fs::read_dir(&dead_letters)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
+        replay_progress_written(&dead_letters)
     })
     .await;
     // A few more replay passes against a sink that is still down.
@@ -528,16 +472,9 @@ async fn a_replay_larger_than_the_spool_leaves_live_events_room() {
     mock.stop().await;
     assert_eq!(dropped, 0);
     assert_eq!(live_numbers(&live_out), (0..2 * LIVE).collect::<Vec<_>>());
-    let mut ids: Vec<String> = receiver
-        .received()
-        .iter()
-        .map(|r| r.headers["ce-id"].to_str().unwrap().to_owned())
-        .collect();
-    let received = ids.len();
-    ids.sort_unstable();
-    ids.dedup();
+    let (received, distinct) = receiver.requests_and_distinct_ids();
     assert_eq!(
-        (ids.len() as u64, received as u64),
+        (distinct as u64, received as u64),
         (LETTERS, LETTERS),
         "every dead letter delivered once"
     );
@@ -567,16 +504,19 @@ async fn fill_the_spool(policy: &str) -> (Vec<u64>, u64, u64) {
     for _ in 0..TOTAL {
         mock.broadcast_generated();
     }
-    let stats = bridge.stats();
-    let handled = || {
-        stats.spooled.load(Ordering::Relaxed) + stats.spool_dropped_newest.load(Ordering::Relaxed)
-    };
     wait_until_explained(
         &format!("all {TOTAL} events to reach the spool"),
-        || handled() >= TOTAL,
-        || format!("only {}: {:?}", handled(), bridge.status().tokens()),
+        || spooled_or_refused(&bridge) >= TOTAL,
+        || {
+            format!(
+                "only {}: {:?}",
+                spooled_or_refused(&bridge),
+                bridge.status().tokens()
+            )
+        },
     )
     .await;
+    let stats = bridge.stats();
     let dropped_newest = stats.spool_dropped_newest.load(Ordering::Relaxed);
     let dropped_oldest = stats.spool_dropped_oldest.load(Ordering::Relaxed);
 
@@ -994,7 +934,7 @@ async fn the_shutdown_deadline_leaves_undelivered_events_for_the_next_start() {
     // Both destinations come up; the next start delivers everything that was read.
     let receiver = Receiver::start_on(down_port, scripted(vec![])).await;
     let nats = NatsServer::start_on(nats_port).await;
-    let mut subscription = subscribed(&nats, "late.>").await;
+    let mut subscription = nats.subscribed("late.>").await;
     let bridge = Bridge::start(yaml.config()).await.unwrap();
     let posted = receiver.wait_for(TOTAL).await;
     let mut published = next_numbered(&mut subscription, TOTAL).await;
@@ -1043,7 +983,7 @@ async fn a_backlog_of_many_batches_drains_in_order_and_is_committed() {
     );
 
     let nats = NatsServer::start_on(nats_port).await;
-    let mut subscription = subscribed(&nats, "drain.>").await;
+    let mut subscription = nats.subscribed("drain.>").await;
     let bridge = Bridge::start(yaml.config()).await.unwrap();
     let published = next_numbered(&mut subscription, TOTAL).await;
     assert_eq!(

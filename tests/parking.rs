@@ -223,22 +223,11 @@ async fn parked_events_survive_a_restart_and_go_out_in_order() {
 
 /// Every message of JetStream `stream`, in stored order: its subject and the `n` of its data.
 async fn stored(nats: &NatsServer, stream: &str) -> Vec<(String, u64)> {
-    let js = async_nats::jetstream::new(nats.client().await);
-    let mut stream = within("the stream", js.get_stream(stream)).await.unwrap();
-    let count = within("the stream's info", stream.info())
+    nats.stored_messages(stream)
         .await
-        .unwrap()
-        .state
-        .messages;
-    let mut messages = Vec::new();
-    for seq in 1..=count {
-        let message = within("a stored message", stream.get_raw_message(seq))
-            .await
-            .unwrap();
-        let data: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-        messages.push((message.subject.to_string(), data["n"].as_u64().unwrap()));
-    }
-    messages
+        .into_iter()
+        .map(|(subject, data)| (subject, data["n"].as_u64().unwrap()))
+        .collect()
 }
 
 /// The same on a sink that keeps order itself and is handed batches ahead of their acks: a

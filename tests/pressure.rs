@@ -11,13 +11,12 @@ use std::sync::atomic::Ordering;
 
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::{DeadLetter, DeadLetters};
-use chatwoot_bridge::event::{Event, EventId};
 use chatwoot_bridge::mock::{Answer as MockAnswer, MockConfig, MockServer};
 use chatwoot_bridge::status::SinkState;
 use chatwoot_bridge::Bridge;
 use support::{
-    free_port, mock_token, quoted, scripted, shut_down, start_mock, wait_until,
-    wait_until_explained, BridgeYaml, Receiver,
+    free_port, mock_token, padded_letters, quoted, replay_progress_written, scripted, shut_down,
+    start_mock, wait_until, wait_until_explained, BridgeYaml, Receiver,
 };
 
 /// Events streamed: about 1.3 KB each, over twice what the 1 MiB spool holds.
@@ -222,24 +221,7 @@ async fn a_full_spool_makes_the_lagging_sink_alone_pay_and_drops_nothing() {
 /// Dead letters of `slow` (about 2 KB each), queued for replay.
 fn queue_replay(spool_dir: &Path, letters: u64) {
     let store = DeadLetters::open(spool_dir).unwrap();
-    let pad = "r".repeat(2_000);
-    let letters: Vec<DeadLetter> = (0..letters)
-        .map(|n| {
-            let mut event = Event::for_test(
-                "message.created",
-                "agent",
-                &format!(r#"{{"account_id":1,"conversation_id":{n},"letter":{n},"pad":"{pad}"}}"#),
-            );
-            event.id = EventId(u128::from(n) + 1);
-            DeadLetter {
-                event,
-                error: "HTTP 400 Bad Request".into(),
-                attempts: 1,
-                first_attempt: std::time::SystemTime::now(),
-                last_attempt: std::time::SystemTime::now(),
-            }
-        })
-        .collect();
+    let letters = padded_letters(letters, "letter", 2_000);
     let count = letters.len();
     store.append("slow", &letters).unwrap();
     assert_eq!(store.queue_replay("slow").unwrap().letters, count);
@@ -258,13 +240,10 @@ async fn a_replay_for_a_lagging_sink_never_costs_a_live_event() {
         .unwrap();
     // The replay fills its share of the spool (`replay_share`, half) for `slow`, which is down;
     // then live events come and fill the rest.
-    let progress_written = || {
-        std::fs::read_dir(spool_dir.join("dead-letters"))
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".progress"))
-    };
-    wait_until("the replay took its share of the spool", progress_written).await;
+    wait_until("the replay took its share of the spool", || {
+        replay_progress_written(&spool_dir.join("dead-letters"))
+    })
+    .await;
     stream_in_waves(&bridge, &mock).await;
     let stats = bridge.stats();
     assert_eq!(

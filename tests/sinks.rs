@@ -107,13 +107,7 @@ fn verify_signature(received: &Received) {
 #[tokio::test]
 async fn nats_core_publish_reaches_a_subscriber_with_cloudevents_headers() {
     let server = NatsServer::start().await;
-    let reader = server.client().await;
-    let mut sub = within("a subscription", reader.subscribe("chatwoot.>"))
-        .await
-        .unwrap();
-    within("the subscription flushed", reader.flush())
-        .await
-        .unwrap();
+    let mut sub = server.subscribed("chatwoot.>").await;
     let mut sink = sink(
         "nats-core",
         &format!(
@@ -370,13 +364,7 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
 #[tokio::test]
 async fn nats_core_counts_a_batch_only_once_the_server_has_read_it() {
     let server = NatsServer::start().await;
-    let reader = server.client().await;
-    let mut sub = within("a subscription", reader.subscribe("seen.>"))
-        .await
-        .unwrap();
-    within("the subscription flushed", reader.flush())
-        .await
-        .unwrap();
+    let mut sub = server.subscribed("seen.>").await;
     let mut sink = sink(
         "nats-core",
         &format!(

@@ -218,6 +218,11 @@ mod tests {
         Config::from_yaml(text, &env, false)
     }
 
+    /// The error loading `text` gives, in words; fails the test if it loads.
+    fn load_error(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
     const MINIMAL: &str = r#"
 chatwoot:
   url: wss://chat.example.com/cable
@@ -274,7 +279,7 @@ routes:
     #[test]
     fn missing_env_var_names_variable_and_key() {
         let text = MINIMAL.replace("${AGENT}", "${NOPE_NOT_SET}");
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(err.contains("tokens[0].pubsub_token"), "{err}");
         assert!(err.contains("NOPE_NOT_SET"), "{err}");
     }
@@ -299,7 +304,7 @@ routes:
     #[test]
     fn unknown_key_names_its_path() {
         let text = MINIMAL.replace("    user_id: 3", "    user_id: 3\n    presense: true");
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(
             err.starts_with("tokens[0].presense: unknown field"),
             "{err}"
@@ -309,7 +314,7 @@ routes:
     #[test]
     fn unknown_sink_type_names_its_path() {
         let text = MINIMAL.replace("type: file", "type: fiel");
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(err.contains("sinks.archive"), "{err}");
         assert!(err.contains("fiel"), "{err}");
     }
@@ -317,7 +322,7 @@ routes:
     #[test]
     fn unknown_key_inside_a_sink_names_its_path() {
         let text = MINIMAL.replace("type: file, path:", "type: file, pth:");
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(err.starts_with("sinks.archive"), "{err}");
         assert!(err.contains("pth"), "{err}");
     }
@@ -328,7 +333,7 @@ routes:
             "type: file, path: ./events.jsonl",
             "type: file, path: ./events.jsonl, keep_pubsub_tokens: true, fields: { drop: [meta.sender.email, \"a..b\"] }",
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert_eq!(
             err,
             "sinks.archive.fields.drop[1]: `a..b` has an empty segment"
@@ -350,20 +355,14 @@ routes:
         };
         let cfg = load(&sinks(", dead_letter: parking", "")).unwrap();
         assert_eq!(cfg.sinks["archive"].dead_letter.as_deref(), Some("parking"));
-        let err = load(&sinks(", dead_letter: nowhere", ""))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&sinks(", dead_letter: nowhere", ""));
         assert!(
             err.starts_with("sinks.archive.dead_letter: no sink is named `nowhere`"),
             "{err}"
         );
-        let err = load(&sinks(", dead_letter: archive", ""))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&sinks(", dead_letter: archive", ""));
         assert!(err.contains("cannot be its own"), "{err}");
-        let err = load(&sinks(", dead_letter: parking", ", dead_letter: archive"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&sinks(", dead_letter: parking", ", dead_letter: archive"));
         assert!(
             err.contains("sinks.archive.dead_letter: `parking` has a dead_letter sink of its own"),
             "{err}"
@@ -374,9 +373,7 @@ routes:
     fn unmatched_must_be_drop_or_a_sink() {
         let cfg = load(&format!("{MINIMAL}unmatched: archive\n")).unwrap();
         assert_eq!(cfg.routes.sink_names(), ["archive"]);
-        let err = load(&format!("{MINIMAL}unmatched: archiv\n"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&format!("{MINIMAL}unmatched: archiv\n"));
         assert!(
             err.starts_with("unmatched: must be `drop` or a sink name"),
             "{err}"
@@ -387,7 +384,7 @@ routes:
     #[test]
     fn agent_token_needs_both_ids() {
         let text = MINIMAL.replace("    user_id: 3\n", "");
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(err.contains("tokens[0].user_id"), "{err}");
     }
 
@@ -400,7 +397,7 @@ routes:
             )
             .replace("name: widget-visitor", "name: support-agent")
             .replace("to: [archive]", "to: [archiv]");
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(
             err.contains(
                 "chatwoot.url: `https://chat.example.com/cable` must start with ws:// or wss://"
@@ -423,7 +420,7 @@ routes:
             "  url: wss://chat.example.com/cable",
             "  url: wss://chat.example.com/cable\n  stale_after: soon",
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(err.starts_with("chatwoot.stale_after:"), "{err}");
     }
 
@@ -433,7 +430,7 @@ routes:
             "  url: wss://chat.example.com/cable",
             "  url: wss://chat.example.com/cable\n  headers: { X-Proxy-Auth: \"secret\\nvalue\" }",
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(err.contains("chatwoot.headers."), "{err}");
         assert!(!err.contains("secret"), "{err}");
     }
@@ -465,9 +462,7 @@ routes:
             ("pubsub_token: true", "true"),
             ("pubsub_token: [987654]", "987654"),
         ] {
-            let err = load(&MINIMAL.replace("pubsub_token: contact-token", written))
-                .unwrap_err()
-                .to_string();
+            let err = load_error(&MINIMAL.replace("pubsub_token: contact-token", written));
             assert!(err.starts_with("tokens[1].pubsub_token: "), "{err}");
             assert!(!err.contains(echo), "{err}");
             if !written.contains('[') {
@@ -525,7 +520,7 @@ routes:
         ] {
             let archive = "  archive: { type: file, path: ./events.jsonl }\n";
             let text = MINIMAL.replace(archive, &format!("{archive}  s: {sink}\n"));
-            let err = load(&text).unwrap_err().to_string();
+            let err = load_error(&text);
             assert!(err.starts_with(&format!("{key}: ")), "{err}");
             assert!(err.contains("put it in quotes"), "{err}");
             assert!(!err.contains("4711"), "{err}");
@@ -538,7 +533,7 @@ routes:
             "wss://chat.example.com/cable",
             "wss://admin:hunter2@chat.example.com/cable",
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(
             err.contains("chatwoot.url: must not contain credentials"),
             "{err}"
@@ -548,7 +543,7 @@ routes:
             "wss://chat.example.com/cable",
             "wss://chat.example.com/cable?token=hunter2",
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(
             err.contains("chatwoot.url: must not have a query string"),
             "{err}"
@@ -562,29 +557,23 @@ routes:
             "  url: wss://chat.example.com/cable",
             "  url: wss://chat.example.com/cable\n  stale_after: 100000000years",
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load_error(&text);
         assert!(
             err.contains("chatwoot.stale_after: must be at most 30 days"),
             "{err}"
         );
-        let err = load(&format!("{MINIMAL}spool: {{ max_bytes: 4194304 }}\n"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&format!("{MINIMAL}spool: {{ max_bytes: 4194304 }}\n"));
         assert!(
             err.contains("spool.max_bytes: 4194304 is smaller than twice chatwoot.max_frame_bytes"),
             "{err}"
         );
         assert_eq!(load(MINIMAL).unwrap().memory_limit, 64 << 20);
-        let err = load(&format!("{MINIMAL}memory_limit: 1048576\n"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&format!("{MINIMAL}memory_limit: 1048576\n"));
         assert!(
             err.contains("memory_limit: 1048576 is too small; give at least 4 MiB"),
             "{err}"
         );
-        let err = load(&format!("{MINIMAL}memory_limit: 8388608\n"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&format!("{MINIMAL}memory_limit: 8388608\n"));
         assert!(
             err.contains("memory_limit: 8388608 is smaller than twice chatwoot.max_frame_bytes"),
             "{err}"
@@ -594,7 +583,7 @@ routes:
                 "  url: wss://chat.example.com/cable",
                 &format!("  url: wss://chat.example.com/cable\n  max_nesting: {bad}"),
             );
-            let err = load(&text).unwrap_err().to_string();
+            let err = load_error(&text);
             assert!(
                 err.contains(&format!(
                     "chatwoot.max_nesting: {bad} is out of range; give 1 to 1024"
@@ -621,7 +610,7 @@ routes:
         let retry = load(&with_retry("{ max_elapsed: 1m }")).unwrap().sinks["archive"].retry;
         assert_eq!(retry.park_after, Duration::from_secs(60));
         for bad in ["{ park_after: 2h, max_elapsed: 1h }", "{ park_after: 0s }"] {
-            let err = load(&with_retry(bad)).unwrap_err().to_string();
+            let err = load_error(&with_retry(bad));
             assert!(
                 err.contains("sinks.archive.retry.park_after: must be above zero and at most retry.max_elapsed"),
                 "{bad}: {err}"
@@ -635,9 +624,7 @@ routes:
         assert_eq!(load(MINIMAL).unwrap().spool.when_full, WhenFull::DeadLetter);
         let chosen = load(&format!("{MINIMAL}spool: {{ when_full: drop_oldest }}\n")).unwrap();
         assert_eq!(chosen.spool.when_full, WhenFull::DropOldest);
-        let err = load(&format!("{MINIMAL}spool: {{ when_full: discard }}\n"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&format!("{MINIMAL}spool: {{ when_full: discard }}\n"));
         assert!(err.contains("when_full"), "{err}");
         assert!(
             err.contains("`dead_letter`, `drop_newest`, `drop_oldest`"),
@@ -670,9 +657,7 @@ routes:
             ("'NaN'", "NaN is out of range"),
             ("half", "`half` is not a number"),
         ] {
-            let err = load(&spool(&format!("replay_share: {bad}")))
-                .unwrap_err()
-                .to_string();
+            let err = load_error(&spool(&format!("replay_share: {bad}")));
             assert!(
                 err.contains(&format!("spool.replay_share: {said}")),
                 "{bad}: {err}"
@@ -680,9 +665,7 @@ routes:
         }
         // Half of 16 MiB is exactly one 8 MiB frame; a quarter is not enough.
         assert!(load(&spool("max_bytes: 16777216")).is_ok());
-        let err = load(&spool("max_bytes: 16777216, replay_share: 0.25"))
-            .unwrap_err()
-            .to_string();
+        let err = load_error(&spool("max_bytes: 16777216, replay_share: 0.25"));
         assert!(
             err.contains("spool.replay_share: 0.25 of max_bytes is 4194304 bytes, less than chatwoot.max_frame_bytes (8388608)"),
             "{err}"

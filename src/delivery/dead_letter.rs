@@ -44,6 +44,48 @@ pub struct DeadLetter {
     pub last_attempt: SystemTime,
 }
 
+impl DeadLetter {
+    /// A dead letter for each of `events`, all given up now, after `attempts` tries, with
+    /// `error`.
+    pub(crate) fn each_given_up_now(
+        events: &[Arc<Event>],
+        error: &str,
+        attempts: u32,
+    ) -> Vec<DeadLetter> {
+        let now = SystemTime::now();
+        events
+            .iter()
+            .map(|event| DeadLetter {
+                event: Event::clone(event),
+                error: error.to_owned(),
+                attempts,
+                first_attempt: now,
+                last_attempt: now,
+            })
+            .collect()
+    }
+}
+
+/// Dead letter `n` of the tests: a `message.created` of account 1 and `conversation_id`,
+/// numbered `n` in its data and in the high bits of its id, given up after `n` attempts with
+/// `error`, at fixed times.
+#[cfg(test)]
+pub(crate) fn test_letter(n: u32, conversation_id: u64, error: &str) -> DeadLetter {
+    let mut event = Event::for_test(
+        "message.created",
+        "agent",
+        &format!(r#"{{"account_id":1,"conversation_id":{conversation_id},"n":{n}}}"#),
+    );
+    event.id = EventId(u128::from(n) << 64 | 0xabc);
+    DeadLetter {
+        event,
+        error: error.into(),
+        attempts: n,
+        first_attempt: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_781_964_126),
+        last_attempt: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_781_964_130),
+    }
+}
+
 /// A dead letter file that cannot be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -1003,20 +1045,9 @@ fn cut_at_char(text: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
+    /// Dead letter `n` of conversation 9, refused with a 400.
     fn letter(n: u32) -> DeadLetter {
-        let mut event = Event::for_test(
-            "message.created",
-            "agent",
-            &format!(r#"{{"account_id":1,"conversation_id":9,"n":{n}}}"#),
-        );
-        event.id = EventId(u128::from(n) << 64 | 0xabc);
-        DeadLetter {
-            event,
-            error: "HTTP 400 Bad Request".into(),
-            attempts: n,
-            first_attempt: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_781_964_126),
-            last_attempt: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_781_964_130),
-        }
+        test_letter(n, 9, "HTTP 400 Bad Request")
     }
 
     /// A line that is not a dead letter and carries a secret: a reader must skip it without

@@ -237,17 +237,7 @@ impl SinkLoop {
     /// first.
     async fn bury_panicked(&self, events: Vec<Arc<Event>>) -> Result<(), GaveUp> {
         error!(sink = %self.name, events = events.len(), "delivery panicked; the batch goes to the dead letters");
-        let now = SystemTime::now();
-        let letters = events
-            .iter()
-            .map(|event| DeadLetter {
-                event: Event::clone(event),
-                error: PANICKED.into(),
-                attempts: 1,
-                first_attempt: now,
-                last_attempt: now,
-            })
-            .collect();
+        let letters = DeadLetter::each_given_up_now(&events, PANICKED, 1);
         self.bury(letters).await
     }
 

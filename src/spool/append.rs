@@ -332,16 +332,15 @@ impl State {
 #[cfg(test)]
 mod tests {
     use crate::spool::test_support::{
-        append_n, append_one_by_one, backlog, config, names, read_all, small_spool, REC,
+        append_n, append_one_by_one, backlog, config, names, read_all, read_seqs, small_spool,
+        spool_with_room_for_two, REC,
     };
     use crate::spool::{SinkMask, Spool, SpoolError, WhenFull};
 
     #[test]
     fn drop_newest_refuses_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["a"], WhenFull::DropNewest);
-        let mask = spool.mask(&["a"]);
-        assert_eq!(append_n(&spool, 8, mask).appended, 8);
+        let (spool, mask) = spool_with_room_for_two(dir.path(), WhenFull::DropNewest);
         let report = append_n(&spool, 4, mask);
         assert_eq!(
             (
@@ -365,11 +364,7 @@ mod tests {
 
         // The backlog was kept whole; once consumed, there is room again.
         let mut reader = spool.reader("a").unwrap();
-        let got = read_all(&mut reader);
-        assert_eq!(
-            got.iter().map(|r| r.0).collect::<Vec<_>>(),
-            (1..=10).collect::<Vec<_>>()
-        );
+        assert_eq!(read_seqs(&mut reader), (1..=10).collect::<Vec<_>>());
         reader.commit(10).unwrap();
         assert_eq!(append_n(&spool, 3, mask).appended, 3);
     }
@@ -480,8 +475,7 @@ mod tests {
         );
         let stats = spool.stats();
         assert_eq!((stats.bytes, stats.segments), (5 * REC, 1));
-        let seqs: Vec<u64> = read_all(&mut reader).iter().map(|r| r.0).collect();
-        assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+        assert_eq!(read_seqs(&mut reader), (6..=10).collect::<Vec<_>>());
     }
 
     #[test]
@@ -533,11 +527,7 @@ mod tests {
             0
         );
 
-        let got = read_all(&mut slow);
-        assert_eq!(
-            got.iter().map(|r| r.0).collect::<Vec<_>>(),
-            (4..=13).collect::<Vec<_>>()
-        );
+        assert_eq!(read_seqs(&mut slow), (4..=13).collect::<Vec<_>>());
         assert_eq!(slow.lost(), 3);
         slow.commit(13).unwrap();
         assert_eq!(backlog(&spool, "slow"), 0);

@@ -203,7 +203,8 @@ impl Eviction {
 #[cfg(test)]
 mod tests {
     use crate::spool::test_support::{
-        append_n, append_one_by_one, backlog, config, names, read_all, small_spool, REC,
+        append_n, append_one_by_one, backlog, config, names, read_all, read_seqs, small_spool,
+        spool_with_room_for_two, REC,
     };
     use crate::spool::{Spool, WhenFull};
 
@@ -220,9 +221,7 @@ mod tests {
     #[test]
     fn a_batch_that_does_not_fit_waits_for_room_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = small_spool(dir.path(), &["a"], WhenFull::DeadLetter);
-        let mask = spool.mask(&["a"]);
-        assert_eq!(append_n(&spool, 8, mask).appended, 8);
+        let (spool, mask) = spool_with_room_for_two(dir.path(), WhenFull::DeadLetter);
         let report = append_n(&spool, 4, mask);
         assert_eq!(
             (
@@ -281,11 +280,7 @@ mod tests {
         assert_eq!(append_n(&spool, 3, both).appended, 3, "room for three");
 
         // The slow sink's reader was inside the segment: it goes on after it, exactly.
-        let got = read_all(&mut slow);
-        assert_eq!(
-            got.iter().map(|r| r.0).collect::<Vec<_>>(),
-            (4..=13).collect::<Vec<_>>()
-        );
+        assert_eq!(read_seqs(&mut slow), (4..=13).collect::<Vec<_>>());
         slow.commit(13).unwrap();
         assert_eq!(backlog(&spool, "slow"), 0);
         assert_eq!(slow.lost(), 0, "pushed out is not lost");
@@ -381,12 +376,6 @@ mod tests {
         let report = append_n(&spool, 2, mask);
         assert_eq!(report.first_seq, Some(6), "seqs go on");
         let mut reader = spool.reader("a").unwrap();
-        assert_eq!(
-            read_all(&mut reader)
-                .iter()
-                .map(|r| r.0)
-                .collect::<Vec<_>>(),
-            vec![6, 7]
-        );
+        assert_eq!(read_seqs(&mut reader), vec![6, 7]);
     }
 }

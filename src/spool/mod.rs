@@ -91,7 +91,7 @@ mod state;
 #[cfg(test)]
 mod test_support;
 #[cfg(test)]
-pub(crate) use test_support::{inject_fault, DiskFault};
+pub(crate) use test_support::{inject_fault, DiskFault, FaultGuard};
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};

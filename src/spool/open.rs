@@ -214,9 +214,38 @@ fn open_active_segment(
 mod tests {
     use std::fs::{self, OpenOptions};
     use std::os::unix::fs::FileExt;
+    use std::path::PathBuf;
 
-    use crate::spool::test_support::{backlog, config, names, read_all, segment_files};
-    use crate::spool::{FsyncMode, SinkMask, Spool, SpoolError, HEADER_BYTES};
+    use crate::spool::test_support::{backlog, config, names, read_all, read_seqs, segment_files};
+    use crate::spool::{FsyncMode, SinkMask, Spool, SpoolConfig, SpoolError, HEADER_BYTES};
+
+    /// Appends ten records `record 0`..`record 9` (seqs 1..=10), for the one sink `a`, to a new
+    /// spool of `cfg` and closes it. Returns their payloads and the one segment file that holds
+    /// them.
+    fn ten_records_in_one_segment(cfg: SpoolConfig) -> (Vec<Vec<u8>>, PathBuf) {
+        let dir = cfg.dir.clone();
+        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
+        let mask = spool.mask(&["a"]);
+        let payloads: Vec<Vec<u8>> = (0..10)
+            .map(|i| format!("record {i}").into_bytes())
+            .collect();
+        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
+        spool.append(&batch).unwrap();
+        drop(spool);
+        let mut files = segment_files(&dir);
+        assert_eq!(files.len(), 1);
+        (payloads, files.remove(0))
+    }
+
+    /// Appends one record to `spool`, reopened after damage to the ten of
+    /// [`ten_records_in_one_segment`], and checks that it gets seq 11: appends go on after the
+    /// last record kept, and never reuse the seq of one lost.
+    fn append_after_reopen(spool: &Spool) {
+        let report = spool
+            .append(&[(b"after".as_slice(), spool.mask(&["a"]))])
+            .unwrap();
+        assert_eq!(report.first_seq, Some(11));
+    }
 
     enum Damage {
         CutLastRecord,
@@ -231,20 +260,10 @@ mod tests {
             // The same recovery whatever the policy; this runs the fsync path once.
             cfg.fsync = FsyncMode::Always;
         }
-        let spool = Spool::open(cfg, &names(&["a"])).unwrap();
-        let mask = spool.mask(&["a"]);
-        let payloads: Vec<Vec<u8>> = (0..10)
-            .map(|i| format!("record {i}").into_bytes())
-            .collect();
-        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
-        spool.append(&batch).unwrap();
-        drop(spool);
-
-        let files = segment_files(dir.path());
-        assert_eq!(files.len(), 1);
-        let good_len = fs::metadata(&files[0]).unwrap().len();
+        let (payloads, segment) = ten_records_in_one_segment(cfg);
+        let good_len = fs::metadata(&segment).unwrap().len();
         let last_len = HEADER_BYTES + payloads[9].len() as u64;
-        let f = OpenOptions::new().write(true).open(&files[0]).unwrap();
+        let f = OpenOptions::new().write(true).open(&segment).unwrap();
         let expect_kept = match damage {
             Damage::CutLastRecord => {
                 f.set_len(good_len - last_len / 2).unwrap();
@@ -275,11 +294,9 @@ mod tests {
         } else {
             good_len - last_len
         };
-        assert_eq!(fs::metadata(&files[0]).unwrap().len(), expected_len);
+        assert_eq!(fs::metadata(&segment).unwrap().len(), expected_len);
 
-        // Appends go on, and never reuse the seq of the lost record.
-        let report = spool.append(&[(b"after".as_slice(), mask)]).unwrap();
-        assert_eq!(report.first_seq, Some(11));
+        append_after_reopen(&spool);
         assert_eq!(
             reader.read_batch(10).unwrap(),
             vec![(11, b"after".to_vec())]
@@ -305,16 +322,7 @@ mod tests {
     /// `damage` (given the file and each record's offset), then reopened: the seqs read back.
     fn reopen_after_damage_in_the_middle(damage: impl FnOnce(&fs::File, &[u64])) -> Vec<u64> {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
-        let mask = spool.mask(&["a"]);
-        let payloads: Vec<Vec<u8>> = (0..10)
-            .map(|i| format!("record {i}").into_bytes())
-            .collect();
-        let batch: Vec<(&[u8], SinkMask)> = payloads.iter().map(|p| (p.as_slice(), mask)).collect();
-        spool.append(&batch).unwrap();
-        drop(spool);
-        let files = segment_files(dir.path());
-        assert_eq!(files.len(), 1);
+        let (payloads, segment) = ten_records_in_one_segment(config(dir.path()));
         let offsets: Vec<u64> = payloads
             .iter()
             .scan(0, |at, p| {
@@ -323,7 +331,7 @@ mod tests {
                 Some(start)
             })
             .collect();
-        let f = OpenOptions::new().write(true).open(&files[0]).unwrap();
+        let f = OpenOptions::new().write(true).open(&segment).unwrap();
         damage(&f, &offsets);
         drop(f);
 
@@ -333,16 +341,12 @@ mod tests {
         for (seq, payload) in &got {
             assert_eq!(payload, &payloads[*seq as usize - 1]);
         }
-        // Appends go on after the last record, and a restart finds the same records.
-        let report = spool.append(&[(b"after".as_slice(), mask)]).unwrap();
-        assert_eq!(report.first_seq, Some(11));
+        append_after_reopen(&spool);
+        // A restart finds the same records, and the one appended after them.
         drop(reader);
         drop(spool);
         let spool = Spool::open(config(dir.path()), &names(&["a"])).unwrap();
-        let again: Vec<u64> = read_all(&mut spool.reader("a").unwrap())
-            .iter()
-            .map(|r| r.0)
-            .collect();
+        let again = read_seqs(&mut spool.reader("a").unwrap());
         let mut expected: Vec<u64> = got.iter().map(|r| r.0).collect();
         expected.push(11);
         assert_eq!(again, expected);

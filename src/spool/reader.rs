@@ -484,7 +484,7 @@ mod tests {
     use std::time::Duration;
 
     use crate::spool::test_support::{
-        append_one_by_one, backlog, config, names, read_all, segment_files, REC,
+        append_one_by_one, backlog, config, names, read_all, read_seqs, segment_files, REC,
     };
     use crate::spool::{SinkMask, Spool, HEADER_BYTES};
 
@@ -506,8 +506,7 @@ mod tests {
 
         let spool = Spool::open(cfg, &names(&["a"])).unwrap();
         let mut reader = spool.reader("a").unwrap();
-        let seqs: Vec<u64> = read_all(&mut reader).iter().map(|r| r.0).collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 7, 8, 9]);
+        assert_eq!(read_seqs(&mut reader), vec![1, 2, 3, 4, 7, 8, 9]);
     }
 
     #[test]

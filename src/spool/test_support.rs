@@ -33,6 +33,11 @@ pub(super) fn read_all(reader: &mut SpoolReader) -> Vec<(u64, Vec<u8>)> {
     }
 }
 
+/// The seqs of everything the reader has left, in order.
+pub(super) fn read_seqs(reader: &mut SpoolReader) -> Vec<u64> {
+    read_all(reader).iter().map(|r| r.0).collect()
+}
+
 pub(super) fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
@@ -77,6 +82,15 @@ pub(super) fn small_spool(dir: &Path, sinks: &[&str], when_full: WhenFull) -> Sp
     cfg.segment_bytes = 3 * REC;
     cfg.when_full = when_full;
     Spool::open(cfg, &names(sinks)).unwrap()
+}
+
+/// A [`small_spool`] for the one sink `a`, holding eight of its ten records: a batch of more
+/// than two does not fit. Returns the spool and the mask of `a`.
+pub(super) fn spool_with_room_for_two(dir: &Path, when_full: WhenFull) -> (Spool, SinkMask) {
+    let spool = small_spool(dir, &["a"], when_full);
+    let mask = spool.mask(&["a"]);
+    assert_eq!(append_n(&spool, 8, mask).appended, 8);
+    (spool, mask)
 }
 
 /// A failing disk, for tests of what the bridge does when the spool cannot be written.

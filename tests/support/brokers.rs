@@ -162,6 +162,39 @@ impl NatsServer {
         .await
         .expect("connect to nats-server")
     }
+
+    /// A core subscription to `subject`, registered with the server before this returns.
+    pub(crate) async fn subscribed(&self, subject: &str) -> async_nats::Subscriber {
+        let reader = self.client().await;
+        let subscription = within("a subscription", reader.subscribe(subject.to_owned()))
+            .await
+            .unwrap();
+        within("the subscription flushed", reader.flush())
+            .await
+            .unwrap();
+        subscription
+    }
+
+    /// Every message of the JetStream stream `stream`, in stored order: its subject and its
+    /// data.
+    pub(crate) async fn stored_messages(&self, stream: &str) -> Vec<(String, serde_json::Value)> {
+        let js = async_nats::jetstream::new(self.client().await);
+        let mut stream = within("the stream", js.get_stream(stream)).await.unwrap();
+        let stored = within("the stream's info", stream.info())
+            .await
+            .unwrap()
+            .state
+            .messages;
+        let mut messages = Vec::new();
+        for n in 1..=stored {
+            let message = within(&format!("stored message {n}"), stream.get_raw_message(n))
+                .await
+                .unwrap();
+            let data = serde_json::from_slice(&message.payload).unwrap();
+            messages.push((message.subject.to_string(), data));
+        }
+        messages
+    }
 }
 
 /// A throwaway CA and a server certificate for 127.0.0.1, made with the `openssl` command.

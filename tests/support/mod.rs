@@ -1,11 +1,13 @@
 //! What the integration tests share: one wait budget and the waits that use it, the mock
-//! Chatwoot's tokens, the YAML of a bridge's config ([`BridgeYaml`]), and real servers on free
-//! loopback ports ([`NatsServer`], [`KafkaBroker`], the webhook [`Receiver`]).
+//! Chatwoot's tokens, the YAML of a bridge's config ([`BridgeYaml`]), real servers on free
+//! loopback ports ([`NatsServer`], [`KafkaBroker`], the webhook [`Receiver`]), and dead letters
+//! to replay ([`padded_letters`]).
 
 // Each test file uses its own part of this module.
 #![allow(dead_code, unused_imports)]
 
 mod brokers;
+mod dead_letters;
 mod receiver;
 mod yaml;
 
@@ -18,6 +20,7 @@ use chatwoot_bridge::sink::{Sink, SinkLimits};
 use chatwoot_bridge::{Bridge, ShutdownReport};
 
 pub(crate) use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
+pub(crate) use dead_letters::{padded_letters, replay_progress_written};
 pub(crate) use receiver::{scripted, Received, Receiver, Reply, Responder};
 pub(crate) use yaml::{quoted, BridgeYaml};
 

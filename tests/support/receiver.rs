@@ -89,6 +89,20 @@ impl Receiver {
         self.requests.lock().unwrap().clone()
     }
 
+    /// How many requests arrived, and how many distinct event ids (`ce-id`) they carried: the
+    /// two are equal when no event came twice.
+    pub(crate) fn requests_and_distinct_ids(&self) -> (usize, usize) {
+        let mut ids: Vec<String> = self
+            .received()
+            .iter()
+            .map(|r| r.headers["ce-id"].to_str().unwrap().to_owned())
+            .collect();
+        let requests = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        (requests, ids.len())
+    }
+
     /// Waits until at least `n` requests arrived; returns all of them.
     pub(crate) async fn wait_for(&self, n: usize) -> Vec<Received> {
         wait_until(&format!("{n} requests at the receiver"), || {

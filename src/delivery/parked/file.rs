@@ -410,28 +410,16 @@ fn read_line(reader: &mut impl BufRead, max: u64) -> io::Result<RawLine> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
-
     use super::*;
-    use crate::event::{Event, EventId, JsonText};
+    use crate::delivery::dead_letter::test_letter;
+    use crate::event::JsonText;
 
     /// Event `n` of conversation 7, its `data` without ids (as a redaction can leave it), the
     /// ids kept in its keys.
     fn letter(n: u32) -> DeadLetter {
-        let mut event = Event::for_test(
-            "message.created",
-            "agent",
-            &format!(r#"{{"account_id":1,"conversation_id":7,"n":{n}}}"#),
-        );
-        event.id = EventId(u128::from(n) << 64 | 0xabc);
-        event.data = JsonText::from_string(format!(r#"{{"n":{n}}}"#)).unwrap();
-        DeadLetter {
-            event,
-            error: "HTTP 500".into(),
-            attempts: n,
-            first_attempt: SystemTime::UNIX_EPOCH + Duration::from_secs(1_781_964_126),
-            last_attempt: SystemTime::UNIX_EPOCH + Duration::from_secs(1_781_964_130),
-        }
+        let mut letter = test_letter(n, 7, "HTTP 500");
+        letter.event.data = JsonText::from_string(format!(r#"{{"n":{n}}}"#)).unwrap();
+        letter
     }
 
     /// A parked file under a temporary spool holding `letters`, appended one call each.

@@ -159,17 +159,7 @@ impl SinkLoop {
             .into_iter()
             .partition(|e| order_key(e).is_some_and(|key| self.parked.set.holds(key)));
         if !behind.is_empty() {
-            let now = SystemTime::now();
-            let letters = behind
-                .iter()
-                .map(|event| DeadLetter {
-                    event: Event::clone(event),
-                    error: BEHIND.into(),
-                    attempts: 0,
-                    first_attempt: now,
-                    last_attempt: now,
-                })
-                .collect();
+            let letters = DeadLetter::each_given_up_now(&behind, BEHIND, 0);
             self.park(letters).await?;
         }
         Ok(to_send)
