@@ -65,6 +65,7 @@ impl Event {
         let id = u128::from_le_bytes(take(&mut bytes, 16)?.try_into().expect("16 bytes"));
         let secs = u64::from_le_bytes(take(&mut bytes, 8)?.try_into().expect("8 bytes"));
         let nanos = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().expect("4 bytes"));
+        let received_at = record_time(secs, nanos)?;
         let mut keys = [None; 3];
         for key in &mut keys {
             if take(&mut bytes, 1)?[0] == 1 {
@@ -85,7 +86,7 @@ impl Event {
             data: JsonText::from_record(data),
             token,
             source,
-            received_at: SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos),
+            received_at,
             received_mono: std::time::Instant::now(),
             keys: DataKeys {
                 account_id: keys[0],
@@ -94,6 +95,18 @@ impl Event {
             },
         })
     }
+}
+
+/// Latest time a record may carry: the end of year 9999, the last RFC 3339 can write.
+const MAX_RECORD_SECS: u64 = 253_402_300_799;
+
+/// The receipt time a record stores, checked: a damaged or foreign record may hold any bytes,
+/// and `SystemTime` arithmetic past its range panics.
+fn record_time(secs: u64, nanos: u32) -> Result<SystemTime, RecordError> {
+    if secs > MAX_RECORD_SECS || nanos >= 1_000_000_000 {
+        return Err(RecordError("time out of range"));
+    }
+    Ok(SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
 }
 
 /// How many (token, source) pairs each thread remembers for [`shared_names`]: more than the
@@ -132,6 +145,31 @@ fn shared_names(token: &str, source: &str) -> (Arc<str>, Arc<str>) {
 #[cfg(test)]
 mod record_tests {
     use super::*;
+
+    #[test]
+    fn a_time_past_what_system_time_holds_is_refused_not_a_panic() {
+        // Found by the spool_record fuzz target: seconds near u64::MAX overflowed SystemTime.
+        let event = Event::for_test("message.created", "t", "{}");
+        let mut record = Vec::new();
+        event.encode_record(&mut record);
+        // Version (1 byte) and id (16) come first, then seconds (8) and nanoseconds (4).
+        for (secs, nanos) in [
+            (u64::MAX - 1, 0u32),
+            (MAX_RECORD_SECS + 1, 0),
+            (0, 1_000_000_000),
+        ] {
+            record[17..25].copy_from_slice(&secs.to_le_bytes());
+            record[25..29].copy_from_slice(&nanos.to_le_bytes());
+            let error = Event::decode_record(&record).unwrap_err();
+            assert_eq!(error.0, "time out of range");
+        }
+        record[17..25].copy_from_slice(&MAX_RECORD_SECS.to_le_bytes());
+        record[25..29].copy_from_slice(&999_999_999u32.to_le_bytes());
+        assert!(
+            Event::decode_record(&record).is_ok(),
+            "the end of year 9999 is a time"
+        );
+    }
 
     #[test]
     fn records_round_trip() {
