@@ -145,6 +145,10 @@ struct MockServerArgs {
     /// Stop broadcasting after this many events.
     #[arg(long)]
     count: Option<u64>,
+    /// The `mock_seq` of the first event (a restarted server given the next unused number keeps
+    /// every event's number unique).
+    #[arg(long, default_value_t = 0)]
+    first_seq: u64,
     /// Heartbeat period.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     ping_interval: Duration,
@@ -439,6 +443,7 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
         ping_interval: args.ping_interval,
         rate: args.rate,
         count: args.count,
+        first_seq: args.first_seq,
         wait_for_subscriptions: 0,
         blast: None,
     })

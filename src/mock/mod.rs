@@ -69,6 +69,9 @@ pub struct MockConfig {
     pub rate: f64,
     /// Stop generating after this many events.
     pub count: Option<u64>,
+    /// The `mock_seq` of the first event: a server restarted with the next unused number keeps
+    /// every event's number unique across runs (the chaos run relies on that).
+    pub first_seq: u64,
     /// Start generating only once this many subscriptions stream, so no generated event is
     /// broadcast to nobody.
     pub wait_for_subscriptions: usize,
@@ -102,6 +105,7 @@ impl Default for MockConfig {
             ping_interval: Duration::from_secs(3),
             rate: 0.0,
             count: None,
+            first_seq: 0,
             wait_for_subscriptions: 0,
             blast: None,
         }
@@ -196,7 +200,7 @@ impl MockServer {
             unsubscribes: AtomicU64::new(0),
             presence_updates: AtomicU64::new(0),
             streaming: AtomicUsize::new(0),
-            sequence: AtomicU64::new(0),
+            sequence: AtomicU64::new(config.first_seq),
             last_origin: Mutex::new(None),
             blast: config.blast,
             wait_for_subscriptions: config.wait_for_subscriptions,
@@ -351,6 +355,19 @@ mod tests {
     use tokio_tungstenite::tungstenite::Message;
 
     use super::*;
+
+    #[tokio::test]
+    async fn generated_events_are_numbered_from_first_seq() {
+        let server = MockServer::start(MockConfig {
+            first_seq: 5_000,
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(server.broadcast_generated(), 5_000);
+        assert_eq!(server.broadcast_generated(), 5_001);
+        server.stop().await;
+    }
 
     #[tokio::test]
     async fn a_blast_sends_every_event_once_then_the_connection_serves_as_usual() {
