@@ -83,12 +83,24 @@ read -r MOCK_PORT NATS_PORT KAFKA_PORT HOOK_PORT <<<"$("$HELPER" free-ports --co
 
 declare -A PID=()
 TAP_PID=""
+FG_PID=""
+# Runs a helper step in the background and waits for it: a SIGTERM or Ctrl-C then stops the
+# script at once (bash runs traps only between commands, and `wait` is one), not after the step.
+step() {
+  "$@" &
+  FG_PID=$!
+  local status=0
+  wait "$FG_PID" || status=$?
+  FG_PID=""
+  return "$status"
+}
+# kill -9 and reap, without bash's "Killed" notice.
+kill_now() { { kill -9 "$1"; wait "$1"; } 2>/dev/null || true; }
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  for pid in "${PID[@]}" "$TAP_PID"; do
-    [[ -n "$pid" ]] || continue
-    { kill -9 "$pid"; wait "$pid"; } 2>/dev/null || true
+  for pid in "${PID[@]}" "$TAP_PID" "$FG_PID"; do
+    [[ -n "$pid" ]] && kill_now "$pid"
   done
   if mountpoint -q "$DISK" 2>/dev/null; then
     # What the spool held at the end stays with the run's files.
@@ -181,7 +193,7 @@ wait_port() {
 
 start nats; wait_port nats "$NATS_PORT"
 start tansu; wait_port tansu "$KAFKA_PORT"
-"$HELPER" create-topic --kafka "127.0.0.1:$KAFKA_PORT" --partitions 3
+step "$HELPER" create-topic --kafka "127.0.0.1:$KAFKA_PORT" --partitions 3
 # tansu 0.6 looks up each fetched record's headers in an unindexed table: without this index,
 # reading back a 10-minute run (half a million headers) takes hours instead of seconds.
 sqlite3 -cmd ".timeout 10000" "$RUN/tansu.db" "create index if not exists header_record on header (topition, offset_id);"
@@ -225,8 +237,7 @@ while (( $(now_ms) < deadline )); do
     for c in "${VICTIMS[@]}"; do if alive "$c"; then up+=("$c"); fi; done
     if (( ${#up[@]} > 0 )); then
       victim=${up[$((RANDOM % ${#up[@]}))]}
-      kill -9 "${PID[$victim]}" 2>/dev/null || true
-      wait "${PID[$victim]}" 2>/dev/null || true
+      kill_now "${PID[$victim]}"
       PID[$victim]=""
       note kill "$victim"
       DOWN_UNTIL[$victim]=$((now + $(rand 200 4000)))
@@ -257,25 +268,26 @@ for _ in $(seq 50); do
   sleep 0.2
 done
 sleep 3 # the bridge's sockets subscribe again and read what the mock sends meanwhile
-kill -9 "${PID[mock]}" 2>/dev/null || true
-wait "${PID[mock]}" 2>/dev/null || true
+kill_now "${PID[mock]}"
 PID[mock]=""
 note stop mock
 drained=1
-"$HELPER" drained --spool "$SPOOL" --within 120 || drained=0
+step "$HELPER" drained --spool "$SPOOL" --within 120 || drained=0
 kill -TERM "${PID[bridge]}" 2>/dev/null || true
 for _ in $(seq 300); do alive bridge || break; sleep 0.1; done
+status=0
 if alive bridge; then
   log "the bridge did not stop within 30 s of SIGTERM; killing it"
-  kill -9 "${PID[bridge]}" 2>/dev/null || true
+  { kill -9 "${PID[bridge]}"; wait "${PID[bridge]}"; } 2>/dev/null || status=$?
+else
+  wait "${PID[bridge]}" 2>/dev/null || status=$?
 fi
-status=0
-wait "${PID[bridge]}" 2>/dev/null || status=$?
 note stop bridge "$status"
 PID[bridge]=""
 touch "$RUN/tap.stop"
-for _ in $(seq 300); do kill -0 "$TAP_PID" 2>/dev/null || break; sleep 0.1; done
-wait "$TAP_PID" || die "the tap failed: $(tail -n 5 "$RUN/tap.log")"
+tap_status=0
+wait "$TAP_PID" || tap_status=$?
 TAP_PID=""
+(( tap_status == 0 )) || die "the tap failed: $(tail -n 5 "$RUN/tap.log")"
 (( drained )) || log "the bridge did not drain; the check says what is missing"
-"$HELPER" check --run "$RUN" --spool "$SPOOL" --nats "nats://127.0.0.1:$NATS_PORT" --kafka "127.0.0.1:$KAFKA_PORT"
+step "$HELPER" check --run "$RUN" --spool "$SPOOL" --nats "nats://127.0.0.1:$NATS_PORT" --kafka "127.0.0.1:$KAFKA_PORT"
