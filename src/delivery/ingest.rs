@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::sleep;
+use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -570,6 +570,7 @@ fn count_unmatched(stats: &PipelineStats, name: &str) {
 
 /// Forces the spool to disk every `interval` until `stop`, then once more.
 pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: CancellationToken) {
+    let mut failures = SyncFailures::default();
     loop {
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
@@ -579,12 +580,57 @@ pub(crate) async fn sync_periodically(spool: Spool, interval: Duration, stop: Ca
         let synced = tokio::task::spawn_blocking(move || spool2.sync())
             .await
             .expect("spool sync does not panic");
-        if let Err(e) = synced {
-            error!(error = %e, "cannot fsync the spool");
-        }
+        failures.note(synced, Instant::now());
         if stopping {
             return;
         }
+    }
+}
+
+/// How often a failing periodic fsync is logged again while it keeps failing.
+const SYNC_FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A run of failed periodic fsyncs: logged when it starts, then every
+/// [`SYNC_FAILURE_LOG_EVERY`] with the count, and when it ends. A full disk fails every one
+/// (ten a second by default), and a line each would bury the error that matters.
+#[derive(Debug, Default)]
+struct SyncFailures {
+    /// Failures since the last one logged, and when that was; `None` while fsyncs succeed.
+    run: Option<(u64, Instant)>,
+    /// Failures in the whole run, for the line that says it ended.
+    total: u64,
+}
+
+impl SyncFailures {
+    /// Takes one fsync's result at `now`, logging as the type says.
+    fn note(&mut self, synced: Result<(), SpoolError>, now: Instant) {
+        match (synced, self.run) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(_)) => {
+                info!(failures = self.total, "the spool fsyncs again");
+                *self = SyncFailures::default();
+            }
+            (Err(e), None) => {
+                error!(error = %e, "cannot fsync the spool; retrying on every interval");
+                self.run = Some((0, now));
+                self.total = 1;
+            }
+            (Err(e), Some((unlogged, logged_at))) => {
+                self.total += 1;
+                if now.duration_since(logged_at) >= SYNC_FAILURE_LOG_EVERY {
+                    error!(error = %e, failures = unlogged + 1, "cannot fsync the spool, still");
+                    self.run = Some((0, now));
+                } else {
+                    self.run = Some((unlogged + 1, logged_at));
+                }
+            }
+        }
+    }
+
+    /// Whether the last fsync failed.
+    #[cfg(test)]
+    fn failing(&self) -> bool {
+        self.run.is_some()
     }
 }
 
@@ -723,6 +769,48 @@ fn replay_file(
                 skipped: letters.kept_aside(),
             }));
         }
+    }
+}
+
+#[cfg(test)]
+mod sync_failure_tests {
+    use super::*;
+
+    fn refused() -> Result<(), SpoolError> {
+        Err(SpoolError::Io {
+            op: "write spool cursor file",
+            path: "/spool/sinks.json.tmp".into(),
+            error: std::io::Error::from_raw_os_error(28),
+        })
+    }
+
+    #[test]
+    fn a_disk_that_keeps_refusing_is_logged_once_per_period_and_its_end_once() {
+        let start = Instant::now();
+        let mut failures = SyncFailures::default();
+        failures.note(refused(), start);
+        for tick in 1..=99 {
+            failures.note(refused(), start + Duration::from_millis(100 * tick));
+        }
+        // 100 failures in 10 s: the first logged, 99 counted since.
+        assert_eq!(failures.run.map(|(unlogged, _)| unlogged), Some(99));
+        failures.note(refused(), start + Duration::from_secs(10));
+        assert_eq!(failures.run, Some((0, start + Duration::from_secs(10))));
+        assert_eq!(failures.total, 101);
+        failures.note(Ok(()), start + Duration::from_secs(11));
+        assert!(!failures.failing());
+        assert_eq!(failures.total, 0);
+    }
+
+    #[test]
+    fn an_io_error_says_what_the_os_said_once() {
+        let error = refused().unwrap_err();
+        let text = error.to_string();
+        assert_eq!(text.matches("os error 28").count(), 1, "{text}");
+        assert!(
+            std::error::Error::source(&error).is_none(),
+            "a chain printed whole would say it twice"
+        );
     }
 }
 

@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     /// A file operation failed; `op` says which ("write spool segment", ...).
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}: {error}", path.display())]
     Io {
         /// The operation, worded to follow "cannot".
         op: &'static str,
         /// The file or directory it was done on.
         path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
+        /// What the OS said: part of the message, not a separate source, so that an error
+        /// chain printed whole (`{:#}`) says it once.
+        error: io::Error,
     },
     /// `sinks.json` does not parse, or a record in the middle of the active segment is bad.
     #[error("corrupt spool file {}: {detail}", path.display())]
@@ -56,9 +56,9 @@ pub(super) fn io_err<'p>(
     op: &'static str,
     path: &'p Path,
 ) -> impl FnOnce(io::Error) -> SpoolError + 'p {
-    move |source| SpoolError::Io {
+    move |error| SpoolError::Io {
         op,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }

@@ -105,7 +105,7 @@ impl Spool {
                 match SegmentCursor::open(path, segment) {
                     Ok(cursor) => Some(cursor),
                     // Reclaimed meanwhile, every sink having committed it: look again.
-                    Err(SpoolError::Io { source, .. })
+                    Err(SpoolError::Io { error: source, .. })
                         if source.kind() == io::ErrorKind::NotFound =>
                     {
                         continue

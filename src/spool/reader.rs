@@ -406,7 +406,9 @@ impl SpoolReader {
         if self.cursor.is_none() {
             match SegmentCursor::open(view.path.clone(), view.base) {
                 Ok(c) => self.cursor = Some(c),
-                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(SpoolError::Io { error: source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
                     return Ok(false);
                 }
                 Err(e) => return Err(e),
