@@ -22,7 +22,8 @@ use crate::delivery::pressure::{PressureSink, PushOut};
 use crate::delivery::{FileReader, Parked, SinkLoop, SINK_LIMITS};
 use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::{Sink, SinkBuildError};
-use crate::source::supervisor::{EventSender, Supervisor};
+use crate::source::cable::EventSender;
+use crate::source::supervisor::Supervisor;
 use crate::spool::{FsyncMode, Spool, SpoolError};
 use crate::status::StatusBoard;
 

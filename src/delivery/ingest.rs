@@ -11,9 +11,9 @@
 //! also offered to the sink loops in memory (`Appended`): a sink that keeps up takes it from
 //! there instead of reading back and decoding what was just written.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -135,31 +135,7 @@ const REPLAY_POLL: Duration = Duration::from_secs(1);
 /// the spool's replay share used up, whatever the memory limit.
 const REPLAY_BATCH_BYTES: usize = 4 << 20;
 
-/// Counters of the pipeline, readable from outside.
-#[derive(Debug, Default)]
-pub struct PipelineStats {
-    /// Events appended to the spool.
-    pub spooled: AtomicU64,
-    /// Events read that the ingest gave up on when the shutdown deadline passed while the spool
-    /// refused them (or its disk did not answer): never appended, so lost.
-    pub not_spooled: AtomicU64,
-    /// Events that matched no route, by event name (they went to the `unmatched` sink, if any).
-    pub unmatched: Mutex<BTreeMap<String, u64>>,
-    /// Events refused by a full spool (`when_full: drop_newest`).
-    pub spool_dropped_newest: AtomicU64,
-    /// Undelivered events deleted from a full spool to make room (`when_full: drop_oldest`).
-    pub spool_dropped_oldest: AtomicU64,
-    /// Copies of undelivered events pushed out of a full spool into the dead letters of the
-    /// sinks that had not delivered them (`when_full: dead_letter`), summed over sinks; not
-    /// included in `dead_lettered`.
-    pub spool_pushed_out: AtomicU64,
-    /// Deliveries confirmed, summed over sinks.
-    pub delivered: AtomicU64,
-    /// Events a sink gave up and put in its dead letters (pushed-out ones are counted apart).
-    pub dead_lettered: AtomicU64,
-    /// Spool records that could not be decoded (never expected).
-    pub undecodable: AtomicU64,
-}
+pub use crate::delivery::stats::PipelineStats;
 
 /// Events encoded as spool records, each with its sinks, ready for one append (one write).
 #[derive(Debug, Default)]
@@ -817,6 +793,8 @@ mod sync_failure_tests {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    use std::collections::BTreeMap;
 
     use super::*;
     use crate::route::RouteSpec;

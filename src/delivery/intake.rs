@@ -16,8 +16,7 @@ use super::{LoopEnd, SinkLoop};
 use crate::delivery::ingest::MAX_BATCH;
 use crate::delivery::progress::Progress;
 use crate::delivery::reader::Records;
-use crate::event::{Event, JsonText};
-use crate::route::redact::Redaction;
+use crate::event::Event;
 use crate::spool::SpoolError;
 
 /// Whether the last look for events found some.
@@ -154,21 +153,6 @@ impl SinkLoop {
 
     /// Applies this sink's redaction; copies the event only when something was removed.
     fn redacted(&self, event: Arc<Event>) -> Arc<Event> {
-        redacted(&self.redaction, &self.name, event)
+        self.redaction.redacted(&self.name, event)
     }
-}
-
-/// `event` as sink `sink` may see it, `redaction` applied; copied only when something was
-/// removed. Used for delivery and for the copies pushed out of a full spool.
-pub(super) fn redacted(redaction: &Redaction, sink: &str, event: Arc<Event>) -> Arc<Event> {
-    let Some(data) = redaction.apply(event.data.get()) else {
-        return event;
-    };
-    let mut event = Event::clone(&event);
-    event.data = JsonText::from_string(data).unwrap_or_else(|_| {
-        // The property test says this cannot happen; if it does, send nothing of it.
-        error!(sink = %sink, id = %event.id, "redaction produced invalid JSON; data withheld");
-        JsonText::from_string(r#"{"redaction_failed":true}"#.into()).expect("a constant is JSON")
-    });
-    Arc::new(event)
 }

@@ -31,6 +31,8 @@
 //!   and the sink's unconfirmed bytes.
 //! - `settle`: delivering a batch to the end (retries, dead letters), in `waves`.
 //! - `parked`: the retry set of conversations set aside, and its file.
+//! - `stats`: the pipeline's counters ([`ingest::PipelineStats`]), shared by the ingest, the
+//!   push-out and the sink loops.
 //! - [`ingest`]: from the sockets to the spool; [`pressure`]: making room in a full spool by
 //!   pushing its oldest segment out to the dead letters of the sinks that lag;
 //!   [`dead_letter`]: the dead letter files; [`retry`]: a sink's retry settings.
@@ -45,6 +47,7 @@ mod progress;
 mod reader;
 pub mod retry;
 mod settle;
+mod stats;
 mod waves;
 
 use std::ops::ControlFlow;

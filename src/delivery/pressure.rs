@@ -25,8 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, error};
 
 use super::dead_letter::{DeadLetter, DeadLetterError, DeadLetters};
-use super::ingest::PipelineStats;
-use super::intake::redacted;
+use super::stats::PipelineStats;
 use crate::event::Event;
 use crate::route::redact::Redaction;
 use crate::spool::{Spool, SpoolError};
@@ -149,7 +148,7 @@ impl PushOut {
     /// The dead letter of `event` for `sink`, as the sink would have been given it.
     fn letter(&self, sink: &str, event: &Arc<Event>, now: SystemTime) -> DeadLetter {
         let event = match self.sinks.get(sink) {
-            Some(settings) => redacted(&settings.redaction, sink, event.clone()),
+            Some(settings) => settings.redaction.redacted(sink, event.clone()),
             None => event.clone(),
         };
         DeadLetter {

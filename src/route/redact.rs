@@ -10,11 +10,13 @@
 //! the bytes as received, before any of this.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
+use tracing::error;
 
-use crate::event::MAX_NESTING_CEILING;
+use crate::event::{Event, JsonText, MAX_NESTING_CEILING};
 use crate::route::jsonpath::JsonPath;
 
 /// The key Chatwoot uses for bearer tokens of its cable.
@@ -48,6 +50,22 @@ pub struct FieldsSpec {
 }
 
 impl Redaction {
+    /// `event` as sink `sink` may see it, `redaction` applied; copied only when something was
+    /// removed. Used for delivery and for the copies pushed out of a full spool.
+    pub(crate) fn redacted(&self, sink: &str, event: Arc<Event>) -> Arc<Event> {
+        let Some(data) = self.apply(event.data.get()) else {
+            return event;
+        };
+        let mut event = Event::clone(&event);
+        event.data = JsonText::from_string(data).unwrap_or_else(|_| {
+            // The property test says this cannot happen; if it does, send nothing of it.
+            error!(sink = %sink, id = %event.id, "redaction produced invalid JSON; data withheld");
+            JsonText::from_string(r#"{"redaction_failed":true}"#.into())
+                .expect("a constant is JSON")
+        });
+        Arc::new(event)
+    }
+
     /// The rewritten data, or `None` when nothing had to be removed (the common case costs two
     /// substring searches when only tokens are stripped). Keys are compared decoded, and any
     /// letter of a key can be written as a `\u` escape (`\u0070ubsub_token`), so data with a

@@ -8,67 +8,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use crate::event::Event;
-use crate::memory::ByteGate;
-use crate::source::cable::{TokenTask, MAX_CONCURRENT_HANDSHAKES};
+use crate::source::cable::{EventSender, TokenTask, MAX_CONCURRENT_HANDSHAKES};
 use crate::source::settings::{CableSettings, TokenSpec};
 use crate::status::{StatusBoard, TokenState};
 
 /// Pause before restarting a task that panicked, so a panic loop cannot spin a core.
 const RESTART_AFTER_PANIC: Duration = Duration::from_secs(1);
-
-/// Where the token tasks hand their events: the ingest's channel, behind the byte gate that
-/// bounds the bytes of events on their way to the spool (`memory_limit`).
-#[derive(Debug, Clone)]
-pub struct EventSender {
-    /// The ingest's channel; its capacity bounds the events on their way, the gate their bytes.
-    events: mpsc::Sender<Event>,
-    /// Taken for each event before it is sent, given back by the ingest once it is appended;
-    /// `None` when nothing appends them (a test reading the channel itself).
-    gate: Option<ByteGate>,
-}
-
-impl From<mpsc::Sender<Event>> for EventSender {
-    /// A sender bounded by the channel's capacity alone, for a reader that gives nothing back.
-    fn from(events: mpsc::Sender<Event>) -> EventSender {
-        EventSender { events, gate: None }
-    }
-}
-
-impl EventSender {
-    /// A sender whose events take their bytes from `gate`, which the ingest reading `events`
-    /// gives back.
-    pub(crate) fn gated(events: mpsc::Sender<Event>, gate: ByteGate) -> EventSender {
-        EventSender {
-            events,
-            gate: Some(gate),
-        }
-    }
-
-    /// Hands `event` over, waiting while the gate lacks room for its bytes or the channel is
-    /// full. Fails when the ingest is gone. Cancel-safe: an event not sent takes nothing.
-    pub(crate) async fn send(&self, event: Event) -> Result<(), mpsc::error::SendError<Event>> {
-        let Some(gate) = &self.gate else {
-            return self.events.send(event).await;
-        };
-        // The ingest closes the channel at the shutdown deadline: waiting for the gate ends
-        // there too, and the event counts as held at stop.
-        let taken = tokio::select! {
-            taken = gate.enter(event.memory_bytes()) => taken,
-            () = self.events.closed() => return Err(mpsc::error::SendError(event)),
-        };
-        self.events.send(event).await?;
-        // The ingest gives them back once the event is in the spool.
-        taken.forget();
-        Ok(())
-    }
-}
 
 /// Owns the token tasks.
 pub struct Supervisor {
