@@ -256,7 +256,7 @@ impl Bridge {
     /// Stops reading sockets, appends what was read to the spool, then lets the sinks deliver
     /// until `shutdown_timeout` after the call. What is not delivered by then stays in the spool.
     ///
-    /// Ends within `shutdown_timeout` plus [`STOP_GRACE`] and [`FINAL_SYNC_LIMIT`] whatever the
+    /// Ends within `shutdown_timeout` plus `STOP_GRACE` (2 s) and `FINAL_SYNC_LIMIT` (2 s) whatever the
     /// disk and the sinks do: past the deadline the ingest stops waiting for a disk that refuses
     /// writes (what it holds is counted as not spooled), the sink loops are told to stop, and
     /// what still does not end is left behind.

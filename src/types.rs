@@ -23,7 +23,7 @@ pub(crate) const SECRET_MUST_BE_TEXT: &str = "a secret must be a string, not a n
 
 impl<'de> Deserialize<'de> for Secret {
     /// Only a string: a number or a boolean has lost how it was written (see
-    /// [`SECRET_MUST_BE_TEXT`]). Nothing wrong is echoed, as serde's own "invalid type: integer
+    /// `SECRET_MUST_BE_TEXT`). Nothing wrong is echoed, as serde's own "invalid type: integer
     /// `123456`" would.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let value = Scalar::deserialize(d)?;
