@@ -34,6 +34,9 @@
 //! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
 //! - `memory`: `memory_limit` divided among the stages that hold events, and the byte gate
 //!   between the sockets and the spool.
+//! - [`notify`]: systemd's service notifications (READY, RELOADING, STOPPING, STATUS) and the
+//!   watchdog's keep-alive, sent only while a liveness check passes.
+//! - [`probe`]: a plain HTTP GET of the admin endpoint (`healthcheck`), for images without curl.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
 //!   [`mock::fixtures`], for tests, demos and benchmarks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
@@ -54,6 +57,8 @@ pub mod event;
 pub mod fuzzing;
 mod memory;
 pub mod mock;
+pub mod notify;
+pub mod probe;
 pub mod route;
 pub mod sink;
 pub mod source;

@@ -11,6 +11,8 @@ use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
+use chatwoot_bridge::notify::{Notice, Notifier};
+use chatwoot_bridge::status::{SinkState, StatusBoard, TokenState};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
@@ -120,6 +122,23 @@ enum Command {
     },
     /// Run a mock Chatwoot ActionCable server (for trying pipelines without a Chatwoot).
     MockServer(MockServerArgs),
+    /// Ask the admin endpoint whether the daemon is healthy (a container's HEALTHCHECK): exits 0
+    /// on a 2xx answer, 1 otherwise, printing the answer.
+    Healthcheck(HealthcheckArgs),
+}
+
+// The flags of `healthcheck`.
+#[derive(clap::Args)]
+struct HealthcheckArgs {
+    /// The admin endpoint's address (`admin.listen` in the config).
+    #[arg(long, default_value = "127.0.0.1:9464", env = "CHATWOOT_BRIDGE_ADMIN")]
+    admin: String,
+    /// What to ask: `/healthz` (alive) or `/readyz` (ready for traffic).
+    #[arg(long, default_value = "/healthz")]
+    path: String,
+    /// How long the whole request may take.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 // The flags of `mock-server`.
@@ -231,6 +250,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::MockServer(args) => mock_server(args).await,
+        Command::Healthcheck(args) => healthcheck(args).await,
     }
 }
 
@@ -246,7 +266,7 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let report = tokio::select! {
-        report = chatwoot_bridge::run(config, stop) => report?,
+        report = run_notifying(config, stop) => report?,
         () = async {
             first_signal.notified().await;
             shutdown_signal().await;
@@ -259,6 +279,78 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     Ok(ExitCode::from(exit_code(&report)))
+}
+
+/// [`chatwoot_bridge::run`], telling systemd (when it started the daemon with `Type=notify`):
+/// READY=1 once the bridge started (every sink built, the spool open), WATCHDOG=1 while its
+/// loops are alive (with `WatchdogSec=`), STOPPING=1 at the signal.
+async fn run_notifying(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ShutdownReport, chatwoot_bridge::StartError> {
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "systemd notifications are off");
+        Notifier::default()
+    });
+    let (tokens, sinks) = (config.tokens.len(), config.sinks.len());
+    let bridge = chatwoot_bridge::Bridge::start(config).await?;
+    let running = format!("running: {tokens} tokens, {sinks} sinks");
+    notifier.notify_or_log(&[Notice::Ready, Notice::Status(&running)]);
+    let watchdog = notifier
+        .start_watchdog(loops_alive(bridge.status().clone()))
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the systemd watchdog is not kept alive");
+            None
+        });
+    stop.await;
+    // systemd stops watching once told the service is stopping, and the loops end one by one
+    // now: the pings end first, so that STOPPING=1 is the last notification.
+    drop(watchdog);
+    notifier.notify_or_log(&[
+        Notice::Stopping,
+        Notice::Status("shutting down: storing and delivering what was read"),
+    ]);
+    Ok(bridge.shutdown().await)
+}
+
+/// The watchdog's liveness check: no token task or sink loop has ended. Those end only at
+/// shutdown, so one that ended while running is a daemon that stopped doing its work.
+fn loops_alive(status: StatusBoard) -> impl Fn() -> bool + Send + 'static {
+    move || {
+        status
+            .sinks()
+            .values()
+            .all(|s| s.state != SinkState::Stopped)
+            && status
+                .tokens()
+                .values()
+                .all(|t| t.state != TokenState::Stopped)
+    }
+}
+
+/// Asks the admin endpoint's `path` and exits by its answer.
+async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let HealthcheckArgs {
+        admin,
+        path,
+        timeout,
+    } = args;
+    let answer = tokio::task::spawn_blocking(move || {
+        chatwoot_bridge::probe::get(&admin, &path, timeout).map(|a| (admin, path, a))
+    })
+    .await
+    .context("the probe's thread")?;
+    let (admin, path, answer) = answer?;
+    println!("{admin}{path}: {} {}", answer.status, answer.reason);
+    let body = answer.body.trim_end();
+    if !body.is_empty() {
+        println!("{body}");
+    }
+    Ok(if answer.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The exit code of `run` after a shutdown. Undelivered events are safe in the spool: a stop is
