@@ -3,6 +3,9 @@
 # - nats-server (a real NATS server with JetStream), openssl (the TLS test makes its
 #   certificates with it) and sqlite3 (the chaos run indexes tansu's storage), from Debian's
 #   packages;
+# - promtool (Debian's prometheus package: the alert rules' check and unit tests), systemd-analyze
+#   (Debian's systemd package: the unit's verify and security score) and strace (the system calls
+#   the daemon makes, against the unit's filter), for tests/deploy.rs;
 # - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin once (about 15 minutes on
 #   2 cores; later runs find it there), with SQLite storage: the chaos run (scripts/chaos.sh)
 #   kills and restarts it and needs what it acknowledged kept; a tansu without it is rebuilt.
@@ -13,6 +16,9 @@ extra=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || extra+=(nats-server)
 command -v openssl >/dev/null 2>&1 || extra+=(openssl)
 command -v sqlite3 >/dev/null 2>&1 || extra+=(sqlite3)
+command -v promtool >/dev/null 2>&1 || extra+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || extra+=(systemd)
+command -v strace >/dev/null 2>&1 || extra+=(strace)
 ./install-build-deps.sh "${extra[@]}"
 
 tansu=$(command -v tansu 2>/dev/null || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
