@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use super::{Case, Expect};
-use crate::config::Config;
+use crate::config::{Config, TokenSpec};
 use crate::event::id::IdAssigner;
 use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::route::jsonpath::JsonPath;
@@ -140,13 +140,13 @@ impl CaseSpec {
         let (Some(token), Some((name, data))) = (token, event) else {
             return None;
         };
-        let source = config
-            .tokens
-            .iter()
-            .find(|t| *t.name == *token)
-            .map(|t| t.source())
-            .unwrap_or_default();
-        let mut event = Event::new(&name, data, token, Arc::from(source), SystemTime::now());
+        let mut event = Event::new(
+            &name,
+            data,
+            token.name.clone(),
+            Arc::from(token.source()),
+            SystemTime::now(),
+        );
         // As the ingest does, so that a template with `{id}` renders.
         event.id = ids.assign(
             event.content_hash,
@@ -162,7 +162,7 @@ impl CaseSpec {
     }
 
     /// The token the event arrives on: the one named, or the only one configured.
-    fn token(&self, config: &Config, at: &mut CaseProblems<'_>) -> Option<Arc<str>> {
+    fn token<'c>(&self, config: &'c Config, at: &mut CaseProblems<'_>) -> Option<&'c TokenSpec> {
         let known = || {
             config
                 .tokens
@@ -180,10 +180,10 @@ impl CaseSpec {
                         format!("no token is named `{name}` (tokens: {})", known()),
                     );
                 }
-                found.map(|t| t.name.clone())
+                found
             }
             None => match config.tokens.as_slice() {
-                [only] => Some(only.name.clone()),
+                [only] => Some(only),
                 _ => {
                     at.add(
                         "",
