@@ -39,6 +39,8 @@
 //! - [`probe`]: a plain HTTP GET of the admin endpoint (`healthcheck`), for images without curl.
 //! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
 //!   [`mock::fixtures`], for tests, demos and benchmarks.
+//! - [`cases`]: `chatwoot-bridge test`: sample events run through a config's routes, templates
+//!   and redaction, each checked against the sinks it must reach; above the config it checks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
 //!   starts the ingest and the sockets; [`Bridge::shutdown`] stops them in reverse; [`run`] is
 //!   both around an injected shutdown future.
@@ -49,6 +51,7 @@
 
 mod backoff;
 pub mod bridge;
+pub mod cases;
 pub mod config;
 pub mod delivery;
 pub mod event;

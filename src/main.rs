@@ -113,6 +113,15 @@ enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Run sample events through the config's routes, templates and redaction (nothing is
+    /// connected); print a line per case; exit 1 with a diff when a case fails, 2 when the
+    /// config or the cases file is invalid.
+    Test {
+        #[arg(long, short, env = "CHATWOOT_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// The cases file: events (recorded fixtures or inline) and the sinks each must reach.
+        cases: PathBuf,
+    },
     /// Print the JSON Schema of the config file (committed as bridge.schema.json).
     Schema,
     /// Inspect, re-deliver or delete a sink's dead letters.
@@ -245,6 +254,7 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { config, connect } => Ok(check(&config, connect).await),
         Command::Demo { rate, events, file } => demo(rate, events, file).await,
         Command::Dlq { action } => dlq(action),
+        Command::Test { config, cases } => Ok(test_cases(&config, &cases)),
         Command::Schema => {
             print!("{}", chatwoot_bridge::config::json_schema());
             Ok(ExitCode::SUCCESS)
@@ -389,6 +399,34 @@ async fn check(path: &Path, connect: bool) -> ExitCode {
         check_connect(&config).await
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// The exit code of `test` when the config or the cases file cannot be used (1 is a failed case).
+const EXIT_TEST_INVALID: u8 = 2;
+
+/// Runs the cases file against the config; prints a line per case and the diff of each failure.
+fn test_cases(config_path: &Path, cases_path: &Path) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: invalid config\n{e}", config_path.display());
+            return ExitCode::from(EXIT_TEST_INVALID);
+        }
+    };
+    let cases = match chatwoot_bridge::cases::Cases::load(cases_path, &config) {
+        Ok(cases) => cases,
+        Err(e) => {
+            eprintln!("{}: invalid cases\n{e}", cases_path.display());
+            return ExitCode::from(EXIT_TEST_INVALID);
+        }
+    };
+    let report = cases.run(&config);
+    print!("{report}");
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

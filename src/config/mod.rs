@@ -29,6 +29,7 @@ use crate::spool::SpoolConfig;
 pub use crate::types::{HumanDuration, OneOrMany, Problem, Secret};
 use expand::expand_tree;
 use raw::RawConfig;
+pub(crate) use shape::check_yaml_of;
 pub use shape::{MAX_CONFIG_BYTES, MAX_CONFIG_NESTING, MAX_CONFIG_VALUES};
 
 /// Prefix of environment variables that override config keys (`CHATWOOT_BRIDGE__CHATWOOT__URL`).

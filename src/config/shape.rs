@@ -53,12 +53,18 @@ struct Open {
     below: usize,
 }
 
-/// Checks `text` against [`MAX_CONFIG_BYTES`], [`MAX_CONFIG_NESTING`] and
+/// Checks the config `text` against [`MAX_CONFIG_BYTES`], [`MAX_CONFIG_NESTING`] and
 /// [`MAX_CONFIG_VALUES`]. Text that is not YAML passes: the loader reports where it is wrong.
 pub(super) fn check_yaml(text: &str) -> Result<(), ConfigError> {
+    check_yaml_of(text, "config", "the schema needs 6")
+}
+
+/// [`check_yaml`] for another YAML file the daemon reads (`what` names it in errors; `needs`
+/// says how deep its own schema nests).
+pub(crate) fn check_yaml_of(text: &str, what: &str, needs: &str) -> Result<(), ConfigError> {
     if text.len() as u64 > MAX_CONFIG_BYTES {
         return Err(too_much(
-            "config".into(),
+            what.into(),
             format!("is larger than {MAX_CONFIG_BYTES} bytes (MAX_CONFIG_BYTES)"),
         ));
     }
@@ -78,7 +84,7 @@ pub(super) fn check_yaml(text: &str) -> Result<(), ConfigError> {
             Event::StreamEnd => return Ok(()),
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
                 if open.len() > MAX_CONFIG_NESTING {
-                    return Err(too_deep(place()));
+                    return Err(too_deep(place(), what, needs));
                 }
                 open.push(Open {
                     anchor,
@@ -114,7 +120,7 @@ pub(super) fn check_yaml(text: &str) -> Result<(), ConfigError> {
         parent.values = parent.values.saturating_add(added.values);
         parent.below = parent.below.max(added.depth);
         if open.len() - 1 + added.depth > MAX_CONFIG_NESTING {
-            return Err(too_deep(place()));
+            return Err(too_deep(place(), what, needs));
         }
         if open
             .iter()
@@ -153,12 +159,12 @@ pub(super) fn check_overrides<'n>(names: impl Iterator<Item = &'n str>) -> Resul
     Ok(())
 }
 
-fn too_deep(at: String) -> ConfigError {
+fn too_deep(at: String, what: &str, needs: &str) -> ConfigError {
     too_much(
         at,
         format!(
-            "config nests mappings and lists deeper than {MAX_CONFIG_NESTING} levels \
-             (MAX_CONFIG_NESTING; the schema needs 6)"
+            "{what} nests mappings and lists deeper than {MAX_CONFIG_NESTING} levels \
+             (MAX_CONFIG_NESTING; {needs})"
         ),
     )
 }

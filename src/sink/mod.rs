@@ -349,6 +349,16 @@ impl SinkKind {
     /// The Kafka topic or NATS subject this sink gives `event` (for `check`), or why it cannot;
     /// `None` for sinks without one (file, stdout, webhooks, whose URL may hold credentials).
     pub fn topic_or_subject(&self, event: &Event) -> Option<Result<String, String>> {
+        match self {
+            SinkKind::Http(_) => None,
+            _ => self.target(event),
+        }
+    }
+
+    /// Where this sink sends `event` (its Kafka topic, NATS subject or webhook URL, rendered as
+    /// the sink renders it), or why it cannot (the event would go to the dead letters); `None`
+    /// for file and stdout.
+    pub(crate) fn target(&self, event: &Event) -> Option<Result<String, String>> {
         let rendered = match self {
             SinkKind::Kafka(settings) => settings.topic.render(event, template::kafka_topic),
             SinkKind::Nats(settings) => {
@@ -356,9 +366,20 @@ impl SinkKind {
                     .subject
                     .render_with(event, &template::nats_event, &template::nats_token)
             }
-            SinkKind::File { .. } | SinkKind::Stdout | SinkKind::Http(_) => return None,
+            SinkKind::Http(settings) => settings.url.render(event, template::url_segment),
+            SinkKind::File { .. } | SinkKind::Stdout => return None,
         };
         Some(rendered.map_err(|e| e.to_string()))
+    }
+
+    /// What [`SinkKind::target`] is for this kind of sink, in words (`topic`, `subject`, `URL`).
+    pub(crate) fn target_kind(&self) -> Option<&'static str> {
+        match self {
+            SinkKind::Kafka(_) => Some("topic"),
+            SinkKind::Nats(_) => Some("subject"),
+            SinkKind::Http(_) => Some("URL"),
+            SinkKind::File { .. } | SinkKind::Stdout => None,
+        }
     }
 }
 

@@ -77,6 +77,8 @@
 //! - `error`: [`SpoolError`].
 
 mod append;
+#[cfg(test)]
+mod crash_tests;
 mod durable;
 mod error;
 mod evict;

@@ -62,11 +62,10 @@ impl State {
         let next_seq = resume_seq(log_next, saved.as_ref());
 
         let mut sinks = registry::restore(dir, saved.as_ref(), names)?;
-        // Records appended after the cursor file was last written are not in its backlog counts.
         let saved_next = saved.as_ref().map_or(0, |s| s.next_seq);
-        if saved_next > 0 && !sinks.is_empty() {
-            count_backlog_since(dir, &segments, log_next, saved_next, &mut sinks)?;
-        }
+        let oldest = segments.front().map_or(log_next, |s| s.base);
+        let count_from = resume_behind_deleted_segments(&mut sinks, oldest, saved_next);
+        count_backlog(dir, &segments, log_next, &count_from, &mut sinks)?;
         registry::add_new_sinks(&mut sinks, names, next_seq)?;
         registry::warn_unconfigured(&sinks);
 
@@ -84,18 +83,50 @@ impl State {
     }
 }
 
-/// Adds to each sink's backlog the records routed to it with seq in `from..to` (appended after
-/// the cursor file was written).
-fn count_backlog_since(
+/// Sets each configured sink whose saved cursor lies before the oldest record on disk to resume
+/// just before it, and returns, per registry entry, the seq from which its records count into
+/// its backlog at open: `saved_next` for a sink whose saved backlog holds, `oldest` for a sink
+/// moved here, whose backlog is counted again from zero.
+///
+/// Segments are deleted as soon as the cursors in memory are past them (or when pushed out or
+/// dropped for room), while the cursor file is written lazily: after a crash in between, the
+/// file's cursor and backlog still count records of files that are gone. Those records were
+/// delivered, pushed out to the dead letters or dropped (each counted when it happened); no
+/// reader can take them off the backlog any more, so the backlog is counted from what is left.
+fn resume_behind_deleted_segments(
+    sinks: &mut [SinkState],
+    oldest: u64,
+    saved_next: u64,
+) -> Vec<u64> {
+    sinks
+        .iter_mut()
+        .map(|sink| {
+            if !sink.configured || sink.committed.saturating_add(1) >= oldest {
+                return saved_next;
+            }
+            info!(sink = %sink.name, saved_cursor = sink.committed, resumes_after = oldest - 1,
+                "the cursor file was behind the oldest spool segment: the records before it were \
+                 finished before the last stop; the sink resumes after them");
+            sink.committed = oldest - 1;
+            sink.pending = 0;
+            oldest
+        })
+        .collect()
+}
+
+/// Adds to each sink's backlog its records on disk from `count_from[i]` (for registry entry
+/// `i`) up to `to` that are past its cursor: those appended after the cursor file was written,
+/// or all of them for a sink whose backlog is counted again.
+fn count_backlog(
     dir: &Path,
     segments: &VecDeque<Segment>,
     to: u64,
-    from: u64,
+    count_from: &[u64],
     registry: &mut [SinkState],
 ) -> Result<(), SpoolError> {
-    if from >= to {
+    let Some(from) = count_from.iter().copied().min().filter(|&from| from < to) else {
         return Ok(());
-    }
+    };
     let first = segments
         .partition_point(|s| s.base <= from)
         .saturating_sub(1);
@@ -105,8 +136,8 @@ fn count_backlog_since(
         loop {
             match cursor.next(seg.bytes, u64::MAX, &mut payload)? {
                 Next::Record { seq, mask } if seq >= from => {
-                    for sink in registry.iter_mut() {
-                        if mask & (1 << sink.bit) != 0 && seq > sink.committed {
+                    for (sink, &sink_from) in registry.iter_mut().zip(count_from) {
+                        if mask & (1 << sink.bit) != 0 && seq >= sink_from && seq > sink.committed {
                             sink.pending += 1;
                         }
                     }

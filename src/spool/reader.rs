@@ -247,24 +247,9 @@ impl SpoolReader {
     /// Persisted lazily; lets fully consumed segments be deleted. `upto` may be past what was
     /// read: the records in between are then skipped.
     pub fn commit(&mut self, upto: u64) -> Result<(), SpoolError> {
-        let (committed, last, oldest) = {
-            let state = self.inner.lock();
-            (
-                state.sinks[self.index].committed,
-                state.next_seq - 1,
-                state.oldest_base(),
-            )
-        };
+        let last = self.inner.lock().next_seq - 1;
         let upto = upto.min(last);
         let mut done = 0u64;
-        while let Some(&seq) = self.in_flight.front() {
-            if seq > upto {
-                break;
-            }
-            self.in_flight.pop_front();
-            // Records below the oldest segment were already taken off the backlog when deleted.
-            done += u64::from(seq >= oldest);
-        }
         if upto > self.pos {
             let mut pass = Pass {
                 max_records: u64::MAX,
@@ -279,16 +264,27 @@ impl SpoolReader {
             self.pos = self.pos.max(upto);
             self.seen_end = self.pos + 1;
         }
+        // Counted under the lock that takes them off the backlog: records below the oldest
+        // segment came off it when their segment was pushed out or dropped, which may have
+        // happened a moment ago.
+        let mut state = self.inner.lock();
+        let oldest = state.oldest_base();
+        while let Some(&seq) = self.in_flight.front() {
+            if seq > upto {
+                break;
+            }
+            self.in_flight.pop_front();
+            done += u64::from(seq >= oldest);
+        }
         let new_committed = if self.in_flight.is_empty() {
             self.pos.max(upto)
         } else {
             upto
         };
-        if new_committed <= committed && done == 0 {
+        let sink = &mut state.sinks[self.index];
+        if new_committed <= sink.committed && done == 0 {
             return Ok(());
         }
-        let mut state = self.inner.lock();
-        let sink = &mut state.sinks[self.index];
         sink.committed = sink.committed.max(new_committed);
         sink.pending = sink.pending.saturating_sub(done);
         self.after_commit(state)

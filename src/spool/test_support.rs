@@ -146,3 +146,19 @@ pub(super) fn injected_fault(dir: &Path) -> std::io::Result<()> {
         }
     }
 }
+
+/// Holds back the lazy cursor writes of `spool` until the next [`Spool::sync`]: commits then
+/// stay in memory only, as they do for up to `PERSIST_INTERVAL` in a running bridge, so that a
+/// test can crash the spool (forget it) at a chosen point of that window.
+pub(super) fn hold_back_cursor_writes(spool: &Spool) {
+    let mut state = spool.inner.lock();
+    // `elapsed()` of an instant in the future is zero: the interval never runs out.
+    state.last_persist = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+}
+
+/// What `kill -9` does to a spool: no destructor runs, so nothing is persisted after the last
+/// cursor write; what was written to the segments stays (it is in the page cache).
+pub(super) fn crash(spool: Spool, readers: Vec<SpoolReader>) {
+    std::mem::forget(readers);
+    std::mem::forget(spool);
+}
