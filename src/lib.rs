@@ -59,6 +59,8 @@ pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod status;
+#[cfg(test)]
+mod test_panics;
 pub mod types;
 
 pub use bridge::{run, Bridge, Drain, Persistence, ShutdownReport, StartError};
