@@ -30,6 +30,8 @@ use crate::status::StatusBoard;
 use loops::{build_sink, LoopKit, SinkLoops};
 
 mod loops;
+#[cfg(test)]
+mod panic_tests;
 mod reload;
 
 pub use reload::{ReloadError, ReloadReport};
@@ -420,7 +422,11 @@ impl Wiring {
             built.push((name, settings, build_sink(name, settings).await?));
         }
         for (name, settings, sink) in built {
-            loops.launch(name, settings, sink, self.memory.sink)?;
+            if let Err(e) = loops.launch(name, settings, sink, self.memory.sink) {
+                // The loops started so far stop: the bridge does not start.
+                self.give_up.cancel();
+                return Err(e.into());
+            }
         }
         Ok(())
     }

@@ -234,8 +234,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The daemon, until SIGTERM or Ctrl-C.
+/// The daemon, until SIGTERM or Ctrl-C; SIGHUP reloads the config file.
 async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    // Before anything slow: SIGHUP's default action ends the process.
+    let hangups = hangups()?;
     let config = Config::load(path)?;
     let first_signal = std::sync::Arc::new(tokio::sync::Notify::new());
     let stop = {
@@ -246,7 +248,7 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let report = tokio::select! {
-        report = chatwoot_bridge::run(config, stop) => report?,
+        report = serve(config, path, hangups, stop) => report?,
         () = async {
             first_signal.notified().await;
             shutdown_signal().await;
@@ -259,6 +261,60 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     Ok(ExitCode::from(exit_code(&report)))
+}
+
+/// The bridge until `stop` completes, reloading the config file at `path` on every SIGHUP
+/// (a bad config is logged with every problem and the running one stays), then shut down.
+async fn serve(
+    config: Config,
+    path: &Path,
+    mut hangups: Hangups,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ShutdownReport, chatwoot_bridge::StartError> {
+    let mut bridge = chatwoot_bridge::Bridge::start(config).await?;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = hangups.next() => {
+                info!(config = %path.display(), "SIGHUP received: reloading the config");
+                // The outcome, or every problem, is logged by the reload itself.
+                let _ = bridge.reload_from(path).await;
+            }
+        }
+    }
+    Ok(bridge.shutdown().await)
+}
+
+/// SIGHUP, as `systemctl reload` and `kill -HUP` send it.
+#[cfg(unix)]
+struct Hangups(tokio::signal::unix::Signal);
+
+/// No SIGHUP where there is none.
+#[cfg(not(unix))]
+struct Hangups;
+
+#[cfg(unix)]
+fn hangups() -> anyhow::Result<Hangups> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    Ok(Hangups(hangups))
+}
+
+#[cfg(not(unix))]
+fn hangups() -> anyhow::Result<Hangups> {
+    Ok(Hangups)
+}
+
+impl Hangups {
+    /// Completes at the next SIGHUP.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if self.0.recv().await.is_some() {
+            return;
+        }
+        std::future::pending::<()>().await
+    }
 }
 
 /// The exit code of `run` after a shutdown. Undelivered events are safe in the spool: a stop is

@@ -242,7 +242,9 @@ impl SinkReporter {
     pub(crate) fn loop_panicked(&self, error: impl Into<String>) {
         self.cell.loop_restarts.fetch_add(1, Ordering::Relaxed);
         self.cell.alive.store(false, Ordering::Relaxed);
-        self.update(SinkState::Retrying, Some(error.into()));
+        self.cell
+            .phase
+            .update(SinkState::Retrying, Some(error.into()));
         self.changed.send_modify(|v| *v += 1);
     }
 

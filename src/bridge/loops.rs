@@ -24,7 +24,7 @@ use crate::status::{SinkReporter, StatusBoard};
 
 /// Pause before a sink loop that panicked is started again, so that a panic that repeats
 /// cannot spin a core (as for token tasks).
-pub(super) const RESTART_AFTER_PANIC: Duration = Duration::from_secs(1);
+const RESTART_AFTER_PANIC: Duration = Duration::from_secs(1);
 
 /// Bounds the wait for a loop told to stop (a reload changed its sink): past it the new loop
 /// starts anyway, and what the old one still commits only moves the cursor past events it
