@@ -475,3 +475,12 @@ fn cable_settings(old: &CableSettings, now: &CableSettings) -> Vec<(&'static str
     ));
     settings
 }
+
+/// A reload can run in a spawned task (the admin endpoint's): its future is `Send`.
+#[cfg(test)]
+#[allow(dead_code)]
+fn reload_is_send(bridge: &mut Bridge, config: Config, path: &Path) {
+    fn send<T: Send>(_: T) {}
+    send(bridge.reload(config));
+    send(bridge.reload_from(path));
+}

@@ -172,8 +172,8 @@ impl Ingest {
 /// waiting for the gate, gets an error and counts it), and what it has not appended by then, in
 /// hand or queued, is counted as not spooled.
 ///
-/// A panic is caught between batches' steps: counted on the status board, and after
-/// [`RESTART_AFTER_PANIC`] the ingest goes on with what it held.
+/// A panic in a step is caught and counted on the status board; after [`RESTART_AFTER_PANIC`]
+/// the ingest goes on with what it held.
 pub(crate) async fn ingest(mut ingest: Ingest) {
     loop {
         match AssertUnwindSafe(ingest.step()).catch_unwind().await {
