@@ -1,7 +1,6 @@
 //! Wiring: the spool, the sinks, their delivery loops, the ingest and the token sockets, started
 //! in that order and stopped in the reverse one.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;
 use std::path::PathBuf;
@@ -15,17 +14,27 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
-use crate::config::{Config, SinkSettings};
+use crate::config::Config;
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
-use crate::delivery::ingest::{self, Appender, PipelineStats, Tail, INGEST_CAPACITY};
+use crate::delivery::ingest::{
+    self, route_switch, Appender, Ingest, IngestTable, PipelineStats, RouteFeed, RouteSwitch, Tail,
+    INGEST_CAPACITY,
+};
 use crate::delivery::pressure::{PressureSink, PushOut};
-use crate::delivery::{FileReader, Parked, SinkLoop, SINK_LIMITS};
 use crate::memory::{ByteGate, MemoryBudget};
-use crate::sink::{Sink, SinkBuildError};
+use crate::sink::SinkBuildError;
 use crate::source::cable::EventSender;
 use crate::source::supervisor::Supervisor;
 use crate::spool::{FsyncMode, Spool, SpoolError};
 use crate::status::StatusBoard;
+use loops::{build_sink, LoopKit, SinkLoops};
+
+mod loops;
+#[cfg(test)]
+mod panic_tests;
+mod reload;
+
+pub use reload::{ReloadError, ReloadReport};
 
 /// Why the bridge could not start. Nothing has connected when this is returned.
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +72,12 @@ pub struct Bridge {
     supervisor: Supervisor,
     /// The ingest task.
     ingest: TaskTracker,
-    /// The sink loops, the fsync timer and the replay poller.
-    delivery: TaskTracker,
+    /// The sink loops; their tracker also holds the fsync timer and the replay poller.
+    loops: SinkLoops,
+    /// The ingest's route table, swapped by reloads.
+    routes: RouteSwitch,
+    /// The config running now, which a reload is compared with.
+    config: Config,
     /// Cancelled once the ingest has appended its last event: sink loops end when caught up.
     ingest_done: CancellationToken,
     /// Cancelled when the shutdown deadline passes: sink loops stop without finishing, and the
@@ -213,9 +226,20 @@ impl Bridge {
             give_up: CancellationToken::new(),
             memory,
         };
-        let delivery = wiring.start_delivery(&config, dead_letters.clone()).await?;
-        let (ingest, events) = wiring.start_ingest(&config, dead_letters);
+        let mut loops = SinkLoops::new(wiring.loop_kit(&config, dead_letters.clone()));
+        wiring.start_delivery(&config, &mut loops).await?;
+        let push_out = wiring.push_out(&config, dead_letters.clone());
+        let (routes, feed) = route_switch(IngestTable {
+            generation: 0,
+            routes: config.routes.clone(),
+            push_out: push_out.clone(),
+            sinks: config.sinks.keys().cloned().collect(),
+        });
+        wiring.start_spool_tasks(&config, dead_letters, &loops.tracker, &routes);
+        loops.tracker.close();
+        let (ingest, events) = wiring.start_ingest(feed, push_out);
         let supervisor = start_supervisor(&config, events, &wiring.status);
+        wiring.status.config_loaded(&config.hash);
         let Wiring {
             spool,
             stats,
@@ -229,12 +253,14 @@ impl Bridge {
             stats,
             supervisor,
             ingest,
-            delivery,
+            loops,
+            routes,
             ingest_done,
             give_up,
             spool,
             _spool_lock: spool_lock,
             shutdown_timeout: config.shutdown_timeout,
+            config,
         })
     }
 
@@ -286,8 +312,9 @@ impl Bridge {
             );
         }
         self.ingest_done.cancel();
+        self.loops.end_inputs();
         let drain = drain(
-            &self.delivery,
+            &self.loops.tracker,
             &self.give_up,
             deadline,
             self.shutdown_timeout,
@@ -369,116 +396,39 @@ async fn open_storage(config: &Config) -> Result<(File, Spool, DeadLetters), Sta
 }
 
 impl Wiring {
-    /// Builds every sink and its loop, then starts the loops, the fsync timer and the
-    /// dead-letter replay poller. Fails before starting anything if a sink cannot be built.
+    /// What every sink loop is built from.
+    fn loop_kit(&self, config: &Config, dead_letters: DeadLetters) -> LoopKit {
+        LoopKit {
+            spool: self.spool.clone(),
+            stats: self.stats.clone(),
+            status: self.status.clone(),
+            tail: self.tail.clone(),
+            dead_letters,
+            spool_dir: config.spool.dir.clone(),
+            max_frame_bytes: config.cable.max_frame_bytes as u64,
+            give_up: self.give_up.clone(),
+        }
+    }
+
+    /// Builds every sink, then starts their loops. Fails before starting anything if a sink
+    /// cannot be built.
     async fn start_delivery(
         &self,
         config: &Config,
-        dead_letters: DeadLetters,
-    ) -> Result<TaskTracker, StartError> {
-        let delivery = TaskTracker::new();
-        // A loop ends once nothing more can reach its sink: after the ingest for most; for a
-        // dead-letter target, also after every loop that dead-letters into it has ended.
-        let ended: BTreeMap<&str, CancellationToken> = config
-            .sinks
-            .keys()
-            .map(|name| (name.as_str(), CancellationToken::new()))
-            .collect();
-        let mut loops = Vec::with_capacity(config.sinks.len());
+        loops: &mut SinkLoops,
+    ) -> Result<(), StartError> {
+        let mut built = Vec::with_capacity(config.sinks.len());
         for (name, settings) in &config.sinks {
-            let inputs_done = self.inputs_done(config, name, &ended, &delivery);
-            let parked = Parked::new(
-                &config.spool.dir,
-                name,
-                config.cable.max_frame_bytes as u64,
-                &settings.retry,
-            );
-            loops.push(
-                self.build_sink_loop(name, settings, &dead_letters, parked, inputs_done)
-                    .await?,
-            );
+            built.push((name, settings, build_sink(name, settings).await?));
         }
-        for sink_loop in loops {
-            // Dropped when the loop returns or unwinds: its dead-letter target may then end.
-            let ended = ended[sink_loop.name.as_str()].clone().drop_guard();
-            delivery.spawn(async move {
-                sink_loop.run().await;
-                drop(ended);
-            });
-        }
-        self.start_spool_tasks(config, dead_letters, &delivery);
-        delivery.close();
-        Ok(delivery)
-    }
-
-    /// Cancelled once nothing more can reach sink `name`: when the ingest is done and, if other
-    /// sinks dead-letter into it, when their loops have ended too.
-    fn inputs_done(
-        &self,
-        config: &Config,
-        name: &str,
-        ended: &BTreeMap<&str, CancellationToken>,
-        delivery: &TaskTracker,
-    ) -> CancellationToken {
-        let sources: Vec<CancellationToken> = config
-            .sinks
-            .iter()
-            .filter(|(_, s)| s.dead_letter.as_deref() == Some(name))
-            .map(|(source, _)| ended[source.as_str()].clone())
-            .collect();
-        if sources.is_empty() {
-            return self.ingest_done.clone();
-        }
-        let (inputs_done, ingest_done) = (CancellationToken::new(), self.ingest_done.clone());
-        let inputs = inputs_done.clone();
-        delivery.spawn(async move {
-            ingest_done.cancelled().await;
-            for source in sources {
-                source.cancelled().await;
+        for (name, settings, sink) in built {
+            if let Err(e) = loops.launch(name, settings, sink, self.memory.sink) {
+                // The loops started so far stop: the bridge does not start.
+                self.give_up.cancel();
+                return Err(e.into());
             }
-            inputs.cancel();
-        });
-        inputs_done
-    }
-
-    /// Builds sink `name` and the loop that delivers to it from the spool.
-    async fn build_sink_loop(
-        &self,
-        name: &str,
-        settings: &SinkSettings,
-        dead_letters: &DeadLetters,
-        parked: Parked,
-        inputs_done: CancellationToken,
-    ) -> Result<SinkLoop, StartError> {
-        let Wiring {
-            spool,
-            stats,
-            status,
-            tail,
-            give_up,
-            memory,
-            ..
-        } = self;
-        let sink = Sink::build(name, &settings.kind, SINK_LIMITS).await?;
-        Ok(SinkLoop {
-            name: name.to_owned(),
-            sink,
-            redaction: settings.redaction.clone(),
-            retry: settings.retry,
-            parked,
-            reader: FileReader::new(spool.reader(name)?, memory.sink.read_bytes),
-            tail: tail.clone(),
-            unconfirmed_bytes: memory.sink.unconfirmed_bytes,
-            dead_letters: dead_letters.clone(),
-            dead_letter_sink: settings
-                .dead_letter
-                .as_ref()
-                .map(|target| (spool.clone(), spool.mask(&[target.as_str()]))),
-            stats: stats.clone(),
-            status: status.register_sink(name),
-            ingest_done: inputs_done,
-            give_up: give_up.clone(),
-        })
+        }
+        Ok(())
     }
 
     /// Starts the fsync timer (in `interval` mode) and the dead-letter replay poller.
@@ -487,6 +437,7 @@ impl Wiring {
         config: &Config,
         dead_letters: DeadLetters,
         delivery: &TaskTracker,
+        routes: &RouteSwitch,
     ) {
         if config.spool.fsync == FsyncMode::Interval {
             delivery.spawn(ingest::sync_periodically(
@@ -498,35 +449,32 @@ impl Wiring {
         delivery.spawn(ingest::replay_dead_letters(
             dead_letters,
             self.spool.clone(),
-            config.sinks.keys().cloned().collect(),
+            routes.subscribe(),
             self.memory.replay_batch,
             self.ingest_done.clone(),
         ));
     }
 
-    /// Starts the ingest: events in, routed and appended to the spool, then announced on the
-    /// tail; a full spool pushes its oldest segment out to `dead_letters`. Returns its task and
-    /// the sender the token sockets hand events to, behind the byte gate of the ingest's share
-    /// of `memory_limit`.
-    fn start_ingest(
-        &self,
-        config: &Config,
-        dead_letters: DeadLetters,
-    ) -> (TaskTracker, EventSender) {
+    /// Starts the ingest: events in, routed (by what `feed` holds) and appended to the spool,
+    /// then announced on the tail; a full spool pushes its oldest segment out with `push_out`.
+    /// Returns its task and the sender the token sockets hand events to, behind the byte gate
+    /// of the ingest's share of `memory_limit`.
+    fn start_ingest(&self, feed: RouteFeed, push_out: Arc<PushOut>) -> (TaskTracker, EventSender) {
         let ingest = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(INGEST_CAPACITY);
         let gate = ByteGate::new(self.memory.ingest_events);
         let events_tx = EventSender::gated(events_tx, gate.clone());
-        let (routes, done) = (config.routes.clone(), self.ingest_done.clone());
         let appender = Appender::new(
             self.spool.clone(),
             self.tail.clone(),
             self.stats.clone(),
             self.give_up.clone(),
-            self.push_out(config, dead_letters),
+            push_out,
         );
+        let ingest_loop = Ingest::new(events_rx, gate, feed, appender, self.status.clone());
+        let done = self.ingest_done.clone();
         ingest.spawn(async move {
-            ingest::ingest(events_rx, gate, routes, appender).await;
+            ingest::ingest(ingest_loop).await;
             done.cancel();
         });
         ingest.close();
@@ -536,19 +484,29 @@ impl Wiring {
     /// What makes room in a full spool (`when_full: dead_letter`): every configured sink, with
     /// its redaction and its cell on the status board, and the dead letters its events go to.
     fn push_out(&self, config: &Config, dead_letters: DeadLetters) -> Arc<PushOut> {
-        let sinks = config
-            .sinks
-            .iter()
-            .map(|(name, settings)| {
-                let sink = PressureSink {
-                    redaction: settings.redaction.clone(),
-                    status: self.status.register_sink(name),
-                };
-                (name.clone(), sink)
-            })
-            .collect();
-        Arc::new(PushOut::new(dead_letters, sinks, self.stats.clone()))
+        push_out(config, dead_letters, &self.status, &self.stats)
     }
+}
+
+/// What makes room in a full spool for the sinks of `config` (see [`Wiring::push_out`]).
+fn push_out(
+    config: &Config,
+    dead_letters: DeadLetters,
+    status: &StatusBoard,
+    stats: &Arc<PipelineStats>,
+) -> Arc<PushOut> {
+    let sinks = config
+        .sinks
+        .iter()
+        .map(|(name, settings)| {
+            let sink = PressureSink {
+                redaction: settings.redaction.clone(),
+                status: status.register_sink(name),
+            };
+            (name.clone(), sink)
+        })
+        .collect();
+    Arc::new(PushOut::new(dead_letters, sinks, stats.clone()))
 }
 
 /// Starts one socket per configured token.

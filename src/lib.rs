@@ -19,8 +19,10 @@
 //!   `data`, its CloudEvents attributes, the spool record codec.
 //! - [`route`]: the compiled route table (event globs, tokens, accounts, conditions on `data`),
 //!   the templates of topics, subjects and URLs, and [`route::redact`] (what a sink may not see).
-//! - [`spool`]: the durable segment log every event is appended to; one cursor per sink.
-//! - [`delivery`]: [`delivery::ingest`] (ids, routes, append), then one loop per sink: read,
+//! - [`spool`]: the durable segment log every event is appended to; one cursor per sink; sinks
+//!   join and leave while it is open.
+//! - [`delivery`]: [`delivery::ingest`] (ids, routes swapped between batches, append; restarted
+//!   after a panic with what it held), then one loop per sink: read,
 //!   hand over with acks outstanding, settle retries, dead-letter ([`delivery::dead_letter`]),
 //!   commit.
 //! - [`sink`]: the sink contract and the sinks: `file`/`stdout`, [`sink::kafka`], [`sink::nats`],
@@ -43,7 +45,11 @@
 //!   and redaction, each checked against the sinks it must reach; above the config it checks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,
 //!   starts the ingest and the sockets; [`Bridge::shutdown`] stops them in reverse; [`run`] is
-//!   both around an injected shutdown future.
+//!   both around an injected shutdown future. Its `loops` keep one task per sink that restarts
+//!   a panicked loop from its cursor; its `reload` is [`Bridge::reload`], which applies a new
+//!   config in place, changing only what differs.
+//! - `test_panics` (tests only): makes a loop panic once, as `spool::inject_fault` makes a disk
+//!   fail.
 //! - `fuzzing` (feature `fuzzing`, for `fuzz/` only): one entry point per reader of untrusted
 //!   input, so the fuzz targets reach private readers without making them public.
 //!
@@ -67,6 +73,10 @@ pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod status;
+#[cfg(test)]
+mod test_panics;
 pub mod types;
 
-pub use bridge::{run, Bridge, Drain, Persistence, ShutdownReport, StartError};
+pub use bridge::{
+    run, Bridge, Drain, Persistence, ReloadError, ReloadReport, ShutdownReport, StartError,
+};

@@ -12,7 +12,7 @@ use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::notify::{Notice, Notifier};
-use chatwoot_bridge::status::{SinkState, StatusBoard, TokenState};
+use chatwoot_bridge::status::{StatusBoard, TokenState};
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
@@ -264,8 +264,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The daemon, until SIGTERM or Ctrl-C.
+/// The daemon, until SIGTERM or Ctrl-C; SIGHUP reloads the config file.
 async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    // Before anything slow: SIGHUP's default action ends the process.
+    let hangups = hangups()?;
     let config = Config::load(path)?;
     let first_signal = std::sync::Arc::new(tokio::sync::Notify::new());
     let stop = {
@@ -276,7 +278,7 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let report = tokio::select! {
-        report = run_notifying(config, stop) => report?,
+        report = serve(config, path, hangups, stop) => report?,
         () = async {
             first_signal.notified().await;
             shutdown_signal().await;
@@ -291,28 +293,43 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(exit_code(&report)))
 }
 
-/// [`chatwoot_bridge::run`], telling systemd (when it started the daemon with `Type=notify`):
-/// READY=1 once the bridge started (every sink built, the spool open), WATCHDOG=1 while its
-/// loops are alive (with `WatchdogSec=`), STOPPING=1 at the signal.
-async fn run_notifying(
+/// The bridge until `stop` completes, reloading the config file at `path` on every SIGHUP
+/// (a bad config is logged with every problem and the running one stays), then shut down.
+/// Tells systemd (when it started the daemon with `Type=notify`): READY=1 once the bridge
+/// started (every sink built, the spool open), RELOADING=1 and READY=1 around each reload,
+/// WATCHDOG=1 while its loops are alive (with `WatchdogSec=`), STOPPING=1 at the signal.
+async fn serve(
     config: Config,
+    path: &Path,
+    mut hangups: Hangups,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ShutdownReport, chatwoot_bridge::StartError> {
     let notifier = Notifier::from_env().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "systemd notifications are off");
         Notifier::default()
     });
-    let (tokens, sinks) = (config.tokens.len(), config.sinks.len());
-    let bridge = chatwoot_bridge::Bridge::start(config).await?;
-    let running = format!("running: {tokens} tokens, {sinks} sinks");
-    notifier.notify_or_log(&[Notice::Ready, Notice::Status(&running)]);
+    let mut bridge = chatwoot_bridge::Bridge::start(config).await?;
+    notifier.notify_or_log(&[Notice::Ready, Notice::Status(&running(&bridge))]);
     let watchdog = notifier
         .start_watchdog(loops_alive(bridge.status().clone()))
         .unwrap_or_else(|e| {
             tracing::error!(error = %e, "the systemd watchdog is not kept alive");
             None
         });
-    stop.await;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = hangups.next() => {
+                info!(config = %path.display(), "SIGHUP received: reloading the config");
+                notifier.notify_or_log(&[Notice::Reloading]);
+                // The outcome, or every problem, is logged by the reload itself.
+                let _ = bridge.reload_from(path).await;
+                // READY=1 after a refused reload too, or systemd stays in "reloading".
+                notifier.notify_or_log(&[Notice::Ready, Notice::Status(&running(&bridge))]);
+            }
+        }
+    }
     // systemd stops watching once told the service is stopping, and the loops end one by one
     // now: the pings end first, so that STOPPING=1 is the last notification.
     drop(watchdog);
@@ -323,14 +340,24 @@ async fn run_notifying(
     Ok(bridge.shutdown().await)
 }
 
-/// The watchdog's liveness check: no token task or sink loop has ended. Those end only at
-/// shutdown, so one that ended while running is a daemon that stopped doing its work.
+/// The status line systemd shows while the bridge runs.
+fn running(bridge: &chatwoot_bridge::Bridge) -> String {
+    let status = bridge.status();
+    format!(
+        "running: {} tokens, {} sinks",
+        status.tokens().len(),
+        status.sinks().len()
+    )
+}
+
+/// The watchdog's liveness check: the ingest and every sink loop are alive (a panicked one is
+/// being restarted counts as alive; one that ended while running does not), and no token task
+/// has ended. Those end only at shutdown, so one that ended while running is a daemon that
+/// stopped doing its work.
 fn loops_alive(status: StatusBoard) -> impl Fn() -> bool + Send + 'static {
     move || {
-        status
-            .sinks()
-            .values()
-            .all(|s| s.state != SinkState::Stopped)
+        status.ingest().alive
+            && status.sinks().values().all(|s| s.alive)
             && status
                 .tokens()
                 .values()
@@ -361,6 +388,37 @@ async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// SIGHUP, as `systemctl reload` and `kill -HUP` send it.
+#[cfg(unix)]
+struct Hangups(tokio::signal::unix::Signal);
+
+/// No SIGHUP where there is none.
+#[cfg(not(unix))]
+struct Hangups;
+
+#[cfg(unix)]
+fn hangups() -> anyhow::Result<Hangups> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    Ok(Hangups(hangups))
+}
+
+#[cfg(not(unix))]
+fn hangups() -> anyhow::Result<Hangups> {
+    Ok(Hangups)
+}
+
+impl Hangups {
+    /// Completes at the next SIGHUP.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if self.0.recv().await.is_some() {
+            return;
+        }
+        std::future::pending::<()>().await
+    }
 }
 
 /// The exit code of `run` after a shutdown. Undelivered events are safe in the spool: a stop is

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -158,6 +158,12 @@ pub struct SinkStatus {
     /// them (`when_full: dead_letter`): the price of lagging, paid by this sink alone. Not
     /// included in `dead_lettered`.
     pub pushed_out: u64,
+    /// Times the sink's delivery loop panicked and was started again from its committed
+    /// cursor.
+    pub loop_restarts: u64,
+    /// Whether the delivery loop runs: false between a panic and its restart, and while it
+    /// cannot be built again after one (health checks fail on it).
+    pub alive: bool,
 }
 
 /// Shared cell a sink loop writes and everyone else reads.
@@ -175,6 +181,10 @@ struct SinkCell {
     parked: AtomicU64,
     /// See [`SinkStatus::pushed_out`].
     pushed_out: AtomicU64,
+    /// See [`SinkStatus::loop_restarts`].
+    loop_restarts: AtomicU64,
+    /// See [`SinkStatus::alive`].
+    alive: AtomicBool,
 }
 
 /// What a sink loop uses to report.
@@ -227,6 +237,23 @@ impl SinkReporter {
         self.cell.pushed_out.fetch_add(n, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
+
+    /// The delivery loop panicked: counted, and not alive until it runs again.
+    pub(crate) fn loop_panicked(&self, error: impl Into<String>) {
+        self.cell.loop_restarts.fetch_add(1, Ordering::Relaxed);
+        self.cell.alive.store(false, Ordering::Relaxed);
+        self.cell
+            .phase
+            .update(SinkState::Retrying, Some(error.into()));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Whether the delivery loop runs now.
+    pub(crate) fn set_alive(&self, alive: bool) {
+        if self.cell.alive.swap(alive, Ordering::Relaxed) != alive {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
 }
 
 /// The registry of token and sink states. Cheap to clone.
@@ -236,6 +263,10 @@ pub struct StatusBoard {
     tokens: Arc<Mutex<BTreeMap<Arc<str>, Arc<TokenCell>>>>,
     /// Every sink's cell, by name.
     sinks: Arc<Mutex<BTreeMap<String, Arc<SinkCell>>>>,
+    /// The ingest's restarts and whether it runs.
+    ingest: Arc<IngestCell>,
+    /// The config running now and how its reloads went; written at start and per reload only.
+    config: Arc<Mutex<ConfigStatus>>,
     /// Bumped on every state change so waiters wake up without polling.
     changed: watch::Sender<u64>,
 }
@@ -245,8 +276,58 @@ impl Default for StatusBoard {
         StatusBoard {
             tokens: Arc::default(),
             sinks: Arc::default(),
+            ingest: Arc::new(IngestCell {
+                restarts: AtomicU64::new(0),
+                alive: AtomicBool::new(true),
+            }),
+            config: Arc::default(),
             changed: watch::channel(0).0,
         }
+    }
+}
+
+/// The ingest's cell: written by its task, read by health checks and metrics.
+#[derive(Debug)]
+struct IngestCell {
+    /// See [`IngestStatus::restarts`].
+    restarts: AtomicU64,
+    /// See [`IngestStatus::alive`].
+    alive: AtomicBool,
+}
+
+/// A copy of the ingest's status at one moment.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct IngestStatus {
+    /// Times the ingest panicked and was started again, keeping its channel and the events it
+    /// held.
+    pub restarts: u64,
+    /// Whether the ingest runs: false between a panic and its restart (health checks fail on
+    /// it).
+    pub alive: bool,
+}
+
+/// The config the bridge runs on, and how reloading it went.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConfigStatus {
+    /// The running config's hash ([`crate::config::Config::hash`]); `None` before the first
+    /// load.
+    pub hash: Option<String>,
+    /// Reloads applied since start (the load at start is not one).
+    pub reloads_succeeded: u64,
+    /// Reloads refused since start; the config running before each kept running.
+    pub reloads_failed: u64,
+    /// When the running config was loaded: at start or by the last reload that was applied.
+    #[serde(serialize_with = "rfc3339_optional")]
+    pub last_success: Option<SystemTime>,
+    /// Why the last reload was refused, every problem; `None` once a reload is applied.
+    pub last_error: Option<String>,
+}
+
+/// Serializes an optional time as RFC 3339 with milliseconds, or null.
+fn rfc3339_optional<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
     }
 }
 
@@ -305,6 +386,8 @@ impl StatusBoard {
                     retries: AtomicU64::new(0),
                     parked: AtomicU64::new(0),
                     pushed_out: AtomicU64::new(0),
+                    loop_restarts: AtomicU64::new(0),
+                    alive: AtomicBool::new(true),
                 })
             })
             .clone();
@@ -331,6 +414,8 @@ impl StatusBoard {
                     retries: cell.retries.load(Ordering::Relaxed),
                     parked: cell.parked.load(Ordering::Relaxed),
                     pushed_out: cell.pushed_out.load(Ordering::Relaxed),
+                    loop_restarts: cell.loop_restarts.load(Ordering::Relaxed),
+                    alive: cell.alive.load(Ordering::Relaxed),
                 };
                 (name.clone(), status)
             })
@@ -340,6 +425,62 @@ impl StatusBoard {
     /// One sink's status, if it exists.
     pub fn sink(&self, name: &str) -> Option<SinkStatus> {
         self.sinks().remove(name)
+    }
+
+    /// Records the config running now, with its hash: at start, then after each reload that
+    /// was applied (every load after the first counts as a reload).
+    pub fn config_loaded(&self, hash: &str) {
+        let mut config = self.config.lock().expect("status lock");
+        if config.hash.is_some() {
+            config.reloads_succeeded += 1;
+        }
+        config.hash = Some(hash.to_owned());
+        config.last_success = Some(SystemTime::now());
+        config.last_error = None;
+        drop(config);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Records a reload that was refused, and why; the running config stays as it was.
+    pub fn config_reload_failed(&self, error: &str) {
+        let mut config = self.config.lock().expect("status lock");
+        config.reloads_failed += 1;
+        config.last_error = Some(error.to_owned());
+        drop(config);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The running config's hash and how its reloads went.
+    pub fn config(&self) -> ConfigStatus {
+        self.config.lock().expect("status lock").clone()
+    }
+
+    /// The ingest's restarts and whether it runs.
+    pub fn ingest(&self) -> IngestStatus {
+        IngestStatus {
+            restarts: self.ingest.restarts.load(Ordering::Relaxed),
+            alive: self.ingest.alive.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The ingest panicked: counted, and not alive until it runs again.
+    pub(crate) fn ingest_panicked(&self) {
+        self.ingest.restarts.fetch_add(1, Ordering::Relaxed);
+        self.ingest.alive.store(false, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Whether the ingest runs now.
+    pub(crate) fn set_ingest_alive(&self, alive: bool) {
+        if self.ingest.alive.swap(alive, Ordering::Relaxed) != alive {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Forgets a sink that a reload removed, once its loop has ended.
+    pub(crate) fn unregister_sink(&self, name: &str) {
+        self.sinks.lock().expect("status lock").remove(name);
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Forgets a token that was removed from the config.

@@ -538,3 +538,87 @@ async fn dlq_list_skips_a_torn_line_and_says_how_many() {
         .collect();
     assert_eq!(torn.len(), 1, "the torn bytes are kept aside");
 }
+
+/// Sends SIGHUP with kill(1), as `systemctl reload` and logrotate's postrotate do.
+fn sighup(child: &tokio::process::Child) {
+    let pid = child.id().expect("the daemon is running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// The lines of `file`, each checked to be a whole JSON object.
+fn json_lines(file: &Path) -> usize {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("whole JSON lines");
+    }
+    text.lines().count()
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_and_the_file_sink_reopens_its_file_after_logrotate() {
+    let server = streaming_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, out_file) = file_sink_config(&server.url(), "t", dir.path());
+    let mut child = daemon(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = StderrLines::collect(&mut child);
+    wait_for_lines_in(&out_file, 10).await;
+
+    // logrotate moves the file away and sends SIGHUP; the config gains a second sink meanwhile.
+    let rotated = dir.path().join("out.jsonl.1");
+    std::fs::rename(&out_file, &rotated).unwrap();
+    let second = dir.path().join("second.jsonl");
+    BridgeYaml::new(&server.url())
+        .token("{ name: a, pubsub_token: t }")
+        .sink(
+            "out",
+            &format!("{{ type: file, path: {} }}", quoted(&out_file)),
+        )
+        .sink(
+            "second",
+            &format!("{{ type: file, path: {} }}", quoted(&second)),
+        )
+        .route_all(&["out", "second"])
+        .spool(&dir.path().join("spool"))
+        .write(&path);
+    sighup(&child);
+    stderr.wait_for("the reload", "config reloaded", 1).await;
+    wait_for_lines_in(&out_file, 10).await;
+    wait_for_lines_in(&second, 10).await;
+    let rotated_lines = json_lines(&rotated);
+
+    // A broken config is logged with its problems; the running one goes on.
+    std::fs::write(&path, "chatwoot: { url: ws://x/cable }\ntokens: []\n").unwrap();
+    sighup(&child);
+    stderr
+        .wait_for(
+            "the refusal",
+            "config not reloaded, the running one stays",
+            1,
+        )
+        .await;
+    let before = json_lines(&second);
+    wait_for_lines_in(&second, before + 10).await;
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+
+    let status = stop_with_sigterm(&mut child).await;
+    server.stop().await;
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        json_lines(&rotated),
+        rotated_lines,
+        "nothing more went to the moved file"
+    );
+    assert!(json_lines(&out_file) >= 10);
+    let lines = stderr.all().await.join("\n");
+    assert!(
+        lines.contains("tokens: at least one token is needed"),
+        "{lines}"
+    );
+}

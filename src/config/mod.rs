@@ -105,10 +105,32 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Bytes of events held in memory at once, divided among the stages that hold them.
     pub memory_limit: u64,
+    /// What a reload does with the events not delivered yet of the sinks it removes, by sink.
+    pub retired_sinks: BTreeMap<String, Retirement>,
+    /// SHA-256 of the config text as read, in hex (what `sha256sum` prints for the file):
+    /// which config runs, in the status and in metrics. Environment variables the text refers
+    /// to are not part of it.
+    pub hash: String,
 }
 
-/// One sink: where it delivers and what it removes from `data` first.
-#[derive(Debug, Clone)]
+/// What a reload does with the events a removed sink has not delivered yet (`retired_sinks:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Retirement {
+    /// Deliver them, then remove the sink; it takes no new events meanwhile.
+    Drain,
+    /// Give them up: the count is at least how many there are (the spool's backlog and the
+    /// retry set), so that the operator states what is lost; a reload with fewer is refused.
+    Drop(
+        #[serde(deserialize_with = "crate::types::number")]
+        #[schemars(with = "u64")]
+        u64,
+    ),
+}
+
+/// One sink: where it delivers and what it removes from `data` first. Compared by a reload:
+/// a sink whose settings differ is built again.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SinkSettings {
     /// The validated destination.
     pub kind: SinkKind,
@@ -173,8 +195,19 @@ impl Config {
                 message: e.into_inner().to_string(),
             }
         })?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.hash = text_hash(text);
+        Ok(config)
     }
+}
+
+/// SHA-256 of `text` in lowercase hex.
+fn text_hash(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The full key path of an error that `key` places at a sink (`sinks.<name>`): a sink's kind

@@ -11,6 +11,7 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use super::Retirement;
 use crate::delivery::retry::RetrySettings;
 use crate::memory::DEFAULT_MEMORY_LIMIT;
 use crate::route::redact::FieldsSpec;
@@ -51,6 +52,11 @@ pub(super) struct RawConfig {
     #[serde(default = "default_memory_limit", deserialize_with = "number")]
     #[schemars(with = "u64")]
     pub(super) memory_limit: u64,
+    /// Sinks a reload removes while they still hold events not delivered, by name, and what
+    /// becomes of those events: `drain` (delivered first, then the sink is removed) or
+    /// `{ drop: COUNT }` (given up; COUNT at least the events it holds). Read on reload only.
+    #[serde(default)]
+    pub(super) retired_sinks: BTreeMap<String, Retirement>,
 }
 
 /// Chatwoot's ActionCable endpoint, and the timing and limits of every socket to it.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
 
 use super::raw::{RawChatwoot, RawConfig, RawSink, RawSpool, RawToken};
-use super::{Config, ConfigError, SinkSettings};
+use super::{Config, ConfigError, Retirement, SinkSettings};
 use crate::delivery::retry::RetrySettings;
 use crate::event::MAX_NESTING_CEILING;
 use crate::route::jsonpath::JsonPath;
@@ -45,6 +45,7 @@ impl RawConfig {
             spool,
             shutdown_timeout,
             memory_limit,
+            retired_sinks,
         } = self;
         let mut problems = Problems::top_level();
         let chatwoot = check_cable(chatwoot, &mut problems);
@@ -53,6 +54,7 @@ impl RawConfig {
         let routes = check_routes(routes, unmatched, &sinks, &mut problems);
         let spool = check_spool(spool, chatwoot.max_frame_bytes, &mut problems);
         check_memory_limit(memory_limit, chatwoot.max_frame_bytes, &mut problems);
+        check_retired_sinks(&retired_sinks, &sinks, &mut problems);
         // Compiled last: the problems of conditions and token names come after all the others.
         let table = RouteTable::compile(routes.specs, &tokens.names, routes.unmatched);
         let Some(routes) = problems.absorb(table) else {
@@ -67,6 +69,8 @@ impl RawConfig {
                 spool,
                 shutdown_timeout: shutdown_timeout.0,
                 memory_limit,
+                retired_sinks,
+                hash: String::new(),
             })
             .map_err(ConfigError::Invalid)
     }
@@ -473,6 +477,27 @@ fn check_memory_limit(limit: u64, max_frame_bytes: u64, problems: &mut Problems<
             "memory_limit",
             format!("{limit} is smaller than twice chatwoot.max_frame_bytes ({max_frame_bytes})"),
         );
+    }
+}
+
+/// Checks `retired_sinks:`: plain names, none of them a configured sink.
+fn check_retired_sinks(
+    retired: &BTreeMap<String, Retirement>,
+    sinks: &BTreeMap<String, SinkSettings>,
+    problems: &mut Problems<'_>,
+) {
+    for name in retired.keys() {
+        let key = format!("retired_sinks.{name}");
+        if let Err(message) = check_name(name) {
+            problems.add(&key, message);
+        } else if sinks.contains_key(name) {
+            problems.add(
+                &key,
+                format!(
+                    "`{name}` is configured under sinks: a sink is configured or retired, not both"
+                ),
+            );
+        }
     }
 }
 

@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -27,7 +26,6 @@ use crate::delivery::dead_letter::{DeadLetters, LetterCount};
 use crate::delivery::pressure::{PushOut, PushOutError};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
-use crate::memory::ByteGate;
 use crate::route::RouteTable;
 use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
@@ -211,76 +209,6 @@ impl RecordBatch {
     }
 }
 
-/// Assigns ids, routes, and appends every event to the spool. Ends when all token tasks have
-/// dropped their senders and everything received is appended. The bytes the token tasks took
-/// from `gate` for each event go back once it is appended (or routed nowhere).
-///
-/// Once the appender's deadline is cancelled (the shutdown deadline passed) it stops waiting
-/// for the disk: it closes the channel (a token task still waiting to hand an event over, or
-/// waiting for the gate, gets an error and counts it), and what it has not appended by then, in
-/// hand or queued, is counted as not spooled.
-pub(crate) async fn ingest(
-    mut events: mpsc::Receiver<Event>,
-    gate: ByteGate,
-    routes: RouteTable,
-    mut appender: Appender,
-) {
-    let mut router = Router::new(routes, &appender.spool);
-    let mut received = Vec::with_capacity(MAX_BATCH);
-    let mut batch = RecordBatch::default();
-    // A batch never takes more than a segment (at most an eighth of the spool): under
-    // DropOldest one larger than the spool would lose its own oldest events before they were
-    // ever spooled; under DeadLetter, the room it needs comes from the oldest end of the spool,
-    // which a sink that keeps up has delivered, never from the newest seven eighths.
-    let max_batch_bytes = appender.spool.segment_limit();
-    let mut channel_open = true;
-    loop {
-        let received_some = tokio::select! {
-            n = events.recv_many(&mut received, MAX_BATCH) => n > 0,
-            () = appender.deadline.cancelled(), if channel_open => {
-                events.close();
-                channel_open = false;
-                continue;
-            }
-        };
-        if !received_some {
-            break;
-        }
-        let charged: usize = received
-            .iter()
-            .map(|e| gate.charge(e.memory_bytes()) as usize)
-            .sum();
-        batch.clear();
-        let mut appended = Vec::with_capacity(received.len());
-        let mut masks = Vec::with_capacity(received.len());
-        for event in received.drain(..) {
-            let Some((event, mask)) = router.route(event, &appender.stats) else {
-                continue;
-            };
-            batch.push(&event, mask);
-            if batch.len() > 1 && batch.spool_bytes() > max_batch_bytes {
-                batch.pop();
-                let offered = (
-                    std::mem::replace(&mut appended, Vec::with_capacity(MAX_BATCH)),
-                    std::mem::replace(&mut masks, Vec::with_capacity(MAX_BATCH)),
-                );
-                batch = appender.append_until_stored(batch, offered).await;
-                batch.clear();
-                batch.push(&event, mask);
-            }
-            appended.push(Arc::new(event));
-            masks.push(mask);
-        }
-        if !batch.is_empty() {
-            batch = appender.append_until_stored(batch, (appended, masks)).await;
-        }
-        // Everything received is in the spool (or went nowhere, or was given up at the
-        // deadline): the sockets may read more.
-        gate.release(charged);
-    }
-    appender.finish();
-}
-
 /// Where the ingest appends, how it makes room, and how long it keeps trying.
 pub(crate) struct Appender {
     /// Every routed event is appended here.
@@ -298,6 +226,9 @@ pub(crate) struct Appender {
     /// Events given up on at the deadline, for the ingest's last word.
     given_up: u64,
 }
+
+mod run;
+pub(crate) use run::{ingest, route_switch, Ingest, IngestTable, RouteFeed, RouteSwitch};
 
 /// Gives each event its id and the spool mask of the sinks its routes chose.
 struct Router {
@@ -324,16 +255,29 @@ impl Router {
         }
     }
 
-    /// The event with its id, and the sinks it goes to; `None` when it goes to none. An event
-    /// that matched no route is counted in `stats`.
-    fn route(&mut self, mut event: Event, stats: &PipelineStats) -> Option<(Event, SinkMask)> {
+    /// Routes by `routes` from now on, to the sinks of `spool`; the ids go on as they were.
+    fn set_routes(&mut self, routes: RouteTable, spool: &Spool) {
+        let ids = std::mem::take(&mut self.ids);
+        *self = Router {
+            ids,
+            ..Router::new(routes, spool)
+        };
+    }
+
+    /// Gives `event` its id.
+    fn give_id(&mut self, event: &mut Event) {
         event.id = self.ids.assign(
             event.content_hash,
             &event.token,
             event.received_at,
             event.received_mono,
         );
-        let routed = self.routes.route(&event);
+    }
+
+    /// The sinks `event` goes to; `None` when it goes to none. An event that matched no route
+    /// is counted in `stats`.
+    fn route(&self, event: &Event, stats: &PipelineStats) -> Option<SinkMask> {
+        let routed = self.routes.route(event);
         if !routed.matched {
             count_unmatched(stats, &event.name);
             debug!(event = %event.name, token = %event.token, "event matched no route");
@@ -342,7 +286,7 @@ impl Router {
             return None;
         }
         let mask = routed.sinks.iter().fold(0, |m, t| m | self.sink_masks[t].0);
-        Some((event, SinkMask(mask)))
+        Some(SinkMask(mask))
     }
 }
 
@@ -613,15 +557,17 @@ impl SyncFailures {
 /// Puts dead letters that `dlq replay` queued back into the spool, for their sink only, in
 /// batches of at most `max_batch_bytes` (the replays' share of `memory_limit`) or
 /// [`REPLAY_BATCH_BYTES`], whichever is smaller.
+/// The configured sinks are read from `table` at every pass: a reload may add one.
 pub(crate) async fn replay_dead_letters(
     dead_letters: DeadLetters,
     spool: Spool,
-    sinks: Vec<String>,
+    table: tokio::sync::watch::Receiver<Arc<IngestTable>>,
     max_batch_bytes: usize,
     stop: CancellationToken,
 ) {
     let max_batch_bytes = max_batch_bytes.min(REPLAY_BATCH_BYTES);
     loop {
+        let sinks = table.borrow().sinks.clone();
         replay_pending(&dead_letters, &spool, &sinks, max_batch_bytes).await;
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -797,8 +743,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::memory::ByteGate;
     use crate::route::RouteSpec;
     use crate::spool::{SpoolConfig, WhenFull};
+    use crate::status::StatusBoard;
+    use tokio::sync::mpsc;
 
     #[tokio::test]
     async fn a_burst_larger_than_the_spool_gets_every_event_a_place_in_it() {
@@ -829,24 +778,28 @@ mod tests {
         drop(events);
         let stats = Arc::new(PipelineStats::default());
         let (gate, tail) = (ByteGate::new(64 << 20), Tail::new(16 << 20));
-        let push_out = PushOut::new(
+        let push_out = Arc::new(PushOut::new(
             DeadLetters::open(dir.path()).unwrap(),
             BTreeMap::new(),
             stats.clone(),
-        );
+        ));
         let appender = Appender::new(
             spool.clone(),
             tail,
             stats.clone(),
             CancellationToken::new(),
-            Arc::new(push_out),
+            push_out.clone(),
         );
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            ingest(received, gate, routes, appender),
-        )
-        .await
-        .expect("ingest ends once the senders are gone");
+        let (_switch, feed) = route_switch(IngestTable {
+            generation: 0,
+            routes,
+            push_out,
+            sinks: vec!["out".into()],
+        });
+        let ingest_loop = Ingest::new(received, gate, feed, appender, StatusBoard::new());
+        tokio::time::timeout(Duration::from_secs(30), ingest(ingest_loop))
+            .await
+            .expect("ingest ends once the senders are gone");
         assert_eq!(stats.spooled.load(Ordering::Relaxed), EVENTS);
         assert!(stats.spool_dropped_oldest.load(Ordering::Relaxed) > 0);
     }

@@ -228,6 +228,10 @@ impl SinkLoop {
             state.intake = Intake::CaughtUp;
             return ControlFlow::Continue(());
         };
+        #[cfg(test)]
+        crate::test_panics::maybe_panic(&crate::test_panics::PanicSite::SinkLoop(
+            self.name.clone(),
+        ));
         let events = unless_gave_up(self.park_behind(taken.events).await)?;
         self.status.set(SinkState::Delivering);
         match state.pace {

@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -55,12 +56,31 @@ pub struct FileSink {
 
 /// What a file sink writes to.
 enum Output {
-    /// A file, written with blocking calls off the runtime. The lock keeps batches one at a time
-    /// even when a send was abandoned while its write still runs, so a cut-back never removes
-    /// another batch's lines.
-    File(Arc<Mutex<File>>),
+    /// A file, written with blocking calls off the runtime.
+    File(AppendedFile),
     /// Standard output: a pipe or a terminal, which cannot be cut back.
     Stdout(tokio::io::Stdout),
+}
+
+/// A file the sink appends to, and what it needs to open it again.
+struct AppendedFile {
+    /// The open file. The lock keeps batches one at a time even when a send was abandoned
+    /// while its write still runs, so a cut-back never removes another batch's lines.
+    file: Arc<Mutex<File>>,
+    /// Where the file is, and the mode of one the sink creates: to open it again.
+    target: (PathBuf, u32),
+    /// The [`REOPEN`] count when it was opened: a higher count opens it again.
+    opened_at: u64,
+}
+
+/// Counts the requests that every file sink open its file again before its next write: a
+/// config reload (SIGHUP) makes one, so that a file logrotate moved away is created again
+/// instead of written to under its new name. One atomic load per batch.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Makes every file sink open its file again (by its path) before its next write.
+pub fn reopen_files() {
+    REOPEN.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A file sink's `mode` as written: text only. YAML parsers read `0640` as 640 or as 416
@@ -127,8 +147,16 @@ impl FileSink {
                 })
                 .await
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
-                let file = opened.map_err(|source| FileBuildError::Open { path, source })?;
-                Output::File(Arc::new(Mutex::new(file)))
+                let opened_at = REOPEN.load(Ordering::Relaxed);
+                let file = opened.map_err(|source| FileBuildError::Open {
+                    path: path.clone(),
+                    source,
+                })?;
+                Output::File(AppendedFile {
+                    file: Arc::new(Mutex::new(file)),
+                    target: (path, mode),
+                    opened_at,
+                })
             }
             FileTarget::Stdout => Output::Stdout(tokio::io::stdout()),
         };
@@ -146,18 +174,25 @@ impl FileSink {
             self.buffer.push(b'\n');
         }
         let written = match &mut self.out {
-            Output::File(file) => {
-                let file = file.clone();
+            Output::File(out) => {
+                let file = out.file.clone();
+                let wanted = REOPEN.load(Ordering::Relaxed);
+                let reopen = (wanted != out.opened_at).then(|| out.target.clone());
                 let lines = std::mem::take(&mut self.buffer);
                 let appended = tokio::task::spawn_blocking(move || {
-                    let file = file.lock().unwrap_or_else(PoisonError::into_inner);
-                    let appended = append_whole(&file, &lines);
+                    let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+                    let appended = reopen_if_asked(&mut file, reopen)
+                        .and_then(|()| append_whole(&file, &lines));
                     (lines, appended)
                 })
                 .await;
                 match appended {
                     Ok((lines, appended)) => {
                         self.buffer = lines;
+                        // Reopened if asked: a failed reopen is tried again with the retry.
+                        if appended.is_ok() {
+                            out.opened_at = wanted;
+                        }
                         appended
                     }
                     Err(e) => Err(io::Error::other(format!("the write did not finish: {e}"))),
@@ -198,6 +233,22 @@ fn open_append(path: &Path, mode: u32) -> io::Result<File> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => options.open(path),
         Err(e) => Err(e),
     }
+}
+
+/// Replaces `file` by the file at `target`'s path, opened (or created with its mode) again,
+/// when `target` is given. On failure `file` stays as it was.
+fn reopen_if_asked(file: &mut File, target: Option<(PathBuf, u32)>) -> io::Result<()> {
+    let Some((path, mode)) = target else {
+        return Ok(());
+    };
+    let reopened = open_append(&path, mode).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot open {} again after a reload: {e}", path.display()),
+        )
+    })?;
+    *file = reopened;
+    Ok(())
 }
 
 /// Appends `lines` after the file's last whole line, or leaves the file as it was. A file that
@@ -281,6 +332,13 @@ pub(crate) fn classify(error: &io::Error) -> ErrorClass {
 mod tests {
     use super::*;
 
+    impl FileSink {
+        /// Delivers a batch and waits for its outcomes.
+        async fn deliver_for_test(&mut self, batch: &[Arc<Event>]) -> Vec<Outcome> {
+            self.send(batch).await.await
+        }
+    }
+
     #[test]
     fn classification() {
         let full = io::Error::new(io::ErrorKind::StorageFull, "disk full");
@@ -334,6 +392,47 @@ mod tests {
             std::fs::read_to_string(&path).unwrap(),
             "whole\n{\"torn\n{}\n[]\n"
         );
+    }
+
+    #[tokio::test]
+    async fn after_a_reopen_request_the_next_batch_goes_to_a_new_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let target = FileTarget::Append {
+            path: path.clone(),
+            mode: DEFAULT_MODE,
+        };
+        let mut sink = FileSink::open(&target).await.unwrap();
+        let batch = |n: u32| {
+            let data = format!(r#"{{"n":{n}}}"#);
+            vec![Arc::new(Event::for_test("message.created", "a", &data))]
+        };
+        let delivered = |outcomes: Vec<Outcome>| matches!(outcomes[..], [Outcome::Delivered]);
+        assert!(delivered(sink.deliver_for_test(&batch(1)).await));
+        // logrotate moves the file away, then asks for a reopen.
+        let rotated = dir.path().join("out.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        reopen_files();
+        assert!(delivered(sink.deliver_for_test(&batch(2)).await));
+        let numbers = |p: &Path| -> Vec<u64> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["data"]["n"]
+                        .as_u64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(numbers(&rotated), [1]);
+        assert_eq!(
+            numbers(&path),
+            [2],
+            "the batch after the request went to a new file"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, DEFAULT_MODE, "created with the sink's mode");
     }
 
     #[tokio::test]

@@ -326,7 +326,7 @@ pub enum SinkConfig {
 }
 
 /// A validated sink kind: templates compiled, URLs and secrets checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     /// Append to this file.
     File {

@@ -48,7 +48,7 @@ struct Running {
 }
 
 /// What [`Supervisor::apply`] did, by token name.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     /// Tokens that were not running and now are.
     pub started: Vec<String>,

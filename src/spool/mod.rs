@@ -68,6 +68,7 @@
 //! - `format`: segment file names, record framing and CRC, reading a segment record by record;
 //! - `state`: what the lock guards, and the segment lifecycle (roll, reclaim, drop the oldest);
 //! - `registry`: the sinks, their mask bits and cursors, `sinks.json` and its lazy persistence;
+//! - `membership`: sinks joining and leaving while the spool is open (a config reload);
 //! - `open`: recovery at open, step by step;
 //! - `repair`: the active segment's repair at open (cut a torn tail, resynchronise past damage);
 //! - `append`: the append path, `when_full` included;
@@ -83,6 +84,7 @@ mod durable;
 mod error;
 mod evict;
 mod format;
+mod membership;
 #[cfg(test)]
 mod model_tests;
 mod open;
@@ -113,6 +115,7 @@ use format::segment_path;
 pub use format::HEADER_BYTES;
 pub use reader::SpoolReader;
 use registry::write_state_file;
+pub(crate) use registry::MAX_SINKS;
 use state::State;
 
 /// Largest spool segment by default; see [`SpoolConfig::segment_limit`] for smaller spools.
@@ -332,6 +335,12 @@ impl Spool {
                 appended,
             }),
         })
+    }
+
+    /// The spool's directory, which keys the faults and panics tests inject.
+    #[cfg(test)]
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.inner.config.dir
     }
 
     /// The cap on the spool's size (`spool.max_bytes`).

@@ -53,7 +53,7 @@ fn usize_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Erro
 }
 
 /// A validated webhook sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// Endpoint template.
     pub(crate) url: Template,
@@ -72,7 +72,7 @@ pub struct HttpSettings {
 }
 
 /// A decoded `whsec_` secret.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub(crate) struct SigningKey(pub(crate) Vec<u8>);
 
 impl std::fmt::Debug for SigningKey {

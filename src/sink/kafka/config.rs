@@ -29,7 +29,7 @@ pub struct KafkaConfig {
 }
 
 /// A validated Kafka sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KafkaSettings {
     /// Comma-separated bootstrap servers.
     pub(crate) brokers: String,

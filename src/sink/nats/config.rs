@@ -81,7 +81,7 @@ pub(crate) struct JetStreamConfig {
 }
 
 /// How the sink authenticates.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum NatsAuth {
     None,
     CredentialsFile(PathBuf),
@@ -91,7 +91,7 @@ pub(crate) enum NatsAuth {
 }
 
 /// The validated JetStream settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct JetStreamSettings {
     /// Stream name.
     pub(crate) stream: String,
@@ -106,7 +106,7 @@ pub(crate) struct JetStreamSettings {
 }
 
 /// A validated NATS sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NatsSettings {
     /// Server addresses, already parsed.
     pub(crate) urls: Vec<String>,
