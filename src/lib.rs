@@ -32,6 +32,9 @@
 //! - [`config`]: the YAML file, `${VAR}` expansion, validation into each stage's settings; it
 //!   sits above the stages because it builds their settings.
 //! - [`types`]: the config vocabulary every stage shares (secrets, durations, problems); a leaf.
+//! - [`secret_file`]: the `*_file` twin of every secret key, read at load; a leaf over `types`.
+//! - [`tls`]: the client TLS of the cable and the webhooks (`tls:`: system and bundled roots, a
+//!   private CA, a client certificate), checked at load; a leaf over `types`.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
 //! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
 //! - `memory`: `memory_limit` divided among the stages that hold events, and the byte gate
@@ -69,12 +72,14 @@ pub mod mock;
 pub mod notify;
 pub mod probe;
 pub mod route;
+pub mod secret_file;
 pub mod sink;
 pub mod source;
 pub mod spool;
 pub mod status;
 #[cfg(test)]
 mod test_panics;
+pub mod tls;
 pub mod types;
 
 pub use bridge::{

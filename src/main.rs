@@ -10,7 +10,7 @@ use anyhow::Context;
 use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
-use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
+use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockTls, MockToken};
 use chatwoot_bridge::notify::{Notice, Notifier};
 use chatwoot_bridge::status::{StatusBoard, TokenState};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -180,6 +180,12 @@ struct MockServerArgs {
     /// Heartbeat period.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     ping_interval: Duration,
+    /// Serve `wss://` with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -634,9 +640,16 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
         first_seq: args.first_seq,
         wait_for_subscriptions: 0,
         blast: None,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert_file, key_file)| MockTls {
+                cert_file,
+                key_file,
+            }),
     })
     .await
-    .with_context(|| format!("cannot listen on {listen}"))?;
+    .with_context(|| format!("cannot start the mock server on {listen}"))?;
     info!(url = %server.url(), "mock Chatwoot cable server listening");
     shutdown_signal().await;
     server.stop().await;

@@ -706,6 +706,195 @@ routes:
         );
     }
 
+    /// A config whose every kind of secret is read from a file under `${CREDENTIALS_DIRECTORY}`,
+    /// as systemd's `LoadCredential=` hands them over.
+    const SECRETS_FROM_FILES: &str = r#"
+chatwoot:
+  url: ws://127.0.0.1:3000/cable
+  headers_file: { X-Proxy-Auth: "${CREDENTIALS_DIRECTORY}/proxy" }
+tokens:
+  - { name: agent, pubsub_token_file: "${CREDENTIALS_DIRECTORY}/agent", account_id: 1, user_id: 2 }
+sinks:
+  hook:
+    type: http
+    url: http://127.0.0.1:8080/in
+    secret_file: ["${CREDENTIALS_DIRECTORY}/whsec"]
+    headers_file: { Authorization: "${CREDENTIALS_DIRECTORY}/bearer" }
+  bus: { type: nats, url: "nats://127.0.0.1:4222", subject: a, user: bridge, password_file: "${CREDENTIALS_DIRECTORY}/nats" }
+  log: { type: kafka, brokers: "127.0.0.1:9092", topic: t, librdkafka_file: { sasl.password: "${CREDENTIALS_DIRECTORY}/kafka" } }
+routes:
+  - { name: all, to: [hook, bus, log] }
+"#;
+
+    /// A folder of credentials as systemd hands them over, each file ending in a line break.
+    fn credentials(agent: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, value) in [
+            ("proxy", "proxy-secret"),
+            ("agent", agent),
+            ("whsec", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            ("bearer", "Bearer hook-secret"),
+            ("nats", "nats-secret"),
+            ("kafka", "kafka-secret"),
+        ] {
+            std::fs::write(dir.path().join(name), format!("{value}\n")).unwrap();
+        }
+        dir
+    }
+
+    /// [`SECRETS_FROM_FILES`] with `${CREDENTIALS_DIRECTORY}` set to `dir`, edited by `edit`.
+    fn load_credentials(dir: &Path, edit: impl Fn(&str) -> String) -> Result<Config, ConfigError> {
+        let folder = dir.display().to_string();
+        let env = move |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| folder.clone());
+        Config::from_yaml(&edit(SECRETS_FROM_FILES), &env, false)
+    }
+
+    #[test]
+    fn every_secret_is_read_from_its_file_at_every_load_without_the_line_break() {
+        let dir = credentials("agent-v1");
+        let cfg = load_credentials(dir.path(), str::to_owned).unwrap();
+        let token = &cfg.tokens[0];
+        assert_eq!(token.pubsub_token.expose(), "agent-v1");
+        assert_eq!(token.headers[0].0, "X-Proxy-Auth");
+        assert_eq!(token.headers[0].1.expose(), "proxy-secret");
+        let SinkKind::Http(hook) = &cfg.sinks["hook"].kind else {
+            panic!("hook is a webhook")
+        };
+        assert_eq!(hook.secrets.len(), 1);
+        assert_eq!(hook.headers[0].0.as_str(), "authorization");
+        assert_eq!(hook.headers[0].1.expose(), "Bearer hook-secret");
+        let SinkKind::Nats(bus) = &cfg.sinks["bus"].kind else {
+            panic!("bus is NATS")
+        };
+        // The password itself is checked by the NATS sink's own tests.
+        let auth = format!("{:?}", bus.auth);
+        assert!(auth.starts_with("UserPassword"), "{auth}");
+        let SinkKind::Kafka(log) = &cfg.sinks["log"].kind else {
+            panic!("log is Kafka")
+        };
+        assert_eq!(log.librdkafka[0].0, "sasl.password");
+        assert_eq!(log.librdkafka[0].1.expose(), "kafka-secret");
+        let dump = format!("{cfg:?}");
+        for secret in [
+            "agent-v1",
+            "proxy-secret",
+            "MfKQ9r8",
+            "hook-secret",
+            "nats-secret",
+            "kafka-secret",
+        ] {
+            assert!(!dump.contains(secret), "{secret} in {dump}");
+        }
+        // A rotated file is read again by the next load: a reload.
+        std::fs::write(dir.path().join("agent"), "agent-v2\n").unwrap();
+        let cfg = load_credentials(dir.path(), str::to_owned).unwrap();
+        assert_eq!(cfg.tokens[0].pubsub_token.expose(), "agent-v2");
+    }
+
+    #[test]
+    fn a_secret_given_both_ways_is_refused_naming_both_keys() {
+        let dir = credentials("agent");
+        let both = |edit: &dyn Fn(&str) -> String| match load_credentials(dir.path(), edit) {
+            Err(ConfigError::Invalid(found)) => {
+                found.iter().map(ToString::to_string).collect::<Vec<_>>()
+            }
+            other => panic!("not refused as invalid: {other:?}"),
+        };
+        let found =
+            both(&|yaml| yaml.replace("pubsub_token_file:", "pubsub_token: t, pubsub_token_file:"));
+        assert_eq!(
+            found,
+            ["tokens[0].pubsub_token: pubsub_token and pubsub_token_file are both given; keep one"]
+        );
+        let found = both(&|yaml| {
+            yaml.replace(
+                "    secret_file:",
+                "    secret: whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n    secret_file:",
+            )
+        });
+        assert_eq!(
+            found,
+            ["sinks.hook.secret: secret and secret_file are both given; keep one"]
+        );
+        let found = both(&|yaml| yaml.replace("password_file:", "password: p, password_file:"));
+        assert_eq!(
+            found,
+            ["sinks.bus.password: password and password_file are both given; keep one"]
+        );
+        let found = both(&|yaml| {
+            yaml.replace(
+                "librdkafka_file:",
+                "librdkafka: { sasl.password: p }, librdkafka_file:",
+            )
+            .replace(
+                "  headers_file: { X-Proxy",
+                "  headers: { X-Proxy-Auth: x }\n  headers_file: { X-Proxy",
+            )
+        });
+        assert_eq!(
+            found,
+            [
+                "chatwoot.headers.X-Proxy-Auth: is given in both headers and headers_file; keep one",
+                "sinks.log.librdkafka.sasl.password: is given in both librdkafka and librdkafka_file; keep one",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_names_its_key_and_path() {
+        let dir = credentials("agent");
+        std::fs::remove_file(dir.path().join("agent")).unwrap();
+        std::fs::write(dir.path().join("nats"), "\n").unwrap();
+        let Err(ConfigError::Invalid(found)) = load_credentials(dir.path(), str::to_owned) else {
+            panic!("refused as invalid")
+        };
+        let agent = dir.path().join("agent").display().to_string();
+        let nats = dir.path().join("nats").display().to_string();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].key, "tokens[0].pubsub_token_file");
+        assert!(
+            found[0]
+                .message
+                .starts_with(&format!("cannot read {agent}: No such file")),
+            "{found:?}"
+        );
+        assert_eq!(
+            found[1].to_string(),
+            format!("sinks.bus.password_file: {nats} is empty")
+        );
+        let err = load_error(&MINIMAL.replace("pubsub_token: contact-token", "presence: false"));
+        assert_eq!(
+            err,
+            "tokens[1].pubsub_token: is missing; give pubsub_token or pubsub_token_file"
+        );
+    }
+
+    #[test]
+    fn only_wss_sockets_get_tls_and_a_written_tls_section_is_always_checked() {
+        // MINIMAL: chatwoot.url is wss://, the visitor has a ws:// url of its own.
+        let cfg = load(MINIMAL).unwrap();
+        let tls = cfg.tokens[0]
+            .tls
+            .as_ref()
+            .expect("the agent's socket is wss://");
+        assert!(tls.verifies_certificates());
+        assert!(cfg.tokens[1].tls.is_none(), "the visitor's socket is ws://");
+        let plain = MINIMAL.replace(
+            "wss://chat.example.com/cable",
+            "ws://chat.example.com/cable",
+        );
+        assert!(load(&plain).unwrap().tokens[0].tls.is_none());
+        let with_tls = plain.replace(
+            "  url: ws://chat.example.com/cable",
+            "  url: ws://chat.example.com/cable\n  tls: { ca_file: /nonexistent/ca.pem }",
+        );
+        let err = load_error(&with_tls);
+        assert!(
+            err.starts_with("chatwoot.tls.ca_file: cannot read /nonexistent/ca.pem: "),
+            "{err}"
+        );
+    }
+
     /// A config with one of every mistake validation knows, in every section.
     const EVERY_MISTAKE: &str = r#"
 chatwoot:

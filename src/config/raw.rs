@@ -19,6 +19,7 @@ use crate::route::RouteSpec;
 use crate::sink::SinkConfig;
 use crate::source::settings::{CableSettings, ReconnectSettings};
 use crate::spool::{FsyncMode, SpoolConfig, WhenFull};
+use crate::tls::TlsConfig;
 use crate::types::{fraction, number, optional_number, HumanDuration, Secret};
 
 /// chatwoot-bridge configuration: Chatwoot's cable, the tokens to listen with, the sinks, and
@@ -70,6 +71,15 @@ pub(super) struct RawChatwoot {
     /// Extra handshake headers, for a proxy in front of Chatwoot; values are kept secret.
     #[serde(default)]
     pub(super) headers: BTreeMap<String, Secret>,
+    /// Handshake headers whose values are read from files (a header name to a path), for
+    /// credentials kept out of the config; a name may not be in `headers` too.
+    #[serde(default)]
+    pub(super) headers_file: BTreeMap<String, PathBuf>,
+    /// TLS of `wss://`: a private CA, a client certificate, or (for a test bench only)
+    /// `insecure_skip_verify`. The system's trust store and the bundled web roots are trusted
+    /// without it.
+    #[serde(default)]
+    pub(super) tls: TlsConfig,
     /// Bound on TCP connect plus the WebSocket handshake.
     #[serde(default = "default_connect_timeout")]
     pub(super) connect_timeout: HumanDuration,
@@ -133,8 +143,11 @@ impl Default for RawReconnect {
 pub(super) struct RawToken {
     /// The label of this token in routes, logs and metrics; never the secret.
     pub(super) name: String,
-    /// The token's secret: an agent's or a contact's pubsub token.
-    pub(super) pubsub_token: Secret,
+    /// The token's secret: an agent's or a contact's pubsub token. This or `pubsub_token_file`.
+    pub(super) pubsub_token: Option<Secret>,
+    /// A file holding the pubsub token (a systemd credential, a mounted Kubernetes secret),
+    /// read at every load; instead of `pubsub_token`.
+    pub(super) pubsub_token_file: Option<PathBuf>,
     /// With `user_id`: an agent token of this account.
     #[serde(default, deserialize_with = "optional_number")]
     #[schemars(with = "Option<u64>")]

@@ -3,6 +3,7 @@
 //! with its key path, in the order of the sections.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +16,11 @@ use crate::event::MAX_NESTING_CEILING;
 use crate::route::jsonpath::JsonPath;
 use crate::route::redact::Redaction;
 use crate::route::{RouteSpec, RouteTable};
+use crate::secret_file;
 use crate::sink::SinkKind;
 use crate::source::settings::{CableSettings, Identity, ReconnectSettings, TokenSpec};
 use crate::spool::SpoolConfig;
+use crate::tls::{ClientTls, TlsConfig};
 use crate::types::{Problems, Secret};
 
 /// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
@@ -48,7 +51,7 @@ impl RawConfig {
             retired_sinks,
         } = self;
         let mut problems = Problems::top_level();
-        let chatwoot = check_cable(chatwoot, &mut problems);
+        let chatwoot = check_cable(chatwoot, &tokens, &mut problems);
         let tokens = check_tokens(tokens, &chatwoot, &mut problems);
         let sinks = check_sinks(sinks, &mut problems);
         let routes = check_routes(routes, unmatched, &sinks, &mut problems);
@@ -86,12 +89,26 @@ struct Chatwoot {
     origin: Option<String>,
     /// The handshake headers every token sends.
     headers: Vec<(String, Secret)>,
+    /// The TLS of `wss://` sockets; `None` when neither a URL nor the config asks for it, or
+    /// when `chatwoot.tls` has problems.
+    tls: Option<ClientTls>,
     /// The frame limit as written: the spool must hold two such frames.
     max_frame_bytes: u64,
 }
 
-/// Checks `chatwoot:`: its URL and origin, limits, durations and headers.
-fn check_cable(raw: RawChatwoot, problems: &mut Problems<'_>) -> Chatwoot {
+/// Whether `chatwoot.tls` is built: when any socket is `wss://` (`chatwoot.url` or a token's
+/// own), or the section is written, so its files are checked even before a URL uses them. Only
+/// then is the system's trust store read.
+fn wants_tls(raw: &RawChatwoot, tokens: &[RawToken]) -> bool {
+    let secure = |url: &str| url.starts_with("wss://");
+    raw.tls != TlsConfig::default()
+        || secure(&raw.url)
+        || tokens.iter().any(|t| t.url.as_deref().is_some_and(secure))
+}
+
+/// Checks `chatwoot:`: its URL and origin, limits, durations, headers and TLS (read when a
+/// socket of `tokens` is `wss://`).
+fn check_cable(raw: RawChatwoot, tokens: &[RawToken], problems: &mut Problems<'_>) -> Chatwoot {
     let mut at = Problems::new("chatwoot");
     at.check("url", check_cable_url(&raw.url));
     if let Some(origin) = &raw.origin {
@@ -135,7 +152,13 @@ fn check_cable(raw: RawChatwoot, problems: &mut Problems<'_>) -> Chatwoot {
             "must not be smaller than chatwoot.reconnect.initial",
         );
     }
-    check_headers(&raw.headers, &mut at);
+    let tls = if wants_tls(&raw, tokens) {
+        at.absorb(raw.tls.validate("chatwoot.tls"))
+    } else {
+        None
+    };
+    let headers = secret_file::map(&mut at, "headers", raw.headers, raw.headers_file);
+    check_headers(&headers, &mut at);
     problems.include(at);
     Chatwoot {
         cable: CableSettings {
@@ -157,7 +180,8 @@ fn check_cable(raw: RawChatwoot, problems: &mut Problems<'_>) -> Chatwoot {
         },
         url: raw.url,
         origin: raw.origin,
-        headers: raw.headers.into_iter().collect(),
+        headers: headers.into_iter().collect(),
+        tls,
         max_frame_bytes,
     }
 }
@@ -206,7 +230,7 @@ fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems
         specs: Vec::with_capacity(raw.len()),
         names: BTreeSet::new(),
     };
-    for (i, token) in raw.into_iter().enumerate() {
+    for (i, mut token) in raw.into_iter().enumerate() {
         let mut at = Problems::new(format!("tokens[{i}]"));
         match check_name(&token.name) {
             Err(message) => at.add("name", message),
@@ -216,18 +240,25 @@ fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems
             ),
             Ok(()) => {}
         }
-        if token.pubsub_token.expose().trim().is_empty() {
-            at.add("pubsub_token", "is empty");
-        }
-        let spec = token_spec(token, chatwoot, &mut at);
+        let pubsub_token = pubsub_token(
+            token.pubsub_token.take(),
+            token.pubsub_token_file.take(),
+            &mut at,
+        );
+        let spec = token_spec(token, pubsub_token, chatwoot, &mut at);
         tokens.specs.push(spec);
         problems.include(at);
     }
     tokens
 }
 
-/// One token's socket: its identity, and the URL, origin and headers it connects with.
-fn token_spec(raw: RawToken, chatwoot: &Chatwoot, at: &mut Problems<'_>) -> TokenSpec {
+/// One token's socket: its identity, and the URL, origin, headers and TLS it connects with.
+fn token_spec(
+    raw: RawToken,
+    pubsub_token: Secret,
+    chatwoot: &Chatwoot,
+    at: &mut Problems<'_>,
+) -> TokenSpec {
     let identity = match (raw.account_id, raw.user_id) {
         (Some(account_id), Some(user_id)) => Identity::Agent {
             account_id,
@@ -257,14 +288,37 @@ fn token_spec(raw: RawToken, chatwoot: &Chatwoot, at: &mut Problems<'_>) -> Toke
         (None, Some(origin)) => origin.clone(),
         _ => derive_origin(&url).unwrap_or_default(),
     };
+    let tls = chatwoot.tls.clone().filter(|_| url.starts_with("wss://"));
     TokenSpec {
         name: Arc::from(raw.name.as_str()),
         url,
         origin,
         headers: chatwoot.headers.clone(),
-        pubsub_token: raw.pubsub_token,
+        pubsub_token,
         identity,
         presence: raw.presence,
+        tls,
+    }
+}
+
+/// The pubsub token, written in the config or read from `pubsub_token_file`; on a problem an
+/// empty one (the config is refused anyway).
+fn pubsub_token(inline: Option<Secret>, file: Option<PathBuf>, at: &mut Problems<'_>) -> Secret {
+    match secret_file::one(at, "pubsub_token", inline, file) {
+        None => {
+            at.add(
+                "pubsub_token",
+                "is missing; give pubsub_token or pubsub_token_file",
+            );
+            Secret::new("")
+        }
+        Some(Err(secret_file::Reported)) => Secret::new(""),
+        Some(Ok(token)) => {
+            if token.expose().trim().is_empty() {
+                at.add("pubsub_token", "is empty");
+            }
+            token
+        }
     }
 }
 

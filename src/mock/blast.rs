@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Interval};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use super::connection::Socket;
 use super::events::{encode_message, now_us, ping_frame, streaming_at_least, templates};
 use super::{Blast, Closed, Shared};
 
@@ -126,7 +125,7 @@ impl BlastTemplate {
 
 /// Writes a connection's blast (see [`Blast`]), answering nothing meanwhile but keeping pings.
 pub(super) async fn run_blast(
-    ws: &mut WebSocketStream<TcpStream>,
+    ws: &mut Socket,
     shared: &Shared,
     blast: Blast,
     identifier: &str,

@@ -9,10 +9,13 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -22,12 +25,16 @@ use super::events::ping_frame;
 use super::{Answer, Closed, Push, Shared};
 use crate::source::protocol::SUBPROTOCOL;
 
+/// A connection's byte stream: plain TCP, or TLS over it when the server serves `wss://`.
+pub(super) type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+
 /// A server-side WebSocket.
-type Socket = WebSocketStream<TcpStream>;
+pub(super) type Socket = WebSocketStream<Stream>;
 
 /// Accepts connections until cancelled; each gets its own task.
 pub(super) async fn accept_loop(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     ping_interval: Duration,
     cancel: CancellationToken,
@@ -49,6 +56,7 @@ pub(super) async fn accept_loop(
         let pushes = shared.pushes.subscribe();
         tasks.spawn(serve(
             stream,
+            tls.clone(),
             shared.clone(),
             pushes,
             ping_interval,
@@ -108,12 +116,26 @@ struct Connection {
 /// Serves one connection until it ends or the server stops.
 async fn serve(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     pushes: broadcast::Receiver<Push>,
     ping_interval: Duration,
     cancel: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let stream = match tls {
+        None => Either::Left(stream),
+        Some(acceptor) => tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = acceptor.accept(stream) => match accepted {
+                Ok(tls) => Either::Right(tls),
+                Err(e) => {
+                    debug!(error = %e, "mock server: TLS handshake failed");
+                    return;
+                }
+            },
+        },
+    };
     let Some(ws) = handshake(stream, &shared).await else {
         return;
     };
@@ -138,7 +160,7 @@ async fn serve(
 
 /// Accepts the WebSocket handshake, answering the ActionCable subprotocol when offered, and
 /// records the `Origin` header.
-async fn handshake(stream: TcpStream, shared: &Shared) -> Option<Socket> {
+async fn handshake(stream: Stream, shared: &Shared) -> Option<Socket> {
     let origin = Arc::new(Mutex::new(None));
     let seen_origin = origin.clone();
     // The handshake callback's error type is tungstenite's, which is large; it never fails here.

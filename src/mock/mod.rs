@@ -17,15 +17,18 @@ pub mod fixtures;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::tls;
 use events::{encode_message, next_generated};
 
 /// How the server answers a subscription with a given pubsub token.
@@ -77,6 +80,38 @@ pub struct MockConfig {
     pub wait_for_subscriptions: usize,
     /// High-rate mode for benchmarks: each connection writes pre-encoded frames itself.
     pub blast: Option<Blast>,
+    /// Serve `wss://` with this certificate instead of `ws://`, for tests of the bridge's TLS.
+    pub tls: Option<MockTls>,
+}
+
+/// The certificate a mock serving `wss://` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockTls {
+    /// PEM certificate chain, the server's certificate first (valid for 127.0.0.1 when the
+    /// bridge connects to the default listen address).
+    pub cert_file: PathBuf,
+    /// PEM private key of the certificate.
+    pub key_file: PathBuf,
+}
+
+impl MockTls {
+    /// The TLS acceptor of these files; an error names the file that is wrong.
+    fn acceptor(&self) -> std::io::Result<TlsAcceptor> {
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let chain = tls::read_certificates(&self.cert_file).map_err(invalid)?;
+        let key = tls::read_private_key(&self.key_file).map_err(invalid)?;
+        let config = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(|e| {
+                invalid(format!(
+                    "{} and {} do not make a TLS server: {e}",
+                    self.cert_file.display(),
+                    self.key_file.display()
+                ))
+            })?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 /// High-rate mode: once a connection's first subscription streams (and `wait_for_subscriptions`
@@ -108,6 +143,7 @@ impl Default for MockConfig {
             first_seq: 0,
             wait_for_subscriptions: 0,
             blast: None,
+            tls: None,
         }
     }
 }
@@ -169,6 +205,8 @@ struct Shared {
 pub struct MockServer {
     /// Where it listens.
     addr: SocketAddr,
+    /// Whether it serves `wss://` (else `ws://`), for [`MockServer::url`].
+    tls: bool,
     /// State shared with the connections.
     shared: Arc<Shared>,
     /// Stops the acceptor, the generator and every connection.
@@ -179,7 +217,9 @@ pub struct MockServer {
 
 impl MockServer {
     /// Binds `config.listen` and starts accepting connections (and generating, if `rate` > 0).
+    /// Fails when the address cannot be bound or `config.tls` names files that are wrong.
     pub async fn start(config: MockConfig) -> std::io::Result<MockServer> {
+        let acceptor = config.tls.as_ref().map(MockTls::acceptor).transpose()?;
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let (pushes, _) = broadcast::channel(65_536);
@@ -207,8 +247,10 @@ impl MockServer {
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let tls = acceptor.is_some();
         tasks.spawn(connection::accept_loop(
             listener,
+            acceptor,
             shared.clone(),
             config.ping_interval,
             cancel.clone(),
@@ -225,6 +267,7 @@ impl MockServer {
         }
         Ok(MockServer {
             addr,
+            tls,
             shared,
             cancel,
             tasks,
@@ -236,9 +279,10 @@ impl MockServer {
         self.addr
     }
 
-    /// The cable URL to give the bridge.
+    /// The cable URL to give the bridge: `wss://` when it serves TLS.
     pub fn url(&self) -> String {
-        format!("ws://{}/cable", self.addr)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}/cable", self.addr)
     }
 
     /// Broadcasts `event` with `data` (a JSON object) to every streaming subscription.
@@ -367,6 +411,31 @@ mod tests {
         assert_eq!(server.broadcast_generated(), 5_000);
         assert_eq!(server.broadcast_generated(), 5_001);
         server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_tls_listener_with_a_wrong_file_does_not_start_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+        std::fs::write(&key_file, "not a key\n").unwrap();
+        let tls = MockTls {
+            cert_file: cert_file.clone(),
+            key_file,
+        };
+        let start = MockServer::start(MockConfig {
+            tls: Some(tls),
+            ..MockConfig::default()
+        });
+        let error = start
+            .await
+            .err()
+            .expect("no server without its certificate");
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+        let error = error.to_string();
+        assert!(
+            error.starts_with(&format!("cannot read {}", cert_file.display())),
+            "{error}"
+        );
     }
 
     #[tokio::test]

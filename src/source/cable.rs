@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -33,6 +33,7 @@ use crate::memory::ByteGate;
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::status::{TokenReporter, TokenState};
+use crate::tls;
 
 /// Bounds the read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets
 /// must stay cheap, and tungstenite's 128 KiB default would cost over a gigabyte at 10,000 tokens.
@@ -573,8 +574,18 @@ async fn connect(spec: &TokenSpec, settings: &CableSettings) -> Result<Socket, t
         .write_buffer_size(0)
         .max_message_size(Some(settings.max_frame_bytes))
         .max_frame_size(Some(settings.max_frame_bytes));
-    let (ws, _response) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+    // `chatwoot.tls` for `wss://`; plain for `ws://`, where validation built none.
+    let connector = match &spec.tls {
+        Some(tls) => Connector::Rustls(tls.rustls()),
+        None => Connector::Plain,
+    };
+    let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config),
+        true,
+        Some(connector),
+    )
+    .await?;
     Ok(ws)
 }
 
@@ -669,8 +680,12 @@ fn describe(error: &tungstenite::Error) -> String {
             "server sent a frame of {size} bytes, over chatwoot.max_frame_bytes ({max_size})"
         ),
         E::Http(response) => format!("handshake refused with HTTP {}", response.status()),
-        E::Io(e) => format!("I/O error: {e}"),
-        E::Tls(e) => format!("TLS error: {e}"),
+        E::Io(e) => {
+            tls::explain_failure(e, "chatwoot.tls").unwrap_or_else(|| format!("I/O error: {e}"))
+        }
+        E::Tls(e) => {
+            tls::explain_failure(e, "chatwoot.tls").unwrap_or_else(|| format!("TLS error: {e}"))
+        }
         E::ConnectionClosed | E::AlreadyClosed => "connection closed".into(),
         E::Protocol(e) => format!("WebSocket protocol error: {e}"),
         other => other.to_string(),

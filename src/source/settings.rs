@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::ClientTls;
 use crate::types::Secret;
 
 /// Timing and limits of the cable client, the same for every token.
@@ -98,6 +99,8 @@ pub struct TokenSpec {
     pub identity: Identity,
     /// Whether to send `update_presence`, which shows the agent online.
     pub presence: bool,
+    /// The TLS of a `wss://` socket (`chatwoot.tls`); `None` for `ws://`.
+    pub tls: Option<ClientTls>,
 }
 
 impl TokenSpec {

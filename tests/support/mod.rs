@@ -1,13 +1,14 @@
 //! What the integration tests share: one wait budget and the waits that use it, the mock
 //! Chatwoot's tokens, the YAML of a bridge's config ([`BridgeYaml`]), real servers on free
-//! loopback ports ([`NatsServer`], [`KafkaBroker`], the webhook [`Receiver`]), and dead letters
-//! to replay ([`padded_letters`]).
+//! loopback ports ([`NatsServer`], [`KafkaBroker`], the webhook [`Receiver`], over TLS too), a
+//! private CA's certificates ([`Pki`]), and dead letters to replay ([`padded_letters`]).
 
 // Each test file uses its own part of this module.
 #![allow(dead_code, unused_imports)]
 
 mod brokers;
 mod dead_letters;
+mod pki;
 mod receiver;
 mod yaml;
 
@@ -21,6 +22,7 @@ use chatwoot_bridge::{Bridge, ShutdownReport};
 
 pub(crate) use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
 pub(crate) use dead_letters::{padded_letters, replay_progress_written};
+pub(crate) use pki::Pki;
 pub(crate) use receiver::{scripted, Received, Receiver, Reply, Responder};
 pub(crate) use yaml::{quoted, BridgeYaml};
 

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,7 +13,9 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use super::wait_until;
 
@@ -43,6 +46,10 @@ pub(crate) struct Receiver {
     pub addr: SocketAddr,
     /// Every request so far, in arrival order.
     pub requests: Arc<Mutex<Vec<Received>>>,
+    /// Whether it serves `https://` (else `http://`).
+    tls: bool,
+    /// TLS handshakes that failed (an untrusted certificate, a missing client certificate).
+    pub tls_failures: Arc<AtomicUsize>,
     /// The accept loop, aborted on drop.
     task: tokio::task::JoinHandle<()>,
 }
@@ -55,33 +62,58 @@ impl Receiver {
 
     /// Starts on a given port (to bring up an endpoint a sink was already pointed at).
     pub(crate) async fn start_on(port: u16, responder: Responder) -> Receiver {
+        Receiver::listen(port, responder, None).await
+    }
+
+    /// Starts on a free port, serving `https://` with `tls`.
+    pub(crate) async fn start_tls(responder: Responder, tls: Arc<ServerConfig>) -> Receiver {
+        Receiver::listen(0, responder, Some(TlsAcceptor::from(tls))).await
+    }
+
+    /// Listens on `port` (0: a free one), over TLS when `tls` is given.
+    async fn listen(port: u16, responder: Responder, tls: Option<TlsAcceptor>) -> Receiver {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let seen = requests.clone();
+        let tls_failures = Arc::new(AtomicUsize::new(0));
+        let (seen, failures, secure) = (requests.clone(), tls_failures.clone(), tls.is_some());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let seen = seen.clone();
                 let responder = responder.clone();
+                let (tls, failures) = (tls.clone(), failures.clone());
                 tokio::spawn(async move {
                     let service =
                         service_fn(move |request| answer(request, seen.clone(), responder.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Err(_) => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        },
+                    };
                 });
             }
         });
         Receiver {
             addr,
             requests,
+            tls: secure,
+            tls_failures,
             task,
         }
     }
 
     /// The URL of `path` on this receiver.
     pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// Every request so far, in arrival order.

@@ -1,6 +1,7 @@
 //! `type: http` as written, and what it validates into.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -11,7 +12,9 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::route::template::Template;
+use crate::secret_file;
 use crate::sink::Envelope;
+use crate::tls::{ClientTls, TlsConfig};
 use crate::types::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 
 fn default_timeout() -> HumanDuration {
@@ -33,6 +36,15 @@ pub struct HttpConfig {
     /// Extra request headers; values are often credentials, so they are secrets.
     #[serde(default)]
     headers: BTreeMap<String, Secret>,
+    /// Request headers whose values are read from files (a header name to a path), such as an
+    /// `Authorization` kept out of the config; a name may not be in `headers` too.
+    #[serde(default)]
+    headers_file: BTreeMap<String, PathBuf>,
+    /// TLS of an `https://` endpoint: a private CA, a client certificate, or (for a test bench
+    /// only) `insecure_skip_verify`. The system's trust store and the bundled web roots are
+    /// trusted without it.
+    #[serde(default)]
+    tls: TlsConfig,
     /// Bound on one request, connect to last byte.
     #[serde(default = "default_timeout")]
     timeout: HumanDuration,
@@ -43,6 +55,8 @@ pub struct HttpConfig {
     /// Standard Webhooks signing secret(s), `whsec_<base64>`; several sign with each during a
     /// rotation.
     secret: Option<OneOrMany<Secret>>,
+    /// File(s) holding the signing secret(s), one per file; instead of `secret`.
+    secret_file: Option<OneOrMany<PathBuf>>,
     /// Binary (default) or structured CloudEvents.
     #[serde(default)]
     envelope: Envelope,
@@ -67,6 +81,8 @@ pub struct HttpSettings {
     pub(crate) max_in_flight: usize,
     /// Decoded signing keys; empty means unsigned.
     pub(crate) secrets: Vec<SigningKey>,
+    /// The TLS of `https://` requests (`tls:`).
+    pub(crate) tls: ClientTls,
     /// Binary or structured CloudEvents.
     pub(crate) envelope: Envelope,
 }
@@ -106,7 +122,8 @@ impl HttpConfig {
             check_url(&mut problems, url);
         }
         let method = method(&mut problems, self.method.as_deref());
-        let headers = headers(&mut problems, self.headers);
+        let written = secret_file::map(&mut problems, "headers", self.headers, self.headers_file);
+        let headers = headers(&mut problems, written);
         let timeout = self.timeout.0;
         if timeout.is_zero() {
             problems.add("timeout", "must be greater than zero");
@@ -114,7 +131,8 @@ impl HttpConfig {
         if self.max_in_flight == 0 {
             problems.add("max_in_flight", "must be at least 1");
         }
-        let secrets = signing_keys(&mut problems, self.secret);
+        let secrets = signing_keys(&mut problems, self.secret, self.secret_file);
+        let tls = problems.absorb(self.tls.validate(&format!("{key}.tls")));
         let (max_in_flight, envelope) = (self.max_in_flight, self.envelope);
         problems.finish(|| HttpSettings {
             url: url.expect("no problems means the url compiled"),
@@ -123,6 +141,7 @@ impl HttpConfig {
             timeout,
             max_in_flight,
             secrets,
+            tls: tls.expect("no problems means the TLS was built"),
             envelope,
         })
     }
@@ -206,23 +225,21 @@ fn headers(
     headers
 }
 
-/// The decoded signing keys; a single secret is reported as `secret`, a list by index.
+/// The decoded signing keys, from `secret` or `secret_file`; a problem is reported at the key
+/// of the value (`secret`, `secret[1]`, `secret_file[0]`).
 fn signing_keys(
     problems: &mut Problems<'_>,
     written: Option<OneOrMany<Secret>>,
+    files: Option<OneOrMany<PathBuf>>,
 ) -> Vec<SigningKey> {
-    let listed = written.map(OneOrMany::into_vec).unwrap_or_default();
-    let single = listed.len() == 1;
+    let Ok(listed) = secret_file::list(problems, "secret", written, files) else {
+        return Vec::new();
+    };
     let mut keys = Vec::new();
-    for (i, secret) in listed.iter().enumerate() {
-        let field = if single {
-            "secret".to_owned()
-        } else {
-            format!("secret[{i}]")
-        };
+    for (field, secret) in &listed {
         match SigningKey::parse(secret.expose()) {
             Ok(k) => keys.push(k),
-            Err(message) => problems.add(&field, message),
+            Err(message) => problems.add(field, message),
         }
     }
     keys

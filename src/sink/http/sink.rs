@@ -10,6 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use hmac::{Hmac, Mac};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
+use rustls::pki_types::ServerName;
 use sha2::Sha256;
 
 use super::config::SigningKey;
@@ -21,6 +22,7 @@ use crate::sink::{
     Envelope, ErrorClass, Outcome, SinkError, SinkLimits, DATA_CONTENT_TYPE,
     STRUCTURED_CONTENT_TYPE,
 };
+use crate::tls;
 
 /// The longest `Retry-After` honoured; a larger one is most likely a misconfigured server, and
 /// waiting hours would look like a hang.
@@ -50,7 +52,9 @@ impl Destination for HttpSink {
         settings: &Arc<HttpSettings>,
         _: SinkLimits,
     ) -> Result<HttpSink, HttpBuildError> {
-        let client = reqwest::Client::builder()
+        let client = settings
+            .tls
+            .reqwest(reqwest::Client::builder())
             .redirect(reqwest::redirect::Policy::none())
             .timeout(settings.timeout)
             .pool_max_idle_per_host(settings.max_in_flight)
@@ -82,21 +86,34 @@ impl Destination for HttpSink {
         false
     }
 
-    /// Opens a TCP connection to the endpoint's host. No request is sent: to a webhook, any
+    /// Opens a TCP connection to the endpoint's host, and for `https://` completes the TLS
+    /// handshake, so an untrusted certificate shows here. No request is sent: to a webhook, any
     /// request is a delivery.
     async fn probe(&self, within: Duration) -> Result<(), String> {
         let url =
             Url::parse(&self.settings.url.render_sample("x")).map_err(|e| format!("url: {e}"))?;
         let host = url.host_str().ok_or("url has no host")?.to_owned();
         let port = url.port_or_known_default().ok_or("url has no port")?;
-        tokio::time::timeout(
-            within,
-            tokio::net::TcpStream::connect((host.as_str(), port)),
-        )
-        .await
-        .map_err(|_| format!("no connection to {host}:{port} within {within:?}"))?
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-        Ok(())
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+            if url.scheme() == "https" {
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| format!("`{host}` is not a TLS server name: {e}"))?;
+                tokio_rustls::TlsConnector::from(self.settings.tls.rustls())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| {
+                        tls::explain_failure(&e, TLS_SECTION)
+                            .unwrap_or_else(|| format!("TLS handshake with {host}:{port}: {e}"))
+                    })?;
+            }
+            Ok::<_, String>(())
+        };
+        tokio::time::timeout(within, connect)
+            .await
+            .map_err(|_| format!("no connection to {host}:{port} within {within:?}"))?
     }
 
     /// Nothing is held between batches: every request was answered before its batch's outcomes.
@@ -157,11 +174,17 @@ impl HttpSink {
                 // The URL is left out: the sink's name already says where, and the rendered path
                 // holds event data.
                 let class = classify_transport(&e);
-                SinkError::new(format!("webhook: {}", e.without_url())).outcome(class)
+                let e = e.without_url();
+                let why = tls::explain_failure(&e, TLS_SECTION).unwrap_or_else(|| e.to_string());
+                SinkError::new(format!("webhook: {why}")).outcome(class)
             }
         }
     }
 }
+
+/// Where a webhook's TLS is configured, for the hint of a TLS error: the sink's name is already
+/// on every message about it.
+const TLS_SECTION: &str = "the sink's tls";
 
 /// Most of a response body read to keep its connection reusable.
 const MAX_DRAINED_BODY: usize = 64 * 1024;

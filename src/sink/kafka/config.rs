@@ -1,11 +1,13 @@
 //! `type: kafka` as written, and what it validates into.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::route::template::Template;
+use crate::secret_file;
 use crate::sink::Envelope;
 use crate::types::{OneOrMany, Problem, Problems, Scalar, Secret, SECRET_MUST_BE_TEXT};
 
@@ -23,6 +25,10 @@ pub struct KafkaConfig {
     /// and those (names with `password` or `secret`) must be strings.
     #[serde(default)]
     librdkafka: BTreeMap<String, Scalar>,
+    /// librdkafka options whose values are read from files (an option to a path), such as
+    /// `sasl.password`; an option may not be in `librdkafka` too.
+    #[serde(default)]
+    librdkafka_file: BTreeMap<String, PathBuf>,
     /// Binary (default) or structured CloudEvents.
     #[serde(default)]
     envelope: Envelope,
@@ -127,11 +133,21 @@ impl KafkaConfig {
                 problems.add(&format!("librdkafka.{name}"), SECRET_MUST_BE_TEXT);
             }
         }
-        let librdkafka: BTreeMap<String, Secret> = self
+        let written: BTreeMap<String, Secret> = self
             .librdkafka
             .into_iter()
             .map(|(name, value)| (name, value.text))
             .collect();
+        for name in self.librdkafka_file.keys() {
+            if matches!(name.as_str(), "bootstrap.servers" | "metadata.broker.list") {
+                problems.add(
+                    &format!("librdkafka_file.{name}"),
+                    "set the brokers with `brokers`, not here",
+                );
+            }
+        }
+        let librdkafka =
+            secret_file::map(&mut problems, "librdkafka", written, self.librdkafka_file);
         let record_order = RecordOrder::from_overrides(&librdkafka);
         let envelope = self.envelope;
         problems.finish(|| KafkaSettings {

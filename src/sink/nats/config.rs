@@ -9,7 +9,9 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::route::template::Template;
+use crate::secret_file::{self, Resolved};
 use crate::sink::Envelope;
+use crate::tls;
 use crate::types::{HumanDuration, OneOrMany, Problem, Problems, Secret};
 
 fn default_timeout() -> HumanDuration {
@@ -32,12 +34,18 @@ pub struct NatsConfig {
     credentials_file: Option<PathBuf>,
     /// Token auth.
     token: Option<Secret>,
+    /// Token auth, the token read from this file; instead of `token`.
+    token_file: Option<PathBuf>,
     /// User/password auth, with `password`.
     user: Option<String>,
     /// User/password auth, with `user`.
     password: Option<Secret>,
+    /// User/password auth, the password read from this file; instead of `password`.
+    password_file: Option<PathBuf>,
     /// NKey seed auth.
     nkey: Option<Secret>,
+    /// NKey seed auth, the seed read from this file; instead of `nkey`.
+    nkey_file: Option<PathBuf>,
     /// Client TLS: a private CA and/or a client certificate.
     tls: Option<NatsTls>,
     /// Refuse to talk to a server that does not offer TLS.
@@ -136,16 +144,19 @@ impl NatsConfig {
         if let Some(subject) = &subject {
             check_subject(&mut problems, subject);
         }
-        let auth = NatsAuth::from_fields(
-            &mut problems,
-            AuthFields {
-                credentials_file: self.credentials_file,
-                token: self.token,
-                user: self.user,
-                password: self.password,
-                nkey: self.nkey,
-            },
-        );
+        let fields = AuthFields {
+            credentials_file: self.credentials_file,
+            token: secret_file::one(&mut problems, "token", self.token, self.token_file),
+            user: self.user,
+            password: secret_file::one(
+                &mut problems,
+                "password",
+                self.password,
+                self.password_file,
+            ),
+            nkey: secret_file::one(&mut problems, "nkey", self.nkey, self.nkey_file),
+        };
+        let auth = NatsAuth::from_fields(&mut problems, fields);
         if let Some(tls) = &self.tls {
             tls.check(&mut problems);
         }
@@ -208,23 +219,24 @@ fn check_subject(problems: &mut Problems<'_>, subject: &Template) {
     }
 }
 
-/// The authentication fields as written; at most one way may be used.
+/// The authentication fields as written, each secret from its key or its `_file` twin; at
+/// most one way may be used.
 struct AuthFields {
     /// `credentials_file`.
     credentials_file: Option<PathBuf>,
-    /// `token`.
-    token: Option<Secret>,
+    /// `token` or `token_file`.
+    token: Option<Resolved>,
     /// `user`, with `password`.
     user: Option<String>,
-    /// `password`, with `user`.
-    password: Option<Secret>,
-    /// `nkey`.
-    nkey: Option<Secret>,
+    /// `password` or `password_file`, with `user`.
+    password: Option<Resolved>,
+    /// `nkey` or `nkey_file`.
+    nkey: Option<Resolved>,
 }
 
 impl NatsAuth {
     /// The one way of authenticating the fields name; a problem when they name several or half
-    /// of one.
+    /// of one. A secret that could not be read (already reported) leaves no way: `None`.
     fn from_fields(problems: &mut Problems<'_>, fields: AuthFields) -> NatsAuth {
         let AuthFields {
             credentials_file,
@@ -244,9 +256,12 @@ impl NatsAuth {
                 }
                 NatsAuth::CredentialsFile(path)
             }
-            (None, Some(token), None, None, None) => NatsAuth::Token(token),
+            (None, Some(token), None, None, None) => token.map_or(NatsAuth::None, NatsAuth::Token),
             (None, None, Some(user), Some(password), None) => {
-                NatsAuth::UserPassword { user, password }
+                password.map_or(NatsAuth::None, |password| NatsAuth::UserPassword {
+                    user,
+                    password,
+                })
             }
             (None, None, Some(_), None, None) => {
                 problems.add("password", "`user` needs `password`");
@@ -256,7 +271,8 @@ impl NatsAuth {
                 problems.add("user", "`password` needs `user`");
                 NatsAuth::None
             }
-            (None, None, None, None, Some(nkey)) => {
+            (None, None, None, None, Some(Err(secret_file::Reported))) => NatsAuth::None,
+            (None, None, None, None, Some(Ok(nkey))) => {
                 if !nkey.expose().starts_with('S') {
                     problems.add("nkey", "is not an NKey seed (seeds start with `S`)");
                 }
@@ -265,7 +281,7 @@ impl NatsAuth {
             _ => {
                 problems.add(
                     "credentials_file",
-                    "use one of credentials_file, token, user/password or nkey",
+                    "use one of credentials_file, token, user/password or nkey (or their _file twins)",
                 );
                 NatsAuth::None
             }
@@ -274,18 +290,19 @@ impl NatsAuth {
 }
 
 impl NatsTls {
-    /// Every named file exists; a client certificate comes with its key.
+    /// Every named file is PEM of its kind, read as the cable's and the webhooks' `tls:` files
+    /// are; a client certificate comes with its key.
     fn check(&self, problems: &mut Problems<'_>) {
         for (field, file) in [
             ("tls.ca_file", &self.ca_file),
             ("tls.cert_file", &self.cert_file),
-            ("tls.key_file", &self.key_file),
         ] {
             if let Some(path) = file {
-                if !path.is_file() {
-                    problems.add(field, format!("{} is not a readable file", path.display()));
-                }
+                problems.check(field, tls::read_certificates(path));
             }
+        }
+        if let Some(path) = &self.key_file {
+            problems.check("tls.key_file", tls::read_private_key(path));
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             problems.add("tls", "cert_file and key_file go together");
@@ -383,5 +400,40 @@ mod tests {
         .unwrap_err();
         assert_eq!(problems[0].key, "sinks.n.url[0]");
         assert!(!problems[0].message.contains("pa55word"));
+    }
+
+    #[test]
+    fn secrets_are_read_from_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (password, seed) = (dir.path().join("password"), dir.path().join("seed"));
+        std::fs::write(&password, "pa55word\n").unwrap();
+        std::fs::write(&seed, "not-a-seed\n").unwrap();
+        let s = settings(serde_json::json!({
+            "url": "nats://127.0.0.1:4222", "subject": "a", "user": "bridge",
+            "password_file": password
+        }))
+        .unwrap();
+        assert!(matches!(
+            &s.auth,
+            NatsAuth::UserPassword { user, password } if user == "bridge" && password.expose() == "pa55word"
+        ));
+        // A seed from a file is checked like one written inline; one that cannot be read is
+        // reported once, at its file.
+        let problems = settings(serde_json::json!({
+            "url": "nats://127.0.0.1:4222", "subject": "a", "nkey_file": seed
+        }))
+        .unwrap_err();
+        assert_eq!(
+            problems[0].to_string(),
+            "sinks.n.nkey: is not an NKey seed (seeds start with `S`)"
+        );
+        let gone = dir.path().join("gone");
+        let problems = settings(serde_json::json!({
+            "url": "nats://127.0.0.1:4222", "subject": "a", "token_file": gone
+        }))
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "sinks.n.token_file");
+        assert!(problems[0].message.contains(&gone.display().to_string()));
     }
 }
