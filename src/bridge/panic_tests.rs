@@ -46,10 +46,12 @@ fn config(url: &str, dir: &Path, sink: &str) -> Config {
     Config::from_yaml(&yaml, &|_| None, false).unwrap()
 }
 
-/// The distinct broadcasts in the file sink's file.
+/// The distinct broadcasts in the file sink's file, in its whole lines: the sink may be
+/// writing the last one while the test reads.
 fn broadcasts_in(dir: &Path) -> BTreeSet<u64> {
-    std::fs::read_to_string(dir.join("out.jsonl"))
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap_or_default();
+    let whole = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    whole
         .lines()
         .map(|line| {
             let event: serde_json::Value = serde_json::from_str(line).unwrap();
