@@ -8,8 +8,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 
-use super::connection::Socket;
 use super::events::{encode_message, now_us, ping_frame, streaming_at_least, templates};
+use super::socket::Socket;
 use super::{Blast, Closed, Shared};
 
 /// Bounds the width of the space-padded `mock_seq` in a blast frame (JSON allows whitespace

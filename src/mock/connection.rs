@@ -9,12 +9,10 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
 use tokio::time::{interval, sleep_until, Instant, Interval, MissedTickBehavior};
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,14 +20,9 @@ use tracing::{debug, warn};
 
 use super::blast::run_blast;
 use super::events::ping_frame;
+use super::socket::{Socket, Stream};
 use super::{Answer, Closed, Push, Shared};
 use crate::source::protocol::SUBPROTOCOL;
-
-/// A connection's byte stream: plain TCP, or TLS over it when the server serves `wss://`.
-pub(super) type Stream = Either<TcpStream, TlsStream<TcpStream>>;
-
-/// A server-side WebSocket.
-pub(super) type Socket = WebSocketStream<Stream>;
 
 /// Accepts connections until cancelled; each gets its own task.
 pub(super) async fn accept_loop(

@@ -14,6 +14,7 @@ mod blast;
 mod connection;
 mod events;
 pub mod fixtures;
+mod socket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
