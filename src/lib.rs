@@ -44,6 +44,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`Bridge`] and [`mock::MockServer`].
 
+pub mod admin;
 mod backoff;
 pub mod bridge;
 pub mod config;

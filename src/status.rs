@@ -1,6 +1,9 @@
 //! One place that holds the state of every token and every sink, so logs, health, metrics,
 //! status pages and tests read the same thing.
 
+mod latency;
+mod process;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +12,13 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
+
+use crate::event::Event;
+use latency::LatencyHistogram;
+pub use latency::{Latencies, LATENCY_BUCKETS};
+use process::LoopHealth;
+pub(crate) use process::{AliveGuard, ConfigCell};
+pub use process::{ConfigStatus, LoopStatus};
 
 /// Where a token's socket is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -30,10 +40,106 @@ pub enum TokenState {
     Stopped,
 }
 
+impl TokenState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [TokenState; 7] = [
+        TokenState::Connecting,
+        TokenState::Pending,
+        TokenState::Subscribed,
+        TokenState::Unconfirmed,
+        TokenState::Rejected,
+        TokenState::BackingOff,
+        TokenState::Stopped,
+    ];
+
+    /// The state's name, as it is serialized: a metric label value without a lookup.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Connecting => "connecting",
+            TokenState::Pending => "pending",
+            TokenState::Subscribed => "subscribed",
+            TokenState::Unconfirmed => "unconfirmed",
+            TokenState::Rejected => "rejected",
+            TokenState::BackingOff => "backing_off",
+            TokenState::Stopped => "stopped",
+        }
+    }
+}
+
 impl fmt::Display for TokenState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = serde_json::to_value(self).expect("a unit variant serializes");
-        f.write_str(text.as_str().expect("unit variants serialize as strings"))
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a token's socket was opened again: its connection ended, or never opened, for this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconnectReason {
+    /// TCP, TLS or the WebSocket handshake failed or timed out.
+    ConnectFailed,
+    /// An open connection failed or was closed (a Chatwoot deploy drops TCP).
+    ConnectionLost,
+    /// No frame for `stale_after`: the socket was given up as dead.
+    Stale,
+    /// The server sent `disconnect` with `reconnect: true`.
+    ServerDisconnect,
+    /// The server sent `disconnect` with `reconnect: false`: a long wait first.
+    ServerDisconnectNoReconnect,
+    /// The token's task panicked and was restarted.
+    TaskPanicked,
+}
+
+impl ReconnectReason {
+    /// How many reasons there are: the length of a token's reconnect counters.
+    pub const COUNT: usize = 6;
+
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [ReconnectReason; ReconnectReason::COUNT] = [
+        ReconnectReason::ConnectFailed,
+        ReconnectReason::ConnectionLost,
+        ReconnectReason::Stale,
+        ReconnectReason::ServerDisconnect,
+        ReconnectReason::ServerDisconnectNoReconnect,
+        ReconnectReason::TaskPanicked,
+    ];
+
+    /// The reason's name, as it is serialized: a metric label value without a lookup.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReconnectReason::ConnectFailed => "connect_failed",
+            ReconnectReason::ConnectionLost => "connection_lost",
+            ReconnectReason::Stale => "stale",
+            ReconnectReason::ServerDisconnect => "server_disconnect",
+            ReconnectReason::ServerDisconnectNoReconnect => "server_disconnect_no_reconnect",
+            ReconnectReason::TaskPanicked => "task_panicked",
+        }
+    }
+}
+
+/// A token's reconnects, one count per [`ReconnectReason`]; serialized as a map by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconnectCounts([u64; ReconnectReason::COUNT]);
+
+impl ReconnectCounts {
+    /// The reconnects for `reason`.
+    pub fn get(&self, reason: ReconnectReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    /// Every reconnect, whatever its reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+impl Serialize for ReconnectCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            ReconnectReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.get(*r))),
+        )
     }
 }
 
@@ -57,13 +163,48 @@ pub struct TokenStatus {
     pub dropped_at_stop: u64,
     /// Frames that could not be decoded and were skipped.
     pub malformed_frames: u64,
-    /// Reconnects caused by silence (no ping within the stale timeout).
+    /// Reconnects caused by silence (no ping within the stale timeout); also in `reconnects`.
     pub stale_reconnects: u64,
+    /// Reconnects by why the connection before ended.
+    pub reconnects: ReconnectCounts,
+    /// Subscriptions given up because no confirm came within `confirm_timeout`.
+    pub unconfirmed_subscriptions: u64,
+    /// Subscriptions the server refused with `reject_subscription`.
+    pub rejected_subscriptions: u64,
+    /// WebSocket messages read (text, binary, ping and pong): proof the socket lives, even
+    /// while no event comes.
+    pub frames: u64,
+    /// When the last event was read; when the token started if none was yet, so that its age
+    /// grows from the start for a token that never gets one.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_event_at: SystemTime,
+    /// When the server's last ActionCable ping came; when the token started if none did yet.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_ping_at: SystemTime,
 }
 
 /// Serializes a time as RFC 3339 with milliseconds.
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// Serializes a time that may be missing as RFC 3339 with milliseconds, or null.
+fn optional_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `t` in milliseconds since the Unix epoch (0 for a time before it): a time an atomic holds.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The time `ms` milliseconds after the Unix epoch.
+fn from_unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// A state, since when, and the last failure: the part every token and sink has.
@@ -115,8 +256,19 @@ struct TokenCell {
     dropped_at_stop: AtomicU64,
     /// See [`TokenStatus::malformed_frames`].
     malformed_frames: AtomicU64,
-    /// See [`TokenStatus::stale_reconnects`].
-    stale_reconnects: AtomicU64,
+    /// See [`TokenStatus::reconnects`], one per [`ReconnectReason`].
+    reconnects: [AtomicU64; ReconnectReason::COUNT],
+    /// See [`TokenStatus::unconfirmed_subscriptions`].
+    unconfirmed: AtomicU64,
+    /// See [`TokenStatus::rejected_subscriptions`].
+    rejected: AtomicU64,
+    /// See [`TokenStatus::frames`].
+    frames: AtomicU64,
+    /// See [`TokenStatus::last_event_at`], in milliseconds since the Unix epoch: a time that
+    /// fits an atomic, stored once per event.
+    last_event_ms: AtomicU64,
+    /// See [`TokenStatus::last_ping_at`], in milliseconds since the Unix epoch.
+    last_ping_ms: AtomicU64,
 }
 
 /// Where a sink's delivery loop is.
@@ -131,6 +283,26 @@ pub enum SinkState {
     Retrying,
     /// Shut down.
     Stopped,
+}
+
+impl SinkState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [SinkState; 4] = [
+        SinkState::Idle,
+        SinkState::Delivering,
+        SinkState::Retrying,
+        SinkState::Stopped,
+    ];
+
+    /// The state's name, as it is serialized: a metric label value without a lookup.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SinkState::Idle => "idle",
+            SinkState::Delivering => "delivering",
+            SinkState::Retrying => "retrying",
+            SinkState::Stopped => "stopped",
+        }
+    }
 }
 
 /// A copy of one sink's status at one moment.
@@ -158,6 +330,14 @@ pub struct SinkStatus {
     /// them (`when_full: dead_letter`): the price of lagging, paid by this sink alone. Not
     /// included in `dead_lettered`.
     pub pushed_out: u64,
+    /// Events handed to the sink and not confirmed yet (or a batch being retried).
+    pub in_flight: u64,
+    /// When the oldest event the loop has taken and not finished was received; `None` when the
+    /// loop is caught up. Parked events are not counted: they are set aside, in `parked`.
+    #[serde(serialize_with = "optional_rfc3339")]
+    pub oldest_undelivered_at: Option<SystemTime>,
+    /// Whether the delivery loop runs, and how often it was restarted.
+    pub delivery_loop: LoopStatus,
 }
 
 /// Shared cell a sink loop writes and everyone else reads.
@@ -175,9 +355,18 @@ struct SinkCell {
     parked: AtomicU64,
     /// See [`SinkStatus::pushed_out`].
     pushed_out: AtomicU64,
+    /// See [`SinkStatus::in_flight`].
+    in_flight: AtomicU64,
+    /// See [`SinkStatus::oldest_undelivered_at`], in milliseconds since the Unix epoch; 0 for
+    /// none.
+    oldest_undelivered_ms: AtomicU64,
+    /// Receive-to-confirmation times of the events delivered.
+    latency: LatencyHistogram,
+    /// Whether the delivery loop runs, and its restarts.
+    health: Arc<LoopHealth>,
 }
 
-/// What a sink loop uses to report.
+/// What a sink loop uses to report; counters are atomics so the hot path takes no lock.
 #[derive(Clone, Debug)]
 pub struct SinkReporter {
     /// This sink's cell on the board.
@@ -204,9 +393,41 @@ impl SinkReporter {
         }
     }
 
-    /// Counts `n` delivered events.
-    pub(crate) fn delivered(&self, n: u64) {
-        self.cell.delivered.fetch_add(n, Ordering::Relaxed);
+    /// Counts `events` as delivered now, each with its receive-to-confirmation time.
+    pub(crate) fn delivered<'e>(&self, events: impl ExactSizeIterator<Item = &'e Event>) {
+        self.cell
+            .delivered
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.cell
+            .latency
+            .observe(SystemTime::now(), events.map(|e| e.received_at));
+    }
+
+    /// `n` events are handed to the sink and not confirmed yet.
+    pub(crate) fn in_flight(&self, n: u64) {
+        self.cell.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// The oldest event the loop has taken and not finished was received at `received_at`;
+    /// `None` once the loop is caught up.
+    pub(crate) fn oldest_undelivered(&self, received_at: Option<SystemTime>) {
+        // A time before the epoch would read as "none": it counts as the epoch's first ms.
+        let ms = received_at.map_or(0, |t| unix_ms(t).max(1));
+        self.cell.oldest_undelivered_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Marks the delivery loop as running until the guard is dropped without
+    /// [`AliveGuard::ended_by_shutdown`]: a loop that panics or is dropped midway leaves the
+    /// sink dead on the board, which fails `/healthz`.
+    pub(crate) fn running(&self) -> AliveGuard {
+        AliveGuard::new(self.cell.health.clone())
+    }
+
+    /// Counts a restart of the delivery loop (after it died; [`SinkReporter::running`] again
+    /// marks it alive).
+    pub(crate) fn restarted(&self) {
+        self.cell.health.restarted();
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Counts `n` dead-lettered events.
@@ -238,6 +459,10 @@ pub struct StatusBoard {
     sinks: Arc<Mutex<BTreeMap<String, Arc<SinkCell>>>>,
     /// Bumped on every state change so waiters wake up without polling.
     changed: watch::Sender<u64>,
+    /// Whether the ingest runs, and its restarts.
+    ingest: Arc<LoopHealth>,
+    /// The loaded config's hash and the reloads.
+    config: Arc<ConfigCell>,
 }
 
 impl Default for StatusBoard {
@@ -246,6 +471,8 @@ impl Default for StatusBoard {
             tokens: Arc::default(),
             sinks: Arc::default(),
             changed: watch::channel(0).0,
+            ingest: Arc::default(),
+            config: Arc::default(),
         }
     }
 }
@@ -272,16 +499,7 @@ impl StatusBoard {
             .lock()
             .expect("status lock")
             .entry(name.clone())
-            .or_insert_with(|| {
-                Arc::new(TokenCell {
-                    phase: Phase::new(TokenState::Connecting),
-                    connects: AtomicU64::new(0),
-                    events: AtomicU64::new(0),
-                    dropped_at_stop: AtomicU64::new(0),
-                    malformed_frames: AtomicU64::new(0),
-                    stale_reconnects: AtomicU64::new(0),
-                })
-            })
+            .or_insert_with(|| Arc::new(TokenCell::new(SystemTime::now())))
             .clone();
         self.changed.send_modify(|v| *v += 1);
         TokenReporter {
@@ -305,6 +523,10 @@ impl StatusBoard {
                     retries: AtomicU64::new(0),
                     parked: AtomicU64::new(0),
                     pushed_out: AtomicU64::new(0),
+                    in_flight: AtomicU64::new(0),
+                    oldest_undelivered_ms: AtomicU64::new(0),
+                    latency: LatencyHistogram::default(),
+                    health: Arc::default(),
                 })
             })
             .clone();
@@ -320,21 +542,57 @@ impl StatusBoard {
             .lock()
             .expect("status lock")
             .iter()
-            .map(|(name, cell)| {
-                let (state, since, last_error) = cell.phase.get();
-                let status = SinkStatus {
-                    state,
-                    since,
-                    last_error,
-                    delivered: cell.delivered.load(Ordering::Relaxed),
-                    dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
-                    retries: cell.retries.load(Ordering::Relaxed),
-                    parked: cell.parked.load(Ordering::Relaxed),
-                    pushed_out: cell.pushed_out.load(Ordering::Relaxed),
-                };
-                (name.clone(), status)
-            })
+            .map(|(name, cell)| (name.clone(), cell.snapshot()))
             .collect()
+    }
+
+    /// Every sink's delivery latency histogram, by name, read from its atomics.
+    pub fn sink_latencies(&self) -> BTreeMap<String, Latencies> {
+        self.sinks
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|(name, cell)| (name.clone(), cell.latency.snapshot()))
+            .collect()
+    }
+
+    /// Marks the ingest as running until the guard is dropped without
+    /// [`AliveGuard::ended_by_shutdown`]: an ingest that panics leaves the process unhealthy.
+    pub(crate) fn ingest_running(&self) -> AliveGuard {
+        AliveGuard::new(self.ingest.clone())
+    }
+
+    /// Counts a restart of the ingest (after it died; [`StatusBoard::ingest_running`] again
+    /// marks it alive).
+    pub(crate) fn ingest_restarted(&self) {
+        self.ingest.restarted();
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Whether the ingest runs, and how often it was restarted.
+    pub fn ingest(&self) -> LoopStatus {
+        self.ingest.status()
+    }
+
+    /// The loaded config's hash, and how its reloads went.
+    pub fn config(&self) -> ConfigStatus {
+        self.config.status()
+    }
+
+    /// The config the process started with: its hash (see `Config::hash`), loaded now. Not a
+    /// reload.
+    pub(crate) fn config_loaded(&self, hash: String) {
+        self.config.loaded(hash);
+    }
+
+    /// A reload succeeded: the config with `hash` runs from now on.
+    pub(crate) fn config_reloaded(&self, hash: String) {
+        self.config.reloaded(hash);
+    }
+
+    /// A reload was refused or failed: the config before it keeps running.
+    pub(crate) fn config_reload_failed(&self) {
+        self.config.reload_failed();
     }
 
     /// One sink's status, if it exists.
@@ -389,8 +647,30 @@ impl StatusBoard {
 }
 
 impl TokenCell {
+    /// The cell of a token that starts at `started`: nothing counted, its event and ping ages
+    /// growing from then.
+    fn new(started: SystemTime) -> TokenCell {
+        let started = unix_ms(started);
+        TokenCell {
+            phase: Phase::new(TokenState::Connecting),
+            connects: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            dropped_at_stop: AtomicU64::new(0),
+            malformed_frames: AtomicU64::new(0),
+            reconnects: Default::default(),
+            unconfirmed: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
+            last_event_ms: AtomicU64::new(started),
+            last_ping_ms: AtomicU64::new(started),
+        }
+    }
+
     fn snapshot(&self) -> TokenStatus {
         let (state, since, last_error) = self.phase.get();
+        let reconnects = ReconnectCounts(std::array::from_fn(|i| {
+            self.reconnects[i].load(Ordering::Relaxed)
+        }));
         TokenStatus {
             state,
             since,
@@ -399,7 +679,33 @@ impl TokenCell {
             events: self.events.load(Ordering::Relaxed),
             dropped_at_stop: self.dropped_at_stop.load(Ordering::Relaxed),
             malformed_frames: self.malformed_frames.load(Ordering::Relaxed),
-            stale_reconnects: self.stale_reconnects.load(Ordering::Relaxed),
+            stale_reconnects: reconnects.get(ReconnectReason::Stale),
+            reconnects,
+            unconfirmed_subscriptions: self.unconfirmed.load(Ordering::Relaxed),
+            rejected_subscriptions: self.rejected.load(Ordering::Relaxed),
+            frames: self.frames.load(Ordering::Relaxed),
+            last_event_at: from_unix_ms(self.last_event_ms.load(Ordering::Relaxed)),
+            last_ping_at: from_unix_ms(self.last_ping_ms.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl SinkCell {
+    fn snapshot(&self) -> SinkStatus {
+        let (state, since, last_error) = self.phase.get();
+        let oldest = self.oldest_undelivered_ms.load(Ordering::Relaxed);
+        SinkStatus {
+            state,
+            since,
+            last_error,
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            parked: self.parked.load(Ordering::Relaxed),
+            pushed_out: self.pushed_out.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            oldest_undelivered_at: (oldest != 0).then(|| from_unix_ms(oldest)),
+            delivery_loop: self.health.status(),
         }
     }
 }
@@ -410,8 +716,14 @@ impl TokenReporter {
         self.update(state, None);
     }
 
-    /// Enters `state` because of `error`.
+    /// Enters `state` because of `error`. Entering `Unconfirmed` or `Rejected` counts a
+    /// subscription given up or refused.
     pub(crate) fn fail(&self, state: TokenState, error: impl Into<String>) {
+        match state {
+            TokenState::Unconfirmed => self.cell.unconfirmed.fetch_add(1, Ordering::Relaxed),
+            TokenState::Rejected => self.cell.rejected.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         self.update(state, Some(error.into()));
     }
 
@@ -426,9 +738,22 @@ impl TokenReporter {
         self.cell.connects.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts an event read from the socket.
-    pub(crate) fn event(&self) {
+    /// Counts an event read from the socket at `received_at`.
+    pub(crate) fn event(&self, received_at: SystemTime) {
         self.cell.events.fetch_add(1, Ordering::Relaxed);
+        self.cell
+            .last_event_ms
+            .store(unix_ms(received_at), Ordering::Relaxed);
+    }
+
+    /// Counts a WebSocket message read, whatever it holds.
+    pub(crate) fn frame(&self) {
+        self.cell.frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The server's ActionCable ping came at `at`.
+    pub(crate) fn pinged(&self, at: SystemTime) {
+        self.cell.last_ping_ms.store(unix_ms(at), Ordering::Relaxed);
     }
 
     /// Counts an event read from the socket that was never handed to the pipeline.
@@ -442,8 +767,8 @@ impl TokenReporter {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Counts a reconnect caused by silence.
-    pub(crate) fn stale(&self) {
-        self.cell.stale_reconnects.fetch_add(1, Ordering::Relaxed);
+    /// Counts a reconnect, and why the connection before it ended.
+    pub(crate) fn reconnecting(&self, reason: ReconnectReason) {
+        self.cell.reconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 }

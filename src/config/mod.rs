@@ -20,6 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::admin::settings::{AdminSettings, ReadyRequires};
 pub use crate::delivery::retry::RetrySettings;
 use crate::route::redact::Redaction;
 use crate::route::RouteTable;
@@ -104,6 +105,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Bytes of events held in memory at once, divided among the stages that hold them.
     pub memory_limit: u64,
+    /// The admin endpoint (metrics, health, status, tap, reload); `None` leaves it off.
+    pub admin: Option<AdminSettings>,
 }
 
 /// One sink: where it delivers and what it removes from `data` first.
@@ -132,6 +135,17 @@ impl Config {
             .and_then(|file| file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text))
             .map_err(read)?;
         Config::from_yaml(&text, &|name| std::env::var(name).ok(), true)
+    }
+
+    /// A short hash of everything this config sets but its secrets (which it cannot reveal
+    /// then, in `config_info` on `/metrics`): the same file gives the same hash on every
+    /// process of a version, so replicas and reloads can be compared. A change to a secret
+    /// alone leaves it as it was.
+    pub fn hash(&self) -> String {
+        use sha2::Digest;
+        // `Debug` of a secret is `<redacted>`, and every map in a config is ordered.
+        let digest = sha2::Sha256::digest(format!("{self:?}").as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Parses config text. `env` resolves `${VAR}`; `env_overrides` also applies
@@ -743,6 +757,65 @@ spool: { max_bytes: 100, fsync_interval: 0s }
         "routes[1].match.token[0]: no token is named `nobody`",
         "routes[1].match.where[0].matches: not a valid regular expression: regex parse error:\n    (\n    ^\nerror: unclosed group",
     ];
+
+    #[test]
+    fn the_admin_endpoint_is_off_unless_configured_and_on_loopback_by_default() {
+        use std::net::SocketAddr;
+        assert_eq!(load(MINIMAL).unwrap().admin, None);
+        let admin = load(&format!("{MINIMAL}admin: {{}}\n"))
+            .unwrap()
+            .admin
+            .unwrap();
+        assert_eq!(admin.listen, SocketAddr::from(([127, 0, 0, 1], 9464)));
+        assert_eq!(admin.ready_requires, ReadyRequires::All);
+        let admin = load(&format!(
+            "{MINIMAL}admin: {{ listen: 9000, ready_requires: [support-agent] }}\n"
+        ))
+        .unwrap()
+        .admin
+        .unwrap();
+        assert_eq!(admin.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(
+            admin.ready_requires,
+            ReadyRequires::Tokens(vec!["support-agent".into()])
+        );
+        let any = load(&format!("{MINIMAL}admin: {{ ready_requires: any }}\n")).unwrap();
+        assert_eq!(any.admin.unwrap().ready_requires, ReadyRequires::Any);
+        let err = load_error(&format!(
+            "{MINIMAL}admin: {{ listen: 'admin.local:9464', ready_requires: [support-agent, nobody] }}\n"
+        ));
+        assert!(
+            err.contains("admin.listen: `admin.local:9464` is not `IP:port` or a port"),
+            "{err}"
+        );
+        assert!(
+            err.contains("admin.ready_requires[1]: no token is named `nobody`"),
+            "{err}"
+        );
+        let err = load_error(&format!("{MINIMAL}admin: {{ ready_requires: most }}\n"));
+        assert!(
+            err.contains("admin.ready_requires: `most` must be `all`, `any`"),
+            "{err}"
+        );
+        let err = load_error(&format!(
+            "{MINIMAL}admin: {{ ready_requires: {{ a: 1 }} }}\n"
+        ));
+        assert!(
+            err.starts_with("admin.ready_requires: must be `all`, `any`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_config_hash_follows_the_settings_but_not_the_secrets() {
+        let base = load(MINIMAL).unwrap().hash();
+        assert_eq!(base.len(), 16);
+        assert_eq!(load(MINIMAL).unwrap().hash(), base, "stable");
+        let other_sink = MINIMAL.replace("./events.jsonl", "./other.jsonl");
+        assert_ne!(load(&other_sink).unwrap().hash(), base);
+        let other_secret = MINIMAL.replace("contact-token", "another-token");
+        assert_eq!(load(&other_secret).unwrap().hash(), base);
+    }
 
     #[test]
     fn yaml_syntax_error_is_reported() {

@@ -25,10 +25,11 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::delivery::dead_letter::{DeadLetters, LetterCount};
 use crate::delivery::pressure::{PushOut, PushOutError};
+use crate::delivery::tap::{TapHub, TappedEvent};
 use crate::event::id::IdAssigner;
 use crate::event::Event;
 use crate::memory::ByteGate;
-use crate::route::RouteTable;
+use crate::route::{RouteTable, Routed};
 use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
 /// Most events appended (and read by a sink) at once: one write syscall, one produce batch.
@@ -253,8 +254,9 @@ pub(crate) async fn ingest(
         batch.clear();
         let mut appended = Vec::with_capacity(received.len());
         let mut masks = Vec::with_capacity(received.len());
+        let mut tapped = appender.tap.is_tapped().then(Vec::new);
         for event in received.drain(..) {
-            let Some((event, mask)) = router.route(event, &appender.stats) else {
+            let Some((event, mask, routed)) = router.route(event, &appender.stats) else {
                 continue;
             };
             batch.push(&event, mask);
@@ -268,11 +270,21 @@ pub(crate) async fn ingest(
                 batch.clear();
                 batch.push(&event, mask);
             }
-            appended.push(Arc::new(event));
+            let event = Arc::new(event);
+            if let Some(tapped) = &mut tapped {
+                tapped.push(TappedEvent {
+                    event: event.clone(),
+                    routed,
+                });
+            }
+            appended.push(event);
             masks.push(mask);
         }
         if !batch.is_empty() {
             batch = appender.append_until_stored(batch, (appended, masks)).await;
+        }
+        if let Some(tapped) = tapped {
+            appender.tap.offer(&router.routes, tapped);
         }
         // Everything received is in the spool (or went nowhere, or was given up at the
         // deadline): the sockets may read more.
@@ -297,12 +309,14 @@ pub(crate) struct Appender {
     push_out: Arc<PushOut>,
     /// Events given up on at the deadline, for the ingest's last word.
     given_up: u64,
+    /// Where appended events are offered to whoever taps them live.
+    tap: TapHub,
 }
 
 /// Gives each event its id and the spool mask of the sinks its routes chose.
 struct Router {
-    /// The compiled routes.
-    routes: RouteTable,
+    /// The compiled routes; shared with the taps, which read route and sink names from them.
+    routes: Arc<RouteTable>,
     /// The spool's bit of each sink a route can name, by route sink index.
     sink_masks: Vec<SinkMask>,
     /// Assigns stable event ids.
@@ -318,15 +332,19 @@ impl Router {
             .map(|name| spool.mask(&[name.as_str()]))
             .collect();
         Router {
-            routes,
+            routes: Arc::new(routes),
             sink_masks,
             ids: IdAssigner::new(),
         }
     }
 
-    /// The event with its id, and the sinks it goes to; `None` when it goes to none. An event
-    /// that matched no route is counted in `stats`.
-    fn route(&mut self, mut event: Event, stats: &PipelineStats) -> Option<(Event, SinkMask)> {
+    /// The event with its id, the spool mask of the sinks it goes to and how it was routed;
+    /// `None` when it goes to none. An event that matched no route is counted in `stats`.
+    fn route(
+        &mut self,
+        mut event: Event,
+        stats: &PipelineStats,
+    ) -> Option<(Event, SinkMask, Routed)> {
         event.id = self.ids.assign(
             event.content_hash,
             &event.token,
@@ -342,7 +360,7 @@ impl Router {
             return None;
         }
         let mask = routed.sinks.iter().fold(0, |m, t| m | self.sink_masks[t].0);
-        Some((event, SinkMask(mask)))
+        Some((event, SinkMask(mask), routed))
     }
 }
 
@@ -363,7 +381,14 @@ impl Appender {
             deadline,
             push_out,
             given_up: 0,
+            tap: TapHub::default(),
         }
+    }
+
+    /// Offers what it appends on `tap` too, while someone taps.
+    pub(crate) fn with_tap(mut self, tap: TapHub) -> Appender {
+        self.tap = tap;
+        self
     }
 
     /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
@@ -395,6 +420,9 @@ impl Appender {
             };
             batch = returned;
             offer = kept;
+            self.stats
+                .append_failing
+                .store(result.is_err(), Ordering::Relaxed);
             match result {
                 Ok(report) => {
                     count_appended(&report, &self.stats);

@@ -1,0 +1,2 @@
+//! The admin endpoint.
+pub mod settings;
