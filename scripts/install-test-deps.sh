@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the integration tests need besides the build tools, skipping what is present:
 # - nats-server (a real NATS server with JetStream), openssl (the TLS test makes its
-#   certificates with it) and sqlite3 (the chaos run indexes tansu's storage), from Debian's
-#   packages;
+#   certificates with it), sqlite3 (the chaos run indexes tansu's storage) and promtool (from
+#   the prometheus package: the admin test checks /metrics with it), from Debian's packages;
 # - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin once (about 15 minutes on
 #   2 cores; later runs find it there), with SQLite storage: the chaos run (scripts/chaos.sh)
 #   kills and restarts it and needs what it acknowledged kept; a tansu without it is rebuilt.
@@ -13,6 +13,7 @@ extra=()
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || extra+=(nats-server)
 command -v openssl >/dev/null 2>&1 || extra+=(openssl)
 command -v sqlite3 >/dev/null 2>&1 || extra+=(sqlite3)
+command -v promtool >/dev/null 2>&1 || extra+=(prometheus)
 ./install-build-deps.sh "${extra[@]}"
 
 tansu=$(command -v tansu 2>/dev/null || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")

@@ -30,7 +30,11 @@
 //! - [`config`]: the YAML file, `${VAR}` expansion, validation into each stage's settings; it
 //!   sits above the stages because it builds their settings.
 //! - [`types`]: the config vocabulary every stage shares (secrets, durations, problems); a leaf.
-//! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
+//! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests;
+//!   each count an atomic on a cell its loop holds.
+//! - [`admin`]: the admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`, `/tap`,
+//!   `POST /reload`) reading the board, the pipeline's counters and the spool; and its client,
+//!   for the `tap`, `top` and `reload` commands. It sits beside the wiring, which starts it.
 //! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
 //! - `memory`: `memory_limit` divided among the stages that hold events, and the byte gate
 //!   between the sockets and the spool.

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
+use chatwoot_bridge::admin::client::{AdminClient, TapFilter, TopOptions};
 use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
@@ -120,6 +121,56 @@ enum Command {
     },
     /// Run a mock Chatwoot ActionCable server (for trying pipelines without a Chatwoot).
     MockServer(MockServerArgs),
+    /// Print a running daemon's routed events live, as JSON lines (pubsub tokens removed),
+    /// from its admin endpoint.
+    Tap(TapArgs),
+    /// Show a running daemon's rates and backlogs per token and sink, redrawn every second.
+    Top(TopArgs),
+    /// Ask a running daemon to reload its config; exit non-zero if it refused.
+    Reload(AdminArgs),
+}
+
+// Where the daemon's admin endpoint is.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's admin endpoint (`admin.listen`): host:port, a port, or http://host:port.
+    #[arg(long, env = "CHATWOOT_BRIDGE_ADMIN", default_value = "127.0.0.1:9464")]
+    admin: String,
+}
+
+// The flags of `tap`.
+#[derive(clap::Args)]
+struct TapArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Only events this route matched.
+    #[arg(long)]
+    route: Option<String>,
+    /// Only events routed to this sink, redacted as it sees them.
+    #[arg(long)]
+    sink: Option<String>,
+    /// Only events read with this token (its name).
+    #[arg(long)]
+    token: Option<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+// The flags of `top`.
+#[derive(clap::Args)]
+struct TopArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Time between frames; rates are measured over it.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Draw this many frames, then exit.
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// Draw one frame (rates over one interval), without clearing the screen, then exit.
+    #[arg(long, conflicts_with = "iterations")]
+    once: bool,
 }
 
 // The flags of `mock-server`.
@@ -231,7 +282,44 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::MockServer(args) => mock_server(args).await,
+        Command::Tap(args) => tap(args).await,
+        Command::Top(args) => top(args).await,
+        Command::Reload(args) => {
+            let answer = AdminClient::new(&args.admin)?.reload().await?;
+            print!("{answer}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `tap`: the events the admin endpoint streams, on stdout, until it stops or `--count`.
+async fn tap(args: TapArgs) -> anyhow::Result<ExitCode> {
+    let filter = TapFilter {
+        route: args.route,
+        sink: args.sink,
+        token: args.token,
+    };
+    let client = AdminClient::new(&args.admin.admin)?;
+    client
+        .tap(&filter, args.count, &mut std::io::stdout().lock())
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `top`: a frame per interval on stdout, the screen cleared first on a terminal.
+async fn top(args: TopArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let iterations = if args.once { Some(1) } else { args.iterations };
+    let stdout = std::io::stdout();
+    let options = TopOptions {
+        interval: args.interval,
+        iterations,
+        clear_screen: stdout.is_terminal() && iterations != Some(1),
+    };
+    AdminClient::new(&args.admin.admin)?
+        .top(options, &mut stdout.lock())
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The daemon, until SIGTERM or Ctrl-C.

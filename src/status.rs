@@ -425,6 +425,10 @@ impl SinkReporter {
 
     /// Counts a restart of the delivery loop (after it died; [`SinkReporter::running`] again
     /// marks it alive).
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(crate) fn restarted(&self) {
         self.cell.health.restarted();
         self.changed.send_modify(|v| *v += 1);
@@ -564,6 +568,10 @@ impl StatusBoard {
 
     /// Counts a restart of the ingest (after it died; [`StatusBoard::ingest_running`] again
     /// marks it alive).
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(crate) fn ingest_restarted(&self) {
         self.ingest.restarted();
         self.changed.send_modify(|v| *v += 1);
@@ -586,11 +594,19 @@ impl StatusBoard {
     }
 
     /// A reload succeeded: the config with `hash` runs from now on.
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(crate) fn config_reloaded(&self, hash: String) {
         self.config.reloaded(hash);
     }
 
     /// A reload was refused or failed: the config before it keeps running.
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(crate) fn config_reload_failed(&self) {
         self.config.reload_failed();
     }
@@ -770,5 +786,91 @@ impl TokenReporter {
     /// Counts a reconnect, and why the connection before it ended.
     pub(crate) fn reconnecting(&self, reason: ReconnectReason) {
         self.cell.reconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_names_are_the_serialized_names() {
+        let serialized = |value: serde_json::Value| value.as_str().unwrap().to_owned();
+        for state in TokenState::ALL {
+            assert_eq!(
+                state.as_str(),
+                serialized(serde_json::to_value(state).unwrap())
+            );
+        }
+        for state in SinkState::ALL {
+            assert_eq!(
+                state.as_str(),
+                serialized(serde_json::to_value(state).unwrap())
+            );
+        }
+        for reason in ReconnectReason::ALL {
+            assert_eq!(
+                reason.as_str(),
+                serialized(serde_json::to_value(reason).unwrap())
+            );
+            assert_eq!(ReconnectReason::ALL[reason as usize], reason);
+        }
+    }
+
+    #[test]
+    fn reloads_count_and_keep_the_hash_of_the_config_that_runs() {
+        let board = StatusBoard::new();
+        board.config_loaded("aaaa".into());
+        let started = board.config();
+        assert_eq!(
+            (started.hash.as_str(), started.reloads_succeeded),
+            ("aaaa", 0)
+        );
+        board.config_reload_failed();
+        assert_eq!(
+            board.config().hash,
+            "aaaa",
+            "a refused reload changes nothing"
+        );
+        board.config_reloaded("bbbb".into());
+        let now = board.config();
+        assert_eq!(
+            (now.hash.as_str(), now.reloads_succeeded, now.reloads_failed),
+            ("bbbb", 1, 1)
+        );
+        assert!(now.last_success >= started.last_success);
+        board.ingest_restarted();
+        assert_eq!(board.ingest().restarts, 1);
+    }
+
+    #[test]
+    fn a_token_counts_its_frames_events_and_reconnects_and_ages_from_its_start() {
+        let board = StatusBoard::new();
+        let token = board.register(&Arc::from("a"));
+        let fresh = board.token("a").unwrap();
+        assert_eq!(
+            fresh.last_event_at, fresh.last_ping_at,
+            "both from the start"
+        );
+        let later = SystemTime::now() + Duration::from_secs(5);
+        token.frame();
+        token.event(later);
+        token.pinged(later);
+        token.reconnecting(ReconnectReason::Stale);
+        token.fail(TokenState::Unconfirmed, "no confirm");
+        token.fail(TokenState::Rejected, "rejected");
+        let status = board.token("a").unwrap();
+        assert_eq!((status.frames, status.events), (1, 1));
+        assert_eq!(unix_ms(status.last_event_at), unix_ms(later));
+        assert_eq!(unix_ms(status.last_ping_at), unix_ms(later));
+        assert_eq!(status.stale_reconnects, 1);
+        assert_eq!(status.reconnects.total(), 1);
+        assert_eq!(
+            (
+                status.unconfirmed_subscriptions,
+                status.rejected_subscriptions
+            ),
+            (1, 1)
+        );
     }
 }

@@ -30,6 +30,10 @@ impl Default for LoopHealth {
 
 impl LoopHealth {
     /// Counts a restart.
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(super) fn restarted(&self) {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
@@ -130,12 +134,20 @@ impl ConfigCell {
     }
 
     /// A reload put the config with `hash` in place now.
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(super) fn reloaded(&self, hash: String) {
         self.loaded(hash);
         self.inner.lock().expect("status lock").reloads_succeeded += 1;
     }
 
     /// A reload was refused or failed.
+    #[allow(
+        dead_code,
+        reason = "called by Bridge::reload and the loop restarts (issue 20, lifecycle part)"
+    )]
     pub(super) fn reload_failed(&self) {
         self.inner.lock().expect("status lock").reloads_failed += 1;
     }
