@@ -209,8 +209,9 @@ struct Wiring {
 }
 
 impl Bridge {
-    /// Opens the spool and the sinks, then starts the pipeline and one socket per token.
-    /// Fails before connecting anything if the spool or a sink cannot be opened.
+    /// Opens the spool and the sinks, then starts the pipeline, one socket per token, and the
+    /// admin endpoint when the config has one. Fails before connecting anything if the admin
+    /// endpoint cannot listen, or the spool or a sink cannot be opened.
     pub async fn start(config: Config) -> Result<Bridge, StartError> {
         let admin_listener = match &config.admin {
             Some(admin) => Some(AdminServer::bind(admin.listen).await?),

@@ -100,6 +100,19 @@ pub(crate) struct ConfigView {
     pub(crate) redactions: BTreeMap<String, Redaction>,
 }
 
+/// `/tap`'s query string checked against a config with a token `agent`, a route `all of it`
+/// and a sink `out`, for the fuzz target `admin_query`.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_tap_query(query: &str) -> Result<(), String> {
+    let view = ConfigView {
+        tokens: ["agent".into()].into(),
+        routes: ["all of it".into()].into(),
+        redactions: [("out".to_owned(), Redaction::default())].into(),
+        ..ConfigView::default()
+    };
+    tap::TapFilter::parse(Some(query), &view).map(|_| ())
+}
+
 /// What the server's tasks share.
 #[derive(Debug)]
 struct Shared {
