@@ -5,7 +5,7 @@
 #   packages;
 # - promtool (Debian's prometheus package: the alert rules' check and unit tests), systemd-analyze
 #   (Debian's systemd package: the unit's verify and security score) and strace (the system calls
-#   the daemon makes, against the unit's filter), for tests/deploy.rs;
+#   the daemon makes, against the unit's filter), for tests/deploy.rs, and for the admin test's check of /metrics;
 # - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin once (about 15 minutes on
 #   2 cores; later runs find it there), with SQLite storage: the chaos run (scripts/chaos.sh)
 #   kills and restarts it and needs what it acknowledged kept; a tansu without it is rebuilt.

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::admin::{AdminError, AdminServer, ConfigView, ReloadRequest, Sources};
 use crate::config::Config;
 use crate::delivery::dead_letter::{DeadLetterError, DeadLetters};
 use crate::delivery::ingest::{
@@ -21,6 +23,7 @@ use crate::delivery::ingest::{
     INGEST_CAPACITY,
 };
 use crate::delivery::pressure::{PressureSink, PushOut};
+use crate::delivery::tap::TapHub;
 use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::SinkBuildError;
 use crate::source::cable::EventSender;
@@ -49,6 +52,9 @@ pub enum StartError {
     /// The dead-letter store could not be opened.
     #[error(transparent)]
     DeadLetters(#[from] DeadLetterError),
+    /// The admin endpoint could not listen on its address.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
     /// Another process holds the spool's lock.
     #[error("spool {0} is in use by another chatwoot-bridge process (one spool, one process)")]
     SpoolInUse(PathBuf),
@@ -89,6 +95,8 @@ pub struct Bridge {
     _spool_lock: File,
     /// How long shutdown may take to store what was read and deliver it, from the signal.
     shutdown_timeout: Duration,
+    /// The admin endpoint, when the config turns it on; stopped after the sinks at shutdown.
+    admin: Option<AdminServer>,
 }
 
 /// How long the stages told to stop at the shutdown deadline (sockets, ingest, sink loops) get
@@ -209,12 +217,19 @@ struct Wiring {
     give_up: CancellationToken,
     /// `memory_limit` divided among the ingest, the tail, replays and the sink loops.
     memory: MemoryBudget,
+    /// Where the ingest offers what it appends to the admin endpoint's taps.
+    tap: TapHub,
 }
 
 impl Bridge {
-    /// Opens the spool and the sinks, then starts the pipeline and one socket per token.
-    /// Fails before connecting anything if the spool or a sink cannot be opened.
+    /// Opens the spool and the sinks, then starts the pipeline, one socket per token, and the
+    /// admin endpoint when the config has one. Fails before connecting anything if the admin
+    /// endpoint cannot listen, or the spool or a sink cannot be opened.
     pub async fn start(config: Config) -> Result<Bridge, StartError> {
+        let admin_listener = match &config.admin {
+            Some(admin) => Some(AdminServer::bind(admin.listen).await?),
+            None => None,
+        };
         let (spool_lock, spool, dead_letters) = open_storage(&config).await?;
         let memory = MemoryBudget::divide(config.memory_limit, config.sinks.len());
         let wiring = Wiring {
@@ -225,6 +240,7 @@ impl Bridge {
             ingest_done: CancellationToken::new(),
             give_up: CancellationToken::new(),
             memory,
+            tap: TapHub::default(),
         };
         let mut loops = SinkLoops::new(wiring.loop_kit(&config, dead_letters.clone()));
         wiring.start_delivery(&config, &mut loops).await?;
@@ -240,6 +256,7 @@ impl Bridge {
         let (ingest, events) = wiring.start_ingest(feed, push_out);
         let supervisor = start_supervisor(&config, events, &wiring.status);
         wiring.status.config_loaded(&config.hash);
+        let admin = admin_listener.map(|listener| wiring.serve_admin(listener, &config));
         let Wiring {
             spool,
             stats,
@@ -261,7 +278,28 @@ impl Bridge {
             _spool_lock: spool_lock,
             shutdown_timeout: config.shutdown_timeout,
             config,
+            admin,
         })
+    }
+
+    /// Where the admin endpoint listens, when the config turns it on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
+    /// The requests `POST /reload` makes, for the task that reloads the config; `None` when
+    /// the admin endpoint is off or they were taken already. Until they are taken, `/reload`
+    /// answers that reloading is not wired.
+    pub fn reload_requests(&self) -> Option<mpsc::Receiver<ReloadRequest>> {
+        self.admin.as_ref()?.take_reload_requests()
+    }
+
+    /// Shows the admin endpoint the config that runs now (after a reload): which tokens
+    /// `/readyz` requires, and the names and redactions taps use.
+    pub(crate) fn refresh_admin(&self, config: &Config) {
+        if let Some(admin) = &self.admin {
+            admin.apply(admin_view(config));
+        }
     }
 
     /// Every token's and sink's state, live.
@@ -321,6 +359,9 @@ impl Bridge {
         )
         .await;
         deadline_timer.abort();
+        if let Some(admin) = self.admin {
+            admin.stop().await;
+        }
         let persistence = final_sync(self.spool).await;
         let tokens = self.status.tokens();
         let report = ShutdownReport {
@@ -470,7 +511,8 @@ impl Wiring {
             self.stats.clone(),
             self.give_up.clone(),
             push_out,
-        );
+        )
+        .with_tap(self.tap.clone());
         let ingest_loop = Ingest::new(events_rx, gate, feed, appender, self.status.clone());
         let done = self.ingest_done.clone();
         ingest.spawn(async move {
@@ -507,6 +549,37 @@ fn push_out(
         })
         .collect();
     Arc::new(PushOut::new(dead_letters, sinks, stats.clone()))
+}
+
+impl Wiring {
+    /// Serves the admin endpoint on `listener`, reading the bridge's state.
+    fn serve_admin(&self, listener: tokio::net::TcpListener, config: &Config) -> AdminServer {
+        let sources = Sources {
+            status: self.status.clone(),
+            stats: self.stats.clone(),
+            spool: self.spool.clone(),
+            tap: self.tap.clone(),
+        };
+        AdminServer::serve(listener, sources, admin_view(config))
+    }
+}
+
+/// What the admin endpoint needs of `config`.
+fn admin_view(config: &Config) -> ConfigView {
+    ConfigView {
+        ready_requires: config
+            .admin
+            .as_ref()
+            .map(|admin| admin.ready_requires.clone())
+            .unwrap_or_default(),
+        tokens: config.tokens.iter().map(|t| t.name.to_string()).collect(),
+        routes: config.routes.route_names().map(str::to_owned).collect(),
+        redactions: config
+            .sinks
+            .iter()
+            .map(|(name, sink)| (name.clone(), sink.redaction.clone()))
+            .collect(),
+    }
 }
 
 /// Starts one socket per configured token.

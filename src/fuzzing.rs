@@ -134,6 +134,15 @@ pub fn config(input: &[u8]) {
     let _ = crate::config::Config::from_yaml(text, &env, false);
 }
 
+/// A query string of the admin endpoint's `/tap`: percent-decoded within its bound and checked
+/// against a config's names, as a request to the endpoint is.
+pub fn admin_query(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return;
+    };
+    let _ = crate::admin::parse_tap_query(text);
+}
+
 /// One spool record's payload, as a sink decodes it.
 pub fn spool_record(input: &[u8]) {
     let _ = Event::decode_record(input);
@@ -185,6 +194,11 @@ fn recover_from(dir: &Path, segment: &[u8]) {
 pub fn write_seeds(out: &Path, example_config: &str) -> std::io::Result<()> {
     let mut seeds = Seeds { out };
     seeds.put("config", "example", example_config.as_bytes())?;
+    seeds.put(
+        "admin_query",
+        "filters",
+        b"route=all%20of+it&sink=out&token=agent",
+    )?;
     let mut records = Vec::new();
     for (name, frame) in crate::mock::fixtures::ALL {
         seeds.put("frame", name, frame.as_bytes())?;

@@ -36,6 +36,11 @@
 //! - [`tls`]: the client TLS of the cable and the webhooks (`tls:`: system and bundled roots, a
 //!   private CA, a client certificate), checked at load; a leaf over `types`.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
+//! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests;
+//!   each count an atomic on a cell its loop holds.
+//! - [`admin`]: the admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`, `/tap`,
+//!   `POST /reload`) reading the board, the pipeline's counters and the spool; and its client,
+//!   for the `tap`, `top` and `reload` commands. It sits beside the wiring, which starts it.
 //! - `backoff`: exponential delays with full jitter, shared by reconnects and sink retries.
 //! - `memory`: `memory_limit` divided among the stages that hold events, and the byte gate
 //!   between the sockets and the spool.
@@ -58,6 +63,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over [`Bridge`] and [`mock::MockServer`].
 
+pub mod admin;
 mod backoff;
 pub mod bridge;
 pub mod cases;

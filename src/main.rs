@@ -7,12 +7,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
+use chatwoot_bridge::admin::client::{AdminClient, TapFilter, TopOptions};
+use chatwoot_bridge::admin::ReloadRequest;
 use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockTls, MockToken};
 use chatwoot_bridge::notify::{Notice, Notifier};
-use chatwoot_bridge::status::{StatusBoard, TokenState};
+use chatwoot_bridge::status::StatusBoard;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::info;
 
@@ -134,6 +136,13 @@ enum Command {
     /// Ask the admin endpoint whether the daemon is healthy (a container's HEALTHCHECK): exits 0
     /// on a 2xx answer, 1 otherwise, printing the answer.
     Healthcheck(HealthcheckArgs),
+    /// Print a running daemon's routed events live, as JSON lines (pubsub tokens removed),
+    /// from its admin endpoint.
+    Tap(TapArgs),
+    /// Show a running daemon's rates and backlogs per token and sink, redrawn every second.
+    Top(TopArgs),
+    /// Ask a running daemon to reload its config; exit non-zero if it refused.
+    Reload(AdminArgs),
 }
 
 // The flags of `healthcheck`.
@@ -148,6 +157,49 @@ struct HealthcheckArgs {
     /// How long the whole request may take.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+}
+
+// Where the daemon's admin endpoint is.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's admin endpoint (`admin.listen`): host:port, a port, or http://host:port.
+    #[arg(long, env = "CHATWOOT_BRIDGE_ADMIN", default_value = "127.0.0.1:9464")]
+    admin: String,
+}
+
+// The flags of `tap`.
+#[derive(clap::Args)]
+struct TapArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Only events this route matched.
+    #[arg(long)]
+    route: Option<String>,
+    /// Only events routed to this sink, redacted as it sees them.
+    #[arg(long)]
+    sink: Option<String>,
+    /// Only events read with this token (its name).
+    #[arg(long)]
+    token: Option<String>,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+// The flags of `top`.
+#[derive(clap::Args)]
+struct TopArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Time between frames; rates are measured over it.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Draw this many frames, then exit.
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// Draw one frame (rates over one interval), without clearing the screen, then exit.
+    #[arg(long, conflicts_with = "iterations")]
+    once: bool,
 }
 
 // The flags of `mock-server`.
@@ -267,7 +319,44 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::MockServer(args) => mock_server(args).await,
         Command::Healthcheck(args) => healthcheck(args).await,
+        Command::Tap(args) => tap(args).await,
+        Command::Top(args) => top(args).await,
+        Command::Reload(args) => {
+            let answer = AdminClient::new(&args.admin)?.reload().await?;
+            print!("{answer}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `tap`: the events the admin endpoint streams, on stdout, until it stops or `--count`.
+async fn tap(args: TapArgs) -> anyhow::Result<ExitCode> {
+    let filter = TapFilter {
+        route: args.route,
+        sink: args.sink,
+        token: args.token,
+    };
+    let client = AdminClient::new(&args.admin.admin)?;
+    client
+        .tap(&filter, args.count, &mut std::io::stdout().lock())
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `top`: a frame per interval on stdout, the screen cleared first on a terminal.
+async fn top(args: TopArgs) -> anyhow::Result<ExitCode> {
+    use std::io::IsTerminal;
+    let iterations = if args.once { Some(1) } else { args.iterations };
+    let stdout = std::io::stdout();
+    let options = TopOptions {
+        interval: args.interval,
+        iterations,
+        clear_screen: stdout.is_terminal() && iterations != Some(1),
+    };
+    AdminClient::new(&args.admin.admin)?
+        .top(options, &mut stdout.lock())
+        .await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The daemon, until SIGTERM or Ctrl-C; SIGHUP reloads the config file.
@@ -322,17 +411,21 @@ async fn serve(
             tracing::error!(error = %e, "the systemd watchdog is not kept alive");
             None
         });
+    let mut admin_reloads = bridge.reload_requests();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
             () = hangups.next() => {
                 info!(config = %path.display(), "SIGHUP received: reloading the config");
-                notifier.notify_or_log(&[Notice::Reloading]);
                 // The outcome, or every problem, is logged by the reload itself.
-                let _ = bridge.reload_from(path).await;
-                // READY=1 after a refused reload too, or systemd stays in "reloading".
-                notifier.notify_or_log(&[Notice::Ready, Notice::Status(&running(&bridge))]);
+                let _ = reload(&mut bridge, path, &notifier).await;
+            }
+            Some(request) = next_request(&mut admin_reloads) => {
+                info!(config = %path.display(), "reload asked on the admin endpoint");
+                let answer = reload(&mut bridge, path, &notifier).await;
+                // The asker may have gone away; the outcome is logged either way.
+                let _ = request.reply.send(answer);
             }
         }
     }
@@ -346,6 +439,33 @@ async fn serve(
     Ok(bridge.shutdown().await)
 }
 
+/// Reloads the config file at `path`, telling systemd RELOADING=1 before and READY=1 after
+/// (after a refused reload too, or systemd stays in "reloading"). The report, or every problem.
+async fn reload(
+    bridge: &mut chatwoot_bridge::Bridge,
+    path: &Path,
+    notifier: &Notifier,
+) -> Result<String, String> {
+    notifier.notify_or_log(&[Notice::Reloading]);
+    let outcome = bridge
+        .reload_from(path)
+        .await
+        .map(|report| report.to_string())
+        .map_err(|e| e.to_string());
+    notifier.notify_or_log(&[Notice::Ready, Notice::Status(&running(bridge))]);
+    outcome
+}
+
+/// The next reload asked on the admin endpoint; never, when it is off.
+async fn next_request(
+    requests: &mut Option<tokio::sync::mpsc::Receiver<ReloadRequest>>,
+) -> Option<ReloadRequest> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The status line systemd shows while the bridge runs.
 fn running(bridge: &chatwoot_bridge::Bridge) -> String {
     let status = bridge.status();
@@ -356,19 +476,11 @@ fn running(bridge: &chatwoot_bridge::Bridge) -> String {
     )
 }
 
-/// The watchdog's liveness check: the ingest and every sink loop are alive (a panicked one is
-/// being restarted counts as alive; one that ended while running does not), and no token task
-/// has ended. Those end only at shutdown, so one that ended while running is a daemon that
-/// stopped doing its work.
+/// The watchdog's liveness check, the same as `/healthz`'s: the ingest and every sink loop run
+/// (one that panicked and is being restarted does not). Those end only at shutdown, so one that
+/// ended while running is a daemon that stopped doing its work.
 fn loops_alive(status: StatusBoard) -> impl Fn() -> bool + Send + 'static {
-    move || {
-        status.ingest().alive
-            && status.sinks().values().all(|s| s.alive)
-            && status
-                .tokens()
-                .values()
-                .all(|t| t.state != TokenState::Stopped)
-    }
+    move || status.health_problems().is_empty()
 }
 
 /// Asks the admin endpoint's `path` and exits by its answer.

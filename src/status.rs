@@ -1,14 +1,24 @@
 //! One place that holds the state of every token and every sink, so logs, health, metrics,
 //! status pages and tests read the same thing.
 
+mod latency;
+mod process;
+
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
+
+use crate::event::Event;
+use latency::LatencyHistogram;
+pub use latency::{Latencies, LATENCY_BUCKETS};
+pub(crate) use process::ConfigCell;
+use process::LoopHealth;
+pub use process::{ConfigStatus, LoopStatus};
 
 /// Where a token's socket is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -30,10 +40,106 @@ pub enum TokenState {
     Stopped,
 }
 
+impl TokenState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [TokenState; 7] = [
+        TokenState::Connecting,
+        TokenState::Pending,
+        TokenState::Subscribed,
+        TokenState::Unconfirmed,
+        TokenState::Rejected,
+        TokenState::BackingOff,
+        TokenState::Stopped,
+    ];
+
+    /// The state's name, as it is serialized: a metric label value without a lookup.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Connecting => "connecting",
+            TokenState::Pending => "pending",
+            TokenState::Subscribed => "subscribed",
+            TokenState::Unconfirmed => "unconfirmed",
+            TokenState::Rejected => "rejected",
+            TokenState::BackingOff => "backing_off",
+            TokenState::Stopped => "stopped",
+        }
+    }
+}
+
 impl fmt::Display for TokenState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = serde_json::to_value(self).expect("a unit variant serializes");
-        f.write_str(text.as_str().expect("unit variants serialize as strings"))
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a token's socket was opened again: its connection ended, or never opened, for this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconnectReason {
+    /// TCP, TLS or the WebSocket handshake failed or timed out.
+    ConnectFailed,
+    /// An open connection failed or was closed (a Chatwoot deploy drops TCP).
+    ConnectionLost,
+    /// No frame for `stale_after`: the socket was given up as dead.
+    Stale,
+    /// The server sent `disconnect` with `reconnect: true`.
+    ServerDisconnect,
+    /// The server sent `disconnect` with `reconnect: false`: a long wait first.
+    ServerDisconnectNoReconnect,
+    /// The token's task panicked and was restarted.
+    TaskPanicked,
+}
+
+impl ReconnectReason {
+    /// How many reasons there are: the length of a token's reconnect counters.
+    pub const COUNT: usize = 6;
+
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [ReconnectReason; ReconnectReason::COUNT] = [
+        ReconnectReason::ConnectFailed,
+        ReconnectReason::ConnectionLost,
+        ReconnectReason::Stale,
+        ReconnectReason::ServerDisconnect,
+        ReconnectReason::ServerDisconnectNoReconnect,
+        ReconnectReason::TaskPanicked,
+    ];
+
+    /// The reason's name, as it is serialized: a metric label value without a lookup.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReconnectReason::ConnectFailed => "connect_failed",
+            ReconnectReason::ConnectionLost => "connection_lost",
+            ReconnectReason::Stale => "stale",
+            ReconnectReason::ServerDisconnect => "server_disconnect",
+            ReconnectReason::ServerDisconnectNoReconnect => "server_disconnect_no_reconnect",
+            ReconnectReason::TaskPanicked => "task_panicked",
+        }
+    }
+}
+
+/// A token's reconnects, one count per [`ReconnectReason`]; serialized as a map by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconnectCounts([u64; ReconnectReason::COUNT]);
+
+impl ReconnectCounts {
+    /// The reconnects for `reason`.
+    pub fn get(&self, reason: ReconnectReason) -> u64 {
+        self.0[reason as usize]
+    }
+
+    /// Every reconnect, whatever its reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+impl Serialize for ReconnectCounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(
+            ReconnectReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), self.get(*r))),
+        )
     }
 }
 
@@ -57,13 +163,48 @@ pub struct TokenStatus {
     pub dropped_at_stop: u64,
     /// Frames that could not be decoded and were skipped.
     pub malformed_frames: u64,
-    /// Reconnects caused by silence (no ping within the stale timeout).
+    /// Reconnects caused by silence (no ping within the stale timeout); also in `reconnects`.
     pub stale_reconnects: u64,
+    /// Reconnects by why the connection before ended.
+    pub reconnects: ReconnectCounts,
+    /// Subscriptions given up because no confirm came within `confirm_timeout`.
+    pub unconfirmed_subscriptions: u64,
+    /// Subscriptions the server refused with `reject_subscription`.
+    pub rejected_subscriptions: u64,
+    /// WebSocket messages read (text, binary, ping and pong): proof the socket lives, even
+    /// while no event comes.
+    pub frames: u64,
+    /// When the last event was read; when the token started if none was yet, so that its age
+    /// grows from the start for a token that never gets one.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_event_at: SystemTime,
+    /// When the server's last ActionCable ping came; when the token started if none did yet.
+    #[serde(serialize_with = "rfc3339")]
+    pub last_ping_at: SystemTime,
 }
 
 /// Serializes a time as RFC 3339 with milliseconds.
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+/// Serializes a time that may be missing as RFC 3339 with milliseconds, or null.
+fn optional_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `t` in milliseconds since the Unix epoch (0 for a time before it): a time an atomic holds.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The time `ms` milliseconds after the Unix epoch.
+fn from_unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// A state, since when, and the last failure: the part every token and sink has.
@@ -115,8 +256,19 @@ struct TokenCell {
     dropped_at_stop: AtomicU64,
     /// See [`TokenStatus::malformed_frames`].
     malformed_frames: AtomicU64,
-    /// See [`TokenStatus::stale_reconnects`].
-    stale_reconnects: AtomicU64,
+    /// See [`TokenStatus::reconnects`], one per [`ReconnectReason`].
+    reconnects: [AtomicU64; ReconnectReason::COUNT],
+    /// See [`TokenStatus::unconfirmed_subscriptions`].
+    unconfirmed: AtomicU64,
+    /// See [`TokenStatus::rejected_subscriptions`].
+    rejected: AtomicU64,
+    /// See [`TokenStatus::frames`].
+    frames: AtomicU64,
+    /// See [`TokenStatus::last_event_at`], in milliseconds since the Unix epoch: a time that
+    /// fits an atomic, stored once per event.
+    last_event_ms: AtomicU64,
+    /// See [`TokenStatus::last_ping_at`], in milliseconds since the Unix epoch.
+    last_ping_ms: AtomicU64,
 }
 
 /// Where a sink's delivery loop is.
@@ -131,6 +283,26 @@ pub enum SinkState {
     Retrying,
     /// Shut down.
     Stopped,
+}
+
+impl SinkState {
+    /// Every state, in the order metrics list them.
+    pub const ALL: [SinkState; 4] = [
+        SinkState::Idle,
+        SinkState::Delivering,
+        SinkState::Retrying,
+        SinkState::Stopped,
+    ];
+
+    /// The state's name, as it is serialized: a metric label value without a lookup.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SinkState::Idle => "idle",
+            SinkState::Delivering => "delivering",
+            SinkState::Retrying => "retrying",
+            SinkState::Stopped => "stopped",
+        }
+    }
 }
 
 /// A copy of one sink's status at one moment.
@@ -158,12 +330,14 @@ pub struct SinkStatus {
     /// them (`when_full: dead_letter`): the price of lagging, paid by this sink alone. Not
     /// included in `dead_lettered`.
     pub pushed_out: u64,
-    /// Times the sink's delivery loop panicked and was started again from its committed
-    /// cursor.
-    pub loop_restarts: u64,
-    /// Whether the delivery loop runs: false between a panic and its restart, and while it
-    /// cannot be built again after one (health checks fail on it).
-    pub alive: bool,
+    /// Events handed to the sink and not confirmed yet (or a batch being retried).
+    pub in_flight: u64,
+    /// When the oldest event the loop has taken and not finished was received; `None` when the
+    /// loop is caught up. Parked events are not counted: they are set aside, in `parked`.
+    #[serde(serialize_with = "optional_rfc3339")]
+    pub oldest_undelivered_at: Option<SystemTime>,
+    /// Whether the delivery loop runs, and how often it was restarted.
+    pub delivery_loop: LoopStatus,
 }
 
 /// Shared cell a sink loop writes and everyone else reads.
@@ -181,13 +355,18 @@ struct SinkCell {
     parked: AtomicU64,
     /// See [`SinkStatus::pushed_out`].
     pushed_out: AtomicU64,
-    /// See [`SinkStatus::loop_restarts`].
-    loop_restarts: AtomicU64,
-    /// See [`SinkStatus::alive`].
-    alive: AtomicBool,
+    /// See [`SinkStatus::in_flight`].
+    in_flight: AtomicU64,
+    /// See [`SinkStatus::oldest_undelivered_at`], in milliseconds since the Unix epoch; 0 for
+    /// none.
+    oldest_undelivered_ms: AtomicU64,
+    /// Receive-to-confirmation times of the events delivered.
+    latency: LatencyHistogram,
+    /// Whether the delivery loop runs, and its restarts.
+    health: Arc<LoopHealth>,
 }
 
-/// What a sink loop uses to report.
+/// What a sink loop uses to report; counters are atomics so the hot path takes no lock.
 #[derive(Clone, Debug)]
 pub struct SinkReporter {
     /// This sink's cell on the board.
@@ -214,9 +393,43 @@ impl SinkReporter {
         }
     }
 
-    /// Counts `n` delivered events.
-    pub(crate) fn delivered(&self, n: u64) {
-        self.cell.delivered.fetch_add(n, Ordering::Relaxed);
+    /// Counts `events` as delivered now, each with its receive-to-confirmation time.
+    pub(crate) fn delivered<'e>(&self, events: impl ExactSizeIterator<Item = &'e Event>) {
+        self.cell
+            .delivered
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.cell
+            .latency
+            .observe(SystemTime::now(), events.map(|e| e.received_at));
+    }
+
+    /// `n` events are handed to the sink and not confirmed yet.
+    pub(crate) fn in_flight(&self, n: u64) {
+        self.cell.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// The oldest event the loop has taken and not finished was received at `received_at`;
+    /// `None` once the loop is caught up.
+    pub(crate) fn oldest_undelivered(&self, received_at: Option<SystemTime>) {
+        // A time before the epoch would read as "none": it counts as the epoch's first ms.
+        let ms = received_at.map_or(0, |t| unix_ms(t).max(1));
+        self.cell.oldest_undelivered_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The delivery loop panicked: counted as a restart, and not alive until it runs again.
+    pub(crate) fn loop_panicked(&self, error: impl Into<String>) {
+        self.cell.health.died();
+        self.cell
+            .phase
+            .update(SinkState::Retrying, Some(error.into()));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Whether the delivery loop runs now.
+    pub(crate) fn set_alive(&self, alive: bool) {
+        if self.cell.health.set_alive(alive) {
+            self.changed.send_modify(|v| *v += 1);
+        }
     }
 
     /// Counts `n` dead-lettered events.
@@ -237,23 +450,6 @@ impl SinkReporter {
         self.cell.pushed_out.fetch_add(n, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
-
-    /// The delivery loop panicked: counted, and not alive until it runs again.
-    pub(crate) fn loop_panicked(&self, error: impl Into<String>) {
-        self.cell.loop_restarts.fetch_add(1, Ordering::Relaxed);
-        self.cell.alive.store(false, Ordering::Relaxed);
-        self.cell
-            .phase
-            .update(SinkState::Retrying, Some(error.into()));
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    /// Whether the delivery loop runs now.
-    pub(crate) fn set_alive(&self, alive: bool) {
-        if self.cell.alive.swap(alive, Ordering::Relaxed) != alive {
-            self.changed.send_modify(|v| *v += 1);
-        }
-    }
 }
 
 /// The registry of token and sink states. Cheap to clone.
@@ -263,12 +459,12 @@ pub struct StatusBoard {
     tokens: Arc<Mutex<BTreeMap<Arc<str>, Arc<TokenCell>>>>,
     /// Every sink's cell, by name.
     sinks: Arc<Mutex<BTreeMap<String, Arc<SinkCell>>>>,
-    /// The ingest's restarts and whether it runs.
-    ingest: Arc<IngestCell>,
-    /// The config running now and how its reloads went; written at start and per reload only.
-    config: Arc<Mutex<ConfigStatus>>,
     /// Bumped on every state change so waiters wake up without polling.
     changed: watch::Sender<u64>,
+    /// Whether the ingest runs, and its restarts.
+    ingest: Arc<LoopHealth>,
+    /// The loaded config's hash and the reloads.
+    config: Arc<ConfigCell>,
 }
 
 impl Default for StatusBoard {
@@ -276,58 +472,10 @@ impl Default for StatusBoard {
         StatusBoard {
             tokens: Arc::default(),
             sinks: Arc::default(),
-            ingest: Arc::new(IngestCell {
-                restarts: AtomicU64::new(0),
-                alive: AtomicBool::new(true),
-            }),
-            config: Arc::default(),
             changed: watch::channel(0).0,
+            ingest: Arc::default(),
+            config: Arc::default(),
         }
-    }
-}
-
-/// The ingest's cell: written by its task, read by health checks and metrics.
-#[derive(Debug)]
-struct IngestCell {
-    /// See [`IngestStatus::restarts`].
-    restarts: AtomicU64,
-    /// See [`IngestStatus::alive`].
-    alive: AtomicBool,
-}
-
-/// A copy of the ingest's status at one moment.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct IngestStatus {
-    /// Times the ingest panicked and was started again, keeping its channel and the events it
-    /// held.
-    pub restarts: u64,
-    /// Whether the ingest runs: false between a panic and its restart (health checks fail on
-    /// it).
-    pub alive: bool,
-}
-
-/// The config the bridge runs on, and how reloading it went.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ConfigStatus {
-    /// The running config's hash ([`crate::config::Config::hash`]); `None` before the first
-    /// load.
-    pub hash: Option<String>,
-    /// Reloads applied since start (the load at start is not one).
-    pub reloads_succeeded: u64,
-    /// Reloads refused since start; the config running before each kept running.
-    pub reloads_failed: u64,
-    /// When the running config was loaded: at start or by the last reload that was applied.
-    #[serde(serialize_with = "rfc3339_optional")]
-    pub last_success: Option<SystemTime>,
-    /// Why the last reload was refused, every problem; `None` once a reload is applied.
-    pub last_error: Option<String>,
-}
-
-/// Serializes an optional time as RFC 3339 with milliseconds, or null.
-fn rfc3339_optional<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => rfc3339(t, s),
-        None => s.serialize_none(),
     }
 }
 
@@ -353,16 +501,7 @@ impl StatusBoard {
             .lock()
             .expect("status lock")
             .entry(name.clone())
-            .or_insert_with(|| {
-                Arc::new(TokenCell {
-                    phase: Phase::new(TokenState::Connecting),
-                    connects: AtomicU64::new(0),
-                    events: AtomicU64::new(0),
-                    dropped_at_stop: AtomicU64::new(0),
-                    malformed_frames: AtomicU64::new(0),
-                    stale_reconnects: AtomicU64::new(0),
-                })
-            })
+            .or_insert_with(|| Arc::new(TokenCell::new(SystemTime::now())))
             .clone();
         self.changed.send_modify(|v| *v += 1);
         TokenReporter {
@@ -386,8 +525,10 @@ impl StatusBoard {
                     retries: AtomicU64::new(0),
                     parked: AtomicU64::new(0),
                     pushed_out: AtomicU64::new(0),
-                    loop_restarts: AtomicU64::new(0),
-                    alive: AtomicBool::new(true),
+                    in_flight: AtomicU64::new(0),
+                    oldest_undelivered_ms: AtomicU64::new(0),
+                    latency: LatencyHistogram::default(),
+                    health: Arc::default(),
                 })
             })
             .clone();
@@ -403,84 +544,94 @@ impl StatusBoard {
             .lock()
             .expect("status lock")
             .iter()
-            .map(|(name, cell)| {
-                let (state, since, last_error) = cell.phase.get();
-                let status = SinkStatus {
-                    state,
-                    since,
-                    last_error,
-                    delivered: cell.delivered.load(Ordering::Relaxed),
-                    dead_lettered: cell.dead_lettered.load(Ordering::Relaxed),
-                    retries: cell.retries.load(Ordering::Relaxed),
-                    parked: cell.parked.load(Ordering::Relaxed),
-                    pushed_out: cell.pushed_out.load(Ordering::Relaxed),
-                    loop_restarts: cell.loop_restarts.load(Ordering::Relaxed),
-                    alive: cell.alive.load(Ordering::Relaxed),
-                };
-                (name.clone(), status)
-            })
+            .map(|(name, cell)| (name.clone(), cell.snapshot()))
             .collect()
     }
 
-    /// One sink's status, if it exists.
-    pub fn sink(&self, name: &str) -> Option<SinkStatus> {
-        self.sinks().remove(name)
+    /// Every sink's delivery latency histogram, by name, read from its atomics.
+    pub fn sink_latencies(&self) -> BTreeMap<String, Latencies> {
+        self.sinks
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|(name, cell)| (name.clone(), cell.latency.snapshot()))
+            .collect()
     }
 
-    /// Records the config running now, with its hash: at start, then after each reload that
-    /// was applied (every load after the first counts as a reload).
-    pub fn config_loaded(&self, hash: &str) {
-        let mut config = self.config.lock().expect("status lock");
-        if config.hash.is_some() {
-            config.reloads_succeeded += 1;
-        }
-        config.hash = Some(hash.to_owned());
-        config.last_success = Some(SystemTime::now());
-        config.last_error = None;
-        drop(config);
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    /// Records a reload that was refused, and why; the running config stays as it was.
-    pub fn config_reload_failed(&self, error: &str) {
-        let mut config = self.config.lock().expect("status lock");
-        config.reloads_failed += 1;
-        config.last_error = Some(error.to_owned());
-        drop(config);
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    /// The running config's hash and how its reloads went.
-    pub fn config(&self) -> ConfigStatus {
-        self.config.lock().expect("status lock").clone()
-    }
-
-    /// The ingest's restarts and whether it runs.
-    pub fn ingest(&self) -> IngestStatus {
-        IngestStatus {
-            restarts: self.ingest.restarts.load(Ordering::Relaxed),
-            alive: self.ingest.alive.load(Ordering::Relaxed),
-        }
-    }
-
-    /// The ingest panicked: counted, and not alive until it runs again.
+    /// The ingest panicked: counted as a restart, and not alive until it runs again.
     pub(crate) fn ingest_panicked(&self) {
-        self.ingest.restarts.fetch_add(1, Ordering::Relaxed);
-        self.ingest.alive.store(false, Ordering::Relaxed);
+        self.ingest.died();
         self.changed.send_modify(|v| *v += 1);
     }
 
     /// Whether the ingest runs now.
     pub(crate) fn set_ingest_alive(&self, alive: bool) {
-        if self.ingest.alive.swap(alive, Ordering::Relaxed) != alive {
+        if self.ingest.set_alive(alive) {
             self.changed.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Why the process is unhealthy: each loop that died and is not running again (none:
+    /// healthy). What `/healthz` answers and what keeps the systemd watchdog fed.
+    pub fn health_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let ingest = self.ingest();
+        if !ingest.alive {
+            problems.push(format!(
+                "the ingest died (restarts so far: {})",
+                ingest.restarts
+            ));
+        }
+        for (name, sink) in self.sinks() {
+            if !sink.delivery_loop.alive {
+                problems.push(format!(
+                    "sink {name}'s delivery loop died (restarts so far: {})",
+                    sink.delivery_loop.restarts
+                ));
+            }
+        }
+        problems
+    }
+
+    /// Whether the ingest runs, and how often it was restarted.
+    pub fn ingest(&self) -> LoopStatus {
+        self.ingest.status()
+    }
+
+    /// The loaded config's hash, and how its reloads went.
+    pub fn config(&self) -> ConfigStatus {
+        self.config.status()
+    }
+
+    /// The config the process started with: its hash (`Config::hash`), loaded now. Not a
+    /// reload.
+    pub(crate) fn config_loaded(&self, hash: &str) {
+        self.config.loaded(hash);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A reload took effect: the config with `hash` runs from now on.
+    pub(crate) fn config_reloaded(&self, hash: &str) {
+        self.config.reloaded(hash);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A reload was refused or failed, for `error` (every problem): the config before it keeps
+    /// running.
+    pub(crate) fn config_reload_failed(&self, error: &str) {
+        self.config.reload_failed(error);
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Forgets a sink that a reload removed, once its loop has ended.
     pub(crate) fn unregister_sink(&self, name: &str) {
         self.sinks.lock().expect("status lock").remove(name);
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// One sink's status, if it exists.
+    pub fn sink(&self, name: &str) -> Option<SinkStatus> {
+        self.sinks().remove(name)
     }
 
     /// Forgets a token that was removed from the config.
@@ -530,8 +681,30 @@ impl StatusBoard {
 }
 
 impl TokenCell {
+    /// The cell of a token that starts at `started`: nothing counted, its event and ping ages
+    /// growing from then.
+    fn new(started: SystemTime) -> TokenCell {
+        let started = unix_ms(started);
+        TokenCell {
+            phase: Phase::new(TokenState::Connecting),
+            connects: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            dropped_at_stop: AtomicU64::new(0),
+            malformed_frames: AtomicU64::new(0),
+            reconnects: Default::default(),
+            unconfirmed: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
+            last_event_ms: AtomicU64::new(started),
+            last_ping_ms: AtomicU64::new(started),
+        }
+    }
+
     fn snapshot(&self) -> TokenStatus {
         let (state, since, last_error) = self.phase.get();
+        let reconnects = ReconnectCounts(std::array::from_fn(|i| {
+            self.reconnects[i].load(Ordering::Relaxed)
+        }));
         TokenStatus {
             state,
             since,
@@ -540,7 +713,33 @@ impl TokenCell {
             events: self.events.load(Ordering::Relaxed),
             dropped_at_stop: self.dropped_at_stop.load(Ordering::Relaxed),
             malformed_frames: self.malformed_frames.load(Ordering::Relaxed),
-            stale_reconnects: self.stale_reconnects.load(Ordering::Relaxed),
+            stale_reconnects: reconnects.get(ReconnectReason::Stale),
+            reconnects,
+            unconfirmed_subscriptions: self.unconfirmed.load(Ordering::Relaxed),
+            rejected_subscriptions: self.rejected.load(Ordering::Relaxed),
+            frames: self.frames.load(Ordering::Relaxed),
+            last_event_at: from_unix_ms(self.last_event_ms.load(Ordering::Relaxed)),
+            last_ping_at: from_unix_ms(self.last_ping_ms.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl SinkCell {
+    fn snapshot(&self) -> SinkStatus {
+        let (state, since, last_error) = self.phase.get();
+        let oldest = self.oldest_undelivered_ms.load(Ordering::Relaxed);
+        SinkStatus {
+            state,
+            since,
+            last_error,
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            parked: self.parked.load(Ordering::Relaxed),
+            pushed_out: self.pushed_out.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            oldest_undelivered_at: (oldest != 0).then(|| from_unix_ms(oldest)),
+            delivery_loop: self.health.status(),
         }
     }
 }
@@ -551,8 +750,14 @@ impl TokenReporter {
         self.update(state, None);
     }
 
-    /// Enters `state` because of `error`.
+    /// Enters `state` because of `error`. Entering `Unconfirmed` or `Rejected` counts a
+    /// subscription given up or refused.
     pub(crate) fn fail(&self, state: TokenState, error: impl Into<String>) {
+        match state {
+            TokenState::Unconfirmed => self.cell.unconfirmed.fetch_add(1, Ordering::Relaxed),
+            TokenState::Rejected => self.cell.rejected.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         self.update(state, Some(error.into()));
     }
 
@@ -567,9 +772,22 @@ impl TokenReporter {
         self.cell.connects.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts an event read from the socket.
-    pub(crate) fn event(&self) {
+    /// Counts an event read from the socket at `received_at`.
+    pub(crate) fn event(&self, received_at: SystemTime) {
         self.cell.events.fetch_add(1, Ordering::Relaxed);
+        self.cell
+            .last_event_ms
+            .store(unix_ms(received_at), Ordering::Relaxed);
+    }
+
+    /// Counts a WebSocket message read, whatever it holds.
+    pub(crate) fn frame(&self) {
+        self.cell.frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The server's ActionCable ping came at `at`.
+    pub(crate) fn pinged(&self, at: SystemTime) {
+        self.cell.last_ping_ms.store(unix_ms(at), Ordering::Relaxed);
     }
 
     /// Counts an event read from the socket that was never handed to the pipeline.
@@ -583,8 +801,98 @@ impl TokenReporter {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Counts a reconnect caused by silence.
-    pub(crate) fn stale(&self) {
-        self.cell.stale_reconnects.fetch_add(1, Ordering::Relaxed);
+    /// Counts a reconnect, and why the connection before it ended.
+    pub(crate) fn reconnecting(&self, reason: ReconnectReason) {
+        self.cell.reconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_names_are_the_serialized_names() {
+        let serialized = |value: serde_json::Value| value.as_str().unwrap().to_owned();
+        for state in TokenState::ALL {
+            assert_eq!(
+                state.as_str(),
+                serialized(serde_json::to_value(state).unwrap())
+            );
+        }
+        for state in SinkState::ALL {
+            assert_eq!(
+                state.as_str(),
+                serialized(serde_json::to_value(state).unwrap())
+            );
+        }
+        for reason in ReconnectReason::ALL {
+            assert_eq!(
+                reason.as_str(),
+                serialized(serde_json::to_value(reason).unwrap())
+            );
+            assert_eq!(ReconnectReason::ALL[reason as usize], reason);
+        }
+    }
+
+    #[test]
+    fn reloads_count_and_keep_the_hash_of_the_config_that_runs() {
+        let board = StatusBoard::new();
+        board.config_loaded("aaaa");
+        let started = board.config();
+        assert_eq!(
+            (started.hash.as_str(), started.reloads_succeeded),
+            ("aaaa", 0)
+        );
+        board.config_reload_failed("tokens[0].pubsub_token: missing");
+        assert_eq!(
+            board.config().hash,
+            "aaaa",
+            "a refused reload changes nothing"
+        );
+        board.config_reloaded("bbbb");
+        let now = board.config();
+        assert_eq!(
+            (now.hash.as_str(), now.reloads_succeeded, now.reloads_failed),
+            ("bbbb", 1, 1)
+        );
+        assert!(now.last_success >= started.last_success);
+        assert_eq!(
+            now.last_error, None,
+            "a reload that took effect clears the error"
+        );
+        board.ingest_panicked();
+        assert_eq!(board.ingest().restarts, 1);
+    }
+
+    #[test]
+    fn a_token_counts_its_frames_events_and_reconnects_and_ages_from_its_start() {
+        let board = StatusBoard::new();
+        let token = board.register(&Arc::from("a"));
+        let fresh = board.token("a").unwrap();
+        assert_eq!(
+            fresh.last_event_at, fresh.last_ping_at,
+            "both from the start"
+        );
+        let later = SystemTime::now() + Duration::from_secs(5);
+        token.frame();
+        token.event(later);
+        token.pinged(later);
+        token.reconnecting(ReconnectReason::Stale);
+        token.fail(TokenState::Unconfirmed, "no confirm");
+        token.fail(TokenState::Rejected, "rejected");
+        let status = board.token("a").unwrap();
+        assert_eq!((status.frames, status.events), (1, 1));
+        assert_eq!(unix_ms(status.last_event_at), unix_ms(later));
+        assert_eq!(unix_ms(status.last_ping_at), unix_ms(later));
+        assert_eq!(status.stale_reconnects, 1);
+        assert_eq!(status.reconnects.total(), 1);
+        assert_eq!(
+            (
+                status.unconfirmed_subscriptions,
+                status.rejected_subscriptions
+            ),
+            (1, 1)
+        );
     }
 }

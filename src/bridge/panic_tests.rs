@@ -89,8 +89,8 @@ async fn a_sink_loop_that_panics_is_restarted_from_its_cursor_and_counted_losing
     every_broadcast_delivered(dir.path()).await;
     assert!(!test_panics::is_armed(&site), "the loop passed the panic");
     let status = bridge.status().sink(sink).unwrap();
-    assert_eq!(status.loop_restarts, 1);
-    assert!(status.alive);
+    assert_eq!(status.delivery_loop.restarts, 1);
+    assert!(status.delivery_loop.alive);
     let report = bridge.shutdown().await;
     server.stop().await;
     assert!(report.everything_read_is_spooled(), "{report:?}");

@@ -127,7 +127,7 @@ impl Bridge {
         let reloaded = self.apply(new).await;
         match &reloaded {
             Ok(report) => {
-                self.status.config_loaded(&report.hash);
+                self.status.config_reloaded(&report.hash);
                 info!("config reloaded: {report}");
             }
             Err(e) => self.refused(e),
@@ -317,6 +317,7 @@ impl Bridge {
         report.sinks_changed = plan.changed;
         self.shutdown_timeout = new.shutdown_timeout;
         crate::sink::file::reopen_files();
+        self.refresh_admin(&new);
         self.config = new;
         report
     }
@@ -401,6 +402,14 @@ fn needs_restart(running: &Config, new: &Config, problems: &mut Problems<'_>) {
         ),
     ];
     settings.extend(cable_settings(&running.cable, &new.cable));
+    // The endpoint's socket stays bound for the process's life; what it serves follows reloads.
+    let listen = |config: &Config| {
+        config
+            .admin
+            .as_ref()
+            .map_or_else(|| "off".to_owned(), |admin| admin.listen.to_string())
+    };
+    settings.push(("admin.listen", listen(running), listen(new)));
     let before = problems.found.len();
     for (key, from, to) in settings {
         if from != to {

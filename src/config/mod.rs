@@ -20,6 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::admin::settings::{AdminSettings, ReadyRequires};
 pub use crate::delivery::retry::RetrySettings;
 use crate::route::redact::Redaction;
 use crate::route::RouteTable;
@@ -111,6 +112,8 @@ pub struct Config {
     /// which config runs, in the status and in metrics. Environment variables the text refers
     /// to are not part of it.
     pub hash: String,
+    /// The admin endpoint (metrics, health, status, tap, reload); `None` leaves it off.
+    pub admin: Option<AdminSettings>,
 }
 
 /// What a reload does with the events a removed sink has not delivered yet (`retired_sinks:`).
@@ -966,6 +969,54 @@ spool: { max_bytes: 100, fsync_interval: 0s }
         "routes[1].match.token[0]: no token is named `nobody`",
         "routes[1].match.where[0].matches: not a valid regular expression: regex parse error:\n    (\n    ^\nerror: unclosed group",
     ];
+
+    #[test]
+    fn the_admin_endpoint_is_off_unless_configured_and_on_loopback_by_default() {
+        use std::net::SocketAddr;
+        assert_eq!(load(MINIMAL).unwrap().admin, None);
+        let admin = load(&format!("{MINIMAL}admin: {{}}\n"))
+            .unwrap()
+            .admin
+            .unwrap();
+        assert_eq!(admin.listen, SocketAddr::from(([127, 0, 0, 1], 9464)));
+        assert_eq!(admin.ready_requires, ReadyRequires::All);
+        let admin = load(&format!(
+            "{MINIMAL}admin: {{ listen: 9000, ready_requires: [support-agent] }}\n"
+        ))
+        .unwrap()
+        .admin
+        .unwrap();
+        assert_eq!(admin.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(
+            admin.ready_requires,
+            ReadyRequires::Tokens(vec!["support-agent".into()])
+        );
+        let any = load(&format!("{MINIMAL}admin: {{ ready_requires: any }}\n")).unwrap();
+        assert_eq!(any.admin.unwrap().ready_requires, ReadyRequires::Any);
+        let err = load_error(&format!(
+            "{MINIMAL}admin: {{ listen: 'admin.local:9464', ready_requires: [support-agent, nobody] }}\n"
+        ));
+        assert!(
+            err.contains("admin.listen: `admin.local:9464` is not `IP:port` or a port"),
+            "{err}"
+        );
+        assert!(
+            err.contains("admin.ready_requires[1]: no token is named `nobody`"),
+            "{err}"
+        );
+        let err = load_error(&format!("{MINIMAL}admin: {{ ready_requires: most }}\n"));
+        assert!(
+            err.contains("admin.ready_requires: `most` must be `all`, `any`"),
+            "{err}"
+        );
+        let err = load_error(&format!(
+            "{MINIMAL}admin: {{ ready_requires: {{ a: 1 }} }}\n"
+        ));
+        assert!(
+            err.starts_with("admin.ready_requires: must be `all`, `any`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn yaml_syntax_error_is_reported() {

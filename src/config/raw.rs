@@ -58,6 +58,81 @@ pub(super) struct RawConfig {
     /// `{ drop: COUNT }` (given up; COUNT at least the events it holds). Read on reload only.
     #[serde(default)]
     pub(super) retired_sinks: BTreeMap<String, Retirement>,
+    /// The admin endpoint: metrics, health, status, tap and reload over HTTP. Off unless set.
+    #[serde(default)]
+    pub(super) admin: Option<RawAdmin>,
+}
+
+/// The admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`, `/tap`, `POST /reload`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    /// `IP:port`, or a port alone for loopback (127.0.0.1:9464 when left out). It has no
+    /// authentication: bind it to an address only trusted clients reach.
+    #[serde(default, deserialize_with = "optional_text_or_number")]
+    #[schemars(with = "Option<ListenSchema>")]
+    pub(super) listen: Option<String>,
+    /// Which tokens must be subscribed for `/readyz` to say ready: `all` (the default), `any`,
+    /// or a list of token names (the spool must be writable too).
+    #[serde(default)]
+    pub(super) ready_requires: Option<RawReadyRequires>,
+}
+
+/// How `listen:` may be written, for the schema.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum ListenSchema {
+    /// A port, on loopback.
+    Port(u16),
+    /// `IP:port`.
+    Address(String),
+}
+
+/// `ready_requires:` as written: a keyword or a list of token names.
+#[derive(Debug, JsonSchema)]
+#[serde(untagged)]
+pub(super) enum RawReadyRequires {
+    /// `all` or `any`.
+    Keyword(String),
+    /// Token names.
+    Tokens(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawReadyRequires {
+    /// A string or a list of strings; anything else is refused with what is expected, not
+    /// serde's "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde_json::Value;
+        let expected = || serde::de::Error::custom("must be `all`, `any` or a list of token names");
+        match Value::deserialize(d)? {
+            Value::String(keyword) => Ok(RawReadyRequires::Keyword(keyword)),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(name) => Ok(name),
+                    _ => Err(expected()),
+                })
+                .collect::<Result<_, _>>()
+                .map(RawReadyRequires::Tokens),
+            _ => Err(expected()),
+        }
+    }
+}
+
+/// A value written as text or as a number (`listen: 9464`), as text.
+fn optional_text_or_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    use serde_json::Value;
+    match Option::<Value>::deserialize(d)? {
+        None => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(Value::Number(number)) => Ok(Some(number.to_string())),
+        Some(_) => Err(serde::de::Error::custom(
+            "must be `IP:port` or a port, such as 127.0.0.1:9464",
+        )),
+    }
 }
 
 /// Chatwoot's ActionCable endpoint, and the timing and limits of every socket to it.

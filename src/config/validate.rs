@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
 
-use super::raw::{RawChatwoot, RawConfig, RawSink, RawSpool, RawToken};
+use super::raw::{RawAdmin, RawChatwoot, RawConfig, RawReadyRequires, RawSink, RawSpool, RawToken};
 use super::{Config, ConfigError, Retirement, SinkSettings};
+use crate::admin::settings::{parse_listen, AdminSettings, ReadyRequires, DEFAULT_ADMIN_LISTEN};
 use crate::delivery::retry::RetrySettings;
 use crate::event::MAX_NESTING_CEILING;
 use crate::route::jsonpath::JsonPath;
@@ -49,6 +50,7 @@ impl RawConfig {
             shutdown_timeout,
             memory_limit,
             retired_sinks,
+            admin,
         } = self;
         let mut problems = Problems::top_level();
         let chatwoot = check_cable(chatwoot, &tokens, &mut problems);
@@ -58,6 +60,7 @@ impl RawConfig {
         let spool = check_spool(spool, chatwoot.max_frame_bytes, &mut problems);
         check_memory_limit(memory_limit, chatwoot.max_frame_bytes, &mut problems);
         check_retired_sinks(&retired_sinks, &sinks, &mut problems);
+        let admin = admin.map(|admin| check_admin(admin, &tokens.names, &mut problems));
         // Compiled last: the problems of conditions and token names come after all the others.
         let table = RouteTable::compile(routes.specs, &tokens.names, routes.unmatched);
         let Some(routes) = problems.absorb(table) else {
@@ -74,6 +77,7 @@ impl RawConfig {
                 memory_limit,
                 retired_sinks,
                 hash: String::new(),
+                admin,
             })
             .map_err(ConfigError::Invalid)
     }
@@ -516,6 +520,49 @@ fn check_spool(raw: RawSpool, max_frame_bytes: u64, problems: &mut Problems<'_>)
     check_replay_share(&spool, max_frame_bytes, &mut at);
     problems.include(at);
     spool
+}
+
+/// Checks `admin:`: an address to listen on, and readiness that names tokens that exist.
+fn check_admin(
+    raw: RawAdmin,
+    tokens: &BTreeSet<String>,
+    problems: &mut Problems<'_>,
+) -> AdminSettings {
+    let mut at = Problems::new("admin");
+    let listen = match raw.listen.as_deref().map(parse_listen) {
+        None => DEFAULT_ADMIN_LISTEN,
+        Some(parsed) => at.check("listen", parsed).unwrap_or(DEFAULT_ADMIN_LISTEN),
+    };
+    let ready_requires = match raw.ready_requires {
+        None => ReadyRequires::All,
+        Some(RawReadyRequires::Keyword(keyword)) => match keyword.as_str() {
+            "all" => ReadyRequires::All,
+            "any" => ReadyRequires::Any,
+            _ => {
+                at.add(
+                    "ready_requires",
+                    format!("`{keyword}` must be `all`, `any` or a list of token names"),
+                );
+                ReadyRequires::All
+            }
+        },
+        Some(RawReadyRequires::Tokens(names)) => {
+            for (i, name) in names.iter().enumerate() {
+                if !tokens.contains(name) {
+                    at.add(
+                        &format!("ready_requires[{i}]"),
+                        format!("no token is named `{name}`"),
+                    );
+                }
+            }
+            ReadyRequires::Tokens(names)
+        }
+    };
+    problems.include(at);
+    AdminSettings {
+        listen,
+        ready_requires,
+    }
 }
 
 /// Checks `memory_limit`: room for two events as large as a frame, one on its way from a

@@ -128,6 +128,17 @@ impl InFlight {
         self.batches.is_empty()
     }
 
+    /// Events handed over and not answered yet.
+    pub(super) fn events(&self) -> usize {
+        self.events
+    }
+
+    /// When the first event of the oldest batch not answered yet was received.
+    pub(super) fn oldest_received(&self) -> Option<std::time::SystemTime> {
+        let batch = self.batches.front()?;
+        batch.events.first().map(|e| e.received_at)
+    }
+
     /// Hands `events` to the sink and queues them until answered. A panic while handing them
     /// over, or while waiting for the answer, becomes the answer, so that it is settled in
     /// order with the other batches. An answer that is there at once and not a clean delivery

@@ -24,9 +24,10 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::delivery::dead_letter::{DeadLetters, LetterCount};
 use crate::delivery::pressure::{PushOut, PushOutError};
+use crate::delivery::tap::TapHub;
 use crate::event::id::IdAssigner;
 use crate::event::Event;
-use crate::route::RouteTable;
+use crate::route::{RouteTable, Routed};
 use crate::spool::{AppendReport, SinkMask, Spool, SpoolError, SpoolPosition};
 
 /// Most events appended (and read by a sink) at once: one write syscall, one produce batch.
@@ -225,6 +226,8 @@ pub(crate) struct Appender {
     push_out: Arc<PushOut>,
     /// Events given up on at the deadline, for the ingest's last word.
     given_up: u64,
+    /// Where appended events are offered to whoever taps them live.
+    tap: TapHub,
 }
 
 mod run;
@@ -232,8 +235,8 @@ pub(crate) use run::{ingest, route_switch, Ingest, IngestTable, RouteFeed, Route
 
 /// Gives each event its id and the spool mask of the sinks its routes chose.
 struct Router {
-    /// The compiled routes.
-    routes: RouteTable,
+    /// The compiled routes; shared with the taps, which read route and sink names from them.
+    routes: Arc<RouteTable>,
     /// The spool's bit of each sink a route can name, by route sink index.
     sink_masks: Vec<SinkMask>,
     /// Assigns stable event ids.
@@ -249,7 +252,7 @@ impl Router {
             .map(|name| spool.mask(&[name.as_str()]))
             .collect();
         Router {
-            routes,
+            routes: Arc::new(routes),
             sink_masks,
             ids: IdAssigner::new(),
         }
@@ -274,9 +277,9 @@ impl Router {
         );
     }
 
-    /// The sinks `event` goes to; `None` when it goes to none. An event that matched no route
-    /// is counted in `stats`.
-    fn route(&self, event: &Event, stats: &PipelineStats) -> Option<SinkMask> {
+    /// The sinks `event` goes to, as a spool mask and as the routes chose them (for the taps);
+    /// `None` when it goes to none. An event that matched no route is counted in `stats`.
+    fn route(&self, event: &Event, stats: &PipelineStats) -> Option<(SinkMask, Routed)> {
         let routed = self.routes.route(event);
         if !routed.matched {
             count_unmatched(stats, &event.name);
@@ -286,7 +289,7 @@ impl Router {
             return None;
         }
         let mask = routed.sinks.iter().fold(0, |m, t| m | self.sink_masks[t].0);
-        Some(SinkMask(mask))
+        Some((SinkMask(mask), routed))
     }
 }
 
@@ -307,7 +310,14 @@ impl Appender {
             deadline,
             push_out,
             given_up: 0,
+            tap: TapHub::default(),
         }
+    }
+
+    /// Offers what it appends on `tap` too, while someone taps.
+    pub(crate) fn with_tap(mut self, tap: TapHub) -> Appender {
+        self.tap = tap;
+        self
     }
 
     /// Appends one batch, retrying (and holding the sockets back) while the disk refuses it:
@@ -339,6 +349,9 @@ impl Appender {
             };
             batch = returned;
             offer = kept;
+            self.stats
+                .append_failing
+                .store(result.is_err(), Ordering::Relaxed);
             match result {
                 Ok(report) => {
                     count_appended(&report, &self.stats);

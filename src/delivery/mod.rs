@@ -33,6 +33,8 @@
 //! - `parked`: the retry set of conversations set aside, and its file.
 //! - `stats`: the pipeline's counters ([`ingest::PipelineStats`]), shared by the ingest, the
 //!   push-out and the sink loops.
+//! - `tap`: the routed events offered live to the admin endpoint's taps, at no cost while
+//!   nobody taps.
 //! - [`ingest`]: from the sockets to the spool; [`pressure`]: making room in a full spool by
 //!   pushing its oldest segment out to the dead letters of the sinks that lag;
 //!   [`dead_letter`]: the dead letter files; [`retry`]: a sink's retry settings.
@@ -48,6 +50,7 @@ mod reader;
 pub mod retry;
 mod settle;
 mod stats;
+pub(crate) mod tap;
 mod waves;
 
 use std::ops::ControlFlow;
@@ -234,6 +237,10 @@ impl SinkLoop {
         ));
         let events = unless_gave_up(self.park_behind(taken.events).await)?;
         self.status.set(SinkState::Delivering);
+        // The oldest event not finished is the first of this batch when nothing before it is.
+        if let Some(first) = events.first().filter(|_| state.in_flight.is_empty()) {
+            self.status.oldest_undelivered(Some(first.received_at));
+        }
         match state.pace {
             Pace::Pipelined if events.is_empty() && state.in_flight.is_empty() => {
                 // Every event was parked, and nothing before them awaits an answer.
@@ -247,9 +254,12 @@ impl SinkLoop {
                     () = handed_over => {}
                     _ = self.give_up.cancelled() => return ControlFlow::Break(LoopEnd::Interrupted),
                 }
+                self.status.in_flight(state.in_flight.events() as u64);
             }
             Pace::OneBatchAtATime => {
+                self.status.in_flight(events.len() as u64);
                 unless_gave_up(self.settle(events, None).await)?;
+                self.status.in_flight(0);
                 state.progress.finished(taken.last_seq);
             }
         }
@@ -277,6 +287,9 @@ impl SinkLoop {
             state.progress.committed(upto);
         }
         self.status.set(SinkState::Idle);
+        if self.reader.get().caught_up() {
+            self.status.oldest_undelivered(None);
+        }
         let ingest_done = self.ingest_done.is_cancelled();
         let takes_more = !self.parked.set.is_full();
         if ingest_done {
@@ -326,7 +339,11 @@ impl SinkLoop {
             Verdict::AllDelivered => {
                 let count = batch.events.len() as u64;
                 self.stats.delivered.fetch_add(count, Ordering::Relaxed);
-                self.status.delivered(count);
+                self.status.delivered(batch.events.iter().map(|e| &**e));
+                self.status.in_flight(state.in_flight.events() as u64);
+                if let Some(oldest) = state.in_flight.oldest_received() {
+                    self.status.oldest_undelivered(Some(oldest));
+                }
                 state.progress.finished(batch.last_seq);
                 ControlFlow::Continue(())
             }
@@ -349,6 +366,7 @@ impl SinkLoop {
             .await;
         let merged = unless_gave_up(merged)?;
         unless_gave_up(self.settle(merged.events, Some(merged.first_pass)).await)?;
+        self.status.in_flight(0);
         state.progress.finished(merged.last_seq);
         ControlFlow::Continue(())
     }

@@ -152,6 +152,7 @@ impl SinkLoop {
     ) -> WaveResult {
         let mut progressed = false;
         let mut whole = outcomes.len() == wave.len();
+        let mut delivered = Vec::new();
         for (&i, outcome) in wave.iter().zip(outcomes) {
             let a = &mut attempts[i];
             a.tried(now);
@@ -159,8 +160,7 @@ impl SinkLoop {
                 Outcome::Delivered => {
                     a.finish();
                     progressed = true;
-                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                    self.status.delivered(1);
+                    delivered.push(i);
                 }
                 Outcome::Permanent(e) => {
                     whole = false;
@@ -186,6 +186,13 @@ impl SinkLoop {
                     }
                 }
             }
+        }
+        if !delivered.is_empty() {
+            self.stats
+                .delivered
+                .fetch_add(delivered.len() as u64, Ordering::Relaxed);
+            self.status
+                .delivered(delivered.iter().map(|&i| &*attempts[i].event));
         }
         match (whole, progressed) {
             (true, _) => WaveResult::DeliveredWhole,

@@ -1,7 +1,7 @@
 //! The pipeline's counters, shared by the ingest, the push-out and the sink loops.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Mutex;
 
 /// Counters of the pipeline, readable from outside.
@@ -28,4 +28,7 @@ pub struct PipelineStats {
     pub dead_lettered: AtomicU64,
     /// Spool records that could not be decoded (never expected).
     pub undecodable: AtomicU64,
+    /// Whether the ingest's last append to the spool failed (set per batch): the spool is not
+    /// writable and the sockets are held back until it is, so the process is not ready.
+    pub append_failing: AtomicBool,
 }

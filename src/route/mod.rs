@@ -244,6 +244,22 @@ impl RouteTable {
     pub fn route_names(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|r| r.name.as_str())
     }
+
+    /// Names of the routes that match `event`, as [`RouteTable::route`] tries them (up to the
+    /// first match without `continue`). Routing itself names no route; the admin endpoint's taps
+    /// ask this, on their side.
+    pub(crate) fn matching_route_names(&self, event: &Event) -> Vec<&str> {
+        let mut names = Vec::new();
+        for route in &self.routes {
+            if route.matcher.matches(event) {
+                names.push(route.name.as_str());
+                if !route.continue_matching {
+                    break;
+                }
+            }
+        }
+        names
+    }
 }
 
 fn compile_match(

@@ -32,7 +32,7 @@ use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::memory::ByteGate;
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
-use crate::status::{TokenReporter, TokenState};
+use crate::status::{ReconnectReason, TokenReporter, TokenState};
 use crate::tls;
 
 /// Bounds the read buffer per socket. Chatwoot frames are a few KB; thousands of idle sockets
@@ -79,8 +79,12 @@ pub(crate) struct TokenTask {
 enum SessionEnd {
     /// The task was cancelled, or the pipeline is gone: no next connection.
     Cancelled,
-    /// Transport failure, close, stale socket: reconnect with backoff.
+    /// The socket could not be opened: reconnect with backoff.
+    ConnectFailed(String),
+    /// Transport failure or close: reconnect with backoff.
     Lost(String),
+    /// No frame for `stale_after`: reconnect with backoff.
+    Stale(String),
     /// The server sent `disconnect` with `reconnect: true`: come back promptly.
     ServerAskedToReconnect(String),
     /// The server sent `disconnect` with `reconnect: false`: wait long before coming back.
@@ -103,6 +107,20 @@ impl From<SessionEnd> for Ended {
         Ended {
             end,
             healthy_for: Duration::ZERO,
+        }
+    }
+}
+
+impl SessionEnd {
+    /// What the reconnect after this end is counted as; `None` when there is none.
+    fn reconnect_reason(&self) -> Option<ReconnectReason> {
+        match self {
+            SessionEnd::Cancelled => None,
+            SessionEnd::ConnectFailed(_) => Some(ReconnectReason::ConnectFailed),
+            SessionEnd::Lost(_) => Some(ReconnectReason::ConnectionLost),
+            SessionEnd::Stale(_) => Some(ReconnectReason::Stale),
+            SessionEnd::ServerAskedToReconnect(_) => Some(ReconnectReason::ServerDisconnect),
+            SessionEnd::ServerAskedToWait(_) => Some(ReconnectReason::ServerDisconnectNoReconnect),
         }
     }
 }
@@ -144,6 +162,9 @@ impl TokenTask {
             ) else {
                 break;
             };
+            if let Some(counted_as) = ended.end.reconnect_reason() {
+                self.status.reconnecting(counted_as);
+            }
             let Some(reason) = self.announce(ended.end, delay) else {
                 break;
             };
@@ -162,7 +183,9 @@ impl TokenTask {
         let name = &self.spec.name;
         match end {
             SessionEnd::Cancelled => None,
-            SessionEnd::Lost(reason) => {
+            SessionEnd::ConnectFailed(reason)
+            | SessionEnd::Lost(reason)
+            | SessionEnd::Stale(reason) => {
                 warn!(token = %name, %reason, "connection lost; reconnecting with backoff");
                 Some(reason)
             }
@@ -203,9 +226,9 @@ impl TokenTask {
         tokio::select! {
             _ = self.cancel.cancelled() => Err(SessionEnd::Cancelled),
             connected = timeout(connect_timeout, Box::pin(connect(&self.spec, &self.settings))) => match connected {
-                Err(_) => Err(SessionEnd::Lost(format!(
+                Err(_) => Err(SessionEnd::ConnectFailed(format!(
                     "connect to {} timed out after {connect_timeout:?}", self.spec.url))),
-                Ok(Err(e)) => Err(SessionEnd::Lost(format!(
+                Ok(Err(e)) => Err(SessionEnd::ConnectFailed(format!(
                     "connect to {} failed: {}", self.spec.url, describe(&e)))),
                 Ok(Ok(ws)) => Ok(ws),
             },
@@ -276,8 +299,7 @@ impl<'a> Session<'a> {
             _ = self.task.cancel.cancelled() => self.close().await,
             frame = self.ws.next() => self.on_frame(frame).await,
             _ = &mut self.stale => {
-                self.task.status.stale();
-                ControlFlow::Break(SessionEnd::Lost(format!(
+                ControlFlow::Break(SessionEnd::Stale(format!(
                     "no frame for {:?} (the server pings every 3 s): socket is stale",
                     self.task.settings.stale_after
                 )))
@@ -306,6 +328,9 @@ impl<'a> Session<'a> {
 
     /// Handles whatever the socket yielded.
     async fn on_frame(&mut self, frame: Incoming) -> ControlFlow<SessionEnd> {
+        if let Some(Ok(_)) = frame {
+            self.task.status.frame();
+        }
         let text = match frame {
             None => return ControlFlow::Break(SessionEnd::Lost(closed(None))),
             Some(Err(e)) => return ControlFlow::Break(SessionEnd::Lost(describe(&e))),
@@ -343,7 +368,8 @@ impl<'a> Session<'a> {
                 warn!(token = %name, error = %e, bytes = text.len(), "skipped a malformed frame");
             }
             Ok(ServerFrame::Welcome) => return self.on_welcome().await,
-            Ok(ServerFrame::Ping) | Ok(ServerFrame::Other { .. }) => {}
+            Ok(ServerFrame::Ping) => self.task.status.pinged(received_at),
+            Ok(ServerFrame::Other { .. }) => {}
             Ok(ServerFrame::Confirm { identifier }) if identifier == self.identifier => {
                 self.on_confirm()
             }
@@ -403,7 +429,7 @@ impl<'a> Session<'a> {
     /// ends at that deadline at the latest, when the ingest closes the pipeline; an event not
     /// handed over then is lost, and counted.
     async fn hand_over(&mut self, event: Event) -> ControlFlow<SessionEnd> {
-        self.task.status.event();
+        self.task.status.event(event.received_at);
         if self.task.events.send(event).await.is_ok() {
             return ControlFlow::Continue(());
         }
@@ -537,7 +563,9 @@ fn delay_after(
     }
     match end {
         SessionEnd::Cancelled => None,
-        SessionEnd::Lost(_) => Some(backoff.next_delay()),
+        SessionEnd::ConnectFailed(_) | SessionEnd::Lost(_) | SessionEnd::Stale(_) => {
+            Some(backoff.next_delay())
+        }
         SessionEnd::ServerAskedToReconnect(_) => Some(full_jitter(PROMPT_RECONNECT_CEILING)),
         // Half fixed, half jittered: long, but still spread.
         SessionEnd::ServerAskedToWait(_) => {

@@ -16,7 +16,7 @@ use tracing::error;
 
 use crate::source::cable::{EventSender, TokenTask, MAX_CONCURRENT_HANDSHAKES};
 use crate::source::settings::{CableSettings, TokenSpec};
-use crate::status::{StatusBoard, TokenState};
+use crate::status::{ReconnectReason, StatusBoard, TokenState};
 
 /// Pause before restarting a task that panicked, so a panic loop cannot spin a core.
 const RESTART_AFTER_PANIC: Duration = Duration::from_secs(1);
@@ -157,6 +157,7 @@ impl Supervisor {
                     Err(e) if e.is_panic() => {
                         error!(token = %spec.name, "token task panicked; restarting it");
                         status.fail(TokenState::BackingOff, "task panicked; restarting");
+                        status.reconnecting(ReconnectReason::TaskPanicked);
                         tokio::select! {
                             _ = cancel.cancelled() => break,
                             _ = sleep(RESTART_AFTER_PANIC) => {}

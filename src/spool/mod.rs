@@ -75,6 +75,7 @@
 //! - `evict`: [`Eviction`], pushing the oldest segment out for `when_full: dead_letter`;
 //! - `reader`: [`SpoolReader`], one sink's reading and commits;
 //! - `durable`: directory fsyncs, so that created and renamed files survive a machine crash;
+//! - `usage`: [`SpoolUsage`], the size and each sink's backlog, for metrics;
 //! - `error`: [`SpoolError`].
 
 mod append;
@@ -94,6 +95,7 @@ mod repair;
 mod state;
 #[cfg(test)]
 mod test_support;
+mod usage;
 #[cfg(test)]
 pub(crate) use test_support::{inject_fault, DiskFault, FaultGuard};
 
@@ -117,6 +119,7 @@ pub use reader::SpoolReader;
 use registry::write_state_file;
 pub(crate) use registry::MAX_SINKS;
 use state::State;
+pub use usage::{SinkBacklog, SpoolUsage};
 
 /// Largest spool segment by default; see [`SpoolConfig::segment_limit`] for smaller spools.
 const MAX_SEGMENT_BYTES: u64 = 64 << 20;

@@ -22,6 +22,7 @@ use tracing::{error, info};
 
 use super::{Appender, RecordBatch, Router, MAX_BATCH};
 use crate::delivery::pressure::PushOut;
+use crate::delivery::tap::TappedEvent;
 use crate::event::Event;
 use crate::memory::ByteGate;
 use crate::route::RouteTable;
@@ -259,8 +260,10 @@ impl Ingest {
             self.batch.clear();
             let mut offer = (Vec::with_capacity(MAX_BATCH), Vec::with_capacity(MAX_BATCH));
             let mut taken = 0;
+            // One atomic load per batch while nobody taps.
+            let mut tapped = self.appender.tap.is_tapped().then(Vec::new);
             for event in &self.hand {
-                let Some(mask) = self.router.route(event, &self.appender.stats) else {
+                let Some((mask, routed)) = self.router.route(event, &self.appender.stats) else {
                     taken += 1;
                     continue;
                 };
@@ -268,6 +271,12 @@ impl Ingest {
                 if self.batch.len() > 1 && self.batch.spool_bytes() > max_batch_bytes {
                     self.batch.pop();
                     break;
+                }
+                if let Some(tapped) = &mut tapped {
+                    tapped.push(TappedEvent {
+                        event: event.clone(),
+                        routed,
+                    });
                 }
                 offer.0.push(event.clone());
                 offer.1.push(mask);
@@ -278,6 +287,9 @@ impl Ingest {
             if !self.batch.is_empty() {
                 let batch = std::mem::take(&mut self.batch);
                 self.batch = self.appender.append_until_stored(batch, offer).await;
+            }
+            if let Some(tapped) = tapped {
+                self.appender.tap.offer(&self.router.routes, tapped);
             }
             self.hand.drain(..taken);
         }
