@@ -622,3 +622,59 @@ async fn sighup_reloads_the_config_and_the_file_sink_reopens_its_file_after_logr
         "{lines}"
     );
 }
+
+#[tokio::test]
+async fn reload_on_the_admin_endpoint_applies_the_file_and_a_refused_one_exits_non_zero() {
+    let server = streaming_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let out_file = dir.path().join("out.jsonl");
+    let second = dir.path().join("second.jsonl");
+    let path = dir.path().join("c.yaml");
+    let config = |sinks: &[&str]| {
+        let mut yaml = BridgeYaml::new(&server.url())
+            .token("{ name: a, pubsub_token: t }")
+            .sink(
+                "out",
+                &format!("{{ type: file, path: {} }}", quoted(&out_file)),
+            );
+        if sinks.contains(&"second") {
+            yaml = yaml.sink(
+                "second",
+                &format!("{{ type: file, path: {} }}", quoted(&second)),
+            );
+        }
+        yaml.route_all(sinks)
+            .spool(&dir.path().join("spool"))
+            .setting(&format!("admin: {{ listen: '{admin}' }}"))
+            .write(&path);
+    };
+    config(&["out"]);
+    let mut child = daemon(&path).spawn().unwrap();
+    wait_for_lines_in(&out_file, 10).await;
+
+    config(&["out", "second"]);
+    let reloaded = run(&["reload", "--admin", &admin], &[]).await;
+    assert!(reloaded.status.success(), "{}", text(&reloaded.stderr));
+    let answer = text(&reloaded.stdout);
+    assert!(
+        answer.contains("second"),
+        "the answer says what changed: {answer}"
+    );
+    wait_for_lines_in(&second, 10).await;
+
+    std::fs::write(&path, "chatwoot: { url: ws://x/cable }\ntokens: []\n").unwrap();
+    let refused = run(&["reload", "--admin", &admin], &[]).await;
+    assert!(!refused.status.success(), "a refused reload exits non-zero");
+    let why = text(&refused.stderr);
+    assert!(
+        why.contains("tokens: at least one token is needed"),
+        "the refusal names the problem: {why}"
+    );
+    let before = json_lines(&second);
+    wait_for_lines_in(&second, before + 10).await;
+
+    let status = stop_with_sigterm(&mut child).await;
+    server.stop().await;
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -318,11 +318,15 @@ fn process_families(text: &mut Exposition, snapshot: &Snapshot) {
     for (reason, count) in snapshot.dropped {
         text.sample("events_dropped_total", &[("reason", reason)], count);
     }
-    if !snapshot.unmatched.is_empty() {
-        text.family("events_unmatched_total", Counter, "Events no route matched, by event name (they went to the unmatched sink, if one is set).");
-        for (event, count) in &snapshot.unmatched {
-            text.sample("events_unmatched_total", &[("event", event)], *count);
-        }
+    // The family is announced even before an event goes unmatched, so that a query on it finds
+    // the name (its samples appear with the first event of each name).
+    text.family(
+        "events_unmatched_total",
+        Counter,
+        "Events no route matched, by event name (they went to the unmatched sink, if one is set).",
+    );
+    for (event, count) in &snapshot.unmatched {
+        text.sample("events_unmatched_total", &[("event", event)], *count);
     }
     text.family(
         "ingest_restarts_total",

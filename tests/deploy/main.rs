@@ -18,6 +18,7 @@
 mod support;
 
 mod compose;
+mod configs;
 mod docker;
 mod grafana;
 mod kubernetes;
