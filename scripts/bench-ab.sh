@@ -6,6 +6,7 @@
 #   git worktree add ../cwb-base b081980 && (cd ../cwb-base && cargo build --release --bin chatwoot-bridge)
 #   scripts/bench-ab.sh ../cwb-base/target/release/chatwoot-bridge            # 4 rounds
 #   ROUNDS=8 PARTS="throughput backlog" scripts/bench-ab.sh ../cwb-base/...    # fewer parts, more rounds
+#   ROUNDS=6 PARTS=blast scripts/bench-ab.sh ../cwb-base/...                   # NATS core and Kafka only
 #
 # Each round runs every part once with A, then once with B (B first in odd rounds). The harness
 # prints one RATIO/CPU/LATENCY/BACKLOG line per run, tagged here with `build=A|B` so the medians
@@ -30,6 +31,10 @@ part() {
       "$B" throughput --sink jetstream --count "$COUNT" --reps 2
       "$B" throughput --sink kafka --count "$COUNT" --reps 2
       "$B" throughput --sink http --count "$((COUNT / 4))" --reps 2
+      ;;
+    blast) # the NATS core and Kafka blasts alone: where per-event costs show first
+      "$B" throughput --sink nats --count "$COUNT" --reps 2
+      "$B" throughput --sink kafka --count "$COUNT" --reps 2
       ;;
     latency)
       for sink in nats jetstream kafka http; do

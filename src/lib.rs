@@ -35,9 +35,9 @@
 //! - [`secret_file`]: the `*_file` twin of every secret key, read at load; a leaf over `types`.
 //! - [`tls`]: the client TLS of the cable and the webhooks (`tls:`: system and bundled roots, a
 //!   private CA, a client certificate), checked at load; a leaf over `types`.
-//! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests.
 //! - [`status`]: every token's and sink's state in one place, for logs, health, metrics and tests;
-//!   each count an atomic on a cell its loop holds.
+//!   each count an atomic on a cell its loop holds; the loops' health, and the config's hash
+//!   and reloads.
 //! - [`admin`]: the admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`, `/tap`,
 //!   `POST /reload`) reading the board, the pipeline's counters and the spool; and its client,
 //!   for the `tap`, `top` and `reload` commands. It sits beside the wiring, which starts it.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatwoot_bridge::mock::{Answer, Blast, MockConfig};
-use support::{free_port, mock_token, quoted, start_mock, wait_until, within, BridgeYaml};
+use support::{free_port, mock_token, quoted, signal, start_mock, wait_until, within, BridgeYaml};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatwoot-bridge");
@@ -183,16 +183,6 @@ async fn streaming_mock() -> chatwoot_bridge::mock::MockServer {
     .await
 }
 
-/// Sends SIGTERM with kill(1), as systemd and docker stop do.
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("the daemon is running").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-}
-
 /// Writes `dir/c.yaml`: the mock at `cable` streaming to `token`, every event routed to a file
 /// sink at `dir/out.jsonl`, the spool in `dir/spool`. Returns the config and the sink's file.
 fn file_sink_config(cable: &str, token: &str, dir: &Path) -> (PathBuf, PathBuf) {
@@ -246,7 +236,7 @@ async fn wait_for_lines_in(file: &Path, count: usize) {
 
 /// Sends SIGTERM to the daemon and waits for it to exit.
 async fn stop_with_sigterm(child: &mut tokio::process::Child) -> std::process::ExitStatus {
-    sigterm(child);
+    signal(child, "TERM");
     within("the daemon to exit after SIGTERM", child.wait())
         .await
         .unwrap()
@@ -284,14 +274,14 @@ async fn a_second_sigterm_exits_at_once() {
     stderr
         .wait_for("a delivery to fail", "delivery failed; will retry", 1)
         .await;
-    sigterm(&child);
+    signal(&child, "TERM");
     // Still shutting down: the dead webhook holds it for up to 60 s.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first SIGTERM waits for the sinks"
     );
-    sigterm(&child);
+    signal(&child, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await
         .expect("the second SIGTERM ends the process within seconds")
@@ -385,7 +375,7 @@ async fn sigterm_on_a_disk_that_refuses_writes_exits_by_the_deadline_saying_what
             2,
         )
         .await;
-    sigterm(&child);
+    signal(&child, "TERM");
     // One second of deadline, four of grace, one for the runtime, and slack for a loaded machine.
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
@@ -539,16 +529,6 @@ async fn dlq_list_skips_a_torn_line_and_says_how_many() {
     assert_eq!(torn.len(), 1, "the torn bytes are kept aside");
 }
 
-/// Sends SIGHUP with kill(1), as `systemctl reload` and logrotate's postrotate do.
-fn sighup(child: &tokio::process::Child) {
-    let pid = child.id().expect("the daemon is running").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-}
-
 /// The lines of `file`, each checked to be a whole JSON object.
 fn json_lines(file: &Path) -> usize {
     let text = std::fs::read_to_string(file).unwrap_or_default();
@@ -587,7 +567,7 @@ async fn sighup_reloads_the_config_and_the_file_sink_reopens_its_file_after_logr
         .route_all(&["out", "second"])
         .spool(&dir.path().join("spool"))
         .write(&path);
-    sighup(&child);
+    signal(&child, "HUP");
     stderr.wait_for("the reload", "config reloaded", 1).await;
     wait_for_lines_in(&out_file, 10).await;
     wait_for_lines_in(&second, 10).await;
@@ -595,7 +575,7 @@ async fn sighup_reloads_the_config_and_the_file_sink_reopens_its_file_after_logr
 
     // A broken config is logged with its problems; the running one goes on.
     std::fs::write(&path, "chatwoot: { url: ws://x/cable }\ntokens: []\n").unwrap();
-    sighup(&child);
+    signal(&child, "HUP");
     stderr
         .wait_for(
             "the refusal",

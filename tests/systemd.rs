@@ -9,7 +9,7 @@ use std::net::TcpListener;
 use std::path::Path;
 
 use chatwoot_bridge::mock::{Answer, MockConfig};
-use support::{mock_token, quoted, start_mock, within, BridgeYaml};
+use support::{mock_token, quoted, signal, start_mock, within, BridgeYaml};
 use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
@@ -22,16 +22,6 @@ async fn next_notification(socket: &UnixDatagram) -> String {
         .await
         .unwrap();
     String::from_utf8(buffer[..n].to_vec()).unwrap()
-}
-
-/// Sends SIGTERM with kill(1), as systemd does.
-fn sigterm(child: &tokio::process::Child) {
-    let pid = child.id().expect("the daemon is running").to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
 }
 
 /// Writes `dir/c.yaml`: the mock at `cable` with its token `t`, every event to a file sink.
@@ -80,7 +70,7 @@ async fn the_daemon_tells_systemd_ready_keeps_the_watchdog_alive_and_says_stoppi
     assert_eq!(next_notification(&socket).await, "WATCHDOG=1\n");
     assert_eq!(next_notification(&socket).await, "WATCHDOG=1\n");
 
-    sigterm(&child);
+    signal(&child, "TERM");
     let mut after_signal = Vec::new();
     loop {
         let notification = next_notification(&socket).await;
@@ -140,7 +130,7 @@ async fn without_notify_socket_the_daemon_runs_and_stops_as_before() {
         std::fs::metadata(&out_file).is_ok_and(|m| m.len() > 0)
     })
     .await;
-    sigterm(&child);
+    signal(&child, "TERM");
     let status = within("the daemon to exit after SIGTERM", child.wait())
         .await
         .unwrap();

@@ -161,23 +161,42 @@ fn per_token(
     }
 }
 
-/// The families labelled `token`.
-fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
-    use Kind::{Counter, Gauge};
-    text.family(
-        "token_state",
-        Gauge,
-        "The state of the token's socket: 1 for the state it is in, 0 for the others.",
-    );
-    for (token, status) in &snapshot.tokens {
-        for state in TokenState::ALL {
+/// A state family (`name`, `help`): for each token or sink (`label`) of `rows`, one sample per
+/// state of `all`, 1 for the state it is in and 0 for the others, so that a query can select a
+/// state whether or not anything is in it.
+fn one_hot<'a, S: Copy + PartialEq + 'a>(
+    text: &mut Exposition,
+    (name, help): (&str, &str),
+    (label, all, as_str): (&str, &[S], fn(S) -> &'static str),
+    rows: impl Iterator<Item = (&'a String, S)>,
+) {
+    text.family(name, Kind::Gauge, help);
+    for (thing, current) in rows {
+        for &state in all {
             text.sample(
-                "token_state",
-                &[("token", token), ("state", state.as_str())],
-                status.state == state,
+                name,
+                &[(label, thing), ("state", as_str(state))],
+                current == state,
             );
         }
     }
+}
+
+/// The families labelled `token`.
+fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
+    use Kind::{Counter, Gauge};
+    one_hot(
+        text,
+        (
+            "token_state",
+            "The state of the token's socket: 1 for the state it is in, 0 for the others.",
+        ),
+        ("token", &TokenState::ALL, TokenState::as_str),
+        snapshot
+            .tokens
+            .iter()
+            .map(|(token, status)| (token, status.state)),
+    );
     let families: [TokenFamily; 7] = [
         ("token_subscribed", Gauge, "1 while Chatwoot has confirmed the token's subscription, else 0.", |t| (t.state == TokenState::Subscribed).into()),
         ("token_connects_total", Counter, "WebSocket handshakes that succeeded.", |t| t.connects.into()),
@@ -220,20 +239,18 @@ fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
 /// The families labelled `sink`, but the latency histogram.
 fn sink_families(text: &mut Exposition, snapshot: &Snapshot) {
     use Kind::{Counter, Gauge};
-    text.family(
-        "sink_state",
-        Gauge,
-        "The state of the sink's delivery loop: 1 for the state it is in, 0 for the others.",
+    one_hot(
+        text,
+        (
+            "sink_state",
+            "The state of the sink's delivery loop: 1 for the state it is in, 0 for the others.",
+        ),
+        ("sink", &SinkState::ALL, SinkState::as_str),
+        snapshot
+            .sinks
+            .iter()
+            .map(|(sink, status)| (sink, status.state)),
     );
-    for (sink, status) in &snapshot.sinks {
-        for state in SinkState::ALL {
-            text.sample(
-                "sink_state",
-                &[("sink", sink), ("state", state.as_str())],
-                status.state == state,
-            );
-        }
-    }
     let families: [SinkFamily; 7] = [
         ("sink_events_delivered_total", Counter, "Events the sink confirmed.", |s| s.delivered),
         ("sink_retries_total", Counter, "Waits before a retry: how often deliveries failed and were tried again.", |s| s.retries),

@@ -135,3 +135,14 @@ pub(crate) async fn sink(name: &str, sink_yaml: &str) -> Sink {
     .await
     .expect("sink builds")
 }
+
+/// Sends `signal` (`TERM`, `HUP`, ...) to the daemon `child` with kill(1), as systemd,
+/// `docker stop`, `systemctl reload` and logrotate's postrotate do.
+pub(crate) fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("the daemon is running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} failed");
+}
