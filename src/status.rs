@@ -88,11 +88,14 @@ pub enum ReconnectReason {
     ServerDisconnectNoReconnect,
     /// The token's task panicked and was restarted.
     TaskPanicked,
+    /// The WebSocket opened but no `welcome` came within `connect_timeout`: the server never
+    /// set the connection up, so nothing could be subscribed on it.
+    NoWelcome,
 }
 
 impl ReconnectReason {
     /// How many reasons there are: the length of a token's reconnect counters.
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
 
     /// Every reason, in the order metrics list them.
     pub const ALL: [ReconnectReason; ReconnectReason::COUNT] = [
@@ -102,6 +105,7 @@ impl ReconnectReason {
         ReconnectReason::ServerDisconnect,
         ReconnectReason::ServerDisconnectNoReconnect,
         ReconnectReason::TaskPanicked,
+        ReconnectReason::NoWelcome,
     ];
 
     /// The reason's name, as it is serialized: a metric label value without a lookup.
@@ -113,6 +117,7 @@ impl ReconnectReason {
             ReconnectReason::ServerDisconnect => "server_disconnect",
             ReconnectReason::ServerDisconnectNoReconnect => "server_disconnect_no_reconnect",
             ReconnectReason::TaskPanicked => "task_panicked",
+            ReconnectReason::NoWelcome => "no_welcome",
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
-use chatwoot_bridge::status::TokenState;
+use chatwoot_bridge::status::{ReconnectReason, StatusBoard, TokenState};
 use chatwoot_bridge::{Bridge, Drain};
 use serde_json::Value;
 use support::{
@@ -421,6 +421,67 @@ async fn a_silent_server_is_detected_as_stale_and_reconnected() {
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
     server.broadcast_generated();
     wait_for_lines(&out, 1).await;
+    stop(bridge, server).await;
+}
+
+#[tokio::test]
+async fn a_socket_that_pings_but_never_says_welcome_is_reconnected_after_connect_timeout() {
+    let server = start_mock(MockConfig {
+        tokens: vec![mock_token("agent-secret", Answer::Confirm)],
+        ping_interval: Duration::from_millis(100),
+        send_welcome: false,
+        ..MockConfig::default()
+    })
+    .await;
+    let (_dir, out) = out_file();
+    // Pings every 100 ms keep the socket from going stale: only the welcome timer ends it.
+    let cfg = agent_only(&server.url(), &out)
+        .cable("connect_timeout: 600ms")
+        .setting("admin: { listen: 0 }")
+        .config();
+    let bridge = Bridge::start(cfg).await.unwrap();
+    let no_welcome = |b: &StatusBoard| {
+        b.token("agent")
+            .is_some_and(|t| t.reconnects.get(ReconnectReason::NoWelcome) >= 2)
+    };
+    assert!(
+        bridge.status().wait_for(WAIT, no_welcome).await,
+        "a socket without welcome was never given up: {:?}",
+        bridge.status().token("agent")
+    );
+    let token = bridge.status().token("agent").unwrap();
+    assert!(token.frames >= 2, "the server's pings arrived: {token:?}");
+    assert_eq!(
+        token.reconnects.total(),
+        token.reconnects.get(ReconnectReason::NoWelcome),
+        "every reconnect was for want of a welcome: {token:?}"
+    );
+    assert_ne!(token.state, TokenState::Subscribed);
+    let error = token.last_error.unwrap_or_default();
+    assert!(
+        error.contains("no welcome within 600ms (chatwoot.connect_timeout)"),
+        "{error}"
+    );
+    // Nothing was subscribed on those sockets, so the token could never have been subscribed.
+    assert_eq!(server.subscribe_commands(), 0);
+    assert!(server.connections_accepted() >= 2, "one socket per attempt");
+
+    let admin = bridge.admin_addr().unwrap();
+    let metrics = within("GET /metrics", async {
+        reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+    .await;
+    let series = r#"chatwoot_bridge_token_reconnects_total{token="agent",reason="no_welcome"} "#;
+    let count = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{metrics}"));
+    assert!(count.parse::<u64>().unwrap() >= 2, "{series}{count}");
     stop(bridge, server).await;
 }
 

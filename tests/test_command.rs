@@ -10,11 +10,43 @@ const EXAMPLE_CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bridge.example
 
 /// Runs `test` on the example config and `cases`. Nothing it does waits on the network.
 fn test_command(cases: &Path) -> Output {
+    test_command_on(Path::new(EXAMPLE), cases)
+}
+
+/// Runs `test` on `config` and `cases`.
+fn test_command_on(config: &Path, cases: &Path) -> Output {
     Command::new(BIN)
-        .args(["test", "--config", EXAMPLE])
+        .args(["test", "--config"])
+        .arg(config)
         .arg(cases)
         .output()
         .expect("the binary runs")
+}
+
+/// `text` with the commented lines from the one containing `first` on (while they stay
+/// commented at the same indent) uncommented; fails when `first` is not found once.
+fn uncomment(text: &str, first: &str) -> String {
+    assert_eq!(
+        text.matches(first).count(),
+        1,
+        "{first:?} is in the file once"
+    );
+    let mut inside = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        inside = if line.contains(first) {
+            true
+        } else {
+            inside && line.starts_with("  #   ")
+        };
+        if inside {
+            out.push_str(&line.replacen("  # ", "  ", 1));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -140,4 +172,32 @@ cases:
 
     let stderr = refused("cases:\n  - name: x\n    reaches: [archive\n");
     assert!(stderr.contains("cases file is not valid YAML"), "{stderr}");
+}
+
+#[test]
+fn the_commented_drop_presence_route_drops_presence_once_uncommented() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(EXAMPLE).unwrap();
+    let dropping = dir.path().join("bridge.yaml");
+    std::fs::write(&dropping, uncomment(&example, "# - { name: drop-presence,")).unwrap();
+    let shipped = std::fs::read_to_string(EXAMPLE_CASES).unwrap();
+    let uncommented = uncomment(&shipped, "# - name: presence updates are dropped");
+    let case = uncommented
+        .split("\n\n")
+        .find(|block| block.contains("name: presence updates are dropped"))
+        .expect("the commented case is shipped");
+    let case = &case[case.find("  - name: presence updates are dropped").unwrap()..];
+    let cases = dir.path().join("cases.yaml");
+    std::fs::write(&cases, format!("cases:\n{case}\n")).unwrap();
+
+    let out = test_command_on(&dropping, &cases);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert_eq!(
+        stdout,
+        "ok    presence updates are dropped\n1 cases: 1 passed, 0 failed\n"
+    );
+    // The route is what drops it: the example as shipped archives presence.
+    let out = test_command(&cases);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
 }

@@ -11,6 +11,7 @@
 //! The settings types themselves belong to the stages that use them and are re-exported here.
 
 mod expand;
+mod presence;
 mod raw;
 mod shape;
 mod validate;
@@ -919,7 +920,7 @@ sinks:
   lost: { type: stdout, dead_letter: nowhere }
   self: { type: stdout, dead_letter: self }
 routes:
-  - { name: r, to: [] }
+  - { name: r, to: [], continue: true }
   - { name: r, match: { token: nobody, where: [{ path: content, matches: "(" }] }, to: [hook, nope] }
 unmatched: elsewhere
 spool: { max_bytes: 100, fsync_interval: 0s }
@@ -960,7 +961,7 @@ spool: { max_bytes: 100, fsync_interval: 0s }
         "sinks.lost.dead_letter: no sink is named `nowhere` (sinks: bad sink, hook, lost, parking, self)",
         "sinks.parking.dead_letter: `hook` has a dead_letter sink of its own; a dead letter sink must keep its failures on disk",
         "sinks.self.dead_letter: a sink cannot be its own dead letter sink",
-        "routes[0].to: names no sink",
+        "routes[0].to: names no sink and has continue: true, so it does nothing; `to: []` drops what the route matches only without continue",
         "routes[1].name: `r` is used by another route already",
         "routes[1].to[1]: no sink is named `nope` (sinks: bad sink, hook, lost, parking, self)",
         "unmatched: must be `drop` or a sink name; no sink is named `elsewhere` (sinks: bad sink, hook, lost, parking, self)",

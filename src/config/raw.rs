@@ -155,7 +155,7 @@ pub(super) struct RawChatwoot {
     /// without it.
     #[serde(default)]
     pub(super) tls: TlsConfig,
-    /// Bound on TCP connect plus the WebSocket handshake.
+    /// Bound on TCP connect plus the WebSocket handshake, then on the wait for `welcome`.
     #[serde(default = "default_connect_timeout")]
     pub(super) connect_timeout: HumanDuration,
     /// A subscription still unconfirmed after this long is reported unconfirmed (Chatwoot
@@ -165,7 +165,8 @@ pub(super) struct RawChatwoot {
     /// Silence after which a socket is considered dead and reconnected.
     #[serde(default = "default_stale_after")]
     pub(super) stale_after: HumanDuration,
-    /// How often tokens with `presence: true` send `update_presence`.
+    /// How often tokens with `presence: true` send `update_presence`; under Chatwoot's presence
+    /// lifetime (20 s for agents), or the agent looks offline between updates.
     #[serde(default = "default_presence_interval")]
     pub(super) presence_interval: HumanDuration,
     /// Largest frame accepted; a larger one ends the connection.
@@ -233,7 +234,7 @@ pub(super) struct RawToken {
     pub(super) user_id: Option<u64>,
     /// A cable endpoint of this token's own, instead of `chatwoot.url`.
     pub(super) url: Option<String>,
-    /// Send `update_presence`, which shows the agent online.
+    /// Send `update_presence`, which shows the agent online; agent tokens only.
     #[serde(default)]
     pub(super) presence: bool,
 }

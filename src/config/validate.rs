@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
 
+use super::presence::check_presence;
 use super::raw::{RawAdmin, RawChatwoot, RawConfig, RawReadyRequires, RawSink, RawSpool, RawToken};
 use super::{Config, ConfigError, Retirement, SinkSettings};
 use crate::admin::settings::{parse_listen, AdminSettings, ReadyRequires, DEFAULT_ADMIN_LISTEN};
@@ -25,7 +26,7 @@ use crate::tls::{ClientTls, TlsConfig};
 use crate::types::{Problems, Secret};
 
 /// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
-const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Smallest `chatwoot.max_frame_bytes` accepted: Chatwoot frames are often several KB.
 const MIN_FRAME_BYTES: u64 = 1024;
@@ -55,6 +56,11 @@ impl RawConfig {
         let mut problems = Problems::top_level();
         let chatwoot = check_cable(chatwoot, &tokens, &mut problems);
         let tokens = check_tokens(tokens, &chatwoot, &mut problems);
+        check_presence(
+            chatwoot.cable.presence_interval,
+            &tokens.specs,
+            &mut problems,
+        );
         let sinks = check_sinks(sinks, &mut problems);
         let routes = check_routes(routes, unmatched, &sinks, &mut problems);
         let spool = check_spool(spool, chatwoot.max_frame_bytes, &mut problems);
@@ -452,8 +458,13 @@ fn check_routes(
                 format!("`{}` is used by another route already", route.name),
             );
         }
-        if route.to.is_empty() {
-            at.add("to", "names no sink");
+        // `to: []` drops what the route matches, which only stopping there can do.
+        if route.to.is_empty() && route.continue_matching {
+            at.add(
+                "to",
+                "names no sink and has continue: true, so it does nothing; `to: []` drops what \
+                 the route matches only without continue",
+            );
         }
         for (j, sink) in route.to.iter().enumerate() {
             if !sinks.contains_key(sink) {

@@ -187,11 +187,12 @@ async fn handshake(stream: Stream, shared: &Shared) -> Option<Socket> {
 impl Connection {
     /// Greets, then serves until the connection ends or the server stops.
     async fn run(&mut self) {
-        if self
-            .ws
-            .send(Message::text(r#"{"type":"welcome"}"#))
-            .await
-            .is_err()
+        if self.shared.send_welcome
+            && self
+                .ws
+                .send(Message::text(r#"{"type":"welcome"}"#))
+                .await
+                .is_err()
         {
             return;
         }

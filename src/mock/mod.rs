@@ -83,6 +83,10 @@ pub struct MockConfig {
     pub blast: Option<Blast>,
     /// Serve `wss://` with this certificate instead of `ws://`, for tests of the bridge's TLS.
     pub tls: Option<MockTls>,
+    /// Greet each connection with `welcome` (Chatwoot always does); off, a connection only
+    /// pings, as a server that never finished setting the connection up, for tests of the
+    /// bridge's welcome timer.
+    pub send_welcome: bool,
 }
 
 /// The certificate a mock serving `wss://` shows.
@@ -145,6 +149,7 @@ impl Default for MockConfig {
             wait_for_subscriptions: 0,
             blast: None,
             tls: None,
+            send_welcome: true,
         }
     }
 }
@@ -200,6 +205,8 @@ struct Shared {
     blast: Option<Blast>,
     /// Streaming subscriptions a blast waits for before it starts.
     wait_for_subscriptions: usize,
+    /// Whether connections are greeted with `welcome`.
+    send_welcome: bool,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
@@ -245,6 +252,7 @@ impl MockServer {
             last_origin: Mutex::new(None),
             blast: config.blast,
             wait_for_subscriptions: config.wait_for_subscriptions,
+            send_welcome: config.send_welcome,
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();

@@ -156,7 +156,7 @@ pub struct RouteSpec {
     /// Which events; `{}` (or leaving it out) matches all.
     #[serde(rename = "match", default)]
     pub matches: MatchSpec,
-    /// Sink names.
+    /// Sink names; `[]` drops what the route matches (not counted as unmatched).
     pub to: Vec<String>,
     /// Also try the routes after this one when it matched.
     #[serde(rename = "continue", default)]
@@ -585,6 +585,27 @@ mod tests {
         assert_eq!(table.sink_names(), ["kafka", "leftovers"]);
         assert!(table.route(&msg).matched);
         assert!(!table.route(&conv).matched);
+    }
+
+    #[test]
+    fn an_empty_to_drops_what_it_matches_before_later_routes_and_the_unmatched_sink() {
+        let routes = r#"
+  - { name: drop-presence, match: { event: presence.update }, to: [] }
+  - { name: rest, match: {}, to: [archive] }
+"#;
+        let routes: Vec<RouteSpec> = serde_json::from_value(yaml_to_json(routes)).unwrap();
+        let tokens = ["agent".to_string()].into();
+        let table = RouteTable::compile(routes, &tokens, Some("leftovers".into())).unwrap();
+        let presence = Event::for_test("presence.update", "agent", r#"{"account_id":1}"#);
+        let message = Event::for_test("message.created", "agent", r#"{"account_id":1}"#);
+        let dropped = table.route(&presence);
+        assert!(dropped.sinks.is_empty(), "{dropped:?}");
+        assert!(
+            dropped.matched,
+            "a dropped event is not counted as unmatched"
+        );
+        assert_eq!(table.matching_route_names(&presence), ["drop-presence"]);
+        assert_eq!(table.route(&message).sinks.iter().collect::<Vec<_>>(), [0]);
     }
 
     #[test]

@@ -89,6 +89,9 @@ enum SessionEnd {
     ServerAskedToReconnect(String),
     /// The server sent `disconnect` with `reconnect: false`: wait long before coming back.
     ServerAskedToWait(String),
+    /// No `welcome` within `connect_timeout` of the handshake: reconnect with backoff. Pings
+    /// alone would otherwise keep a socket that can never subscribe looking alive.
+    NoWelcome(String),
 }
 
 /// How a connection went: why it ended and how long it had been subscribed by then.
@@ -121,6 +124,7 @@ impl SessionEnd {
             SessionEnd::Stale(_) => Some(ReconnectReason::Stale),
             SessionEnd::ServerAskedToReconnect(_) => Some(ReconnectReason::ServerDisconnect),
             SessionEnd::ServerAskedToWait(_) => Some(ReconnectReason::ServerDisconnectNoReconnect),
+            SessionEnd::NoWelcome(_) => Some(ReconnectReason::NoWelcome),
         }
     }
 }
@@ -129,7 +133,11 @@ impl SessionEnd {
 #[derive(Debug, Clone, Copy)]
 enum Subscription {
     /// No welcome yet; nothing sent.
-    AwaitingWelcome,
+    AwaitingWelcome {
+        /// When waiting for the welcome ends and the connection counts as failed:
+        /// `connect_timeout` after the handshake.
+        deadline: Instant,
+    },
     /// `subscribe` sent, not confirmed yet.
     Pending {
         /// When waiting for the confirm ends and the token counts as unconfirmed.
@@ -185,7 +193,8 @@ impl TokenTask {
             SessionEnd::Cancelled => None,
             SessionEnd::ConnectFailed(reason)
             | SessionEnd::Lost(reason)
-            | SessionEnd::Stale(reason) => {
+            | SessionEnd::Stale(reason)
+            | SessionEnd::NoWelcome(reason) => {
                 warn!(token = %name, %reason, "connection lost; reconnecting with backoff");
                 Some(reason)
             }
@@ -271,7 +280,9 @@ impl<'a> Session<'a> {
             source,
             backoff,
             ws,
-            subscription: Subscription::AwaitingWelcome,
+            subscription: Subscription::AwaitingWelcome {
+                deadline: Instant::now() + task.settings.connect_timeout,
+            },
             next_presence: Instant::now(),
             stale: Box::pin(sleep(task.settings.stale_after)),
         }
@@ -313,10 +324,12 @@ impl<'a> Session<'a> {
     /// When the subscription next needs attention, if ever.
     fn timer(&self) -> Option<Instant> {
         match self.subscription {
-            Subscription::Pending { deadline } => Some(deadline),
+            Subscription::AwaitingWelcome { deadline } | Subscription::Pending { deadline } => {
+                Some(deadline)
+            }
             Subscription::RetryAt(at) => Some(at),
             Subscription::Confirmed { .. } if self.task.spec.presence => Some(self.next_presence),
-            _ => None,
+            Subscription::Confirmed { .. } => None,
         }
     }
 
@@ -448,7 +461,7 @@ impl<'a> Session<'a> {
 
     /// The server greets once per socket: subscribe then.
     async fn on_welcome(&mut self) -> ControlFlow<SessionEnd> {
-        if let Subscription::AwaitingWelcome = self.subscription {
+        if let Subscription::AwaitingWelcome { .. } = self.subscription {
             return self.subscribe().await;
         }
         ControlFlow::Continue(())
@@ -493,8 +506,8 @@ impl<'a> Session<'a> {
         self.subscription = Subscription::RetryAt(Instant::now() + delay);
     }
 
-    /// The subscription's timer fired: give up waiting for a confirm, subscribe again, or keep
-    /// the agent present.
+    /// The subscription's timer fired: give up the connection for want of a welcome, give up
+    /// waiting for a confirm, subscribe again, or keep the agent present.
     async fn on_timer(&mut self) -> ControlFlow<SessionEnd> {
         match self.subscription {
             Subscription::Pending { .. } => self.give_up_unconfirmed().await,
@@ -505,7 +518,13 @@ impl<'a> Session<'a> {
                 self.next_presence = Instant::now() + self.task.settings.presence_interval;
                 ControlFlow::Continue(())
             }
-            Subscription::AwaitingWelcome => ControlFlow::Continue(()),
+            Subscription::AwaitingWelcome { .. } => {
+                ControlFlow::Break(SessionEnd::NoWelcome(format!(
+                    "no welcome within {:?} (chatwoot.connect_timeout) of the WebSocket handshake: \
+                     the server never set the connection up",
+                    self.task.settings.connect_timeout
+                )))
+            }
         }
     }
 
@@ -563,9 +582,10 @@ fn delay_after(
     }
     match end {
         SessionEnd::Cancelled => None,
-        SessionEnd::ConnectFailed(_) | SessionEnd::Lost(_) | SessionEnd::Stale(_) => {
-            Some(backoff.next_delay())
-        }
+        SessionEnd::ConnectFailed(_)
+        | SessionEnd::Lost(_)
+        | SessionEnd::Stale(_)
+        | SessionEnd::NoWelcome(_) => Some(backoff.next_delay()),
         SessionEnd::ServerAskedToReconnect(_) => Some(full_jitter(PROMPT_RECONNECT_CEILING)),
         // Half fixed, half jittered: long, but still spread.
         SessionEnd::ServerAskedToWait(_) => {

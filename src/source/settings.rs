@@ -9,7 +9,8 @@ use crate::types::Secret;
 /// Timing and limits of the cable client, the same for every token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CableSettings {
-    /// Bound on TCP connect plus the WebSocket handshake.
+    /// Bound on TCP connect plus the WebSocket handshake, and then on the wait for `welcome`:
+    /// a socket that pings but never greets can never subscribe.
     pub connect_timeout: Duration,
     /// How long a subscription may stay unconfirmed before the token counts as unconfirmed:
     /// Chatwoot answers a bad token with silence, not with a reject.
