@@ -6,6 +6,8 @@
 # - promtool (Debian's prometheus package: the alert rules' check and unit tests), systemd-analyze
 #   (Debian's systemd package: the unit's verify and security score) and strace (the system calls
 #   the daemon makes, against the unit's filter), for tests/deploy.rs, and for the admin test's check of /metrics;
+# - ruby-actioncable and puma (a real Rails ActionCable server with a RoomChannel written as
+#   Chatwoot's, tests/actioncable.rs);
 # - tansu, a Kafka-protocol broker, built with cargo into ~/.cargo/bin once (about 15 minutes on
 #   2 cores; later runs find it there), with SQLite storage: the chaos run (scripts/chaos.sh)
 #   kills and restarts it and needs what it acknowledged kept; a tansu without it is rebuilt.
@@ -19,6 +21,8 @@ command -v sqlite3 >/dev/null 2>&1 || extra+=(sqlite3)
 command -v promtool >/dev/null 2>&1 || extra+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || extra+=(systemd)
 command -v strace >/dev/null 2>&1 || extra+=(strace)
+command -v puma >/dev/null 2>&1 || extra+=(puma)
+ruby -e 'require "action_cable"' >/dev/null 2>&1 || extra+=(ruby-actioncable)
 ./install-build-deps.sh "${extra[@]}"
 
 tansu=$(command -v tansu 2>/dev/null || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")

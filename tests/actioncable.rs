@@ -1,0 +1,272 @@
+//! The bridge against a real Rails ActionCable server (Debian's ruby-actioncable on puma) whose
+//! RoomChannel is written the way Chatwoot's is (tests/actioncable/config.ru): what the mock
+//! Chatwoot promises about the protocol, checked against the implementation Chatwoot runs.
+//! Streams per identity (the user's token, the account for agents, the contact's token), silence
+//! for a wrong user or account, and presence in answer to a subscribe.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chatwoot_bridge::status::TokenState;
+use chatwoot_bridge::Bridge;
+use serde_json::{json, Value};
+use support::{free_port, quoted, shut_down, wait_until, BridgeYaml, WAIT};
+
+/// A puma serving tests/actioncable/config.ru on a free loopback port; killed on drop.
+struct RailsCable {
+    /// The puma process.
+    child: Child,
+    /// Its loopback port.
+    port: u16,
+    /// For the test controls (`/test/broadcast`, `/test/rotate`).
+    http: reqwest::Client,
+}
+
+impl RailsCable {
+    /// Starts puma and waits until the app answers; fails saying how to install what is missing.
+    async fn start() -> RailsCable {
+        let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/actioncable/config.ru");
+        let has_actioncable = Command::new("ruby")
+            .args(["-e", "require 'action_cable'"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            has_actioncable,
+            "Rails ActionCable is missing: apt-get install -y ruby-actioncable puma \
+             (scripts/install-test-deps.sh installs them)"
+        );
+        let port = free_port();
+        let child = Command::new("puma")
+            .args(["-b", &format!("tcp://127.0.0.1:{port}"), "-t", "1:8"])
+            .arg(&app)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run puma ({e}): apt-get install -y puma ruby-actioncable")
+            });
+        let cable = RailsCable {
+            child,
+            port,
+            http: reqwest::Client::new(),
+        };
+        let ready = format!("{}/test/ready", cable.base());
+        let started = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Ok(answer) = cable.http.get(&ready).send().await {
+                    if answer.status().is_success() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(started.is_ok(), "puma did not answer on port {port}");
+        cable
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The cable's URL.
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/cable", self.port)
+    }
+
+    /// `ActionCable.server.broadcast(stream, {event:, data:})`, as Chatwoot's jobs do.
+    async fn broadcast(&self, stream: &str, event: &str, data: Value) {
+        let answer = self
+            .http
+            .post(format!("{}/test/broadcast", self.base()))
+            .header("content-type", "application/json")
+            .body(json!({ "stream": stream, "event": event, "data": data }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{answer:?}");
+    }
+}
+
+impl Drop for RailsCable {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Fast timings, every event to the file `out`.
+fn config(url: &str, out: &Path) -> BridgeYaml {
+    BridgeYaml::new(url)
+        .cable("confirm_timeout: 2s")
+        .cable("reconnect: { initial: 50ms, max: 500ms }")
+        .sink(
+            "archive",
+            &format!("{{ type: file, path: {} }}", quoted(out)),
+        )
+        .route("{ name: everything, match: {}, to: [archive] }")
+        .spool(&out.with_extension("spool"))
+}
+
+fn read_events(path: &PathBuf) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// What `token` read of `event`, as the `data.id`s.
+fn ids(events: &[Value], token: &str, event: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| {
+            e["chatwoottoken"] == token && e["type"].as_str().is_some_and(|t| t.ends_with(event))
+        })
+        .filter_map(|e| e["data"]["id"].as_u64())
+        .collect()
+}
+
+async fn wait_state(bridge: &Bridge, name: &str, state: TokenState) {
+    let reached = bridge
+        .status()
+        .wait_for(WAIT, |b| b.token(name).is_some_and(|t| t.state == state))
+        .await;
+    assert!(
+        reached,
+        "{name} never {state}: {:?}",
+        bridge.status().token(name)
+    );
+}
+
+#[tokio::test]
+async fn each_identity_gets_the_streams_chatwoots_room_channel_gives_it() {
+    let rails = RailsCable::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let config = config(&rails.url(), &out)
+        .token("{ name: agent, pubsub_token: agent-token-1, account_id: 1, user_id: 1 }")
+        .token("{ name: visitor, pubsub_token: contact-token-1 }")
+        .config();
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+    wait_state(&bridge, "visitor", TokenState::Subscribed).await;
+
+    let message = |id: u64| json!({ "id": id, "account_id": 1, "conversation_id": 7 });
+    rails
+        .broadcast("agent-token-1", "message.created", message(101))
+        .await;
+    rails
+        .broadcast(
+            "account_1",
+            "contact.created",
+            json!({ "id": 9, "account_id": 1 }),
+        )
+        .await;
+    rails
+        .broadcast("contact-token-1", "message.created", message(102))
+        .await;
+    rails
+        .broadcast(
+            "account_2",
+            "contact.created",
+            json!({ "id": 10, "account_id": 2 }),
+        )
+        .await;
+    let mut events = Vec::new();
+    wait_until("the broadcasts to reach the file", || {
+        events = read_events(&out);
+        !ids(&events, "visitor", "message.created").is_empty()
+            && !ids(&events, "agent", "contact.created").is_empty()
+            && !ids(&events, "agent", "message.created").is_empty()
+    })
+    .await;
+    shut_down(bridge).await;
+    let events = read_events(&out);
+
+    assert_eq!(
+        ids(&events, "agent", "message.created"),
+        [101],
+        "the user's token stream"
+    );
+    assert_eq!(
+        ids(&events, "agent", "contact.created"),
+        [9],
+        "the account's stream, not another's"
+    );
+    assert_eq!(
+        ids(&events, "visitor", "message.created"),
+        [102],
+        "the contact's token stream"
+    );
+    assert!(
+        ids(&events, "visitor", "contact.created").is_empty(),
+        "contact.* travels on the account stream, which a contact never gets"
+    );
+    // The agent's own presence.update races its stream: RoomChannel broadcasts it from
+    // `subscribed`, while `stream_from` attaches asynchronously, so it may never arrive (as
+    // PROTOCOL.md says of Chatwoot). A contact's subscription has no account: it never gets one.
+    let visitor_presence = events
+        .iter()
+        .filter(|e| e["chatwoottoken"] == "visitor")
+        .filter(|e| {
+            e["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("presence.update"))
+        })
+        .count();
+    assert_eq!(visitor_presence, 0);
+}
+
+#[tokio::test]
+async fn a_wrong_user_or_account_is_answered_with_silence() {
+    let rails = RailsCable::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let config = config(&rails.url(), &out)
+        .token("{ name: wrong-user, pubsub_token: agent-token-1, account_id: 1, user_id: 2 }")
+        .token("{ name: wrong-account, pubsub_token: agent-token-1, account_id: 2, user_id: 1 }")
+        .token("{ name: unknown, pubsub_token: nobody }")
+        .token("{ name: right, pubsub_token: agent-token-2, account_id: 2, user_id: 2 }")
+        .config();
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_state(&bridge, "right", TokenState::Subscribed).await;
+    for name in ["wrong-user", "wrong-account", "unknown"] {
+        wait_state(&bridge, name, TokenState::Unconfirmed).await;
+    }
+    rails
+        .broadcast(
+            "agent-token-1",
+            "message.created",
+            json!({ "id": 201, "account_id": 1 }),
+        )
+        .await;
+    rails
+        .broadcast(
+            "account_2",
+            "contact.created",
+            json!({ "id": 202, "account_id": 2 }),
+        )
+        .await;
+    wait_until("the right token to read the account broadcast", || {
+        !ids(&read_events(&out), "right", "contact.created").is_empty()
+    })
+    .await;
+    shut_down(bridge).await;
+    let events = read_events(&out);
+    for name in ["wrong-user", "wrong-account", "unknown"] {
+        let status_events: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["chatwoottoken"] == name)
+            .collect();
+        assert!(
+            status_events.is_empty(),
+            "{name} read nothing: {status_events:?}"
+        );
+    }
+}
