@@ -257,6 +257,9 @@ impl<T> OneOrMany<T> {
     }
 }
 
+/// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A duration written the human way in the config: `10s`, `500ms`, `2h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(

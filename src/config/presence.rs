@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use super::validate::MAX_DURATION;
 use crate::source::settings::{Identity, TokenSpec};
-use crate::types::Problems;
+use crate::types::{Problems, MAX_DURATION};
 
 /// How long Chatwoot keeps a user (agent or administrator) present after a subscribe or an
 /// `update_presence`.

@@ -23,10 +23,8 @@ use crate::sink::SinkKind;
 use crate::source::settings::{CableSettings, Identity, ReconnectSettings, TokenSpec};
 use crate::spool::SpoolConfig;
 use crate::tls::{ClientTls, TlsConfig};
-use crate::types::{Problems, Secret};
+use crate::types::{Problems, Secret, MAX_DURATION};
 
-/// Longest timeout or interval accepted: timers far in the future overflow `Instant`.
-pub(super) const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Smallest `chatwoot.max_frame_bytes` accepted: Chatwoot frames are often several KB.
 const MIN_FRAME_BYTES: u64 = 1024;
