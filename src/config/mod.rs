@@ -10,6 +10,7 @@
 //!
 //! The settings types themselves belong to the stages that use them and are re-exported here.
 
+mod api_token;
 mod expand;
 mod raw;
 mod shape;
