@@ -131,6 +131,78 @@ mod tests {
         assert_eq!(derived("wss://example.com"), "https://example.com");
     }
 
+    use crate::config::{Config, ConfigError};
+    use crate::source::settings::Identity;
+
+    /// The problems loading `tokens` (YAML list items) under a `wss://` cable give, in words.
+    fn load(chatwoot: &str, tokens: &str) -> Result<Config, Vec<String>> {
+        let text = format!(
+            "chatwoot:\n  url: wss://chat.example.com/cable\n{chatwoot}tokens:\n{tokens}sinks:\n  out: {{ type: file, path: ./events.jsonl }}\nroutes:\n  - {{ name: all, match: {{}}, to: [out] }}\n"
+        );
+        let env = |name: &str| (name == "API").then(|| "access-SECRET".to_owned());
+        Config::from_yaml(&text, &env, false).map_err(|e| match e {
+            ConfigError::Invalid(found) => found.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        })
+    }
+
+    #[test]
+    fn an_api_token_needs_an_account_and_no_pubsub_token() {
+        let cfg = load(
+            "",
+            "  - { name: agent, api_access_token: \"${API}\", account_id: 2 }\n",
+        )
+        .unwrap();
+        let token = &cfg.tokens[0];
+        let api = token.api.as_ref().expect("an API token");
+        assert_eq!(api.access_token.expose(), "access-SECRET");
+        assert_eq!(api.api_url, "https://chat.example.com");
+        assert_eq!(api.profile_url(), "https://chat.example.com/api/v1/profile");
+        assert_eq!(api.account_id, 2);
+        assert_eq!(api.user_id, None);
+        assert_eq!(api.refresh_interval, DEFAULT_REFRESH_INTERVAL);
+        assert!(api.tls.is_some(), "https:// uses chatwoot.tls");
+        assert!(matches!(token.identity, Identity::Agent { account_id: 2, .. }));
+        assert!(format!("{cfg:?}").contains("access") && !format!("{cfg:?}").contains("SECRET"));
+
+        let found = load(
+            "",
+            "  - { name: a, api_access_token: x, pubsub_token: y, account_id: 1 }\n  - { name: b, api_access_token: x }\n  - { name: c, pubsub_token: y, refresh_interval: 1m }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            found,
+            [
+                "tokens[0].api_access_token: pubsub_token and api_access_token are both given; keep one (with api_access_token the pubsub token is read from Chatwoot's profile)",
+                "tokens[1].account_id: a token given as api_access_token needs account_id: the account whose events it receives",
+                "tokens[2].refresh_interval: is only for a token given as api_access_token (it says how often the profile is read)",
+            ]
+        );
+    }
+
+    #[test]
+    fn chatwoot_api_url_is_checked_and_used() {
+        let cfg = load(
+            "  api_url: http://127.0.0.1:3000/\n",
+            "  - { name: agent, api_access_token: x, account_id: 1, user_id: 3, refresh_interval: 30s }\n",
+        )
+        .unwrap();
+        let api = cfg.tokens[0].api.as_ref().unwrap();
+        assert_eq!(api.api_url, "http://127.0.0.1:3000");
+        assert_eq!(api.user_id, Some(3));
+        assert_eq!(api.refresh_interval, Duration::from_secs(30));
+        assert!(api.tls.is_none(), "no TLS for http://");
+        let found = load(
+            "  api_url: wss://chat.example.com\n",
+            "  - { name: agent, api_access_token: x, account_id: 1 }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            found,
+            ["chatwoot.api_url: `wss://chat.example.com` must start with http:// or https://"]
+        );
+    }
+
     #[test]
     fn api_urls_must_be_http() {
         assert!(check_api_url("https://chat.example.com").is_ok());
