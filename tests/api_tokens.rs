@@ -452,3 +452,28 @@ async fn a_profile_over_the_size_limit_is_refused_before_parsing() {
     shut_down(bridge).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn check_connect_reads_the_profile_before_it_subscribes() {
+    let server = mock(vec![mock_token("pubsub-one-SECRET", Answer::Confirm)]).await;
+    let api = ProfileServer::start(StatusCode::OK, profile("pubsub-one-SECRET")).await;
+    let (_dir, out) = out_file();
+    let good = format!("{{ name: agent, api_access_token: {ACCESS_TOKEN}, account_id: 1 }}");
+    let config = config(&server.url(), &api.url(), &out, &good)
+        .token("{ name: refused, api_access_token: wrong-SECRET, account_id: 1 }")
+        .config();
+    let probe = chatwoot_bridge::source::cable::probe;
+    assert_eq!(probe(&config.tokens[0], &config.cable).await, Ok(()));
+    let refused = probe(&config.tokens[1], &config.cable).await.unwrap_err();
+    assert!(
+        refused.starts_with("API access token refused: "),
+        "{refused}"
+    );
+    assert!(!refused.contains("SECRET"), "{refused}");
+    assert_eq!(
+        server.subscribe_commands(),
+        1,
+        "the refused token never subscribed"
+    );
+    server.stop().await;
+}

@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(api.user_id, None);
         assert_eq!(api.refresh_interval, DEFAULT_REFRESH_INTERVAL);
         assert!(api.tls.is_some(), "https:// uses chatwoot.tls");
-        assert!(matches!(token.identity, Identity::Agent { account_id: 2, .. }));
+        assert!(matches!(
+            token.identity,
+            Identity::Agent { account_id: 2, .. }
+        ));
         assert!(format!("{cfg:?}").contains("access") && !format!("{cfg:?}").contains("SECRET"));
 
         let found = load(
