@@ -3,7 +3,7 @@
 //! `refresh_interval` and whenever its subscription goes unconfirmed, so a pubsub token that
 //! Chatwoot rotated (a password change) is picked up without an operator.
 //!
-//! A [`ProfileWatcher`] runs beside the token's socket and publishes what to subscribe with on
+//! A `ProfileWatcher` runs beside the token's socket and publishes what to subscribe with on
 //! a watch channel; the socket switches over when it changes (see `cable`).
 
 use std::sync::Arc;
