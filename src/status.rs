@@ -38,11 +38,14 @@ pub enum TokenState {
     BackingOff,
     /// Removed or shut down.
     Stopped,
+    /// Chatwoot refused the token's API access token (401 or 403 on the profile): no pubsub
+    /// token to subscribe with until it is accepted.
+    ApiTokenRefused,
 }
 
 impl TokenState {
     /// Every state, in the order metrics list them.
-    pub const ALL: [TokenState; 7] = [
+    pub const ALL: [TokenState; 8] = [
         TokenState::Connecting,
         TokenState::Pending,
         TokenState::Subscribed,
@@ -50,6 +53,7 @@ impl TokenState {
         TokenState::Rejected,
         TokenState::BackingOff,
         TokenState::Stopped,
+        TokenState::ApiTokenRefused,
     ];
 
     /// The state's name, as it is serialized: a metric label value without a lookup.
@@ -62,6 +66,7 @@ impl TokenState {
             TokenState::Rejected => "rejected",
             TokenState::BackingOff => "backing_off",
             TokenState::Stopped => "stopped",
+            TokenState::ApiTokenRefused => "api_token_refused",
         }
     }
 }
@@ -176,6 +181,9 @@ pub struct TokenStatus {
     pub unconfirmed_subscriptions: u64,
     /// Subscriptions the server refused with `reject_subscription`.
     pub rejected_subscriptions: u64,
+    /// Changes of the pubsub token the profile showed (a token given as an API access token):
+    /// each one a rotation the socket followed.
+    pub rotations: u64,
     /// WebSocket messages read (text, binary, ping and pong): proof the socket lives, even
     /// while no event comes.
     pub frames: u64,
@@ -267,6 +275,8 @@ struct TokenCell {
     unconfirmed: AtomicU64,
     /// See [`TokenStatus::rejected_subscriptions`].
     rejected: AtomicU64,
+    /// See [`TokenStatus::rotations`].
+    rotations: AtomicU64,
     /// See [`TokenStatus::frames`].
     frames: AtomicU64,
     /// See [`TokenStatus::last_event_at`], in milliseconds since the Unix epoch: a time that
@@ -699,6 +709,7 @@ impl TokenCell {
             reconnects: Default::default(),
             unconfirmed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
             frames: AtomicU64::new(0),
             last_event_ms: AtomicU64::new(started),
             last_ping_ms: AtomicU64::new(started),
@@ -722,6 +733,7 @@ impl TokenCell {
             reconnects,
             unconfirmed_subscriptions: self.unconfirmed.load(Ordering::Relaxed),
             rejected_subscriptions: self.rejected.load(Ordering::Relaxed),
+            rotations: self.rotations.load(Ordering::Relaxed),
             frames: self.frames.load(Ordering::Relaxed),
             last_event_at: from_unix_ms(self.last_event_ms.load(Ordering::Relaxed)),
             last_ping_at: from_unix_ms(self.last_ping_ms.load(Ordering::Relaxed)),
@@ -770,6 +782,19 @@ impl TokenReporter {
         if self.cell.phase.update(state, error) {
             self.changed.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Records `error` as the last one, keeping the state: a failure beside a socket that
+    /// still works (a profile read that failed).
+    pub(crate) fn note(&self, error: impl Into<String>) {
+        let (state, _, _) = self.cell.phase.get();
+        self.update(state, Some(error.into()));
+    }
+
+    /// Counts a rotation of the pubsub token.
+    pub(crate) fn rotated(&self) {
+        self.cell.rotations.fetch_add(1, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Counts a successful handshake.

@@ -155,6 +155,10 @@ pub(super) struct RawChatwoot {
     /// without it.
     #[serde(default)]
     pub(super) tls: TlsConfig,
+    /// Chatwoot's REST base URL (`https://chat.example.com`), for tokens given as
+    /// `api_access_token`; derived from the cable URL when left out (`wss://host/cable` →
+    /// `https://host`).
+    pub(super) api_url: Option<String>,
     /// Bound on TCP connect plus the WebSocket handshake, then on the wait for `welcome`.
     #[serde(default = "default_connect_timeout")]
     pub(super) connect_timeout: HumanDuration,
@@ -224,6 +228,15 @@ pub(super) struct RawToken {
     /// A file holding the pubsub token (a systemd credential, a mounted Kubernetes secret),
     /// read at every load; instead of `pubsub_token`.
     pub(super) pubsub_token_file: Option<PathBuf>,
+    /// Instead of `pubsub_token`: a user's API access token (Profile settings → Access Token).
+    /// The pubsub token and the user id are read from `GET /api/v1/profile` and read again to
+    /// follow rotations; needs `account_id`.
+    pub(super) api_access_token: Option<Secret>,
+    /// A file holding the API access token; instead of `api_access_token`.
+    pub(super) api_access_token_file: Option<PathBuf>,
+    /// How often the profile of an `api_access_token` is read again to notice a rotated
+    /// pubsub token (default 5m); it is also read whenever a subscription goes unconfirmed.
+    pub(super) refresh_interval: Option<HumanDuration>,
     /// With `user_id`: an agent token of this account.
     #[serde(default, deserialize_with = "optional_number")]
     #[schemars(with = "Option<u64>")]

@@ -20,7 +20,7 @@ use crate::route::redact::Redaction;
 use crate::route::{RouteSpec, RouteTable};
 use crate::secret_file;
 use crate::sink::SinkKind;
-use crate::source::settings::{CableSettings, Identity, ReconnectSettings, TokenSpec};
+use crate::source::settings::{ApiToken, CableSettings, Identity, ReconnectSettings, TokenSpec};
 use crate::spool::SpoolConfig;
 use crate::tls::{ClientTls, TlsConfig};
 use crate::types::{Problems, Secret, MAX_DURATION};
@@ -88,20 +88,22 @@ impl RawConfig {
 }
 
 /// The `chatwoot:` section checked: what every socket shares and what tokens inherit.
-struct Chatwoot {
+pub(super) struct Chatwoot {
     /// Timing and limits of every socket.
     cable: CableSettings,
     /// Where tokens without a `url` of their own connect.
-    url: String,
+    pub(super) url: String,
     /// The `Origin` of tokens without a `url` of their own, when the config sets one.
     origin: Option<String>,
     /// The handshake headers every token sends.
     headers: Vec<(String, Secret)>,
     /// The TLS of `wss://` sockets; `None` when neither a URL nor the config asks for it, or
     /// when `chatwoot.tls` has problems.
-    tls: Option<ClientTls>,
+    pub(super) tls: Option<ClientTls>,
     /// The frame limit as written: the spool must hold two such frames.
     max_frame_bytes: u64,
+    /// `chatwoot.api_url` as written, for tokens given as API access tokens.
+    pub(super) api_url: Option<String>,
 }
 
 /// Whether `chatwoot.tls` is built: when any socket is `wss://` (`chatwoot.url` or a token's
@@ -111,6 +113,10 @@ fn wants_tls(raw: &RawChatwoot, tokens: &[RawToken]) -> bool {
     let secure = |url: &str| url.starts_with("wss://");
     raw.tls != TlsConfig::default()
         || secure(&raw.url)
+        || raw
+            .api_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"))
         || tokens.iter().any(|t| t.url.as_deref().is_some_and(secure))
 }
 
@@ -165,6 +171,9 @@ fn check_cable(raw: RawChatwoot, tokens: &[RawToken], problems: &mut Problems<'_
     } else {
         None
     };
+    if let Some(api_url) = &raw.api_url {
+        at.check("api_url", super::api_token::check_api_url(api_url));
+    }
     let headers = secret_file::map(&mut at, "headers", raw.headers, raw.headers_file);
     check_headers(&headers, &mut at);
     problems.include(at);
@@ -191,11 +200,12 @@ fn check_cable(raw: RawChatwoot, tokens: &[RawToken], problems: &mut Problems<'_
         headers: headers.into_iter().collect(),
         tls,
         max_frame_bytes,
+        api_url: raw.api_url,
     }
 }
 
 /// A timeout or interval: above zero, and short enough for `Instant` to hold.
-fn check_duration(value: Duration) -> Result<(), &'static str> {
+pub(super) fn check_duration(value: Duration) -> Result<(), &'static str> {
     if value.is_zero() {
         Err("must be greater than zero")
     } else if value > MAX_DURATION {
@@ -248,12 +258,17 @@ fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems
             ),
             Ok(()) => {}
         }
-        let pubsub_token = pubsub_token(
-            token.pubsub_token.take(),
-            token.pubsub_token_file.take(),
-            &mut at,
-        );
-        let spec = token_spec(token, pubsub_token, chatwoot, &mut at);
+        let url = token.url.clone().unwrap_or_else(|| chatwoot.url.clone());
+        let api = super::api_token::take(&mut token, &url, chatwoot, &mut at);
+        let pubsub_token = match &api {
+            Some(_) => Secret::new(""),
+            None => pubsub_token(
+                token.pubsub_token.take(),
+                token.pubsub_token_file.take(),
+                &mut at,
+            ),
+        };
+        let spec = token_spec(token, pubsub_token, api, chatwoot, &mut at);
         tokens.specs.push(spec);
         problems.include(at);
     }
@@ -264,10 +279,17 @@ fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems
 fn token_spec(
     raw: RawToken,
     pubsub_token: Secret,
+    api: Option<ApiToken>,
     chatwoot: &Chatwoot,
     at: &mut Problems<'_>,
 ) -> TokenSpec {
     let identity = match (raw.account_id, raw.user_id) {
+        // An agent's, of the configured account; the profile gives the user, so 0 stands for
+        // a user_id left out (the token task never subscribes with this one).
+        _ if api.is_some() => Identity::Agent {
+            account_id: raw.account_id.unwrap_or_default(),
+            user_id: raw.user_id.unwrap_or_default(),
+        },
         (Some(account_id), Some(user_id)) => Identity::Agent {
             account_id,
             user_id,
@@ -304,6 +326,7 @@ fn token_spec(
         headers: chatwoot.headers.clone(),
         pubsub_token,
         identity,
+        api,
         presence: raw.presence,
         tls,
     }
@@ -316,7 +339,7 @@ fn pubsub_token(inline: Option<Secret>, file: Option<PathBuf>, at: &mut Problems
         None => {
             at.add(
                 "pubsub_token",
-                "is missing; give pubsub_token or pubsub_token_file",
+                "is missing; give pubsub_token or pubsub_token_file, or api_access_token or api_access_token_file",
             );
             Secret::new("")
         }
@@ -650,7 +673,7 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 /// A cable URL: `ws://` or `wss://` with a host, and nothing that must not be echoed.
-fn check_cable_url(url: &str) -> Result<(), String> {
+pub(super) fn check_cable_url(url: &str) -> Result<(), String> {
     // Checked before anything echoes the URL: the URL ends up in every event's `source` and in
     // logs, so it must not carry credentials.
     let uri: Uri = url.parse().map_err(|e| format!("is not a URL ({e})"))?;
@@ -674,7 +697,7 @@ fn check_cable_url(url: &str) -> Result<(), String> {
 }
 
 /// `wss://host:port/cable` -> `https://host:port`.
-fn derive_origin(url: &str) -> Option<String> {
+pub(super) fn derive_origin(url: &str) -> Option<String> {
     let uri: Uri = url.parse().ok()?;
     let scheme = match uri.scheme_str()? {
         "wss" => "https",

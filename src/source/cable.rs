@@ -30,8 +30,10 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::memory::ByteGate;
+use crate::source::profile::Subscriber;
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
+use crate::source::subscriber::Subscribers;
 use crate::status::{ReconnectReason, TokenReporter, TokenState};
 use crate::tls;
 
@@ -155,13 +157,19 @@ enum Subscription {
 impl TokenTask {
     /// Runs until cancelled.
     pub(crate) async fn run(self) {
-        let identifier = protocol::identifier(&self.spec.pubsub_token, &self.spec.identity);
         let source: Arc<str> = Arc::from(self.spec.source());
         let mut backoff =
             Backoff::new(self.settings.reconnect.initial, self.settings.reconnect.max);
+        // A token given as an API access token has no subscriber until its profile is read.
+        let Some(mut subscribers) =
+            Subscribers::start(&self.spec, &self.settings, &self.status, &self.cancel).await
+        else {
+            self.status.set(TokenState::Stopped);
+            return;
+        };
         loop {
             self.status.set(TokenState::Connecting);
-            let ended = self.session(&identifier, &source, &mut backoff).await;
+            let ended = self.session(&mut subscribers, &source, &mut backoff).await;
             let Some(delay) = delay_after(
                 &ended.end,
                 ended.healthy_for,
@@ -211,7 +219,12 @@ impl TokenTask {
     }
 
     /// One connection, from connect to its end.
-    async fn session(&self, identifier: &str, source: &Arc<str>, backoff: &mut Backoff) -> Ended {
+    async fn session(
+        &self,
+        subscribers: &mut Subscribers,
+        source: &Arc<str>,
+        backoff: &mut Backoff,
+    ) -> Ended {
         let ws = match self.open().await {
             Ok(ws) => ws,
             Err(end) => return end.into(),
@@ -220,7 +233,7 @@ impl TokenTask {
         debug!(token = %self.spec.name, url = %self.spec.url, "connected");
         // Kept here and borrowed: moved into `run`, the socket would take room twice in the
         // task's future (about 1.5 KB more per token).
-        let mut session = Session::new(self, identifier, source, backoff, ws);
+        let mut session = Session::new(self, subscribers, source, backoff, ws);
         session.run().await
     }
 
@@ -250,7 +263,12 @@ struct Session<'a> {
     /// The token this connection belongs to: its spec, settings, status and pipeline.
     task: &'a TokenTask,
     /// The subscription identifier, sent in commands and matched in frames.
-    identifier: &'a str,
+    identifier: String,
+    /// What the token subscribes with, and the news of a rotated pubsub token.
+    subscribers: &'a mut Subscribers,
+    /// A subscription with a rotated pubsub token, made beside the confirmed one, which is
+    /// dropped once this one is confirmed.
+    rotation: Option<Rotation>,
     /// `source` of the events read here.
     source: &'a Arc<str>,
     /// The token's backoff, which also spaces resubscribes after a reject or silence.
@@ -269,14 +287,16 @@ impl<'a> Session<'a> {
     /// A session on a socket that just opened: nothing sent, no frame read.
     fn new(
         task: &'a TokenTask,
-        identifier: &'a str,
+        subscribers: &'a mut Subscribers,
         source: &'a Arc<str>,
         backoff: &'a mut Backoff,
         ws: Socket,
     ) -> Self {
         Session {
             task,
-            identifier,
+            identifier: subscribers.identifier(),
+            subscribers,
+            rotation: None,
             source,
             backoff,
             ws,
@@ -318,19 +338,22 @@ impl<'a> Session<'a> {
             _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
                 self.on_timer().await
             }
+            subscriber = self.subscribers.changed() => self.on_new_subscriber(subscriber).await,
         }
     }
 
-    /// When the subscription next needs attention, if ever.
+    /// When the subscription (or a rotation's) next needs attention, if ever.
     fn timer(&self) -> Option<Instant> {
-        match self.subscription {
+        let rotation = self.rotation.as_ref().map(|r| r.deadline);
+        let subscription = match self.subscription {
             Subscription::AwaitingWelcome { deadline } | Subscription::Pending { deadline } => {
                 Some(deadline)
             }
             Subscription::RetryAt(at) => Some(at),
             Subscription::Confirmed { .. } if self.task.spec.presence => Some(self.next_presence),
-            Subscription::Confirmed { .. } => None,
-        }
+            _ => None,
+        };
+        rotation.into_iter().chain(subscription).min()
     }
 
     /// Any frame is proof of life: silence is measured from the latest one.
@@ -386,6 +409,9 @@ impl<'a> Session<'a> {
             Ok(ServerFrame::Confirm { identifier }) if identifier == self.identifier => {
                 self.on_confirm()
             }
+            Ok(ServerFrame::Confirm { identifier }) if self.rotating_to(&identifier) => {
+                return self.on_rotation_confirmed().await
+            }
             Ok(ServerFrame::Reject { identifier }) if identifier == self.identifier => {
                 self.on_reject()
             }
@@ -408,7 +434,7 @@ impl<'a> Session<'a> {
                 event,
                 data,
             }) => {
-                if identifier != self.identifier {
+                if identifier != self.identifier && !self.rotating_to(&identifier) {
                     debug!(token = %name, "ignored a message for another identifier");
                     return ControlFlow::Continue(());
                 }
@@ -469,7 +495,7 @@ impl<'a> Session<'a> {
 
     /// Sends `subscribe` and starts waiting for its confirm.
     async fn subscribe(&mut self) -> ControlFlow<SessionEnd> {
-        self.send(protocol::subscribe(self.identifier)).await?;
+        self.send(protocol::subscribe(&self.identifier)).await?;
         self.task.status.set(TokenState::Pending);
         self.subscription = Subscription::Pending {
             deadline: Instant::now() + self.task.settings.confirm_timeout,
@@ -509,11 +535,18 @@ impl<'a> Session<'a> {
     /// The subscription's timer fired: give up the connection for want of a welcome, give up
     /// waiting for a confirm, subscribe again, or keep the agent present.
     async fn on_timer(&mut self) -> ControlFlow<SessionEnd> {
+        if self
+            .rotation
+            .as_ref()
+            .is_some_and(|r| r.deadline <= Instant::now())
+        {
+            return self.give_up_rotation().await;
+        }
         match self.subscription {
             Subscription::Pending { .. } => self.give_up_unconfirmed().await,
             Subscription::RetryAt(_) => self.subscribe().await,
             Subscription::Confirmed { .. } => {
-                self.send(protocol::update_presence(self.identifier))
+                self.send(protocol::update_presence(&self.identifier))
                     .await?;
                 self.next_presence = Instant::now() + self.task.settings.presence_interval;
                 ControlFlow::Continue(())
@@ -541,8 +574,10 @@ impl<'a> Session<'a> {
         );
         // The failed subscription stays registered on the server, which would ignore a second
         // subscribe: drop it first.
-        self.send(protocol::unsubscribe(self.identifier)).await?;
+        self.send(protocol::unsubscribe(&self.identifier)).await?;
         self.subscription = Subscription::RetryAt(Instant::now() + delay);
+        // A rotated pubsub token is one cause: the profile tells.
+        self.subscribers.refresh_now();
         ControlFlow::Continue(())
     }
 
@@ -557,6 +592,88 @@ impl<'a> Session<'a> {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => ControlFlow::Break(SessionEnd::Lost(describe(&e))),
         }
+    }
+}
+
+/// A subscription with a rotated pubsub token, waiting for its confirm beside the old one.
+#[derive(Debug)]
+struct Rotation {
+    /// The new subscription's identifier.
+    identifier: String,
+    /// When waiting for its confirm ends.
+    deadline: Instant,
+}
+
+/// Following a rotated pubsub token on the same socket (tokens given as API access tokens).
+impl Session<'_> {
+    /// Whether `identifier` is that of the rotation in progress.
+    fn rotating_to(&self, identifier: &str) -> bool {
+        self.rotation
+            .as_ref()
+            .is_some_and(|r| r.identifier == identifier)
+    }
+
+    /// The profile gave another subscriber: a confirmed subscription keeps running until the
+    /// new one is confirmed beside it; one not confirmed yet is simply replaced.
+    async fn on_new_subscriber(&mut self, subscriber: Subscriber) -> ControlFlow<SessionEnd> {
+        let identifier = protocol::identifier(&subscriber.pubsub_token, &subscriber.identity);
+        if identifier == self.identifier || self.rotating_to(&identifier) {
+            return ControlFlow::Continue(());
+        }
+        match self.subscription {
+            Subscription::AwaitingWelcome { .. } => {
+                self.identifier = identifier;
+                ControlFlow::Continue(())
+            }
+            Subscription::Pending { .. } => {
+                self.send(protocol::unsubscribe(&self.identifier)).await?;
+                self.identifier = identifier;
+                self.subscribe().await
+            }
+            Subscription::RetryAt(_) => {
+                self.identifier = identifier;
+                self.subscribe().await
+            }
+            Subscription::Confirmed { .. } => {
+                if let Some(stale) = self.rotation.take() {
+                    self.send(protocol::unsubscribe(&stale.identifier)).await?;
+                }
+                self.send(protocol::subscribe(&identifier)).await?;
+                self.rotation = Some(Rotation {
+                    identifier,
+                    deadline: Instant::now() + self.task.settings.confirm_timeout,
+                });
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    /// The new subscription is confirmed: drop the old one, which Chatwoot no longer streams.
+    async fn on_rotation_confirmed(&mut self) -> ControlFlow<SessionEnd> {
+        let Some(rotation) = self.rotation.take() else {
+            return ControlFlow::Continue(());
+        };
+        let old = std::mem::replace(&mut self.identifier, rotation.identifier);
+        info!(token = %self.task.spec.name, "subscribed with the rotated pubsub token; dropping the old subscription");
+        self.send(protocol::unsubscribe(&old)).await
+    }
+
+    /// The new subscription was not confirmed in time: drop it, keep the old one, and read
+    /// the profile again.
+    async fn give_up_rotation(&mut self) -> ControlFlow<SessionEnd> {
+        let Some(rotation) = self.rotation.take() else {
+            return ControlFlow::Continue(());
+        };
+        warn!(token = %self.task.spec.name, timeout = ?self.task.settings.confirm_timeout,
+            "the subscription with the rotated pubsub token was not confirmed; keeping the old one and reading the profile again");
+        self.task.status.note(format!(
+            "the subscription with the rotated pubsub token got no confirm_subscription within {:?}",
+            self.task.settings.confirm_timeout
+        ));
+        self.send(protocol::unsubscribe(&rotation.identifier))
+            .await?;
+        self.subscribers.refresh_now();
+        ControlFlow::Continue(())
     }
 }
 
@@ -649,6 +766,17 @@ enum ProbeStage {
 /// Checks a token once, for `check --connect`: handshake, welcome, subscribe, confirm.
 /// Returns how it went in words; never the token.
 pub async fn probe(spec: &TokenSpec, settings: &CableSettings) -> Result<(), String> {
+    // A token given as an API access token is checked through its profile first.
+    let identifier = match &spec.api {
+        None => protocol::identifier(&spec.pubsub_token, &spec.identity),
+        Some(api) => {
+            let client = crate::source::profile::client(api, settings)?;
+            let subscriber = crate::source::profile::fetch(&client, &spec.name, api)
+                .await
+                .map_err(|e| e.to_string())?;
+            protocol::identifier(&subscriber.pubsub_token, &subscriber.identity)
+        }
+    };
     let mut ws = match timeout(settings.connect_timeout, connect(spec, settings)).await {
         Err(_) => {
             return Err(format!(
@@ -659,7 +787,6 @@ pub async fn probe(spec: &TokenSpec, settings: &CableSettings) -> Result<(), Str
         Ok(Err(e)) => return Err(format!("connect to {} failed: {}", spec.url, describe(&e))),
         Ok(Ok(ws)) => ws,
     };
-    let identifier = protocol::identifier(&spec.pubsub_token, &spec.identity);
     let mut stage = ProbeStage::AwaitingWelcome;
     let outcome = probe_exchange(&mut ws, &identifier, settings, &mut stage).await;
     if stage == ProbeStage::AwaitingConfirm {

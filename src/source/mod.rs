@@ -8,6 +8,8 @@
 //! [`supervisor`] keeps one such task running per configured token and restarts it on panic.
 
 pub mod cable;
+pub mod profile;
 pub mod protocol;
 pub mod settings;
+mod subscriber;
 pub mod supervisor;

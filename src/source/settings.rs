@@ -94,14 +94,44 @@ pub struct TokenSpec {
     pub origin: String,
     /// Extra handshake headers; values may be credentials for a proxy.
     pub headers: Vec<(String, Secret)>,
-    /// The bearer token of the subscription.
+    /// The bearer token of the subscription; empty for a token given as an API access token
+    /// (`api`), which reads it from the profile.
     pub pubsub_token: Secret,
-    /// Whose token it is, which decides the subscription identifier.
+    /// Whose token it is, which decides the subscription identifier; for a token with `api`,
+    /// the profile's user and `api.account_id` replace it.
     pub identity: Identity,
+    /// Where the pubsub token comes from when the config gives a user's API access token
+    /// instead: the profile, read again to follow rotations.
+    pub api: Option<ApiToken>,
     /// Whether to send `update_presence`, which shows the agent online.
     pub presence: bool,
     /// The TLS of a `wss://` socket (`chatwoot.tls`); `None` for `ws://`.
     pub tls: Option<ClientTls>,
+}
+
+/// A token given as a user's API access token: the pubsub token and the user id come from
+/// `GET {api_url}/api/v1/profile`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiToken {
+    /// The user's access token, sent in the `api_access_token` header.
+    pub access_token: Secret,
+    /// Chatwoot's REST base URL (`https://host`), without `/api/v1`.
+    pub api_url: String,
+    /// The account whose events the subscription receives; checked against the profile.
+    pub account_id: u64,
+    /// The user id the config expects, if it gives one; a profile of another user is refused.
+    pub user_id: Option<u64>,
+    /// How often the profile is read again to notice a rotated pubsub token.
+    pub refresh_interval: Duration,
+    /// The TLS of an `https://` API URL (`chatwoot.tls`); `None` for `http://`.
+    pub tls: Option<ClientTls>,
+}
+
+impl ApiToken {
+    /// The profile endpoint.
+    pub fn profile_url(&self) -> String {
+        format!("{}/api/v1/profile", self.api_url.trim_end_matches('/'))
+    }
 }
 
 impl TokenSpec {

@@ -13,6 +13,7 @@ pub(crate) const BRIDGE_METRICS: &[&str] = &[
     "token_reconnects_total",
     "token_subscriptions_unconfirmed_total",
     "token_subscriptions_rejected_total",
+    "token_rotations_total",
     "token_frames_received_total",
     "token_events_received_total",
     "token_malformed_frames_total",

@@ -1,0 +1,217 @@
+//! Tokens given as a user's API access token (`api_access_token`), and `chatwoot.api_url`.
+
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::http::Uri;
+
+use super::raw::RawToken;
+use super::validate::{check_duration, derive_origin, Chatwoot};
+use crate::secret_file;
+use crate::source::settings::ApiToken;
+use crate::types::Problems;
+
+/// How often the profile is read again by default: a rotated pubsub token costs at most this
+/// long of silence, and the profile endpoint sees one request per token per interval.
+pub(super) const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// The API token of `raw`, taking its fields, or `None` when it is written with its pubsub
+/// token. `cable_url` is the token's socket, from which the API URL is derived when
+/// `chatwoot.api_url` is left out. Problems are added to `at`.
+pub(super) fn take(
+    raw: &mut RawToken,
+    cable_url: &str,
+    chatwoot: &Chatwoot,
+    at: &mut Problems<'_>,
+) -> Option<ApiToken> {
+    let inline = raw.api_access_token.take();
+    let file = raw.api_access_token_file.take();
+    if inline.is_none() && file.is_none() {
+        if raw.refresh_interval.is_some() {
+            at.add(
+                "refresh_interval",
+                "is only for a token given as api_access_token (it says how often the profile is read)",
+            );
+        }
+        return None;
+    }
+    if raw.pubsub_token.is_some() || raw.pubsub_token_file.is_some() {
+        at.add(
+            "api_access_token",
+            "pubsub_token and api_access_token are both given; keep one (with api_access_token the pubsub token is read from Chatwoot's profile)",
+        );
+    }
+    let access_token = match secret_file::one(at, "api_access_token", inline, file) {
+        Some(Ok(token)) => {
+            if token.expose().trim().is_empty() {
+                at.add("api_access_token", "is empty");
+            }
+            token
+        }
+        // Reported already (both given, or the file unreadable).
+        _ => crate::types::Secret::new(""),
+    };
+    let account_id = raw.account_id.unwrap_or_else(|| {
+        at.add(
+            "account_id",
+            "a token given as api_access_token needs account_id: the account whose events it receives",
+        );
+        0
+    });
+    let refresh_interval = raw
+        .refresh_interval
+        .as_ref()
+        .map_or(DEFAULT_REFRESH_INTERVAL, |d| d.0);
+    at.check("refresh_interval", check_duration(refresh_interval));
+    let api_url = match &chatwoot.api_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => derive_api_url(cable_url).unwrap_or_default(),
+    };
+    let tls = chatwoot
+        .tls
+        .clone()
+        .filter(|_| api_url.starts_with("https://"));
+    Some(ApiToken {
+        access_token,
+        api_url,
+        account_id,
+        user_id: raw.user_id,
+        refresh_interval,
+        tls,
+    })
+}
+
+/// The REST base URL of a cable URL: the same host over `https://` (`http://` for `ws://`),
+/// with the path up to a trailing `/cable` (Chatwoot served under a path prefix keeps it).
+fn derive_api_url(cable_url: &str) -> Option<String> {
+    let origin = derive_origin(cable_url)?;
+    let uri: Uri = cable_url.parse().ok()?;
+    let path = uri.path().trim_end_matches('/');
+    let prefix = path.strip_suffix("/cable").unwrap_or(path);
+    Some(format!("{origin}{prefix}"))
+}
+
+/// `chatwoot.api_url`: `http://` or `https://`, a host, no credentials, query or fragment.
+pub(super) fn check_api_url(url: &str) -> Result<(), String> {
+    let uri: Uri = url.parse().map_err(|e| format!("is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("`{url}` must start with http:// or https://")),
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("must not contain credentials (user:password@)".into());
+    }
+    if uri.query().is_some() {
+        return Err("must not have a query string".into());
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_url_is_the_cable_hosts() {
+        let derived = |url| derive_api_url(url).unwrap();
+        assert_eq!(
+            derived("wss://chat.example.com/cable"),
+            "https://chat.example.com"
+        );
+        assert_eq!(
+            derived("ws://127.0.0.1:3000/cable"),
+            "http://127.0.0.1:3000"
+        );
+        assert_eq!(
+            derived("wss://example.com/chat/cable/"),
+            "https://example.com/chat"
+        );
+        assert_eq!(derived("wss://example.com"), "https://example.com");
+    }
+
+    use crate::config::{Config, ConfigError};
+    use crate::source::settings::Identity;
+
+    /// The problems loading `tokens` (YAML list items) under a `wss://` cable give, in words.
+    fn load(chatwoot: &str, tokens: &str) -> Result<Config, Vec<String>> {
+        let text = format!(
+            "chatwoot:\n  url: wss://chat.example.com/cable\n{chatwoot}tokens:\n{tokens}sinks:\n  out: {{ type: file, path: ./events.jsonl }}\nroutes:\n  - {{ name: all, match: {{}}, to: [out] }}\n"
+        );
+        let env = |name: &str| (name == "API").then(|| "access-SECRET".to_owned());
+        Config::from_yaml(&text, &env, false).map_err(|e| match e {
+            ConfigError::Invalid(found) => found.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        })
+    }
+
+    #[test]
+    fn an_api_token_needs_an_account_and_no_pubsub_token() {
+        let cfg = load(
+            "",
+            "  - { name: agent, api_access_token: \"${API}\", account_id: 2 }\n",
+        )
+        .unwrap();
+        let token = &cfg.tokens[0];
+        let api = token.api.as_ref().expect("an API token");
+        assert_eq!(api.access_token.expose(), "access-SECRET");
+        assert_eq!(api.api_url, "https://chat.example.com");
+        assert_eq!(api.profile_url(), "https://chat.example.com/api/v1/profile");
+        assert_eq!(api.account_id, 2);
+        assert_eq!(api.user_id, None);
+        assert_eq!(api.refresh_interval, DEFAULT_REFRESH_INTERVAL);
+        assert!(api.tls.is_some(), "https:// uses chatwoot.tls");
+        assert!(matches!(
+            token.identity,
+            Identity::Agent { account_id: 2, .. }
+        ));
+        assert!(format!("{cfg:?}").contains("access") && !format!("{cfg:?}").contains("SECRET"));
+
+        let found = load(
+            "",
+            "  - { name: a, api_access_token: x, pubsub_token: y, account_id: 1 }\n  - { name: b, api_access_token: x }\n  - { name: c, pubsub_token: y, refresh_interval: 1m }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            found,
+            [
+                "tokens[0].api_access_token: pubsub_token and api_access_token are both given; keep one (with api_access_token the pubsub token is read from Chatwoot's profile)",
+                "tokens[1].account_id: a token given as api_access_token needs account_id: the account whose events it receives",
+                "tokens[2].refresh_interval: is only for a token given as api_access_token (it says how often the profile is read)",
+            ]
+        );
+    }
+
+    #[test]
+    fn chatwoot_api_url_is_checked_and_used() {
+        let cfg = load(
+            "  api_url: http://127.0.0.1:3000/\n",
+            "  - { name: agent, api_access_token: x, account_id: 1, user_id: 3, refresh_interval: 30s }\n",
+        )
+        .unwrap();
+        let api = cfg.tokens[0].api.as_ref().unwrap();
+        assert_eq!(api.api_url, "http://127.0.0.1:3000");
+        assert_eq!(api.user_id, Some(3));
+        assert_eq!(api.refresh_interval, Duration::from_secs(30));
+        assert!(api.tls.is_none(), "no TLS for http://");
+        let found = load(
+            "  api_url: wss://chat.example.com\n",
+            "  - { name: agent, api_access_token: x, account_id: 1 }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            found,
+            ["chatwoot.api_url: `wss://chat.example.com` must start with http:// or https://"]
+        );
+    }
+
+    #[test]
+    fn api_urls_must_be_http() {
+        assert!(check_api_url("https://chat.example.com").is_ok());
+        assert!(check_api_url("wss://chat.example.com")
+            .unwrap_err()
+            .contains("http://"));
+        assert!(check_api_url("https://u:p@chat.example.com").is_err());
+    }
+}
