@@ -13,7 +13,7 @@ use std::time::Duration;
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
 use serde_json::{json, Value};
-use support::{free_port, quoted, shut_down, wait_until, BridgeYaml, WAIT};
+use support::{free_port, quoted, shut_down, wait_until, wait_until_async, BridgeYaml, WAIT};
 
 /// A puma serving tests/actioncable/config.ru on a free loopback port; killed on drop.
 struct RailsCable {
@@ -26,8 +26,14 @@ struct RailsCable {
 }
 
 impl RailsCable {
-    /// Starts puma and waits until the app answers; fails saying how to install what is missing.
+    /// Starts puma on a free port and waits until the app answers; fails saying how to install
+    /// what is missing.
     async fn start() -> RailsCable {
+        RailsCable::start_on(free_port(), "").await
+    }
+
+    /// Starts puma on `port`, with the users' tokens `rotated` already (`1=token,...`).
+    async fn start_on(port: u16, rotated: &str) -> RailsCable {
         let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/actioncable/config.ru");
         let has_actioncable = Command::new("ruby")
             .args(["-e", "require 'action_cable'"])
@@ -39,8 +45,8 @@ impl RailsCable {
             "Rails ActionCable is missing: apt-get install -y ruby-actioncable puma \
              (scripts/install-test-deps.sh installs them)"
         );
-        let port = free_port();
         let child = Command::new("puma")
+            .env("ROTATED", rotated)
             .args(["-b", &format!("tcp://127.0.0.1:{port}"), "-t", "1:8"])
             .arg(&app)
             .stdout(Stdio::null())
@@ -93,6 +99,28 @@ impl RailsCable {
     }
 }
 
+impl RailsCable {
+    /// `POST /test/rotate`: the user's pubsub token changes, as when its password does.
+    async fn rotate(&self, user_id: u64, pubsub_token: &str) {
+        let answer = self
+            .http
+            .post(format!("{}/test/rotate", self.base()))
+            .header("content-type", "application/json")
+            .body(json!({ "user_id": user_id, "pubsub_token": pubsub_token }).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{answer:?}");
+    }
+
+    /// Stops puma (every socket drops, as in a Chatwoot deploy).
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
 impl Drop for RailsCable {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -103,7 +131,7 @@ impl Drop for RailsCable {
 /// Fast timings, every event to the file `out`.
 fn config(url: &str, out: &Path) -> BridgeYaml {
     BridgeYaml::new(url)
-        .cable("confirm_timeout: 2s")
+        .cable("confirm_timeout: 1s")
         .cable("reconnect: { initial: 50ms, max: 500ms }")
         .sink(
             "archive",
@@ -269,4 +297,105 @@ async fn a_wrong_user_or_account_is_answered_with_silence() {
             "{name} read nothing: {status_events:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_rotated_token_is_followed_on_the_same_socket_and_the_old_stream_is_dropped() {
+    let rails = RailsCable::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let config = config(&rails.url(), &out)
+        .token("{ name: agent, api_access_token: api-1, account_id: 1, refresh_interval: 1s }")
+        .config();
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+
+    rails.rotate(1, "agent-token-1-rotated").await;
+    let rotated = bridge
+        .status()
+        .wait_for(WAIT, |b| b.token("agent").is_some_and(|t| t.rotations == 1))
+        .await;
+    assert!(
+        rotated,
+        "the refresh found the rotation: {:?}",
+        bridge.status().token("agent")
+    );
+    let message = |id: u64| json!({ "id": id, "account_id": 1, "conversation_id": 7 });
+    // Broadcast to the new token until one arrives: the new subscription confirms, then the old
+    // one is unsubscribed.
+    let mut next = 300;
+    wait_until_async("the rotated token's stream to reach the file", || {
+        next += 1;
+        let (rails, out, id) = (&rails, &out, next);
+        async move {
+            rails
+                .broadcast("agent-token-1-rotated", "message.created", message(id))
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            !ids(&read_events(out), "agent", "message.created").is_empty()
+        }
+    })
+    .await;
+    // The old subscription is unsubscribed right after the new one's confirm.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rails
+        .broadcast("agent-token-1", "message.created", message(900))
+        .await;
+    rails
+        .broadcast("agent-token-1-rotated", "message.created", message(901))
+        .await;
+    wait_until("the last broadcast to the rotated token", || {
+        ids(&read_events(&out), "agent", "message.created").contains(&901)
+    })
+    .await;
+    let status = bridge.status().token("agent").unwrap();
+    shut_down(bridge).await;
+    assert_eq!(status.connects, 1, "the same socket all along");
+    assert!(
+        !ids(&read_events(&out), "agent", "message.created").contains(&900),
+        "the old token's stream was unsubscribed"
+    );
+}
+
+#[tokio::test]
+async fn after_a_restart_with_a_rotated_token_the_unconfirmed_subscription_reads_the_profile() {
+    let rails = RailsCable::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    // The refresh is an hour away: only the unconfirmed path can find the new token.
+    let config = config(&rails.url(), &out)
+        .token("{ name: agent, api_access_token: api-1, account_id: 1, refresh_interval: 1h }")
+        .config();
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+
+    // Chatwoot restarts while the user changed password: every socket drops, and the token the
+    // bridge subscribed with is met with silence.
+    let port = rails.stop();
+    let rails = RailsCable::start_on(port, "1=agent-token-1-new").await;
+    let rotated = bridge
+        .status()
+        .wait_for(WAIT, |b| {
+            b.token("agent")
+                .is_some_and(|t| t.rotations == 1 && t.state == TokenState::Subscribed)
+        })
+        .await;
+    assert!(rotated, "{:?}", bridge.status().token("agent"));
+    rails
+        .broadcast(
+            "agent-token-1-new",
+            "message.created",
+            json!({ "id": 401, "account_id": 1 }),
+        )
+        .await;
+    wait_until("the new token's broadcast", || {
+        ids(&read_events(&out), "agent", "message.created").contains(&401)
+    })
+    .await;
+    let status = bridge.status().token("agent").unwrap();
+    shut_down(bridge).await;
+    assert!(
+        status.connects >= 2,
+        "reconnected after the restart: {status:?}"
+    );
 }

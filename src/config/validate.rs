@@ -25,7 +25,6 @@ use crate::spool::SpoolConfig;
 use crate::tls::{ClientTls, TlsConfig};
 use crate::types::{Problems, Secret, MAX_DURATION};
 
-
 /// Smallest `chatwoot.max_frame_bytes` accepted: Chatwoot frames are often several KB.
 const MIN_FRAME_BYTES: u64 = 1024;
 

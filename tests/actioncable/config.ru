@@ -30,9 +30,15 @@ PEOPLE = {
 
 # What Chatwoot keeps in Postgres, in memory: users' tokens change on rotation.
 class Store
-  def initialize
+  # ROTATED="1=new-token,2=..." starts with those users' tokens rotated already: a Chatwoot that
+  # restarted after a password change.
+  def initialize(rotated = ENV.fetch("ROTATED", ""))
     @lock = Mutex.new
     @users = PEOPLE[:users].map(&:dup)
+    rotated.split(",").each do |pair|
+      user_id, token = pair.split("=", 2)
+      rotate(user_id, token)
+    end
   end
 
   # Chatwoot: User.find_by!(pubsub_token:, id:), raising when there is none.
