@@ -759,6 +759,7 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
                 cert_file,
                 key_file,
             }),
+        ..MockConfig::default()
     })
     .await
     .with_context(|| format!("cannot start the mock server on {listen}"))?;

@@ -11,9 +11,11 @@
 //! events, and `blast` writes pre-encoded frames in high-rate mode.
 
 mod blast;
+mod catalog;
 mod connection;
 mod events;
 pub mod fixtures;
+mod identity;
 mod socket;
 
 use std::collections::HashMap;
@@ -30,7 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::tls;
+pub use catalog::{Subject, EVENT_NAMES};
 use events::{encode_message, next_generated};
+use identity::Directory;
+pub use identity::{MockContact, MockUser};
 
 /// How the server answers a subscription with a given pubsub token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +88,11 @@ pub struct MockConfig {
     pub blast: Option<Blast>,
     /// Serve `wss://` with this certificate instead of `ws://`, for tests of the bridge's TLS.
     pub tls: Option<MockTls>,
+    /// Agents and administrators: their tokens are answered as Chatwoot's `RoomChannel` does
+    /// (right `user_id` and `account_id` or silence), whatever `tokens` says of them.
+    pub users: Vec<MockUser>,
+    /// Widget visitors: their tokens confirm without a `user_id` and stream the contact's events.
+    pub contacts: Vec<MockContact>,
 }
 
 /// The certificate a mock serving `wss://` shows.
@@ -145,6 +155,8 @@ impl Default for MockConfig {
             wait_for_subscriptions: 0,
             blast: None,
             tls: None,
+            users: Vec::new(),
+            contacts: Vec::new(),
         }
     }
 }
@@ -200,6 +212,11 @@ struct Shared {
     blast: Option<Blast>,
     /// Streaming subscriptions a blast waits for before it starts.
     wait_for_subscriptions: usize,
+    /// The users and contacts, for subscriptions and for whom an emitted event reaches.
+    directory: Mutex<Directory>,
+    /// While set, [`MockServer::emit`] reaches no socket, as when Chatwoot's Sidekiq workers
+    /// that broadcast are down (presence, broadcast by the cable process itself, goes on).
+    stalled: AtomicBool,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
@@ -245,6 +262,12 @@ impl MockServer {
             last_origin: Mutex::new(None),
             blast: config.blast,
             wait_for_subscriptions: config.wait_for_subscriptions,
+            directory: Mutex::new(Directory {
+                users: config.users,
+                contacts: config.contacts,
+                ..Directory::default()
+            }),
+            stalled: AtomicBool::new(false),
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -310,6 +333,74 @@ impl MockServer {
             message: message.into(),
         });
         seq
+    }
+
+    /// Broadcasts `event` (one of [`EVENT_NAMES`]) with a payload of its recorded shape to the
+    /// streams Chatwoot sends it to for `subject` (see [`Subject`]), numbered with `mock_seq`
+    /// and `mock_sent_at_us` like generated events. Returns the sequence number, or `None` for
+    /// a name Chatwoot does not broadcast. While stalled ([`MockServer::set_stalled`]) nothing is
+    /// sent (the number is still used).
+    pub fn emit(&self, event: &str, subject: &Subject) -> Option<u64> {
+        let mut data = catalog::payload(event, subject)?;
+        let seq = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
+        let mut numbered = serde_json::Map::new();
+        numbered.insert("mock_seq".into(), seq.into());
+        numbered.insert("mock_sent_at_us".into(), events::now_us().into());
+        numbered.append(&mut data);
+        let data = serde_json::Value::Object(numbered).to_string();
+        self.emit_data(event, &data, subject)?;
+        Some(seq)
+    }
+
+    /// Broadcasts `event` with `data` (a JSON object, sent as is) to the streams Chatwoot sends
+    /// it to for `subject`; `None` for a name Chatwoot does not broadcast. Nothing is sent while
+    /// stalled.
+    pub fn emit_data(&self, event: &str, data: &str, subject: &Subject) -> Option<()> {
+        let streams = {
+            let directory = self.shared.directory.lock().expect("directory lock");
+            catalog::streams_for(event, subject, &directory)?
+        };
+        if self.shared.stalled.load(Ordering::Relaxed) {
+            return Some(());
+        }
+        let message: Arc<str> = encode_message(event, data).into();
+        for stream in streams {
+            self.push(Push::Event {
+                only: Some(stream),
+                message: message.clone(),
+            });
+        }
+        Some(())
+    }
+
+    /// Stalls (or resumes) broadcasting: sockets stay open and ping, subscriptions confirm, but
+    /// [`MockServer::emit`] reaches nobody, as when Chatwoot's background workers are down
+    /// (`presence.update`, which the cable process broadcasts itself, goes on). Events emitted
+    /// meanwhile are lost, as Chatwoot's are.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// Gives user `user_id` a new pubsub token, as a password change does in Chatwoot, and
+    /// returns it (`None` for an unknown user). Open subscriptions with the old token stay open
+    /// but its stream goes quiet (only their account stream still carries `contact.*`, as in
+    /// Chatwoot); a new subscribe with the old token gets silence, one with the new token
+    /// confirms.
+    pub fn rotate_pubsub_token(&self, user_id: u64) -> Option<String> {
+        let new_token: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(24)
+            .collect();
+        let mut directory = self.shared.directory.lock().expect("directory lock");
+        let user = directory.users.iter_mut().find(|u| u.id == user_id)?;
+        let old = std::mem::replace(&mut user.pubsub_token, new_token.clone());
+        directory.retired_tokens.insert(old);
+        Some(new_token)
+    }
+
+    /// User `user_id` as the server knows it now (its current pubsub token included).
+    pub fn user(&self, user_id: u64) -> Option<MockUser> {
+        let directory = self.shared.directory.lock().expect("directory lock");
+        directory.users.iter().find(|u| u.id == user_id).cloned()
     }
 
     /// Sends a raw text frame to every connection.
