@@ -111,7 +111,11 @@ pub(super) fn streams_for(
                 .filter(|s| Some(s) != typist.as_ref())
                 .collect();
             if !subject.private {
-                streams.extend(subject.contact_id.and_then(|id| directory.contact_stream(id)));
+                streams.extend(
+                    subject
+                        .contact_id
+                        .and_then(|id| directory.contact_stream(id)),
+                );
             }
             streams
         }
@@ -167,9 +171,14 @@ pub(super) fn payload(event: &str, subject: &Subject) -> Option<Map<String, Valu
 fn notification_deleted() -> Map<String, Value> {
     let created = recorded("notification.created");
     let notification = &created["notification"];
-    let identity = ["id", "notification_type", "primary_actor_type", "primary_actor_id"]
-        .into_iter()
-        .map(|key| (key.to_string(), notification[key].clone()));
+    let identity = [
+        "id",
+        "notification_type",
+        "primary_actor_type",
+        "primary_actor_id",
+    ]
+    .into_iter()
+    .map(|key| (key.to_string(), notification[key].clone()));
     let mut data = Map::new();
     data.insert("notification".into(), Value::Object(identity.collect()));
     data.insert("unread_count".into(), created["unread_count"].clone());
@@ -190,7 +199,11 @@ mod tests {
             accounts,
         };
         Directory {
-            users: vec![user(3, "u3", vec![1]), user(7, "u7", vec![1]), user(9, "u9", vec![2])],
+            users: vec![
+                user(3, "u3", vec![1]),
+                user(7, "u7", vec![1]),
+                user(9, "u9", vec![2]),
+            ],
             contacts: vec![MockContact {
                 id: 42,
                 account_id: 1,

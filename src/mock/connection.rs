@@ -21,8 +21,8 @@ use tracing::{debug, warn};
 use super::blast::run_blast;
 use super::events::{encode_message, ping_frame};
 use super::identity::{Identifier, PresenceOf, Resolved};
-use super::socket::{Socket, Stream};
-use super::{catalog, Answer, Closed, Push, Shared, Subject};
+use super::socket::{Rewind, Socket, Stream};
+use super::{catalog, rest, Answer, Closed, Push, Shared, Subject};
 use crate::source::protocol::SUBPROTOCOL;
 
 /// Accepts connections until cancelled; each gets its own task.
@@ -119,7 +119,7 @@ async fn serve(
     cancel: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = match tls {
+    let mut stream = match tls {
         None => Either::Left(stream),
         Some(acceptor) => tokio::select! {
             _ = cancel.cancelled() => return,
@@ -132,6 +132,22 @@ async fn serve(
             },
         },
     };
+    let head = tokio::select! {
+        _ = cancel.cancelled() => return,
+        head = rest::read_head(&mut stream) => match head {
+            Ok(head) => head,
+            Err(e) => {
+                debug!(error = %e, "mock server: no request head");
+                return;
+            }
+        },
+    };
+    let upgrade = rest::is_upgrade(&head);
+    let stream = Rewind::new(head, stream);
+    if !upgrade {
+        rest::serve(stream, shared, cancel).await;
+        return;
+    }
     let Some(ws) = handshake(stream, &shared).await else {
         return;
     };
@@ -496,7 +512,10 @@ fn broadcast_presence(shared: &Shared, presence: &PresenceOf) {
     let Some(data) = catalog::payload("presence.update", &subject) else {
         return;
     };
-    let message = encode_message("presence.update", &serde_json::Value::Object(data).to_string());
+    let message = encode_message(
+        "presence.update",
+        &serde_json::Value::Object(data).to_string(),
+    );
     // No receivers just means no connection is open.
     let _ = shared.pushes.send(Push::Event {
         only: Some(presence.stream.clone()),

@@ -16,6 +16,8 @@ mod connection;
 mod events;
 pub mod fixtures;
 mod identity;
+mod model;
+pub mod rest;
 mod socket;
 
 use std::collections::HashMap;
@@ -36,6 +38,8 @@ pub use catalog::{Subject, EVENT_NAMES};
 use events::{encode_message, next_generated};
 use identity::Directory;
 pub use identity::{MockContact, MockUser};
+use model::Model;
+pub use model::{MockAccount, MockMessage};
 
 /// How the server answers a subscription with a given pubsub token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +97,9 @@ pub struct MockConfig {
     pub users: Vec<MockUser>,
     /// Widget visitors: their tokens confirm without a `user_id` and stream the contact's events.
     pub contacts: Vec<MockContact>,
+    /// Accounts conversations can be opened in ([`MockServer::create_conversation`]); the
+    /// profile names them.
+    pub accounts: Vec<MockAccount>,
 }
 
 /// The certificate a mock serving `wss://` shows.
@@ -157,6 +164,7 @@ impl Default for MockConfig {
             tls: None,
             users: Vec::new(),
             contacts: Vec::new(),
+            accounts: Vec::new(),
         }
     }
 }
@@ -217,6 +225,13 @@ struct Shared {
     /// While set, [`MockServer::emit`] reaches no socket, as when Chatwoot's Sidekiq workers
     /// that broadcast are down (presence, broadcast by the cable process itself, goes on).
     stalled: AtomicBool,
+    /// Conversations and messages, which [`MockServer::create_message`] changes and the REST
+    /// API reads.
+    model: Mutex<Model>,
+    /// While set, every REST request is answered 429 with this `Retry-After`.
+    rest_throttle: Mutex<Option<Duration>>,
+    /// REST requests received, throttled ones included.
+    rest_requests: AtomicU64,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
@@ -268,6 +283,12 @@ impl MockServer {
                 ..Directory::default()
             }),
             stalled: AtomicBool::new(false),
+            model: Mutex::new(Model {
+                accounts: config.accounts,
+                ..Model::default()
+            }),
+            rest_throttle: Mutex::new(None),
+            rest_requests: AtomicU64::new(0),
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -341,7 +362,18 @@ impl MockServer {
     /// a name Chatwoot does not broadcast. While stalled ([`MockServer::set_stalled`]) nothing is
     /// sent (the number is still used).
     pub fn emit(&self, event: &str, subject: &Subject) -> Option<u64> {
+        self.emit_patched(event, subject, |_| {})
+    }
+
+    /// [`MockServer::emit`] with the payload changed by `patch` first.
+    fn emit_patched(
+        &self,
+        event: &str,
+        subject: &Subject,
+        patch: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> Option<u64> {
         let mut data = catalog::payload(event, subject)?;
+        patch(&mut data);
         let seq = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
         let mut numbered = serde_json::Map::new();
         numbered.insert("mock_seq".into(), seq.into());
@@ -395,6 +427,84 @@ impl MockServer {
         let old = std::mem::replace(&mut user.pubsub_token, new_token.clone());
         directory.retired_tokens.insert(old);
         Some(new_token)
+    }
+
+    /// Opens a conversation in `account_id` with `contact_id` and broadcasts
+    /// `conversation.created` (to the account's agents and the contact); returns its display id,
+    /// or `None` for an account not in [`MockConfig::accounts`].
+    pub fn create_conversation(&self, account_id: u64, contact_id: Option<u64>) -> Option<u64> {
+        let conversation = self
+            .shared
+            .model
+            .lock()
+            .expect("model lock")
+            .create_conversation(account_id, contact_id)?
+            .clone();
+        let subject = Subject {
+            account_id,
+            contact_id,
+            ..Subject::default()
+        };
+        self.emit_patched("conversation.created", &subject, |data| {
+            conversation.patch_event(data)
+        });
+        Some(conversation.display_id)
+    }
+
+    /// Adds a message to conversation `display_id` of `account_id` (from the contact, or a
+    /// private note from an agent), moves the conversation's `updated_at` and
+    /// `last_activity_at`, and broadcasts `message.created` (a private note to agents only).
+    /// Returns the message id, or `None` for an unknown conversation. While stalled the REST
+    /// API shows the message and no socket receives it.
+    pub fn create_message(
+        &self,
+        account_id: u64,
+        display_id: u64,
+        content: &str,
+        private: bool,
+    ) -> Option<u64> {
+        let (conversation, message) = {
+            let mut model = self.shared.model.lock().expect("model lock");
+            let (conversation, message) =
+                model.create_message(account_id, display_id, content, private)?;
+            (conversation.clone(), message)
+        };
+        let subject = Subject {
+            account_id,
+            contact_id: conversation.contact_id,
+            private,
+            ..Subject::default()
+        };
+        self.emit_patched("message.created", &subject, |data| {
+            conversation.patch_message_event(&message, data)
+        });
+        Some(message.id)
+    }
+
+    /// The messages of conversation `display_id` of `account_id`, oldest first.
+    pub fn messages(&self, account_id: u64, display_id: u64) -> Vec<MockMessage> {
+        let model = self.shared.model.lock().expect("model lock");
+        model
+            .conversation(account_id, display_id)
+            .map(|c| c.messages.clone())
+            .unwrap_or_default()
+    }
+
+    /// Answers every REST request with 429 and `Retry-After` (whole seconds, rounded up) while
+    /// `Some`; `None` serves again.
+    pub fn set_rest_throttle(&self, retry_after: Option<Duration>) {
+        *self.shared.rest_throttle.lock().expect("throttle lock") = retry_after;
+    }
+
+    /// REST requests received since start, throttled ones included.
+    pub fn rest_requests(&self) -> u64 {
+        self.shared.rest_requests.load(Ordering::Relaxed)
+    }
+
+    /// The REST API's base URL (`http(s)://addr`), on the cable's address as in Chatwoot.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// User `user_id` as the server knows it now (its current pubsub token included).
