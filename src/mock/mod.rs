@@ -1,14 +1,22 @@
-//! An ActionCable server that behaves like Chatwoot's, for tests, the demo and benchmarks.
+//! A Chatwoot for tests, the demo and benchmarks: its ActionCable server and the REST endpoints a
+//! bridge reads, on one address.
 //!
-//! It greets with `welcome`, pings every 3 s, answers `subscribe` per configured token (confirm,
-//! silence, reject, or events without a confirm as old installs do), ignores a repeated subscribe
-//! like Chatwoot does, and broadcasts events shaped like the recorded fixtures with a sequence
-//! number (`mock_seq`) and a send time (`mock_sent_at_us`) at the start of `data`. Tests steer it
-//! from outside: drop every connection abruptly, send `disconnect` frames, go silent, inject raw
-//! frames.
+//! It greets with `welcome`, pings every 3 s, and answers `subscribe` as Chatwoot's `RoomChannel`
+//! does for the users and contacts it knows (the right `user_id` and account, or silence; the
+//! user's token and account streams, or the contact's token), and per configured token for any
+//! other (confirm, silence, reject, or events without a confirm as old installs do). It ignores a
+//! repeated subscribe like Chatwoot does. [`MockServer::emit`] sends any event name Chatwoot 4.x
+//! broadcasts, shaped like the recorded fixtures, to the streams Chatwoot sends it to;
+//! [`MockServer::create_message`] and friends change the records the REST API reads and
+//! broadcast what Chatwoot would. Events carry a sequence number (`mock_seq`) and a send time
+//! (`mock_sent_at_us`) at the start of `data`. Tests steer it from outside: drop every connection
+//! abruptly, send `disconnect` frames, go silent, rotate a token, stall broadcasting, throttle
+//! REST, inject raw frames.
 //!
-//! [`MockServer`] is the handle; `connection` serves one client, `events` makes the generated
-//! events, and `blast` writes pre-encoded frames in high-rate mode.
+//! [`MockServer`] is the handle; `connection` serves one client, `identity` decides
+//! subscriptions, `catalog` names the events and their audiences, `model` keeps the records,
+//! `rest` answers the API, `events` makes the generated events, and `blast` writes pre-encoded
+//! frames in high-rate mode.
 
 mod blast;
 mod catalog;
