@@ -13,7 +13,8 @@ use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{
-    Answer, MockAccount, MockConfig, MockContact, MockServer, MockTls, MockToken, MockUser,
+    Answer, MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockTls, MockToken,
+    MockUser,
 };
 use chatwoot_bridge::notify::{Notice, Notifier};
 use chatwoot_bridge::status::StatusBoard;
@@ -225,7 +226,8 @@ struct MockServerArgs {
     /// silence), as `ID:PUBSUB_TOKEN:ACCOUNT[,ACCOUNT...][:API_ACCESS_TOKEN]` (repeatable).
     #[arg(long = "user", value_parser = parse_mock_user)]
     users: Vec<MockUser>,
-    /// A widget visitor, as `ID:ACCOUNT:PUBSUB_TOKEN` (repeatable).
+    /// A widget visitor, as `ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]` (the last two
+    /// for the public contact API; repeatable).
     #[arg(long = "contact", value_parser = parse_mock_contact)]
     contacts: Vec<MockContact>,
     /// Events per second to broadcast.
@@ -802,11 +804,20 @@ fn parse_mock_user(value: &str) -> Result<MockUser, String> {
     })
 }
 
-/// `--contact ID:ACCOUNT:PUBSUB_TOKEN`.
+/// `--contact ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]`.
 fn parse_mock_contact(value: &str) -> Result<MockContact, String> {
-    let shape = "expected ID:ACCOUNT:PUBSUB_TOKEN";
-    let [id, account_id, pubsub_token] = value.splitn(3, ':').collect::<Vec<_>>()[..] else {
-        return Err(shape.into());
+    let shape = "expected ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]";
+    let parts: Vec<&str> = value.split(':').collect();
+    let (id, account_id, pubsub_token, public) = match parts[..] {
+        [id, account_id, pubsub_token] => (id, account_id, pubsub_token, None),
+        [id, account_id, pubsub_token, inbox_identifier, source_id] => {
+            let public = MockContactInbox {
+                inbox_identifier: inbox_identifier.into(),
+                source_id: source_id.into(),
+            };
+            (id, account_id, pubsub_token, Some(public))
+        }
+        _ => return Err(shape.into()),
     };
     let number = |what: &str, v: &str| {
         v.parse::<u64>()
@@ -816,6 +827,7 @@ fn parse_mock_contact(value: &str) -> Result<MockContact, String> {
         id: number("the contact id", id)?,
         account_id: number("the account id", account_id)?,
         pubsub_token: pubsub_token.into(),
+        public,
     })
 }
 
@@ -985,6 +997,14 @@ mod tests {
         let contact = parse_mock_contact("42:1:visitor").unwrap();
         assert_eq!((contact.id, contact.account_id), (42, 1));
         assert!(parse_mock_contact("42:visitor").is_err());
+        let public = parse_mock_contact("43:1:v:inbox:source")
+            .unwrap()
+            .public
+            .unwrap();
+        assert_eq!(
+            (public.inbox_identifier.as_str(), public.source_id.as_str()),
+            ("inbox", "source")
+        );
         let accounts = mock_accounts(&[user], &[contact]);
         assert_eq!(accounts.iter().map(|a| a.id).collect::<Vec<_>>(), [1, 2]);
     }

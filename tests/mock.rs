@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chatwoot_bridge::mock::{
-    MockAccount, MockConfig, MockContact, MockServer, MockUser, Subject, EVENT_NAMES,
+    MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockUser, Subject,
+    EVENT_NAMES,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -38,6 +39,10 @@ async fn start() -> MockServer {
             id: 42,
             account_id: 1,
             pubsub_token: "visitor42".into(),
+            public: Some(MockContactInbox {
+                inbox_identifier: "widget-inbox".into(),
+                source_id: "visitor-42-source".into(),
+            }),
         }],
         accounts: vec![account(1), account(2)],
         ..MockConfig::default()
@@ -394,6 +399,34 @@ async fn drop_closes_every_socket_and_clients_can_come_back() {
     let mut again = Client::connect(&server).await;
     again.join_as_agent("agent3", 3, 1).await;
     assert_eq!(server.connections_accepted(), 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_cable_keeps_sockets_down_while_rest_answers() {
+    let server = start().await;
+    let mut dashboard = Client::connect(&server).await;
+    dashboard.join_as_agent("agent3", 3, 1).await;
+    server.set_cable_refused(true);
+    server.drop_connections();
+    let refused = tokio_tungstenite::connect_async(server.url()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 503)
+        }
+        other => panic!("expected a 503, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    let display_id = server.create_conversation(1, None).unwrap();
+    let message_id = server
+        .create_message(1, display_id, "while down", false)
+        .unwrap();
+    let path = format!("/api/v1/accounts/1/conversations/{display_id}/messages?after=0");
+    let (_, _, messages) = get(&server, &path, Some("api3")).await;
+    assert_eq!(messages["payload"][0]["id"], message_id);
+    server.set_cable_refused(false);
+    let mut back = Client::connect(&server).await;
+    back.join_as_agent("agent3", 3, 1).await;
+    back.expect_silence().await;
     server.stop().await;
 }
 

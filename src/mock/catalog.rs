@@ -208,6 +208,7 @@ mod tests {
                 id: 42,
                 account_id: 1,
                 pubsub_token: "c42".into(),
+                public: None,
             }],
             ..Directory::default()
         }

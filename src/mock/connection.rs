@@ -143,6 +143,13 @@ async fn serve(
         },
     };
     let upgrade = rest::is_upgrade(&head);
+    if upgrade && shared.cable_refused.load(Ordering::Relaxed) {
+        // What a proxy in front of a Chatwoot whose cable is down answers.
+        let refusal =
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, refusal.as_bytes()).await;
+        return;
+    }
     let stream = Rewind::new(head, stream);
     if !upgrade {
         rest::serve(stream, shared, cancel).await;

@@ -30,6 +30,18 @@ pub struct MockContact {
     pub account_id: u64,
     /// The contact inbox's pubsub token (contact tokens never rotate).
     pub pubsub_token: String,
+    /// How the public contact API finds the contact, if it should.
+    pub public: Option<MockContactInbox>,
+}
+
+/// Where the public contact API (`/public/api/v1/inboxes/{inbox_identifier}/contacts/{source_id}`)
+/// finds a contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockContactInbox {
+    /// The inbox's public identifier (the website inbox's `inbox_identifier`).
+    pub inbox_identifier: String,
+    /// The contact's identifier in that inbox (`source_id`, the widget's `contact_identifier`).
+    pub source_id: String,
 }
 
 /// The users and contacts the server knows, changeable while it runs.
@@ -180,6 +192,7 @@ mod tests {
                 id: 42,
                 account_id: 1,
                 pubsub_token: "visitor".into(),
+                public: None,
             }],
             retired_tokens: HashSet::from(["old".to_string()]),
         }

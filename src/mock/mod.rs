@@ -45,7 +45,7 @@ use crate::tls;
 pub use catalog::{Subject, EVENT_NAMES};
 use events::{encode_message, next_generated};
 use identity::Directory;
-pub use identity::{MockContact, MockUser};
+pub use identity::{MockContact, MockContactInbox, MockUser};
 use model::Model;
 pub use model::{MockAccount, MockMessage};
 
@@ -240,6 +240,8 @@ struct Shared {
     rest_throttle: Mutex<Option<Duration>>,
     /// REST requests received, throttled ones included.
     rest_requests: AtomicU64,
+    /// While set, WebSocket upgrades are answered 503 (the cable is down; REST still answers).
+    cable_refused: AtomicBool,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
@@ -297,6 +299,7 @@ impl MockServer {
             }),
             rest_throttle: Mutex::new(None),
             rest_requests: AtomicU64::new(0),
+            cable_refused: AtomicBool::new(false),
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -502,6 +505,14 @@ impl MockServer {
     /// `Some`; `None` serves again.
     pub fn set_rest_throttle(&self, retry_after: Option<Duration>) {
         *self.shared.rest_throttle.lock().expect("throttle lock") = retry_after;
+    }
+
+    /// Refuses (or accepts again) new cable connections: their upgrade is answered 503, as a
+    /// proxy answers while Chatwoot's cable is down, and REST keeps answering. Open sockets are
+    /// not touched: [`MockServer::drop_connections`] with this keeps every socket down for as
+    /// long as a test wants.
+    pub fn set_cable_refused(&self, refused: bool) {
+        self.shared.cable_refused.store(refused, Ordering::Relaxed);
     }
 
     /// REST requests received since start, throttled ones included.

@@ -3,6 +3,8 @@
 //! upgrade goes to the cable while anything else is answered here with hyper's HTTP/1.
 //!
 //! - `GET /api/v1/profile` (header `api_access_token`): the user's id, pubsub token and accounts.
+//! - `GET /public/api/v1/inboxes/{inbox_identifier}/contacts/{source_id}` (no token): a
+//!   contact's `pubsub_token`, for contacts given [`super::MockContactInbox`].
 //! - `GET /api/v1/accounts/{id}/conversations` with `status` (default `open`; `all`),
 //!   `updated_within` (seconds; then not paged, as Chatwoot's `ConversationFinder`) and `page`
 //!   ([`CONVERSATIONS_PER_PAGE`] a page, latest activity first).
@@ -158,9 +160,13 @@ fn route(shared: &Shared, request: &Request<Incoming>) -> Result<Answer, Answer>
     if request.method() != Method::GET {
         return Err(not_found());
     }
+    let segments: Vec<&str> = request.uri().path().split('/').skip(1).collect();
+    // The public contact API needs no token: the identifiers are the credentials.
+    if let ["public", "api", "v1", "inboxes", inbox, "contacts", source_id] = segments.as_slice() {
+        return public_contact(shared, inbox, source_id).ok_or_else(not_found);
+    }
     let user = authenticate(shared, request)?;
     let query = Query(request.uri().query().unwrap_or(""));
-    let segments: Vec<&str> = request.uri().path().split('/').skip(1).collect();
     match segments.as_slice() {
         ["api", "v1", "profile"] => Ok(profile(shared, &user)),
         ["api", "v1", "accounts", account, "conversations"] => {
@@ -243,6 +249,27 @@ fn profile(shared: &Shared, user: &MockUser) -> Answer {
         "custom_attributes": {},
     });
     (StatusCode::OK, body)
+}
+
+/// `GET /public/api/v1/inboxes/{inbox_identifier}/contacts/{source_id}`. Shape from Chatwoot's
+/// app/views/public/api/v1/inboxes/contacts/show.json.jbuilder (`source_id`, `pubsub_token` and
+/// the public contact model's `id`, `name`, `email`, `phone_number`).
+fn public_contact(shared: &Shared, inbox: &str, source_id: &str) -> Option<Answer> {
+    let directory = shared.directory.lock().expect("directory lock");
+    let contact = directory.contacts.iter().find(|c| {
+        c.public
+            .as_ref()
+            .is_some_and(|p| p.inbox_identifier == inbox && p.source_id == source_id)
+    })?;
+    let body = json!({
+        "source_id": source_id,
+        "pubsub_token": contact.pubsub_token,
+        "id": contact.id,
+        "name": format!("visitor-{}", contact.id),
+        "email": null,
+        "phone_number": null,
+    });
+    Some((StatusCode::OK, body))
 }
 
 /// `GET /api/v1/accounts/{id}/conversations`.
