@@ -386,11 +386,14 @@ impl MockServer {
         let mut data = catalog::payload(event, subject)?;
         patch(&mut data);
         let seq = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
-        let mut numbered = serde_json::Map::new();
-        numbered.insert("mock_seq".into(), seq.into());
-        numbered.insert("mock_sent_at_us".into(), events::now_us().into());
-        numbered.append(&mut data);
-        let data = serde_json::Value::Object(numbered).to_string();
+        let fields = serde_json::Value::Object(data).to_string();
+        // The numbers go first, as in generated events; `fields` is never empty (it has
+        // `account_id`), so the comma is right.
+        let data = format!(
+            r#"{{"mock_seq":{seq},"mock_sent_at_us":{},{}"#,
+            events::now_us(),
+            &fields[1..]
+        );
         self.emit_data(event, &data, subject)?;
         Some(seq)
     }
@@ -704,6 +707,54 @@ mod tests {
             }
         };
         assert!(text.contains(r#""mock_seq":100"#), "{text}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn emitted_events_carry_their_numbers_first_like_generated_ones() {
+        let server = MockServer::start(MockConfig {
+            users: vec![MockUser {
+                id: 3,
+                pubsub_token: "agent".into(),
+                api_access_token: None,
+                accounts: vec![1],
+            }],
+            first_seq: 70,
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.url())
+            .await
+            .unwrap();
+        let identifier =
+            r#"{"channel":"RoomChannel","pubsub_token":"agent","account_id":1,"user_id":3}"#;
+        let subscribe = serde_json::json!({"command": "subscribe", "identifier": identifier});
+        ws.send(Message::text(subscribe.to_string())).await.unwrap();
+        let subject = Subject {
+            account_id: 1,
+            ..Subject::default()
+        };
+        // Sent once the subscription streams: after its presence update.
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("presence.update") => break,
+                Some(Ok(_)) => continue,
+                other => panic!("no presence update: {other:?}"),
+            }
+        }
+        assert_eq!(server.emit("contact.deleted", &subject), Some(70));
+        let text = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("contact.deleted") => break text,
+                Some(Ok(_)) => continue,
+                other => panic!("no contact.deleted: {other:?}"),
+            }
+        };
+        assert!(
+            text.contains(r#""data":{"mock_seq":70,"mock_sent_at_us":"#),
+            "{text}"
+        );
         server.stop().await;
     }
 }
