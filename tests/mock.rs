@@ -2,11 +2,13 @@
 //! silence for a wrong user or account, every event name, the REST API backed by the data it
 //! broadcasts, and the controls (rotation, drop, stall, 429).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chatwoot_bridge::mock::{
-    MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockUser, Subject,
+    MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockTls, MockUser, Subject,
     EVENT_NAMES,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -23,6 +25,11 @@ const PATIENCE: Duration = Duration::from_secs(5);
 
 /// The mock's people: agents 3 and 7 in account 1, agent 9 in account 2, visitor 42 in account 1.
 async fn start() -> MockServer {
+    start_serving(None).await
+}
+
+/// [`start`], serving `wss://` and `https://` with `tls` if given.
+async fn start_serving(tls: Option<MockTls>) -> MockServer {
     let user = |id: u64, accounts: Vec<u64>| MockUser {
         id,
         pubsub_token: format!("agent{id}"),
@@ -45,6 +52,7 @@ async fn start() -> MockServer {
             }),
         }],
         accounts: vec![account(1), account(2)],
+        tls,
         ..MockConfig::default()
     })
     .await
@@ -474,5 +482,35 @@ async fn a_throttled_rest_api_answers_429_with_retry_after_until_released() {
     server.set_rest_throttle(None);
     assert_eq!(get(&server, "/api/v1/profile", Some("api3")).await.0, 200);
     assert_eq!(server.rest_requests(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn over_tls_the_rest_api_shares_the_cables_address_and_certificate() {
+    let pki = support::Pki::make();
+    let server = start_serving(Some(MockTls {
+        cert_file: pki.server_cert.clone(),
+        key_file: pki.server_key.clone(),
+    }))
+    .await;
+    assert!(
+        server.api_url().starts_with("https://"),
+        "{}",
+        server.api_url()
+    );
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let response = client
+        .get(format!("{}/api/v1/profile", server.api_url()))
+        .header("api_access_token", "api3")
+        .send()
+        .await
+        .expect("the REST API answers over TLS");
+    assert_eq!(response.status().as_u16(), 200);
+    let profile: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(profile["pubsub_token"], "agent3");
     server.stop().await;
 }
