@@ -30,6 +30,13 @@ async fn start() -> MockServer {
 
 /// [`start`], serving `wss://` and `https://` with `tls` if given.
 async fn start_serving(tls: Option<MockTls>) -> MockServer {
+    MockServer::start(MockConfig { tls, ..people() })
+        .await
+        .expect("the mock starts")
+}
+
+/// The config of [`start`].
+fn people() -> MockConfig {
     let user = |id: u64, accounts: Vec<u64>| MockUser {
         id,
         pubsub_token: format!("agent{id}"),
@@ -40,7 +47,7 @@ async fn start_serving(tls: Option<MockTls>) -> MockServer {
         id,
         name: format!("Account {id}"),
     };
-    MockServer::start(MockConfig {
+    MockConfig {
         users: vec![user(3, vec![1]), user(7, vec![1]), user(9, vec![2])],
         contacts: vec![MockContact {
             id: 42,
@@ -52,11 +59,8 @@ async fn start_serving(tls: Option<MockTls>) -> MockServer {
             }),
         }],
         accounts: vec![account(1), account(2)],
-        tls,
         ..MockConfig::default()
-    })
-    .await
-    .expect("the mock starts")
+    }
 }
 
 /// A cable client, as a Chatwoot dashboard or widget is one.
@@ -512,5 +516,49 @@ async fn over_tls_the_rest_api_shares_the_cables_address_and_certificate() {
     assert_eq!(response.status().as_u16(), 200);
     let profile: Value = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(profile["pubsub_token"], "agent3");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_users_the_generator_creates_messages_that_the_cable_and_rest_both_show() {
+    let server = MockServer::start(MockConfig {
+        rate: 200.0,
+        count: Some(4),
+        wait_for_subscriptions: 1,
+        ..people()
+    })
+    .await
+    .unwrap();
+    let mut agent3 = Client::connect(&server).await;
+    agent3.join_as_agent("agent3", 3, 1).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (event, data) = agent3.expect_event().await;
+        assert_eq!(
+            data["account_id"], 1,
+            "account 2's traffic reached agent 3: {data}"
+        );
+        seen.push((event, data["id"].as_u64().unwrap()));
+    }
+    let names: Vec<&str> = seen.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "conversation.created",
+            "message.created",
+            "conversation.created",
+            "message.created"
+        ]
+    );
+    let (_, _, listed) = get(&server, "/api/v1/accounts/1/conversations", Some("api3")).await;
+    let payload = listed["data"]["payload"].as_array().unwrap();
+    let mut last_messages: Vec<u64> = payload
+        .iter()
+        .map(|c| c["messages"][0]["id"].as_u64().unwrap())
+        .collect();
+    last_messages.sort();
+    assert_eq!(last_messages, [seen[1].1, seen[3].1]);
+    assert_eq!(server.messages(2, 1).len(), 1);
+    agent3.expect_silence().await;
     server.stop().await;
 }

@@ -18,6 +18,7 @@
 //! `rest` answers the API, `events` makes the generated events, and `blast` writes pre-encoded
 //! frames in high-rate mode.
 
+mod activity;
 mod blast;
 mod catalog;
 mod connection;
@@ -373,50 +374,14 @@ impl MockServer {
     /// a name Chatwoot does not broadcast. While stalled ([`MockServer::set_stalled`]) nothing is
     /// sent (the number is still used).
     pub fn emit(&self, event: &str, subject: &Subject) -> Option<u64> {
-        self.emit_patched(event, subject, |_| {})
-    }
-
-    /// [`MockServer::emit`] with the payload changed by `patch` first.
-    fn emit_patched(
-        &self,
-        event: &str,
-        subject: &Subject,
-        patch: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
-    ) -> Option<u64> {
-        let mut data = catalog::payload(event, subject)?;
-        patch(&mut data);
-        let seq = self.shared.sequence.fetch_add(1, Ordering::Relaxed);
-        let fields = serde_json::Value::Object(data).to_string();
-        // The numbers go first, as in generated events; `fields` is never empty (it has
-        // `account_id`), so the comma is right.
-        let data = format!(
-            r#"{{"mock_seq":{seq},"mock_sent_at_us":{},{}"#,
-            events::now_us(),
-            &fields[1..]
-        );
-        self.emit_data(event, &data, subject)?;
-        Some(seq)
+        self.shared.emit_patched(event, subject, |_| {})
     }
 
     /// Broadcasts `event` with `data` (a JSON object, sent as is) to the streams Chatwoot sends
     /// it to for `subject`; `None` for a name Chatwoot does not broadcast. Nothing is sent while
     /// stalled.
     pub fn emit_data(&self, event: &str, data: &str, subject: &Subject) -> Option<()> {
-        let streams = {
-            let directory = self.shared.directory.lock().expect("directory lock");
-            catalog::streams_for(event, subject, &directory)?
-        };
-        if self.shared.stalled.load(Ordering::Relaxed) {
-            return Some(());
-        }
-        let message: Arc<str> = encode_message(event, data).into();
-        for stream in streams {
-            self.push(Push::Event {
-                only: Some(stream),
-                message: message.clone(),
-            });
-        }
-        Some(())
+        self.shared.emit_data(event, data, subject)
     }
 
     /// Stalls (or resumes) broadcasting: sockets stay open and ping, subscriptions confirm, but
@@ -447,22 +412,7 @@ impl MockServer {
     /// `conversation.created` (to the account's agents and the contact); returns its display id,
     /// or `None` for an account not in [`MockConfig::accounts`].
     pub fn create_conversation(&self, account_id: u64, contact_id: Option<u64>) -> Option<u64> {
-        let conversation = self
-            .shared
-            .model
-            .lock()
-            .expect("model lock")
-            .create_conversation(account_id, contact_id)?
-            .clone();
-        let subject = Subject {
-            account_id,
-            contact_id,
-            ..Subject::default()
-        };
-        self.emit_patched("conversation.created", &subject, |data| {
-            conversation.patch_event(data)
-        });
-        Some(conversation.display_id)
+        self.shared.create_conversation(account_id, contact_id)
     }
 
     /// Adds a message to conversation `display_id` of `account_id` (from the contact, or a
@@ -477,22 +427,8 @@ impl MockServer {
         content: &str,
         private: bool,
     ) -> Option<u64> {
-        let (conversation, message) = {
-            let mut model = self.shared.model.lock().expect("model lock");
-            let (conversation, message) =
-                model.create_message(account_id, display_id, content, private)?;
-            (conversation.clone(), message)
-        };
-        let subject = Subject {
-            account_id,
-            contact_id: conversation.contact_id,
-            private,
-            ..Subject::default()
-        };
-        self.emit_patched("message.created", &subject, |data| {
-            conversation.patch_message_event(&message, data)
-        });
-        Some(message.id)
+        self.shared
+            .create_message(account_id, display_id, content, private)
     }
 
     /// The messages of conversation `display_id` of `account_id`, oldest first.
@@ -555,7 +491,9 @@ impl MockServer {
         self.shared.pings.store(enabled, Ordering::Relaxed);
     }
 
-    /// Changes how a token is answered from now on (a rotated token goes silent).
+    /// Changes how a token is answered from now on (a rotated token goes silent). Tokens of
+    /// [`MockConfig::users`] and [`MockConfig::contacts`] are answered as `RoomChannel` answers
+    /// them whatever this says: rotate those with [`MockServer::rotate_pubsub_token`].
     pub fn set_answer(&self, pubsub_token: &str, answer: Answer) {
         self.shared
             .answers
