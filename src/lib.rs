@@ -50,7 +50,8 @@
 //! - [`mock`]: a Chatwoot that behaves like the real one, for tests, demos and benchmarks: the
 //!   ActionCable server with streams per identity as `RoomChannel` (`identity`), every event name
 //!   routed as Chatwoot's listener routes it (`catalog`), the records it broadcasts from
-//!   (`model`) and the REST API that reads them (`rest`), with the recorded [`mock::fixtures`].
+//!   (`model`, `activity`) and the REST API that reads them (`rest`), with the recorded
+//!   [`mock::fixtures`].
 //! - [`cases`]: `chatwoot-bridge test`: sample events run through a config's routes, templates
 //!   and redaction, each checked against the sinks it must reach; above the config it checks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,

@@ -15,7 +15,7 @@
 //!
 //! [`MockServer`] is the handle; `connection` serves one client, `identity` decides
 //! subscriptions, `catalog` names the events and their audiences, `model` keeps the records,
-//! `rest` answers the API, `events` makes the generated events, and `blast` writes pre-encoded
+//! `activity` emits events and creates records, `rest` answers the API, `events` makes the generated events, and `blast` writes pre-encoded
 //! frames in high-rate mode.
 
 mod activity;
