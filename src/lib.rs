@@ -49,8 +49,11 @@
 //! - [`notify`]: systemd's service notifications (READY, RELOADING, STOPPING, STATUS) and the
 //!   watchdog's keep-alive, sent only while a liveness check passes.
 //! - [`probe`]: a plain HTTP GET of the admin endpoint (`healthcheck`), for images without curl.
-//! - [`mock`]: an ActionCable server that behaves like Chatwoot's, with its recorded
-//!   [`mock::fixtures`], for tests, demos and benchmarks.
+//! - [`mock`]: a Chatwoot that behaves like the real one, for tests, demos and benchmarks: the
+//!   ActionCable server with streams per identity as `RoomChannel` (`identity`), every event name
+//!   routed as Chatwoot's listener routes it (`catalog`), the records it broadcasts from
+//!   (`model`, `activity`) and the REST API that reads them (`rest`), with the recorded
+//!   [`mock::fixtures`].
 //! - [`cases`]: `chatwoot-bridge test`: sample events run through a config's routes, templates
 //!   and redaction, each checked against the sinks it must reach; above the config it checks.
 //! - [`bridge`]: the wiring: [`Bridge::start`] opens the spool, builds the sinks and their loops,

@@ -12,7 +12,10 @@ use chatwoot_bridge::admin::ReloadRequest;
 use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
-use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockTls, MockToken};
+use chatwoot_bridge::mock::{
+    Answer, MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockTls, MockToken,
+    MockUser,
+};
 use chatwoot_bridge::notify::{Notice, Notifier};
 use chatwoot_bridge::status::StatusBoard;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -219,6 +222,14 @@ struct MockServerArgs {
     /// Confirm every token not listed otherwise (default: silence, like Chatwoot).
     #[arg(long)]
     accept_any: bool,
+    /// An agent, answered as Chatwoot's RoomChannel does (right user_id and account_id or
+    /// silence), as `ID:PUBSUB_TOKEN:ACCOUNT[,ACCOUNT...][:API_ACCESS_TOKEN]` (repeatable).
+    #[arg(long = "user", value_parser = parse_mock_user)]
+    users: Vec<MockUser>,
+    /// A widget visitor, as `ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]` (the last two
+    /// for the public contact API; repeatable).
+    #[arg(long = "contact", value_parser = parse_mock_contact)]
+    contacts: Vec<MockContact>,
     /// Events per second to broadcast.
     #[arg(long, default_value_t = 1.0)]
     rate: f64,
@@ -760,6 +771,9 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
                 key_file,
             }),
         send_welcome: true,
+        accounts: mock_accounts(&args.users, &args.contacts),
+        users: args.users,
+        contacts: args.contacts,
     })
     .await
     .with_context(|| format!("cannot start the mock server on {listen}"))?;
@@ -767,6 +781,70 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
     shutdown_signal().await;
     server.stop().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--user ID:PUBSUB_TOKEN:ACCOUNT[,ACCOUNT...][:API_ACCESS_TOKEN]`.
+fn parse_mock_user(value: &str) -> Result<MockUser, String> {
+    let shape = "expected ID:PUBSUB_TOKEN:ACCOUNT[,ACCOUNT...][:API_ACCESS_TOKEN]";
+    let parts: Vec<&str> = value.splitn(4, ':').collect();
+    let [id, pubsub_token, accounts, rest @ ..] = parts.as_slice() else {
+        return Err(shape.into());
+    };
+    let number = |what: &str, v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{what} `{v}` is not a whole number ({shape})"))
+    };
+    Ok(MockUser {
+        id: number("the user id", id)?,
+        pubsub_token: pubsub_token.to_string(),
+        accounts: accounts
+            .split(',')
+            .map(|a| number("the account id", a))
+            .collect::<Result<_, _>>()?,
+        api_access_token: rest.first().map(|t| t.to_string()),
+    })
+}
+
+/// `--contact ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]`.
+fn parse_mock_contact(value: &str) -> Result<MockContact, String> {
+    let shape = "expected ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]";
+    let parts: Vec<&str> = value.split(':').collect();
+    let (id, account_id, pubsub_token, public) = match parts[..] {
+        [id, account_id, pubsub_token] => (id, account_id, pubsub_token, None),
+        [id, account_id, pubsub_token, inbox_identifier, source_id] => {
+            let public = MockContactInbox {
+                inbox_identifier: inbox_identifier.into(),
+                source_id: source_id.into(),
+            };
+            (id, account_id, pubsub_token, Some(public))
+        }
+        _ => return Err(shape.into()),
+    };
+    let number = |what: &str, v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{what} `{v}` is not a whole number ({shape})"))
+    };
+    Ok(MockContact {
+        id: number("the contact id", id)?,
+        account_id: number("the account id", account_id)?,
+        pubsub_token: pubsub_token.into(),
+        public,
+    })
+}
+
+/// The accounts the mock's users and contacts name, each once.
+fn mock_accounts(users: &[MockUser], contacts: &[MockContact]) -> Vec<MockAccount> {
+    let ids: std::collections::BTreeSet<u64> = users
+        .iter()
+        .flat_map(|u| u.accounts.iter().copied())
+        .chain(contacts.iter().map(|c| c.account_id))
+        .collect();
+    ids.into_iter()
+        .map(|id| MockAccount {
+            id,
+            name: format!("Account {id}"),
+        })
+        .collect()
 }
 
 /// The demo: a mock Chatwoot with an agent and a widget visitor, and the bridge printing events.
@@ -874,7 +952,7 @@ async fn shutdown_signal() {
 mod tests {
     use chatwoot_bridge::bridge::{Drain, Persistence, ShutdownReport};
 
-    use super::{exit_code, EXIT_NOT_SPOOLED};
+    use super::{exit_code, mock_accounts, parse_mock_contact, parse_mock_user, EXIT_NOT_SPOOLED};
 
     fn report(not_spooled: u64, persistence: Persistence) -> ShutdownReport {
         ShutdownReport {
@@ -903,5 +981,32 @@ mod tests {
             exit_code(&report(3, Persistence::SyncTimedOut)),
             EXIT_NOT_SPOOLED
         );
+    }
+
+    #[test]
+    fn mock_users_and_contacts_are_read_from_their_flags_and_bad_ones_named() {
+        let user = parse_mock_user("3:tok:1,2:api").unwrap();
+        assert_eq!((user.id, user.accounts.as_slice()), (3, &[1, 2][..]));
+        assert_eq!(user.api_access_token.as_deref(), Some("api"));
+        assert_eq!(parse_mock_user("3:tok:1").unwrap().api_access_token, None);
+        let error = parse_mock_user("3:tok:x").unwrap_err();
+        assert!(
+            error.starts_with("the account id `x` is not a whole number"),
+            "{error}"
+        );
+        assert!(parse_mock_user("3:tok").is_err());
+        let contact = parse_mock_contact("42:1:visitor").unwrap();
+        assert_eq!((contact.id, contact.account_id), (42, 1));
+        assert!(parse_mock_contact("42:visitor").is_err());
+        let public = parse_mock_contact("43:1:v:inbox:source")
+            .unwrap()
+            .public
+            .unwrap();
+        assert_eq!(
+            (public.inbox_identifier.as_str(), public.source_id.as_str()),
+            ("inbox", "source")
+        );
+        let accounts = mock_accounts(&[user], &[contact]);
+        assert_eq!(accounts.iter().map(|a| a.id).collect::<Vec<_>>(), [1, 2]);
     }
 }

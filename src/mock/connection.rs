@@ -19,9 +19,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::blast::run_blast;
-use super::events::ping_frame;
-use super::socket::{Socket, Stream};
-use super::{Answer, Closed, Push, Shared};
+use super::events::{encode_message, ping_frame};
+use super::identity::{Identifier, PresenceOf, Resolved};
+use super::socket::{Rewind, Socket, Stream};
+use super::{catalog, rest, Answer, Closed, Push, Shared, Subject};
 use crate::source::protocol::SUBPROTOCOL;
 
 /// Accepts connections until cancelled; each gets its own task.
@@ -62,10 +63,12 @@ pub(super) async fn accept_loop(
 struct Subscribed {
     /// The identifier the client subscribed with, echoed in every frame of the subscription.
     identifier: String,
-    /// The pubsub token inside the identifier, for pushes to one token only.
-    pubsub_token: String,
+    /// The streams it reads: its pubsub token, and `account_<id>` for an agent.
+    streams_from: Vec<Arc<str>>,
     /// Whether events are sent to it (every answer but silence).
     streams: bool,
+    /// For an agent: the `presence.update` each `update_presence` broadcasts.
+    presence: Option<PresenceOf>,
 }
 
 /// A `confirm_subscription` a slow server sends after the fact ([`Answer::ConfirmAfter`]).
@@ -116,7 +119,7 @@ async fn serve(
     cancel: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = match tls {
+    let mut stream = match tls {
         None => Either::Left(stream),
         Some(acceptor) => tokio::select! {
             _ = cancel.cancelled() => return,
@@ -129,6 +132,29 @@ async fn serve(
             },
         },
     };
+    let head = tokio::select! {
+        _ = cancel.cancelled() => return,
+        head = rest::read_head(&mut stream) => match head {
+            Ok(head) => head,
+            Err(e) => {
+                debug!(error = %e, "mock server: no request head");
+                return;
+            }
+        },
+    };
+    let upgrade = rest::is_upgrade(&head);
+    if upgrade && shared.cable_refused.load(Ordering::Relaxed) {
+        // What a proxy in front of a Chatwoot whose cable is down answers.
+        let refusal =
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, refusal.as_bytes()).await;
+        return;
+    }
+    let stream = Rewind::new(head, stream);
+    if !upgrade {
+        rest::serve(stream, shared, cancel).await;
+        return;
+    }
     let Some(ws) = handshake(stream, &shared).await else {
         return;
     };
@@ -249,10 +275,10 @@ impl Connection {
         }
     }
 
-    /// Sends an event to every streaming subscription (of token `only`, if given).
+    /// Sends an event to every streaming subscription (that reads stream `only`, if given).
     async fn send_event(&mut self, only: Option<&str>, message: &str) -> Result<(), Closed> {
         for sub in self.subscriptions.iter().filter(|s| s.streams) {
-            if only.is_some_and(|t| t != sub.pubsub_token) {
+            if only.is_some_and(|t| !sub.streams_from.iter().any(|s| &**s == t)) {
                 continue;
             }
             let identifier = serde_json::to_string(&sub.identifier).expect("a string serializes");
@@ -391,6 +417,13 @@ where
                 .is_some_and(|d| d.contains("update_presence")) =>
         {
             shared.presence_updates.fetch_add(1, Ordering::Relaxed);
+            let presence = subscriptions
+                .iter()
+                .find(|s| s.identifier == command.identifier && s.streams)
+                .and_then(|s| s.presence.as_ref());
+            if let Some(presence) = presence {
+                broadcast_presence(shared, presence);
+            }
         }
         _ => {}
     }
@@ -412,17 +445,7 @@ where
     if subscriptions.iter().any(|s| s.identifier == identifier) {
         return Ok(None);
     }
-    let pubsub_token = serde_json::from_str::<serde_json::Value>(&identifier)
-        .ok()
-        .and_then(|v| v["pubsub_token"].as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let answer = shared
-        .answers
-        .lock()
-        .expect("answers lock")
-        .get(&pubsub_token)
-        .copied()
-        .unwrap_or(shared.unknown_answer);
+    let (answer, streams_from, presence) = answer_to(shared, &identifier);
     let quoted = serde_json::to_string(&identifier).expect("a string serializes");
     let reply = match answer {
         Answer::Reject => Some("reject_subscription"),
@@ -436,8 +459,9 @@ where
         }
         subscriptions.push(Subscribed {
             identifier,
-            pubsub_token,
+            streams_from,
             streams,
+            presence: presence.clone(),
         });
     }
     let frame = |kind: &str| format!(r#"{{"identifier":{quoted},"type":"{kind}"}}"#);
@@ -447,12 +471,62 @@ where
             frame: frame("confirm_subscription"),
         }));
     }
-    match reply {
-        Some(kind) => ws
-            .send(Message::text(frame(kind)))
+    if let Some(kind) = reply {
+        ws.send(Message::text(frame(kind)))
             .await
-            .map(|_| None)
-            .map_err(|_| Closed),
-        None => Ok(None),
+            .map_err(|_| Closed)?;
     }
+    // RoomChannel broadcasts the agent's presence after it confirmed the subscription.
+    if let Some(presence) = presence {
+        broadcast_presence(shared, &presence);
+    }
+    Ok(None)
+}
+
+/// How a subscribe with `identifier` is answered, which streams it reads and the presence it
+/// announces: the directory decides for its users and contacts, the configured answers for any
+/// other token (which reads the stream named by its token).
+fn answer_to(shared: &Shared, identifier: &str) -> (Answer, Vec<Arc<str>>, Option<PresenceOf>) {
+    let asked = Identifier::parse(identifier);
+    let resolved = shared
+        .directory
+        .lock()
+        .expect("directory lock")
+        .resolve(&asked);
+    match resolved {
+        Resolved::Streams { streams, presence } => (Answer::Confirm, streams, presence),
+        Resolved::Refused => (Answer::Silent, Vec::new(), None),
+        Resolved::NotInDirectory => {
+            let answer = shared
+                .answers
+                .lock()
+                .expect("answers lock")
+                .get(&asked.pubsub_token)
+                .copied()
+                .unwrap_or(shared.unknown_answer);
+            (answer, vec![asked.pubsub_token.into()], None)
+        }
+    }
+}
+
+/// Broadcasts `presence.update` to the agent's own token stream, as `RoomChannel` does on
+/// subscribe and on `update_presence` (every subscription of that token receives it).
+fn broadcast_presence(shared: &Shared, presence: &PresenceOf) {
+    let subject = Subject {
+        account_id: presence.account_id,
+        user_id: Some(presence.user_id),
+        ..Subject::default()
+    };
+    let Some(data) = catalog::payload("presence.update", &subject) else {
+        return;
+    };
+    let message = encode_message(
+        "presence.update",
+        &serde_json::Value::Object(data).to_string(),
+    );
+    // No receivers just means no connection is open.
+    let _ = shared.pushes.send(Push::Event {
+        only: Some(presence.stream.clone()),
+        message: message.into(),
+    });
 }

@@ -84,7 +84,9 @@ pub(super) async fn streaming_at_least(
     Ok(())
 }
 
-/// Broadcasts generated events at `rate` per second, `count` of them (or forever).
+/// Broadcasts generated events at `rate` per second, `count` of them (or forever). When the
+/// mock knows users, each step is a message created in the records instead (see
+/// `Shared::traffic`), which reaches the streams Chatwoot would send it to and the REST API.
 pub(super) async fn generate(
     shared: Arc<Shared>,
     rate: f64,
@@ -98,6 +100,12 @@ pub(super) async fn generate(
     {
         return;
     }
+    let traffic = !shared
+        .directory
+        .lock()
+        .expect("directory lock")
+        .users
+        .is_empty();
     let mut tick = interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut sent = 0u64;
@@ -106,11 +114,15 @@ pub(super) async fn generate(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (_, message) = next_generated(&shared);
-        let _ = shared.pushes.send(Push::Event {
-            only: None,
-            message: message.into(),
-        });
+        if traffic {
+            shared.traffic(sent);
+        } else {
+            let (_, message) = next_generated(&shared);
+            let _ = shared.pushes.send(Push::Event {
+                only: None,
+                message: message.into(),
+            });
+        }
         sent += 1;
     }
 }

@@ -1,19 +1,32 @@
-//! An ActionCable server that behaves like Chatwoot's, for tests, the demo and benchmarks.
+//! A Chatwoot for tests, the demo and benchmarks: its ActionCable server and the REST endpoints a
+//! bridge reads, on one address.
 //!
-//! It greets with `welcome`, pings every 3 s, answers `subscribe` per configured token (confirm,
-//! silence, reject, or events without a confirm as old installs do), ignores a repeated subscribe
-//! like Chatwoot does, and broadcasts events shaped like the recorded fixtures with a sequence
-//! number (`mock_seq`) and a send time (`mock_sent_at_us`) at the start of `data`. Tests steer it
-//! from outside: drop every connection abruptly, send `disconnect` frames, go silent, inject raw
-//! frames.
+//! It greets with `welcome`, pings every 3 s, and answers `subscribe` as Chatwoot's `RoomChannel`
+//! does for the users and contacts it knows (the right `user_id` and account, or silence; the
+//! user's token and account streams, or the contact's token), and per configured token for any
+//! other (confirm, silence, reject, or events without a confirm as old installs do). It ignores a
+//! repeated subscribe like Chatwoot does. [`MockServer::emit`] sends any event name Chatwoot 4.x
+//! broadcasts, shaped like the recorded fixtures, to the streams Chatwoot sends it to;
+//! [`MockServer::create_message`] and friends change the records the REST API reads and
+//! broadcast what Chatwoot would. Events carry a sequence number (`mock_seq`) and a send time
+//! (`mock_sent_at_us`) at the start of `data`. Tests steer it from outside: drop every connection
+//! abruptly, send `disconnect` frames, go silent, rotate a token, stall broadcasting, throttle
+//! REST, inject raw frames.
 //!
-//! [`MockServer`] is the handle; `connection` serves one client, `events` makes the generated
-//! events, and `blast` writes pre-encoded frames in high-rate mode.
+//! [`MockServer`] is the handle; `connection` serves one client, `identity` decides
+//! subscriptions, `catalog` names the events and their audiences, `model` keeps the records,
+//! `activity` emits events and creates records, `rest` answers the API, `events` makes the generated events, and `blast` writes pre-encoded
+//! frames in high-rate mode.
 
+mod activity;
 mod blast;
+mod catalog;
 mod connection;
 mod events;
 pub mod fixtures;
+mod identity;
+mod model;
+pub mod rest;
 mod socket;
 
 use std::collections::HashMap;
@@ -30,7 +43,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::tls;
+pub use catalog::{Subject, EVENT_NAMES};
 use events::{encode_message, next_generated};
+use identity::Directory;
+pub use identity::{MockContact, MockContactInbox, MockUser};
+use model::Model;
+pub use model::{MockAccount, MockMessage};
 
 /// How the server answers a subscription with a given pubsub token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +105,14 @@ pub struct MockConfig {
     /// pings, as a server that never finished setting the connection up, for tests of the
     /// bridge's welcome timer.
     pub send_welcome: bool,
+    /// Agents and administrators: their tokens are answered as Chatwoot's `RoomChannel` does
+    /// (right `user_id` and `account_id` or silence), whatever `tokens` says of them.
+    pub users: Vec<MockUser>,
+    /// Widget visitors: their tokens confirm without a `user_id` and stream the contact's events.
+    pub contacts: Vec<MockContact>,
+    /// Accounts conversations can be opened in ([`MockServer::create_conversation`]); the
+    /// profile names them.
+    pub accounts: Vec<MockAccount>,
 }
 
 /// The certificate a mock serving `wss://` shows.
@@ -150,6 +176,9 @@ impl Default for MockConfig {
             blast: None,
             tls: None,
             send_welcome: true,
+            users: Vec::new(),
+            contacts: Vec::new(),
+            accounts: Vec::new(),
         }
     }
 }
@@ -207,6 +236,20 @@ struct Shared {
     wait_for_subscriptions: usize,
     /// Whether connections are greeted with `welcome`.
     send_welcome: bool,
+    /// The users and contacts, for subscriptions and for whom an emitted event reaches.
+    directory: Mutex<Directory>,
+    /// While set, [`MockServer::emit`] reaches no socket, as when Chatwoot's Sidekiq workers
+    /// that broadcast are down (presence, broadcast by the cable process itself, goes on).
+    stalled: AtomicBool,
+    /// Conversations and messages, which [`MockServer::create_message`] changes and the REST
+    /// API reads.
+    model: Mutex<Model>,
+    /// While set, every REST request is answered 429 with this `Retry-After`.
+    rest_throttle: Mutex<Option<Duration>>,
+    /// REST requests received, throttled ones included.
+    rest_requests: AtomicU64,
+    /// While set, WebSocket upgrades are answered 503 (the cable is down; REST still answers).
+    cable_refused: AtomicBool,
 }
 
 /// A running mock server. Dropping it does not stop it; call [`MockServer::stop`].
@@ -253,6 +296,19 @@ impl MockServer {
             blast: config.blast,
             wait_for_subscriptions: config.wait_for_subscriptions,
             send_welcome: config.send_welcome,
+            directory: Mutex::new(Directory {
+                users: config.users,
+                contacts: config.contacts,
+                ..Directory::default()
+            }),
+            stalled: AtomicBool::new(false),
+            model: Mutex::new(Model {
+                accounts: config.accounts,
+                ..Model::default()
+            }),
+            rest_throttle: Mutex::new(None),
+            rest_requests: AtomicU64::new(0),
+            cable_refused: AtomicBool::new(false),
         });
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -320,6 +376,109 @@ impl MockServer {
         seq
     }
 
+    /// Broadcasts `event` (one of [`EVENT_NAMES`]) with a payload of its recorded shape to the
+    /// streams Chatwoot sends it to for `subject` (see [`Subject`]), numbered with `mock_seq`
+    /// and `mock_sent_at_us` like generated events. Returns the sequence number, or `None` for
+    /// a name Chatwoot does not broadcast. While stalled ([`MockServer::set_stalled`]) nothing is
+    /// sent (the number is still used).
+    pub fn emit(&self, event: &str, subject: &Subject) -> Option<u64> {
+        self.shared.emit_patched(event, subject, |_| {})
+    }
+
+    /// Broadcasts `event` with `data` (a JSON object, sent as is) to the streams Chatwoot sends
+    /// it to for `subject`; `None` for a name Chatwoot does not broadcast. Nothing is sent while
+    /// stalled.
+    pub fn emit_data(&self, event: &str, data: &str, subject: &Subject) -> Option<()> {
+        self.shared.emit_data(event, data, subject)
+    }
+
+    /// Stalls (or resumes) broadcasting: sockets stay open and ping, subscriptions confirm, but
+    /// [`MockServer::emit`] reaches nobody, as when Chatwoot's background workers are down
+    /// (`presence.update`, which the cable process broadcasts itself, goes on). Events emitted
+    /// meanwhile are lost, as Chatwoot's are.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// Gives user `user_id` a new pubsub token, as a password change does in Chatwoot, and
+    /// returns it (`None` for an unknown user). Open subscriptions with the old token stay open
+    /// but its stream goes quiet (only their account stream still carries `contact.*`, as in
+    /// Chatwoot); a new subscribe with the old token gets silence, one with the new token
+    /// confirms.
+    pub fn rotate_pubsub_token(&self, user_id: u64) -> Option<String> {
+        let new_token: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(24)
+            .collect();
+        let mut directory = self.shared.directory.lock().expect("directory lock");
+        let user = directory.users.iter_mut().find(|u| u.id == user_id)?;
+        let old = std::mem::replace(&mut user.pubsub_token, new_token.clone());
+        directory.retired_tokens.insert(old);
+        Some(new_token)
+    }
+
+    /// Opens a conversation in `account_id` with `contact_id` and broadcasts
+    /// `conversation.created` (to the account's agents and the contact); returns its display id,
+    /// or `None` for an account not in [`MockConfig::accounts`].
+    pub fn create_conversation(&self, account_id: u64, contact_id: Option<u64>) -> Option<u64> {
+        self.shared.create_conversation(account_id, contact_id)
+    }
+
+    /// Adds a message to conversation `display_id` of `account_id` (from the contact, or a
+    /// private note from an agent), moves the conversation's `updated_at` and
+    /// `last_activity_at`, and broadcasts `message.created` (a private note to agents only).
+    /// Returns the message id, or `None` for an unknown conversation. While stalled the REST
+    /// API shows the message and no socket receives it.
+    pub fn create_message(
+        &self,
+        account_id: u64,
+        display_id: u64,
+        content: &str,
+        private: bool,
+    ) -> Option<u64> {
+        self.shared
+            .create_message(account_id, display_id, content, private)
+    }
+
+    /// The messages of conversation `display_id` of `account_id`, oldest first.
+    pub fn messages(&self, account_id: u64, display_id: u64) -> Vec<MockMessage> {
+        let model = self.shared.model.lock().expect("model lock");
+        model
+            .conversation(account_id, display_id)
+            .map(|c| c.messages.clone())
+            .unwrap_or_default()
+    }
+
+    /// Answers every REST request with 429 and `Retry-After` (whole seconds, rounded up) while
+    /// `Some`; `None` serves again.
+    pub fn set_rest_throttle(&self, retry_after: Option<Duration>) {
+        *self.shared.rest_throttle.lock().expect("throttle lock") = retry_after;
+    }
+
+    /// Refuses (or accepts again) new cable connections: their upgrade is answered 503, as a
+    /// proxy answers while Chatwoot's cable is down, and REST keeps answering. Open sockets are
+    /// not touched: [`MockServer::drop_connections`] with this keeps every socket down for as
+    /// long as a test wants.
+    pub fn set_cable_refused(&self, refused: bool) {
+        self.shared.cable_refused.store(refused, Ordering::Relaxed);
+    }
+
+    /// REST requests received since start, throttled ones included.
+    pub fn rest_requests(&self) -> u64 {
+        self.shared.rest_requests.load(Ordering::Relaxed)
+    }
+
+    /// The REST API's base URL (`http(s)://addr`), on the cable's address as in Chatwoot.
+    pub fn api_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// User `user_id` as the server knows it now (its current pubsub token included).
+    pub fn user(&self, user_id: u64) -> Option<MockUser> {
+        let directory = self.shared.directory.lock().expect("directory lock");
+        directory.users.iter().find(|u| u.id == user_id).cloned()
+    }
+
     /// Sends a raw text frame to every connection.
     pub fn send_raw(&self, frame: &str) {
         self.push(Push::Raw(frame.into()));
@@ -340,7 +499,9 @@ impl MockServer {
         self.shared.pings.store(enabled, Ordering::Relaxed);
     }
 
-    /// Changes how a token is answered from now on (a rotated token goes silent).
+    /// Changes how a token is answered from now on (a rotated token goes silent). Tokens of
+    /// [`MockConfig::users`] and [`MockConfig::contacts`] are answered as `RoomChannel` answers
+    /// them whatever this says: rotate those with [`MockServer::rotate_pubsub_token`].
     pub fn set_answer(&self, pubsub_token: &str, answer: Answer) {
         self.shared
             .answers
@@ -492,6 +653,54 @@ mod tests {
             }
         };
         assert!(text.contains(r#""mock_seq":100"#), "{text}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn emitted_events_carry_their_numbers_first_like_generated_ones() {
+        let server = MockServer::start(MockConfig {
+            users: vec![MockUser {
+                id: 3,
+                pubsub_token: "agent".into(),
+                api_access_token: None,
+                accounts: vec![1],
+            }],
+            first_seq: 70,
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(server.url())
+            .await
+            .unwrap();
+        let identifier =
+            r#"{"channel":"RoomChannel","pubsub_token":"agent","account_id":1,"user_id":3}"#;
+        let subscribe = serde_json::json!({"command": "subscribe", "identifier": identifier});
+        ws.send(Message::text(subscribe.to_string())).await.unwrap();
+        let subject = Subject {
+            account_id: 1,
+            ..Subject::default()
+        };
+        // Sent once the subscription streams: after its presence update.
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("presence.update") => break,
+                Some(Ok(_)) => continue,
+                other => panic!("no presence update: {other:?}"),
+            }
+        }
+        assert_eq!(server.emit("contact.deleted", &subject), Some(70));
+        let text = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) if text.contains("contact.deleted") => break text,
+                Some(Ok(_)) => continue,
+                other => panic!("no contact.deleted: {other:?}"),
+            }
+        };
+        assert!(
+            text.contains(r#""data":{"mock_seq":70,"mock_sent_at_us":"#),
+            "{text}"
+        );
         server.stop().await;
     }
 }
