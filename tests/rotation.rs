@@ -1,0 +1,150 @@
+//! A token given only as an API access token, against the mock Chatwoot's own profile endpoint
+//! and cable: it subscribes, and a rotated pubsub token (the old subscription goes quiet, as
+//! Chatwoot's does) is picked up by the refresh and by the unconfirmed subscription, with no
+//! operator action and nothing lost of what is broadcast after the switch.
+
+mod support;
+
+use std::path::Path;
+
+use chatwoot_bridge::mock::{MockAccount, MockConfig, MockServer, MockUser};
+use chatwoot_bridge::status::TokenState;
+use chatwoot_bridge::Bridge;
+use serde_json::Value;
+use support::{quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
+
+/// Agent 3 of account 1, whose API access token is `api3`.
+async fn mock() -> MockServer {
+    start_mock(MockConfig {
+        users: vec![MockUser {
+            id: 3,
+            pubsub_token: "agent3".into(),
+            api_access_token: Some("api3".into()),
+            accounts: vec![1],
+        }],
+        accounts: vec![MockAccount {
+            id: 1,
+            name: "Account 1".into(),
+        }],
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// The agent by its API token alone, re-reading its profile every `refresh`, every event to the
+/// file `out`.
+fn config(mock: &MockServer, out: &Path, refresh: &str) -> chatwoot_bridge::config::Config {
+    BridgeYaml::new(&mock.url())
+        .cable("confirm_timeout: 1s")
+        .cable("reconnect: { initial: 50ms, max: 300ms }")
+        .token(&format!(
+            "{{ name: agent, api_access_token: api3, account_id: 1, refresh_interval: {refresh} }}"
+        ))
+        .sink(
+            "archive",
+            &format!("{{ type: file, path: {} }}", quoted(out)),
+        )
+        .route("{ name: everything, match: {}, to: [archive] }")
+        .spool(&out.with_extension("spool"))
+        .config()
+}
+
+/// The ids of the `message.created` events in the file.
+fn messages(out: &Path) -> Vec<u64> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("each line is JSON"))
+        .filter(|e| {
+            e["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("message.created"))
+        })
+        .filter_map(|e| e["data"]["id"].as_u64())
+        .collect()
+}
+
+/// Waits until the agent has followed one rotation and is subscribed.
+async fn rotated(bridge: &Bridge) {
+    let done = bridge
+        .status()
+        .wait_for(WAIT, |b| {
+            b.token("agent")
+                .is_some_and(|t| t.rotations == 1 && t.state == TokenState::Subscribed)
+        })
+        .await;
+    assert!(done, "{:?}", bridge.status().token("agent"));
+}
+
+/// Creates `n` messages in a new conversation of account 1; their ids.
+fn create_messages(mock: &MockServer, n: usize) -> Vec<u64> {
+    let conversation = mock.create_conversation(1, None).expect("account 1 exists");
+    (0..n)
+        .map(|i| {
+            mock.create_message(1, conversation, &format!("after the rotation {i}"), false)
+                .expect("the conversation exists")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_refresh_follows_a_rotation_on_the_same_socket_and_misses_nothing_after_it() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let bridge = Bridge::start(config(&mock, &out, "1s")).await.unwrap();
+    let subscribed = bridge
+        .status()
+        .wait_for(WAIT, |b| {
+            b.token("agent")
+                .is_some_and(|t| t.state == TokenState::Subscribed)
+        })
+        .await;
+    assert!(subscribed, "an API token alone subscribes");
+
+    mock.rotate_pubsub_token(3).expect("user 3 exists");
+    rotated(&bridge).await;
+    let sent = create_messages(&mock, 20);
+    wait_until("every message after the rotation", || {
+        let got = messages(&out);
+        sent.iter().all(|id| got.contains(id))
+    })
+    .await;
+    let status = bridge.status().token("agent").unwrap();
+    shut_down(bridge).await;
+    mock.stop().await;
+    assert_eq!(status.connects, 1, "the same socket: {status:?}");
+}
+
+#[tokio::test]
+async fn an_unconfirmed_subscription_after_a_rotation_reads_the_profile_again() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    // The refresh is an hour away: only the unconfirmed path can find the new token.
+    let bridge = Bridge::start(config(&mock, &out, "1h")).await.unwrap();
+    let subscribed = bridge
+        .status()
+        .wait_for(WAIT, |b| {
+            b.token("agent")
+                .is_some_and(|t| t.state == TokenState::Subscribed)
+        })
+        .await;
+    assert!(subscribed);
+
+    // The password changes and the sockets drop (a deploy): the token the bridge knows is met
+    // with silence when it subscribes again.
+    mock.rotate_pubsub_token(3).expect("user 3 exists");
+    mock.drop_connections();
+    rotated(&bridge).await;
+    let sent = create_messages(&mock, 20);
+    wait_until("every message after the rotation", || {
+        let got = messages(&out);
+        sent.iter().all(|id| got.contains(id))
+    })
+    .await;
+    let status = bridge.status().token("agent").unwrap();
+    shut_down(bridge).await;
+    mock.stop().await;
+    assert!(status.connects >= 2, "{status:?}");
+}
