@@ -64,6 +64,37 @@ fn messages(out: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Waits until the agent, given by its API token alone, is subscribed.
+async fn subscribed(bridge: &Bridge) {
+    let done = bridge
+        .status()
+        .wait_for(WAIT, |b| {
+            b.token("agent")
+                .is_some_and(|t| t.state == TokenState::Subscribed)
+        })
+        .await;
+    assert!(done, "{:?}", bridge.status().token("agent"));
+}
+
+/// Creates 20 messages, waits until each reached the file `out`, then stops the bridge and the
+/// mock; the agent's status at the end.
+async fn every_message_after_the_rotation(
+    bridge: Bridge,
+    mock: MockServer,
+    out: &Path,
+) -> chatwoot_bridge::status::TokenStatus {
+    let sent = create_messages(&mock, 20);
+    wait_until("every message after the rotation", || {
+        let got = messages(out);
+        sent.iter().all(|id| got.contains(id))
+    })
+    .await;
+    let status = bridge.status().token("agent").unwrap();
+    shut_down(bridge).await;
+    mock.stop().await;
+    status
+}
+
 /// Waits until the agent has followed one rotation and is subscribed.
 async fn rotated(bridge: &Bridge) {
     let done = bridge
@@ -93,26 +124,17 @@ async fn the_refresh_follows_a_rotation_on_the_same_socket_and_misses_nothing_af
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let bridge = Bridge::start(config(&mock, &out, "1s")).await.unwrap();
-    let subscribed = bridge
-        .status()
-        .wait_for(WAIT, |b| {
-            b.token("agent")
-                .is_some_and(|t| t.state == TokenState::Subscribed)
-        })
-        .await;
-    assert!(subscribed, "an API token alone subscribes");
+    subscribed(&bridge).await;
 
     mock.rotate_pubsub_token(3).expect("user 3 exists");
     rotated(&bridge).await;
-    let sent = create_messages(&mock, 20);
-    wait_until("every message after the rotation", || {
-        let got = messages(&out);
-        sent.iter().all(|id| got.contains(id))
+    // The switch ends when the new subscription is confirmed and the old one unsubscribed;
+    // what Chatwoot broadcast to the new token before the confirm is the gap backfill is for.
+    wait_until("the old subscription to be dropped", || {
+        mock.unsubscribe_commands() >= 1
     })
     .await;
-    let status = bridge.status().token("agent").unwrap();
-    shut_down(bridge).await;
-    mock.stop().await;
+    let status = every_message_after_the_rotation(bridge, mock, &out).await;
     assert_eq!(status.connects, 1, "the same socket: {status:?}");
 }
 
@@ -123,28 +145,13 @@ async fn an_unconfirmed_subscription_after_a_rotation_reads_the_profile_again() 
     let out = dir.path().join("out.jsonl");
     // The refresh is an hour away: only the unconfirmed path can find the new token.
     let bridge = Bridge::start(config(&mock, &out, "1h")).await.unwrap();
-    let subscribed = bridge
-        .status()
-        .wait_for(WAIT, |b| {
-            b.token("agent")
-                .is_some_and(|t| t.state == TokenState::Subscribed)
-        })
-        .await;
-    assert!(subscribed);
+    subscribed(&bridge).await;
 
     // The password changes and the sockets drop (a deploy): the token the bridge knows is met
     // with silence when it subscribes again.
     mock.rotate_pubsub_token(3).expect("user 3 exists");
     mock.drop_connections();
     rotated(&bridge).await;
-    let sent = create_messages(&mock, 20);
-    wait_until("every message after the rotation", || {
-        let got = messages(&out);
-        sent.iter().all(|id| got.contains(id))
-    })
-    .await;
-    let status = bridge.status().token("agent").unwrap();
-    shut_down(bridge).await;
-    mock.stop().await;
+    let status = every_message_after_the_rotation(bridge, mock, &out).await;
     assert!(status.connects >= 2, "{status:?}");
 }
