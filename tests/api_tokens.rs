@@ -566,7 +566,10 @@ async fn a_contact_given_by_its_identifiers_subscribes_and_follows_a_rotation() 
     let logged = logs.text();
     assert!(logged.contains("pubsub token changed"), "{logged}");
     assert!(!logged.contains("SECRET"), "a secret was logged: {logged}");
-    assert!(!logged.contains("visitor%2F7"), "the identifier was logged: {logged}");
+    assert!(
+        !logged.contains("visitor%2F7"),
+        "the identifier was logged: {logged}"
+    );
 }
 
 #[tokio::test]
@@ -594,7 +597,12 @@ async fn an_unknown_contact_names_its_inbox_and_spares_the_others() {
         t.state == TokenState::Subscribed
     })
     .await;
-    let error = bridge.status().token("visitor").unwrap().last_error.unwrap();
+    let error = bridge
+        .status()
+        .token("visitor")
+        .unwrap()
+        .last_error
+        .unwrap();
     assert_eq!(
         error,
         format!(
@@ -618,12 +626,21 @@ async fn an_unknown_contact_names_its_inbox_and_spares_the_others() {
     let config = config(&server.url(), &api.url(), &out, &token).config();
     let probed = probe(&config.tokens[0], &config.cable).await.unwrap_err();
     assert!(probed.contains("inbox `OtherInbox`"), "{probed}");
-    assert!(!probed.contains("SECRET") && !probed.contains("visitor%2F7"), "{probed}");
+    assert!(
+        !probed.contains("SECRET") && !probed.contains("visitor%2F7"),
+        "{probed}"
+    );
 
     shut_down(bridge).await;
     server.stop().await;
     let logged = logs.text();
-    assert!(logged.contains("OtherInbox"), "the inbox is named: {logged}");
+    assert!(
+        logged.contains("OtherInbox"),
+        "the inbox is named: {logged}"
+    );
     assert!(!logged.contains("SECRET"), "a secret was logged: {logged}");
-    assert!(!logged.contains("visitor%2F7"), "the identifier was logged: {logged}");
+    assert!(
+        !logged.contains("visitor%2F7"),
+        "the identifier was logged: {logged}"
+    );
 }

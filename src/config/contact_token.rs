@@ -51,7 +51,10 @@ pub(super) fn take(
     // Reported: left out, so the agent checks do not report them again.
     raw.account_id = None;
     raw.user_id = None;
-    at.check("inbox_identifier", check_inbox_identifier(&inbox_identifier));
+    at.check(
+        "inbox_identifier",
+        check_inbox_identifier(&inbox_identifier),
+    );
     let contact_identifier = match secret_file::one(at, "contact_identifier", inline, file) {
         Some(Ok(identifier)) => {
             at.check(

@@ -203,10 +203,7 @@ struct ProfileAccount {
 
 /// The HTTP client of one token's reads: its TLS, timeout, and no redirects (a redirect could
 /// carry the access token header, or the contact identifier in the path, to another host).
-pub(crate) fn client(
-    lookup: &Lookup,
-    settings: &CableSettings,
-) -> Result<reqwest::Client, String> {
+pub(crate) fn client(lookup: &Lookup, settings: &CableSettings) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(settings.connect_timeout)
         .timeout(settings.connect_timeout)
@@ -512,6 +509,30 @@ mod tests {
             }
         );
         assert!(choose(profile(PROFILE), "agent", &api(Some(3))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_failed_contact_read_shows_the_url_without_the_identifier() {
+        let contact = ContactToken {
+            inbox_identifier: "Inbox1".into(),
+            contact_identifier: Secret::new("visitor-SECRET"),
+            // Nobody listens on port 1: the connection is refused.
+            api_url: "http://127.0.0.1:1".into(),
+            refresh_interval: Duration::from_secs(300),
+            tls: None,
+        };
+        let lookup = Lookup::Contact(contact);
+        let client = client(&lookup, &CableSettings::default()).unwrap();
+        let err = fetch(&client, "visitor", &lookup).await.unwrap_err();
+        assert!(matches!(err, ProfileError::Transport { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "GET http://127.0.0.1:1/public/api/v1/inboxes/Inbox1/contacts/{contact_identifier} failed: "
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("SECRET"), "{text}");
     }
 
     #[test]
