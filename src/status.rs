@@ -38,7 +38,8 @@ pub enum TokenState {
     BackingOff,
     /// Removed or shut down.
     Stopped,
-    /// Chatwoot refused the token's API access token (401 or 403 on the profile): no pubsub
+    /// Chatwoot refused the token's API access token (401 or 403 on the profile), or does not
+    /// know the contact given by its identifiers (404 on the public contact API): no pubsub
     /// token to subscribe with until it is accepted.
     ApiTokenRefused,
 }

@@ -1,10 +1,13 @@
 //! Tokens given as a user's API access token: the profile comes from a real HTTP server the
 //! test controls, the socket from the mock Chatwoot. A rotated pubsub token is followed on the
 //! same socket, by the periodic refresh and by the unconfirmed path; a refused access token and
-//! a foreign account show on the status board; no secret reaches the logs.
+//! a foreign account show on the status board; no secret reaches the logs. A contact given by
+//! its inbox and contact identifiers reads its pubsub token from the same server's public
+//! contact API.
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -28,7 +31,8 @@ use tokio::net::TcpListener;
 const ACCESS_TOKEN: &str = "access-token-SECRET-1";
 
 /// A profile endpoint: answers `GET /api/v1/profile` as `answer` says when the access token
-/// header is right (401 otherwise), and counts the requests.
+/// header is right (401 otherwise), and counts the requests. It answers the public contact
+/// API too: the bodies of `contacts` by path, 404 for any other contact.
 struct ProfileServer {
     /// Where it listens.
     addr: SocketAddr,
@@ -36,6 +40,8 @@ struct ProfileServer {
     answer: Arc<Mutex<(StatusCode, String)>>,
     /// Requests so far, with the access token header each carried.
     requests: Arc<Mutex<Vec<Option<String>>>>,
+    /// The public contact API's answers, by request path (percent-encoded as sent).
+    contacts: Arc<Mutex<BTreeMap<String, String>>>,
     /// The accept loop, aborted on drop.
     task: tokio::task::JoinHandle<()>,
 }
@@ -64,13 +70,14 @@ impl ProfileServer {
         let addr = listener.local_addr().unwrap();
         let answer = Arc::new(Mutex::new((status, body)));
         let requests: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
-        let (answers, seen) = (answer.clone(), requests.clone());
+        let contacts: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+        let (answers, seen, known) = (answer.clone(), requests.clone(), contacts.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (answers, seen) = (answers.clone(), seen.clone());
+                let (answers, seen, known) = (answers.clone(), seen.clone(), known.clone());
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let header = request
                         .headers()
@@ -78,7 +85,16 @@ impl ProfileServer {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     seen.lock().unwrap().push(header.clone());
-                    let (status, body) = if request.uri().path() != "/api/v1/profile" {
+                    let path = request.uri().path();
+                    let (status, body) = if path.starts_with("/public/api/v1/inboxes/") {
+                        match known.lock().unwrap().get(path) {
+                            Some(body) => (StatusCode::OK, body.clone()),
+                            None => (
+                                StatusCode::NOT_FOUND,
+                                r#"{"error":"Resource could not be found"}"#.into(),
+                            ),
+                        }
+                    } else if path != "/api/v1/profile" {
                         (StatusCode::NOT_FOUND, String::new())
                     } else if header.as_deref() != Some(ACCESS_TOKEN) {
                         (
@@ -106,6 +122,7 @@ impl ProfileServer {
             addr,
             answer,
             requests,
+            contacts,
             task,
         }
     }
@@ -116,6 +133,22 @@ impl ProfileServer {
 
     fn answer(&self, status: StatusCode, body: String) {
         *self.answer.lock().unwrap() = (status, body);
+    }
+
+    /// Answers the contact at `path` with Chatwoot's public contact shape and `pubsub_token`.
+    fn contact(&self, path: &str, pubsub_token: &str) {
+        let body = serde_json::json!({
+            "id": 12,
+            "source_id": "0f6ba8b5-3c8e-4a3a-9a55-0a1f2a3b4c5d",
+            "name": "Visitor",
+            "email": null,
+            "phone_number": null,
+            "pubsub_token": pubsub_token,
+        });
+        self.contacts
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), body.to_string());
     }
 
     fn requests(&self) -> Vec<Option<String>> {
@@ -476,4 +509,138 @@ async fn check_connect_reads_the_profile_before_it_subscribes() {
         "the refused token never subscribed"
     );
     server.stop().await;
+}
+
+/// The contact identifier of the contact tests, with a character the URL must encode; never
+/// logged.
+const CONTACT_IDENTIFIER: &str = "visitor/7-SECRET";
+
+/// Where the public contact API answers the contact of inbox `inbox`.
+fn contact_path(inbox: &str) -> String {
+    format!("/public/api/v1/inboxes/{inbox}/contacts/visitor%2F7-SECRET")
+}
+
+#[tokio::test]
+async fn a_contact_given_by_its_identifiers_subscribes_and_follows_a_rotation() {
+    let (logs, _guard) = Captured::start();
+    let server = mock(vec![
+        mock_token("contact-one-SECRET", Answer::Confirm),
+        mock_token("contact-two-SECRET", Answer::Confirm),
+    ])
+    .await;
+    let api = ProfileServer::start(StatusCode::OK, profile("unused")).await;
+    api.contact(&contact_path("WidgetInbox1"), "contact-one-SECRET");
+    let (_dir, out) = out_file();
+    let token = format!(
+        "{{ name: visitor, inbox_identifier: WidgetInbox1, contact_identifier: {CONTACT_IDENTIFIER}, refresh_interval: 300ms }}"
+    );
+    let bridge = Bridge::start(config(&server.url(), &api.url(), &out, &token).config())
+        .await
+        .unwrap();
+    wait_token(&bridge, "visitor", "subscribed", |t| {
+        t.state == TokenState::Subscribed
+    })
+    .await;
+    let before = deliver(&server, &out, "contact-one-SECRET", 1).await;
+    assert_eq!(before["chatwoottoken"], "visitor");
+
+    api.contact(&contact_path("WidgetInbox1"), "contact-two-SECRET");
+    wait_token(&bridge, "visitor", "one rotation counted", |t| {
+        t.rotations == 1
+    })
+    .await;
+    let after = deliver(&server, &out, "contact-two-SECRET", 2).await;
+    assert_eq!(after["chatwoottoken"], "visitor");
+    assert_eq!(
+        server.connections_accepted(),
+        1,
+        "no new socket for a rotation"
+    );
+    assert!(
+        api.requests().iter().all(Option::is_none),
+        "no access token is sent to the public API"
+    );
+
+    shut_down(bridge).await;
+    server.stop().await;
+    let logged = logs.text();
+    assert!(logged.contains("pubsub token changed"), "{logged}");
+    assert!(!logged.contains("SECRET"), "a secret was logged: {logged}");
+    assert!(
+        !logged.contains("visitor%2F7"),
+        "the identifier was logged: {logged}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_contact_names_its_inbox_and_spares_the_others() {
+    let (logs, _guard) = Captured::start();
+    let server = mock(vec![mock_token("plain-SECRET", Answer::Confirm)]).await;
+    let api = ProfileServer::start(StatusCode::OK, profile("unused")).await;
+    api.contact(&contact_path("WidgetInbox1"), "contact-one-SECRET");
+    let (_dir, out) = out_file();
+    let token = format!(
+        "{{ name: visitor, inbox_identifier: OtherInbox, contact_identifier: {CONTACT_IDENTIFIER} }}"
+    );
+    let bridge = Bridge::start(
+        config(&server.url(), &api.url(), &out, &token)
+            .agent("plain", "plain-SECRET", 4)
+            .config(),
+    )
+    .await
+    .unwrap();
+    wait_token(&bridge, "visitor", "refused", |t| {
+        t.state == TokenState::ApiTokenRefused
+    })
+    .await;
+    wait_token(&bridge, "plain", "subscribed", |t| {
+        t.state == TokenState::Subscribed
+    })
+    .await;
+    let error = bridge
+        .status()
+        .token("visitor")
+        .unwrap()
+        .last_error
+        .unwrap();
+    assert_eq!(
+        error,
+        format!(
+            "token `visitor`: inbox `OtherInbox` has no contact with the configured contact_identifier, or there is no such inbox ({}/public/api/v1/inboxes/OtherInbox/contacts/{{contact_identifier}} answered HTTP 404); check inbox_identifier and contact_identifier",
+            api.url()
+        )
+    );
+    assert_eq!(
+        server.subscribe_commands(),
+        1,
+        "only the plain token subscribed"
+    );
+    wait_until_explained(
+        "the contact read again with the backoff",
+        || api.requests().len() >= 3,
+        String::new,
+    )
+    .await;
+
+    let probe = chatwoot_bridge::source::cable::probe;
+    let config = config(&server.url(), &api.url(), &out, &token).config();
+    let probed = probe(&config.tokens[0], &config.cable).await.unwrap_err();
+    assert!(probed.contains("inbox `OtherInbox`"), "{probed}");
+    assert!(
+        !probed.contains("SECRET") && !probed.contains("visitor%2F7"),
+        "{probed}"
+    );
+
+    shut_down(bridge).await;
+    server.stop().await;
+    let logged = logs.text();
+    assert!(
+        logged.contains("OtherInbox"),
+        "the inbox is named: {logged}"
+    );
+    assert!(!logged.contains("SECRET"), "a secret was logged: {logged}");
+    assert!(
+        !logged.contains("visitor%2F7"),
+        "the identifier was logged: {logged}"
+    );
 }

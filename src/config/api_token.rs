@@ -8,6 +8,7 @@ use super::raw::RawToken;
 use super::validate::{check_duration, derive_origin, Chatwoot};
 use crate::secret_file;
 use crate::source::settings::ApiToken;
+use crate::tls::ClientTls;
 use crate::types::Problems;
 
 /// How often the profile is read again by default: a rotated pubsub token costs at most this
@@ -29,7 +30,7 @@ pub(super) fn take(
         if raw.refresh_interval.is_some() {
             at.add(
                 "refresh_interval",
-                "is only for a token given as api_access_token (it says how often the profile is read)",
+                "is only for a token given as api_access_token or inbox_identifier + contact_identifier (it says how often the pubsub token is read again)",
             );
         }
         return None;
@@ -62,14 +63,7 @@ pub(super) fn take(
         .as_ref()
         .map_or(DEFAULT_REFRESH_INTERVAL, |d| d.0);
     at.check("refresh_interval", check_duration(refresh_interval));
-    let api_url = match &chatwoot.api_url {
-        Some(url) => url.trim_end_matches('/').to_owned(),
-        None => derive_api_url(cable_url).unwrap_or_default(),
-    };
-    let tls = chatwoot
-        .tls
-        .clone()
-        .filter(|_| api_url.starts_with("https://"));
+    let (api_url, tls) = api_endpoint(cable_url, chatwoot);
     Some(ApiToken {
         access_token,
         api_url,
@@ -78,6 +72,20 @@ pub(super) fn take(
         refresh_interval,
         tls,
     })
+}
+
+/// The REST base URL of a token on `cable_url` (`chatwoot.api_url`, or derived from the cable
+/// URL) and the TLS it is read with.
+pub(super) fn api_endpoint(cable_url: &str, chatwoot: &Chatwoot) -> (String, Option<ClientTls>) {
+    let api_url = match &chatwoot.api_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => derive_api_url(cable_url).unwrap_or_default(),
+    };
+    let tls = chatwoot
+        .tls
+        .clone()
+        .filter(|_| api_url.starts_with("https://"));
+    (api_url, tls)
 }
 
 /// The REST base URL of a cable URL: the same host over `https://` (`http://` for `ws://`),
@@ -178,7 +186,7 @@ mod tests {
             [
                 "tokens[0].api_access_token: pubsub_token and api_access_token are both given; keep one (with api_access_token the pubsub token is read from Chatwoot's profile)",
                 "tokens[1].account_id: a token given as api_access_token needs account_id: the account whose events it receives",
-                "tokens[2].refresh_interval: is only for a token given as api_access_token (it says how often the profile is read)",
+                "tokens[2].refresh_interval: is only for a token given as api_access_token or inbox_identifier + contact_identifier (it says how often the pubsub token is read again)",
             ]
         );
     }

@@ -11,6 +11,7 @@
 //! The settings types themselves belong to the stages that use them and are re-exported here.
 
 mod api_token;
+mod contact_token;
 mod expand;
 mod presence;
 mod raw;
@@ -870,7 +871,7 @@ routes:
         let err = load_error(&MINIMAL.replace("pubsub_token: contact-token", "presence: false"));
         assert_eq!(
             err,
-            "tokens[1].pubsub_token: is missing; give pubsub_token or pubsub_token_file, or api_access_token or api_access_token_file"
+            "tokens[1].pubsub_token: is missing; give pubsub_token or pubsub_token_file, api_access_token or api_access_token_file, or inbox_identifier + contact_identifier"
         );
     }
 

@@ -234,8 +234,18 @@ pub(super) struct RawToken {
     pub(super) api_access_token: Option<Secret>,
     /// A file holding the API access token; instead of `api_access_token`.
     pub(super) api_access_token_file: Option<PathBuf>,
-    /// How often the profile of an `api_access_token` is read again to notice a rotated
-    /// pubsub token (default 5m); it is also read whenever a subscription goes unconfirmed.
+    /// Instead of `pubsub_token`, with `contact_identifier`: the public identifier of the inbox
+    /// (the widget's website token) of a contact (widget visitor) whose pubsub token is read
+    /// from Chatwoot's public contact API.
+    pub(super) inbox_identifier: Option<String>,
+    /// With `inbox_identifier`: the contact's identifier in that inbox (its `source_id`). It
+    /// reads the contact's pubsub token, so it is kept out of logs like one.
+    pub(super) contact_identifier: Option<Secret>,
+    /// A file holding the contact identifier; instead of `contact_identifier`.
+    pub(super) contact_identifier_file: Option<PathBuf>,
+    /// How often the profile of an `api_access_token` (or the contact of an
+    /// `inbox_identifier`) is read again to notice a rotated pubsub token (default 5m); it is
+    /// also read whenever a subscription goes unconfirmed.
     pub(super) refresh_interval: Option<HumanDuration>,
     /// With `user_id`: an agent token of this account.
     #[serde(default, deserialize_with = "optional_number")]

@@ -258,16 +258,25 @@ fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems
             Ok(()) => {}
         }
         let url = token.url.clone().unwrap_or_else(|| chatwoot.url.clone());
-        let api = super::api_token::take(&mut token, &url, chatwoot, &mut at);
-        let pubsub_token = match &api {
-            Some(_) => Secret::new(""),
-            None => pubsub_token(
+        let contact = super::contact_token::take(&mut token, &url, chatwoot, &mut at);
+        let api = match contact {
+            // Its mixes with api_access_token are reported by the contact's check.
+            Some(_) => None,
+            None => super::api_token::take(&mut token, &url, chatwoot, &mut at),
+        };
+        let pubsub_token = match (&api, &contact) {
+            (None, None) => pubsub_token(
                 token.pubsub_token.take(),
                 token.pubsub_token_file.take(),
                 &mut at,
             ),
+            _ => Secret::new(""),
         };
-        let spec = token_spec(token, pubsub_token, api, chatwoot, &mut at);
+        let mut spec = token_spec(token, pubsub_token, api, chatwoot, &mut at);
+        if contact.is_some() {
+            spec.identity = Identity::Contact;
+            spec.contact = contact;
+        }
         tokens.specs.push(spec);
         problems.include(at);
     }
@@ -326,6 +335,7 @@ fn token_spec(
         pubsub_token,
         identity,
         api,
+        contact: None,
         presence: raw.presence,
         tls,
     }
@@ -338,7 +348,7 @@ fn pubsub_token(inline: Option<Secret>, file: Option<PathBuf>, at: &mut Problems
         None => {
             at.add(
                 "pubsub_token",
-                "is missing; give pubsub_token or pubsub_token_file, or api_access_token or api_access_token_file",
+                "is missing; give pubsub_token or pubsub_token_file, api_access_token or api_access_token_file, or inbox_identifier + contact_identifier",
             );
             Secret::new("")
         }

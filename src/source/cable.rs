@@ -766,12 +766,13 @@ enum ProbeStage {
 /// Checks a token once, for `check --connect`: handshake, welcome, subscribe, confirm.
 /// Returns how it went in words; never the token.
 pub async fn probe(spec: &TokenSpec, settings: &CableSettings) -> Result<(), String> {
-    // A token given as an API access token is checked through its profile first.
-    let identifier = match &spec.api {
+    // A token given as an API access token or by a contact's identifiers is checked through
+    // Chatwoot's API first.
+    let identifier = match crate::source::profile::Lookup::of(spec) {
         None => protocol::identifier(&spec.pubsub_token, &spec.identity),
-        Some(api) => {
-            let client = crate::source::profile::client(api, settings)?;
-            let subscriber = crate::source::profile::fetch(&client, &spec.name, api)
+        Some(lookup) => {
+            let client = crate::source::profile::client(&lookup, settings)?;
+            let subscriber = crate::source::profile::fetch(&client, &spec.name, &lookup)
                 .await
                 .map_err(|e| e.to_string())?;
             protocol::identifier(&subscriber.pubsub_token, &subscriber.identity)

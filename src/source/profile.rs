@@ -1,7 +1,8 @@
 //! Tokens from the API: a token given as a user's API access token learns its pubsub token,
-//! user id and accounts from `GET /api/v1/profile`, and learns them again every
-//! `refresh_interval` and whenever its subscription goes unconfirmed, so a pubsub token that
-//! Chatwoot rotated (a password change) is picked up without an operator.
+//! user id and accounts from `GET /api/v1/profile`, and a contact given by its inbox and
+//! contact identifiers learns its pubsub token from the public contact API. Both learn it
+//! again every `refresh_interval` and whenever the subscription goes unconfirmed, so a pubsub
+//! token that Chatwoot rotated (a password change) is picked up without an operator.
 //!
 //! A `ProfileWatcher` runs beside the token's socket and publishes what to subscribe with on
 //! a watch channel; the socket switches over when it changes (see `cable`).
@@ -18,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backoff::Backoff;
-use crate::source::settings::{ApiToken, CableSettings, Identity, TokenSpec};
+use crate::source::settings::{ApiToken, CableSettings, ContactToken, Identity, TokenSpec};
 use crate::status::{TokenReporter, TokenState};
-use crate::tls;
+use crate::tls::{self, ClientTls};
 use crate::types::Secret;
 
-/// Bounds the body of a profile answer. Chatwoot's is about 1 KB plus some 200 bytes per
-/// account; a larger answer is not Chatwoot's and is refused before it is parsed.
+/// Bounds the body of a profile or contact answer. Chatwoot's profile is about 1 KB plus some
+/// 200 bytes per account, a contact well under 1 KB; a larger answer is not Chatwoot's and is
+/// refused before it is parsed.
 pub const MAX_PROFILE_BYTES: usize = 256 * 1024;
 
 /// The header Chatwoot reads a user's access token from.
@@ -49,7 +51,8 @@ impl Subscriber {
     }
 }
 
-/// Why the profile gave no subscriber. Never holds the access token or the pubsub token.
+/// Why the profile or the contact gave no subscriber. Never holds the access token, the
+/// contact identifier (the URLs shown leave it out) or the pubsub token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProfileError {
     /// 401 or 403: the access token is wrong, revoked, or an agent bot's (which the profile
@@ -78,13 +81,14 @@ pub enum ProfileError {
         reason: String,
     },
     /// The body exceeds [`MAX_PROFILE_BYTES`].
-    #[error("{url} answered more than {MAX_PROFILE_BYTES} bytes; that is not a Chatwoot profile")]
+    #[error("{url} answered more than {MAX_PROFILE_BYTES} bytes; that is not Chatwoot's answer")]
     TooLarge {
         /// The profile URL.
         url: String,
     },
-    /// Not a JSON object with `id`, `pubsub_token` and `accounts`.
-    #[error("{url} answered something that is not a Chatwoot profile: {reason}")]
+    /// Not a JSON object with `id`, `pubsub_token` and `accounts` (a profile) or with
+    /// `pubsub_token` (a contact).
+    #[error("{url} answered something that is not Chatwoot's answer: {reason}")]
     Malformed {
         /// The profile URL.
         url: String,
@@ -101,6 +105,17 @@ pub enum ProfileError {
         /// The accounts the profile lists.
         available: Vec<u64>,
     },
+    /// 404 on the public contact API: the inbox has no such contact, or there is no such
+    /// inbox. Names the inbox, never the contact identifier.
+    #[error("token `{token}`: inbox `{inbox}` has no contact with the configured contact_identifier, or there is no such inbox ({url} answered HTTP 404); check inbox_identifier and contact_identifier")]
+    UnknownContact {
+        /// The token's name.
+        token: String,
+        /// The configured inbox identifier.
+        inbox: String,
+        /// The contact URL without the contact identifier.
+        url: String,
+    },
     /// The configured `user_id` is not the profile's.
     #[error("token `{token}`: user_id {configured} is given, but the API access token belongs to user {actual}")]
     UserMismatch {
@@ -114,9 +129,13 @@ pub enum ProfileError {
 }
 
 impl ProfileError {
-    /// Whether the access token itself was refused.
+    /// Whether the credential itself was refused: the access token, or the contact's
+    /// identifiers.
     fn refused(&self) -> bool {
-        matches!(self, ProfileError::Refused { .. })
+        matches!(
+            self,
+            ProfileError::Refused { .. } | ProfileError::UnknownContact { .. }
+        )
     }
 }
 
@@ -131,6 +150,50 @@ struct Profile {
     accounts: Vec<ProfileAccount>,
 }
 
+/// The part of Chatwoot's public contact answer the bridge needs (it also has `id`,
+/// `source_id`, `name`, `email` and `phone_number`).
+#[derive(Deserialize)]
+struct PublicContact {
+    /// The contact's current pubsub token.
+    pubsub_token: Secret,
+}
+
+/// Where a token's subscriber is read from, when the config does not give its pubsub token.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Lookup {
+    /// A user's API access token: the profile.
+    Profile(ApiToken),
+    /// A contact's identifiers: the public contact API.
+    Contact(ContactToken),
+}
+
+impl Lookup {
+    /// The lookup of `spec`; `None` for a token written with its pubsub token.
+    pub(crate) fn of(spec: &TokenSpec) -> Option<Lookup> {
+        match (&spec.api, &spec.contact) {
+            (Some(api), _) => Some(Lookup::Profile(api.clone())),
+            (None, Some(contact)) => Some(Lookup::Contact(contact.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// How often the subscriber is read again.
+    fn refresh_interval(&self) -> Duration {
+        match self {
+            Lookup::Profile(api) => api.refresh_interval,
+            Lookup::Contact(contact) => contact.refresh_interval,
+        }
+    }
+
+    /// The TLS of an `https://` API URL.
+    fn tls(&self) -> Option<&ClientTls> {
+        match self {
+            Lookup::Profile(api) => api.tls.as_ref(),
+            Lookup::Contact(contact) => contact.tls.as_ref(),
+        }
+    }
+}
+
 /// One account of the profile.
 #[derive(Deserialize)]
 struct ProfileAccount {
@@ -138,75 +201,155 @@ struct ProfileAccount {
     id: u64,
 }
 
-/// The HTTP client of one token's profile reads: its TLS, timeout, and no redirects (a
-/// redirect could carry the access token header to another host).
-pub(crate) fn client(api: &ApiToken, settings: &CableSettings) -> Result<reqwest::Client, String> {
+/// The HTTP client of one token's reads: its TLS, timeout, and no redirects (a redirect could
+/// carry the access token header, or the contact identifier in the path, to another host).
+pub(crate) fn client(lookup: &Lookup, settings: &CableSettings) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(settings.connect_timeout)
         .timeout(settings.connect_timeout)
         .redirect(reqwest::redirect::Policy::none());
-    if let Some(tls) = &api.tls {
+    if let Some(tls) = lookup.tls() {
         builder = tls.reqwest(builder);
     }
     builder
         .build()
-        .map_err(|e| format!("cannot build the HTTP client of the profile: {e}"))
+        .map_err(|e| format!("cannot build the HTTP client of Chatwoot's API: {e}"))
 }
 
-/// Reads the profile once and picks the subscriber of `token`'s account.
+/// Reads the subscriber of `token` once, from the profile or the public contact API.
 pub(crate) async fn fetch(
     client: &reqwest::Client,
     token: &str,
-    api: &ApiToken,
+    lookup: &Lookup,
 ) -> Result<Subscriber, ProfileError> {
-    let url = api.profile_url();
+    match lookup {
+        Lookup::Profile(api) => fetch_profile(client, token, api).await,
+        Lookup::Contact(contact) => fetch_contact(client, token, contact).await,
+    }
+}
+
+/// What an endpoint answered.
+enum Reply {
+    /// A success, with its body (within [`MAX_PROFILE_BYTES`]).
+    Body(Vec<u8>),
+    /// Any other status.
+    Status(StatusCode),
+}
+
+/// Sends `request` and reads a success's body up to [`MAX_PROFILE_BYTES`]; `url` is the URL
+/// errors show.
+async fn get(request: reqwest::RequestBuilder, url: &str) -> Result<Reply, ProfileError> {
     let transport = |e: reqwest::Error| ProfileError::Transport {
-        url: url.clone(),
-        reason: describe(&e),
+        url: url.to_owned(),
+        reason: describe(e),
     };
-    let mut value =
-        HeaderValue::from_str(api.access_token.expose()).map_err(|_| ProfileError::Transport {
-            url: url.clone(),
-            reason: "the API access token holds characters not allowed in an HTTP header".into(),
-        })?;
-    value.set_sensitive(true);
-    let mut response = client
-        .get(&url)
-        .header(ACCESS_TOKEN_HEADER, value)
+    let mut response = request
         .header(ACCEPT, "application/json")
         .send()
         .await
         .map_err(transport)?;
     let status = response.status();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Err(ProfileError::Refused {
-            url,
-            status: status.as_u16(),
-        });
-    }
     if !status.is_success() {
-        return Err(ProfileError::Status {
-            url,
-            status: status.as_u16(),
-        });
+        return Ok(Reply::Status(status));
     }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(transport)? {
         if body.len() + chunk.len() > MAX_PROFILE_BYTES {
-            return Err(ProfileError::TooLarge { url });
+            return Err(ProfileError::TooLarge {
+                url: url.to_owned(),
+            });
         }
         body.extend_from_slice(&chunk);
     }
-    let profile: Profile = serde_json::from_slice(&body).map_err(|e| ProfileError::Malformed {
-        url: url.clone(),
+    Ok(Reply::Body(body))
+}
+
+/// `body` as a `T`, or what is wrong with it (class and position only: never its text).
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], url: &str) -> Result<T, ProfileError> {
+    serde_json::from_slice(body).map_err(|e| ProfileError::Malformed {
+        url: url.to_owned(),
         reason: format!(
             "{:?} error at line {} column {}",
             e.classify(),
             e.line(),
             e.column()
         ),
+    })
+}
+
+/// Reads the contact once from the public contact API.
+async fn fetch_contact(
+    client: &reqwest::Client,
+    token: &str,
+    contact: &ContactToken,
+) -> Result<Subscriber, ProfileError> {
+    let shown = contact.shown_url();
+    let mut url = reqwest::Url::parse(&contact.api_url).map_err(|e| ProfileError::Transport {
+        url: shown.clone(),
+        reason: format!("chatwoot.api_url is not a URL ({e})"),
     })?;
-    choose(profile, token, api)
+    url.path_segments_mut()
+        .map_err(|()| ProfileError::Transport {
+            url: shown.clone(),
+            reason: "chatwoot.api_url cannot take a path".into(),
+        })?
+        .pop_if_empty()
+        .extend([
+            "public",
+            "api",
+            "v1",
+            "inboxes",
+            &contact.inbox_identifier,
+            "contacts",
+            contact.contact_identifier.expose(),
+        ]);
+    match get(client.get(url), &shown).await? {
+        Reply::Status(StatusCode::NOT_FOUND) => Err(ProfileError::UnknownContact {
+            token: token.to_owned(),
+            inbox: contact.inbox_identifier.clone(),
+            url: shown,
+        }),
+        Reply::Status(status) => Err(ProfileError::Status {
+            url: shown,
+            status: status.as_u16(),
+        }),
+        Reply::Body(body) => {
+            let answer: PublicContact = parse(&body, &shown)?;
+            Ok(Subscriber {
+                pubsub_token: answer.pubsub_token,
+                identity: Identity::Contact,
+            })
+        }
+    }
+}
+
+/// Reads the profile once and picks the subscriber of `token`'s account.
+async fn fetch_profile(
+    client: &reqwest::Client,
+    token: &str,
+    api: &ApiToken,
+) -> Result<Subscriber, ProfileError> {
+    let url = api.profile_url();
+    let mut value =
+        HeaderValue::from_str(api.access_token.expose()).map_err(|_| ProfileError::Transport {
+            url: url.clone(),
+            reason: "the API access token holds characters not allowed in an HTTP header".into(),
+        })?;
+    value.set_sensitive(true);
+    let request = client.get(&url).header(ACCESS_TOKEN_HEADER, value);
+    match get(request, &url).await? {
+        Reply::Status(status @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)) => {
+            Err(ProfileError::Refused {
+                url,
+                status: status.as_u16(),
+            })
+        }
+        Reply::Status(status) => Err(ProfileError::Status {
+            url,
+            status: status.as_u16(),
+        }),
+        Reply::Body(body) => choose(parse(&body, &url)?, token, api),
+    }
 }
 
 /// The subscriber of the configured account, checked against the profile.
@@ -236,9 +379,11 @@ fn choose(profile: Profile, token: &str, api: &ApiToken) -> Result<Subscriber, P
     })
 }
 
-/// A transport error in words, with the TLS explanation the cable gives too.
-fn describe(error: &reqwest::Error) -> String {
+/// A transport error in words, with the TLS explanation the cable gives too; without its URL,
+/// which may hold a contact identifier (the error's `url` field shows the safe one).
+fn describe(error: reqwest::Error) -> String {
     use std::error::Error as _;
+    let error = error.without_url();
     let mut source = error.source();
     while let Some(cause) = source {
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
@@ -251,17 +396,17 @@ fn describe(error: &reqwest::Error) -> String {
     if error.is_timeout() {
         return "timed out (chatwoot.connect_timeout)".into();
     }
-    // reqwest's message names the URL and the failure, never the request's headers.
+    // Without its URL, reqwest's message names the failure only, never the request's headers.
     error.to_string()
 }
 
-/// Keeps one API token's subscriber current: reads the profile at start, every
+/// Keeps one token's subscriber current: reads the profile or the contact at start, every
 /// `refresh_interval`, and when asked, and publishes a changed subscriber.
 pub(crate) struct ProfileWatcher {
     /// The token's name, for logs and errors.
     pub(crate) name: Arc<str>,
-    /// The access token, the API URL and the refresh interval.
-    pub(crate) api: ApiToken,
+    /// What to read (the profile or the contact), and how often.
+    pub(crate) lookup: Lookup,
     /// Its HTTP client.
     pub(crate) client: reqwest::Client,
     /// The token's status cell: the state before the first subscriber, the rotations after.
@@ -280,11 +425,11 @@ impl ProfileWatcher {
     /// Reads the profile until cancelled.
     pub(crate) async fn run(mut self) {
         loop {
-            let wait = match fetch(&self.client, &self.name, &self.api).await {
+            let wait = match fetch(&self.client, &self.name, &self.lookup).await {
                 Ok(subscriber) => {
                     self.publish(subscriber);
                     self.backoff.reset();
-                    self.api.refresh_interval
+                    self.lookup.refresh_interval()
                 }
                 Err(e) => {
                     let delay = self.backoff.next_delay();
@@ -318,7 +463,7 @@ impl ProfileWatcher {
     /// Reports a failed read: as the token's state while there is no subscriber yet, else as
     /// its last error only (the socket keeps the subscriber it has).
     fn failed(&self, error: &ProfileError, retry_in: Duration) {
-        warn!(token = %self.name, error = %error, retry_in = ?retry_in, "reading the profile failed");
+        warn!(token = %self.name, error = %error, retry_in = ?retry_in, "reading the pubsub token from Chatwoot's API failed");
         if self.subscriber.borrow().is_some() {
             self.status.note(error.to_string());
         } else if error.refused() {
@@ -364,6 +509,30 @@ mod tests {
             }
         );
         assert!(choose(profile(PROFILE), "agent", &api(Some(3))).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_failed_contact_read_shows_the_url_without_the_identifier() {
+        let contact = ContactToken {
+            inbox_identifier: "Inbox1".into(),
+            contact_identifier: Secret::new("visitor-SECRET"),
+            // Nobody listens on port 1: the connection is refused.
+            api_url: "http://127.0.0.1:1".into(),
+            refresh_interval: Duration::from_secs(300),
+            tls: None,
+        };
+        let lookup = Lookup::Contact(contact);
+        let client = client(&lookup, &CableSettings::default()).unwrap();
+        let err = fetch(&client, "visitor", &lookup).await.unwrap_err();
+        assert!(matches!(err, ProfileError::Transport { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "GET http://127.0.0.1:1/public/api/v1/inboxes/Inbox1/contacts/{contact_identifier} failed: "
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("SECRET"), "{text}");
     }
 
     #[test]

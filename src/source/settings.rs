@@ -103,6 +103,9 @@ pub struct TokenSpec {
     /// Where the pubsub token comes from when the config gives a user's API access token
     /// instead: the profile, read again to follow rotations.
     pub api: Option<ApiToken>,
+    /// Where the pubsub token comes from when the config gives a contact by its inbox and
+    /// contact identifiers instead: Chatwoot's public contact API, read again like `api`.
+    pub contact: Option<ContactToken>,
     /// Whether to send `update_presence`, which shows the agent online.
     pub presence: bool,
     /// The TLS of a `wss://` socket (`chatwoot.tls`); `None` for `ws://`.
@@ -131,6 +134,35 @@ impl ApiToken {
     /// The profile endpoint.
     pub fn profile_url(&self) -> String {
         format!("{}/api/v1/profile", self.api_url.trim_end_matches('/'))
+    }
+}
+
+/// A contact (widget visitor) given by its identifiers: the pubsub token comes from
+/// `GET {api_url}/public/api/v1/inboxes/{inbox_identifier}/contacts/{contact_identifier}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactToken {
+    /// The inbox's public identifier (the widget's website token); not a secret, so errors
+    /// name it.
+    pub inbox_identifier: String,
+    /// The contact's identifier in that inbox (its `source_id`): whoever holds it reads the
+    /// contact's pubsub token, so it is a secret and never logged, not even inside a URL.
+    pub contact_identifier: Secret,
+    /// Chatwoot's REST base URL (`https://host`), without `/public/api/v1`.
+    pub api_url: String,
+    /// How often the contact is read again to notice a changed pubsub token.
+    pub refresh_interval: Duration,
+    /// The TLS of an `https://` API URL (`chatwoot.tls`); `None` for `http://`.
+    pub tls: Option<ClientTls>,
+}
+
+impl ContactToken {
+    /// The contact endpoint as it may be shown: the contact identifier left out.
+    pub fn shown_url(&self) -> String {
+        format!(
+            "{}/public/api/v1/inboxes/{}/contacts/{{contact_identifier}}",
+            self.api_url.trim_end_matches('/'),
+            self.inbox_identifier
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! What a token task subscribes with: the token's own pubsub token for good, or, for a token
-//! given as an API access token, whatever the profile says now (see [`profile`](super::profile)).
+//! given as an API access token or a contact given by its identifiers, whatever Chatwoot's API
+//! says now (see [`profile`](super::profile)).
 
 use std::future::pending;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::error;
 
 use crate::backoff::Backoff;
-use crate::source::profile::{self, ProfileWatcher, Subscriber};
+use crate::source::profile::{self, Lookup, ProfileWatcher, Subscriber};
 use crate::source::protocol;
 use crate::source::settings::{CableSettings, TokenSpec};
 use crate::status::{TokenReporter, TokenState};
@@ -35,7 +36,7 @@ impl Subscribers {
         status: &TokenReporter,
         cancel: &CancellationToken,
     ) -> Option<Subscribers> {
-        let Some(api) = &spec.api else {
+        let Some(lookup) = Lookup::of(spec) else {
             return Some(Subscribers {
                 current: Subscriber::fixed(spec),
                 updates: None,
@@ -43,7 +44,7 @@ impl Subscribers {
                 _watcher: None,
             });
         };
-        let client = match profile::client(api, settings) {
+        let client = match profile::client(&lookup, settings) {
             Ok(client) => client,
             Err(e) => {
                 error!(token = %spec.name, error = %e, "cannot read the profile");
@@ -57,7 +58,7 @@ impl Subscribers {
         let watcher_cancel = cancel.child_token();
         let watcher = ProfileWatcher {
             name: spec.name.clone(),
-            api: api.clone(),
+            lookup,
             client,
             status: status.clone(),
             subscriber: sender,
