@@ -218,6 +218,29 @@ mod record_tests {
     }
 
     #[test]
+    fn the_backfill_flag_round_trips_and_version_1_records_still_read() {
+        let mut event = Event::for_test("message.created", "t", r#"{"id":1}"#);
+        event.backfill = true;
+        let mut record = Vec::new();
+        event.encode_record(&mut record);
+        assert!(Event::decode_record(&record).unwrap().backfill);
+        event.backfill = false;
+        let mut plain = Vec::new();
+        event.encode_record(&mut plain);
+        assert!(!Event::decode_record(&plain).unwrap().backfill);
+        // Version 1 had no flags byte: after the version, id, time and three absent keys.
+        let flags_at = 1 + 16 + 8 + 4 + 3;
+        let mut old = plain.clone();
+        old.remove(flags_at);
+        old[0] = RECORD_VERSION_WITHOUT_FLAGS;
+        let back = Event::decode_record(&old).unwrap();
+        assert!(!back.backfill);
+        assert_eq!(back.data.get(), r#"{"id":1}"#);
+        old[0] = 3;
+        assert!(Event::decode_record(&old).is_err(), "an unknown version");
+    }
+
+    #[test]
     fn decoded_records_share_token_and_source() {
         let record = |token: &str| {
             let mut bytes = Vec::new();

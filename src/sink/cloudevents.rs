@@ -208,6 +208,17 @@ mod tests {
             ("chatwootaccount", "3".to_owned()),
         ];
         assert_eq!(binary_attributes(&e), expected);
+        let mut structured = Vec::new();
+        e.write_structured(&mut structured);
+        assert!(!String::from_utf8_lossy(&structured).contains("chatwootbackfill"));
+        e.backfill = true;
+        let mut marked = expected.to_vec();
+        marked.push(("chatwootbackfill", "true".to_owned()));
+        assert_eq!(binary_attributes(&e), marked);
+        structured.clear();
+        e.write_structured(&mut structured);
+        let value: serde_json::Value = serde_json::from_slice(&structured).unwrap();
+        assert_eq!(value["chatwootbackfill"], true);
         each_binary_attribute(&e, |attribute, _| {
             assert_eq!(attribute.dashed(), format!("ce-{}", attribute.name()));
             assert_eq!(attribute.underscored(), format!("ce_{}", attribute.name()));
