@@ -104,6 +104,12 @@ async fn the_refresh_follows_a_rotation_on_the_same_socket_and_misses_nothing_af
 
     mock.rotate_pubsub_token(3).expect("user 3 exists");
     rotated(&bridge).await;
+    // The rotation is counted when the profile shows it, before the new subscription is
+    // confirmed; the old one is dropped once it is, and only then is the new stream live.
+    wait_until("the old subscription dropped", || {
+        mock.unsubscribe_commands() >= 1
+    })
+    .await;
     let sent = create_messages(&mock, 20);
     wait_until("every message after the rotation", || {
         let got = messages(&out);

@@ -551,7 +551,11 @@ impl Backfiller {
                 newest_first.reverse();
                 return Ok(newest_first);
             }
-            before = page.payload.iter().filter_map(|m| m["id"].as_u64()).min();
+            before = page
+                .payload
+                .iter()
+                .filter_map(|m| m.get("id").and_then(Value::as_u64))
+                .min();
             let mut reached_older = false;
             for message in page.payload.into_iter().rev() {
                 let created = message.get("created_at").and_then(Value::as_f64);
