@@ -185,6 +185,12 @@ pub struct TokenStatus {
     /// Changes of the pubsub token the profile showed (a token given as an API access token):
     /// each one a rotation the socket followed.
     pub rotations: u64,
+    /// Gap backfills run after a resubscribe (tokens with `backfill`).
+    pub backfills: u64,
+    /// Events a backfill read over REST and handed over, marked `chatwootbackfill`.
+    pub backfilled_events: u64,
+    /// Gaps not backfilled: longer than `backfill_max_gap`, or the REST API failed.
+    pub backfill_gaps_given_up: u64,
     /// WebSocket messages read (text, binary, ping and pong): proof the socket lives, even
     /// while no event comes.
     pub frames: u64,
@@ -278,6 +284,12 @@ struct TokenCell {
     rejected: AtomicU64,
     /// See [`TokenStatus::rotations`].
     rotations: AtomicU64,
+    /// See [`TokenStatus::backfills`].
+    backfills: AtomicU64,
+    /// See [`TokenStatus::backfilled_events`].
+    backfilled_events: AtomicU64,
+    /// See [`TokenStatus::backfill_gaps_given_up`].
+    backfill_gaps_given_up: AtomicU64,
     /// See [`TokenStatus::frames`].
     frames: AtomicU64,
     /// See [`TokenStatus::last_event_at`], in milliseconds since the Unix epoch: a time that
@@ -711,6 +723,9 @@ impl TokenCell {
             unconfirmed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
+            backfills: AtomicU64::new(0),
+            backfilled_events: AtomicU64::new(0),
+            backfill_gaps_given_up: AtomicU64::new(0),
             frames: AtomicU64::new(0),
             last_event_ms: AtomicU64::new(started),
             last_ping_ms: AtomicU64::new(started),
@@ -735,6 +750,9 @@ impl TokenCell {
             unconfirmed_subscriptions: self.unconfirmed.load(Ordering::Relaxed),
             rejected_subscriptions: self.rejected.load(Ordering::Relaxed),
             rotations: self.rotations.load(Ordering::Relaxed),
+            backfills: self.backfills.load(Ordering::Relaxed),
+            backfilled_events: self.backfilled_events.load(Ordering::Relaxed),
+            backfill_gaps_given_up: self.backfill_gaps_given_up.load(Ordering::Relaxed),
             frames: self.frames.load(Ordering::Relaxed),
             last_event_at: from_unix_ms(self.last_event_ms.load(Ordering::Relaxed)),
             last_ping_at: from_unix_ms(self.last_ping_ms.load(Ordering::Relaxed)),
@@ -790,6 +808,25 @@ impl TokenReporter {
     pub(crate) fn note(&self, error: impl Into<String>) {
         let (state, _, _) = self.cell.phase.get();
         self.update(state, Some(error.into()));
+    }
+
+    /// Counts a backfill that ran to its end.
+    pub(crate) fn backfilled(&self) {
+        self.cell.backfills.fetch_add(1, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Counts an event a backfill handed over.
+    pub(crate) fn backfilled_event(&self) {
+        self.cell.backfilled_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a gap given up (too long, or the REST API failed).
+    pub(crate) fn backfill_given_up(&self) {
+        self.cell
+            .backfill_gaps_given_up
+            .fetch_add(1, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Counts a rotation of the pubsub token.

@@ -197,12 +197,15 @@ fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
             .iter()
             .map(|(token, status)| (token, status.state)),
     );
-    let families: [TokenFamily; 8] = [
+    let families: [TokenFamily; 11] = [
         ("token_subscribed", Gauge, "1 while Chatwoot has confirmed the token's subscription, else 0.", |t| (t.state == TokenState::Subscribed).into()),
         ("token_connects_total", Counter, "WebSocket handshakes that succeeded.", |t| t.connects.into()),
         ("token_subscriptions_unconfirmed_total", Counter, "Subscriptions given up because no confirm came within confirm_timeout (Chatwoot's answer to a wrong or rotated token).", |t| t.unconfirmed_subscriptions.into()),
         ("token_subscriptions_rejected_total", Counter, "Subscriptions the server refused with reject_subscription.", |t| t.rejected_subscriptions.into()),
         ("token_rotations_total", Counter, "Rotations of the pubsub token the profile showed (tokens given as API access tokens); the socket resubscribed with the new one.", |t| t.rotations.into()),
+        ("token_backfills_total", Counter, "Gap backfills run over the REST API after a resubscribe (tokens with backfill).", |t| t.backfills.into()),
+        ("token_backfilled_events_total", Counter, "Events a backfill read over REST and handed over, marked chatwootbackfill.", |t| t.backfilled_events.into()),
+        ("token_backfill_gaps_given_up_total", Counter, "Gaps not backfilled: longer than backfill_max_gap, or the REST API kept failing.", |t| t.backfill_gaps_given_up.into()),
         ("token_frames_received_total", Counter, "WebSocket messages read from the socket, pings included.", |t| t.frames.into()),
         ("token_events_received_total", Counter, "Events read from the socket.", |t| t.events.into()),
         ("token_malformed_frames_total", Counter, "Frames skipped because they could not be decoded (or nested too deep).", |t| t.malformed_frames.into()),

@@ -7,6 +7,7 @@ use tokio_tungstenite::tungstenite::http::Uri;
 use super::raw::RawToken;
 use super::validate::{check_duration, derive_origin, Chatwoot};
 use crate::secret_file;
+use crate::source::backfill::{BackfillSettings, DEFAULT_MAX_GAP};
 use crate::source::settings::ApiToken;
 use crate::tls::ClientTls;
 use crate::types::Problems;
@@ -31,6 +32,12 @@ pub(super) fn take(
             at.add(
                 "refresh_interval",
                 "is only for a token given as api_access_token or inbox_identifier + contact_identifier (it says how often the pubsub token is read again)",
+            );
+        }
+        if raw.backfill == Some(true) || raw.backfill_max_gap.is_some() {
+            at.add(
+                "backfill",
+                "needs api_access_token: a backfill reads Chatwoot's REST API with the user's access token",
             );
         }
         return None;
@@ -64,6 +71,7 @@ pub(super) fn take(
         .map_or(DEFAULT_REFRESH_INTERVAL, |d| d.0);
     at.check("refresh_interval", check_duration(refresh_interval));
     let (api_url, tls) = api_endpoint(cable_url, chatwoot);
+    let backfill = backfill_settings(raw, at);
     Some(ApiToken {
         access_token,
         api_url,
@@ -71,6 +79,7 @@ pub(super) fn take(
         user_id: raw.user_id,
         refresh_interval,
         tls,
+        backfill,
     })
 }
 
@@ -86,6 +95,25 @@ pub(super) fn api_endpoint(cable_url: &str, chatwoot: &Chatwoot) -> (String, Opt
         .clone()
         .filter(|_| api_url.starts_with("https://"));
     (api_url, tls)
+}
+
+/// `backfill` and `backfill_max_gap` of a token given as an API access token.
+fn backfill_settings(raw: &RawToken, at: &mut Problems<'_>) -> Option<BackfillSettings> {
+    if raw.backfill != Some(true) {
+        if raw.backfill_max_gap.is_some() {
+            at.add(
+                "backfill_max_gap",
+                "is only for a token with backfill: true",
+            );
+        }
+        return None;
+    }
+    let max_gap = raw
+        .backfill_max_gap
+        .as_ref()
+        .map_or(DEFAULT_MAX_GAP, |d| d.0);
+    at.check("backfill_max_gap", check_duration(max_gap));
+    Some(BackfillSettings { max_gap })
 }
 
 /// The REST base URL of a cable URL: the same host over `https://` (`http://` for `ws://`),
@@ -187,6 +215,32 @@ mod tests {
                 "tokens[0].api_access_token: pubsub_token and api_access_token are both given; keep one (with api_access_token the pubsub token is read from Chatwoot's profile)",
                 "tokens[1].account_id: a token given as api_access_token needs account_id: the account whose events it receives",
                 "tokens[2].refresh_interval: is only for a token given as api_access_token or inbox_identifier + contact_identifier (it says how often the pubsub token is read again)",
+            ]
+        );
+    }
+
+    #[test]
+    fn backfill_is_opt_in_and_needs_an_api_token() {
+        let cfg = load(
+            "",
+            "  - { name: a, api_access_token: x, account_id: 1, backfill: true }\n  - { name: b, api_access_token: x, account_id: 1, backfill: true, backfill_max_gap: 10m }\n  - { name: c, api_access_token: x, account_id: 1 }\n",
+        )
+        .unwrap();
+        let backfill = |i: usize| cfg.tokens[i].api.as_ref().unwrap().backfill.clone();
+        assert_eq!(backfill(0).unwrap().max_gap, DEFAULT_MAX_GAP);
+        assert_eq!(backfill(1).unwrap().max_gap, Duration::from_secs(600));
+        assert_eq!(backfill(2), None);
+        let found = load(
+            "",
+            "  - { name: a, pubsub_token: y, backfill: true }\n  - { name: b, api_access_token: x, account_id: 1, backfill_max_gap: 1m }\n  - { name: c, api_access_token: x, account_id: 1, backfill: true, backfill_max_gap: 0s }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            found,
+            [
+                "tokens[0].backfill: needs api_access_token: a backfill reads Chatwoot's REST API with the user's access token",
+                "tokens[1].backfill_max_gap: is only for a token with backfill: true",
+                "tokens[2].backfill_max_gap: must be greater than zero",
             ]
         );
     }

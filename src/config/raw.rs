@@ -247,6 +247,11 @@ pub(super) struct RawToken {
     /// `inbox_identifier`) is read again to notice a rotated pubsub token (default 5m); it is
     /// also read whenever a subscription goes unconfirmed.
     pub(super) refresh_interval: Option<HumanDuration>,
+    /// Fill the socket's gaps over the REST API after a resubscribe (see README "Filling
+    /// gaps"); only with `api_access_token`.
+    pub(super) backfill: Option<bool>,
+    /// The longest gap a backfill reads (default 1h); a longer one is given up, counted.
+    pub(super) backfill_max_gap: Option<HumanDuration>,
     /// With `user_id`: an agent token of this account.
     #[serde(default, deserialize_with = "optional_number")]
     #[schemars(with = "Option<u64>")]

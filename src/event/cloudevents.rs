@@ -58,6 +58,9 @@ impl Event {
             out.extend_from_slice(br#","chatwootaccount":"#);
             out.extend_from_slice(AsciiBuf::decimal(account).as_str().as_bytes());
         }
+        if self.backfill {
+            out.extend_from_slice(br#","chatwootbackfill":true"#);
+        }
         out.extend_from_slice(br#","data":"#);
         out.extend_from_slice(self.data.get().as_bytes());
         out.push(b'}');

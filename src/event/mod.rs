@@ -129,6 +129,9 @@ pub struct Event {
     pub received_mono: Instant,
     /// The ids read out of `data` once, for routing, keys, templates and the subject.
     pub keys: DataKeys,
+    /// Read over Chatwoot's REST API to fill a gap in the socket, not from the socket: carried
+    /// as the CloudEvents extension `chatwootbackfill: true` (see `source::backfill`).
+    pub backfill: bool,
 }
 
 impl Event {
@@ -151,6 +154,7 @@ impl Event {
             received_at,
             received_mono: Instant::now(),
             keys,
+            backfill: false,
         }
     }
 

@@ -11,12 +11,18 @@ use crate::event::{content_hash, DataKeys, Event, EventId, JsonText};
 pub struct RecordError(&'static str);
 
 /// Version byte of the record layout, so a future layout can still read old spools.
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
+
+/// The layout before the flags byte: read as an event with no flag set.
+const RECORD_VERSION_WITHOUT_FLAGS: u8 = 1;
+
+/// Flag bit: the event is a backfill's ([`Event::backfill`]).
+const FLAG_BACKFILL: u8 = 1;
 
 impl Event {
     /// The event as a spool record: everything needed to deliver it again after a restart.
     /// Layout (little endian): version, id (16), received_at seconds (8) and nanos (4), three
-    /// optional ids (flag + 8 each), then name, token, source and data, each length-prefixed (u32).
+    /// optional ids (flag + 8 each), a flags byte ([`FLAG_BACKFILL`]), then name, token, source and data, each length-prefixed (u32).
     pub fn encode_record(&self, out: &mut Vec<u8>) {
         let since_epoch = self
             .received_at
@@ -39,6 +45,7 @@ impl Event {
                 None => out.push(0),
             }
         }
+        out.push(if self.backfill { FLAG_BACKFILL } else { 0 });
         for field in [&*self.name, &*self.token, &*self.source, self.data.get()] {
             out.extend_from_slice(&(field.len() as u32).to_le_bytes());
             out.extend_from_slice(field.as_bytes());
@@ -59,7 +66,8 @@ impl Event {
             let len = u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")) as usize;
             std::str::from_utf8(take(bytes, len)?).map_err(|_| RecordError("text is not UTF-8"))
         }
-        if take(&mut bytes, 1)?[0] != RECORD_VERSION {
+        let version = take(&mut bytes, 1)?[0];
+        if version != RECORD_VERSION && version != RECORD_VERSION_WITHOUT_FLAGS {
             return Err(RecordError("unknown version"));
         }
         let id = u128::from_le_bytes(take(&mut bytes, 16)?.try_into().expect("16 bytes"));
@@ -74,6 +82,11 @@ impl Event {
                 ));
             }
         }
+        let flags = if version == RECORD_VERSION {
+            take(&mut bytes, 1)?[0]
+        } else {
+            0
+        };
         let name = text(&mut bytes)?;
         let token = text(&mut bytes)?;
         let source = text(&mut bytes)?;
@@ -93,6 +106,7 @@ impl Event {
                 conversation_id: keys[1],
                 inbox_id: keys[2],
             },
+            backfill: flags & FLAG_BACKFILL != 0,
         })
     }
 }
@@ -201,6 +215,29 @@ mod record_tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_backfill_flag_round_trips_and_version_1_records_still_read() {
+        let mut event = Event::for_test("message.created", "t", r#"{"id":1}"#);
+        event.backfill = true;
+        let mut record = Vec::new();
+        event.encode_record(&mut record);
+        assert!(Event::decode_record(&record).unwrap().backfill);
+        event.backfill = false;
+        let mut plain = Vec::new();
+        event.encode_record(&mut plain);
+        assert!(!Event::decode_record(&plain).unwrap().backfill);
+        // Version 1 had no flags byte: after the version, id, time and three absent keys.
+        let flags_at = 1 + 16 + 8 + 4 + 3;
+        let mut old = plain.clone();
+        old.remove(flags_at);
+        old[0] = RECORD_VERSION_WITHOUT_FLAGS;
+        let back = Event::decode_record(&old).unwrap();
+        assert!(!back.backfill);
+        assert_eq!(back.data.get(), r#"{"id":1}"#);
+        old[0] = 3;
+        assert!(Event::decode_record(&old).is_err(), "an unknown version");
     }
 
     #[test]

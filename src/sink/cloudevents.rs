@@ -38,6 +38,7 @@ pub(crate) enum Attribute {
     ChatwootEvent,
     ChatwootToken,
     ChatwootAccount,
+    ChatwootBackfill,
 }
 
 impl Attribute {
@@ -53,6 +54,7 @@ impl Attribute {
             Attribute::ChatwootEvent => "chatwootevent",
             Attribute::ChatwootToken => "chatwoottoken",
             Attribute::ChatwootAccount => "chatwootaccount",
+            Attribute::ChatwootBackfill => "chatwootbackfill",
         }
     }
 
@@ -69,6 +71,7 @@ impl Attribute {
             Attribute::ChatwootEvent => "ce-chatwootevent",
             Attribute::ChatwootToken => "ce-chatwoottoken",
             Attribute::ChatwootAccount => "ce-chatwootaccount",
+            Attribute::ChatwootBackfill => "ce-chatwootbackfill",
         }
     }
 
@@ -84,6 +87,7 @@ impl Attribute {
             Attribute::ChatwootEvent => "ce_chatwootevent",
             Attribute::ChatwootToken => "ce_chatwoottoken",
             Attribute::ChatwootAccount => "ce_chatwootaccount",
+            Attribute::ChatwootBackfill => "ce_chatwootbackfill",
         }
     }
 }
@@ -115,6 +119,9 @@ pub(crate) fn each_binary_attribute(event: &Event, mut f: impl FnMut(Attribute, 
             AsciiBuf::decimal(account).as_str(),
         );
     }
+    if event.backfill {
+        f(Attribute::ChatwootBackfill, "true");
+    }
 }
 
 /// Before the event name in CloudEvents `type` (as [`Event::ce_type`] writes it).
@@ -127,7 +134,7 @@ const SUBJECT_PREFIX: &str = "conversation/";
 /// transport prefix (`ce_` for Kafka, `ce-` for NATS and HTTP). `datacontenttype` is left to
 /// each binding: Kafka and HTTP use their own `content-type` header.
 pub fn binary_attributes(event: &Event) -> Vec<(&'static str, String)> {
-    let mut attributes = Vec::with_capacity(9);
+    let mut attributes = Vec::with_capacity(10);
     each_binary_attribute(event, |attribute, value| {
         attributes.push((attribute.name(), value.to_owned()))
     });
@@ -201,6 +208,17 @@ mod tests {
             ("chatwootaccount", "3".to_owned()),
         ];
         assert_eq!(binary_attributes(&e), expected);
+        let mut structured = Vec::new();
+        e.write_structured(&mut structured);
+        assert!(!String::from_utf8_lossy(&structured).contains("chatwootbackfill"));
+        e.backfill = true;
+        let mut marked = expected.to_vec();
+        marked.push(("chatwootbackfill", "true".to_owned()));
+        assert_eq!(binary_attributes(&e), marked);
+        structured.clear();
+        e.write_structured(&mut structured);
+        let value: serde_json::Value = serde_json::from_slice(&structured).unwrap();
+        assert_eq!(value["chatwootbackfill"], true);
         each_binary_attribute(&e, |attribute, _| {
             assert_eq!(attribute.dashed(), format!("ce-{}", attribute.name()));
             assert_eq!(attribute.underscored(), format!("ce_{}", attribute.name()));

@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::memory::ByteGate;
+use crate::source::backfill::Gaps;
 use crate::source::profile::Subscriber;
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
@@ -167,9 +168,18 @@ impl TokenTask {
             self.status.set(TokenState::Stopped);
             return;
         };
+        let mut gaps = Gaps::new(
+            &self.spec,
+            &self.settings,
+            &self.events,
+            &self.status,
+            &self.cancel,
+        );
         loop {
             self.status.set(TokenState::Connecting);
-            let ended = self.session(&mut subscribers, &source, &mut backoff).await;
+            let ended = self
+                .session(&mut subscribers, &mut gaps, &source, &mut backoff)
+                .await;
             let Some(delay) = delay_after(
                 &ended.end,
                 ended.healthy_for,
@@ -222,6 +232,7 @@ impl TokenTask {
     async fn session(
         &self,
         subscribers: &mut Subscribers,
+        gaps: &mut Gaps,
         source: &Arc<str>,
         backoff: &mut Backoff,
     ) -> Ended {
@@ -233,7 +244,7 @@ impl TokenTask {
         debug!(token = %self.spec.name, url = %self.spec.url, "connected");
         // Kept here and borrowed: moved into `run`, the socket would take room twice in the
         // task's future (about 1.5 KB more per token).
-        let mut session = Session::new(self, subscribers, source, backoff, ws);
+        let mut session = Session::new(self, subscribers, gaps, source, backoff, ws);
         session.run().await
     }
 
@@ -269,6 +280,9 @@ struct Session<'a> {
     /// A subscription with a rotated pubsub token, made beside the confirmed one, which is
     /// dropped once this one is confirmed.
     rotation: Option<Rotation>,
+    /// When the subscription was last healthy, what the socket delivered, and the backfill
+    /// of a gap once confirmed again (tokens with `backfill`).
+    gaps: &'a mut Gaps,
     /// `source` of the events read here.
     source: &'a Arc<str>,
     /// The token's backoff, which also spaces resubscribes after a reject or silence.
@@ -288,6 +302,7 @@ impl<'a> Session<'a> {
     fn new(
         task: &'a TokenTask,
         subscribers: &'a mut Subscribers,
+        gaps: &'a mut Gaps,
         source: &'a Arc<str>,
         backoff: &'a mut Backoff,
         ws: Socket,
@@ -297,6 +312,7 @@ impl<'a> Session<'a> {
             identifier: subscribers.identifier(),
             subscribers,
             rotation: None,
+            gaps,
             source,
             backoff,
             ws,
@@ -356,6 +372,13 @@ impl<'a> Session<'a> {
         rotation.into_iter().chain(subscription).min()
     }
 
+    /// A ping or event at `at`: while confirmed, the subscription is healthy then.
+    fn healthy(&mut self, at: SystemTime) {
+        if let Subscription::Confirmed { .. } = self.subscription {
+            self.gaps.healthy(at);
+        }
+    }
+
     /// Any frame is proof of life: silence is measured from the latest one.
     fn alive(&mut self) {
         let at = Instant::now() + self.task.settings.stale_after;
@@ -404,7 +427,10 @@ impl<'a> Session<'a> {
                 warn!(token = %name, error = %e, bytes = text.len(), "skipped a malformed frame");
             }
             Ok(ServerFrame::Welcome) => return self.on_welcome().await,
-            Ok(ServerFrame::Ping) => self.task.status.pinged(received_at),
+            Ok(ServerFrame::Ping) => {
+                self.task.status.pinged(received_at);
+                self.healthy(received_at);
+            }
             Ok(ServerFrame::Other { .. }) => {}
             Ok(ServerFrame::Confirm { identifier }) if identifier == self.identifier => {
                 self.on_confirm()
@@ -457,6 +483,8 @@ impl<'a> Session<'a> {
                     self.source.clone(),
                     received_at,
                 );
+                self.gaps.delivered(&event);
+                self.healthy(received_at);
                 return self.hand_over(event).await;
             }
         }
@@ -515,6 +543,7 @@ impl<'a> Session<'a> {
                 since: Instant::now(),
             };
             self.next_presence = Instant::now();
+            self.gaps.confirmed();
         } else {
             debug!(token = %self.task.spec.name,
                 "ignored a confirm that came after the subscription was given up");

@@ -7,6 +7,7 @@
 //! [`cable`] owns one socket's life (connect, subscribe, notice silence, reconnect);
 //! [`supervisor`] keeps one such task running per configured token and restarts it on panic.
 
+pub mod backfill;
 pub mod cable;
 pub mod profile;
 pub mod protocol;

@@ -487,6 +487,7 @@ mod tests {
             user_id,
             refresh_interval: Duration::from_secs(300),
             tls: None,
+            backfill: None,
         }
     }
 

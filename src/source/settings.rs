@@ -128,6 +128,8 @@ pub struct ApiToken {
     pub refresh_interval: Duration,
     /// The TLS of an `https://` API URL (`chatwoot.tls`); `None` for `http://`.
     pub tls: Option<ClientTls>,
+    /// Whether and how the socket's gaps are filled over the REST API (`backfill: true`).
+    pub backfill: Option<crate::source::backfill::BackfillSettings>,
 }
 
 impl ApiToken {

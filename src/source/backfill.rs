@@ -1,0 +1,753 @@
+//! Filling the socket's gaps over Chatwoot's REST API, for tokens given as an API access token
+//! with `backfill: true`.
+//!
+//! Chatwoot's cable has no replay: whatever it broadcasts while a socket is down is gone. A
+//! token task remembers when its subscription was last healthy (the last ping or event while
+//! confirmed) and, when the subscription is confirmed again, spawns a backfill of that gap, as
+//! Chatwoot's dashboard recovers: the conversations updated within the gap plus
+//! [`BACKFILL_MARGIN`], then per conversation the messages after the last one the socket
+//! delivered before the gap. Each missed message becomes a `message.created` event and each
+//! listed conversation a `conversation.updated` event, marked [`Event::backfill`]
+//! (`chatwootbackfill: true`) and handed to the same [`EventSender`] as the socket's events.
+//!
+//! A backfill never holds up the socket: it runs in its own task, one gap at a time per token,
+//! at most [`BACKFILL_CONCURRENCY`] requests at once, honouring `429` and `Retry-After`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::{stream, StreamExt};
+use reqwest::header::{HeaderValue, ACCEPT, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::event::{nesting_exceeds, Event, JsonText};
+use crate::source::cable::EventSender;
+use crate::source::profile;
+use crate::source::settings::{ApiToken, CableSettings, TokenSpec};
+use crate::status::TokenReporter;
+
+/// The longest gap backfilled by default: a longer one is given up, loudly and counted. An
+/// hour of an account's traffic is what a backfill can re-read without flooding the REST API.
+pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(60 * 60);
+
+/// Added before the gap's start when asking which conversations changed: the last healthy
+/// moment is known to the second, and Chatwoot's `updated_at` is written by background jobs.
+pub const BACKFILL_MARGIN: Duration = Duration::from_secs(30);
+
+/// REST requests one token's backfill has in flight at once.
+pub const BACKFILL_CONCURRENCY: usize = 2;
+
+/// Bounds the body of one REST answer. A page of 100 messages is some 100-300 KB; a larger
+/// answer is refused before it is parsed, and the gap given up.
+pub const MAX_BACKFILL_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Bounds the conversations one gap backfills; a gap that changed more is given up.
+pub const MAX_BACKFILL_CONVERSATIONS: usize = 1000;
+
+/// Bounds the message pages read per conversation (100 messages a page after a known message,
+/// 20 a page backwards in a conversation the socket never delivered); beyond, the gap is given
+/// up for the rest.
+pub const MAX_MESSAGE_PAGES: usize = 20;
+
+/// Conversations whose recent message ids a token remembers, the least recently used
+/// forgotten first.
+pub const REMEMBERED_CONVERSATIONS: usize = 512;
+
+/// Message ids remembered per conversation, the oldest forgotten first.
+pub const REMEMBERED_IDS_PER_CONVERSATION: usize = 128;
+
+/// Bounds the `429` answers one request waits out before the gap is given up.
+pub const MAX_THROTTLED_RETRIES: u32 = 60;
+
+/// Bounds the wait of one `Retry-After` (a longer one is cut to this).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Attempts of one request that fails otherwise (transport, 5xx) before the gap is given up.
+const MAX_FAILED_ATTEMPTS: u32 = 4;
+
+/// Messages `GET .../messages?after=` answers at most (Chatwoot's limit): fewer means the end.
+const MESSAGES_AFTER_PAGE: usize = 100;
+
+/// The header Chatwoot reads a user's access token from.
+const ACCESS_TOKEN_HEADER: &str = "api_access_token";
+
+/// How a token backfills (`backfill: true`, `backfill_max_gap`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackfillSettings {
+    /// The longest gap read; a longer one is given up with a loud log and a counter.
+    pub max_gap: Duration,
+}
+
+/// Why a gap was not (fully) backfilled. Never holds the access token.
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    /// The gap is longer than `backfill_max_gap`.
+    #[error("the gap of {gap:?} is longer than backfill_max_gap ({max_gap:?})")]
+    TooLong {
+        /// How long the subscription was not healthy.
+        gap: Duration,
+        /// The configured bound.
+        max_gap: Duration,
+    },
+    /// A non-success status other than 429.
+    #[error("{url} answered HTTP {status}")]
+    Status {
+        /// The request URL (no credentials: the token travels in a header).
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// Still `429` after [`MAX_THROTTLED_RETRIES`] waits.
+    #[error("{url} kept answering 429 Too Many Requests ({MAX_THROTTLED_RETRIES} times)")]
+    Throttled {
+        /// The request URL.
+        url: String,
+    },
+    /// Connect, TLS, timeout or a broken body.
+    #[error("GET {url} failed: {reason}")]
+    Transport {
+        /// The request URL.
+        url: String,
+        /// What went wrong, without the request's headers.
+        reason: String,
+    },
+    /// The body exceeds [`MAX_BACKFILL_RESPONSE_BYTES`].
+    #[error("{url} answered more than {MAX_BACKFILL_RESPONSE_BYTES} bytes")]
+    TooLarge {
+        /// The request URL.
+        url: String,
+    },
+    /// Not the JSON shape Chatwoot answers.
+    #[error("{url} answered something that is not Chatwoot's: {reason}")]
+    Malformed {
+        /// The request URL.
+        url: String,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// More conversations changed than [`MAX_BACKFILL_CONVERSATIONS`].
+    #[error("{count} conversations changed in the gap, more than {MAX_BACKFILL_CONVERSATIONS}")]
+    TooManyConversations {
+        /// How many the list held.
+        count: usize,
+    },
+    /// A conversation had more messages in the gap than [`MAX_MESSAGE_PAGES`] pages.
+    #[error("conversation {conversation} has more than {MAX_MESSAGE_PAGES} pages of messages in the gap")]
+    TooManyMessages {
+        /// The conversation's display id.
+        conversation: u64,
+    },
+    /// The pipeline closed (shutdown deadline passed).
+    #[error("the pipeline closed before the backfill's events were handed over")]
+    PipelineClosed,
+}
+
+/// The message ids the socket delivered lately, per conversation: what a backfill must not send
+/// again, and where it starts reading. Bounded by [`REMEMBERED_CONVERSATIONS`] ×
+/// [`REMEMBERED_IDS_PER_CONVERSATION`].
+#[derive(Debug, Default)]
+pub(crate) struct SeenMessages {
+    /// By conversation display id.
+    conversations: HashMap<u64, SeenConversation>,
+    /// Counts uses, to tell the least recently used conversation.
+    uses: u64,
+}
+
+/// One conversation's remembered messages.
+#[derive(Debug, Default)]
+struct SeenConversation {
+    /// Message ids with when they were delivered, oldest first.
+    ids: VecDeque<(u64, SystemTime)>,
+    /// [`SeenMessages::uses`] when last recorded into, for eviction.
+    used: u64,
+}
+
+impl SeenMessages {
+    /// Remembers that message `id` of `conversation` was delivered at `at`.
+    pub(crate) fn record(&mut self, conversation: u64, id: u64, at: SystemTime) {
+        self.uses += 1;
+        if !self.conversations.contains_key(&conversation)
+            && self.conversations.len() >= REMEMBERED_CONVERSATIONS
+        {
+            let oldest = self
+                .conversations
+                .iter()
+                .min_by_key(|(_, c)| c.used)
+                .map(|(id, _)| *id);
+            if let Some(oldest) = oldest {
+                self.conversations.remove(&oldest);
+            }
+        }
+        let seen = self.conversations.entry(conversation).or_default();
+        seen.used = self.uses;
+        if seen.ids.len() >= REMEMBERED_IDS_PER_CONVERSATION {
+            seen.ids.pop_front();
+        }
+        seen.ids.push_back((id, at));
+    }
+
+    /// Whether message `id` of `conversation` is remembered as delivered.
+    pub(crate) fn contains(&self, conversation: u64, id: u64) -> bool {
+        self.conversations
+            .get(&conversation)
+            .is_some_and(|c| c.ids.iter().any(|(seen, _)| *seen == id))
+    }
+
+    /// The greatest message id of `conversation` delivered no later than `at`: a gap starting
+    /// at `at` is read from after it.
+    pub(crate) fn last_before(&self, conversation: u64, at: SystemTime) -> Option<u64> {
+        self.conversations.get(&conversation).and_then(|c| {
+            c.ids
+                .iter()
+                .filter(|(_, seen)| *seen <= at)
+                .map(|(id, _)| *id)
+                .max()
+        })
+    }
+}
+
+/// The ids a live `message.created` carries, to remember it.
+#[derive(Deserialize)]
+struct LiveMessage {
+    /// The message id.
+    id: u64,
+    /// The conversation's display id.
+    conversation_id: u64,
+    /// The account; a user in several accounts gets all their events.
+    account_id: u64,
+}
+
+/// The gap bookkeeping of one token task, across its connections: when the subscription was
+/// last healthy, and the backfiller (for tokens with `backfill`).
+pub(crate) struct Gaps {
+    /// `None` for a token without `backfill`: then nothing is tracked.
+    backfiller: Option<Arc<Backfiller>>,
+    /// The last ping or event while the subscription was confirmed.
+    last_healthy: Option<SystemTime>,
+}
+
+impl Gaps {
+    /// The gap bookkeeping of `spec`; inert unless it has `backfill`.
+    pub(crate) fn new(
+        spec: &TokenSpec,
+        settings: &CableSettings,
+        events: &EventSender,
+        status: &TokenReporter,
+        cancel: &CancellationToken,
+    ) -> Gaps {
+        let backfiller = spec.api.as_ref().and_then(|api| {
+            let backfill = api.backfill.clone()?;
+            match profile::client(&profile::Lookup::Profile(api.clone()), settings) {
+                Ok(client) => Some(Arc::new(Backfiller {
+                    token: spec.name.clone(),
+                    source: Arc::from(spec.source()),
+                    api: api.clone(),
+                    backfill,
+                    max_nesting: settings.max_nesting,
+                    client,
+                    events: events.clone(),
+                    status: status.clone(),
+                    cancel: cancel.clone(),
+                    seen: Mutex::new(SeenMessages::default()),
+                    one_at_a_time: tokio::sync::Mutex::new(()),
+                })),
+                Err(e) => {
+                    error!(token = %spec.name, error = %e, "backfill disabled");
+                    None
+                }
+            }
+        });
+        Gaps {
+            backfiller,
+            last_healthy: None,
+        }
+    }
+
+    /// A ping or event arrived while the subscription was confirmed.
+    pub(crate) fn healthy(&mut self, at: SystemTime) {
+        if self.backfiller.is_some() {
+            self.last_healthy = Some(at);
+        }
+    }
+
+    /// The socket delivered `event`: a `message.created` is remembered, so that no backfill
+    /// sends it again.
+    pub(crate) fn delivered(&self, event: &Event) {
+        let Some(backfiller) = &self.backfiller else {
+            return;
+        };
+        if &*event.name != "message.created" {
+            return;
+        }
+        if let Ok(message) = serde_json::from_str::<LiveMessage>(event.data.get()) {
+            if message.account_id == backfiller.api.account_id {
+                let mut seen = backfiller.seen.lock().expect("seen lock");
+                seen.record(message.conversation_id, message.id, event.received_at);
+            }
+        }
+    }
+
+    /// The subscription is confirmed: if it was healthy before, backfill the gap since, in
+    /// its own task.
+    pub(crate) fn confirmed(&mut self) {
+        let (Some(backfiller), Some(start)) = (&self.backfiller, self.last_healthy) else {
+            return;
+        };
+        let gap = Gap {
+            start,
+            end: SystemTime::now(),
+        };
+        self.last_healthy = Some(gap.end);
+        tokio::spawn(backfiller.clone().run(gap));
+    }
+}
+
+/// A time the subscription was not healthy.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    /// The last ping or event while confirmed.
+    start: SystemTime,
+    /// When the subscription was confirmed again.
+    end: SystemTime,
+}
+
+impl Gap {
+    /// How long it lasted.
+    fn length(&self) -> Duration {
+        self.end.duration_since(self.start).unwrap_or_default()
+    }
+}
+
+/// Reads one token's gaps over REST and hands what the socket missed to the pipeline.
+struct Backfiller {
+    /// The token's name, the events' `token`.
+    token: Arc<str>,
+    /// The events' `source`, as the socket's.
+    source: Arc<str>,
+    /// The REST API and the access token.
+    api: ApiToken,
+    /// `backfill_max_gap`.
+    backfill: BackfillSettings,
+    /// `chatwoot.max_nesting`, applied to backfilled data as to the socket's.
+    max_nesting: usize,
+    /// The REST client (the profile's settings: TLS, timeouts, no redirects).
+    client: reqwest::Client,
+    /// The socket's pipeline.
+    events: EventSender,
+    /// The token's status cell, for the counters.
+    status: TokenReporter,
+    /// The token task's cancellation: a stopped token stops its backfill.
+    cancel: CancellationToken,
+    /// Messages the socket (or an earlier backfill) delivered.
+    seen: Mutex<SeenMessages>,
+    /// One gap at a time per token: a second gap waits, and then skips what the first sent.
+    one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+/// The list of conversations: `{"data": {"payload": [...]}}`.
+#[derive(Deserialize)]
+struct ConversationList {
+    /// The envelope.
+    data: ConversationPayload,
+}
+
+/// `data` of the conversation list.
+#[derive(Deserialize)]
+struct ConversationPayload {
+    /// The conversations, each kept whole for its event.
+    payload: Vec<Map<String, Value>>,
+}
+
+/// The messages of a conversation: `{"payload": [...]}`.
+#[derive(Deserialize)]
+struct MessageList {
+    /// The messages, oldest first, each kept whole for its event.
+    payload: Vec<Map<String, Value>>,
+}
+
+/// What one answer was, short of success.
+enum Attempt {
+    /// 429: wait this long, then ask again.
+    Throttled(Duration),
+    /// Worth retrying (transport, 5xx).
+    Retry(BackfillError),
+    /// Not worth retrying.
+    Fail(BackfillError),
+}
+
+impl Backfiller {
+    /// Backfills `gap`, counting how it went.
+    async fn run(self: Arc<Self>, gap: Gap) {
+        let _turn = tokio::select! {
+            turn = self.one_at_a_time.lock() => turn,
+            () = self.cancel.cancelled() => return,
+        };
+        let filled = tokio::select! {
+            filled = self.fill(gap) => filled,
+            () = self.cancel.cancelled() => return,
+        };
+        match filled {
+            Ok(events) => {
+                info!(token = %self.token, gap = ?gap.length(), events, "backfilled the gap over the REST API");
+                self.status.backfilled();
+            }
+            Err(e) => {
+                error!(token = %self.token, gap = ?gap.length(), error = %e,
+                    "GAP NOT BACKFILLED: events Chatwoot broadcast while the socket was down may be lost");
+                self.status.note(format!("gap not backfilled: {e}"));
+                self.status.backfill_given_up();
+            }
+        }
+    }
+
+    /// Reads the conversations changed in `gap` and each one's missed messages; how many events
+    /// were handed over.
+    async fn fill(&self, gap: Gap) -> Result<usize, BackfillError> {
+        if gap.length() > self.backfill.max_gap {
+            return Err(BackfillError::TooLong {
+                gap: gap.length(),
+                max_gap: self.backfill.max_gap,
+            });
+        }
+        let since = gap.start - BACKFILL_MARGIN;
+        let within = SystemTime::now()
+            .duration_since(since)
+            .unwrap_or_default()
+            .as_secs()
+            + 1;
+        let url = format!(
+            "{}/conversations?status=all&updated_within={within}",
+            self.account_url()
+        );
+        let list: ConversationList = self.get(&url).await?;
+        let conversations = list.data.payload;
+        if conversations.len() > MAX_BACKFILL_CONVERSATIONS {
+            return Err(BackfillError::TooManyConversations {
+                count: conversations.len(),
+            });
+        }
+        let mut filled = stream::iter(conversations)
+            .map(|conversation| self.conversation(conversation, gap, since))
+            .buffer_unordered(BACKFILL_CONCURRENCY);
+        let mut events = 0;
+        while let Some(result) = filled.next().await {
+            events += result?;
+        }
+        Ok(events)
+    }
+
+    /// `{api_url}/api/v1/accounts/{account_id}`.
+    fn account_url(&self) -> String {
+        format!(
+            "{}/api/v1/accounts/{}",
+            self.api.api_url.trim_end_matches('/'),
+            self.api.account_id
+        )
+    }
+
+    /// One changed conversation: its missed messages, then its `conversation.updated`.
+    async fn conversation(
+        &self,
+        conversation: Map<String, Value>,
+        gap: Gap,
+        since: SystemTime,
+    ) -> Result<usize, BackfillError> {
+        let Some(display_id) = conversation.get("id").and_then(Value::as_u64) else {
+            warn!(token = %self.token, "skipped a listed conversation without an id");
+            return Ok(0);
+        };
+        let after = self
+            .seen
+            .lock()
+            .expect("seen lock")
+            .last_before(display_id, gap.start);
+        let messages = match after {
+            Some(after) => self.messages_after(display_id, after).await?,
+            None => self.messages_since(display_id, since).await?,
+        };
+        let mut events = 0;
+        for message in messages {
+            let Some(id) = message.get("id").and_then(Value::as_u64) else {
+                continue;
+            };
+            if self
+                .seen
+                .lock()
+                .expect("seen lock")
+                .contains(display_id, id)
+            {
+                continue;
+            }
+            events += self.emit("message.created", message).await?;
+            self.seen
+                .lock()
+                .expect("seen lock")
+                .record(display_id, id, SystemTime::now());
+        }
+        events += self.emit("conversation.updated", conversation).await?;
+        Ok(events)
+    }
+
+    /// The messages of a conversation the socket delivered before the gap: those after the
+    /// last one it delivered, oldest first.
+    async fn messages_after(
+        &self,
+        display_id: u64,
+        mut after: u64,
+    ) -> Result<Vec<Map<String, Value>>, BackfillError> {
+        let mut messages = Vec::new();
+        for _ in 0..MAX_MESSAGE_PAGES {
+            let url = format!(
+                "{}/conversations/{display_id}/messages?after={after}",
+                self.account_url()
+            );
+            let page: MessageList = self.get(&url).await?;
+            let full = page.payload.len() >= MESSAGES_AFTER_PAGE;
+            for message in page.payload {
+                if let Some(id) = message.get("id").and_then(Value::as_u64) {
+                    after = after.max(id);
+                    messages.push(message);
+                }
+            }
+            if !full {
+                return Ok(messages);
+            }
+        }
+        Err(BackfillError::TooManyMessages {
+            conversation: display_id,
+        })
+    }
+
+    /// The messages of a conversation the socket never delivered: those created since `since`,
+    /// read backwards from the latest, returned oldest first.
+    async fn messages_since(
+        &self,
+        display_id: u64,
+        since: SystemTime,
+    ) -> Result<Vec<Map<String, Value>>, BackfillError> {
+        let since = since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let mut newest_first = Vec::new();
+        let mut before = None;
+        for _ in 0..MAX_MESSAGE_PAGES {
+            let url = match before {
+                Some(id) => format!(
+                    "{}/conversations/{display_id}/messages?before={id}",
+                    self.account_url()
+                ),
+                None => format!("{}/conversations/{display_id}/messages", self.account_url()),
+            };
+            let page: MessageList = self.get(&url).await?;
+            if page.payload.is_empty() {
+                newest_first.reverse();
+                return Ok(newest_first);
+            }
+            before = page
+                .payload
+                .iter()
+                .filter_map(|m| m.get("id").and_then(Value::as_u64))
+                .min();
+            let mut reached_older = false;
+            for message in page.payload.into_iter().rev() {
+                let created = message.get("created_at").and_then(Value::as_f64);
+                if created.is_some_and(|at| at < since) {
+                    reached_older = true;
+                } else {
+                    newest_first.push(message);
+                }
+            }
+            if reached_older || before.is_none() {
+                newest_first.reverse();
+                return Ok(newest_first);
+            }
+        }
+        Err(BackfillError::TooManyMessages {
+            conversation: display_id,
+        })
+    }
+
+    /// Hands one object over as a marked event of `name`; 1 when handed over, 0 when skipped.
+    /// A REST message lacks the cable's `account_id`: it is added, as routes and keys read it.
+    async fn emit(&self, name: &str, mut data: Map<String, Value>) -> Result<usize, BackfillError> {
+        data.entry("account_id")
+            .or_insert_with(|| Value::from(self.api.account_id));
+        let text = Value::Object(data).to_string();
+        if nesting_exceeds(&text, self.max_nesting) {
+            warn!(token = %self.token, event = name,
+                "skipped a backfilled object nesting deeper than chatwoot.max_nesting");
+            return Ok(0);
+        }
+        let data = JsonText::from_string(text).map_err(|e| BackfillError::Malformed {
+            url: self.api.api_url.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut event = Event::new(
+            name,
+            data,
+            self.token.clone(),
+            self.source.clone(),
+            SystemTime::now(),
+        );
+        event.backfill = true;
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| BackfillError::PipelineClosed)?;
+        self.status.backfilled_event();
+        Ok(1)
+    }
+
+    /// GETs `url` as JSON, waiting out 429s and retrying transient failures, within bounds.
+    async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T, BackfillError> {
+        let (mut throttled, mut failed) = (0u32, 0u32);
+        loop {
+            let error = match self.attempt(url).await {
+                Ok(body) => {
+                    return serde_json::from_slice(&body).map_err(|e| BackfillError::Malformed {
+                        url: url.to_owned(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(Attempt::Throttled(wait)) => {
+                    throttled += 1;
+                    if throttled > MAX_THROTTLED_RETRIES {
+                        return Err(BackfillError::Throttled {
+                            url: url.to_owned(),
+                        });
+                    }
+                    warn!(token = %self.token, wait = ?wait, "the REST API answered 429; the backfill waits");
+                    sleep(wait).await;
+                    continue;
+                }
+                Err(Attempt::Retry(error)) => error,
+                Err(Attempt::Fail(error)) => return Err(error),
+            };
+            failed += 1;
+            if failed >= MAX_FAILED_ATTEMPTS {
+                return Err(error);
+            }
+            warn!(token = %self.token, error = %error, "a backfill request failed; retrying");
+            sleep(Duration::from_millis(250) * 2u32.pow(failed)).await;
+        }
+    }
+
+    /// One GET: the body, at most [`MAX_BACKFILL_RESPONSE_BYTES`].
+    async fn attempt(&self, url: &str) -> Result<Vec<u8>, Attempt> {
+        let transport = |e: reqwest::Error| {
+            Attempt::Retry(BackfillError::Transport {
+                url: url.to_owned(),
+                reason: e.without_url().to_string(),
+            })
+        };
+        let mut token = HeaderValue::from_str(self.api.access_token.expose()).map_err(|_| {
+            Attempt::Fail(BackfillError::Transport {
+                url: url.to_owned(),
+                reason: "the API access token holds characters not allowed in an HTTP header"
+                    .into(),
+            })
+        })?;
+        token.set_sensitive(true);
+        let mut response = self
+            .client
+            .get(url)
+            .header(ACCESS_TOKEN_HEADER, token)
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(Attempt::Throttled(retry_after(response.headers())));
+        }
+        if !status.is_success() {
+            let error = BackfillError::Status {
+                url: url.to_owned(),
+                status: status.as_u16(),
+            };
+            return Err(if status.is_server_error() {
+                Attempt::Retry(error)
+            } else {
+                Attempt::Fail(error)
+            });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > MAX_BACKFILL_RESPONSE_BYTES {
+                return Err(Attempt::Fail(BackfillError::TooLarge {
+                    url: url.to_owned(),
+                }));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// The wait a 429 asks for: `Retry-After` in seconds, at least one second and at most
+/// [`MAX_RETRY_AFTER`]; one second when absent or given as a date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
+    let seconds = headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(seconds.max(1)).min(MAX_RETRY_AFTER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_messages_are_bounded_and_tell_where_a_gap_starts() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut seen = SeenMessages::default();
+        seen.record(7, 10, t0);
+        seen.record(7, 11, t0 + Duration::from_secs(5));
+        assert_eq!(seen.last_before(7, t0 + Duration::from_secs(1)), Some(10));
+        assert_eq!(seen.last_before(7, t0 + Duration::from_secs(9)), Some(11));
+        assert_eq!(seen.last_before(8, t0), None);
+        assert!(seen.contains(7, 11) && !seen.contains(7, 12));
+        for id in 0..(REMEMBERED_IDS_PER_CONVERSATION as u64 + 5) {
+            seen.record(9, 1_000 + id, t0);
+        }
+        assert!(!seen.contains(9, 1_000), "the oldest id is forgotten");
+        assert_eq!(
+            seen.conversations[&9].ids.len(),
+            REMEMBERED_IDS_PER_CONVERSATION
+        );
+        seen.record(7, 12, t0);
+        for conversation in 100..(100 + REMEMBERED_CONVERSATIONS as u64) {
+            seen.record(conversation, 1, t0);
+        }
+        assert_eq!(seen.conversations.len(), REMEMBERED_CONVERSATIONS);
+        assert!(
+            !seen.contains(9, 1_100),
+            "the least recently used conversation is forgotten first"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_read_and_bounded() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), Duration::from_secs(1));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&headers), Duration::from_secs(3));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("86400"));
+        assert_eq!(retry_after(&headers), MAX_RETRY_AFTER);
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&headers), Duration::from_secs(1));
+    }
+}

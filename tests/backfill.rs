@@ -1,0 +1,284 @@
+//! Filling the socket's gaps over the REST API, against the mock Chatwoot's cable and REST
+//! endpoints backed by the same data: messages created while the cable refuses sockets reach
+//! the sink after the reconnect, marked `chatwootbackfill`, and what the socket delivered is not
+//! sent twice; a throttled REST API slows the backfill and not the live events; a gap over
+//! `backfill_max_gap` is given up and counted.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chatwoot_bridge::mock::{MockAccount, MockConfig, MockServer, MockUser};
+use chatwoot_bridge::status::{TokenState, TokenStatus};
+use chatwoot_bridge::Bridge;
+use serde_json::Value;
+use support::{quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
+
+/// Agent 3 of account 1, whose API access token is `api3`.
+async fn mock() -> MockServer {
+    start_mock(MockConfig {
+        users: vec![MockUser {
+            id: 3,
+            pubsub_token: "agent3".into(),
+            api_access_token: Some("api3".into()),
+            accounts: vec![1],
+        }],
+        accounts: vec![MockAccount {
+            id: 1,
+            name: "Account 1".into(),
+        }],
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// The agent by its API token with `backfill: true` (plus `extra`), every event to `out`.
+fn config(mock: &MockServer, out: &Path, extra: &str) -> chatwoot_bridge::config::Config {
+    BridgeYaml::new(&mock.url())
+        .cable("confirm_timeout: 1s")
+        .cable("reconnect: { initial: 50ms, max: 300ms }")
+        .token(&format!(
+            "{{ name: agent, api_access_token: api3, account_id: 1, refresh_interval: 1h, backfill: true{extra} }}"
+        ))
+        .sink(
+            "archive",
+            &format!("{{ type: file, path: {} }}", quoted(out)),
+        )
+        .route("{ name: everything, match: {}, to: [archive] }")
+        .spool(&out.with_extension("spool"))
+        .config()
+}
+
+/// The CloudEvents the file holds.
+fn events(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("each line is JSON"))
+        .collect()
+}
+
+/// Per message id of the `message.created` events: how many copies, and whether each was marked
+/// as backfilled.
+fn messages(out: &Path) -> HashMap<u64, Vec<bool>> {
+    let mut found: HashMap<u64, Vec<bool>> = HashMap::new();
+    for event in events(out) {
+        if event["type"] != "com.chatwoot.message.created" {
+            continue;
+        }
+        let id = event["data"]["id"].as_u64().expect("a message has an id");
+        found
+            .entry(id)
+            .or_default()
+            .push(event["chatwootbackfill"] == true);
+    }
+    found
+}
+
+/// The agent's status once `done` holds for it.
+async fn agent_when(
+    bridge: &Bridge,
+    what: &str,
+    done: impl Fn(&TokenStatus) -> bool,
+) -> TokenStatus {
+    let reached = bridge
+        .status()
+        .wait_for(WAIT, |b| b.token("agent").is_some_and(|t| done(&t)))
+        .await;
+    let status = bridge.status().token("agent").expect("the agent token");
+    assert!(reached, "{what}: {status:?}");
+    status
+}
+
+/// Whether the agent is subscribed on its `connects`-th socket.
+fn subscribed_on(connects: u64) -> impl Fn(&TokenStatus) -> bool {
+    move |t| t.state == TokenState::Subscribed && t.connects >= connects
+}
+
+/// Creates `n` messages in conversation `conversation` of account 1; their ids.
+fn create(mock: &MockServer, conversation: u64, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            mock.create_message(1, conversation, &format!("message {i}"), false)
+                .expect("the conversation exists")
+        })
+        .collect()
+}
+
+/// Starts the bridge, waits for its subscription, and has the socket deliver `live` messages
+/// of a new conversation; the conversation and the ids.
+async fn delivered_live(
+    mock: &MockServer,
+    bridge: &Bridge,
+    out: &Path,
+    live: usize,
+) -> (u64, Vec<u64>) {
+    agent_when(bridge, "subscribed", subscribed_on(1)).await;
+    let conversation = mock.create_conversation(1, None).expect("account 1 exists");
+    let ids = create(mock, conversation, live);
+    wait_until("the live messages", || {
+        let got = messages(out);
+        ids.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    (conversation, ids)
+}
+
+#[tokio::test]
+async fn messages_created_while_the_cable_is_down_are_backfilled_once_and_marked() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let bridge = Bridge::start(config(&mock, &out, "")).await.unwrap();
+    let (known, live) = delivered_live(&mock, &bridge, &out, 5).await;
+
+    // A Chatwoot deploy: sockets dropped and refused for 5 s while 50 messages are created, in
+    // the conversation the socket knows and in one it never saw (read backwards, 20 a page).
+    mock.set_cable_refused(true);
+    mock.drop_connections();
+    let mut missed = create(&mock, known, 25);
+    let unseen = mock.create_conversation(1, None).expect("account 1 exists");
+    missed.extend(create(&mock, unseen, 25));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    mock.set_cable_refused(false);
+
+    let status = agent_when(&bridge, "the backfill ran", |t| t.backfills == 1).await;
+    wait_until("the backfilled messages in the file", || {
+        let got = messages(&out);
+        missed.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    // After the shutdown, which delivers everything spooled: a late duplicate would show.
+    shut_down(bridge).await;
+    mock.stop().await;
+    let got = messages(&out);
+    for id in &missed {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![true]),
+            "missed message {id}, once and marked"
+        );
+    }
+    for id in &live {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![false]),
+            "live message {id}, once and not marked"
+        );
+    }
+    assert_eq!(got.len(), 55, "nothing else: {got:?}");
+    let updated: Vec<u64> = events(&out)
+        .iter()
+        .filter(|e| {
+            e["type"] == "com.chatwoot.conversation.updated" && e["chatwootbackfill"] == true
+        })
+        .filter_map(|e| e["data"]["id"].as_u64())
+        .collect();
+    assert!(
+        updated.contains(&known) && updated.contains(&unseen),
+        "{updated:?}"
+    );
+    assert!(status.backfilled_events >= 52, "{status:?}");
+    assert_eq!(status.backfill_gaps_given_up, 0);
+}
+
+#[tokio::test]
+async fn a_throttled_api_slows_the_backfill_and_not_the_live_events() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let bridge = Bridge::start(config(&mock, &out, "")).await.unwrap();
+    let (conversation, _) = delivered_live(&mock, &bridge, &out, 1).await;
+
+    mock.set_cable_refused(true);
+    mock.drop_connections();
+    let missed = create(&mock, conversation, 10);
+    mock.set_rest_throttle(Some(Duration::from_secs(1)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mock.set_cable_refused(false);
+    agent_when(&bridge, "subscribed again", subscribed_on(2)).await;
+
+    // While every REST request is answered 429, live events keep flowing.
+    let throttled_from = mock.rest_requests();
+    let live = create(&mock, conversation, 5);
+    wait_until("the live messages while throttled", || {
+        let got = messages(&out);
+        live.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    wait_until("the backfill asking again after Retry-After", || {
+        mock.rest_requests() >= throttled_from + 2
+    })
+    .await;
+    let got = messages(&out);
+    assert!(
+        missed.iter().all(|id| !got.contains_key(id)),
+        "nothing backfilled while throttled"
+    );
+    assert_eq!(bridge.status().token("agent").unwrap().backfills, 0);
+
+    mock.set_rest_throttle(None);
+    let status = agent_when(&bridge, "the backfill ran", |t| t.backfills == 1).await;
+    wait_until("the backfilled messages in the file", || {
+        let got = messages(&out);
+        missed.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    // After the shutdown, which delivers everything spooled: a late duplicate would show.
+    shut_down(bridge).await;
+    mock.stop().await;
+    let got = messages(&out);
+    for id in &missed {
+        assert_eq!(got.get(id), Some(&vec![true]), "missed message {id}");
+    }
+    for id in &live {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![false]),
+            "live message {id}, not sent again"
+        );
+    }
+    assert_eq!(status.backfill_gaps_given_up, 0);
+}
+
+#[tokio::test]
+async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
+    let mock = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let bridge = Bridge::start(config(&mock, &out, ", backfill_max_gap: 1s"))
+        .await
+        .unwrap();
+    let (conversation, _) = delivered_live(&mock, &bridge, &out, 1).await;
+
+    mock.set_cable_refused(true);
+    mock.drop_connections();
+    let missed = create(&mock, conversation, 3);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let requests = mock.rest_requests();
+    mock.set_cable_refused(false);
+
+    let status = agent_when(&bridge, "the gap given up", |t| {
+        t.backfill_gaps_given_up == 1
+    })
+    .await;
+    let got = messages(&out);
+    let requests_after = mock.rest_requests();
+    shut_down(bridge).await;
+    mock.stop().await;
+    assert_eq!(status.backfills, 0);
+    assert_eq!(
+        requests_after, requests,
+        "a gap given up asks the REST API nothing"
+    );
+    assert!(missed.iter().all(|id| !got.contains_key(id)));
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("backfill_max_gap")),
+        "{status:?}"
+    );
+}
