@@ -26,7 +26,7 @@ use crate::delivery::pressure::{PressureSink, PushOut};
 use crate::delivery::tap::TapHub;
 use crate::memory::{ByteGate, MemoryBudget};
 use crate::sink::SinkBuildError;
-use crate::source::cable::EventSender;
+use crate::source::sender::EventSender;
 use crate::source::supervisor::Supervisor;
 use crate::spool::{FsyncMode, Spool, SpoolError};
 use crate::status::StatusBoard;

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::http::Uri;
 
+use super::checks::{check_duration, derive_origin};
 use super::raw::RawToken;
-use super::validate::{check_duration, derive_origin, Chatwoot};
 use crate::secret_file;
-use crate::source::backfill::{BackfillSettings, DEFAULT_MAX_GAP};
 use crate::source::settings::ApiToken;
+use crate::source::settings::{BackfillSettings, DEFAULT_MAX_GAP};
 use crate::tls::ClientTls;
 use crate::types::Problems;
 
@@ -22,7 +22,7 @@ pub(super) const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5 * 60
 pub(super) fn take(
     raw: &mut RawToken,
     cable_url: &str,
-    chatwoot: &Chatwoot,
+    chatwoot: &ApiDefaults<'_>,
     at: &mut Problems<'_>,
 ) -> Option<ApiToken> {
     let inline = raw.api_access_token.take();
@@ -83,16 +83,27 @@ pub(super) fn take(
     })
 }
 
+/// What a token read from Chatwoot's API inherits of the `chatwoot:` section.
+pub(super) struct ApiDefaults<'a> {
+    /// `chatwoot.api_url` as written; derived from the token's cable URL when `None`.
+    pub(super) api_url: Option<&'a str>,
+    /// `chatwoot.tls`, for an `https://` API URL.
+    pub(super) tls: Option<&'a ClientTls>,
+}
+
 /// The REST base URL of a token on `cable_url` (`chatwoot.api_url`, or derived from the cable
 /// URL) and the TLS it is read with.
-pub(super) fn api_endpoint(cable_url: &str, chatwoot: &Chatwoot) -> (String, Option<ClientTls>) {
-    let api_url = match &chatwoot.api_url {
+pub(super) fn api_endpoint(
+    cable_url: &str,
+    chatwoot: &ApiDefaults<'_>,
+) -> (String, Option<ClientTls>) {
+    let api_url = match chatwoot.api_url {
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => derive_api_url(cable_url).unwrap_or_default(),
     };
     let tls = chatwoot
         .tls
-        .clone()
+        .cloned()
         .filter(|_| api_url.starts_with("https://"));
     (api_url, tls)
 }

@@ -1,9 +1,9 @@
 //! Contacts (widget visitors) given by `inbox_identifier` + `contact_identifier`: the pubsub
 //! token is read from Chatwoot's public contact API instead of being written in the config.
 
-use super::api_token::{api_endpoint, DEFAULT_REFRESH_INTERVAL};
+use super::api_token::{api_endpoint, ApiDefaults, DEFAULT_REFRESH_INTERVAL};
+use super::checks::check_duration;
 use super::raw::RawToken;
-use super::validate::{check_duration, Chatwoot};
 use crate::secret_file;
 use crate::source::settings::ContactToken;
 use crate::types::{Problems, Secret};
@@ -22,7 +22,7 @@ pub(super) const MAX_CONTACT_IDENTIFIER_BYTES: usize = 1024;
 pub(super) fn take(
     raw: &mut RawToken,
     cable_url: &str,
-    chatwoot: &Chatwoot,
+    chatwoot: &ApiDefaults<'_>,
     at: &mut Problems<'_>,
 ) -> Option<ContactToken> {
     let inbox = raw.inbox_identifier.take();

@@ -11,6 +11,7 @@
 //! The settings types themselves belong to the stages that use them and are re-exported here.
 
 mod api_token;
+mod checks;
 mod contact_token;
 mod expand;
 mod presence;

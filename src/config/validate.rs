@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
 
+use super::api_token::ApiDefaults;
+use super::checks::{check_duration, derive_origin};
 use super::presence::check_presence;
 use super::raw::{RawAdmin, RawChatwoot, RawConfig, RawReadyRequires, RawSink, RawSpool, RawToken};
 use super::{Config, ConfigError, Retirement, SinkSettings};
@@ -23,7 +24,7 @@ use crate::sink::SinkKind;
 use crate::source::settings::{ApiToken, CableSettings, Identity, ReconnectSettings, TokenSpec};
 use crate::spool::SpoolConfig;
 use crate::tls::{ClientTls, TlsConfig};
-use crate::types::{Problems, Secret, MAX_DURATION};
+use crate::types::{Problems, Secret};
 
 /// Smallest `chatwoot.max_frame_bytes` accepted: Chatwoot frames are often several KB.
 const MIN_FRAME_BYTES: u64 = 1024;
@@ -103,6 +104,16 @@ pub(super) struct Chatwoot {
     max_frame_bytes: u64,
     /// `chatwoot.api_url` as written, for tokens given as API access tokens.
     pub(super) api_url: Option<String>,
+}
+
+impl Chatwoot {
+    /// What tokens read from Chatwoot's API inherit of this section.
+    fn api_defaults(&self) -> ApiDefaults<'_> {
+        ApiDefaults {
+            api_url: self.api_url.as_deref(),
+            tls: self.tls.as_ref(),
+        }
+    }
 }
 
 /// Whether `chatwoot.tls` is built: when any socket is `wss://` (`chatwoot.url` or a token's
@@ -203,17 +214,6 @@ fn check_cable(raw: RawChatwoot, tokens: &[RawToken], problems: &mut Problems<'_
     }
 }
 
-/// A timeout or interval: above zero, and short enough for `Instant` to hold.
-pub(super) fn check_duration(value: Duration) -> Result<(), &'static str> {
-    if value.is_zero() {
-        Err("must be greater than zero")
-    } else if value > MAX_DURATION {
-        Err("must be at most 30 days")
-    } else {
-        Ok(())
-    }
-}
-
 /// Handshake headers must be valid HTTP; a value is never echoed, as it may be a credential.
 fn check_headers(headers: &BTreeMap<String, Secret>, at: &mut Problems<'_>) {
     for (name, value) in headers {
@@ -258,11 +258,12 @@ fn check_tokens(raw: Vec<RawToken>, chatwoot: &Chatwoot, problems: &mut Problems
             Ok(()) => {}
         }
         let url = token.url.clone().unwrap_or_else(|| chatwoot.url.clone());
-        let contact = super::contact_token::take(&mut token, &url, chatwoot, &mut at);
+        let contact =
+            super::contact_token::take(&mut token, &url, &chatwoot.api_defaults(), &mut at);
         let api = match contact {
             // Its mixes with api_access_token are reported by the contact's check.
             Some(_) => None,
-            None => super::api_token::take(&mut token, &url, chatwoot, &mut at),
+            None => super::api_token::take(&mut token, &url, &chatwoot.api_defaults(), &mut at),
         };
         let pubsub_token = match (&api, &contact) {
             (None, None) => pubsub_token(
@@ -703,14 +704,4 @@ pub(super) fn check_cable_url(url: &str) -> Result<(), String> {
         return Err(format!("`{url}` has no host"));
     }
     Ok(())
-}
-
-/// `wss://host:port/cable` -> `https://host:port`.
-pub(super) fn derive_origin(url: &str) -> Option<String> {
-    let uri: Uri = url.parse().ok()?;
-    let scheme = match uri.scheme_str()? {
-        "wss" => "https",
-        _ => "http",
-    };
-    Some(format!("{scheme}://{}", uri.authority()?))
 }

@@ -28,14 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::event::{nesting_exceeds, Event, JsonText};
-use crate::source::cable::EventSender;
 use crate::source::profile;
-use crate::source::settings::{ApiToken, CableSettings, TokenSpec};
+use crate::source::sender::EventSender;
+use crate::source::settings::{ApiToken, BackfillSettings, CableSettings, TokenSpec};
 use crate::status::TokenReporter;
-
-/// The longest gap backfilled by default: a longer one is given up, loudly and counted. An
-/// hour of an account's traffic is what a backfill can re-read without flooding the REST API.
-pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(60 * 60);
 
 /// Added before the gap's start when asking which conversations changed: the last healthy
 /// moment is known to the second, and Chatwoot's `updated_at` is written by background jobs.
@@ -77,13 +73,6 @@ const MESSAGES_AFTER_PAGE: usize = 100;
 
 /// The header Chatwoot reads a user's access token from.
 const ACCESS_TOKEN_HEADER: &str = "api_access_token";
-
-/// How a token backfills (`backfill: true`, `backfill_max_gap`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackfillSettings {
-    /// The longest gap read; a longer one is given up with a loud log and a counter.
-    pub max_gap: Duration,
-}
 
 /// Why a gap was not (fully) backfilled. Never holds the access token.
 #[derive(Debug, thiserror::Error)]

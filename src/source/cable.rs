@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
@@ -29,10 +28,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
-use crate::memory::ByteGate;
 use crate::source::backfill::Gaps;
 use crate::source::profile::Subscriber;
 use crate::source::protocol::{self, ServerFrame};
+use crate::source::sender::EventSender;
 use crate::source::settings::{CableSettings, ReconnectSettings, TokenSpec};
 use crate::source::subscriber::Subscribers;
 use crate::status::{ReconnectReason, TokenReporter, TokenState};
@@ -894,53 +893,6 @@ fn describe(error: &tungstenite::Error) -> String {
         E::ConnectionClosed | E::AlreadyClosed => "connection closed".into(),
         E::Protocol(e) => format!("WebSocket protocol error: {e}"),
         other => other.to_string(),
-    }
-}
-
-/// Where the token tasks hand their events: the ingest's channel, behind the byte gate that
-/// bounds the bytes of events on their way to the spool (`memory_limit`).
-#[derive(Debug, Clone)]
-pub struct EventSender {
-    /// The ingest's channel; its capacity bounds the events on their way, the gate their bytes.
-    events: mpsc::Sender<Event>,
-    /// Taken for each event before it is sent, given back by the ingest once it is appended;
-    /// `None` when nothing appends them (a test reading the channel itself).
-    gate: Option<ByteGate>,
-}
-
-impl From<mpsc::Sender<Event>> for EventSender {
-    /// A sender bounded by the channel's capacity alone, for a reader that gives nothing back.
-    fn from(events: mpsc::Sender<Event>) -> EventSender {
-        EventSender { events, gate: None }
-    }
-}
-
-impl EventSender {
-    /// A sender whose events take their bytes from `gate`, which the ingest reading `events`
-    /// gives back.
-    pub(crate) fn gated(events: mpsc::Sender<Event>, gate: ByteGate) -> EventSender {
-        EventSender {
-            events,
-            gate: Some(gate),
-        }
-    }
-
-    /// Hands `event` over, waiting while the gate lacks room for its bytes or the channel is
-    /// full. Fails when the ingest is gone. Cancel-safe: an event not sent takes nothing.
-    pub(crate) async fn send(&self, event: Event) -> Result<(), mpsc::error::SendError<Event>> {
-        let Some(gate) = &self.gate else {
-            return self.events.send(event).await;
-        };
-        // The ingest closes the channel at the shutdown deadline: waiting for the gate ends
-        // there too, and the event counts as held at stop.
-        let taken = tokio::select! {
-            taken = gate.enter(event.memory_bytes()) => taken,
-            () = self.events.closed() => return Err(mpsc::error::SendError(event)),
-        };
-        self.events.send(event).await?;
-        // The ingest gives them back once the event is in the spool.
-        taken.forget();
-        Ok(())
     }
 }
 

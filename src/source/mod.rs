@@ -11,6 +11,7 @@ pub mod backfill;
 pub mod cable;
 pub mod profile;
 pub mod protocol;
+pub mod sender;
 pub mod settings;
 mod subscriber;
 pub mod supervisor;

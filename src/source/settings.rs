@@ -129,7 +129,7 @@ pub struct ApiToken {
     /// The TLS of an `https://` API URL (`chatwoot.tls`); `None` for `http://`.
     pub tls: Option<ClientTls>,
     /// Whether and how the socket's gaps are filled over the REST API (`backfill: true`).
-    pub backfill: Option<crate::source::backfill::BackfillSettings>,
+    pub backfill: Option<BackfillSettings>,
 }
 
 impl ApiToken {
@@ -173,4 +173,15 @@ impl TokenSpec {
     pub fn source(&self) -> String {
         format!("{}#{}", self.url, self.name)
     }
+}
+
+/// The longest gap backfilled by default: a longer one is given up, loudly and counted. An
+/// hour of an account's traffic is what a backfill can re-read without flooding the REST API.
+pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(60 * 60);
+
+/// How a token backfills (`backfill: true`, `backfill_max_gap`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackfillSettings {
+    /// The longest gap read; a longer one is given up with a loud log and a counter.
+    pub max_gap: Duration,
 }

@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use crate::source::cable::{EventSender, TokenTask, MAX_CONCURRENT_HANDSHAKES};
+use crate::source::cable::{TokenTask, MAX_CONCURRENT_HANDSHAKES};
+use crate::source::sender::EventSender;
 use crate::source::settings::{CableSettings, TokenSpec};
 use crate::status::{ReconnectReason, StatusBoard, TokenState};
 
