@@ -10,46 +10,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use chatwoot_bridge::mock::{MockAccount, MockConfig, MockServer, MockUser};
+use chatwoot_bridge::mock::MockServer;
 use chatwoot_bridge::status::{TokenState, TokenStatus};
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
-use support::{quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
+use support::{api_agent_config, mock_with_api_agent, shut_down, wait_until, WAIT};
 
-/// Agent 3 of account 1, whose API access token is `api3`.
-async fn mock() -> MockServer {
-    start_mock(MockConfig {
-        users: vec![MockUser {
-            id: 3,
-            pubsub_token: "agent3".into(),
-            api_access_token: Some("api3".into()),
-            accounts: vec![1],
-        }],
-        accounts: vec![MockAccount {
-            id: 1,
-            name: "Account 1".into(),
-        }],
-        ..MockConfig::default()
-    })
-    .await
-}
-
-/// The agent by its API token with `backfill: true` (plus `extra`), every event to `out`.
-fn config(mock: &MockServer, out: &Path, extra: &str) -> chatwoot_bridge::config::Config {
-    BridgeYaml::new(&mock.url())
-        .cable("confirm_timeout: 1s")
-        .cable("reconnect: { initial: 50ms, max: 300ms }")
-        .token(&format!(
-            "{{ name: agent, api_access_token: api3, account_id: 1, refresh_interval: 1h, backfill: true{extra} }}"
-        ))
-        .sink(
-            "archive",
-            &format!("{{ type: file, path: {} }}", quoted(out)),
-        )
-        .route("{ name: everything, match: {}, to: [archive] }")
-        .spool(&out.with_extension("spool"))
-        .config()
-}
+/// The token settings of every test here: the profile's refresh out of the way, backfill on.
+const BACKFILL: &str = "refresh_interval: 1h, backfill: true";
 
 /// The CloudEvents the file holds.
 fn events(out: &Path) -> Vec<Value> {
@@ -128,10 +96,12 @@ async fn delivered_live(
 
 #[tokio::test]
 async fn messages_created_while_the_cable_is_down_are_backfilled_once_and_marked() {
-    let mock = mock().await;
+    let mock = mock_with_api_agent().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let bridge = Bridge::start(config(&mock, &out, "")).await.unwrap();
+    let bridge = Bridge::start(api_agent_config(&mock, &out, BACKFILL))
+        .await
+        .unwrap();
     let (known, live) = delivered_live(&mock, &bridge, &out, 5).await;
 
     // A Chatwoot deploy: sockets dropped and refused for 5 s while 50 messages are created, in
@@ -186,10 +156,12 @@ async fn messages_created_while_the_cable_is_down_are_backfilled_once_and_marked
 
 #[tokio::test]
 async fn a_throttled_api_slows_the_backfill_and_not_the_live_events() {
-    let mock = mock().await;
+    let mock = mock_with_api_agent().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let bridge = Bridge::start(config(&mock, &out, "")).await.unwrap();
+    let bridge = Bridge::start(api_agent_config(&mock, &out, BACKFILL))
+        .await
+        .unwrap();
     let (conversation, _) = delivered_live(&mock, &bridge, &out, 1).await;
 
     mock.set_cable_refused(true);
@@ -245,12 +217,16 @@ async fn a_throttled_api_slows_the_backfill_and_not_the_live_events() {
 
 #[tokio::test]
 async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
-    let mock = mock().await;
+    let mock = mock_with_api_agent().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let bridge = Bridge::start(config(&mock, &out, ", backfill_max_gap: 1s"))
-        .await
-        .unwrap();
+    let bridge = Bridge::start(api_agent_config(
+        &mock,
+        &out,
+        &format!("{BACKFILL}, backfill_max_gap: 1s"),
+    ))
+    .await
+    .unwrap();
     let (conversation, _) = delivered_live(&mock, &bridge, &out, 1).await;
 
     mock.set_cable_refused(true);

@@ -7,47 +7,11 @@ mod support;
 
 use std::path::Path;
 
-use chatwoot_bridge::mock::{MockAccount, MockConfig, MockServer, MockUser};
+use chatwoot_bridge::mock::MockServer;
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
-use support::{quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
-
-/// Agent 3 of account 1, whose API access token is `api3`.
-async fn mock() -> MockServer {
-    start_mock(MockConfig {
-        users: vec![MockUser {
-            id: 3,
-            pubsub_token: "agent3".into(),
-            api_access_token: Some("api3".into()),
-            accounts: vec![1],
-        }],
-        accounts: vec![MockAccount {
-            id: 1,
-            name: "Account 1".into(),
-        }],
-        ..MockConfig::default()
-    })
-    .await
-}
-
-/// The agent by its API token alone, re-reading its profile every `refresh`, every event to the
-/// file `out`.
-fn config(mock: &MockServer, out: &Path, refresh: &str) -> chatwoot_bridge::config::Config {
-    BridgeYaml::new(&mock.url())
-        .cable("confirm_timeout: 1s")
-        .cable("reconnect: { initial: 50ms, max: 300ms }")
-        .token(&format!(
-            "{{ name: agent, api_access_token: api3, account_id: 1, refresh_interval: {refresh} }}"
-        ))
-        .sink(
-            "archive",
-            &format!("{{ type: file, path: {} }}", quoted(out)),
-        )
-        .route("{ name: everything, match: {}, to: [archive] }")
-        .spool(&out.with_extension("spool"))
-        .config()
-}
+use support::{api_agent_config, mock_with_api_agent, shut_down, wait_until, WAIT};
 
 /// The ids of the `message.created` events in the file.
 fn messages(out: &Path) -> Vec<u64> {
@@ -120,10 +84,12 @@ fn create_messages(mock: &MockServer, n: usize) -> Vec<u64> {
 
 #[tokio::test]
 async fn the_refresh_follows_a_rotation_on_the_same_socket_and_misses_nothing_after_it() {
-    let mock = mock().await;
+    let mock = mock_with_api_agent().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let bridge = Bridge::start(config(&mock, &out, "1s")).await.unwrap();
+    let bridge = Bridge::start(api_agent_config(&mock, &out, "refresh_interval: 1s"))
+        .await
+        .unwrap();
     subscribed(&bridge).await;
 
     mock.rotate_pubsub_token(3).expect("user 3 exists");
@@ -140,11 +106,13 @@ async fn the_refresh_follows_a_rotation_on_the_same_socket_and_misses_nothing_af
 
 #[tokio::test]
 async fn an_unconfirmed_subscription_after_a_rotation_reads_the_profile_again() {
-    let mock = mock().await;
+    let mock = mock_with_api_agent().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     // The refresh is an hour away: only the unconfirmed path can find the new token.
-    let bridge = Bridge::start(config(&mock, &out, "1h")).await.unwrap();
+    let bridge = Bridge::start(api_agent_config(&mock, &out, "refresh_interval: 1h"))
+        .await
+        .unwrap();
     subscribed(&bridge).await;
 
     // The password changes and the sockets drop (a deploy): the token the bridge knows is met

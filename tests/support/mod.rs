@@ -146,3 +146,44 @@ pub(crate) fn signal(child: &tokio::process::Child, signal: &str) {
         .unwrap();
     assert!(sent.success(), "kill -{signal} failed");
 }
+
+/// A mock Chatwoot with one agent: user 3 of account 1, pubsub token `agent3`, API access
+/// token `api3`.
+pub(crate) async fn mock_with_api_agent() -> MockServer {
+    start_mock(MockConfig {
+        users: vec![chatwoot_bridge::mock::MockUser {
+            id: 3,
+            pubsub_token: "agent3".into(),
+            api_access_token: Some("api3".into()),
+            accounts: vec![1],
+        }],
+        accounts: vec![chatwoot_bridge::mock::MockAccount {
+            id: 1,
+            name: "Account 1".into(),
+        }],
+        ..MockConfig::default()
+    })
+    .await
+}
+
+/// The agent of [`mock_with_api_agent`] as the token `agent`, given by its API token alone with
+/// `settings` (`refresh_interval: 1s`, ...); fast timings; every event to the file `out`.
+pub(crate) fn api_agent_config(
+    mock: &MockServer,
+    out: &std::path::Path,
+    settings: &str,
+) -> chatwoot_bridge::config::Config {
+    BridgeYaml::new(&mock.url())
+        .cable("confirm_timeout: 1s")
+        .cable("reconnect: { initial: 50ms, max: 300ms }")
+        .token(&format!(
+            "{{ name: agent, api_access_token: api3, account_id: 1, {settings} }}"
+        ))
+        .sink(
+            "archive",
+            &format!("{{ type: file, path: {} }}", quoted(out)),
+        )
+        .route("{ name: everything, match: {}, to: [archive] }")
+        .spool(&out.with_extension("spool"))
+        .config()
+}
