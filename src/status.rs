@@ -191,6 +191,12 @@ pub struct TokenStatus {
     pub backfilled_events: u64,
     /// Gaps not backfilled: longer than `backfill_max_gap`, or the REST API failed.
     pub backfill_gaps_given_up: u64,
+    /// Since when the subscribed socket has not delivered activity the REST API showed
+    /// `stall_after` ago (a stall); `None` while it delivers.
+    #[serde(serialize_with = "optional_rfc3339")]
+    pub stalled_since: Option<SystemTime>,
+    /// Stalls noticed.
+    pub stalls: u64,
     /// WebSocket messages read (text, binary, ping and pong): proof the socket lives, even
     /// while no event comes.
     pub frames: u64,
@@ -290,6 +296,10 @@ struct TokenCell {
     backfilled_events: AtomicU64,
     /// See [`TokenStatus::backfill_gaps_given_up`].
     backfill_gaps_given_up: AtomicU64,
+    /// See [`TokenStatus::stalled_since`], in milliseconds since the Unix epoch; 0 when none.
+    stalled_since_ms: AtomicU64,
+    /// See [`TokenStatus::stalls`].
+    stalls: AtomicU64,
     /// See [`TokenStatus::frames`].
     frames: AtomicU64,
     /// See [`TokenStatus::last_event_at`], in milliseconds since the Unix epoch: a time that
@@ -726,6 +736,8 @@ impl TokenCell {
             backfills: AtomicU64::new(0),
             backfilled_events: AtomicU64::new(0),
             backfill_gaps_given_up: AtomicU64::new(0),
+            stalled_since_ms: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
             frames: AtomicU64::new(0),
             last_event_ms: AtomicU64::new(started),
             last_ping_ms: AtomicU64::new(started),
@@ -753,6 +765,11 @@ impl TokenCell {
             backfills: self.backfills.load(Ordering::Relaxed),
             backfilled_events: self.backfilled_events.load(Ordering::Relaxed),
             backfill_gaps_given_up: self.backfill_gaps_given_up.load(Ordering::Relaxed),
+            stalled_since: match self.stalled_since_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => Some(from_unix_ms(ms)),
+            },
+            stalls: self.stalls.load(Ordering::Relaxed),
             frames: self.frames.load(Ordering::Relaxed),
             last_event_at: from_unix_ms(self.last_event_ms.load(Ordering::Relaxed)),
             last_ping_at: from_unix_ms(self.last_ping_ms.load(Ordering::Relaxed)),
@@ -826,6 +843,21 @@ impl TokenReporter {
         self.cell
             .backfill_gaps_given_up
             .fetch_add(1, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A stall was noticed at `since`: shown until [`TokenReporter::stall_over`], and counted.
+    pub(crate) fn stalled(&self, since: SystemTime) {
+        self.cell
+            .stalled_since_ms
+            .store(unix_ms(since).max(1), Ordering::Relaxed);
+        self.cell.stalls.fetch_add(1, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The socket delivers again after a stall.
+    pub(crate) fn stall_over(&self) {
+        self.cell.stalled_since_ms.store(0, Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
 

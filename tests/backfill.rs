@@ -2,19 +2,23 @@
 //! endpoints backed by the same data: messages created while the cable refuses sockets reach
 //! the sink after the reconnect, marked `chatwootbackfill`, and what the socket delivered is not
 //! sent twice; a throttled REST API slows the backfill and not the live events; a gap over
-//! `backfill_max_gap` is given up and counted.
+//! `backfill_max_gap` is given up and counted; a broadcast that stalls while the socket stays
+//! subscribed is noticed within `stall_after`, shown, and backfilled.
 
 mod support;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatwoot_bridge::mock::MockServer;
 use chatwoot_bridge::status::{TokenState, TokenStatus};
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
-use support::{api_agent_config, mock_with_api_agent, shut_down, wait_until, WAIT};
+use support::{
+    api_agent_config, api_agent_yaml, mock_with_api_agent, shut_down, wait_until, within, WAIT,
+};
 
 /// The token settings of every test here: the profile's refresh out of the way, backfill on.
 const BACKFILL: &str = "refresh_interval: 1h, backfill: true";
@@ -256,5 +260,145 @@ async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
             .as_deref()
             .is_some_and(|e| e.contains("backfill_max_gap")),
         "{status:?}"
+    );
+}
+
+/// A stall check every 500 ms that calls activity undelivered for 2 s a stall.
+const STALL_AFTER: Duration = Duration::from_secs(2);
+
+/// The agent's `token_stalled` and `token_stalls_total` on the admin endpoint.
+async fn stall_metrics(admin: SocketAddr) -> (String, String) {
+    let body = within(
+        "/metrics",
+        reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text(),
+    )
+    .await
+    .unwrap();
+    let sample = |name: &str| {
+        let series = format!("chatwoot_bridge_{name}{{token=\"agent\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("{series} is not in /metrics"))
+            .to_owned()
+    };
+    (sample("token_stalled"), sample("token_stalls_total"))
+}
+
+#[tokio::test]
+async fn a_stalled_broadcast_is_noticed_within_stall_after_shown_and_backfilled() {
+    let mock = mock_with_api_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let yaml = api_agent_yaml(&mock, &out, &format!("{BACKFILL}, stall_after: 2s"))
+        .setting("admin: { listen: '127.0.0.1:0' }");
+    let bridge = Bridge::start(yaml.config()).await.unwrap();
+    let admin = bridge.admin_addr().expect("the admin endpoint is on");
+    let (conversation, live) = delivered_live(&mock, &bridge, &out, 3).await;
+    assert_eq!(stall_metrics(admin).await, ("0".into(), "0".into()));
+
+    // Chatwoot's workers stop: the socket stays subscribed and pinging, the REST API moves on.
+    mock.set_stalled(true);
+    let stalled_at = Instant::now();
+    let missed = create(&mock, conversation, 10);
+    let status = agent_when(&bridge, "the stall noticed", |t| t.stalled_since.is_some()).await;
+    let noticed_after = stalled_at.elapsed();
+    // At the earliest stall_after after a check first shows the activity; at the latest one
+    // check interval (500 ms) later, plus slack for a loaded machine.
+    assert!(
+        noticed_after >= STALL_AFTER && noticed_after < STALL_AFTER + Duration::from_secs(4),
+        "noticed after {noticed_after:?}"
+    );
+    assert_eq!((status.stalls, status.connects), (1, 1), "{status:?}");
+    assert_eq!(status.state, TokenState::Subscribed);
+    assert_eq!(stall_metrics(admin).await, ("1".into(), "1".into()));
+    let shown: Value = serde_json::from_str(
+        &within(
+            "/status",
+            reqwest::get(format!("http://{admin}/status"))
+                .await
+                .unwrap()
+                .text(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        shown["tokens"]["agent"]["stalled_since"].is_string(),
+        "{shown}"
+    );
+    wait_until("the stalled messages backfilled", || {
+        let got = messages(&out);
+        missed.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+
+    // The workers are back: the socket delivers again and the stall is over.
+    mock.set_stalled(false);
+    let after = create(&mock, conversation, 1);
+    let status = agent_when(&bridge, "the stall over", |t| t.stalled_since.is_none()).await;
+    assert_eq!((status.stalls, status.connects), (1, 1), "{status:?}");
+    assert_eq!(stall_metrics(admin).await, ("0".into(), "1".into()));
+    wait_until("the live message after the stall", || {
+        messages(&out).contains_key(&after[0])
+    })
+    .await;
+    shut_down(bridge).await;
+    mock.stop().await;
+    let got = messages(&out);
+    for id in &missed {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![true]),
+            "stalled message {id}, once and marked"
+        );
+    }
+    for id in live.iter().chain(&after) {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![false]),
+            "live message {id}, once and not marked"
+        );
+    }
+    assert_eq!(got.len(), 14, "nothing else: {got:?}");
+}
+
+#[tokio::test]
+async fn without_backfill_a_stall_is_still_noticed_and_nothing_is_read_back() {
+    let mock = mock_with_api_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let bridge = Bridge::start(api_agent_config(
+        &mock,
+        &out,
+        "refresh_interval: 1h, stall_after: 1s",
+    ))
+    .await
+    .unwrap();
+    let (conversation, live) = delivered_live(&mock, &bridge, &out, 2).await;
+    mock.set_stalled(true);
+    create(&mock, conversation, 3);
+    let status = agent_when(&bridge, "the stall noticed", |t| t.stalls == 1).await;
+    assert!(status.stalled_since.is_some(), "{status:?}");
+    shut_down(bridge).await;
+    mock.stop().await;
+    let got = messages(&out);
+    assert_eq!(
+        got.keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        live.into_iter().collect(),
+        "only the live messages: a token without backfill reads nothing back"
+    );
+    assert_eq!(
+        (
+            status.backfills,
+            status.backfilled_events,
+            status.backfill_gaps_given_up
+        ),
+        (0, 0, 0)
     );
 }

@@ -197,7 +197,7 @@ fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
             .iter()
             .map(|(token, status)| (token, status.state)),
     );
-    let families: [TokenFamily; 11] = [
+    let families: [TokenFamily; 13] = [
         ("token_subscribed", Gauge, "1 while Chatwoot has confirmed the token's subscription, else 0.", |t| (t.state == TokenState::Subscribed).into()),
         ("token_connects_total", Counter, "WebSocket handshakes that succeeded.", |t| t.connects.into()),
         ("token_subscriptions_unconfirmed_total", Counter, "Subscriptions given up because no confirm came within confirm_timeout (Chatwoot's answer to a wrong or rotated token).", |t| t.unconfirmed_subscriptions.into()),
@@ -206,6 +206,8 @@ fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
         ("token_backfills_total", Counter, "Gap backfills run over the REST API after a resubscribe (tokens with backfill).", |t| t.backfills.into()),
         ("token_backfilled_events_total", Counter, "Events a backfill read over REST and handed over, marked chatwootbackfill.", |t| t.backfilled_events.into()),
         ("token_backfill_gaps_given_up_total", Counter, "Gaps not backfilled: longer than backfill_max_gap, or the REST API kept failing.", |t| t.backfill_gaps_given_up.into()),
+        ("token_stalled", Gauge, "1 while the subscribed socket has not delivered activity the REST API showed stall_after ago (Chatwoot's broadcasts stalled), else 0.", |t| t.stalled_since.is_some().into()),
+        ("token_stalls_total", Counter, "Stalls noticed: activity the REST API showed that the subscribed socket did not deliver within stall_after.", |t| t.stalls.into()),
         ("token_frames_received_total", Counter, "WebSocket messages read from the socket, pings included.", |t| t.frames.into()),
         ("token_events_received_total", Counter, "Events read from the socket.", |t| t.events.into()),
         ("token_malformed_frames_total", Counter, "Frames skipped because they could not be decoded (or nested too deep).", |t| t.malformed_frames.into()),

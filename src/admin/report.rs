@@ -174,6 +174,19 @@ pub struct TokenReport {
     pub rejected_subscriptions: u64,
     /// Frames skipped as malformed.
     pub malformed_frames: u64,
+    /// Rotations of the pubsub token followed (tokens given as API access tokens).
+    pub rotations: u64,
+    /// Gaps (and stalled spans) backfilled over the REST API.
+    pub backfills: u64,
+    /// Events backfills handed over.
+    pub backfilled_events: u64,
+    /// Gaps not backfilled; events may be lost.
+    pub backfill_gaps_given_up: u64,
+    /// Since when the subscribed socket has not delivered activity the REST API showed
+    /// (a stall), RFC 3339; `null` while it delivers.
+    pub stalled_since: Option<String>,
+    /// Stalls noticed.
+    pub stalls: u64,
     /// Seconds since the last event (since the token started, if none yet).
     pub last_event_age_seconds: f64,
     /// Seconds since the server's last ping (since the token started, if none yet).
@@ -321,6 +334,12 @@ fn token_report(snapshot: &Snapshot, t: &TokenStatus) -> TokenReport {
         unconfirmed_subscriptions: t.unconfirmed_subscriptions,
         rejected_subscriptions: t.rejected_subscriptions,
         malformed_frames: t.malformed_frames,
+        rotations: t.rotations,
+        backfills: t.backfills,
+        backfilled_events: t.backfilled_events,
+        backfill_gaps_given_up: t.backfill_gaps_given_up,
+        stalled_since: t.stalled_since.map(rfc3339),
+        stalls: t.stalls,
         last_event_age_seconds: snapshot.age(t.last_event_at),
         last_ping_age_seconds: snapshot.age(t.last_ping_at),
     }

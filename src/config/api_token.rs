@@ -8,7 +8,7 @@ use super::checks::{check_duration, derive_origin};
 use super::raw::RawToken;
 use crate::secret_file;
 use crate::source::settings::ApiToken;
-use crate::source::settings::{BackfillSettings, DEFAULT_MAX_GAP};
+use crate::source::settings::{BackfillSettings, DEFAULT_MAX_GAP, DEFAULT_STALL_AFTER};
 use crate::tls::ClientTls;
 use crate::types::Problems;
 
@@ -32,6 +32,12 @@ pub(super) fn take(
             at.add(
                 "refresh_interval",
                 "is only for a token given as api_access_token or inbox_identifier + contact_identifier (it says how often the pubsub token is read again)",
+            );
+        }
+        if raw.stall_after.is_some() {
+            at.add(
+                "stall_after",
+                "needs api_access_token: a stall check reads Chatwoot's REST API with the user's access token",
             );
         }
         if raw.backfill == Some(true) || raw.backfill_max_gap.is_some() {
@@ -72,6 +78,7 @@ pub(super) fn take(
     at.check("refresh_interval", check_duration(refresh_interval));
     let (api_url, tls) = api_endpoint(cable_url, chatwoot);
     let backfill = backfill_settings(raw, at);
+    let stall_after = stall_after(raw, at);
     Some(ApiToken {
         access_token,
         api_url,
@@ -80,6 +87,7 @@ pub(super) fn take(
         refresh_interval,
         tls,
         backfill,
+        stall_after,
     })
 }
 
@@ -125,6 +133,29 @@ fn backfill_settings(raw: &RawToken, at: &mut Problems<'_>) -> Option<BackfillSe
         .map_or(DEFAULT_MAX_GAP, |d| d.0);
     at.check("backfill_max_gap", check_duration(max_gap));
     Some(BackfillSettings { max_gap })
+}
+
+/// `stall_after` of a token given as an API access token: a duration, `off`, or the default.
+fn stall_after(raw: &RawToken, at: &mut Problems<'_>) -> Option<Duration> {
+    let Some(text) = raw.stall_after.as_deref().map(str::trim) else {
+        return Some(DEFAULT_STALL_AFTER);
+    };
+    if text == "off" {
+        return None;
+    }
+    match humantime::parse_duration(text) {
+        Ok(stall_after) => {
+            at.check("stall_after", check_duration(stall_after));
+            Some(stall_after)
+        }
+        Err(e) => {
+            at.add(
+                "stall_after",
+                format!("`{text}` is neither a duration like `2m` nor `off` ({e})"),
+            );
+            None
+        }
+    }
 }
 
 /// The REST base URL of a cable URL: the same host over `https://` (`http://` for `ws://`),
@@ -254,6 +285,33 @@ mod tests {
                 "tokens[2].backfill_max_gap: must be greater than zero",
             ]
         );
+    }
+
+    #[test]
+    fn the_stall_check_is_on_for_api_tokens_unless_off() {
+        let cfg = load(
+            "",
+            "  - { name: a, api_access_token: x, account_id: 1 }\n  - { name: b, api_access_token: x, account_id: 1, stall_after: 30s }\n  - { name: c, api_access_token: x, account_id: 1, stall_after: \" off \" }\n",
+        )
+        .unwrap();
+        let stall_after = |i: usize| cfg.tokens[i].api.as_ref().unwrap().stall_after;
+        assert_eq!(stall_after(0), Some(DEFAULT_STALL_AFTER));
+        assert_eq!(stall_after(1), Some(Duration::from_secs(30)));
+        assert_eq!(stall_after(2), None);
+        let found = load(
+            "",
+            "  - { name: a, pubsub_token: y, stall_after: 1m }\n  - { name: b, api_access_token: x, account_id: 1, stall_after: soon }\n  - { name: c, api_access_token: x, account_id: 1, stall_after: 0s }\n",
+        )
+        .unwrap_err();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert_eq!(found[0], "tokens[0].stall_after: needs api_access_token: a stall check reads Chatwoot's REST API with the user's access token");
+        assert!(
+            found[1].starts_with(
+                "tokens[1].stall_after: `soon` is neither a duration like `2m` nor `off`"
+            ),
+            "{found:?}"
+        );
+        assert_eq!(found[2], "tokens[2].stall_after: must be greater than zero");
     }
 
     #[test]

@@ -252,6 +252,9 @@ pub(super) struct RawToken {
     pub(super) backfill: Option<bool>,
     /// The longest gap a backfill reads (default 1h); a longer one is given up, counted.
     pub(super) backfill_max_gap: Option<HumanDuration>,
+    /// How long activity the REST API shows may stay undelivered by the subscribed socket
+    /// before it counts as a stall (default 2m), or `off`; only with `api_access_token`.
+    pub(super) stall_after: Option<String>,
     /// With `user_id`: an agent token of this account.
     #[serde(default, deserialize_with = "optional_number")]
     #[schemars(with = "Option<u64>")]

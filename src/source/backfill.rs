@@ -18,19 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures_util::{stream, StreamExt};
-use reqwest::header::{HeaderValue, ACCEPT, RETRY_AFTER};
-use reqwest::StatusCode;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::event::{nesting_exceeds, Event, JsonText};
-use crate::source::profile;
+use crate::source::rest::{AccountApi, RestError};
 use crate::source::sender::EventSender;
-use crate::source::settings::{ApiToken, BackfillSettings, CableSettings, TokenSpec};
+use crate::source::settings::{BackfillSettings, TokenSpec};
 use crate::status::TokenReporter;
 
 /// Added before the gap's start when asking which conversations changed: the last healthy
@@ -39,10 +35,6 @@ pub const BACKFILL_MARGIN: Duration = Duration::from_secs(30);
 
 /// REST requests one token's backfill has in flight at once.
 pub const BACKFILL_CONCURRENCY: usize = 2;
-
-/// Bounds the body of one REST answer. A page of 100 messages is some 100-300 KB; a larger
-/// answer is refused before it is parsed, and the gap given up.
-pub const MAX_BACKFILL_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Bounds the conversations one gap backfills; a gap that changed more is given up.
 pub const MAX_BACKFILL_CONVERSATIONS: usize = 1000;
@@ -59,20 +51,8 @@ pub const REMEMBERED_CONVERSATIONS: usize = 512;
 /// Message ids remembered per conversation, the oldest forgotten first.
 pub const REMEMBERED_IDS_PER_CONVERSATION: usize = 128;
 
-/// Bounds the `429` answers one request waits out before the gap is given up.
-pub const MAX_THROTTLED_RETRIES: u32 = 60;
-
-/// Bounds the wait of one `Retry-After` (a longer one is cut to this).
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
-
-/// Attempts of one request that fails otherwise (transport, 5xx) before the gap is given up.
-const MAX_FAILED_ATTEMPTS: u32 = 4;
-
 /// Messages `GET .../messages?after=` answers at most (Chatwoot's limit): fewer means the end.
 const MESSAGES_AFTER_PAGE: usize = 100;
-
-/// The header Chatwoot reads a user's access token from.
-const ACCESS_TOKEN_HEADER: &str = "api_access_token";
 
 /// Why a gap was not (fully) backfilled. Never holds the access token.
 #[derive(Debug, thiserror::Error)]
@@ -85,42 +65,9 @@ pub enum BackfillError {
         /// The configured bound.
         max_gap: Duration,
     },
-    /// A non-success status other than 429.
-    #[error("{url} answered HTTP {status}")]
-    Status {
-        /// The request URL (no credentials: the token travels in a header).
-        url: String,
-        /// The status code.
-        status: u16,
-    },
-    /// Still `429` after [`MAX_THROTTLED_RETRIES`] waits.
-    #[error("{url} kept answering 429 Too Many Requests ({MAX_THROTTLED_RETRIES} times)")]
-    Throttled {
-        /// The request URL.
-        url: String,
-    },
-    /// Connect, TLS, timeout or a broken body.
-    #[error("GET {url} failed: {reason}")]
-    Transport {
-        /// The request URL.
-        url: String,
-        /// What went wrong, without the request's headers.
-        reason: String,
-    },
-    /// The body exceeds [`MAX_BACKFILL_RESPONSE_BYTES`].
-    #[error("{url} answered more than {MAX_BACKFILL_RESPONSE_BYTES} bytes")]
-    TooLarge {
-        /// The request URL.
-        url: String,
-    },
-    /// Not the JSON shape Chatwoot answers.
-    #[error("{url} answered something that is not Chatwoot's: {reason}")]
-    Malformed {
-        /// The request URL.
-        url: String,
-        /// The parser's complaint.
-        reason: String,
-    },
+    /// A REST request failed (after its retries).
+    #[error(transparent)]
+    Rest(#[from] RestError),
     /// More conversations changed than [`MAX_BACKFILL_CONVERSATIONS`].
     #[error("{count} conversations changed in the gap, more than {MAX_BACKFILL_CONVERSATIONS}")]
     TooManyConversations {
@@ -202,109 +149,13 @@ impl SeenMessages {
     }
 }
 
-/// The ids a live `message.created` carries, to remember it.
-#[derive(Deserialize)]
-struct LiveMessage {
-    /// The message id.
-    id: u64,
-    /// The conversation's display id.
-    conversation_id: u64,
-    /// The account; a user in several accounts gets all their events.
-    account_id: u64,
-}
-
-/// The gap bookkeeping of one token task, across its connections: when the subscription was
-/// last healthy, and the backfiller (for tokens with `backfill`).
-pub(crate) struct Gaps {
-    /// `None` for a token without `backfill`: then nothing is tracked.
-    backfiller: Option<Arc<Backfiller>>,
-    /// The last ping or event while the subscription was confirmed.
-    last_healthy: Option<SystemTime>,
-}
-
-impl Gaps {
-    /// The gap bookkeeping of `spec`; inert unless it has `backfill`.
-    pub(crate) fn new(
-        spec: &TokenSpec,
-        settings: &CableSettings,
-        events: &EventSender,
-        status: &TokenReporter,
-        cancel: &CancellationToken,
-    ) -> Gaps {
-        let backfiller = spec.api.as_ref().and_then(|api| {
-            let backfill = api.backfill.clone()?;
-            match profile::client(&profile::Lookup::Profile(api.clone()), settings) {
-                Ok(client) => Some(Arc::new(Backfiller {
-                    token: spec.name.clone(),
-                    source: Arc::from(spec.source()),
-                    api: api.clone(),
-                    backfill,
-                    max_nesting: settings.max_nesting,
-                    client,
-                    events: events.clone(),
-                    status: status.clone(),
-                    cancel: cancel.clone(),
-                    seen: Mutex::new(SeenMessages::default()),
-                    one_at_a_time: tokio::sync::Mutex::new(()),
-                })),
-                Err(e) => {
-                    error!(token = %spec.name, error = %e, "backfill disabled");
-                    None
-                }
-            }
-        });
-        Gaps {
-            backfiller,
-            last_healthy: None,
-        }
-    }
-
-    /// A ping or event arrived while the subscription was confirmed.
-    pub(crate) fn healthy(&mut self, at: SystemTime) {
-        if self.backfiller.is_some() {
-            self.last_healthy = Some(at);
-        }
-    }
-
-    /// The socket delivered `event`: a `message.created` is remembered, so that no backfill
-    /// sends it again.
-    pub(crate) fn delivered(&self, event: &Event) {
-        let Some(backfiller) = &self.backfiller else {
-            return;
-        };
-        if &*event.name != "message.created" {
-            return;
-        }
-        if let Ok(message) = serde_json::from_str::<LiveMessage>(event.data.get()) {
-            if message.account_id == backfiller.api.account_id {
-                let mut seen = backfiller.seen.lock().expect("seen lock");
-                seen.record(message.conversation_id, message.id, event.received_at);
-            }
-        }
-    }
-
-    /// The subscription is confirmed: if it was healthy before, backfill the gap since, in
-    /// its own task.
-    pub(crate) fn confirmed(&mut self) {
-        let (Some(backfiller), Some(start)) = (&self.backfiller, self.last_healthy) else {
-            return;
-        };
-        let gap = Gap {
-            start,
-            end: SystemTime::now(),
-        };
-        self.last_healthy = Some(gap.end);
-        tokio::spawn(backfiller.clone().run(gap));
-    }
-}
-
-/// A time the subscription was not healthy.
+/// A time the socket delivered nothing: down between two subscriptions, or stalled.
 #[derive(Debug, Clone, Copy)]
-struct Gap {
-    /// The last ping or event while confirmed.
-    start: SystemTime,
-    /// When the subscription was confirmed again.
-    end: SystemTime,
+pub(crate) struct Gap {
+    /// The last ping or event while confirmed, or the earliest activity of a stall.
+    pub(crate) start: SystemTime,
+    /// When the subscription was confirmed again, or the stall noticed.
+    pub(crate) end: SystemTime,
 }
 
 impl Gap {
@@ -315,19 +166,17 @@ impl Gap {
 }
 
 /// Reads one token's gaps over REST and hands what the socket missed to the pipeline.
-struct Backfiller {
+pub(crate) struct Backfiller {
     /// The token's name, the events' `token`.
     token: Arc<str>,
     /// The events' `source`, as the socket's.
     source: Arc<str>,
-    /// The REST API and the access token.
-    api: ApiToken,
+    /// The REST client on the token's account.
+    api: AccountApi,
     /// `backfill_max_gap`.
     backfill: BackfillSettings,
     /// `chatwoot.max_nesting`, applied to backfilled data as to the socket's.
     max_nesting: usize,
-    /// The REST client (the profile's settings: TLS, timeouts, no redirects).
-    client: reqwest::Client,
     /// The socket's pipeline.
     events: EventSender,
     /// The token's status cell, for the counters.
@@ -340,20 +189,6 @@ struct Backfiller {
     one_at_a_time: tokio::sync::Mutex<()>,
 }
 
-/// The list of conversations: `{"data": {"payload": [...]}}`.
-#[derive(Deserialize)]
-struct ConversationList {
-    /// The envelope.
-    data: ConversationPayload,
-}
-
-/// `data` of the conversation list.
-#[derive(Deserialize)]
-struct ConversationPayload {
-    /// The conversations, each kept whole for its event.
-    payload: Vec<Map<String, Value>>,
-}
-
 /// The messages of a conversation: `{"payload": [...]}`.
 #[derive(Deserialize)]
 struct MessageList {
@@ -361,19 +196,41 @@ struct MessageList {
     payload: Vec<Map<String, Value>>,
 }
 
-/// What one answer was, short of success.
-enum Attempt {
-    /// 429: wait this long, then ask again.
-    Throttled(Duration),
-    /// Worth retrying (transport, 5xx).
-    Retry(BackfillError),
-    /// Not worth retrying.
-    Fail(BackfillError),
-}
-
 impl Backfiller {
+    /// The backfiller of `spec`, reading with `api`.
+    pub(crate) fn new(
+        spec: &TokenSpec,
+        api: AccountApi,
+        backfill: BackfillSettings,
+        max_nesting: usize,
+        events: EventSender,
+        status: TokenReporter,
+        cancel: CancellationToken,
+    ) -> Backfiller {
+        Backfiller {
+            token: spec.name.clone(),
+            source: Arc::from(spec.source()),
+            api,
+            backfill,
+            max_nesting,
+            events,
+            status,
+            cancel,
+            seen: Mutex::new(SeenMessages::default()),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The socket delivered message `id` of `conversation` at `at`: no backfill sends it again.
+    pub(crate) fn seen(&self, conversation: u64, id: u64, at: SystemTime) {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .record(conversation, id, at);
+    }
+
     /// Backfills `gap`, counting how it went.
-    async fn run(self: Arc<Self>, gap: Gap) {
+    pub(crate) async fn run(self: Arc<Self>, gap: Gap) {
         let _turn = tokio::select! {
             turn = self.one_at_a_time.lock() => turn,
             () = self.cancel.cancelled() => return,
@@ -411,12 +268,7 @@ impl Backfiller {
             .unwrap_or_default()
             .as_secs()
             + 1;
-        let url = format!(
-            "{}/conversations?status=all&updated_within={within}",
-            self.account_url()
-        );
-        let list: ConversationList = self.get(&url).await?;
-        let conversations = list.data.payload;
+        let conversations = self.api.conversations_updated_within(within).await?;
         if conversations.len() > MAX_BACKFILL_CONVERSATIONS {
             return Err(BackfillError::TooManyConversations {
                 count: conversations.len(),
@@ -430,15 +282,6 @@ impl Backfiller {
             events += result?;
         }
         Ok(events)
-    }
-
-    /// `{api_url}/api/v1/accounts/{account_id}`.
-    fn account_url(&self) -> String {
-        format!(
-            "{}/api/v1/accounts/{}",
-            self.api.api_url.trim_end_matches('/'),
-            self.api.account_id
-        )
     }
 
     /// One changed conversation: its missed messages, then its `conversation.updated`.
@@ -495,9 +338,9 @@ impl Backfiller {
         for _ in 0..MAX_MESSAGE_PAGES {
             let url = format!(
                 "{}/conversations/{display_id}/messages?after={after}",
-                self.account_url()
+                self.api.account_url()
             );
-            let page: MessageList = self.get(&url).await?;
+            let page: MessageList = self.api.get(&url).await?;
             let full = page.payload.len() >= MESSAGES_AFTER_PAGE;
             for message in page.payload {
                 if let Some(id) = message.get("id").and_then(Value::as_u64) {
@@ -531,11 +374,14 @@ impl Backfiller {
             let url = match before {
                 Some(id) => format!(
                     "{}/conversations/{display_id}/messages?before={id}",
-                    self.account_url()
+                    self.api.account_url()
                 ),
-                None => format!("{}/conversations/{display_id}/messages", self.account_url()),
+                None => format!(
+                    "{}/conversations/{display_id}/messages",
+                    self.api.account_url()
+                ),
             };
-            let page: MessageList = self.get(&url).await?;
+            let page: MessageList = self.api.get(&url).await?;
             if page.payload.is_empty() {
                 newest_first.reverse();
                 return Ok(newest_first);
@@ -568,15 +414,15 @@ impl Backfiller {
     /// A REST message lacks the cable's `account_id`: it is added, as routes and keys read it.
     async fn emit(&self, name: &str, mut data: Map<String, Value>) -> Result<usize, BackfillError> {
         data.entry("account_id")
-            .or_insert_with(|| Value::from(self.api.account_id));
+            .or_insert_with(|| Value::from(self.api.account_id()));
         let text = Value::Object(data).to_string();
         if nesting_exceeds(&text, self.max_nesting) {
             warn!(token = %self.token, event = name,
                 "skipped a backfilled object nesting deeper than chatwoot.max_nesting");
             return Ok(0);
         }
-        let data = JsonText::from_string(text).map_err(|e| BackfillError::Malformed {
-            url: self.api.api_url.clone(),
+        let data = JsonText::from_string(text).map_err(|e| RestError::Malformed {
+            url: self.api.account_url(),
             reason: e.to_string(),
         })?;
         let mut event = Event::new(
@@ -594,102 +440,6 @@ impl Backfiller {
         self.status.backfilled_event();
         Ok(1)
     }
-
-    /// GETs `url` as JSON, waiting out 429s and retrying transient failures, within bounds.
-    async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T, BackfillError> {
-        let (mut throttled, mut failed) = (0u32, 0u32);
-        loop {
-            let error = match self.attempt(url).await {
-                Ok(body) => {
-                    return serde_json::from_slice(&body).map_err(|e| BackfillError::Malformed {
-                        url: url.to_owned(),
-                        reason: e.to_string(),
-                    })
-                }
-                Err(Attempt::Throttled(wait)) => {
-                    throttled += 1;
-                    if throttled > MAX_THROTTLED_RETRIES {
-                        return Err(BackfillError::Throttled {
-                            url: url.to_owned(),
-                        });
-                    }
-                    warn!(token = %self.token, wait = ?wait, "the REST API answered 429; the backfill waits");
-                    sleep(wait).await;
-                    continue;
-                }
-                Err(Attempt::Retry(error)) => error,
-                Err(Attempt::Fail(error)) => return Err(error),
-            };
-            failed += 1;
-            if failed >= MAX_FAILED_ATTEMPTS {
-                return Err(error);
-            }
-            warn!(token = %self.token, error = %error, "a backfill request failed; retrying");
-            sleep(Duration::from_millis(250) * 2u32.pow(failed)).await;
-        }
-    }
-
-    /// One GET: the body, at most [`MAX_BACKFILL_RESPONSE_BYTES`].
-    async fn attempt(&self, url: &str) -> Result<Vec<u8>, Attempt> {
-        let transport = |e: reqwest::Error| {
-            Attempt::Retry(BackfillError::Transport {
-                url: url.to_owned(),
-                reason: e.without_url().to_string(),
-            })
-        };
-        let mut token = HeaderValue::from_str(self.api.access_token.expose()).map_err(|_| {
-            Attempt::Fail(BackfillError::Transport {
-                url: url.to_owned(),
-                reason: "the API access token holds characters not allowed in an HTTP header"
-                    .into(),
-            })
-        })?;
-        token.set_sensitive(true);
-        let mut response = self
-            .client
-            .get(url)
-            .header(ACCESS_TOKEN_HEADER, token)
-            .header(ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(transport)?;
-        let status = response.status();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            return Err(Attempt::Throttled(retry_after(response.headers())));
-        }
-        if !status.is_success() {
-            let error = BackfillError::Status {
-                url: url.to_owned(),
-                status: status.as_u16(),
-            };
-            return Err(if status.is_server_error() {
-                Attempt::Retry(error)
-            } else {
-                Attempt::Fail(error)
-            });
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > MAX_BACKFILL_RESPONSE_BYTES {
-                return Err(Attempt::Fail(BackfillError::TooLarge {
-                    url: url.to_owned(),
-                }));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    }
-}
-
-/// The wait a 429 asks for: `Retry-After` in seconds, at least one second and at most
-/// [`MAX_RETRY_AFTER`]; one second when absent or given as a date.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
-    let seconds = headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(1);
-    Duration::from_secs(seconds.max(1)).min(MAX_RETRY_AFTER)
 }
 
 #[cfg(test)]
@@ -723,20 +473,5 @@ mod tests {
             !seen.contains(9, 1_100),
             "the least recently used conversation is forgotten first"
         );
-    }
-
-    #[test]
-    fn retry_after_is_read_and_bounded() {
-        let mut headers = reqwest::header::HeaderMap::new();
-        assert_eq!(retry_after(&headers), Duration::from_secs(1));
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("3"));
-        assert_eq!(retry_after(&headers), Duration::from_secs(3));
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("86400"));
-        assert_eq!(retry_after(&headers), MAX_RETRY_AFTER);
-        headers.insert(
-            RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
-        assert_eq!(retry_after(&headers), Duration::from_secs(1));
     }
 }

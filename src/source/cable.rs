@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
-use crate::source::backfill::Gaps;
+use crate::source::gaps::Gaps;
 use crate::source::profile::Subscriber;
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::sender::EventSender;
@@ -173,12 +173,14 @@ impl TokenTask {
             &self.events,
             &self.status,
             &self.cancel,
+            subscribers.refresh_handle(),
         );
         loop {
             self.status.set(TokenState::Connecting);
             let ended = self
                 .session(&mut subscribers, &mut gaps, &source, &mut backoff)
                 .await;
+            gaps.ended();
             let Some(delay) = delay_after(
                 &ended.end,
                 ended.healthy_for,
@@ -482,7 +484,7 @@ impl<'a> Session<'a> {
                     self.source.clone(),
                     received_at,
                 );
-                self.gaps.delivered(&event);
+                self.gaps.delivered(&event, &self.task.status);
                 self.healthy(received_at);
                 return self.hand_over(event).await;
             }

@@ -9,9 +9,12 @@
 
 pub mod backfill;
 pub mod cable;
+mod gaps;
 pub mod profile;
 pub mod protocol;
+pub mod rest;
 pub mod sender;
 pub mod settings;
+pub mod stall;
 mod subscriber;
 pub mod supervisor;

@@ -488,6 +488,7 @@ mod tests {
             refresh_interval: Duration::from_secs(300),
             tls: None,
             backfill: None,
+            stall_after: None,
         }
     }
 

@@ -130,6 +130,9 @@ pub struct ApiToken {
     pub tls: Option<ClientTls>,
     /// Whether and how the socket's gaps are filled over the REST API (`backfill: true`).
     pub backfill: Option<BackfillSettings>,
+    /// How long activity the REST API shows may stay undelivered by the subscribed socket
+    /// before it counts as a stall (`stall_after`); `None` checks nothing (`stall_after: off`).
+    pub stall_after: Option<Duration>,
 }
 
 impl ApiToken {
@@ -178,6 +181,10 @@ impl TokenSpec {
 /// The longest gap backfilled by default: a longer one is given up, loudly and counted. An
 /// hour of an account's traffic is what a backfill can re-read without flooding the REST API.
 pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(60 * 60);
+
+/// How long activity may stay undelivered by default before it counts as a stall: long enough
+/// for Chatwoot's broadcast queue on a busy install (seconds), short enough to act on.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(2 * 60);
 
 /// How a token backfills (`backfill: true`, `backfill_max_gap`).
 #[derive(Debug, Clone, PartialEq)]

@@ -103,6 +103,12 @@ impl Subscribers {
         }
     }
 
+    /// What asks the profile watcher to read the profile now, for others that notice a silent
+    /// subscription (the stall check); `None` for a token written with its pubsub token.
+    pub(crate) fn refresh_handle(&self) -> Option<Arc<Notify>> {
+        self.refresh_now.clone()
+    }
+
     /// Asks for the profile to be read now, when a subscription went unconfirmed; nothing for
     /// a token written with its pubsub token.
     pub(crate) fn refresh_now(&self) {

@@ -173,6 +173,15 @@ pub(crate) fn api_agent_config(
     out: &std::path::Path,
     settings: &str,
 ) -> chatwoot_bridge::config::Config {
+    api_agent_yaml(mock, out, settings).config()
+}
+
+/// The YAML of [`api_agent_config`], for a test that adds to it.
+pub(crate) fn api_agent_yaml(
+    mock: &MockServer,
+    out: &std::path::Path,
+    settings: &str,
+) -> BridgeYaml {
     BridgeYaml::new(&mock.url())
         .cable("confirm_timeout: 1s")
         .cable("reconnect: { initial: 50ms, max: 300ms }")
@@ -185,5 +194,4 @@ pub(crate) fn api_agent_config(
         )
         .route("{ name: everything, match: {}, to: [archive] }")
         .spool(&out.with_extension("spool"))
-        .config()
 }

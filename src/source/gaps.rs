@@ -1,0 +1,255 @@
+//! What a token task tells its REST side about the socket: when the subscription was last
+//! healthy (a reconnect's gap starts there, see [`backfill`](super::backfill)) and what the
+//! socket delivered (a backfill skips those messages; a stall check counts that activity as
+//! delivered, see [`stall`](super::stall)). Inert for a token written with its pubsub token.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::event::Event;
+use crate::source::backfill::{Backfiller, Gap};
+use crate::source::profile;
+use crate::source::rest::AccountApi;
+use crate::source::sender::EventSender;
+use crate::source::settings::{CableSettings, TokenSpec};
+use crate::source::stall::{Activity, ActivityTracker, StallWatch};
+use crate::status::TokenReporter;
+
+/// The ids and activity a live conversation or message event carries. A message event has
+/// `conversation_id` (the display id) and its own `id`; a conversation event has the display
+/// id as `id`. Numbers only: anything else fails the parse and the event is not tracked.
+#[derive(Deserialize)]
+struct LiveActivity {
+    /// The account; a user in several accounts gets all their events.
+    account_id: Option<u64>,
+    /// A message's id, or a conversation's display id.
+    id: Option<u64>,
+    /// A message's conversation (display id).
+    conversation_id: Option<u64>,
+    /// A message's creation (whole seconds).
+    created_at: Option<f64>,
+    /// A conversation's activity (whole seconds).
+    last_activity_at: Option<f64>,
+    /// A message's conversation, with its activity.
+    conversation: Option<LiveConversation>,
+    /// A conversation's latest message(s).
+    messages: Option<Vec<LiveMessage>>,
+}
+
+/// A message listed in a live conversation event.
+#[derive(Deserialize)]
+struct LiveMessage {
+    /// Its id.
+    id: Option<u64>,
+}
+
+/// `conversation` of a live message event.
+#[derive(Deserialize)]
+struct LiveConversation {
+    /// The conversation's activity after this message (whole seconds).
+    last_activity_at: Option<f64>,
+}
+
+/// What a delivered event says of a conversation.
+struct Delivered {
+    /// The conversation's display id.
+    conversation: u64,
+    /// The message id, for a message event.
+    message: Option<u64>,
+    /// The latest activity the event shows.
+    activity: Option<Activity>,
+}
+
+impl LiveActivity {
+    /// What `event` (of `account_id`) says of a conversation; `None` for another account's or
+    /// an event about no conversation.
+    fn of(event: &Event, account_id: u64) -> Option<Delivered> {
+        let name = &*event.name;
+        let message = name.starts_with("message.");
+        let conversation_event = matches!(
+            name,
+            "conversation.created"
+                | "conversation.updated"
+                | "conversation.status_changed"
+                | "conversation.read"
+                | "conversation.contact_changed"
+                | "assignee.changed"
+                | "team.changed"
+        );
+        if !message && !conversation_event {
+            return None;
+        }
+        let live: LiveActivity = serde_json::from_str(event.data.get()).ok()?;
+        if live.account_id.is_some_and(|id| id != account_id) {
+            return None;
+        }
+        let at = [
+            live.created_at.filter(|_| message),
+            live.last_activity_at,
+            live.conversation.and_then(|c| c.last_activity_at),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|at| at.max(0.0) as u64)
+        .max();
+        let (conversation, message) = if message {
+            (live.conversation_id?, live.id)
+        } else {
+            (live.id?, None)
+        };
+        let latest_message = message.or_else(|| live.messages?.iter().filter_map(|m| m.id).max());
+        Some(Delivered {
+            conversation,
+            message,
+            activity: at.map(|at| Activity {
+                at,
+                message: latest_message.unwrap_or(0),
+            }),
+        })
+    }
+}
+
+/// The REST side of one token task, across its connections.
+pub(crate) struct Gaps {
+    /// The account the REST side reads; events of other accounts are not tracked.
+    account_id: u64,
+    /// Reads a reconnect's gap; `None` without `backfill`.
+    backfiller: Option<Arc<Backfiller>>,
+    /// Shared with the stall check; `None` without one (`stall_after: off`, or no API token).
+    stall: Option<Arc<Mutex<ActivityTracker>>>,
+    /// The last ping or event while the subscription was confirmed.
+    last_healthy: Option<SystemTime>,
+}
+
+impl Gaps {
+    /// The REST side of `spec`: its backfiller and its stall check (started here, stopped by
+    /// `cancel`); inert for a token without an API access token. `refresh_profile` asks the
+    /// profile watcher to read the profile now.
+    pub(crate) fn new(
+        spec: &TokenSpec,
+        settings: &CableSettings,
+        events: &EventSender,
+        status: &TokenReporter,
+        cancel: &CancellationToken,
+        refresh_profile: Option<Arc<Notify>>,
+    ) -> Gaps {
+        let Some(api) = &spec.api else {
+            return Gaps::inert();
+        };
+        let account_api = || -> Option<AccountApi> {
+            match profile::client(&profile::Lookup::Profile(api.clone()), settings) {
+                Ok(client) => Some(AccountApi::new(spec.name.clone(), api.clone(), client)),
+                Err(e) => {
+                    error!(token = %spec.name, error = %e, "backfill and stall check disabled");
+                    None
+                }
+            }
+        };
+        let backfiller = api.backfill.clone().and_then(|backfill| {
+            Some(Arc::new(Backfiller::new(
+                spec,
+                account_api()?,
+                backfill,
+                settings.max_nesting,
+                events.clone(),
+                status.clone(),
+                cancel.clone(),
+            )))
+        });
+        let stall = api.stall_after.and_then(|stall_after| {
+            let tracker = Arc::new(Mutex::new(ActivityTracker::default()));
+            let watch = StallWatch {
+                token: spec.name.clone(),
+                api: account_api()?,
+                stall_after,
+                tracker: tracker.clone(),
+                backfiller: backfiller.clone(),
+                refresh_profile,
+                status: status.clone(),
+                cancel: cancel.clone(),
+            };
+            tokio::spawn(watch.run());
+            Some(tracker)
+        });
+        Gaps {
+            account_id: api.account_id,
+            backfiller,
+            stall,
+            last_healthy: None,
+        }
+    }
+
+    /// The REST side of a token without an API access token: nothing tracked.
+    fn inert() -> Gaps {
+        Gaps {
+            account_id: 0,
+            backfiller: None,
+            stall: None,
+            last_healthy: None,
+        }
+    }
+
+    /// A ping or event arrived while the subscription was confirmed.
+    pub(crate) fn healthy(&mut self, at: SystemTime) {
+        if self.backfiller.is_some() {
+            self.last_healthy = Some(at);
+        }
+    }
+
+    /// The socket delivered `event`: a message is remembered, so that no backfill sends it
+    /// again, and the activity it shows counts as delivered for the stall check.
+    pub(crate) fn delivered(&self, event: &Event, status: &TokenReporter) {
+        if self.backfiller.is_none() && self.stall.is_none() {
+            return;
+        }
+        let Some(delivered) = LiveActivity::of(event, self.account_id) else {
+            return;
+        };
+        if let (Some(backfiller), Some(message)) = (&self.backfiller, delivered.message) {
+            if &*event.name == "message.created" {
+                backfiller.seen(delivered.conversation, message, event.received_at);
+            }
+        }
+        let (Some(stall), Some(activity)) = (&self.stall, delivered.activity) else {
+            return;
+        };
+        let ended = stall.lock().expect("tracker lock").delivered(
+            delivered.conversation,
+            activity,
+            event.received_at,
+        );
+        if let Some(lasted) = ended {
+            info!(token = %event.token, stalled_for = ?lasted, "the cable delivers again after a stall");
+            status.stall_over();
+        }
+    }
+
+    /// The subscription is confirmed: the stall check starts afresh and, if the subscription
+    /// was healthy before, the gap since is backfilled in its own task.
+    pub(crate) fn confirmed(&mut self) {
+        if let Some(stall) = &self.stall {
+            stall.lock().expect("tracker lock").resubscribed();
+        }
+        let (Some(backfiller), Some(start)) = (&self.backfiller, self.last_healthy) else {
+            return;
+        };
+        let gap = Gap {
+            start,
+            end: SystemTime::now(),
+        };
+        self.last_healthy = Some(gap.end);
+        tokio::spawn(backfiller.clone().run(gap));
+    }
+
+    /// The socket ended: the stall check pauses until the next confirm.
+    pub(crate) fn ended(&self) {
+        if let Some(stall) = &self.stall {
+            stall.lock().expect("tracker lock").unsubscribed();
+        }
+    }
+}

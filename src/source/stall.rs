@@ -1,0 +1,518 @@
+//! Noticing a socket that is connected, pinging and subscribed while Chatwoot broadcasts
+//! nothing: Chatwoot's background workers (Sidekiq) broadcast every event but
+//! `presence.update`, so when they are down the socket looks healthy and stays silent. A token
+//! given as an API access token asks the REST API every quarter of `stall_after` which
+//! conversations' `last_activity_at` moved, and compares with what the cable delivered. Activity
+//! the cable has not delivered `stall_after` after the API first showed it is a stall: logged
+//! loudly, counted, shown in `/status`, the profile read again (a rotated pubsub token goes
+//! quiet the same way), and, with `backfill`, the stalled span backfilled.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::source::backfill::{Backfiller, Gap, BACKFILL_MARGIN, MAX_BACKFILL_CONVERSATIONS};
+use crate::source::rest::{AccountApi, RestError};
+use crate::status::TokenReporter;
+
+/// Bounds the conversations whose latest activity a token remembers; past it the one with the
+/// oldest activity is forgotten (a forgotten conversation is judged by the check's clock, see
+/// [`ActivityTracker::observe`]).
+pub const MAX_TRACKED_CONVERSATIONS: usize = 4096;
+
+/// Bounds how often a stall check may run, whatever `stall_after` says.
+const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often the REST API is asked: a quarter of `stall_after`, so a stall is noticed at most a
+/// quarter late.
+pub fn check_interval(stall_after: Duration) -> Duration {
+    (stall_after / 4).max(MIN_CHECK_INTERVAL)
+}
+
+/// Why a stall check did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StallCheckError {
+    /// The conversation list could not be read.
+    #[error(transparent)]
+    Rest(#[from] RestError),
+    /// More conversations changed than one check reads.
+    #[error("{count} conversations changed since the last check, more than {MAX_BACKFILL_CONVERSATIONS}")]
+    TooManyConversations {
+        /// How many the list held.
+        count: usize,
+    },
+}
+
+/// How far a conversation's activity went: its `last_activity_at` and its latest message id.
+/// Chatwoot writes the time in whole seconds, so messages of one second differ only by id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Activity {
+    /// `last_activity_at` (Chatwoot's clock, whole seconds).
+    pub(crate) at: u64,
+    /// The latest message id shown with it; 0 when none.
+    pub(crate) message: u64,
+}
+
+/// Activity the REST API showed and the cable has not delivered yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// How far the conversation's activity went.
+    activity: Activity,
+    /// When a check first showed it: a stall is measured from here, on this machine's clock.
+    seen_at: Instant,
+}
+
+/// Activity the cable has owed for `stall_after`: what a stall backfills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Overdue {
+    /// The earliest overdue `last_activity_at` (Chatwoot's clock, whole seconds): the stalled
+    /// span starts there.
+    pub(crate) earliest: u64,
+    /// How many conversations it is in.
+    pub(crate) conversations: usize,
+}
+
+/// What one token knows of its conversations' activity, from the cable and from the checks.
+#[derive(Debug, Default)]
+pub(crate) struct ActivityTracker {
+    /// Per conversation display id, the latest activity seen from either side, so that a check
+    /// tells activity that moved from activity already known.
+    known: HashMap<u64, Activity>,
+    /// Per conversation display id, activity a check showed that the cable has not delivered.
+    pending: HashMap<u64, Pending>,
+    /// When the previous check answered; `None` until the first check after a (re)subscribe,
+    /// which only learns (what the socket missed while down is a gap, which a backfill reads).
+    previous_check: Option<SystemTime>,
+    /// When the current stall was noticed; `None` while the cable delivers.
+    stalled_since: Option<SystemTime>,
+    /// Whether the subscription is confirmed: checks only run then.
+    subscribed: bool,
+}
+
+impl ActivityTracker {
+    /// The subscription is confirmed (again): the next check starts afresh.
+    pub(crate) fn resubscribed(&mut self) {
+        self.subscribed = true;
+        self.previous_check = None;
+        self.pending.clear();
+    }
+
+    /// The socket ended: no check until the subscription is confirmed again.
+    pub(crate) fn unsubscribed(&mut self) {
+        self.subscribed = false;
+    }
+
+    /// The cable delivered activity `activity` of `conversation`. Returns how long the stall
+    /// lasted when this ends one.
+    pub(crate) fn delivered(
+        &mut self,
+        conversation: u64,
+        activity: Activity,
+        now: SystemTime,
+    ) -> Option<Duration> {
+        self.remember(conversation, activity);
+        if self
+            .pending
+            .get(&conversation)
+            .is_some_and(|p| p.activity <= activity)
+        {
+            self.pending.remove(&conversation);
+        }
+        let since = self.stalled_since.take()?;
+        Some(now.duration_since(since).unwrap_or_default())
+    }
+
+    /// The window a check asks for: since the previous check (or one interval), plus
+    /// [`BACKFILL_MARGIN`] for Chatwoot's clock and its background writes.
+    fn window(&self, now: SystemTime, interval: Duration) -> u64 {
+        let since = self
+            .previous_check
+            .and_then(|at| now.duration_since(at).ok())
+            .unwrap_or(interval);
+        (since + BACKFILL_MARGIN).as_secs() + 1
+    }
+
+    /// A check at `now` listed `listed` (conversation, `last_activity_at`). Activity that moved
+    /// and the cable has not delivered becomes pending; what has been pending `stall_after`
+    /// is returned and forgotten (it is handed to a backfill once). A conversation not known
+    /// yet counts as moved when its activity is later than the previous check minus
+    /// [`BACKFILL_MARGIN`].
+    pub(crate) fn observe(
+        &mut self,
+        listed: impl IntoIterator<Item = (u64, Activity)>,
+        now: (SystemTime, Instant),
+        stall_after: Duration,
+    ) -> Option<Overdue> {
+        let (wall, instant) = now;
+        let baseline = self.previous_check.is_none();
+        let floor = self.previous_check.map_or(0, |at| {
+            unix_seconds(at).saturating_sub(BACKFILL_MARGIN.as_secs())
+        });
+        for (conversation, activity) in listed {
+            let moved = match self.known.get(&conversation) {
+                Some(known) => activity > *known,
+                None => !baseline && activity.at >= floor,
+            };
+            self.remember(conversation, activity);
+            if moved {
+                let pending = self.pending.entry(conversation).or_insert(Pending {
+                    activity,
+                    seen_at: instant,
+                });
+                pending.activity = pending.activity.max(activity);
+            }
+        }
+        self.previous_check = Some(wall);
+        self.take_overdue(instant, stall_after)
+    }
+
+    /// Removes and returns what has been pending for `stall_after` at `now`.
+    fn take_overdue(&mut self, now: Instant, stall_after: Duration) -> Option<Overdue> {
+        let mut overdue: Option<Overdue> = None;
+        self.pending.retain(|_, pending| {
+            if now.duration_since(pending.seen_at) < stall_after {
+                return true;
+            }
+            let at = pending.activity.at;
+            let earliest = overdue.map_or(at, |o| o.earliest.min(at));
+            let conversations = overdue.map_or(0, |o| o.conversations) + 1;
+            overdue = Some(Overdue {
+                earliest,
+                conversations,
+            });
+            false
+        });
+        overdue
+    }
+
+    /// A stall was found at `now`: true when it is a new one (none was on).
+    pub(crate) fn stall(&mut self, now: SystemTime) -> bool {
+        if self.stalled_since.is_some() {
+            return false;
+        }
+        self.stalled_since = Some(now);
+        true
+    }
+
+    /// Records `activity` as the latest known of `conversation`, forgetting the conversation
+    /// with the oldest activity when [`MAX_TRACKED_CONVERSATIONS`] are known.
+    fn remember(&mut self, conversation: u64, activity: Activity) {
+        if let Some(known) = self.known.get_mut(&conversation) {
+            *known = (*known).max(activity);
+            return;
+        }
+        if self.known.len() >= MAX_TRACKED_CONVERSATIONS {
+            let oldest = self.known.iter().min_by_key(|(_, a)| **a).map(|(c, _)| *c);
+            if let Some(oldest) = oldest {
+                self.known.remove(&oldest);
+                self.pending.remove(&oldest);
+            }
+        }
+        self.known.insert(conversation, activity);
+    }
+}
+
+/// Seconds since the Unix epoch of `at`.
+fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// The display id and activity of a listed conversation (`last_activity_at`, or `timestamp`
+/// which Chatwoot fills with it, and the id of the last message it lists); `None` for one
+/// without.
+fn listed_activity(conversation: &Map<String, Value>) -> Option<(u64, Activity)> {
+    let id = conversation.get("id")?.as_u64()?;
+    let at = ["last_activity_at", "timestamp"]
+        .iter()
+        .find_map(|key| conversation.get(*key)?.as_f64())?;
+    let message = conversation
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("id")?.as_u64())
+        .max()
+        .unwrap_or(0);
+    Some((
+        id,
+        Activity {
+            at: at.max(0.0) as u64,
+            message,
+        },
+    ))
+}
+
+/// The stall check of one token: a task asking the REST API every [`check_interval`].
+pub(crate) struct StallWatch {
+    /// The token's name, for logs.
+    pub(crate) token: Arc<str>,
+    /// The REST client on the token's account.
+    pub(crate) api: AccountApi,
+    /// `stall_after`: how long activity may stay undelivered.
+    pub(crate) stall_after: Duration,
+    /// Shared with the socket, which reports what it delivered.
+    pub(crate) tracker: Arc<Mutex<ActivityTracker>>,
+    /// Fills the stalled span; `None` without `backfill`.
+    pub(crate) backfiller: Option<Arc<Backfiller>>,
+    /// Asks the profile watcher to read the profile now: a rotated pubsub token is silent too.
+    pub(crate) refresh_profile: Option<Arc<Notify>>,
+    /// The token's status cell: the stall's state and count.
+    pub(crate) status: TokenReporter,
+    /// The token task's cancellation.
+    pub(crate) cancel: CancellationToken,
+}
+
+impl StallWatch {
+    /// Checks every [`check_interval`] while subscribed, until cancelled.
+    pub(crate) async fn run(self) {
+        let interval = check_interval(self.stall_after);
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                () = sleep(interval) => {}
+            }
+            if !self.tracker.lock().expect("tracker lock").subscribed {
+                continue;
+            }
+            let checked = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                checked = self.check(interval) => checked,
+            };
+            if let Err(e) = checked {
+                warn!(token = %self.token, error = %e, "the stall check could not read the REST API");
+                self.status.note(format!("stall check failed: {e}"));
+            }
+        }
+    }
+
+    /// One check: lists what changed, and handles activity overdue.
+    async fn check(&self, interval: Duration) -> Result<(), StallCheckError> {
+        let window = self
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .window(SystemTime::now(), interval);
+        let listed = self.api.conversations_updated_within(window).await?;
+        if listed.len() > MAX_BACKFILL_CONVERSATIONS {
+            return Err(StallCheckError::TooManyConversations {
+                count: listed.len(),
+            });
+        }
+        let now = (SystemTime::now(), Instant::now());
+        let overdue = self.tracker.lock().expect("tracker lock").observe(
+            listed.iter().filter_map(listed_activity),
+            now,
+            self.stall_after,
+        );
+        if let Some(overdue) = overdue {
+            self.stalled(overdue, now.0);
+        }
+        Ok(())
+    }
+
+    /// Activity is overdue: says so, reads the profile again and backfills the span.
+    fn stalled(&self, overdue: Overdue, now: SystemTime) {
+        let new = self.tracker.lock().expect("tracker lock").stall(now);
+        if new {
+            self.status.stalled(now);
+            error!(token = %self.token, stall_after = ?self.stall_after, conversations = overdue.conversations,
+                "CABLE STALLED: the REST API shows activity the subscribed socket has not delivered \
+                 for stall_after; Chatwoot's background workers (Sidekiq) may be down, or the \
+                 pubsub token rotated");
+        } else {
+            warn!(token = %self.token, conversations = overdue.conversations,
+                "the cable is still stalled: more activity it has not delivered");
+        }
+        if let Some(refresh) = &self.refresh_profile {
+            refresh.notify_one();
+        }
+        let Some(backfiller) = &self.backfiller else {
+            warn!(token = %self.token,
+                "the stalled activity is not backfilled: backfill is off for this token");
+            return;
+        };
+        let gap = Gap {
+            start: SystemTime::UNIX_EPOCH + Duration::from_secs(overdue.earliest),
+            end: now,
+        };
+        info!(token = %self.token, "backfilling the stalled span");
+        tokio::spawn(backfiller.clone().run(gap));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STALL_AFTER: Duration = Duration::from_secs(120);
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    /// Activity at `seconds` with message `message`.
+    fn act(seconds: u64, message: u64) -> Activity {
+        Activity {
+            at: seconds,
+            message,
+        }
+    }
+
+    #[test]
+    fn the_first_check_after_a_subscribe_only_learns() {
+        let mut tracker = ActivityTracker::default();
+        tracker.resubscribed();
+        let start = Instant::now();
+        assert_eq!(
+            tracker.observe(
+                [(1, act(990, 0)), (2, act(995, 0))],
+                (at(1_000), start),
+                STALL_AFTER
+            ),
+            None
+        );
+        let later = start + STALL_AFTER * 2;
+        assert_eq!(
+            tracker.observe(
+                [(1, act(990, 0)), (2, act(995, 0))],
+                (at(1_240), later),
+                STALL_AFTER
+            ),
+            None
+        );
+        assert!(tracker.pending.is_empty());
+    }
+
+    #[test]
+    fn activity_the_cable_never_delivers_is_overdue_after_stall_after() {
+        let mut tracker = ActivityTracker::default();
+        tracker.resubscribed();
+        let start = Instant::now();
+        tracker.observe([(1, act(990, 0))], (at(1_000), start), STALL_AFTER);
+        // Conversation 1 moved and 3 is new; 2 is new but its activity predates the last
+        // check by more than the margin (an old conversation listed for another change).
+        let listed = [(1, act(1_010, 0)), (2, act(900, 0)), (3, act(1_020, 0))];
+        assert_eq!(
+            tracker.observe(
+                listed,
+                (at(1_030), start + Duration::from_secs(30)),
+                STALL_AFTER
+            ),
+            None
+        );
+        assert_eq!(tracker.pending.len(), 2);
+        let overdue = tracker.observe(
+            listed,
+            (at(1_150), start + Duration::from_secs(150)),
+            STALL_AFTER,
+        );
+        assert_eq!(
+            overdue,
+            Some(Overdue {
+                earliest: 1_010,
+                conversations: 2
+            })
+        );
+        assert!(
+            tracker.pending.is_empty(),
+            "overdue activity is handed over once"
+        );
+        assert!(tracker.stall(at(1_150)));
+        assert!(
+            !tracker.stall(at(1_160)),
+            "one stall until the cable delivers"
+        );
+        assert_eq!(
+            tracker.delivered(1, act(1_200, 0), at(1_210)),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(tracker.delivered(1, act(1_201, 0), at(1_211)), None);
+    }
+
+    #[test]
+    fn activity_the_cable_delivers_is_never_overdue() {
+        let mut tracker = ActivityTracker::default();
+        tracker.resubscribed();
+        let start = Instant::now();
+        tracker.observe([(1, act(990, 0))], (at(1_000), start), STALL_AFTER);
+        // Delivered before the check shows it...
+        tracker.delivered(1, act(1_010, 0), at(1_011));
+        // ...and after (the REST API can be quicker than the broadcast).
+        tracker.observe(
+            [(1, act(1_010, 0)), (2, act(1_020, 0))],
+            (at(1_030), start + Duration::from_secs(30)),
+            STALL_AFTER,
+        );
+        tracker.delivered(2, act(1_020, 0), at(1_031));
+        let overdue = tracker.observe(
+            [(1, act(1_010, 0)), (2, act(1_020, 0))],
+            (at(1_200), start + Duration::from_secs(200)),
+            STALL_AFTER,
+        );
+        assert_eq!(overdue, None);
+    }
+
+    #[test]
+    fn messages_of_one_second_differ_by_id() {
+        let mut tracker = ActivityTracker::default();
+        tracker.resubscribed();
+        let start = Instant::now();
+        tracker.observe([(1, act(1_000, 5))], (at(1_000), start), STALL_AFTER);
+        tracker.delivered(1, act(1_000, 6), at(1_000));
+        let soon = start + Duration::from_millis(500);
+        tracker.observe([(1, act(1_000, 6))], (at(1_000), soon), STALL_AFTER);
+        assert!(tracker.pending.is_empty(), "delivered already");
+        tracker.observe([(1, act(1_000, 7))], (at(1_001), soon), STALL_AFTER);
+        assert_eq!(
+            tracker.pending.len(),
+            1,
+            "message 7 of the same second moved it"
+        );
+        let overdue = tracker.observe([], (at(1_200), start + STALL_AFTER * 2), STALL_AFTER);
+        assert_eq!(
+            overdue,
+            Some(Overdue {
+                earliest: 1_000,
+                conversations: 1
+            })
+        );
+    }
+
+    #[test]
+    fn the_tracker_is_bounded() {
+        let mut tracker = ActivityTracker::default();
+        for conversation in 0..(MAX_TRACKED_CONVERSATIONS as u64 + 10) {
+            tracker.delivered(conversation, act(1_000 + conversation, 0), at(2_000));
+        }
+        assert_eq!(tracker.known.len(), MAX_TRACKED_CONVERSATIONS);
+        assert!(
+            !tracker.known.contains_key(&0),
+            "the oldest activity is forgotten first"
+        );
+    }
+
+    #[test]
+    fn a_check_asks_for_the_time_since_the_last_plus_the_margin() {
+        let mut tracker = ActivityTracker::default();
+        let interval = Duration::from_secs(30);
+        assert_eq!(tracker.window(at(1_000), interval), 61);
+        tracker.observe([], (at(1_000), Instant::now()), STALL_AFTER);
+        assert_eq!(tracker.window(at(1_045), interval), 76);
+        assert_eq!(
+            check_interval(Duration::from_secs(120)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            check_interval(Duration::from_millis(100)),
+            MIN_CHECK_INTERVAL
+        );
+    }
+}
