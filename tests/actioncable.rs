@@ -2,10 +2,12 @@
 //! RoomChannel is written the way Chatwoot's is (tests/actioncable/config.ru): what the mock
 //! Chatwoot promises about the protocol, checked against the implementation Chatwoot runs.
 //! Streams per identity (the user's token, the account for agents, the contact's token), silence
-//! for a wrong user or account, and presence in answer to a subscribe.
+//! for a wrong user or account, presence in answer to a subscribe, a rotated pubsub token
+//! followed, and a gap backfilled over the REST API the app answers as Chatwoot does.
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -85,32 +87,59 @@ impl RailsCable {
         format!("ws://127.0.0.1:{}/cable", self.port)
     }
 
-    /// `ActionCable.server.broadcast(stream, {event:, data:})`, as Chatwoot's jobs do.
-    async fn broadcast(&self, stream: &str, event: &str, data: Value) {
+    /// `POST {path}` of the test controls with `body`; the JSON answer.
+    async fn control(&self, path: &str, body: Value) -> Value {
         let answer = self
             .http
-            .post(format!("{}/test/broadcast", self.base()))
+            .post(format!("{}{path}", self.base()))
             .header("content-type", "application/json")
-            .body(json!({ "stream": stream, "event": event, "data": data }).to_string())
+            .body(body.to_string())
             .send()
             .await
             .unwrap();
-        assert!(answer.status().is_success(), "{answer:?}");
+        assert!(answer.status().is_success(), "{path}: {answer:?}");
+        serde_json::from_str(&answer.text().await.unwrap()).expect("a JSON answer")
+    }
+
+    /// `ActionCable.server.broadcast(stream, {event:, data:})`, as Chatwoot's jobs do.
+    async fn broadcast(&self, stream: &str, event: &str, data: Value) {
+        let body = json!({ "stream": stream, "event": event, "data": data });
+        self.control("/test/broadcast", body).await;
     }
 }
 
 impl RailsCable {
     /// `POST /test/rotate`: the user's pubsub token changes, as when its password does.
     async fn rotate(&self, user_id: u64, pubsub_token: &str) {
+        let body = json!({ "user_id": user_id, "pubsub_token": pubsub_token });
+        self.control("/test/rotate", body).await;
+    }
+
+    /// `POST /test/conversation`: a visitor opens a conversation in account 1; its display id.
+    async fn create_conversation(&self) -> u64 {
         let answer = self
-            .http
-            .post(format!("{}/test/rotate", self.base()))
-            .header("content-type", "application/json")
-            .body(json!({ "user_id": user_id, "pubsub_token": pubsub_token }).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(answer.status().is_success(), "{answer:?}");
+            .control("/test/conversation", json!({ "account_id": 1 }))
+            .await;
+        answer["id"].as_u64().expect("a display id")
+    }
+
+    /// `POST /test/message`: the visitor writes `n` messages in `conversation` of account 1,
+    /// each stored and broadcast as Chatwoot does; their ids.
+    async fn create_messages(&self, conversation: u64, n: usize) -> Vec<u64> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let body = json!({ "account_id": 1, "conversation_id": conversation,
+                               "content": format!("message {i}") });
+            let answer = self.control("/test/message", body).await;
+            ids.push(answer["id"].as_u64().expect("a message id"));
+        }
+        ids
+    }
+
+    /// `POST /test/cable_down`: every socket closed, and the cable refused for `seconds`.
+    async fn cable_down(&self, seconds: u64) {
+        self.control("/test/cable_down", json!({ "seconds": seconds }))
+            .await;
     }
 
     /// Stops puma (every socket drops, as in a Chatwoot deploy).
@@ -398,4 +427,95 @@ async fn after_a_restart_with_a_rotated_token_the_unconfirmed_subscription_reads
         status.connects >= 2,
         "reconnected after the restart: {status:?}"
     );
+}
+
+/// Per message id of the `message.created` events in `out`: whether each copy was marked
+/// `chatwootbackfill`.
+fn messages(out: &PathBuf) -> HashMap<u64, Vec<bool>> {
+    let mut found: HashMap<u64, Vec<bool>> = HashMap::new();
+    for event in read_events(out) {
+        if event["type"] != "com.chatwoot.message.created" {
+            continue;
+        }
+        let id = event["data"]["id"].as_u64().expect("a message has an id");
+        found
+            .entry(id)
+            .or_default()
+            .push(event["chatwootbackfill"] == true);
+    }
+    found
+}
+
+#[tokio::test]
+async fn messages_created_while_the_cable_is_down_are_backfilled_once_from_the_rest_api() {
+    let rails = RailsCable::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let config = config(&rails.url(), &out)
+        .token("{ name: agent, api_access_token: api-1, account_id: 1, refresh_interval: 1h, backfill: true }")
+        .config();
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+    let known = rails.create_conversation().await;
+    let live = rails.create_messages(known, 5).await;
+    wait_until("the live messages", || {
+        let got = messages(&out);
+        live.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+
+    // A Chatwoot deploy: sockets closed and refused for 5 s while 50 messages are created, in
+    // the conversation the socket knows (read with `after`) and in one it never saw (read
+    // backwards, 20 a page).
+    rails.cable_down(5).await;
+    let mut missed = rails.create_messages(known, 25).await;
+    let unseen = rails.create_conversation().await;
+    missed.extend(rails.create_messages(unseen, 25).await);
+
+    let backfilled = bridge
+        .status()
+        .wait_for(WAIT, |b| b.token("agent").is_some_and(|t| t.backfills == 1))
+        .await;
+    let status = bridge.status().token("agent").unwrap();
+    assert!(backfilled, "the backfill ran: {status:?}");
+    wait_until("the backfilled messages in the file", || {
+        let got = messages(&out);
+        missed.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    // After the shutdown, which delivers everything spooled: a late duplicate would show.
+    shut_down(bridge).await;
+    let got = messages(&out);
+    for id in &missed {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![true]),
+            "missed message {id}, once and marked"
+        );
+    }
+    for id in &live {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![false]),
+            "live message {id}, once and not marked"
+        );
+    }
+    assert_eq!(got.len(), 55, "nothing else: {got:?}");
+    let updated: Vec<u64> = read_events(&out)
+        .iter()
+        .filter(|e| {
+            e["type"] == "com.chatwoot.conversation.updated" && e["chatwootbackfill"] == true
+        })
+        .filter_map(|e| e["data"]["id"].as_u64())
+        .collect();
+    assert!(
+        updated.contains(&known) && updated.contains(&unseen),
+        "a conversation.updated per listed conversation: {updated:?}"
+    );
+    assert!(
+        status.connects >= 2,
+        "reconnected after the deploy: {status:?}"
+    );
+    assert!(status.backfilled_events >= 52, "{status:?}");
+    assert_eq!(status.backfill_gaps_given_up, 0);
 }
