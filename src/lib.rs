@@ -16,7 +16,9 @@
 //! - [`source`]: Chatwoot's cable: frames ([`source::protocol`]), one token's socket
 //!   ([`source::cable`]), one task per token ([`source::supervisor`]), their settings, and the
 //!   profile (or public contact API) a token given as an API access token (or as a contact's
-//!   identifiers) reads its pubsub token from ([`source::profile`]).
+//!   identifiers) reads its pubsub token from ([`source::profile`]); over Chatwoot's REST API
+//!   ([`source::rest`]) a token's gaps are backfilled ([`source::backfill`]) and a stalled
+//!   broadcast noticed ([`source::stall`]).
 //! - [`event`]: the envelope ([`event::Event`]), its ids ([`event::id`]), the keys scanned out of
 //!   `data`, its CloudEvents attributes, the spool record codec.
 //! - [`route`]: the compiled route table (event globs, tokens, accounts, conditions on `data`),

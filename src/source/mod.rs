@@ -6,6 +6,9 @@
 //! [`protocol`] turns frames into events and commands into frames and knows nothing of sockets;
 //! [`cable`] owns one socket's life (connect, subscribe, notice silence, reconnect);
 //! [`supervisor`] keeps one such task running per configured token and restarts it on panic.
+//! Beside the socket, a token given as an API access token reads Chatwoot's REST API
+//! ([`rest`]): to fill a reconnect's gap ([`backfill`]) and to notice a subscribed socket that
+//! Chatwoot stopped broadcasting to ([`stall`]); the socket reports to both through `gaps`.
 
 pub mod backfill;
 pub mod cable;

@@ -17,6 +17,8 @@ pub(crate) const BRIDGE_METRICS: &[&str] = &[
     "token_backfills_total",
     "token_backfilled_events_total",
     "token_backfill_gaps_given_up_total",
+    "token_stalled",
+    "token_stalls_total",
     "token_frames_received_total",
     "token_events_received_total",
     "token_malformed_frames_total",
