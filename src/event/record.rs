@@ -22,7 +22,7 @@ const FLAG_BACKFILL: u8 = 1;
 impl Event {
     /// The event as a spool record: everything needed to deliver it again after a restart.
     /// Layout (little endian): version, id (16), received_at seconds (8) and nanos (4), three
-    /// optional ids (flag + 8 each), a flags byte ([`FLAG_BACKFILL`]), then name, token, source and data, each length-prefixed (u32).
+    /// optional ids (flag + 8 each), a flags byte (bit 0: backfilled), then name, token, source and data, each length-prefixed (u32).
     pub fn encode_record(&self, out: &mut Vec<u8>) {
         let since_epoch = self
             .received_at

@@ -22,8 +22,8 @@ use crate::source::rest::{AccountApi, RestError};
 use crate::status::TokenReporter;
 
 /// Bounds the conversations whose latest activity a token remembers; past it the one with the
-/// oldest activity is forgotten (a forgotten conversation is judged by the check's clock, see
-/// [`ActivityTracker::observe`]).
+/// oldest activity is forgotten (a forgotten conversation is then judged as one never seen: by
+/// Chatwoot's clock against the previous check's).
 pub const MAX_TRACKED_CONVERSATIONS: usize = 4096;
 
 /// Bounds how often a stall check may run, whatever `stall_after` says.
