@@ -263,6 +263,56 @@ async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
     );
 }
 
+#[tokio::test]
+async fn a_gap_across_a_restart_of_the_bridge_is_backfilled_from_the_resume_file() {
+    let mock = mock_with_api_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let config = || api_agent_config(&mock, &out, BACKFILL);
+    let bridge = Bridge::start(config()).await.unwrap();
+    let (conversation, live) = delivered_live(&mock, &bridge, &out, 5).await;
+    shut_down(bridge).await;
+    let resume = out.with_extension("spool").join("backfill/agent.json");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&resume).unwrap()).unwrap();
+    assert_eq!(saved["account_id"], 1, "{saved}");
+    assert_eq!(
+        saved["last_messages"],
+        serde_json::json!([[conversation, live[4]]])
+    );
+
+    // Messages created while the bridge is stopped.
+    let missed = create(&mock, conversation, 10);
+    let bridge = Bridge::start(config()).await.unwrap();
+    let status = agent_when(&bridge, "the backfill after the restart", |t| {
+        t.backfills == 1
+    })
+    .await;
+    assert_eq!(status.backfill_gaps_given_up, 0, "{status:?}");
+    wait_until("the messages of the downtime in the file", || {
+        let got = messages(&out);
+        missed.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    shut_down(bridge).await;
+    mock.stop().await;
+    let got = messages(&out);
+    for id in &missed {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![true]),
+            "message {id} of the downtime, once and marked"
+        );
+    }
+    for id in &live {
+        assert_eq!(
+            got.get(id),
+            Some(&vec![false]),
+            "live message {id}, not read back"
+        );
+    }
+    assert_eq!(got.len(), 15, "nothing else: {got:?}");
+}
+
 /// A stall check every 500 ms that calls activity undelivered for 2 s a stall.
 const STALL_AFTER: Duration = Duration::from_secs(2);
 

@@ -132,7 +132,11 @@ fn backfill_settings(raw: &RawToken, at: &mut Problems<'_>) -> Option<BackfillSe
         .as_ref()
         .map_or(DEFAULT_MAX_GAP, |d| d.0);
     at.check("backfill_max_gap", check_duration(max_gap));
-    Some(BackfillSettings { max_gap })
+    // The spool directory is known after the tokens are checked; validate fills it in.
+    Some(BackfillSettings {
+        max_gap,
+        resume_dir: None,
+    })
 }
 
 /// `stall_after` of a token given as an API access token: a duration, `off`, or the default.

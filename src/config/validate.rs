@@ -62,6 +62,8 @@ impl RawConfig {
         let sinks = check_sinks(sinks, &mut problems);
         let routes = check_routes(routes, unmatched, &sinks, &mut problems);
         let spool = check_spool(spool, chatwoot.max_frame_bytes, &mut problems);
+        let mut tokens = tokens;
+        keep_resume_files_in(&spool.dir, &mut tokens.specs);
         check_memory_limit(memory_limit, chatwoot.max_frame_bytes, &mut problems);
         check_retired_sinks(&retired_sinks, &sinks, &mut problems);
         let admin = admin.map(|admin| check_admin(admin, &tokens.names, &mut problems));
@@ -663,6 +665,16 @@ fn check_replay_share(spool: &SpoolConfig, max_frame_bytes: u64, at: &mut Proble
                 spool.replay_bytes()
             ),
         );
+    }
+}
+
+/// Backfilling tokens keep their resume files in `backfill/` of the spool directory: state that
+/// must outlive the process lives with the spool, on its volume.
+fn keep_resume_files_in(spool_dir: &std::path::Path, tokens: &mut [TokenSpec]) {
+    for token in tokens {
+        if let Some(backfill) = token.api.as_mut().and_then(|api| api.backfill.as_mut()) {
+            backfill.resume_dir = Some(spool_dir.join("backfill"));
+        }
     }
 }
 

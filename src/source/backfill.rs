@@ -129,6 +129,16 @@ impl SeenMessages {
         seen.ids.push_back((id, at));
     }
 
+    /// The greatest remembered message id of each conversation: what a restart resumes from.
+    pub(crate) fn last_ids(&self) -> Vec<(u64, u64)> {
+        self.conversations
+            .iter()
+            .filter_map(|(conversation, seen)| {
+                Some((*conversation, seen.ids.iter().map(|(id, _)| *id).max()?))
+            })
+            .collect()
+    }
+
     /// Whether message `id` of `conversation` is remembered as delivered.
     pub(crate) fn contains(&self, conversation: u64, id: u64) -> bool {
         self.conversations
@@ -227,6 +237,11 @@ impl Backfiller {
             .lock()
             .expect("seen lock")
             .record(conversation, id, at);
+    }
+
+    /// The last message id the socket delivered per conversation, for the resume file.
+    pub(crate) fn last_ids(&self) -> Vec<(u64, u64)> {
+        self.seen.lock().expect("seen lock").last_ids()
     }
 
     /// Backfills `gap`, counting how it went.

@@ -202,6 +202,7 @@ impl TokenTask {
                 _ = sleep(delay) => {}
             }
         }
+        gaps.stopped();
         self.status.set(TokenState::Stopped);
     }
 

@@ -15,6 +15,7 @@ use crate::event::Event;
 use crate::source::backfill::{Backfiller, Gap};
 use crate::source::profile;
 use crate::source::rest::AccountApi;
+use crate::source::resume::{ResumeFile, ResumePoint};
 use crate::source::sender::EventSender;
 use crate::source::settings::{CableSettings, TokenSpec};
 use crate::source::stall::{Activity, ActivityTracker, StallWatch};
@@ -122,8 +123,11 @@ pub(crate) struct Gaps {
     backfiller: Option<Arc<Backfiller>>,
     /// Shared with the stall check; `None` without one (`stall_after: off`, or no API token).
     stall: Option<Arc<Mutex<ActivityTracker>>>,
-    /// The last ping or event while the subscription was confirmed.
+    /// The last ping or event while the subscription was confirmed; at start, the one the
+    /// resume file kept.
     last_healthy: Option<SystemTime>,
+    /// Keeps `last_healthy` and the last message ids across restarts; `None` without backfill.
+    resume: Option<ResumeFile>,
 }
 
 impl Gaps {
@@ -176,12 +180,41 @@ impl Gaps {
             tokio::spawn(watch.run());
             Some(tracker)
         });
-        Gaps {
+        let resume = api.backfill.as_ref().and_then(|b| b.resume_dir.as_deref());
+        let resume = resume
+            .filter(|_| backfiller.is_some())
+            .map(|dir| ResumeFile::new(dir, &spec.name, api.account_id));
+        let mut gaps = Gaps {
             account_id: api.account_id,
             backfiller,
             stall,
             last_healthy: None,
+            resume,
+        };
+        gaps.resume_from_file();
+        gaps
+    }
+
+    /// Starts from where the previous run left: its last healthy moment, its last message ids.
+    fn resume_from_file(&mut self) {
+        let (Some(file), Some(backfiller)) = (&self.resume, &self.backfiller) else {
+            return;
+        };
+        let Some(point) = file.load() else {
+            return;
+        };
+        for (conversation, message) in point.last_messages {
+            backfiller.seen(conversation, message, point.last_healthy);
         }
+        self.last_healthy = Some(point.last_healthy);
+    }
+
+    /// Where a restart would resume from now; `None` before the first healthy moment.
+    fn resume_point(&self) -> Option<ResumePoint> {
+        Some(ResumePoint {
+            last_healthy: self.last_healthy?,
+            last_messages: self.backfiller.as_ref()?.last_ids(),
+        })
     }
 
     /// The REST side of a token without an API access token: nothing tracked.
@@ -191,13 +224,28 @@ impl Gaps {
             backfiller: None,
             stall: None,
             last_healthy: None,
+            resume: None,
         }
     }
 
     /// A ping or event arrived while the subscription was confirmed.
     pub(crate) fn healthy(&mut self, at: SystemTime) {
-        if self.backfiller.is_some() {
-            self.last_healthy = Some(at);
+        let Some(backfiller) = &self.backfiller else {
+            return;
+        };
+        self.last_healthy = Some(at);
+        if let Some(file) = &mut self.resume {
+            file.save_now_and_then(|| ResumePoint {
+                last_healthy: at,
+                last_messages: backfiller.last_ids(),
+            });
+        }
+    }
+
+    /// The token task stops: the resume file gets its last healthy moment.
+    pub(crate) fn stopped(&self) {
+        if let (Some(file), Some(point)) = (&self.resume, self.resume_point()) {
+            file.save(&point);
         }
     }
 

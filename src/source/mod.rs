@@ -16,6 +16,7 @@ mod gaps;
 pub mod profile;
 pub mod protocol;
 pub mod rest;
+pub mod resume;
 pub mod sender;
 pub mod settings;
 pub mod stall;

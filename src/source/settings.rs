@@ -191,4 +191,7 @@ pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(2 * 60);
 pub struct BackfillSettings {
     /// The longest gap read; a longer one is given up with a loud log and a counter.
     pub max_gap: Duration,
+    /// Where the token keeps its resume file (`backfill/` in the spool directory), so that a
+    /// gap across a restart is backfilled too; `None` keeps nothing.
+    pub resume_dir: Option<std::path::PathBuf>,
 }
