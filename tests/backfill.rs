@@ -313,6 +313,12 @@ async fn a_gap_across_a_restart_of_the_bridge_is_backfilled_from_the_resume_file
     assert_eq!(got.len(), 15, "nothing else: {got:?}");
 }
 
+/// Waits past the second the subscription was confirmed in: the stall check leaves activity of
+/// that second to the reconnect's gap backfill (it may predate the subscription).
+async fn past_the_confirm_second() {
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+}
+
 /// A stall check every 500 ms that calls activity undelivered for 2 s a stall.
 const STALL_AFTER: Duration = Duration::from_secs(2);
 
@@ -348,6 +354,7 @@ async fn a_stalled_broadcast_is_noticed_within_stall_after_shown_and_backfilled(
     let admin = bridge.admin_addr().expect("the admin endpoint is on");
     let (conversation, live) = delivered_live(&mock, &bridge, &out, 3).await;
     assert_eq!(stall_metrics(admin).await, ("0".into(), "0".into()));
+    past_the_confirm_second().await;
 
     // Chatwoot's workers stop: the socket stays subscribed and pinging, the REST API moves on.
     mock.set_stalled(true);
@@ -429,6 +436,7 @@ async fn without_backfill_a_stall_is_still_noticed_and_nothing_is_read_back() {
     .await
     .unwrap();
     let (conversation, live) = delivered_live(&mock, &bridge, &out, 2).await;
+    past_the_confirm_second().await;
     mock.set_stalled(true);
     create(&mock, conversation, 3);
     let status = agent_when(&bridge, "the stall noticed", |t| t.stalls == 1).await;
@@ -451,4 +459,34 @@ async fn without_backfill_a_stall_is_still_noticed_and_nothing_is_read_back() {
         ),
         (0, 0, 0)
     );
+}
+
+#[tokio::test]
+async fn a_reconnect_gap_is_backfilled_and_not_mistaken_for_a_stall() {
+    let mock = mock_with_api_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let settings = format!("{BACKFILL}, stall_after: 2s");
+    let bridge = Bridge::start(api_agent_config(&mock, &out, &settings))
+        .await
+        .unwrap();
+    let (conversation, _) = delivered_live(&mock, &bridge, &out, 3).await;
+    past_the_confirm_second().await;
+    mock.set_cable_refused(true);
+    mock.drop_connections();
+    let missed = create(&mock, conversation, 5);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mock.set_cable_refused(false);
+    agent_when(&bridge, "the gap backfilled", |t| t.backfills == 1).await;
+    wait_until("the messages of the gap", || {
+        let got = messages(&out);
+        missed.iter().all(|id| got.contains_key(id))
+    })
+    .await;
+    // Long enough for the checks after the confirm to see the gap's activity past stall_after.
+    tokio::time::sleep(STALL_AFTER * 2).await;
+    let status = bridge.status().token("agent").unwrap();
+    assert_eq!((status.stalls, status.stalled_since), (0, None), "{status:?}");
+    shut_down(bridge).await;
+    mock.stop().await;
 }

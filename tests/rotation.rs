@@ -1,7 +1,9 @@
 //! A token given only as an API access token, against the mock Chatwoot's own profile endpoint
 //! and cable: it subscribes, and a rotated pubsub token (the old subscription goes quiet, as
 //! Chatwoot's does) is picked up by the refresh and by the unconfirmed subscription, with no
-//! operator action and nothing lost of what is broadcast after the switch.
+//! operator action and nothing lost of what is broadcast after the switch; with a stall check,
+//! the quiet old subscription is noticed before the refresh is due, and what it missed is
+//! backfilled.
 
 mod support;
 
@@ -122,4 +124,55 @@ async fn an_unconfirmed_subscription_after_a_rotation_reads_the_profile_again() 
     rotated(&bridge).await;
     let status = every_message_after_the_rotation(bridge, mock, &out).await;
     assert!(status.connects >= 2, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_stall_check_notices_a_rotated_token_before_the_refresh_and_backfills_what_went_quiet()
+{
+    let mock = mock_with_api_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    // The refresh is an hour away and the socket never drops: only the stall check can tell.
+    let settings = "refresh_interval: 1h, backfill: true, stall_after: 2s";
+    let bridge = Bridge::start(api_agent_config(&mock, &out, settings))
+        .await
+        .unwrap();
+    subscribed(&bridge).await;
+    // Activity of the second the subscription was confirmed in is left to the reconnect's gap
+    // backfill (it may predate the subscription); the stall check counts what comes later.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let before = create_messages(&mock, 2);
+    wait_until("the messages before the rotation", || {
+        let got = messages(&out);
+        before.iter().all(|id| got.contains(id))
+    })
+    .await;
+
+    mock.rotate_pubsub_token(3).expect("user 3 exists");
+    let quiet = create_messages(&mock, 5);
+    rotated(&bridge).await;
+    wait_until(
+        "the messages the old subscription missed, backfilled",
+        || {
+            let got = messages(&out);
+            quiet.iter().all(|id| got.contains(id))
+        },
+    )
+    .await;
+    wait_until("the old subscription to be dropped", || {
+        mock.unsubscribe_commands() >= 1
+    })
+    .await;
+    let status = every_message_after_the_rotation(bridge, mock, &out).await;
+    assert_eq!(status.connects, 1, "the same socket: {status:?}");
+    assert_eq!(status.stalls, 1, "{status:?}");
+    assert!(status.backfills >= 1, "{status:?}");
+    let got = messages(&out);
+    for id in before.iter().chain(&quiet) {
+        assert_eq!(
+            got.iter().filter(|g| *g == id).count(),
+            1,
+            "message {id} once"
+        );
+    }
 }

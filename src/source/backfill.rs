@@ -197,6 +197,18 @@ pub(crate) struct Backfiller {
     seen: Mutex<SeenMessages>,
     /// One gap at a time per token: a second gap waits, and then skips what the first sent.
     one_at_a_time: tokio::sync::Mutex<()>,
+    /// The gap waiting for its turn and the one running: what a restart must still read.
+    queue: Mutex<GapQueue>,
+}
+
+/// The gaps of one token not backfilled yet.
+#[derive(Debug, Default)]
+struct GapQueue {
+    /// The gap waiting behind the running one; gaps found meanwhile widen it, so a slow REST
+    /// API makes one wider backfill rather than a queue of them.
+    waiting: Option<Gap>,
+    /// The gap being read; kept when the backfill is cancelled, so the resume file keeps it.
+    running: Option<Gap>,
 }
 
 /// The messages of a conversation: `{"payload": [...]}`.
@@ -228,6 +240,7 @@ impl Backfiller {
             cancel,
             seen: Mutex::new(SeenMessages::default()),
             one_at_a_time: tokio::sync::Mutex::new(()),
+            queue: Mutex::new(GapQueue::default()),
         }
     }
 
@@ -244,16 +257,49 @@ impl Backfiller {
         self.seen.lock().expect("seen lock").last_ids()
     }
 
-    /// Backfills `gap`, counting how it went.
-    pub(crate) async fn run(self: Arc<Self>, gap: Gap) {
+    /// Backfills `gap` in its own task, after the gap running now; joins the gap already
+    /// waiting, if one is.
+    pub(crate) fn enqueue(self: &Arc<Self>, gap: Gap) {
+        let mut queue = self.queue.lock().expect("queue lock");
+        if let Some(waiting) = &mut queue.waiting {
+            waiting.start = waiting.start.min(gap.start);
+            waiting.end = waiting.end.max(gap.end);
+            return;
+        }
+        queue.waiting = Some(gap);
+        tokio::spawn(self.clone().run_next());
+    }
+
+    /// The earliest start of a gap not backfilled yet (waiting, running, or cancelled while
+    /// running).
+    pub(crate) fn earliest_unfinished(&self) -> Option<SystemTime> {
+        let queue = self.queue.lock().expect("queue lock");
+        [queue.waiting, queue.running]
+            .into_iter()
+            .flatten()
+            .map(|gap| gap.start)
+            .min()
+    }
+
+    /// Waits for its turn, then backfills the waiting gap, counting how it went.
+    async fn run_next(self: Arc<Self>) {
         let _turn = tokio::select! {
             turn = self.one_at_a_time.lock() => turn,
             () = self.cancel.cancelled() => return,
+        };
+        let gap = {
+            let mut queue = self.queue.lock().expect("queue lock");
+            queue.running = queue.waiting.take();
+            queue.running
+        };
+        let Some(gap) = gap else {
+            return;
         };
         let filled = tokio::select! {
             filled = self.fill(gap) => filled,
             () = self.cancel.cancelled() => return,
         };
+        self.queue.lock().expect("queue lock").running = None;
         match filled {
             Ok(events) => {
                 info!(token = %self.token, gap = ?gap.length(), events, "backfilled the gap over the REST API");

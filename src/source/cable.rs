@@ -28,7 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backoff::{full_jitter, Backoff};
 use crate::event::{nesting_exceeds, Event, JsonText};
-use crate::source::gaps::Gaps;
+use crate::source::gaps::{Gaps, GapsContext};
 use crate::source::profile::Subscriber;
 use crate::source::protocol::{self, ServerFrame};
 use crate::source::sender::EventSender;
@@ -169,12 +169,15 @@ impl TokenTask {
         };
         let mut gaps = Gaps::new(
             &self.spec,
-            &self.settings,
-            &self.events,
-            &self.status,
-            &self.cancel,
-            subscribers.refresh_handle(),
-        );
+            GapsContext {
+                settings: &self.settings,
+                events: &self.events,
+                status: &self.status,
+                cancel: &self.cancel,
+                refresh_profile: subscribers.refresh_handle(),
+            },
+        )
+        .await;
         loop {
             self.status.set(TokenState::Connecting);
             let ended = self
@@ -202,7 +205,7 @@ impl TokenTask {
                 _ = sleep(delay) => {}
             }
         }
-        gaps.stopped();
+        gaps.stopped().await;
         self.status.set(TokenState::Stopped);
     }
 

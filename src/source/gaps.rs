@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info};
 
 use crate::event::Event;
@@ -119,32 +119,49 @@ impl LiveActivity {
 pub(crate) struct Gaps {
     /// The account the REST side reads; events of other accounts are not tracked.
     account_id: u64,
-    /// Reads a reconnect's gap; `None` without `backfill`.
+    /// Reads a reconnect's gap and a stalled span; `None` without `backfill`.
     backfiller: Option<Arc<Backfiller>>,
     /// Shared with the stall check; `None` without one (`stall_after: off`, or no API token).
     stall: Option<Arc<Mutex<ActivityTracker>>>,
     /// The last ping or event while the subscription was confirmed; at start, the one the
     /// resume file kept.
     last_healthy: Option<SystemTime>,
-    /// Keeps `last_healthy` and the last message ids across restarts; `None` without backfill.
+    /// Keeps where a restart resumes from; `None` without backfill.
     resume: Option<ResumeFile>,
+    /// Stops the stall check and the backfills when the token task ends in any way (stopped,
+    /// returned, panicked): a restarted task starts its own.
+    _stop: Option<DropGuard>,
+}
+
+/// What the REST side of a token is built from.
+pub(crate) struct GapsContext<'a> {
+    /// The cable's settings (timeouts, TLS, nesting).
+    pub(crate) settings: &'a CableSettings,
+    /// The socket's pipeline, which backfilled events join.
+    pub(crate) events: &'a EventSender,
+    /// The token's status cell.
+    pub(crate) status: &'a TokenReporter,
+    /// The token task's cancellation.
+    pub(crate) cancel: &'a CancellationToken,
+    /// Asks the profile watcher to read the profile now.
+    pub(crate) refresh_profile: Option<Arc<Notify>>,
 }
 
 impl Gaps {
-    /// The REST side of `spec`: its backfiller and its stall check (started here, stopped by
-    /// `cancel`); inert for a token without an API access token. `refresh_profile` asks the
-    /// profile watcher to read the profile now.
-    pub(crate) fn new(
-        spec: &TokenSpec,
-        settings: &CableSettings,
-        events: &EventSender,
-        status: &TokenReporter,
-        cancel: &CancellationToken,
-        refresh_profile: Option<Arc<Notify>>,
-    ) -> Gaps {
+    /// The REST side of `spec`: its backfiller and its stall check (started here), resumed
+    /// from its resume file; inert for a token without an API access token.
+    pub(crate) async fn new(spec: &TokenSpec, context: GapsContext<'_>) -> Gaps {
         let Some(api) = &spec.api else {
             return Gaps::inert();
         };
+        let GapsContext {
+            settings,
+            events,
+            status,
+            cancel,
+            refresh_profile,
+        } = context;
+        let cancel = cancel.child_token();
         let account_api = || -> Option<AccountApi> {
             match profile::client(&profile::Lookup::Profile(api.clone()), settings) {
                 Ok(client) => Some(AccountApi::new(spec.name.clone(), api.clone(), client)),
@@ -165,6 +182,8 @@ impl Gaps {
                 cancel.clone(),
             )))
         });
+        // A stall shown by a task that ended is not this task's to clear.
+        status.stall_over();
         let stall = api.stall_after.and_then(|stall_after| {
             let tracker = Arc::new(Mutex::new(ActivityTracker::default()));
             let watch = StallWatch {
@@ -190,31 +209,10 @@ impl Gaps {
             stall,
             last_healthy: None,
             resume,
+            _stop: Some(cancel.drop_guard()),
         };
-        gaps.resume_from_file();
+        gaps.resume_from_file().await;
         gaps
-    }
-
-    /// Starts from where the previous run left: its last healthy moment, its last message ids.
-    fn resume_from_file(&mut self) {
-        let (Some(file), Some(backfiller)) = (&self.resume, &self.backfiller) else {
-            return;
-        };
-        let Some(point) = file.load() else {
-            return;
-        };
-        for (conversation, message) in point.last_messages {
-            backfiller.seen(conversation, message, point.last_healthy);
-        }
-        self.last_healthy = Some(point.last_healthy);
-    }
-
-    /// Where a restart would resume from now; `None` before the first healthy moment.
-    fn resume_point(&self) -> Option<ResumePoint> {
-        Some(ResumePoint {
-            last_healthy: self.last_healthy?,
-            last_messages: self.backfiller.as_ref()?.last_ids(),
-        })
     }
 
     /// The REST side of a token without an API access token: nothing tracked.
@@ -225,27 +223,71 @@ impl Gaps {
             stall: None,
             last_healthy: None,
             resume: None,
+            _stop: None,
         }
+    }
+
+    /// Starts from where the previous run left: its last healthy moment, its last message ids.
+    async fn resume_from_file(&mut self) {
+        let (Some(file), Some(backfiller)) = (&self.resume, &self.backfiller) else {
+            return;
+        };
+        let Some(point) = file.load().await else {
+            return;
+        };
+        for (conversation, message) in point.last_messages {
+            backfiller.seen(conversation, message, point.last_healthy);
+        }
+        self.last_healthy = Some(point.last_healthy);
+    }
+
+    /// Where a restart would resume from now: no later than the last healthy moment, a gap
+    /// not backfilled yet, or activity the stall check still waits for. `None` before the
+    /// first healthy moment.
+    fn resume_point(&self, last_healthy: SystemTime) -> Option<ResumePoint> {
+        let backfiller = self.backfiller.as_ref()?;
+        Some(ResumePoint {
+            last_healthy: [
+                Some(last_healthy),
+                backfiller.earliest_unfinished(),
+                self.earliest_pending(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()?,
+            last_messages: backfiller.last_ids(),
+        })
+    }
+
+    /// The earliest activity the stall check waits for the cable to deliver.
+    fn earliest_pending(&self) -> Option<SystemTime> {
+        self.stall
+            .as_ref()?
+            .lock()
+            .expect("tracker lock")
+            .earliest_pending()
     }
 
     /// A ping or event arrived while the subscription was confirmed.
     pub(crate) fn healthy(&mut self, at: SystemTime) {
-        let Some(backfiller) = &self.backfiller else {
+        if self.backfiller.is_none() {
             return;
-        };
+        }
         self.last_healthy = Some(at);
-        if let Some(file) = &mut self.resume {
-            file.save_now_and_then(|| ResumePoint {
-                last_healthy: at,
-                last_messages: backfiller.last_ids(),
-            });
+        if !self.resume.as_ref().is_some_and(ResumeFile::due) {
+            return;
+        }
+        let point = self.resume_point(at);
+        if let (Some(file), Some(point)) = (&mut self.resume, point) {
+            file.save_in_background(&point);
         }
     }
 
-    /// The token task stops: the resume file gets its last healthy moment.
-    pub(crate) fn stopped(&self) {
-        if let (Some(file), Some(point)) = (&self.resume, self.resume_point()) {
-            file.save(&point);
+    /// The token task stops: the resume file gets where a restart resumes from.
+    pub(crate) async fn stopped(&self) {
+        let point = self.last_healthy.and_then(|at| self.resume_point(at));
+        if let (Some(file), Some(point)) = (&self.resume, point) {
+            file.save(&point).await;
         }
     }
 
@@ -270,28 +312,29 @@ impl Gaps {
             delivered.conversation,
             activity,
             event.received_at,
+            status,
         );
         if let Some(lasted) = ended {
             info!(token = %event.token, stalled_for = ?lasted, "the cable delivers again after a stall");
-            status.stall_over();
         }
     }
 
     /// The subscription is confirmed: the stall check starts afresh and, if the subscription
-    /// was healthy before, the gap since is backfilled in its own task.
+    /// was healthy before, the gap since is backfilled in its own task. The gap starts no
+    /// later than activity the stall check was still waiting for: the socket's pings went on
+    /// while it stalled.
     pub(crate) fn confirmed(&mut self) {
+        let now = SystemTime::now();
+        let pending = self.earliest_pending();
         if let Some(stall) = &self.stall {
-            stall.lock().expect("tracker lock").resubscribed();
+            stall.lock().expect("tracker lock").resubscribed(now);
         }
-        let (Some(backfiller), Some(start)) = (&self.backfiller, self.last_healthy) else {
+        let (Some(backfiller), Some(last_healthy)) = (&self.backfiller, self.last_healthy) else {
             return;
         };
-        let gap = Gap {
-            start,
-            end: SystemTime::now(),
-        };
-        self.last_healthy = Some(gap.end);
-        tokio::spawn(backfiller.clone().run(gap));
+        let start = pending.map_or(last_healthy, |pending| pending.min(last_healthy));
+        self.last_healthy = Some(now);
+        backfiller.enqueue(Gap { start, end: now });
     }
 
     /// The socket ended: the stall check pauses until the next confirm.

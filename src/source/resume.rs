@@ -5,14 +5,15 @@
 //!
 //! One small JSON file per token in the spool directory (`backfill/<token>.json`), written at
 //! most every [`SAVE_EVERY`] while the subscription is healthy and once when the task stops;
-//! written to a temporary file and renamed, off the socket's task. A missing, unreadable or
+//! written to a temporary file, synced and renamed, on a blocking thread, never an older point
+//! over a newer one. A missing, unreadable or
 //! foreign file (another account) is ignored with a warning: the token then starts as a new
 //! one, with no gap before its first subscription.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -52,11 +53,17 @@ pub(crate) struct ResumeFile {
     path: PathBuf,
     /// The token's account, written and checked.
     account_id: u64,
-    /// When the file was last written, to write at most every [`SAVE_EVERY`].
+    /// When a save was last started, to save at most every [`SAVE_EVERY`] while healthy.
     saved_at: Option<Instant>,
-    /// Set while a write runs off the task: a second one waits its turn rather than racing.
-    writing: Arc<AtomicBool>,
+    /// Numbers the saves, so a save that runs late never puts back an older point.
+    next_save: Arc<AtomicU64>,
+    /// Held while writing, with the number of the latest save written.
+    written: Arc<Mutex<u64>>,
 }
+
+/// Makes each temporary file's name unique in the process: the resume files of a token's old
+/// and new task (a reload restarts it) never write the same temporary file.
+static TEMPORARY_FILES: AtomicU64 = AtomicU64::new(0);
 
 impl ResumeFile {
     /// The resume file of token `token` of `account_id` in `dir`.
@@ -65,63 +72,55 @@ impl ResumeFile {
             path: dir.join(format!("{token}.json")),
             account_id,
             saved_at: None,
-            writing: Arc::new(AtomicBool::new(false)),
+            next_save: Arc::new(AtomicU64::new(1)),
+            written: Arc::new(Mutex::new(0)),
         }
     }
 
-    /// The resume point saved by the previous run, if there is a usable one.
-    pub(crate) fn load(&self) -> Option<ResumePoint> {
-        let text = match read_bounded(&self.path) {
-            Ok(Some(text)) => text,
-            Ok(None) => return None,
-            Err(reason) => {
-                warn!(path = %self.path.display(), %reason,
-                    "ignored the backfill resume file: a gap across the restart is not backfilled");
-                return None;
-            }
-        };
-        let saved: Saved = match serde_json::from_slice(&text) {
-            Ok(saved) => saved,
-            Err(e) => {
-                warn!(path = %self.path.display(), error = %e,
-                    "ignored a damaged backfill resume file: a gap across the restart is not backfilled");
-                return None;
-            }
-        };
-        if saved.account_id != self.account_id {
-            warn!(path = %self.path.display(), saved = saved.account_id, configured = self.account_id,
-                "ignored the backfill resume file of another account");
-            return None;
-        }
-        Some(ResumePoint {
-            last_healthy: SystemTime::UNIX_EPOCH + Duration::from_millis(saved.last_healthy_ms),
-            last_messages: saved.last_messages,
-        })
+    /// The resume point saved by the previous run, if there is a usable one; read on a
+    /// blocking thread.
+    pub(crate) async fn load(&self) -> Option<ResumePoint> {
+        let path = self.path.clone();
+        let account_id = self.account_id;
+        tokio::task::spawn_blocking(move || load(&path, account_id))
+            .await
+            .ok()
+            .flatten()
+    }
+    /// Whether a save while healthy is due: [`SAVE_EVERY`] passed since the last one.
+    pub(crate) fn due(&self) -> bool {
+        self.saved_at.is_none_or(|at| at.elapsed() >= SAVE_EVERY)
     }
 
-    /// Saves `point` off the task when [`SAVE_EVERY`] has passed since the last save and no
-    /// save is running; `point` is only built then.
-    pub(crate) fn save_now_and_then(&mut self, point: impl FnOnce() -> ResumePoint) {
-        if self.saved_at.is_some_and(|at| at.elapsed() < SAVE_EVERY)
-            || self.writing.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
+    /// Saves `point` on a blocking thread, without waiting: while healthy, when
+    /// [`ResumeFile::due`].
+    pub(crate) fn save_in_background(&mut self, point: &ResumePoint) {
         self.saved_at = Some(Instant::now());
-        let bytes = self.encode(&point());
-        let (path, writing) = (self.path.clone(), self.writing.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = write_atomically(&path, &bytes) {
-                warn!(path = %path.display(), error = %e, "could not save the backfill resume file");
-            }
-            writing.store(false, Ordering::Release);
-        });
+        tokio::task::spawn_blocking(self.save_job(point));
     }
 
-    /// Saves `point` now, on this thread: when the task stops.
-    pub(crate) fn save(&self, point: &ResumePoint) {
-        if let Err(e) = write_atomically(&self.path, &self.encode(point)) {
-            warn!(path = %self.path.display(), error = %e, "could not save the backfill resume file");
+    /// Saves `point` and waits for it: when the task stops.
+    pub(crate) async fn save(&self, point: &ResumePoint) {
+        let _ = tokio::task::spawn_blocking(self.save_job(point)).await;
+    }
+
+    /// The blocking work of one save, numbered now: it writes unless a later save was
+    /// written first.
+    fn save_job(&self, point: &ResumePoint) -> impl FnOnce() + Send + 'static {
+        let number = self.next_save.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.encode(point);
+        let (path, written) = (self.path.clone(), self.written.clone());
+        move || {
+            let mut latest = written.lock().expect("resume write lock");
+            if *latest > number {
+                return;
+            }
+            match write_atomically(&path, &bytes) {
+                Ok(()) => *latest = number,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "could not save the backfill resume file");
+                }
+            }
         }
     }
 
@@ -138,6 +137,36 @@ impl ResumeFile {
         };
         serde_json::to_vec(&saved).unwrap_or_default()
     }
+}
+
+/// See [`ResumeFile::load`].
+fn load(path: &Path, account_id: u64) -> Option<ResumePoint> {
+    let text = match read_bounded(path) {
+        Ok(Some(text)) => text,
+        Ok(None) => return None,
+        Err(reason) => {
+            warn!(path = %path.display(), %reason,
+                "ignored the backfill resume file: a gap across the restart is not backfilled");
+            return None;
+        }
+    };
+    let saved: Saved = match serde_json::from_slice(&text) {
+        Ok(saved) => saved,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e,
+                "ignored a damaged backfill resume file: a gap across the restart is not backfilled");
+            return None;
+        }
+    };
+    if saved.account_id != account_id {
+        warn!(path = %path.display(), saved = saved.account_id, configured = account_id,
+            "ignored the backfill resume file of another account");
+        return None;
+    }
+    Some(ResumePoint {
+        last_healthy: SystemTime::UNIX_EPOCH + Duration::from_millis(saved.last_healthy_ms),
+        last_messages: saved.last_messages,
+    })
 }
 
 /// The file's bytes, at most [`MAX_RESUME_FILE_BYTES`]; `None` when there is none.
@@ -157,15 +186,25 @@ fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, String> {
     Ok(Some(text))
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so a reader
-/// sees the old content or the new, never half.
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`, so a
+/// reader sees the old content or the new, never half, even after a power loss.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let temporary = path.with_extension("json.tmp");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
+    let unique = TEMPORARY_FILES.fetch_add(1, Ordering::Relaxed);
+    let temporary = path.with_extension(format!("json.{}.{unique}.tmp", std::process::id()));
+    let written = std::fs::File::create(&temporary).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    match written.and_then(|()| std::fs::rename(&temporary, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temporary);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -179,41 +218,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_saved_point_is_read_back_for_its_account_only() {
+    #[tokio::test]
+    async fn a_saved_point_is_read_back_for_its_account_only() {
         let dir = tempfile::tempdir().unwrap();
         let file = ResumeFile::new(&dir.path().join("backfill"), "agent", 1);
-        assert_eq!(file.load(), None, "nothing saved yet");
-        file.save(&point(1_000));
-        assert_eq!(file.load(), Some(point(1_000)));
+        assert_eq!(file.load().await, None, "nothing saved yet");
+        file.save(&point(1_000)).await;
+        assert_eq!(file.load().await, Some(point(1_000)));
         let other_account = ResumeFile::new(&dir.path().join("backfill"), "agent", 2);
-        assert_eq!(other_account.load(), None);
-    }
-
-    #[test]
-    fn a_damaged_or_oversized_file_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = ResumeFile::new(dir.path(), "agent", 1);
-        std::fs::write(dir.path().join("agent.json"), b"{\"account_id\":1,").unwrap();
-        assert_eq!(file.load(), None);
-        let big = vec![b' '; MAX_RESUME_FILE_BYTES as usize + 1];
-        std::fs::write(dir.path().join("agent.json"), big).unwrap();
-        assert_eq!(file.load(), None);
+        assert_eq!(other_account.load().await, None);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("backfill"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["agent.json"], "no temporary file left behind");
     }
 
     #[tokio::test]
-    async fn saves_while_healthy_are_spaced() {
+    async fn a_damaged_or_oversized_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = ResumeFile::new(dir.path(), "agent", 1);
+        std::fs::write(dir.path().join("agent.json"), b"{\"account_id\":1,").unwrap();
+        assert_eq!(file.load().await, None);
+        let big = vec![b' '; MAX_RESUME_FILE_BYTES as usize + 1];
+        std::fs::write(dir.path().join("agent.json"), big).unwrap();
+        assert_eq!(file.load().await, None);
+    }
+
+    #[tokio::test]
+    async fn saves_while_healthy_are_spaced_and_a_late_save_never_wins() {
         let dir = tempfile::tempdir().unwrap();
         let mut file = ResumeFile::new(dir.path(), "agent", 1);
-        file.save_now_and_then(|| point(1_000));
-        for _ in 0..100 {
-            if !file.writing.load(Ordering::Acquire) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(file.load(), Some(point(1_000)));
-        file.save_now_and_then(|| panic!("not built within SAVE_EVERY of the last save"));
-        assert_eq!(file.load(), Some(point(1_000)));
+        // Numbered before the periodic save, run after it: an older point, not written.
+        let late = file.save_job(&point(900));
+        assert!(file.due());
+        file.save_in_background(&point(1_000));
+        assert!(!file.due(), "not due again within SAVE_EVERY");
+        file.save(&point(1_100)).await;
+        tokio::task::spawn_blocking(late).await.unwrap();
+        assert_eq!(file.load().await, Some(point(1_100)));
     }
 }

@@ -78,6 +78,19 @@ pub(crate) struct Overdue {
     pub(crate) conversations: usize,
 }
 
+/// Where the checks of the current subscription are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Checks {
+    /// No confirmed subscription: nothing is checked.
+    #[default]
+    Down,
+    /// Confirmed at this moment, not checked since. What moved before it is a gap's (a
+    /// backfill reads it), so only activity after this second counts.
+    Confirmed(SystemTime),
+    /// Checked last at this moment.
+    Checked(SystemTime),
+}
+
 /// What one token knows of its conversations' activity, from the cable and from the checks.
 #[derive(Debug, Default)]
 pub(crate) struct ActivityTracker {
@@ -86,35 +99,52 @@ pub(crate) struct ActivityTracker {
     known: HashMap<u64, Activity>,
     /// Per conversation display id, activity a check showed that the cable has not delivered.
     pending: HashMap<u64, Pending>,
-    /// When the previous check answered; `None` until the first check after a (re)subscribe,
-    /// which only learns (what the socket missed while down is a gap, which a backfill reads).
-    previous_check: Option<SystemTime>,
+    /// Where the checks are: what a check compares with, and whether one runs.
+    checks: Checks,
     /// When the current stall was noticed; `None` while the cable delivers.
     stalled_since: Option<SystemTime>,
-    /// Whether the subscription is confirmed: checks only run then.
-    subscribed: bool,
 }
 
 impl ActivityTracker {
-    /// The subscription is confirmed (again): the next check starts afresh.
-    pub(crate) fn resubscribed(&mut self) {
-        self.subscribed = true;
-        self.previous_check = None;
+    /// The subscription is confirmed (again) at `at`: the checks start afresh from there.
+    pub(crate) fn resubscribed(&mut self, at: SystemTime) {
+        self.checks = Checks::Confirmed(at);
         self.pending.clear();
     }
 
     /// The socket ended: no check until the subscription is confirmed again.
     pub(crate) fn unsubscribed(&mut self) {
-        self.subscribed = false;
+        self.checks = Checks::Down;
+    }
+
+    /// A check failed at `now`: the next one starts afresh from there rather than asking for
+    /// an ever longer window (pending activity stays pending).
+    pub(crate) fn check_failed(&mut self, now: SystemTime) {
+        if self.checks != Checks::Down {
+            self.checks = Checks::Confirmed(now);
+        }
+    }
+
+    /// The earliest activity a check showed and the cable has not delivered: a reconnect's gap
+    /// and a restart's resume point start no later.
+    pub(crate) fn earliest_pending(&self) -> Option<SystemTime> {
+        let earliest = self.pending.values().map(|p| p.activity.at).min()?;
+        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(earliest))
+    }
+
+    /// Whether a check runs now: only while the subscription is confirmed.
+    pub(crate) fn checking(&self) -> bool {
+        self.checks != Checks::Down
     }
 
     /// The cable delivered activity `activity` of `conversation`. Returns how long the stall
-    /// lasted when this ends one.
+    /// lasted when this ends one, which `status` then shows.
     pub(crate) fn delivered(
         &mut self,
         conversation: u64,
         activity: Activity,
         now: SystemTime,
+        status: &TokenReporter,
     ) -> Option<Duration> {
         self.remember(conversation, activity);
         if self
@@ -125,24 +155,41 @@ impl ActivityTracker {
             self.pending.remove(&conversation);
         }
         let since = self.stalled_since.take()?;
+        status.stall_over();
         Some(now.duration_since(since).unwrap_or_default())
     }
 
-    /// The window a check asks for: since the previous check (or one interval), plus
-    /// [`BACKFILL_MARGIN`] for Chatwoot's clock and its background writes.
+    /// The window a check asks for: since the previous check or the confirm (or one
+    /// interval), plus [`BACKFILL_MARGIN`] for Chatwoot's clock and its background writes.
     fn window(&self, now: SystemTime, interval: Duration) -> u64 {
-        let since = self
-            .previous_check
-            .and_then(|at| now.duration_since(at).ok())
-            .unwrap_or(interval);
-        (since + BACKFILL_MARGIN).as_secs() + 1
+        let since = match self.checks {
+            Checks::Confirmed(at) | Checks::Checked(at) => now.duration_since(at).ok(),
+            Checks::Down => None,
+        };
+        (since.unwrap_or(interval) + BACKFILL_MARGIN).as_secs() + 1
     }
 
-    /// A check at `now` listed `listed` (conversation, `last_activity_at`). Activity that moved
-    /// and the cable has not delivered becomes pending; what has been pending `stall_after`
-    /// is returned and forgotten (it is handed to a backfill once). A conversation not known
-    /// yet counts as moved when its activity is later than the previous check minus
-    /// [`BACKFILL_MARGIN`].
+    /// Whether `activity` of a conversation whose latest known activity is `known` moved since
+    /// the last check. The first check after a confirm counts only activity after the confirm's
+    /// second; a later one counts a conversation never seen when its activity is no older than
+    /// the previous check minus [`BACKFILL_MARGIN`] (an old conversation listed for another
+    /// change has not moved).
+    fn moved(&self, known: Option<&Activity>, activity: Activity) -> bool {
+        match self.checks {
+            Checks::Down => false,
+            Checks::Confirmed(at) => {
+                activity.at > unix_seconds(at) && known.is_none_or(|known| activity > *known)
+            }
+            Checks::Checked(at) => match known {
+                Some(known) => activity > *known,
+                None => activity.at >= unix_seconds(at).saturating_sub(BACKFILL_MARGIN.as_secs()),
+            },
+        }
+    }
+
+    /// A check at `now` listed `listed` (conversation, activity). Activity that moved (see
+    /// [`ActivityTracker::moved`]) and the cable has not delivered becomes pending; what has
+    /// been pending `stall_after` is returned and forgotten (it is handed to a backfill once).
     pub(crate) fn observe(
         &mut self,
         listed: impl IntoIterator<Item = (u64, Activity)>,
@@ -150,15 +197,12 @@ impl ActivityTracker {
         stall_after: Duration,
     ) -> Option<Overdue> {
         let (wall, instant) = now;
-        let baseline = self.previous_check.is_none();
-        let floor = self.previous_check.map_or(0, |at| {
-            unix_seconds(at).saturating_sub(BACKFILL_MARGIN.as_secs())
-        });
+        if self.checks == Checks::Down {
+            // The socket ended while the check was in flight.
+            return None;
+        }
         for (conversation, activity) in listed {
-            let moved = match self.known.get(&conversation) {
-                Some(known) => activity > *known,
-                None => !baseline && activity.at >= floor,
-            };
+            let moved = self.moved(self.known.get(&conversation), activity);
             self.remember(conversation, activity);
             if moved {
                 let pending = self.pending.entry(conversation).or_insert(Pending {
@@ -168,7 +212,7 @@ impl ActivityTracker {
                 pending.activity = pending.activity.max(activity);
             }
         }
-        self.previous_check = Some(wall);
+        self.checks = Checks::Checked(wall);
         self.take_overdue(instant, stall_after)
     }
 
@@ -191,12 +235,15 @@ impl ActivityTracker {
         overdue
     }
 
-    /// A stall was found at `now`: true when it is a new one (none was on).
-    pub(crate) fn stall(&mut self, now: SystemTime) -> bool {
+    /// A stall was found at `now`: true when it is a new one (none was on), which `status`
+    /// then shows; under the same lock as [`ActivityTracker::delivered`], so a delivery racing
+    /// it cannot leave the status stalled.
+    pub(crate) fn stall(&mut self, now: SystemTime, status: &TokenReporter) -> bool {
         if self.stalled_since.is_some() {
             return false;
         }
         self.stalled_since = Some(now);
+        status.stalled(now);
         true
     }
 
@@ -279,7 +326,7 @@ impl StallWatch {
                 () = self.cancel.cancelled() => return,
                 () = sleep(interval) => {}
             }
-            if !self.tracker.lock().expect("tracker lock").subscribed {
+            if !self.tracker.lock().expect("tracker lock").checking() {
                 continue;
             }
             let checked = tokio::select! {
@@ -287,6 +334,10 @@ impl StallWatch {
                 checked = self.check(interval) => checked,
             };
             if let Err(e) = checked {
+                self.tracker
+                    .lock()
+                    .expect("tracker lock")
+                    .check_failed(SystemTime::now());
                 warn!(token = %self.token, error = %e, "the stall check could not read the REST API");
                 self.status.note(format!("stall check failed: {e}"));
             }
@@ -320,9 +371,12 @@ impl StallWatch {
 
     /// Activity is overdue: says so, reads the profile again and backfills the span.
     fn stalled(&self, overdue: Overdue, now: SystemTime) {
-        let new = self.tracker.lock().expect("tracker lock").stall(now);
+        let new = self
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .stall(now, &self.status);
         if new {
-            self.status.stalled(now);
             error!(token = %self.token, stall_after = ?self.stall_after, conversations = overdue.conversations,
                 "CABLE STALLED: the REST API shows activity the subscribed socket has not delivered \
                  for stall_after; Chatwoot's background workers (Sidekiq) may be down, or the \
@@ -339,12 +393,12 @@ impl StallWatch {
                 "the stalled activity is not backfilled: backfill is off for this token");
             return;
         };
-        let gap = Gap {
-            start: SystemTime::UNIX_EPOCH + Duration::from_secs(overdue.earliest),
-            end: now,
-        };
+        // Chatwoot's clock: a time past ours (or past what a SystemTime holds) starts now.
+        let start = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(overdue.earliest))
+            .map_or(now, |start| start.min(now));
         info!(token = %self.token, "backfilling the stalled span");
-        tokio::spawn(backfiller.clone().run(gap));
+        backfiller.enqueue(Gap { start, end: now });
     }
 }
 
@@ -358,6 +412,11 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(seconds)
     }
 
+    /// A status cell to report to.
+    fn status() -> TokenReporter {
+        crate::status::StatusBoard::new().register(&Arc::from("agent"))
+    }
+
     /// Activity at `seconds` with message `message`.
     fn act(seconds: u64, message: u64) -> Activity {
         Activity {
@@ -367,34 +426,37 @@ mod tests {
     }
 
     #[test]
-    fn the_first_check_after_a_subscribe_only_learns() {
+    fn the_first_check_after_a_subscribe_counts_only_what_moved_after_it() {
         let mut tracker = ActivityTracker::default();
-        tracker.resubscribed();
         let start = Instant::now();
+        assert!(!tracker.checking(), "nothing is checked before a confirm");
+        tracker.resubscribed(at(1_000));
+        assert!(tracker.checking());
+        assert_eq!(tracker.window(at(1_002), Duration::from_secs(30)), 33);
+        // 1 and 2 moved before the confirm (a gap's business); 3 after it.
+        let listed = [(1, act(990, 0)), (2, act(1_000, 0)), (3, act(1_001, 0))];
         assert_eq!(
-            tracker.observe(
-                [(1, act(990, 0)), (2, act(995, 0))],
-                (at(1_000), start),
-                STALL_AFTER
-            ),
+            tracker.observe(listed, (at(1_002), start), STALL_AFTER),
             None
         );
+        assert_eq!(tracker.pending.keys().copied().collect::<Vec<_>>(), [3]);
         let later = start + STALL_AFTER * 2;
+        let overdue = tracker.observe(listed, (at(1_240), later), STALL_AFTER);
         assert_eq!(
-            tracker.observe(
-                [(1, act(990, 0)), (2, act(995, 0))],
-                (at(1_240), later),
-                STALL_AFTER
-            ),
-            None
+            overdue,
+            Some(Overdue {
+                earliest: 1_001,
+                conversations: 1
+            })
         );
-        assert!(tracker.pending.is_empty());
+        tracker.unsubscribed();
+        assert!(!tracker.checking());
     }
 
     #[test]
     fn activity_the_cable_never_delivers_is_overdue_after_stall_after() {
         let mut tracker = ActivityTracker::default();
-        tracker.resubscribed();
+        tracker.resubscribed(at(995));
         let start = Instant::now();
         tracker.observe([(1, act(990, 0))], (at(1_000), start), STALL_AFTER);
         // Conversation 1 moved and 3 is new; 2 is new but its activity predates the last
@@ -425,33 +487,44 @@ mod tests {
             tracker.pending.is_empty(),
             "overdue activity is handed over once"
         );
-        assert!(tracker.stall(at(1_150)));
+        let board = crate::status::StatusBoard::new();
+        let status = board.register(&Arc::from("agent"));
+        assert!(tracker.stall(at(1_150), &status));
         assert!(
-            !tracker.stall(at(1_160)),
+            !tracker.stall(at(1_160), &status),
             "one stall until the cable delivers"
         );
+        assert!(board.token("agent").unwrap().stalled_since.is_some());
         assert_eq!(
-            tracker.delivered(1, act(1_200, 0), at(1_210)),
+            tracker.delivered(1, act(1_200, 0), at(1_210), &status),
             Some(Duration::from_secs(60))
         );
-        assert_eq!(tracker.delivered(1, act(1_201, 0), at(1_211)), None);
+        assert_eq!(
+            tracker.delivered(1, act(1_201, 0), at(1_211), &status),
+            None
+        );
+        assert_eq!(
+            board.token("agent").unwrap().stalled_since,
+            None,
+            "the delivery ended it"
+        );
     }
 
     #[test]
     fn activity_the_cable_delivers_is_never_overdue() {
         let mut tracker = ActivityTracker::default();
-        tracker.resubscribed();
+        tracker.resubscribed(at(995));
         let start = Instant::now();
         tracker.observe([(1, act(990, 0))], (at(1_000), start), STALL_AFTER);
         // Delivered before the check shows it...
-        tracker.delivered(1, act(1_010, 0), at(1_011));
+        tracker.delivered(1, act(1_010, 0), at(1_011), &status());
         // ...and after (the REST API can be quicker than the broadcast).
         tracker.observe(
             [(1, act(1_010, 0)), (2, act(1_020, 0))],
             (at(1_030), start + Duration::from_secs(30)),
             STALL_AFTER,
         );
-        tracker.delivered(2, act(1_020, 0), at(1_031));
+        tracker.delivered(2, act(1_020, 0), at(1_031), &status());
         let overdue = tracker.observe(
             [(1, act(1_010, 0)), (2, act(1_020, 0))],
             (at(1_200), start + Duration::from_secs(200)),
@@ -463,10 +536,10 @@ mod tests {
     #[test]
     fn messages_of_one_second_differ_by_id() {
         let mut tracker = ActivityTracker::default();
-        tracker.resubscribed();
+        tracker.resubscribed(at(995));
         let start = Instant::now();
         tracker.observe([(1, act(1_000, 5))], (at(1_000), start), STALL_AFTER);
-        tracker.delivered(1, act(1_000, 6), at(1_000));
+        tracker.delivered(1, act(1_000, 6), at(1_000), &status());
         let soon = start + Duration::from_millis(500);
         tracker.observe([(1, act(1_000, 6))], (at(1_000), soon), STALL_AFTER);
         assert!(tracker.pending.is_empty(), "delivered already");
@@ -487,10 +560,53 @@ mod tests {
     }
 
     #[test]
+    fn a_gap_across_a_reconnect_is_not_a_stall_and_pending_activity_outlives_it() {
+        let mut tracker = ActivityTracker::default();
+        let start = Instant::now();
+        tracker.resubscribed(at(995));
+        tracker.delivered(1, act(1_000, 5), at(1_000), &status());
+        // Pending when the socket drops: a reconnect's gap must start no later.
+        tracker.observe([(2, act(1_004, 9))], (at(1_005), start), STALL_AFTER);
+        assert_eq!(tracker.earliest_pending(), Some(at(1_004)));
+        tracker.unsubscribed();
+        assert_eq!(
+            tracker.observe([(3, act(1_010, 10))], (at(1_010), start), STALL_AFTER),
+            None
+        );
+        // Message 6 came while the socket was down (a gap, backfilled), before the confirm.
+        tracker.resubscribed(at(1_025));
+        tracker.observe([(1, act(1_020, 6))], (at(1_026), start), STALL_AFTER);
+        assert!(
+            tracker.pending.is_empty(),
+            "the gap is the backfill's, not a stall"
+        );
+        let later = start + STALL_AFTER * 2;
+        assert_eq!(
+            tracker.observe([(1, act(1_020, 6))], (at(1_300), later), STALL_AFTER),
+            None
+        );
+    }
+
+    #[test]
+    fn a_failed_check_does_not_widen_the_next_one() {
+        let mut tracker = ActivityTracker::default();
+        let interval = Duration::from_secs(30);
+        tracker.resubscribed(at(1_000));
+        tracker.observe([], (at(1_000), Instant::now()), STALL_AFTER);
+        tracker.check_failed(at(2_000));
+        assert_eq!(tracker.window(at(2_030), interval), 61);
+    }
+
+    #[test]
     fn the_tracker_is_bounded() {
         let mut tracker = ActivityTracker::default();
         for conversation in 0..(MAX_TRACKED_CONVERSATIONS as u64 + 10) {
-            tracker.delivered(conversation, act(1_000 + conversation, 0), at(2_000));
+            tracker.delivered(
+                conversation,
+                act(1_000 + conversation, 0),
+                at(2_000),
+                &status(),
+            );
         }
         assert_eq!(tracker.known.len(), MAX_TRACKED_CONVERSATIONS);
         assert!(
@@ -504,6 +620,8 @@ mod tests {
         let mut tracker = ActivityTracker::default();
         let interval = Duration::from_secs(30);
         assert_eq!(tracker.window(at(1_000), interval), 61);
+        tracker.resubscribed(at(990));
+        assert_eq!(tracker.window(at(1_000), interval), 41);
         tracker.observe([], (at(1_000), Instant::now()), STALL_AFTER);
         assert_eq!(tracker.window(at(1_045), interval), 76);
         assert_eq!(
