@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 shift || true
-all=(frame redaction keys_and_paths template config admin_query spool_record spool_recovery)
+all=(frame redaction keys_and_paths template config admin_query rest_answers spool_record spool_recovery)
 targets=("$@")
 if [ "$#" -eq 0 ]; then targets=("${all[@]}"); fi
 

@@ -143,6 +143,50 @@ pub fn admin_query(input: &[u8]) {
     let _ = crate::admin::parse_tap_query(text);
 }
 
+/// What the REST side of a token reads: a conversation list (before the first NUL) as the stall
+/// check and a backfill take it, a live event's data (after it) as the socket reports it, the
+/// activity of both through a stall tracker and the span a stall backfills; and the whole input
+/// as a backfill resume file.
+pub fn rest_answers(input: &[u8]) {
+    use crate::source::gaps::LiveActivity;
+    use crate::source::rest::ConversationList;
+    use crate::source::stall::{listed_activity, ActivityTracker};
+    use std::time::{Duration, Instant, SystemTime};
+
+    let _ = crate::source::resume::parse(input, 1);
+    let Some((list, data)) = split(input) else {
+        return;
+    };
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let mut tracker = ActivityTracker::default();
+    tracker.resubscribed(now);
+    let status = crate::status::StatusBoard::new().register(&std::sync::Arc::from("fuzz"));
+    if let Ok(data) = JsonText::from_string(data.to_owned()) {
+        for name in ["message.created", "conversation.updated"] {
+            let event = Event::new(name, data.clone(), "fuzz".into(), "fuzz".into(), now);
+            if let Some(seen) = LiveActivity::of(&event, 1) {
+                if let Some(activity) = seen.activity {
+                    tracker.delivered(seen.conversation, activity, now, &status);
+                }
+            }
+        }
+    }
+    let Ok(list) = serde_json::from_slice::<ConversationList>(list.as_bytes()) else {
+        return;
+    };
+    let listed: Vec<_> = list
+        .into_conversations()
+        .iter()
+        .filter_map(listed_activity)
+        .collect();
+    let start = Instant::now();
+    tracker.observe(listed.clone(), (now, start), Duration::ZERO);
+    if let Some(overdue) = tracker.observe(listed, (now, start), Duration::ZERO) {
+        let _ = overdue.span(now);
+    }
+    let _ = tracker.earliest_pending();
+}
+
 /// One spool record's payload, as a sink decodes it.
 pub fn spool_record(input: &[u8]) {
     let _ = Event::decode_record(input);
@@ -213,6 +257,7 @@ pub fn write_seeds(out: &Path, example_config: &str) -> std::io::Result<()> {
             &with("conversation.contact_inbox.pubsub_token"),
         )?;
         seeds.put("keys_and_paths", name, &with(name))?;
+        seeds.put("rest_answers", name, &with(REST_CONVERSATIONS))?;
         seeds.put(
             "keys_and_paths",
             &format!("{name}.path"),
@@ -228,8 +273,16 @@ pub fn write_seeds(out: &Path, example_config: &str) -> std::io::Result<()> {
         seeds.put("spool_record", name, &record)?;
         records.push(record);
     }
+    seeds.put(
+        "rest_answers",
+        "resume_file",
+        br#"{"account_id":1,"last_healthy_ms":1781964126000,"last_messages":[[87,5120]]}"#,
+    )?;
     seeds.put("spool_recovery", "fixtures", &spool_segment_of(&records))
 }
+
+/// A conversation list as Chatwoot's REST API answers it (shortened), seeding `rest_answers`.
+const REST_CONVERSATIONS: &str = r#"{"data":{"meta":{"all_count":1},"payload":[{"id":87,"account_id":1,"status":"open","last_activity_at":1781964126,"timestamp":1781964126,"updated_at":1781964242.1,"messages":[{"id":5120,"content":"hi"}]}]}}"#;
 
 /// Where seeds go.
 struct Seeds<'a> {

@@ -486,7 +486,11 @@ async fn a_reconnect_gap_is_backfilled_and_not_mistaken_for_a_stall() {
     // Long enough for the checks after the confirm to see the gap's activity past stall_after.
     tokio::time::sleep(STALL_AFTER * 2).await;
     let status = bridge.status().token("agent").unwrap();
-    assert_eq!((status.stalls, status.stalled_since), (0, None), "{status:?}");
+    assert_eq!(
+        (status.stalls, status.stalled_since),
+        (0, None),
+        "{status:?}"
+    );
     shut_down(bridge).await;
     mock.stop().await;
 }

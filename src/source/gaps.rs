@@ -25,7 +25,7 @@ use crate::status::TokenReporter;
 /// `conversation_id` (the display id) and its own `id`; a conversation event has the display
 /// id as `id`. Numbers only: anything else fails the parse and the event is not tracked.
 #[derive(Deserialize)]
-struct LiveActivity {
+pub(crate) struct LiveActivity {
     /// The account; a user in several accounts gets all their events.
     account_id: Option<u64>,
     /// A message's id, or a conversation's display id.
@@ -57,19 +57,19 @@ struct LiveConversation {
 }
 
 /// What a delivered event says of a conversation.
-struct Delivered {
+pub(crate) struct Delivered {
     /// The conversation's display id.
-    conversation: u64,
+    pub(crate) conversation: u64,
     /// The message id, for a message event.
-    message: Option<u64>,
+    pub(crate) message: Option<u64>,
     /// The latest activity the event shows.
-    activity: Option<Activity>,
+    pub(crate) activity: Option<Activity>,
 }
 
 impl LiveActivity {
     /// What `event` (of `account_id`) says of a conversation; `None` for another account's or
     /// an event about no conversation.
-    fn of(event: &Event, account_id: u64) -> Option<Delivered> {
+    pub(crate) fn of(event: &Event, account_id: u64) -> Option<Delivered> {
         let name = &*event.name;
         let message = name.starts_with("message.");
         let conversation_event = matches!(

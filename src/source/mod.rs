@@ -12,7 +12,7 @@
 
 pub mod backfill;
 pub mod cable;
-mod gaps;
+pub(crate) mod gaps;
 pub mod profile;
 pub mod protocol;
 pub mod rest;

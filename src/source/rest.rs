@@ -84,7 +84,7 @@ enum Attempt {
 
 /// The list of conversations: `{"data": {"payload": [...]}}`.
 #[derive(Deserialize)]
-struct ConversationList {
+pub(crate) struct ConversationList {
     /// The envelope.
     data: ConversationPayload,
 }
@@ -94,6 +94,13 @@ struct ConversationList {
 struct ConversationPayload {
     /// The conversations, each kept whole for its event.
     payload: Vec<Map<String, Value>>,
+}
+
+impl ConversationList {
+    /// The conversations, each whole.
+    pub(crate) fn into_conversations(self) -> Vec<Map<String, Value>> {
+        self.data.payload
+    }
 }
 
 /// One token's REST client on one account.
@@ -138,7 +145,7 @@ impl AccountApi {
             self.account_url()
         );
         let list: ConversationList = self.get(&url).await?;
-        Ok(list.data.payload)
+        Ok(list.into_conversations())
     }
 
     /// GETs `url` as JSON, waiting out 429s and retrying transient failures, within bounds.

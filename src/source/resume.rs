@@ -150,20 +150,26 @@ fn load(path: &Path, account_id: u64) -> Option<ResumePoint> {
             return None;
         }
     };
-    let saved: Saved = match serde_json::from_slice(&text) {
-        Ok(saved) => saved,
-        Err(e) => {
-            warn!(path = %path.display(), error = %e,
-                "ignored a damaged backfill resume file: a gap across the restart is not backfilled");
-            return None;
+    match parse(&text, account_id) {
+        Ok(point) => Some(point),
+        Err(reason) => {
+            warn!(path = %path.display(), %reason,
+                "ignored the backfill resume file: a gap across the restart is not backfilled");
+            None
         }
-    };
-    if saved.account_id != account_id {
-        warn!(path = %path.display(), saved = saved.account_id, configured = account_id,
-            "ignored the backfill resume file of another account");
-        return None;
     }
-    Some(ResumePoint {
+}
+
+/// The resume point in a file's bytes, if they are one of `account_id`'s.
+pub(crate) fn parse(text: &[u8], account_id: u64) -> Result<ResumePoint, String> {
+    let saved: Saved = serde_json::from_slice(text).map_err(|e| format!("damaged: {e}"))?;
+    if saved.account_id != account_id {
+        return Err(format!(
+            "kept for account {}, not the configured {account_id}",
+            saved.account_id
+        ));
+    }
+    Ok(ResumePoint {
         last_healthy: SystemTime::UNIX_EPOCH + Duration::from_millis(saved.last_healthy_ms),
         last_messages: saved.last_messages,
     })

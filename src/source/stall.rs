@@ -91,6 +91,17 @@ enum Checks {
     Checked(SystemTime),
 }
 
+impl Overdue {
+    /// The stalled span found at `now`: from the earliest overdue activity (Chatwoot's clock;
+    /// a time past ours, or past what a `SystemTime` holds, starts now) to `now`.
+    pub(crate) fn span(&self, now: SystemTime) -> Gap {
+        let start = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(self.earliest))
+            .map_or(now, |start| start.min(now));
+        Gap { start, end: now }
+    }
+}
+
 /// What one token knows of its conversations' activity, from the cable and from the checks.
 #[derive(Debug, Default)]
 pub(crate) struct ActivityTracker {
@@ -275,7 +286,7 @@ fn unix_seconds(at: SystemTime) -> u64 {
 /// The display id and activity of a listed conversation (`last_activity_at`, or `timestamp`
 /// which Chatwoot fills with it, and the id of the last message it lists); `None` for one
 /// without.
-fn listed_activity(conversation: &Map<String, Value>) -> Option<(u64, Activity)> {
+pub(crate) fn listed_activity(conversation: &Map<String, Value>) -> Option<(u64, Activity)> {
     let id = conversation.get("id")?.as_u64()?;
     let at = ["last_activity_at", "timestamp"]
         .iter()
@@ -393,12 +404,8 @@ impl StallWatch {
                 "the stalled activity is not backfilled: backfill is off for this token");
             return;
         };
-        // Chatwoot's clock: a time past ours (or past what a SystemTime holds) starts now.
-        let start = SystemTime::UNIX_EPOCH
-            .checked_add(Duration::from_secs(overdue.earliest))
-            .map_or(now, |start| start.min(now));
         info!(token = %self.token, "backfilling the stalled span");
-        backfiller.enqueue(Gap { start, end: now });
+        backfiller.enqueue(overdue.span(now));
     }
 }
 
