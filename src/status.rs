@@ -195,6 +195,11 @@ pub struct TokenStatus {
     /// `stall_after` ago (a stall); `None` while it delivers.
     #[serde(serialize_with = "optional_rfc3339")]
     pub stalled_since: Option<SystemTime>,
+    /// When the last rotation of the pubsub token was followed.
+    #[serde(serialize_with = "optional_rfc3339")]
+    pub last_rotation_at: Option<SystemTime>,
+    /// The last backfill that ended: which span, how many events, whether it was given up.
+    pub last_backfill: Option<BackfillRecord>,
     /// Stalls noticed.
     pub stalls: u64,
     /// WebSocket messages read (text, binary, ping and pong): proof the socket lives, even
@@ -207,6 +212,24 @@ pub struct TokenStatus {
     /// When the server's last ActionCable ping came; when the token started if none did yet.
     #[serde(serialize_with = "rfc3339")]
     pub last_ping_at: SystemTime,
+}
+
+/// One backfill that ended, as `/status` shows the last one.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackfillRecord {
+    /// The start of the span read (the last healthy moment, or a stall's earliest activity).
+    #[serde(serialize_with = "rfc3339")]
+    pub from: SystemTime,
+    /// Its end (the resubscribe, or when the stall was noticed).
+    #[serde(serialize_with = "rfc3339")]
+    pub to: SystemTime,
+    /// When it ended.
+    #[serde(serialize_with = "rfc3339")]
+    pub ended_at: SystemTime,
+    /// Events it handed over.
+    pub events: u64,
+    /// Why it was given up; `None` when it ran to its end.
+    pub given_up: Option<String>,
 }
 
 /// Serializes a time as RFC 3339 with milliseconds.
@@ -300,6 +323,10 @@ struct TokenCell {
     stalled_since_ms: AtomicU64,
     /// See [`TokenStatus::stalls`].
     stalls: AtomicU64,
+    /// See [`TokenStatus::last_rotation_at`], in milliseconds since the Unix epoch; 0 when none.
+    last_rotation_ms: AtomicU64,
+    /// See [`TokenStatus::last_backfill`]; written once per backfill, so a lock costs nothing.
+    last_backfill: Mutex<Option<BackfillRecord>>,
     /// See [`TokenStatus::frames`].
     frames: AtomicU64,
     /// See [`TokenStatus::last_event_at`], in milliseconds since the Unix epoch: a time that
@@ -738,6 +765,8 @@ impl TokenCell {
             backfill_gaps_given_up: AtomicU64::new(0),
             stalled_since_ms: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            last_rotation_ms: AtomicU64::new(0),
+            last_backfill: Mutex::new(None),
             frames: AtomicU64::new(0),
             last_event_ms: AtomicU64::new(started),
             last_ping_ms: AtomicU64::new(started),
@@ -770,6 +799,11 @@ impl TokenCell {
                 ms => Some(from_unix_ms(ms)),
             },
             stalls: self.stalls.load(Ordering::Relaxed),
+            last_rotation_at: match self.last_rotation_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => Some(from_unix_ms(ms)),
+            },
+            last_backfill: self.last_backfill.lock().expect("backfill lock").clone(),
             frames: self.frames.load(Ordering::Relaxed),
             last_event_at: from_unix_ms(self.last_event_ms.load(Ordering::Relaxed)),
             last_ping_at: from_unix_ms(self.last_ping_ms.load(Ordering::Relaxed)),
@@ -827,9 +861,10 @@ impl TokenReporter {
         self.update(state, Some(error.into()));
     }
 
-    /// Counts a backfill that ran to its end.
-    pub(crate) fn backfilled(&self) {
+    /// Counts a backfill that ran to its end, and shows it as the last one.
+    pub(crate) fn backfilled(&self, record: BackfillRecord) {
         self.cell.backfills.fetch_add(1, Ordering::Relaxed);
+        *self.cell.last_backfill.lock().expect("backfill lock") = Some(record);
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -838,11 +873,13 @@ impl TokenReporter {
         self.cell.backfilled_events.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a gap given up (too long, or the REST API failed).
-    pub(crate) fn backfill_given_up(&self) {
+    /// Counts a gap given up (too long, or the REST API failed), and shows it as the last
+    /// backfill.
+    pub(crate) fn backfill_given_up(&self, record: BackfillRecord) {
         self.cell
             .backfill_gaps_given_up
             .fetch_add(1, Ordering::Relaxed);
+        *self.cell.last_backfill.lock().expect("backfill lock") = Some(record);
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -864,6 +901,9 @@ impl TokenReporter {
     /// Counts a rotation of the pubsub token.
     pub(crate) fn rotated(&self) {
         self.cell.rotations.fetch_add(1, Ordering::Relaxed);
+        self.cell
+            .last_rotation_ms
+            .store(unix_ms(SystemTime::now()).max(1), Ordering::Relaxed);
         self.changed.send_modify(|v| *v += 1);
     }
 

@@ -156,6 +156,16 @@ async fn messages_created_while_the_cable_is_down_are_backfilled_once_and_marked
     );
     assert!(status.backfilled_events >= 52, "{status:?}");
     assert_eq!(status.backfill_gaps_given_up, 0);
+    let last = status.last_backfill.expect("the backfill is shown");
+    assert!(last.from < last.to && last.to <= last.ended_at, "{last:?}");
+    assert!(
+        last.to.duration_since(last.from).unwrap() >= Duration::from_secs(5),
+        "the gap spans the 5 s the cable was down: {last:?}"
+    );
+    assert_eq!(
+        (last.events, last.given_up),
+        (status.backfilled_events, None)
+    );
 }
 
 #[tokio::test]
@@ -260,6 +270,14 @@ async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
             .as_deref()
             .is_some_and(|e| e.contains("backfill_max_gap")),
         "{status:?}"
+    );
+    let last = status.last_backfill.expect("the gap given up is shown");
+    assert_eq!(last.events, 0);
+    assert!(
+        last.given_up
+            .as_deref()
+            .is_some_and(|e| e.contains("backfill_max_gap")),
+        "{last:?}"
     );
 }
 

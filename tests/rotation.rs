@@ -104,6 +104,7 @@ async fn the_refresh_follows_a_rotation_on_the_same_socket_and_misses_nothing_af
     .await;
     let status = every_message_after_the_rotation(bridge, mock, &out).await;
     assert_eq!(status.connects, 1, "the same socket: {status:?}");
+    assert!(status.last_rotation_at.is_some(), "{status:?}");
 }
 
 #[tokio::test]

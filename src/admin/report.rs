@@ -187,10 +187,29 @@ pub struct TokenReport {
     pub stalled_since: Option<String>,
     /// Stalls noticed.
     pub stalls: u64,
+    /// When the last rotation of the pubsub token was followed, RFC 3339.
+    pub last_rotation_at: Option<String>,
+    /// The last backfill that ended.
+    pub last_backfill: Option<BackfillReport>,
     /// Seconds since the last event (since the token started, if none yet).
     pub last_event_age_seconds: f64,
     /// Seconds since the server's last ping (since the token started, if none yet).
     pub last_ping_age_seconds: f64,
+}
+
+/// The last backfill of a token in `/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackfillReport {
+    /// The start of the span read, RFC 3339.
+    pub from: String,
+    /// Its end, RFC 3339.
+    pub to: String,
+    /// When it ended, RFC 3339.
+    pub ended_at: String,
+    /// Events it handed over.
+    pub events: u64,
+    /// Why it was given up; `null` when it ran to its end.
+    pub given_up: Option<String>,
 }
 
 /// One sink in `/status`.
@@ -340,6 +359,14 @@ fn token_report(snapshot: &Snapshot, t: &TokenStatus) -> TokenReport {
         backfill_gaps_given_up: t.backfill_gaps_given_up,
         stalled_since: t.stalled_since.map(rfc3339),
         stalls: t.stalls,
+        last_rotation_at: t.last_rotation_at.map(rfc3339),
+        last_backfill: t.last_backfill.as_ref().map(|b| BackfillReport {
+            from: rfc3339(b.from),
+            to: rfc3339(b.to),
+            ended_at: rfc3339(b.ended_at),
+            events: b.events,
+            given_up: b.given_up.clone(),
+        }),
         last_event_age_seconds: snapshot.age(t.last_event_at),
         last_ping_age_seconds: snapshot.age(t.last_ping_at),
     }

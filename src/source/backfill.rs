@@ -14,6 +14,7 @@
 //! at most [`BACKFILL_CONCURRENCY`] requests at once, honouring `429` and `Retry-After`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -27,7 +28,7 @@ use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::source::rest::{AccountApi, RestError};
 use crate::source::sender::EventSender;
 use crate::source::settings::{BackfillSettings, TokenSpec};
-use crate::status::TokenReporter;
+use crate::status::{BackfillRecord, TokenReporter};
 
 /// Added before the gap's start when asking which conversations changed: the last healthy
 /// moment is known to the second, and Chatwoot's `updated_at` is written by background jobs.
@@ -199,6 +200,8 @@ pub(crate) struct Backfiller {
     one_at_a_time: tokio::sync::Mutex<()>,
     /// The gap waiting for its turn and the one running: what a restart must still read.
     queue: Mutex<GapQueue>,
+    /// Events the running backfill handed over so far, for its record when it is given up.
+    handed_over: AtomicU64,
 }
 
 /// The gaps of one token not backfilled yet.
@@ -241,6 +244,7 @@ impl Backfiller {
             seen: Mutex::new(SeenMessages::default()),
             one_at_a_time: tokio::sync::Mutex::new(()),
             queue: Mutex::new(GapQueue::default()),
+            handed_over: AtomicU64::new(0),
         }
     }
 
@@ -295,21 +299,31 @@ impl Backfiller {
         let Some(gap) = gap else {
             return;
         };
+        self.handed_over.store(0, Ordering::Relaxed);
         let filled = tokio::select! {
             filled = self.fill(gap) => filled,
             () = self.cancel.cancelled() => return,
         };
         self.queue.lock().expect("queue lock").running = None;
+        let record = |events: usize, given_up: Option<String>| BackfillRecord {
+            from: gap.start,
+            to: gap.end,
+            ended_at: SystemTime::now(),
+            events: events as u64,
+            given_up,
+        };
         match filled {
             Ok(events) => {
                 info!(token = %self.token, gap = ?gap.length(), events, "backfilled the gap over the REST API");
-                self.status.backfilled();
+                self.status.backfilled(record(events, None));
             }
             Err(e) => {
                 error!(token = %self.token, gap = ?gap.length(), error = %e,
                     "GAP NOT BACKFILLED: events Chatwoot broadcast while the socket was down may be lost");
                 self.status.note(format!("gap not backfilled: {e}"));
-                self.status.backfill_given_up();
+                let handed_over = self.handed_over.load(Ordering::Relaxed);
+                self.status
+                    .backfill_given_up(record(handed_over as usize, Some(e.to_string())));
             }
         }
     }
@@ -499,6 +513,7 @@ impl Backfiller {
             .await
             .map_err(|_| BackfillError::PipelineClosed)?;
         self.status.backfilled_event();
+        self.handed_over.fetch_add(1, Ordering::Relaxed);
         Ok(1)
     }
 }
