@@ -10,6 +10,7 @@ use chatwoot_bridge::event::id::IdAssigner;
 use chatwoot_bridge::event::{content_hash, nesting_exceeds, DataKeys, Event, JsonText};
 use chatwoot_bridge::mock::fixtures;
 use chatwoot_bridge::sink::{self, Envelope};
+use chatwoot_bridge::source::gaps::LiveActivity;
 use chatwoot_bridge::source::protocol;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -73,6 +74,21 @@ routes:
     match: {}
     to: [archive]
 "#;
+
+/// What the socket's task reads out of a live event for the REST side of a token given as an
+/// API access token (backfill's remembered ids, the stall check's activity): one more parse of
+/// a conversation or message event's data, on top of the per-event work above.
+fn live_activity(c: &mut Criterion) {
+    let mut g = c.benchmark_group("event");
+    for name in ["message.created", "conversation.updated"] {
+        let ev = event(name);
+        g.throughput(Throughput::Bytes(ev.data.get().len() as u64));
+        g.bench_function(format!("LiveActivity::of/{name}"), |b| {
+            b.iter(|| LiveActivity::of(black_box(&ev), black_box(1)).unwrap())
+        });
+    }
+    g.finish();
+}
 
 /// Frame decoding, by frame size.
 fn decode(c: &mut Criterion) {
@@ -254,6 +270,16 @@ fn redact(c: &mut Criterion) {
 #[allow(missing_docs, unreachable_pub)]
 mod group {
     use super::*;
-    criterion_group!(benches, decode, data_keys, socket, ids, route, envelope, redact);
+    criterion_group!(
+        benches,
+        decode,
+        data_keys,
+        live_activity,
+        socket,
+        ids,
+        route,
+        envelope,
+        redact
+    );
 }
 criterion_main!(group::benches);

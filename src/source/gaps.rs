@@ -25,7 +25,7 @@ use crate::status::TokenReporter;
 /// `conversation_id` (the display id) and its own `id`; a conversation event has the display
 /// id as `id`. Numbers only: anything else fails the parse and the event is not tracked.
 #[derive(Deserialize)]
-pub(crate) struct LiveActivity {
+pub struct LiveActivity {
     /// The account; a user in several accounts gets all their events.
     account_id: Option<u64>,
     /// A message's id, or a conversation's display id.
@@ -57,19 +57,19 @@ struct LiveConversation {
 }
 
 /// What a delivered event says of a conversation.
-pub(crate) struct Delivered {
+pub struct Delivered {
     /// The conversation's display id.
-    pub(crate) conversation: u64,
+    pub conversation: u64,
     /// The message id, for a message event.
-    pub(crate) message: Option<u64>,
+    pub message: Option<u64>,
     /// The latest activity the event shows.
-    pub(crate) activity: Option<Activity>,
+    pub activity: Option<Activity>,
 }
 
 impl LiveActivity {
     /// What `event` (of `account_id`) says of a conversation; `None` for another account's or
     /// an event about no conversation.
-    pub(crate) fn of(event: &Event, account_id: u64) -> Option<Delivered> {
+    pub fn of(event: &Event, account_id: u64) -> Option<Delivered> {
         let name = &*event.name;
         let message = name.starts_with("message.");
         let conversation_event = matches!(

@@ -12,7 +12,7 @@
 
 pub mod backfill;
 pub mod cable;
-pub(crate) mod gaps;
+pub mod gaps;
 pub mod profile;
 pub mod protocol;
 pub mod rest;

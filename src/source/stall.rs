@@ -52,11 +52,11 @@ pub enum StallCheckError {
 /// How far a conversation's activity went: its `last_activity_at` and its latest message id.
 /// Chatwoot writes the time in whole seconds, so messages of one second differ only by id.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Activity {
+pub struct Activity {
     /// `last_activity_at` (Chatwoot's clock, whole seconds).
-    pub(crate) at: u64,
+    pub at: u64,
     /// The latest message id shown with it; 0 when none.
-    pub(crate) message: u64,
+    pub message: u64,
 }
 
 /// Activity the REST API showed and the cable has not delivered yet.
