@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -15,7 +14,10 @@ use std::time::Duration;
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
 use serde_json::{json, Value};
-use support::{free_port, quoted, shut_down, wait_until, wait_until_async, BridgeYaml, WAIT};
+use support::{
+    assert_each_message_once, backfilled_conversations, free_port, quoted, shut_down,
+    wait_for_messages, wait_until, wait_until_async, BridgeYaml, WAIT,
+};
 
 /// A puma serving tests/actioncable/config.ru on a free loopback port; killed on drop.
 struct RailsCable {
@@ -429,23 +431,6 @@ async fn after_a_restart_with_a_rotated_token_the_unconfirmed_subscription_reads
     );
 }
 
-/// Per message id of the `message.created` events in `out`: whether each copy was marked
-/// `chatwootbackfill`.
-fn messages(out: &PathBuf) -> HashMap<u64, Vec<bool>> {
-    let mut found: HashMap<u64, Vec<bool>> = HashMap::new();
-    for event in read_events(out) {
-        if event["type"] != "com.chatwoot.message.created" {
-            continue;
-        }
-        let id = event["data"]["id"].as_u64().expect("a message has an id");
-        found
-            .entry(id)
-            .or_default()
-            .push(event["chatwootbackfill"] == true);
-    }
-    found
-}
-
 #[tokio::test]
 async fn messages_created_while_the_cable_is_down_are_backfilled_once_from_the_rest_api() {
     let rails = RailsCable::start().await;
@@ -458,11 +443,7 @@ async fn messages_created_while_the_cable_is_down_are_backfilled_once_from_the_r
     wait_state(&bridge, "agent", TokenState::Subscribed).await;
     let known = rails.create_conversation().await;
     let live = rails.create_messages(known, 5).await;
-    wait_until("the live messages", || {
-        let got = messages(&out);
-        live.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &live, "the live messages").await;
 
     // A Chatwoot deploy: sockets closed and refused for 5 s while 50 messages are created, in
     // the conversation the socket knows (read with `after`) and in one it never saw (read
@@ -478,36 +459,11 @@ async fn messages_created_while_the_cable_is_down_are_backfilled_once_from_the_r
         .await;
     let status = bridge.status().token("agent").unwrap();
     assert!(backfilled, "the backfill ran: {status:?}");
-    wait_until("the backfilled messages in the file", || {
-        let got = messages(&out);
-        missed.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &missed, "the backfilled messages in the file").await;
     // After the shutdown, which delivers everything spooled: a late duplicate would show.
     shut_down(bridge).await;
-    let got = messages(&out);
-    for id in &missed {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![true]),
-            "missed message {id}, once and marked"
-        );
-    }
-    for id in &live {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![false]),
-            "live message {id}, once and not marked"
-        );
-    }
-    assert_eq!(got.len(), 55, "nothing else: {got:?}");
-    let updated: Vec<u64> = read_events(&out)
-        .iter()
-        .filter(|e| {
-            e["type"] == "com.chatwoot.conversation.updated" && e["chatwootbackfill"] == true
-        })
-        .filter_map(|e| e["data"]["id"].as_u64())
-        .collect();
+    assert_each_message_once(&out, &missed, &live);
+    let updated = backfilled_conversations(&out);
     assert!(
         updated.contains(&known) && updated.contains(&unseen),
         "a conversation.updated per listed conversation: {updated:?}"

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -17,37 +16,13 @@ use chatwoot_bridge::status::{TokenState, TokenStatus};
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
 use support::{
-    api_agent_config, api_agent_yaml, mock_with_api_agent, shut_down, wait_until, within, WAIT,
+    api_agent_config, api_agent_yaml, assert_each_message_once, backfilled_conversations,
+    message_marks as messages, mock_with_api_agent, shut_down, wait_for_messages, wait_until,
+    within, WAIT,
 };
 
 /// The token settings of every test here: the profile's refresh out of the way, backfill on.
 const BACKFILL: &str = "refresh_interval: 1h, backfill: true";
-
-/// The CloudEvents the file holds.
-fn events(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("each line is JSON"))
-        .collect()
-}
-
-/// Per message id of the `message.created` events: how many copies, and whether each was marked
-/// as backfilled.
-fn messages(out: &Path) -> HashMap<u64, Vec<bool>> {
-    let mut found: HashMap<u64, Vec<bool>> = HashMap::new();
-    for event in events(out) {
-        if event["type"] != "com.chatwoot.message.created" {
-            continue;
-        }
-        let id = event["data"]["id"].as_u64().expect("a message has an id");
-        found
-            .entry(id)
-            .or_default()
-            .push(event["chatwootbackfill"] == true);
-    }
-    found
-}
 
 /// The agent's status once `done` holds for it.
 async fn agent_when(
@@ -90,11 +65,7 @@ async fn delivered_live(
     agent_when(bridge, "subscribed", subscribed_on(1)).await;
     let conversation = mock.create_conversation(1, None).expect("account 1 exists");
     let ids = create(mock, conversation, live);
-    wait_until("the live messages", || {
-        let got = messages(out);
-        ids.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(out, &ids, "the live messages").await;
     (conversation, ids)
 }
 
@@ -119,37 +90,12 @@ async fn messages_created_while_the_cable_is_down_are_backfilled_once_and_marked
     mock.set_cable_refused(false);
 
     let status = agent_when(&bridge, "the backfill ran", |t| t.backfills == 1).await;
-    wait_until("the backfilled messages in the file", || {
-        let got = messages(&out);
-        missed.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &missed, "the backfilled messages in the file").await;
     // After the shutdown, which delivers everything spooled: a late duplicate would show.
     shut_down(bridge).await;
     mock.stop().await;
-    let got = messages(&out);
-    for id in &missed {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![true]),
-            "missed message {id}, once and marked"
-        );
-    }
-    for id in &live {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![false]),
-            "live message {id}, once and not marked"
-        );
-    }
-    assert_eq!(got.len(), 55, "nothing else: {got:?}");
-    let updated: Vec<u64> = events(&out)
-        .iter()
-        .filter(|e| {
-            e["type"] == "com.chatwoot.conversation.updated" && e["chatwootbackfill"] == true
-        })
-        .filter_map(|e| e["data"]["id"].as_u64())
-        .collect();
+    assert_each_message_once(&out, &missed, &live);
+    let updated = backfilled_conversations(&out);
     assert!(
         updated.contains(&known) && updated.contains(&unseen),
         "{updated:?}"
@@ -189,11 +135,7 @@ async fn a_throttled_api_slows_the_backfill_and_not_the_live_events() {
     // While every REST request is answered 429, live events keep flowing.
     let throttled_from = mock.rest_requests();
     let live = create(&mock, conversation, 5);
-    wait_until("the live messages while throttled", || {
-        let got = messages(&out);
-        live.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &live, "the live messages while throttled").await;
     wait_until("the backfill asking again after Retry-After", || {
         mock.rest_requests() >= throttled_from + 2
     })
@@ -207,11 +149,7 @@ async fn a_throttled_api_slows_the_backfill_and_not_the_live_events() {
 
     mock.set_rest_throttle(None);
     let status = agent_when(&bridge, "the backfill ran", |t| t.backfills == 1).await;
-    wait_until("the backfilled messages in the file", || {
-        let got = messages(&out);
-        missed.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &missed, "the backfilled messages in the file").await;
     // After the shutdown, which delivers everything spooled: a late duplicate would show.
     shut_down(bridge).await;
     mock.stop().await;
@@ -306,29 +244,10 @@ async fn a_gap_across_a_restart_of_the_bridge_is_backfilled_from_the_resume_file
     })
     .await;
     assert_eq!(status.backfill_gaps_given_up, 0, "{status:?}");
-    wait_until("the messages of the downtime in the file", || {
-        let got = messages(&out);
-        missed.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &missed, "the messages of the downtime in the file").await;
     shut_down(bridge).await;
     mock.stop().await;
-    let got = messages(&out);
-    for id in &missed {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![true]),
-            "message {id} of the downtime, once and marked"
-        );
-    }
-    for id in &live {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![false]),
-            "live message {id}, not read back"
-        );
-    }
-    assert_eq!(got.len(), 15, "nothing else: {got:?}");
+    assert_each_message_once(&out, &missed, &live);
 }
 
 /// Waits past the second the subscription was confirmed in: the stall check leaves activity of
@@ -405,11 +324,7 @@ async fn a_stalled_broadcast_is_noticed_within_stall_after_shown_and_backfilled(
         shown["tokens"]["agent"]["stalled_since"].is_string(),
         "{shown}"
     );
-    wait_until("the stalled messages backfilled", || {
-        let got = messages(&out);
-        missed.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &missed, "the stalled messages backfilled").await;
 
     // The workers are back: the socket delivers again and the stall is over.
     mock.set_stalled(false);
@@ -423,22 +338,8 @@ async fn a_stalled_broadcast_is_noticed_within_stall_after_shown_and_backfilled(
     .await;
     shut_down(bridge).await;
     mock.stop().await;
-    let got = messages(&out);
-    for id in &missed {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![true]),
-            "stalled message {id}, once and marked"
-        );
-    }
-    for id in live.iter().chain(&after) {
-        assert_eq!(
-            got.get(id),
-            Some(&vec![false]),
-            "live message {id}, once and not marked"
-        );
-    }
-    assert_eq!(got.len(), 14, "nothing else: {got:?}");
+    let live: Vec<u64> = live.into_iter().chain(after).collect();
+    assert_each_message_once(&out, &missed, &live);
 }
 
 #[tokio::test]
@@ -496,11 +397,7 @@ async fn a_reconnect_gap_is_backfilled_and_not_mistaken_for_a_stall() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     mock.set_cable_refused(false);
     agent_when(&bridge, "the gap backfilled", |t| t.backfills == 1).await;
-    wait_until("the messages of the gap", || {
-        let got = messages(&out);
-        missed.iter().all(|id| got.contains_key(id))
-    })
-    .await;
+    wait_for_messages(&out, &missed, "the messages of the gap").await;
     // Long enough for the checks after the confirm to see the gap's activity past stall_after.
     tokio::time::sleep(STALL_AFTER * 2).await;
     let status = bridge.status().token("agent").unwrap();

@@ -1,11 +1,13 @@
 //! What the integration tests share: one wait budget and the waits that use it, the mock
 //! Chatwoot's tokens, the YAML of a bridge's config ([`BridgeYaml`]), real servers on free
 //! loopback ports ([`NatsServer`], [`KafkaBroker`], the webhook [`Receiver`], over TLS too), a
-//! private CA's certificates ([`Pki`]), and dead letters to replay ([`padded_letters`]).
+//! private CA's certificates ([`Pki`]), dead letters to replay ([`padded_letters`]), and what a
+//! backfill wrote ([`message_marks`]).
 
 // Each test file uses its own part of this module.
 #![allow(dead_code, unused_imports)]
 
+mod backfilled;
 mod brokers;
 mod dead_letters;
 mod pki;
@@ -20,6 +22,9 @@ use chatwoot_bridge::mock::{Answer, MockConfig, MockServer, MockToken};
 use chatwoot_bridge::sink::{Sink, SinkLimits};
 use chatwoot_bridge::{Bridge, ShutdownReport};
 
+pub(crate) use backfilled::{
+    assert_each_message_once, backfilled_conversations, events_in, message_marks, wait_for_messages,
+};
 pub(crate) use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
 pub(crate) use dead_letters::{padded_letters, replay_progress_written};
 pub(crate) use pki::Pki;
