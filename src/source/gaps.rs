@@ -162,14 +162,15 @@ impl Gaps {
             refresh_profile,
         } = context;
         let cancel = cancel.child_token();
-        let account_api = || -> Option<AccountApi> {
-            match profile::client(&profile::Lookup::Profile(api.clone()), settings) {
-                Ok(client) => Some(AccountApi::new(spec.name.clone(), api.clone(), client)),
-                Err(e) => {
-                    error!(token = %spec.name, error = %e, "backfill and stall check disabled");
-                    None
-                }
-            }
+        // One HTTP client (one connection pool) for the backfill and the stall check.
+        let client = profile::client(&profile::Lookup::Profile(api.clone()), settings)
+            .map_err(
+                |e| error!(token = %spec.name, error = %e, "backfill and stall check disabled"),
+            )
+            .ok();
+        let account_api = || {
+            let client = client.clone()?;
+            Some(AccountApi::new(spec.name.clone(), api.clone(), client))
         };
         let backfiller = api.backfill.clone().and_then(|backfill| {
             Some(Arc::new(Backfiller::new(
