@@ -189,7 +189,7 @@ pub struct TokenStatus {
     pub backfills: u64,
     /// Events a backfill read over REST and handed over, marked `chatwootbackfill`.
     pub backfilled_events: u64,
-    /// Gaps not backfilled: longer than `backfill_max_gap`, or the REST API failed.
+    /// Gaps not backfilled: longer than `backfill.max_gap`, or the REST API failed.
     pub backfill_gaps_given_up: u64,
     /// Since when the subscribed socket has not delivered activity the REST API showed
     /// `stall_after` ago (a stall); `None` while it delivers.

@@ -2,7 +2,7 @@
 //! endpoints backed by the same data: messages created while the cable refuses sockets reach
 //! the sink after the reconnect, marked `chatwootbackfill`, and what the socket delivered is not
 //! sent twice; a throttled REST API slows the backfill and not the live events; a gap over
-//! `backfill_max_gap` is given up and counted; a broadcast that stalls while the socket stays
+//! `backfill.max_gap` is given up and counted; a broadcast that stalls while the socket stays
 //! subscribed is noticed within `stall_after`, shown, and backfilled.
 
 mod support;
@@ -168,14 +168,14 @@ async fn a_throttled_api_slows_the_backfill_and_not_the_live_events() {
 }
 
 #[tokio::test]
-async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
+async fn a_gap_over_max_gap_is_given_up_and_counted() {
     let mock = mock_with_api_agent().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
     let bridge = Bridge::start(api_agent_config(
         &mock,
         &out,
-        &format!("{BACKFILL}, backfill_max_gap: 1s"),
+        "refresh_interval: 1h, backfill: { max_gap: 1s }",
     ))
     .await
     .unwrap();
@@ -206,7 +206,7 @@ async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
         status
             .last_error
             .as_deref()
-            .is_some_and(|e| e.contains("backfill_max_gap")),
+            .is_some_and(|e| e.contains("backfill.max_gap")),
         "{status:?}"
     );
     let last = status.last_backfill.expect("the gap given up is shown");
@@ -214,7 +214,7 @@ async fn a_gap_over_backfill_max_gap_is_given_up_and_counted() {
     assert!(
         last.given_up
             .as_deref()
-            .is_some_and(|e| e.contains("backfill_max_gap")),
+            .is_some_and(|e| e.contains("backfill.max_gap")),
         "{last:?}"
     );
 }

@@ -205,7 +205,7 @@ fn token_families(text: &mut Exposition, snapshot: &Snapshot) {
         ("token_rotations_total", Counter, "Rotations of the pubsub token the profile showed (tokens given as API access tokens); the socket resubscribed with the new one.", |t| t.rotations.into()),
         ("token_backfills_total", Counter, "Gap backfills run over the REST API after a resubscribe (tokens with backfill).", |t| t.backfills.into()),
         ("token_backfilled_events_total", Counter, "Events a backfill read over REST and handed over, marked chatwootbackfill.", |t| t.backfilled_events.into()),
-        ("token_backfill_gaps_given_up_total", Counter, "Gaps not backfilled: longer than backfill_max_gap, or the REST API kept failing.", |t| t.backfill_gaps_given_up.into()),
+        ("token_backfill_gaps_given_up_total", Counter, "Gaps not backfilled: longer than backfill.max_gap, or the REST API kept failing.", |t| t.backfill_gaps_given_up.into()),
         ("token_stalled", Gauge, "1 while the subscribed socket has not delivered activity the REST API showed stall_after ago (Chatwoot's broadcasts stalled), else 0.", |t| t.stalled_since.is_some().into()),
         ("token_stalls_total", Counter, "Stalls noticed: activity the REST API showed that the subscribed socket did not deliver within stall_after.", |t| t.stalls.into()),
         ("token_frames_received_total", Counter, "WebSocket messages read from the socket, pings included.", |t| t.frames.into()),

@@ -40,7 +40,11 @@ pub(super) fn take(
                 "needs api_access_token: a stall check reads Chatwoot's REST API with the user's access token",
             );
         }
-        if raw.backfill == Some(true) || raw.backfill_max_gap.is_some() {
+        if raw
+            .backfill
+            .as_ref()
+            .is_some_and(|b| b.settings().is_some())
+        {
             at.add(
                 "backfill",
                 "needs api_access_token: a backfill reads Chatwoot's REST API with the user's access token",
@@ -116,22 +120,11 @@ pub(super) fn api_endpoint(
     (api_url, tls)
 }
 
-/// `backfill` and `backfill_max_gap` of a token given as an API access token.
+/// `backfill` of a token given as an API access token.
 fn backfill_settings(raw: &RawToken, at: &mut Problems<'_>) -> Option<BackfillSettings> {
-    if raw.backfill != Some(true) {
-        if raw.backfill_max_gap.is_some() {
-            at.add(
-                "backfill_max_gap",
-                "is only for a token with backfill: true",
-            );
-        }
-        return None;
-    }
-    let max_gap = raw
-        .backfill_max_gap
-        .as_ref()
-        .map_or(DEFAULT_MAX_GAP, |d| d.0);
-    at.check("backfill_max_gap", check_duration(max_gap));
+    let settings = raw.backfill.as_ref()?.settings()?;
+    let max_gap = settings.max_gap.as_ref().map_or(DEFAULT_MAX_GAP, |d| d.0);
+    at.check("backfill.max_gap", check_duration(max_gap));
     // The spool directory is known after the tokens are checked; validate fills it in.
     Some(BackfillSettings {
         max_gap,
@@ -269,7 +262,7 @@ mod tests {
     fn backfill_is_opt_in_and_needs_an_api_token() {
         let cfg = load(
             "",
-            "  - { name: a, api_access_token: x, account_id: 1, backfill: true }\n  - { name: b, api_access_token: x, account_id: 1, backfill: true, backfill_max_gap: 10m }\n  - { name: c, api_access_token: x, account_id: 1 }\n",
+            "  - { name: a, api_access_token: x, account_id: 1, backfill: true }\n  - { name: b, api_access_token: x, account_id: 1, backfill: { max_gap: 10m } }\n  - { name: c, api_access_token: x, account_id: 1, backfill: false }\n",
         )
         .unwrap();
         let backfill = |i: usize| cfg.tokens[i].api.as_ref().unwrap().backfill.clone();
@@ -278,16 +271,32 @@ mod tests {
         assert_eq!(backfill(2), None);
         let found = load(
             "",
-            "  - { name: a, pubsub_token: y, backfill: true }\n  - { name: b, api_access_token: x, account_id: 1, backfill_max_gap: 1m }\n  - { name: c, api_access_token: x, account_id: 1, backfill: true, backfill_max_gap: 0s }\n",
+            "  - { name: a, pubsub_token: y, backfill: true }\n  - { name: b, api_access_token: x, account_id: 1, backfill: { max_gap: 0s } }\n",
         )
         .unwrap_err();
         assert_eq!(
             found,
             [
                 "tokens[0].backfill: needs api_access_token: a backfill reads Chatwoot's REST API with the user's access token",
-                "tokens[1].backfill_max_gap: is only for a token with backfill: true",
-                "tokens[2].backfill_max_gap: must be greater than zero",
+                "tokens[1].backfill.max_gap: must be greater than zero",
             ]
+        );
+        let one = |backfill: &str| {
+            load(
+                "",
+                &format!(
+                    "  - {{ name: a, api_access_token: x, account_id: 1, backfill: {backfill} }}\n"
+                ),
+            )
+            .unwrap_err()
+        };
+        assert_eq!(
+            one("{ maxgap: 1m }"),
+            ["tokens[0].backfill: unknown field `maxgap`, expected `max_gap`"]
+        );
+        assert_eq!(
+            one("3"),
+            ["tokens[0].backfill: must be true, false or settings such as { max_gap: 1h }"]
         );
     }
 

@@ -120,6 +120,57 @@ impl<'de> Deserialize<'de> for RawReadyRequires {
     }
 }
 
+/// `backfill:` of a token as written: on or off, or on with settings.
+#[derive(Debug, JsonSchema)]
+#[serde(untagged)]
+pub(super) enum RawBackfill {
+    /// `true` or `false`.
+    Switch(bool),
+    /// On, with settings.
+    Settings(RawBackfillSettings),
+}
+
+/// `backfill: { ... }`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackfillSettings {
+    /// The longest gap a backfill reads (default 1h); a longer one is given up, logged and
+    /// counted.
+    pub(super) max_gap: Option<HumanDuration>,
+}
+
+impl RawBackfill {
+    /// The settings when backfill is on; `None` when off.
+    pub(super) fn settings(&self) -> Option<&RawBackfillSettings> {
+        const DEFAULT: RawBackfillSettings = RawBackfillSettings { max_gap: None };
+        match self {
+            RawBackfill::Switch(true) => Some(&DEFAULT),
+            RawBackfill::Switch(false) => None,
+            RawBackfill::Settings(settings) => Some(settings),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawBackfill {
+    /// `true`, `false` or a mapping of settings; anything else is refused with what is
+    /// expected, not serde's "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde_json::Value;
+        match Value::deserialize(d)? {
+            Value::Bool(on) => Ok(RawBackfill::Switch(on)),
+            Value::String(text) if text == "true" || text == "false" => {
+                Ok(RawBackfill::Switch(text == "true"))
+            }
+            settings @ Value::Object(_) => serde_json::from_value(settings)
+                .map(RawBackfill::Settings)
+                .map_err(serde::de::Error::custom),
+            _ => Err(serde::de::Error::custom(
+                "must be true, false or settings such as { max_gap: 1h }",
+            )),
+        }
+    }
+}
+
 /// A value written as text or as a number (`listen: 9464`), as text.
 fn optional_text_or_number<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -248,10 +299,9 @@ pub(super) struct RawToken {
     /// also read whenever a subscription goes unconfirmed.
     pub(super) refresh_interval: Option<HumanDuration>,
     /// Fill the socket's gaps over the REST API after a resubscribe (see README "Filling
-    /// gaps"); only with `api_access_token`.
-    pub(super) backfill: Option<bool>,
-    /// The longest gap a backfill reads (default 1h); a longer one is given up, counted.
-    pub(super) backfill_max_gap: Option<HumanDuration>,
+    /// gaps"): `true`, or `{ max_gap: 1h }`; only with `api_access_token`.
+    #[serde(default)]
+    pub(super) backfill: Option<RawBackfill>,
     /// How long activity the REST API shows may stay undelivered by the subscribed socket
     /// before it counts as a stall (default 2m), or `off`; only with `api_access_token`.
     pub(super) stall_after: Option<String>,

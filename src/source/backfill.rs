@@ -58,8 +58,8 @@ const MESSAGES_AFTER_PAGE: usize = 100;
 /// Why a gap was not (fully) backfilled. Never holds the access token.
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
-    /// The gap is longer than `backfill_max_gap`.
-    #[error("the gap of {gap:?} is longer than backfill_max_gap ({max_gap:?})")]
+    /// The gap is longer than `backfill.max_gap`.
+    #[error("the gap of {gap:?} is longer than backfill.max_gap ({max_gap:?})")]
     TooLong {
         /// How long the subscription was not healthy.
         gap: Duration,
@@ -184,7 +184,7 @@ pub(crate) struct Backfiller {
     source: Arc<str>,
     /// The REST client on the token's account.
     api: AccountApi,
-    /// `backfill_max_gap`.
+    /// `backfill.max_gap`.
     backfill: BackfillSettings,
     /// `chatwoot.max_nesting`, applied to backfilled data as to the socket's.
     max_nesting: usize,

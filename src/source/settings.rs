@@ -186,7 +186,7 @@ pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(60 * 60);
 /// for Chatwoot's broadcast queue on a busy install (seconds), short enough to act on.
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(2 * 60);
 
-/// How a token backfills (`backfill: true`, `backfill_max_gap`).
+/// How a token backfills (`backfill: true`, `backfill.max_gap`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackfillSettings {
     /// The longest gap read; a longer one is given up with a loud log and a counter.
