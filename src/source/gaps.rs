@@ -183,7 +183,7 @@ impl Gaps {
                 cancel.clone(),
             )))
         });
-        // A stall shown by a task that ended is not this task's to clear.
+        // A stall an ended task of this token showed can no longer end: this task finds its own.
         status.stall_over();
         let stall = api.stall_after.and_then(|stall_after| {
             let tracker = Arc::new(Mutex::new(ActivityTracker::default()));
