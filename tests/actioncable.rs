@@ -3,15 +3,17 @@
 //! Chatwoot promises about the protocol, checked against the implementation Chatwoot runs.
 //! Streams per identity (the user's token, the account for agents, the contact's token), silence
 //! for a wrong user or account, presence in answer to a subscribe, a rotated pubsub token
-//! followed, and a gap backfilled over the REST API the app answers as Chatwoot does.
+//! followed, a gap backfilled over the REST API the app answers as Chatwoot does, and a stall of
+//! Chatwoot's broadcasting (its workers down while the socket stays subscribed) noticed from
+//! that REST API and backfilled.
 
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use chatwoot_bridge::status::TokenState;
+use chatwoot_bridge::status::{TokenState, TokenStatus};
 use chatwoot_bridge::Bridge;
 use serde_json::{json, Value};
 use support::{
@@ -142,6 +144,15 @@ impl RailsCable {
     async fn cable_down(&self, seconds: u64) {
         self.control("/test/cable_down", json!({ "seconds": seconds }))
             .await;
+    }
+
+    /// `POST /test/stall`: Chatwoot's workers stop (`true`) or run again (`false`); while
+    /// stopped, created conversations and messages are stored and broadcast to nobody.
+    async fn set_stalled(&self, stalled: bool) {
+        let answer = self
+            .control("/test/stall", json!({ "stalled": stalled }))
+            .await;
+        assert_eq!(answer["stalled"], stalled, "{answer}");
     }
 
     /// Stops puma (every socket drops, as in a Chatwoot deploy).
@@ -474,4 +485,79 @@ async fn messages_created_while_the_cable_is_down_are_backfilled_once_from_the_r
     );
     assert!(status.backfilled_events >= 52, "{status:?}");
     assert_eq!(status.backfill_gaps_given_up, 0);
+}
+
+/// How long activity may stay undelivered before the stall test's agent calls it a stall; it
+/// checks every quarter of it.
+const STALL_AFTER: Duration = Duration::from_secs(2);
+
+/// What the agent's status says once `holds` does, failing the test after [`WAIT`] naming `what`.
+async fn agent_when(
+    bridge: &Bridge,
+    what: &str,
+    holds: impl Fn(&TokenStatus) -> bool,
+) -> TokenStatus {
+    let reached = bridge
+        .status()
+        .wait_for(WAIT, |b| b.token("agent").is_some_and(|t| holds(&t)))
+        .await;
+    let status = bridge.status().token("agent").unwrap();
+    assert!(reached, "{what}: {status:?}");
+    status
+}
+
+#[tokio::test]
+async fn a_stall_of_broadcasting_is_noticed_from_the_rest_api_and_backfilled() {
+    let rails = RailsCable::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let config = config(&rails.url(), &out)
+        .token(
+            "{ name: agent, api_access_token: api-1, account_id: 1, refresh_interval: 1h, \
+             backfill: true, stall_after: 2s }",
+        )
+        .config();
+    let bridge = Bridge::start(config).await.unwrap();
+    wait_state(&bridge, "agent", TokenState::Subscribed).await;
+    let conversation = rails.create_conversation().await;
+    let mut live = rails.create_messages(conversation, 3).await;
+    wait_for_messages(&out, &live, "the live messages").await;
+    // The first stall check after a confirm counts only activity after the confirm's second
+    // (what moved before it is a reconnect gap's, read by that backfill); Chatwoot's
+    // last_activity_at is in whole seconds, so the stalled messages must come in a later one.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+
+    // Chatwoot's Sidekiq stops: the socket stays connected, pinged and subscribed, and the
+    // messages are stored, shown by the REST API and broadcast to nobody.
+    rails.set_stalled(true).await;
+    let stalled_at = Instant::now();
+    let missed = rails.create_messages(conversation, 10).await;
+    let status = agent_when(&bridge, "the stall noticed", |t| {
+        t.stalls == 1 && t.stalled_since.is_some()
+    })
+    .await;
+    let noticed_after = stalled_at.elapsed();
+    assert!(
+        noticed_after >= STALL_AFTER,
+        "a stall is activity undelivered for stall_after; noticed after {noticed_after:?}"
+    );
+    assert_eq!(status.connects, 1, "the first socket all along: {status:?}");
+    assert_eq!(status.state, TokenState::Subscribed, "{status:?}");
+    wait_for_messages(&out, &missed, "the stalled messages backfilled").await;
+
+    // The workers are back: the socket delivers again, which ends the stall.
+    rails.set_stalled(false).await;
+    let after = rails.create_messages(conversation, 1).await;
+    let status = agent_when(&bridge, "the stall over", |t| t.stalled_since.is_none()).await;
+    assert_eq!((status.stalls, status.connects), (1, 1), "{status:?}");
+    assert_eq!(status.state, TokenState::Subscribed, "{status:?}");
+    wait_for_messages(&out, &after, "the live message after the stall").await;
+    // After the shutdown, which delivers everything spooled: a late duplicate would show.
+    shut_down(bridge).await;
+    live.extend(after);
+    assert_each_message_once(&out, &missed, &live);
+    assert!(
+        backfilled_conversations(&out).contains(&conversation),
+        "the stalled conversation's backfilled conversation.updated"
+    );
 }

@@ -21,6 +21,13 @@
 #   POST /test/cable_down {seconds}              every socket is closed as ActionCable.server.restart
 #                                                closes it, and /cable answers 503 for that long, as
 #                                                a Chatwoot being deployed behind its proxy
+#   POST /test/stall {stalled: true|false}       Chatwoot's Sidekiq workers stop (or start again):
+#                                                while stopped, /test/conversation and /test/message
+#                                                store and move the conversation's activity (the REST
+#                                                API shows it) and broadcast nothing; sockets, pings,
+#                                                subscriptions and presence go on, as they come from
+#                                                the web process. The broadcasts not made are dropped,
+#                                                not queued for later
 # and the REST API a backfill reads (header api_access_token, 401 for an account the user is not
 # in), answered as Chatwoot 4.x answers it (shared/chatwoot/PROTOCOL.md):
 #   GET /api/v1/accounts/{id}/conversations?status=all&updated_within=N   not paged
@@ -246,11 +253,32 @@ module Listener
   module_function
 
   def broadcast(conversation, event, data, private_note: false)
+    return if Workers.stalled?
+
     tokens = STORE.agent_tokens(conversation[:account_id])
     contact = conversation[:contact]
     tokens << contact[:pubsub_token] if contact && !private_note
     tokens.uniq.each do |token|
       ActionCable.server.broadcast(token, { event: event, data: data.merge(account_id: conversation[:account_id]) })
+    end
+  end
+end
+
+# Chatwoot's Sidekiq, which runs every ActionCableBroadcastJob: when its workers are down or
+# stuck, Listener broadcasts nothing while the web process (records, REST, the cable) goes on.
+module Workers
+  @lock = Mutex.new
+  @stalled = false
+
+  class << self
+    def stalled=(stalled)
+      raise TypeError, "stalled must be true or false" unless [true, false].include?(stalled)
+
+      @lock.synchronize { @stalled = stalled }
+    end
+
+    def stalled?
+      @lock.synchronize { @stalled }
     end
   end
 end
@@ -367,6 +395,7 @@ class Controls
     when ["POST", "/test/conversation"] then conversation(body(request))
     when ["POST", "/test/message"] then message(body(request))
     when ["POST", "/test/cable_down"] then cable_down(body(request))
+    when ["POST", "/test/stall"] then stall(body(request))
     else rest(request, env["HTTP_API_ACCESS_TOKEN"])
     end
   rescue KeyError, JSON::ParserError, ArgumentError, TypeError => e
@@ -415,6 +444,11 @@ class Controls
   def cable_down(message)
     CableGate.down(Float(message.fetch("seconds")))
     json(200, down: true)
+  end
+
+  def stall(message)
+    Workers.stalled = message.fetch("stalled")
+    json(200, stalled: Workers.stalled?)
   end
 
   # The account-scoped REST API: a valid token of a user in the account, else 401 as Chatwoot's
