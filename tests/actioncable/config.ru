@@ -127,8 +127,9 @@ class Conversations
     end
   end
 
-  # Chatwoot: Message.create! by the contact; its after_create_commit touches the conversation's
-  # last_activity_at (and so updated_at). The conversation and the message, as stored.
+  # Chatwoot: Message.create! by the contact. Its `belongs_to :conversation, touch: true` moves
+  # the conversation's updated_at (what updated_within filters on) and its after_create_commit
+  # sets last_activity_at (update_columns). The conversation and the message, as stored.
   def add_message(account_id, display_id, content)
     @lock.synchronize do
       conversation = find!(account_id, display_id)
