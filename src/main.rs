@@ -755,11 +755,7 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let listen = args.listen;
     let mut users = args.users;
-    for (user_id, role) in args.roles {
-        let user = users.iter_mut().find(|u| u.id == user_id);
-        let user = user.with_context(|| format!("--role {user_id}: no --user has id {user_id}"))?;
-        user.role = role;
-    }
+    give_roles(&mut users, &args.roles).map_err(anyhow::Error::msg)?;
     let server = MockServer::start(MockConfig {
         listen,
         tokens,
@@ -815,6 +811,16 @@ fn parse_mock_user(value: &str) -> Result<MockUser, String> {
         api_access_token: rest.first().map(|t| t.to_string()),
         role: MockRole::default(),
     })
+}
+
+/// Gives each `--role` to its `--user`; an error names a role whose id no user has.
+fn give_roles(users: &mut [MockUser], roles: &[(u64, MockRole)]) -> Result<(), String> {
+    for &(user_id, role) in roles {
+        let user = users.iter_mut().find(|u| u.id == user_id);
+        let user = user.ok_or_else(|| format!("--role {user_id}: no --user has id {user_id}"))?;
+        user.role = role;
+    }
+    Ok(())
 }
 
 /// `--role ID:ROLE`.
@@ -983,8 +989,8 @@ mod tests {
     use chatwoot_bridge::bridge::{Drain, Persistence, ShutdownReport};
 
     use super::{
-        exit_code, mock_accounts, parse_mock_contact, parse_mock_role, parse_mock_user, MockRole,
-        EXIT_NOT_SPOOLED,
+        exit_code, give_roles, mock_accounts, parse_mock_contact, parse_mock_role, parse_mock_user,
+        MockRole, EXIT_NOT_SPOOLED,
     };
 
     fn report(not_spooled: u64, persistence: Persistence) -> ShutdownReport {
@@ -1044,6 +1050,12 @@ mod tests {
         let error = parse_mock_role("7:owner").unwrap_err();
         assert!(error.starts_with("the role `owner` is unknown"), "{error}");
         assert!(parse_mock_role("x:agent").is_err());
+        let mut users = vec![parse_mock_user("3:tok:1").unwrap()];
+        assert_eq!(users[0].role, MockRole::Administrator);
+        give_roles(&mut users, &[parse_mock_role("3:agent").unwrap()]).unwrap();
+        assert_eq!(users[0].role, MockRole::Agent { inbox_member: true });
+        let error = give_roles(&mut users, &[(4, MockRole::Administrator)]).unwrap_err();
+        assert_eq!(error, "--role 4: no --user has id 4");
         let contact = parse_mock_contact("42:1:visitor").unwrap();
         assert_eq!((contact.id, contact.account_id), (42, 1));
         assert!(parse_mock_contact("42:visitor").is_err());
