@@ -13,8 +13,8 @@ use chatwoot_bridge::bridge::{Drain, ShutdownReport};
 use chatwoot_bridge::config::Config;
 use chatwoot_bridge::delivery::dead_letter::DeadLetters;
 use chatwoot_bridge::mock::{
-    Answer, MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockTls, MockToken,
-    MockUser,
+    Answer, MockAccount, MockConfig, MockContact, MockContactInbox, MockRole, MockServer, MockTls,
+    MockToken, MockUser,
 };
 use chatwoot_bridge::notify::{Notice, Notifier};
 use chatwoot_bridge::status::StatusBoard;
@@ -226,6 +226,11 @@ struct MockServerArgs {
     /// silence), as `ID:PUBSUB_TOKEN:ACCOUNT[,ACCOUNT...][:API_ACCESS_TOKEN]` (repeatable).
     #[arg(long = "user", value_parser = parse_mock_user)]
     users: Vec<MockUser>,
+    /// A `--user`'s role, as `ID:ROLE` with ROLE `administrator` (the default: sees every
+    /// conversation), `agent` (a member of the mock's inbox: sees them too) or
+    /// `agent-outside-inbox` (receives no conversation or message event, lists none; repeatable).
+    #[arg(long = "role", value_parser = parse_mock_role)]
+    roles: Vec<(u64, MockRole)>,
     /// A widget visitor, as `ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]` (the last two
     /// for the public contact API; repeatable).
     #[arg(long = "contact", value_parser = parse_mock_contact)]
@@ -749,6 +754,8 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let listen = args.listen;
+    let mut users = args.users;
+    give_roles(&mut users, &args.roles).map_err(anyhow::Error::msg)?;
     let server = MockServer::start(MockConfig {
         listen,
         tokens,
@@ -771,8 +778,8 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
                 key_file,
             }),
         send_welcome: true,
-        accounts: mock_accounts(&args.users, &args.contacts),
-        users: args.users,
+        accounts: mock_accounts(&users, &args.contacts),
+        users,
         contacts: args.contacts,
     })
     .await
@@ -802,7 +809,36 @@ fn parse_mock_user(value: &str) -> Result<MockUser, String> {
             .map(|a| number("the account id", a))
             .collect::<Result<_, _>>()?,
         api_access_token: rest.first().map(|t| t.to_string()),
+        role: MockRole::default(),
     })
+}
+
+/// Gives each `--role` to its `--user`; an error names a role whose id no user has.
+fn give_roles(users: &mut [MockUser], roles: &[(u64, MockRole)]) -> Result<(), String> {
+    for &(user_id, role) in roles {
+        let user = users.iter_mut().find(|u| u.id == user_id);
+        let user = user.ok_or_else(|| format!("--role {user_id}: no --user has id {user_id}"))?;
+        user.role = role;
+    }
+    Ok(())
+}
+
+/// `--role ID:ROLE`.
+fn parse_mock_role(value: &str) -> Result<(u64, MockRole), String> {
+    let shape = "expected ID:ROLE, ROLE administrator, agent or agent-outside-inbox";
+    let (id, role) = value.split_once(':').ok_or(shape)?;
+    let id = id
+        .parse::<u64>()
+        .map_err(|_| format!("the user id `{id}` is not a whole number ({shape})"))?;
+    let role = match role {
+        "administrator" => MockRole::Administrator,
+        "agent" => MockRole::Agent { inbox_member: true },
+        "agent-outside-inbox" => MockRole::Agent {
+            inbox_member: false,
+        },
+        other => return Err(format!("the role `{other}` is unknown ({shape})")),
+    };
+    Ok((id, role))
 }
 
 /// `--contact ID:ACCOUNT:PUBSUB_TOKEN[:INBOX_IDENTIFIER:SOURCE_ID]`.
@@ -952,7 +988,10 @@ async fn shutdown_signal() {
 mod tests {
     use chatwoot_bridge::bridge::{Drain, Persistence, ShutdownReport};
 
-    use super::{exit_code, mock_accounts, parse_mock_contact, parse_mock_user, EXIT_NOT_SPOOLED};
+    use super::{
+        exit_code, give_roles, mock_accounts, parse_mock_contact, parse_mock_role, parse_mock_user,
+        MockRole, EXIT_NOT_SPOOLED,
+    };
 
     fn report(not_spooled: u64, persistence: Persistence) -> ShutdownReport {
         ShutdownReport {
@@ -995,6 +1034,28 @@ mod tests {
             "{error}"
         );
         assert!(parse_mock_user("3:tok").is_err());
+        assert_eq!(
+            parse_mock_role("7:agent-outside-inbox").unwrap(),
+            (
+                7,
+                MockRole::Agent {
+                    inbox_member: false
+                }
+            )
+        );
+        assert_eq!(
+            parse_mock_role("7:agent").unwrap().1,
+            MockRole::Agent { inbox_member: true }
+        );
+        let error = parse_mock_role("7:owner").unwrap_err();
+        assert!(error.starts_with("the role `owner` is unknown"), "{error}");
+        assert!(parse_mock_role("x:agent").is_err());
+        let mut users = vec![parse_mock_user("3:tok:1").unwrap()];
+        assert_eq!(users[0].role, MockRole::Administrator);
+        give_roles(&mut users, &[parse_mock_role("3:agent").unwrap()]).unwrap();
+        assert_eq!(users[0].role, MockRole::Agent { inbox_member: true });
+        let error = give_roles(&mut users, &[(4, MockRole::Administrator)]).unwrap_err();
+        assert_eq!(error, "--role 4: no --user has id 4");
         let contact = parse_mock_contact("42:1:visitor").unwrap();
         assert_eq!((contact.id, contact.account_id), (42, 1));
         assert!(parse_mock_contact("42:visitor").is_err());

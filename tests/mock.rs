@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chatwoot_bridge::mock::{
-    MockAccount, MockConfig, MockContact, MockContactInbox, MockServer, MockTls, MockUser, Subject,
-    EVENT_NAMES,
+    MockAccount, MockConfig, MockContact, MockContactInbox, MockRole, MockServer, MockTls,
+    MockUser, Subject, EVENT_NAMES,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -23,7 +23,8 @@ const QUIET: Duration = Duration::from_millis(400);
 /// Bounds every wait for a frame that should come.
 const PATIENCE: Duration = Duration::from_secs(5);
 
-/// The mock's people: agents 3 and 7 in account 1, agent 9 in account 2, visitor 42 in account 1.
+/// The mock's people: administrators 3 and 7 in account 1, administrator 9 in account 2, visitor
+/// 42 in account 1.
 async fn start() -> MockServer {
     start_serving(None).await
 }
@@ -42,6 +43,7 @@ fn people() -> MockConfig {
         pubsub_token: format!("agent{id}"),
         api_access_token: Some(format!("api{id}")),
         accounts,
+        role: MockRole::Administrator,
     };
     let account = |id: u64| MockAccount {
         id,
@@ -560,5 +562,106 @@ async fn with_users_the_generator_creates_messages_that_the_cable_and_rest_both_
     assert_eq!(last_messages, [seen[1].1, seen[3].1]);
     assert_eq!(server.messages(2, 1).len(), 1);
     agent3.expect_silence().await;
+    server.stop().await;
+}
+
+/// [`people`] with two agents in account 1: 11 outside the mock's inbox, 12 a member of it.
+fn people_with_agents() -> MockConfig {
+    let mut config = people();
+    let agent = |id: u64, inbox_member: bool| MockUser {
+        id,
+        pubsub_token: format!("agent{id}"),
+        api_access_token: Some(format!("api{id}")),
+        accounts: vec![1],
+        role: MockRole::Agent { inbox_member },
+    };
+    config.users.extend([agent(11, false), agent(12, true)]);
+    config
+}
+
+#[tokio::test]
+async fn conversation_events_reach_the_inbox_members_and_administrators_only() {
+    let server = MockServer::start(people_with_agents()).await.unwrap();
+    let mut administrator = Client::connect(&server).await;
+    administrator.join_as_agent("agent3", 3, 1).await;
+    let mut member = Client::connect(&server).await;
+    member.join_as_agent("agent12", 12, 1).await;
+    let mut outsider = Client::connect(&server).await;
+    outsider.join_as_agent("agent11", 11, 1).await;
+
+    let display_id = server.create_conversation(1, Some(42)).unwrap();
+    server
+        .create_message(1, display_id, "hello", false)
+        .unwrap();
+    let subject = Subject {
+        account_id: 1,
+        contact_id: Some(42),
+        user_id: Some(11),
+        private: false,
+    };
+    for event in ["conversation.status_changed", "conversation.typing_on"] {
+        server.emit(event, &subject).unwrap();
+    }
+    // The account stream still reaches the outsider, as do its own mentions.
+    server.emit("contact.created", &subject).unwrap();
+    server.emit("conversation.mentioned", &subject).unwrap();
+    for client in [&mut administrator, &mut member] {
+        let mut events = Vec::new();
+        for _ in 0..5 {
+            events.push(client.expect_event().await.0);
+        }
+        assert_eq!(
+            events,
+            [
+                "conversation.created",
+                "message.created",
+                "conversation.status_changed",
+                "conversation.typing_on",
+                "contact.created"
+            ]
+        );
+    }
+    assert_eq!(outsider.expect_event().await.0, "contact.created");
+    assert_eq!(outsider.expect_event().await.0, "conversation.mentioned");
+    for client in [&mut administrator, &mut member, &mut outsider] {
+        client.expect_silence().await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_outside_the_inbox_lists_no_conversation_and_may_not_read_its_messages() {
+    let server = MockServer::start(people_with_agents()).await.unwrap();
+    let display_id = server.create_conversation(1, Some(42)).unwrap();
+    let message = server
+        .create_message(1, display_id, "hello", false)
+        .unwrap();
+    let list = "/api/v1/accounts/1/conversations?status=all";
+    let messages = format!("/api/v1/accounts/1/conversations/{display_id}/messages");
+    for token in ["api3", "api12"] {
+        let (status, _, listed) = get(&server, list, Some(token)).await;
+        assert_eq!(status, 200, "{token}");
+        assert_eq!(listed["data"]["payload"][0]["id"], display_id, "{token}");
+        assert_eq!(listed["data"]["meta"]["all_count"], 1, "{token}");
+        let (status, _, read) = get(&server, &messages, Some(token)).await;
+        assert_eq!((status, &read["payload"][0]["id"]), (200, &json!(message)));
+    }
+    let (status, _, listed) = get(&server, list, Some("api11")).await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["data"]["payload"], json!([]));
+    assert_eq!(listed["data"]["meta"]["all_count"], 0);
+    let (status, _, refused) = get(&server, &messages, Some("api11")).await;
+    assert_eq!(
+        (status, &refused["error"]),
+        (401, &json!("You are not authorized to do this action"))
+    );
+    // A conversation that does not exist is 404 for everyone, as Chatwoot looks it up first.
+    let missing = "/api/v1/accounts/1/conversations/99/messages";
+    assert_eq!(get(&server, missing, Some("api11")).await.0, 404);
+    let (_, _, profile) = get(&server, "/api/v1/profile", Some("api11")).await;
+    assert_eq!(profile["role"], "agent");
+    assert_eq!(profile["accounts"][0]["role"], "agent");
+    let (_, _, profile) = get(&server, "/api/v1/profile", Some("api3")).await;
+    assert_eq!(profile["role"], "administrator");
     server.stop().await;
 }

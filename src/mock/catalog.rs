@@ -2,9 +2,10 @@
 //! the recorded shape for each.
 //!
 //! Who: Chatwoot's `ActionCableListener` (app/listeners/action_cable_listener.rb) sends
-//! conversation and message events to the tokens of the inbox's agents and the account's
-//! administrators (here: every user of the account) and, except for private notes, to the
-//! contact's token; `contact.*` and `account.cache_invalidated` to `account_<id>`, the stream
+//! conversation and message events to `user_tokens(account, conversation.inbox.members)`, the
+//! tokens of the inbox's members and the account's administrators (here: the account's users
+//! whose [`super::MockRole`] sees conversations, as every mock conversation is in one inbox) and,
+//! except for private notes, to the contact's token; `contact.*` and `account.cache_invalidated` to `account_<id>`, the stream
 //! only agent subscriptions join; notifications and mentions to the one user; `presence.update`
 //! to the subscriber's own token (see identity.rs and connection.rs).
 //!
@@ -50,7 +51,7 @@ pub const EVENT_NAMES: &[&str] = &[
 /// What an emitted event is about, which decides who receives it (see the module comment).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Subject {
-    /// The account the event belongs to: its `data.account_id`, and whose agents and stream
+    /// The account the event belongs to: its `data.account_id`, and whose users and stream
     /// receive it.
     pub account_id: u64,
     /// The conversation's contact, who also receives conversation and message events.
@@ -65,7 +66,7 @@ pub struct Subject {
 /// Who receives an event, by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Audience {
-    /// The account's agents and, unless private, the contact.
+    /// The account's administrators and inbox members and, unless private, the contact.
     Conversation,
     /// The account stream.
     Account,
@@ -107,7 +108,7 @@ pub(super) fn streams_for(
                 .flatten()
                 .and_then(|id| directory.user_stream(id));
             let mut streams: Vec<Arc<str>> = directory
-                .agent_streams(subject.account_id)
+                .conversation_streams(subject.account_id)
                 .filter(|s| Some(s) != typist.as_ref())
                 .collect();
             if !subject.private {
@@ -188,21 +189,29 @@ fn notification_deleted() -> Map<String, Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::identity::{MockContact, MockUser};
+    use super::super::identity::{MockContact, MockRole, MockUser};
     use super::*;
 
+    /// Administrator 3, inbox member 7 and agent 8 outside the inbox in account 1; user 9 in
+    /// account 2; visitor 42 in account 1.
     fn directory() -> Directory {
-        let user = |id, token: &str, accounts: Vec<u64>| MockUser {
+        let user = |id, token: &str, accounts: Vec<u64>, role| MockUser {
             id,
             pubsub_token: token.into(),
             api_access_token: None,
             accounts,
+            role,
+        };
+        let member = MockRole::Agent { inbox_member: true };
+        let outsider = MockRole::Agent {
+            inbox_member: false,
         };
         Directory {
             users: vec![
-                user(3, "u3", vec![1]),
-                user(7, "u7", vec![1]),
-                user(9, "u9", vec![2]),
+                user(3, "u3", vec![1], MockRole::Administrator),
+                user(7, "u7", vec![1], member),
+                user(8, "u8", vec![1], outsider),
+                user(9, "u9", vec![2], MockRole::Administrator),
             ],
             contacts: vec![MockContact {
                 id: 42,
@@ -255,6 +264,16 @@ mod tests {
         assert_eq!(to("contact.created", &subject), ["account_1"]);
         assert_eq!(to("account.cache_invalidated", &subject), ["account_1"]);
         assert_eq!(to("notification.deleted", &subject), ["u3"]);
+        // The agent outside the inbox is told of contacts and of its own mentions only.
+        let outsider = Subject {
+            user_id: Some(8),
+            ..subject
+        };
+        assert_eq!(
+            to("conversation.status_changed", &subject),
+            ["u3", "u7", "c42"]
+        );
+        assert_eq!(to("conversation.mentioned", &outsider), ["u8"]);
         assert_eq!(to("conversation.mentioned", &subject), ["u3"]);
         assert_eq!(to("presence.update", &subject), ["u3"]);
         assert_eq!(to("conversation.typing_off", &subject), ["u7", "c42"]);

@@ -3,6 +3,9 @@
 //! `account_id` one of the user's accounts, and the subscription streams the token and the
 //! account stream; without one the token must be a contact's, and it streams the token. Anything
 //! else raises in `subscribed`, which ActionCable answers with silence.
+//!
+//! Which conversations a user sees is its [`MockRole`]: Chatwoot sends a conversation's events
+//! to the inbox's members and the account's administrators, and lists it to the same people.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,9 +19,45 @@ pub struct MockUser {
     pub pubsub_token: String,
     /// The user's `api_access_token` for the REST API, if the user has one.
     pub api_access_token: Option<String>,
-    /// The accounts the user belongs to: a subscription's `account_id` must be one, and the
-    /// user receives the conversation events of each.
+    /// The accounts the user belongs to: a subscription's `account_id` must be one.
     pub accounts: Vec<u64>,
+    /// Whether the user sees the conversations of its accounts (their events and their REST
+    /// records): an administrator and a member of the mock's inbox do, another agent does not.
+    pub role: MockRole,
+}
+
+/// A user's role in its accounts, which decides whether it sees their conversations, as
+/// Chatwoot's `ActionCableListener#user_tokens` (the inbox's members and the account's
+/// administrators) and `ConversationFinder` (`assigned_inboxes`) decide it. Every mock
+/// conversation is in one inbox, so one flag says whether an agent sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MockRole {
+    /// An administrator of each of its accounts: sees every conversation.
+    #[default]
+    Administrator,
+    /// An agent: sees the conversations only as a member of the mock's inbox.
+    Agent {
+        /// Whether the agent is a member of the inbox every mock conversation is in.
+        inbox_member: bool,
+    },
+}
+
+impl MockRole {
+    /// Whether a user of this role sees the mock inbox's conversations.
+    pub fn sees_conversations(self) -> bool {
+        match self {
+            MockRole::Administrator => true,
+            MockRole::Agent { inbox_member } => inbox_member,
+        }
+    }
+
+    /// The role's name in Chatwoot's profile (`administrator` or `agent`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MockRole::Administrator => "administrator",
+            MockRole::Agent { .. } => "agent",
+        }
+    }
 }
 
 /// A contact (a widget visitor) of the mock Chatwoot.
@@ -155,11 +194,15 @@ impl Directory {
         }
     }
 
-    /// The current token streams of the agents of `account_id`.
-    pub(super) fn agent_streams(&self, account_id: u64) -> impl Iterator<Item = Arc<str>> + '_ {
+    /// The current token streams of the users of `account_id` who see its conversations (the
+    /// inbox's members and the administrators).
+    pub(super) fn conversation_streams(
+        &self,
+        account_id: u64,
+    ) -> impl Iterator<Item = Arc<str>> + '_ {
         self.users
             .iter()
-            .filter(move |u| u.accounts.contains(&account_id))
+            .filter(move |u| u.accounts.contains(&account_id) && u.role.sees_conversations())
             .map(|u| Arc::from(u.pubsub_token.as_str()))
     }
 
@@ -187,6 +230,7 @@ mod tests {
                 pubsub_token: "agent".into(),
                 api_access_token: None,
                 accounts: vec![1, 2],
+                role: MockRole::default(),
             }],
             contacts: vec![MockContact {
                 id: 42,

@@ -46,7 +46,7 @@ use crate::tls;
 pub use catalog::{Subject, EVENT_NAMES};
 use events::{encode_message, next_generated};
 use identity::Directory;
-pub use identity::{MockContact, MockContactInbox, MockUser};
+pub use identity::{MockContact, MockContactInbox, MockRole, MockUser};
 use model::Model;
 pub use model::{MockAccount, MockMessage};
 
@@ -417,7 +417,8 @@ impl MockServer {
     }
 
     /// Opens a conversation in `account_id` with `contact_id` and broadcasts
-    /// `conversation.created` (to the account's agents and the contact); returns its display id,
+    /// `conversation.created` (to the account's users who see conversations, [`MockRole`], and
+    /// the contact); returns its display id,
     /// or `None` for an account not in [`MockConfig::accounts`].
     pub fn create_conversation(&self, account_id: u64, contact_id: Option<u64>) -> Option<u64> {
         self.shared.create_conversation(account_id, contact_id)
@@ -425,7 +426,8 @@ impl MockServer {
 
     /// Adds a message to conversation `display_id` of `account_id` (from the contact, or a
     /// private note from an agent), moves the conversation's `updated_at` and
-    /// `last_activity_at`, and broadcasts `message.created` (a private note to agents only).
+    /// `last_activity_at`, and broadcasts `message.created` (to the account's users who see
+    /// conversations and, unless a private note, the contact).
     /// Returns the message id, or `None` for an unknown conversation. While stalled the REST
     /// API shows the message and no socket receives it.
     pub fn create_message(
@@ -664,6 +666,7 @@ mod tests {
                 pubsub_token: "agent".into(),
                 api_access_token: None,
                 accounts: vec![1],
+                role: MockRole::default(),
             }],
             first_seq: 70,
             ..MockConfig::default()

@@ -12,6 +12,10 @@
 //!   [`MESSAGES_AFTER_LIMIT`] with a greater id, oldest first) or `before`, else the last
 //!   [`MESSAGES_PAGE`].
 //!
+//! Conversations are those the user sees ([`super::MockRole`]): an agent outside the mock's inbox
+//! lists none, and its messages are 401 as Chatwoot's `ConversationPolicy` answers (after 404 for
+//! a conversation that does not exist).
+//!
 //! A missing or unknown token, or an account the user is not in, is 401; while throttled
 //! ([`super::MockServer::set_rest_throttle`]) every request is 429 with `Retry-After`.
 
@@ -171,12 +175,12 @@ fn route(shared: &Shared, request: &Request<Incoming>) -> Result<Answer, Answer>
         ["api", "v1", "profile"] => Ok(profile(shared, &user)),
         ["api", "v1", "accounts", account, "conversations"] => {
             let account_id = member_of(&user, account)?;
-            conversations(shared, account_id, &query)
+            conversations(shared, &user, account_id, &query)
         }
         ["api", "v1", "accounts", account, "conversations", display_id, "messages"] => {
             let account_id = member_of(&user, account)?;
             let display_id = display_id.parse().map_err(|_| not_found())?;
-            messages(shared, account_id, display_id, &query)
+            messages(shared, &user, account_id, display_id, &query)
         }
         _ => Err(not_found()),
     }
@@ -226,7 +230,7 @@ fn profile(shared: &Shared, user: &MockUser) -> Answer {
                 .iter()
                 .find(|a| a.id == *id)
                 .map_or_else(|| format!("Account {id}"), |a| a.name.clone());
-            json!({"id": id, "name": name, "role": "administrator", "status": "active",
+            json!({"id": id, "name": name, "role": user.role.name(), "status": "active",
                    "availability": "online", "availability_status": "online",
                    "auto_offline": true})
         })
@@ -242,7 +246,7 @@ fn profile(shared: &Shared, user: &MockUser) -> Answer {
         "email": format!("agent{}@mock.invalid", user.id),
         "confirmed": true,
         "pubsub_token": user.pubsub_token,
-        "role": "administrator",
+        "role": user.role.name(),
         "type": "user",
         "uid": format!("agent{}@mock.invalid", user.id),
         "ui_settings": {},
@@ -272,8 +276,13 @@ fn public_contact(shared: &Shared, inbox: &str, source_id: &str) -> Option<Answe
     Some((StatusCode::OK, body))
 }
 
-/// `GET /api/v1/accounts/{id}/conversations`.
-fn conversations(shared: &Shared, account_id: u64, query: &Query) -> Result<Answer, Answer> {
+/// `GET /api/v1/accounts/{id}/conversations`: the conversations `user` sees.
+fn conversations(
+    shared: &Shared,
+    user: &MockUser,
+    account_id: u64,
+    query: &Query,
+) -> Result<Answer, Answer> {
     let status = query.get("status")?.unwrap_or("open");
     if !["open", "resolved", "pending", "snoozed", "all"].contains(&status) {
         return Err(error(
@@ -287,6 +296,8 @@ fn conversations(shared: &Shared, account_id: u64, query: &Query) -> Result<Answ
     let mut listed: Vec<_> = model
         .conversations
         .iter()
+        // Every mock conversation is in the one inbox: the role decides for all of them.
+        .filter(|_| user.role.sees_conversations())
         .filter(|c| c.account_id == account_id && (status == "all" || c.status == status))
         .collect();
     let all_count = listed.len();
@@ -315,9 +326,11 @@ fn conversations(shared: &Shared, account_id: u64, query: &Query) -> Result<Answ
     ))
 }
 
-/// `GET /api/v1/accounts/{id}/conversations/{display_id}/messages`.
+/// `GET /api/v1/accounts/{id}/conversations/{display_id}/messages`, if `user` sees the
+/// conversation.
 fn messages(
     shared: &Shared,
+    user: &MockUser,
     account_id: u64,
     display_id: u64,
     query: &Query,
@@ -328,6 +341,12 @@ fn messages(
     let conversation = model
         .conversation(account_id, display_id)
         .ok_or_else(|| error(StatusCode::NOT_FOUND, "Resource could not be found"))?;
+    if !user.role.sees_conversations() {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "You are not authorized to do this action",
+        ));
+    }
     let all = &conversation.messages;
     let chosen = match (after, before) {
         (Some(after), _) => {

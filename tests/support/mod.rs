@@ -161,6 +161,7 @@ pub(crate) async fn mock_with_api_agent() -> MockServer {
             pubsub_token: "agent3".into(),
             api_access_token: Some("api3".into()),
             accounts: vec![1],
+            role: chatwoot_bridge::mock::MockRole::Administrator,
         }],
         accounts: vec![chatwoot_bridge::mock::MockAccount {
             id: 1,
