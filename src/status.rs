@@ -185,11 +185,13 @@ pub struct TokenStatus {
     /// Changes of the pubsub token the profile showed (a token given as an API access token):
     /// each one a rotation the socket followed.
     pub rotations: u64,
-    /// Gap backfills run after a resubscribe (tokens with `backfill`).
+    /// Backfills run to their end: a reconnect's or a rotation's gap, a restart's downtime,
+    /// a stalled span (tokens with `backfill`).
     pub backfills: u64,
     /// Events a backfill read over REST and handed over, marked `chatwootbackfill`.
     pub backfilled_events: u64,
-    /// Gaps not backfilled: longer than `backfill.max_gap`, or the REST API failed.
+    /// Gaps not backfilled: longer than `backfill.max_gap`, too many conversations or
+    /// messages, the REST API failing, or the pipeline closed at shutdown.
     pub backfill_gaps_given_up: u64,
     /// Since when the subscribed socket has not delivered activity the REST API showed
     /// `stall_after` ago (a stall); `None` while it delivers.

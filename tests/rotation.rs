@@ -13,7 +13,10 @@ use chatwoot_bridge::mock::MockServer;
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
 use serde_json::Value;
-use support::{api_agent_config, mock_with_api_agent, shut_down, wait_until, WAIT};
+use support::{
+    api_agent_config, assert_each_message_once, mock_with_api_agent, shut_down, wait_for_messages,
+    wait_until, WAIT,
+};
 
 /// The ids of the `message.created` events in the file.
 fn messages(out: &Path) -> Vec<u64> {
@@ -176,4 +179,43 @@ async fn the_stall_check_notices_a_rotated_token_before_the_refresh_and_backfill
             "message {id} once"
         );
     }
+}
+
+#[tokio::test]
+async fn what_the_old_subscription_missed_before_the_refresh_found_the_rotation_is_backfilled() {
+    let mock = mock_with_api_agent().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    // The refresh finds the rotation; no stall check to help.
+    let settings = "refresh_interval: 2s, backfill: true, stall_after: off";
+    let bridge = Bridge::start(api_agent_config(&mock, &out, settings))
+        .await
+        .unwrap();
+    subscribed(&bridge).await;
+    let conversation = mock.create_conversation(1, None).expect("account 1 exists");
+    let create = |n: usize, what: &str| -> Vec<u64> {
+        (0..n)
+            .map(|i| {
+                mock.create_message(1, conversation, &format!("{what} {i}"), false)
+                    .expect("the conversation exists")
+            })
+            .collect()
+    };
+    let before = create(2, "before");
+    wait_for_messages(&out, &before, "the messages before the rotation").await;
+
+    mock.rotate_pubsub_token(3).expect("user 3 exists");
+    let quiet = create(3, "to the old token");
+    rotated(&bridge).await;
+    wait_until("the old subscription to be dropped", || {
+        mock.unsubscribe_commands() >= 1
+    })
+    .await;
+    let after = create(2, "after");
+    wait_for_messages(&out, &quiet, "the quiet messages, backfilled").await;
+    wait_for_messages(&out, &after, "the messages after the rotation").await;
+    shut_down(bridge).await;
+    mock.stop().await;
+    let live: Vec<u64> = before.into_iter().chain(after).collect();
+    assert_each_message_once(&out, &quiet, &live);
 }

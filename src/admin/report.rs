@@ -273,7 +273,14 @@ pub struct EventsReport {
 
 /// An RFC 3339 time with milliseconds.
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    // humantime refuses years past 9999 with a formatting error, which to_string would turn
+    // into a panic; no time the bridge keeps should be there, but a report must not panic.
+    use std::fmt::Write;
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_millis(t)) {
+        Ok(()) => text,
+        Err(_) => "invalid time".to_owned(),
+    }
 }
 
 impl StatusReport {

@@ -28,6 +28,7 @@ use crate::event::{nesting_exceeds, Event, JsonText};
 use crate::source::rest::{AccountApi, RestError};
 use crate::source::sender::EventSender;
 use crate::source::settings::{BackfillSettings, TokenSpec};
+use crate::source::stall::{listed_activity, ActivityTracker};
 use crate::status::{BackfillRecord, TokenReporter};
 
 /// Added before the gap's start when asking which conversations changed: the last healthy
@@ -39,6 +40,10 @@ pub const BACKFILL_CONCURRENCY: usize = 2;
 
 /// Bounds the conversations one gap backfills; a gap that changed more is given up.
 pub const MAX_BACKFILL_CONVERSATIONS: usize = 1000;
+
+/// Bounds the bytes of the message pages read for one conversation (their parsed objects are
+/// held until handed over); past it the gap is given up for the rest.
+pub const MAX_CONVERSATION_BYTES: usize = 8 * 1024 * 1024;
 
 /// Bounds the message pages read per conversation (100 messages a page after a known message,
 /// 20 a page backwards in a conversation the socket never delivered); beyond, the gap is given
@@ -75,8 +80,9 @@ pub enum BackfillError {
         /// How many the list held.
         count: usize,
     },
-    /// A conversation had more messages in the gap than [`MAX_MESSAGE_PAGES`] pages.
-    #[error("conversation {conversation} has more than {MAX_MESSAGE_PAGES} pages of messages in the gap")]
+    /// A conversation had more messages in the gap than [`MAX_MESSAGE_PAGES`] pages or
+    /// [`MAX_CONVERSATION_BYTES`].
+    #[error("conversation {conversation} has more than {MAX_MESSAGE_PAGES} pages or {MAX_CONVERSATION_BYTES} bytes of messages in the gap")]
     TooManyMessages {
         /// The conversation's display id.
         conversation: u64,
@@ -130,13 +136,13 @@ impl SeenMessages {
         seen.ids.push_back((id, at));
     }
 
-    /// The greatest remembered message id of each conversation: what a restart resumes from.
-    pub(crate) fn last_ids(&self) -> Vec<(u64, u64)> {
+    /// Per conversation, the greatest message id remembered as delivered no later than `at`:
+    /// what a restart resuming from `at` reads after. A conversation with none is left out (a
+    /// restart then reads it from the gap's start, by time).
+    pub(crate) fn last_ids_before(&self, at: SystemTime) -> Vec<(u64, u64)> {
         self.conversations
-            .iter()
-            .filter_map(|(conversation, seen)| {
-                Some((*conversation, seen.ids.iter().map(|(id, _)| *id).max()?))
-            })
+            .keys()
+            .filter_map(|conversation| Some((*conversation, self.last_before(*conversation, at)?)))
             .collect()
     }
 
@@ -202,6 +208,25 @@ pub(crate) struct Backfiller {
     queue: Mutex<GapQueue>,
     /// Events the running backfill handed over so far, for its record when it is given up.
     handed_over: AtomicU64,
+    /// The stall check's tracker, told what a backfill recovered so it does not wait for the
+    /// socket to deliver it; `None` without a stall check.
+    tracker: Option<Arc<Mutex<ActivityTracker>>>,
+}
+
+/// What a backfiller is built from, besides its token and REST client.
+pub(crate) struct BackfillContext {
+    /// `backfill.max_gap`.
+    pub(crate) backfill: BackfillSettings,
+    /// `chatwoot.max_nesting`.
+    pub(crate) max_nesting: usize,
+    /// The socket's pipeline.
+    pub(crate) events: EventSender,
+    /// The token's status cell.
+    pub(crate) status: TokenReporter,
+    /// The token task's cancellation.
+    pub(crate) cancel: CancellationToken,
+    /// The stall check's tracker, if the token has one.
+    pub(crate) tracker: Option<Arc<Mutex<ActivityTracker>>>,
 }
 
 /// The gaps of one token not backfilled yet.
@@ -214,6 +239,22 @@ struct GapQueue {
     running: Option<Gap>,
 }
 
+/// The bytes of the message pages read for one conversation, within
+/// [`MAX_CONVERSATION_BYTES`].
+#[derive(Default)]
+struct ReadBytes(usize);
+
+impl ReadBytes {
+    /// Adds a page of `size` bytes of conversation `conversation`; an error past the bound.
+    fn add(&mut self, size: usize, conversation: u64) -> Result<(), BackfillError> {
+        self.0 += size;
+        if self.0 > MAX_CONVERSATION_BYTES {
+            return Err(BackfillError::TooManyMessages { conversation });
+        }
+        Ok(())
+    }
+}
+
 /// The messages of a conversation: `{"payload": [...]}`.
 #[derive(Deserialize)]
 struct MessageList {
@@ -223,15 +264,15 @@ struct MessageList {
 
 impl Backfiller {
     /// The backfiller of `spec`, reading with `api`.
-    pub(crate) fn new(
-        spec: &TokenSpec,
-        api: AccountApi,
-        backfill: BackfillSettings,
-        max_nesting: usize,
-        events: EventSender,
-        status: TokenReporter,
-        cancel: CancellationToken,
-    ) -> Backfiller {
+    pub(crate) fn new(spec: &TokenSpec, api: AccountApi, context: BackfillContext) -> Backfiller {
+        let BackfillContext {
+            backfill,
+            max_nesting,
+            events,
+            status,
+            cancel,
+            tracker,
+        } = context;
         Backfiller {
             token: spec.name.clone(),
             source: Arc::from(spec.source()),
@@ -245,6 +286,7 @@ impl Backfiller {
             one_at_a_time: tokio::sync::Mutex::new(()),
             queue: Mutex::new(GapQueue::default()),
             handed_over: AtomicU64::new(0),
+            tracker,
         }
     }
 
@@ -256,9 +298,10 @@ impl Backfiller {
             .record(conversation, id, at);
     }
 
-    /// The last message id the socket delivered per conversation, for the resume file.
-    pub(crate) fn last_ids(&self) -> Vec<(u64, u64)> {
-        self.seen.lock().expect("seen lock").last_ids()
+    /// Per conversation, the last message id delivered no later than `at`, for a resume file
+    /// that resumes from `at`.
+    pub(crate) fn last_ids_before(&self, at: SystemTime) -> Vec<(u64, u64)> {
+        self.seen.lock().expect("seen lock").last_ids_before(at)
     }
 
     /// Backfills `gap` in its own task, after the gap running now; joins the gap already
@@ -370,6 +413,7 @@ impl Backfiller {
             warn!(token = %self.token, "skipped a listed conversation without an id");
             return Ok(0);
         };
+        let activity = listed_activity(&conversation);
         let after = self
             .seen
             .lock()
@@ -399,6 +443,12 @@ impl Backfiller {
                 .record(display_id, id, SystemTime::now());
         }
         events += self.emit("conversation.updated", conversation).await?;
+        if let (Some(tracker), Some((_, activity))) = (&self.tracker, activity) {
+            tracker
+                .lock()
+                .expect("tracker lock")
+                .covered(display_id, activity);
+        }
         Ok(events)
     }
 
@@ -410,12 +460,14 @@ impl Backfiller {
         mut after: u64,
     ) -> Result<Vec<Map<String, Value>>, BackfillError> {
         let mut messages = Vec::new();
+        let mut read = ReadBytes::default();
         for _ in 0..MAX_MESSAGE_PAGES {
             let url = format!(
                 "{}/conversations/{display_id}/messages?after={after}",
                 self.api.account_url()
             );
-            let page: MessageList = self.api.get(&url).await?;
+            let (page, size): (MessageList, usize) = self.api.get_sized(&url).await?;
+            read.add(size, display_id)?;
             let full = page.payload.len() >= MESSAGES_AFTER_PAGE;
             for message in page.payload {
                 if let Some(id) = message.get("id").and_then(Value::as_u64) {
@@ -445,6 +497,7 @@ impl Backfiller {
             .as_secs_f64();
         let mut newest_first = Vec::new();
         let mut before = None;
+        let mut read = ReadBytes::default();
         for _ in 0..MAX_MESSAGE_PAGES {
             let url = match before {
                 Some(id) => format!(
@@ -456,7 +509,8 @@ impl Backfiller {
                     self.api.account_url()
                 ),
             };
-            let page: MessageList = self.api.get(&url).await?;
+            let (page, size): (MessageList, usize) = self.api.get_sized(&url).await?;
+            read.add(size, display_id)?;
             if page.payload.is_empty() {
                 newest_first.reverse();
                 return Ok(newest_first);
@@ -532,6 +586,11 @@ mod tests {
         assert_eq!(seen.last_before(7, t0 + Duration::from_secs(9)), Some(11));
         assert_eq!(seen.last_before(8, t0), None);
         assert!(seen.contains(7, 11) && !seen.contains(7, 12));
+        assert_eq!(
+            seen.last_ids_before(t0 + Duration::from_secs(1)),
+            [(7, 10)],
+            "a resume point keeps only what was delivered by then"
+        );
         for id in 0..(REMEMBERED_IDS_PER_CONVERSATION as u64 + 5) {
             seen.record(9, 1_000 + id, t0);
         }

@@ -563,6 +563,7 @@ impl<'a> Session<'a> {
         self.task
             .status
             .fail(TokenState::Rejected, "server rejected the subscription");
+        self.gaps.ended();
         self.subscription = Subscription::RetryAt(Instant::now() + delay);
     }
 
@@ -689,6 +690,7 @@ impl Session<'_> {
         };
         let old = std::mem::replace(&mut self.identifier, rotation.identifier);
         info!(token = %self.task.spec.name, "subscribed with the rotated pubsub token; dropping the old subscription");
+        self.gaps.rotated();
         self.send(protocol::unsubscribe(&old)).await
     }
 

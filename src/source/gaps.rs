@@ -4,7 +4,7 @@
 //! delivered, see [`stall`](super::stall)). Inert for a token written with its pubsub token.
 
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 use tokio::sync::Notify;
@@ -12,7 +12,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info};
 
 use crate::event::Event;
-use crate::source::backfill::{Backfiller, Gap};
+use crate::source::backfill::{BackfillContext, Backfiller, Gap};
 use crate::source::profile;
 use crate::source::rest::AccountApi;
 use crate::source::resume::{ResumeFile, ResumePoint};
@@ -128,6 +128,9 @@ pub(crate) struct Gaps {
     last_healthy: Option<SystemTime>,
     /// Keeps where a restart resumes from; `None` without backfill.
     resume: Option<ResumeFile>,
+    /// How far back a followed rotation's quiet span may start: the profile showed the old
+    /// pubsub token at most `refresh_interval` before the rotation was found.
+    rotation_lookback: Duration,
     /// Stops the stall check and the backfills when the token task ends in any way (stopped,
     /// returned, panicked): a restarted task starts its own.
     _stop: Option<DropGuard>,
@@ -172,34 +175,39 @@ impl Gaps {
             let client = client.clone()?;
             Some(AccountApi::new(spec.name.clone(), api.clone(), client))
         };
+        let tracker = api
+            .stall_after
+            .map(|_| Arc::new(Mutex::new(ActivityTracker::default())));
         let backfiller = api.backfill.clone().and_then(|backfill| {
-            Some(Arc::new(Backfiller::new(
-                spec,
-                account_api()?,
+            let context = BackfillContext {
                 backfill,
-                settings.max_nesting,
-                events.clone(),
-                status.clone(),
-                cancel.clone(),
-            )))
+                max_nesting: settings.max_nesting,
+                events: events.clone(),
+                status: status.clone(),
+                cancel: cancel.clone(),
+                tracker: tracker.clone(),
+            };
+            Some(Arc::new(Backfiller::new(spec, account_api()?, context)))
         });
         // A stall an ended task of this token showed can no longer end: this task finds its own.
         status.stall_over();
-        let stall = api.stall_after.and_then(|stall_after| {
-            let tracker = Arc::new(Mutex::new(ActivityTracker::default()));
-            let watch = StallWatch {
-                token: spec.name.clone(),
-                api: account_api()?,
-                stall_after,
-                tracker: tracker.clone(),
-                backfiller: backfiller.clone(),
-                refresh_profile,
-                status: status.clone(),
-                cancel: cancel.clone(),
-            };
-            tokio::spawn(watch.run());
-            Some(tracker)
-        });
+        let stall = api
+            .stall_after
+            .zip(tracker)
+            .and_then(|(stall_after, tracker)| {
+                let watch = StallWatch {
+                    token: spec.name.clone(),
+                    api: account_api()?,
+                    stall_after,
+                    tracker: tracker.clone(),
+                    backfiller: backfiller.clone(),
+                    refresh_profile,
+                    status: status.clone(),
+                    cancel: cancel.clone(),
+                };
+                tokio::spawn(watch.run());
+                Some(tracker)
+            });
         let resume = api.backfill.as_ref().and_then(|b| b.resume_dir.as_deref());
         let resume = resume
             .filter(|_| backfiller.is_some())
@@ -210,6 +218,7 @@ impl Gaps {
             stall,
             last_healthy: None,
             resume,
+            rotation_lookback: api.refresh_interval,
             _stop: Some(cancel.drop_guard()),
         };
         gaps.resume_from_file().await;
@@ -224,6 +233,7 @@ impl Gaps {
             stall: None,
             last_healthy: None,
             resume: None,
+            rotation_lookback: Duration::ZERO,
             _stop: None,
         }
     }
@@ -247,16 +257,19 @@ impl Gaps {
     /// first healthy moment.
     fn resume_point(&self, last_healthy: SystemTime) -> Option<ResumePoint> {
         let backfiller = self.backfiller.as_ref()?;
+        let from = [
+            Some(last_healthy),
+            backfiller.earliest_unfinished(),
+            self.earliest_pending(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
         Some(ResumePoint {
-            last_healthy: [
-                Some(last_healthy),
-                backfiller.earliest_unfinished(),
-                self.earliest_pending(),
-            ]
-            .into_iter()
-            .flatten()
-            .min()?,
-            last_messages: backfiller.last_ids(),
+            last_healthy: from,
+            // Only what was delivered by then: a later id would make a restart read past the
+            // messages of a gap not backfilled yet.
+            last_messages: backfiller.last_ids_before(from),
         })
     }
 
@@ -335,6 +348,24 @@ impl Gaps {
         };
         let start = pending.map_or(last_healthy, |pending| pending.min(last_healthy));
         self.last_healthy = Some(now);
+        backfiller.enqueue(Gap { start, end: now });
+    }
+
+    /// The subscription moved to a rotated pubsub token on the same socket. The old one went
+    /// quiet at some moment since the profile last showed it, at most `refresh_interval` ago:
+    /// that span is backfilled (what the socket did deliver is skipped), and the stall check
+    /// starts afresh, as after a confirm.
+    pub(crate) fn rotated(&mut self) {
+        let now = SystemTime::now();
+        let quiet_since = now.checked_sub(self.rotation_lookback).unwrap_or(now);
+        let pending = self.earliest_pending();
+        if let Some(stall) = &self.stall {
+            stall.lock().expect("tracker lock").resubscribed(now);
+        }
+        let Some(backfiller) = &self.backfiller else {
+            return;
+        };
+        let start = pending.map_or(quiet_since, |pending| pending.min(quiet_since));
         backfiller.enqueue(Gap { start, end: now });
     }
 

@@ -150,14 +150,25 @@ impl AccountApi {
 
     /// GETs `url` as JSON, waiting out 429s and retrying transient failures, within bounds.
     pub(crate) async fn get<T: DeserializeOwned>(&self, url: &str) -> Result<T, RestError> {
+        self.get_sized(url).await.map(|(value, _)| value)
+    }
+
+    /// [`AccountApi::get`], with the size of the body read: a caller reading many pages
+    /// bounds their sum.
+    pub(crate) async fn get_sized<T: DeserializeOwned>(
+        &self,
+        url: &str,
+    ) -> Result<(T, usize), RestError> {
         let (mut throttled, mut failed) = (0u32, 0u32);
         loop {
             let error = match self.attempt(url).await {
                 Ok(body) => {
-                    return serde_json::from_slice(&body).map_err(|e| RestError::Malformed {
-                        url: url.to_owned(),
-                        reason: e.to_string(),
-                    })
+                    let value =
+                        serde_json::from_slice(&body).map_err(|e| RestError::Malformed {
+                            url: url.to_owned(),
+                            reason: e.to_string(),
+                        })?;
+                    return Ok((value, body.len()));
                 }
                 Err(Attempt::Throttled(wait)) => {
                     throttled += 1;

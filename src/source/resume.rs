@@ -1,14 +1,16 @@
 //! What a backfilling token keeps on disk, so that a gap across a restart of the bridge (or of
-//! the token's task, after a reload or a panic) is backfilled too: when its subscription was
-//! last healthy, and the last message id the socket delivered per conversation, which a
-//! backfill after the restart reads from instead of sending those messages again.
+//! the token's task, after a reload or a panic) is backfilled too: the moment to resume from
+//! (the last healthy one, or earlier while a gap is not backfilled yet or the stall check waits
+//! for activity), and per conversation the last message id delivered (live or backfilled) by
+//! that moment, which a backfill after the restart reads from instead of sending those
+//! messages again.
 //!
 //! One small JSON file per token in the spool directory (`backfill/<token>.json`), written at
 //! most every [`SAVE_EVERY`] while the subscription is healthy and once when the task stops;
 //! written to a temporary file, synced and renamed, on a blocking thread, never an older point
-//! over a newer one. A missing, unreadable or
-//! foreign file (another account) is ignored with a warning: the token then starts as a new
-//! one, with no gap before its first subscription.
+//! over a newer one. A missing, unreadable, future-dated or foreign file (another account) is
+//! ignored with a warning: the token then starts as a new one, with no gap before its first
+//! subscription.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,10 @@ use tracing::warn;
 /// Bounds the file read back at start: 512 conversations take about 20 KB.
 pub const MAX_RESUME_FILE_BYTES: u64 = 256 * 1024;
 
+/// How far past this machine's clock a saved moment may be (a small clock adjustment) before
+/// the file is taken as damaged.
+const FUTURE_SLACK: Duration = Duration::from_secs(60);
+
 /// How often the file is written while the subscription is healthy: a restart re-reads at
 /// most this much (plus the backfill margin) of what the socket had delivered, and skips it
 /// by id where the conversation's last message is known.
@@ -34,7 +40,7 @@ struct Saved {
     account_id: u64,
     /// When the subscription was last healthy, in milliseconds since the Unix epoch.
     last_healthy_ms: u64,
-    /// (conversation display id, last message id the socket delivered).
+    /// (conversation display id, last message id delivered by the moment resumed from).
     last_messages: Vec<(u64, u64)>,
 }
 
@@ -43,7 +49,7 @@ struct Saved {
 pub(crate) struct ResumePoint {
     /// When the subscription was last healthy.
     pub(crate) last_healthy: SystemTime,
-    /// (conversation display id, last message id the socket delivered).
+    /// (conversation display id, last message id delivered by the moment resumed from).
     pub(crate) last_messages: Vec<(u64, u64)>,
 }
 
@@ -169,8 +175,16 @@ pub(crate) fn parse(text: &[u8], account_id: u64) -> Result<ResumePoint, String>
             saved.account_id
         ));
     }
+    let last_healthy = SystemTime::UNIX_EPOCH + Duration::from_millis(saved.last_healthy_ms);
+    if last_healthy > SystemTime::now() + FUTURE_SLACK {
+        // Damage, or a clock stepped back: a gap from a future moment would read nothing.
+        return Err(format!(
+            "its last healthy moment ({} ms after the Unix epoch) is in the future (a damaged file, or this machine's clock went back)",
+            saved.last_healthy_ms
+        ));
+    }
     Ok(ResumePoint {
-        last_healthy: SystemTime::UNIX_EPOCH + Duration::from_millis(saved.last_healthy_ms),
+        last_healthy,
         last_messages: saved.last_messages,
     })
 }
@@ -238,6 +252,20 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["agent.json"], "no temporary file left behind");
+    }
+
+    #[test]
+    fn a_point_in_the_future_is_refused() {
+        let in_an_hour = SystemTime::now() + Duration::from_secs(3_600);
+        let ms = in_an_hour
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let text = format!(r#"{{"account_id":1,"last_healthy_ms":{ms},"last_messages":[]}}"#);
+        let refused = parse(text.as_bytes(), 1).unwrap_err();
+        assert!(refused.contains("in the future"), "{refused}");
+        let far = br#"{"account_id":1,"last_healthy_ms":18446744073709551615,"last_messages":[]}"#;
+        assert!(parse(far, 1).is_err());
     }
 
     #[tokio::test]

@@ -26,6 +26,9 @@ use crate::status::TokenReporter;
 /// Chatwoot's clock against the previous check's).
 pub const MAX_TRACKED_CONVERSATIONS: usize = 4096;
 
+/// Bounds the window a check asks for, in check intervals (four times `stall_after`).
+pub const MAX_WINDOW_INTERVALS: u32 = 16;
+
 /// Bounds how often a stall check may run, whatever `stall_after` says.
 const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -128,11 +131,16 @@ impl ActivityTracker {
         self.checks = Checks::Down;
     }
 
-    /// A check failed at `now`: the next one starts afresh from there rather than asking for
-    /// an ever longer window (pending activity stays pending).
-    pub(crate) fn check_failed(&mut self, now: SystemTime) {
-        if self.checks != Checks::Down {
-            self.checks = Checks::Confirmed(now);
+    /// A backfill handed over `activity` of `conversation`: known, and no longer waited for
+    /// from the socket. A stall stays on: only the socket delivering ends it.
+    pub(crate) fn covered(&mut self, conversation: u64, activity: Activity) {
+        self.remember(conversation, activity);
+        if self
+            .pending
+            .get(&conversation)
+            .is_some_and(|p| p.activity <= activity)
+        {
+            self.pending.remove(&conversation);
         }
     }
 
@@ -171,13 +179,18 @@ impl ActivityTracker {
     }
 
     /// The window a check asks for: since the previous check or the confirm (or one
-    /// interval), plus [`BACKFILL_MARGIN`] for Chatwoot's clock and its background writes.
+    /// interval), plus [`BACKFILL_MARGIN`] for Chatwoot's clock and its background writes. At
+    /// most [`MAX_WINDOW_INTERVALS`] intervals: after checks failed for long, a longer list
+    /// could outgrow what one check reads and keep every later one failing.
     fn window(&self, now: SystemTime, interval: Duration) -> u64 {
         let since = match self.checks {
             Checks::Confirmed(at) | Checks::Checked(at) => now.duration_since(at).ok(),
             Checks::Down => None,
         };
-        (since.unwrap_or(interval) + BACKFILL_MARGIN).as_secs() + 1
+        let since = since
+            .unwrap_or(interval)
+            .min(interval * MAX_WINDOW_INTERVALS);
+        (since + BACKFILL_MARGIN).as_secs() + 1
     }
 
     /// Whether `activity` of a conversation whose latest known activity is `known` moved since
@@ -345,10 +358,6 @@ impl StallWatch {
                 checked = self.check(interval) => checked,
             };
             if let Err(e) = checked {
-                self.tracker
-                    .lock()
-                    .expect("tracker lock")
-                    .check_failed(SystemTime::now());
                 warn!(token = %self.token, error = %e, "the stall check could not read the REST API");
                 self.status.note(format!("stall check failed: {e}"));
             }
@@ -595,13 +604,26 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_check_does_not_widen_the_next_one() {
+    fn failed_checks_widen_the_next_one_within_a_bound_and_what_a_backfill_covered_is_not_awaited()
+    {
         let mut tracker = ActivityTracker::default();
         let interval = Duration::from_secs(30);
         tracker.resubscribed(at(1_000));
         tracker.observe([], (at(1_000), Instant::now()), STALL_AFTER);
-        tracker.check_failed(at(2_000));
-        assert_eq!(tracker.window(at(2_030), interval), 61);
+        assert_eq!(
+            tracker.window(at(1_090), interval),
+            121,
+            "two checks failed"
+        );
+        assert_eq!(
+            tracker.window(at(9_000), interval),
+            u64::from(MAX_WINDOW_INTERVALS) * 30 + 31
+        );
+        let start = Instant::now();
+        tracker.observe([(4, act(1_050, 3))], (at(1_100), start), STALL_AFTER);
+        assert_eq!(tracker.pending.len(), 1, "moved after the last good check");
+        tracker.covered(4, act(1_050, 3));
+        assert!(tracker.pending.is_empty(), "the backfill covered it");
     }
 
     #[test]
