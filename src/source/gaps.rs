@@ -333,40 +333,35 @@ impl Gaps {
         }
     }
 
-    /// The subscription is confirmed: the stall check starts afresh and, if the subscription
-    /// was healthy before, the gap since is backfilled in its own task. The gap starts no
-    /// later than activity the stall check was still waiting for: the socket's pings went on
-    /// while it stalled.
+    /// The subscription is confirmed: if it was healthy before, the gap since is backfilled.
     pub(crate) fn confirmed(&mut self) {
         let now = SystemTime::now();
-        let pending = self.earliest_pending();
-        if let Some(stall) = &self.stall {
-            stall.lock().expect("tracker lock").resubscribed(now);
-        }
-        let (Some(backfiller), Some(last_healthy)) = (&self.backfiller, self.last_healthy) else {
-            return;
-        };
-        let start = pending.map_or(last_healthy, |pending| pending.min(last_healthy));
-        self.last_healthy = Some(now);
-        backfiller.enqueue(Gap { start, end: now });
+        let since = self.last_healthy.replace(now);
+        self.start_afresh(since, now);
     }
 
     /// The subscription moved to a rotated pubsub token on the same socket. The old one went
     /// quiet at some moment since the profile last showed it, at most `refresh_interval` ago:
-    /// that span is backfilled (what the socket did deliver is skipped), and the stall check
-    /// starts afresh, as after a confirm.
+    /// that span is backfilled (what the socket did deliver is skipped).
     pub(crate) fn rotated(&mut self) {
         let now = SystemTime::now();
         let quiet_since = now.checked_sub(self.rotation_lookback).unwrap_or(now);
+        self.start_afresh(Some(quiet_since), now);
+    }
+
+    /// A new subscription is confirmed at `now`: the stall check starts afresh and, with
+    /// backfill, the span the socket may have missed, from `since`, is backfilled in its own
+    /// task. It starts no later than activity the stall check was still waiting for: pings go
+    /// on while broadcasting stalls, so the last healthy moment alone could start it too late.
+    fn start_afresh(&self, since: Option<SystemTime>, now: SystemTime) {
         let pending = self.earliest_pending();
         if let Some(stall) = &self.stall {
             stall.lock().expect("tracker lock").resubscribed(now);
         }
-        let Some(backfiller) = &self.backfiller else {
-            return;
-        };
-        let start = pending.map_or(quiet_since, |pending| pending.min(quiet_since));
-        backfiller.enqueue(Gap { start, end: now });
+        if let (Some(backfiller), Some(since)) = (&self.backfiller, since) {
+            let start = pending.map_or(since, |pending| pending.min(since));
+            backfiller.enqueue(Gap { start, end: now });
+        }
     }
 
     /// The socket ended: the stall check pauses until the next confirm.
