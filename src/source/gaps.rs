@@ -218,7 +218,11 @@ impl Gaps {
             stall,
             last_healthy: None,
             resume,
-            rotation_lookback: api.refresh_interval,
+            // A lookback past backfill.max_gap would give every rotation's gap up, though the
+            // token most likely rotated well within it: read what max_gap allows.
+            rotation_lookback: api.backfill.as_ref().map_or(api.refresh_interval, |b| {
+                api.refresh_interval.min(b.max_gap)
+            }),
             _stop: Some(cancel.drop_guard()),
         };
         gaps.resume_from_file().await;
