@@ -276,6 +276,10 @@ fn rfc3339(t: SystemTime) -> String {
     // humantime refuses years past 9999 with a formatting error, which to_string would turn
     // into a panic; no time the bridge keeps should be there, but a report must not panic.
     use std::fmt::Write;
+    // It also panics on a time before 1970.
+    if t < SystemTime::UNIX_EPOCH {
+        return "invalid time".to_owned();
+    }
     let mut text = String::new();
     match write!(text, "{}", humantime::format_rfc3339_millis(t)) {
         Ok(()) => text,
@@ -405,6 +409,16 @@ mod tests {
 
     use super::*;
     use crate::status::StatusBoard;
+
+    #[test]
+    fn a_time_out_of_rfc3339s_range_is_shown_not_panicked_on() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        assert_eq!(rfc3339(epoch), "1970-01-01T00:00:00.000Z");
+        let far = epoch + std::time::Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far), "invalid time");
+        let before = epoch - std::time::Duration::from_secs(1);
+        assert_eq!(rfc3339(before), "invalid time");
+    }
 
     fn view(ready_requires: ReadyRequires) -> ConfigView {
         ConfigView {

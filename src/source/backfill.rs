@@ -304,6 +304,11 @@ impl Backfiller {
         self.seen.lock().expect("seen lock").last_ids_before(at)
     }
 
+    /// `backfill.max_gap`: a longer gap is given up.
+    pub(crate) fn max_gap(&self) -> Duration {
+        self.backfill.max_gap
+    }
+
     /// Backfills `gap` in its own task, after the gap running now; joins the gap already
     /// waiting, if one is.
     pub(crate) fn enqueue(self: &Arc<Self>, gap: Gap) {

@@ -652,7 +652,11 @@ impl Session<'_> {
     /// new one is confirmed beside it; one not confirmed yet is simply replaced.
     async fn on_new_subscriber(&mut self, subscriber: Subscriber) -> ControlFlow<SessionEnd> {
         let identifier = protocol::identifier(&subscriber.pubsub_token, &subscriber.identity);
-        if identifier == self.identifier || self.rotating_to(&identifier) {
+        if identifier == self.identifier {
+            self.gaps.token_still_shown();
+            return ControlFlow::Continue(());
+        }
+        if self.rotating_to(&identifier) {
             return ControlFlow::Continue(());
         }
         match self.subscription {

@@ -128,9 +128,12 @@ pub(crate) struct Gaps {
     last_healthy: Option<SystemTime>,
     /// Keeps where a restart resumes from; `None` without backfill.
     resume: Option<ResumeFile>,
-    /// How far back a followed rotation's quiet span may start: the profile showed the old
-    /// pubsub token at most `refresh_interval` before the rotation was found.
+    /// How far back a followed rotation's quiet span starts when the token was not known good
+    /// since: the refresh reads the profile every `refresh_interval`.
     rotation_lookback: Duration,
+    /// When the subscription's pubsub token was last known good (confirmed, or shown again by
+    /// the profile): a rotation found later happened after it.
+    token_shown_at: Option<SystemTime>,
     /// Stops the stall check and the backfills when the token task ends in any way (stopped,
     /// returned, panicked): a restarted task starts its own.
     _stop: Option<DropGuard>,
@@ -218,11 +221,8 @@ impl Gaps {
             stall,
             last_healthy: None,
             resume,
-            // A lookback past backfill.max_gap would give every rotation's gap up, though the
-            // token most likely rotated well within it: read what max_gap allows.
-            rotation_lookback: api.backfill.as_ref().map_or(api.refresh_interval, |b| {
-                api.refresh_interval.min(b.max_gap)
-            }),
+            rotation_lookback: api.refresh_interval,
+            token_shown_at: None,
             _stop: Some(cancel.drop_guard()),
         };
         gaps.resume_from_file().await;
@@ -238,6 +238,7 @@ impl Gaps {
             last_healthy: None,
             resume: None,
             rotation_lookback: Duration::ZERO,
+            token_shown_at: None,
             _stop: None,
         }
     }
@@ -344,12 +345,23 @@ impl Gaps {
         self.start_afresh(since, now);
     }
 
+    /// The profile showed the subscription's pubsub token again: it was good until now.
+    pub(crate) fn token_still_shown(&mut self) {
+        self.token_shown_at = Some(SystemTime::now());
+    }
+
     /// The subscription moved to a rotated pubsub token on the same socket. The old one went
-    /// quiet at some moment since the profile last showed it, at most `refresh_interval` ago:
-    /// that span is backfilled (what the socket did deliver is skipped).
+    /// quiet at some moment since it was last known good (or, not known since, at most
+    /// `refresh_interval` ago): that span is backfilled (what the socket did deliver is
+    /// skipped), at most `backfill.max_gap` of it, since the token most likely rotated well
+    /// within and a longer gap would be given up whole.
     pub(crate) fn rotated(&mut self) {
         let now = SystemTime::now();
-        let quiet_since = now.checked_sub(self.rotation_lookback).unwrap_or(now);
+        let lookback = now.checked_sub(self.rotation_lookback).unwrap_or(now);
+        let mut quiet_since = self.token_shown_at.unwrap_or(lookback);
+        if let Some(max_gap) = self.backfiller.as_ref().map(|b| b.max_gap()) {
+            quiet_since = quiet_since.max(now.checked_sub(max_gap).unwrap_or(now));
+        }
         self.start_afresh(Some(quiet_since), now);
     }
 
@@ -357,7 +369,8 @@ impl Gaps {
     /// backfill, the span the socket may have missed, from `since`, is backfilled in its own
     /// task. It starts no later than activity the stall check was still waiting for: pings go
     /// on while broadcasting stalls, so the last healthy moment alone could start it too late.
-    fn start_afresh(&self, since: Option<SystemTime>, now: SystemTime) {
+    fn start_afresh(&mut self, since: Option<SystemTime>, now: SystemTime) {
+        self.token_shown_at = Some(now);
         let pending = self.earliest_pending();
         if let Some(stall) = &self.stall {
             stall.lock().expect("tracker lock").resubscribed(now);

@@ -176,7 +176,8 @@ pub(crate) fn parse(text: &[u8], account_id: u64) -> Result<ResumePoint, String>
         ));
     }
     let last_healthy = SystemTime::UNIX_EPOCH + Duration::from_millis(saved.last_healthy_ms);
-    if last_healthy > SystemTime::now() + FUTURE_SLACK {
+    let now = SystemTime::now();
+    if last_healthy > now + FUTURE_SLACK {
         // Damage, or a clock stepped back: a gap from a future moment would read nothing.
         return Err(format!(
             "its last healthy moment ({} ms after the Unix epoch) is in the future (a damaged file, or this machine's clock went back)",
@@ -184,7 +185,8 @@ pub(crate) fn parse(text: &[u8], account_id: u64) -> Result<ResumePoint, String>
         ));
     }
     Ok(ResumePoint {
-        last_healthy,
+        // A moment a little ahead (a clock adjusted back since) resumes from now.
+        last_healthy: last_healthy.min(now),
         last_messages: saved.last_messages,
     })
 }

@@ -151,6 +151,14 @@ impl ActivityTracker {
         SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(earliest))
     }
 
+    /// The check at `now` could not read its window (too many changes): the next one starts
+    /// from `now`, counting only what moves after it.
+    pub(crate) fn skip_window(&mut self, now: SystemTime) {
+        if self.checks != Checks::Down {
+            self.checks = Checks::Confirmed(now);
+        }
+    }
+
     /// Whether a check runs now: only while the subscription is confirmed.
     pub(crate) fn checking(&self) -> bool {
         self.checks != Checks::Down
@@ -371,12 +379,21 @@ impl StallWatch {
             .lock()
             .expect("tracker lock")
             .window(SystemTime::now(), interval);
-        let listed = self.api.conversations_updated_within(window).await?;
-        if listed.len() > MAX_BACKFILL_CONVERSATIONS {
-            return Err(StallCheckError::TooManyConversations {
-                count: listed.len(),
-            });
-        }
+        let listed = match self.api.conversations_updated_within(window).await {
+            Ok(listed) if listed.len() <= MAX_BACKFILL_CONVERSATIONS => listed,
+            Ok(listed) => {
+                self.skip_window();
+                return Err(StallCheckError::TooManyConversations {
+                    count: listed.len(),
+                });
+            }
+            Err(e) => {
+                if matches!(e, RestError::TooLarge { .. }) {
+                    self.skip_window();
+                }
+                return Err(e.into());
+            }
+        };
         let now = (SystemTime::now(), Instant::now());
         let overdue = self.tracker.lock().expect("tracker lock").observe(
             listed.iter().filter_map(listed_activity),
@@ -387,6 +404,17 @@ impl StallWatch {
             self.stalled(overdue, now.0);
         }
         Ok(())
+    }
+
+    /// A window too large to read is skipped, so the next asks for one interval again instead
+    /// of failing the same way until a resubscribe: its activity is not checked.
+    fn skip_window(&self) {
+        warn!(token = %self.token,
+            "the stall check skips a window with more changes than it reads: activity in it is not checked");
+        self.tracker
+            .lock()
+            .expect("tracker lock")
+            .skip_window(SystemTime::now());
     }
 
     /// Activity is overdue: says so, reads the profile again and backfills the span.
@@ -619,6 +647,13 @@ mod tests {
             tracker.window(at(9_000), interval),
             u64::from(MAX_WINDOW_INTERVALS) * 30 + 31
         );
+        tracker.skip_window(at(9_000));
+        assert_eq!(
+            tracker.window(at(9_030), interval),
+            61,
+            "a window too large to read is skipped, not asked for again"
+        );
+        tracker.observe([], (at(1_000), Instant::now()), STALL_AFTER);
         let start = Instant::now();
         tracker.observe([(4, act(1_050, 3))], (at(1_100), start), STALL_AFTER);
         assert_eq!(tracker.pending.len(), 1, "moved after the last good check");
