@@ -148,9 +148,9 @@ pub fn admin_query(input: &[u8]) {
 /// activity of both through a stall tracker and the span a stall backfills; and the whole input
 /// as a backfill resume file.
 pub fn rest_answers(input: &[u8]) {
+    use crate::source::activity::{listed_activity, ActivityTracker};
     use crate::source::gaps::LiveActivity;
     use crate::source::rest::ConversationList;
-    use crate::source::stall::{listed_activity, ActivityTracker};
     use std::time::{Duration, Instant, SystemTime};
 
     let _ = crate::source::resume::parse(input, 1);

@@ -25,15 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::event::{nesting_exceeds, Event, JsonText};
+use crate::source::activity::{listed_activity, ActivityTracker, Gap, BACKFILL_MARGIN};
 use crate::source::rest::{AccountApi, RestError};
 use crate::source::sender::EventSender;
 use crate::source::settings::{BackfillSettings, TokenSpec};
-use crate::source::stall::{listed_activity, ActivityTracker};
 use crate::status::{BackfillRecord, TokenReporter};
-
-/// Added before the gap's start when asking which conversations changed: the last healthy
-/// moment is known to the second, and Chatwoot's `updated_at` is written by background jobs.
-pub const BACKFILL_MARGIN: Duration = Duration::from_secs(30);
 
 /// REST requests one token's backfill has in flight at once.
 pub const BACKFILL_CONCURRENCY: usize = 2;
@@ -163,22 +159,6 @@ impl SeenMessages {
                 .map(|(id, _)| *id)
                 .max()
         })
-    }
-}
-
-/// A time the socket delivered nothing: down between two subscriptions, or stalled.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Gap {
-    /// The last ping or event while confirmed, or the earliest activity of a stall.
-    pub(crate) start: SystemTime,
-    /// When the subscription was confirmed again, or the stall noticed.
-    pub(crate) end: SystemTime,
-}
-
-impl Gap {
-    /// How long it lasted.
-    fn length(&self) -> Duration {
-        self.end.duration_since(self.start).unwrap_or_default()
     }
 }
 

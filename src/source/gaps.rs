@@ -12,13 +12,14 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info};
 
 use crate::event::Event;
-use crate::source::backfill::{BackfillContext, Backfiller, Gap};
+use crate::source::activity::{Activity, ActivityTracker, Gap};
+use crate::source::backfill::{BackfillContext, Backfiller};
 use crate::source::profile;
 use crate::source::rest::AccountApi;
 use crate::source::resume::{ResumeFile, ResumePoint};
 use crate::source::sender::EventSender;
 use crate::source::settings::{CableSettings, TokenSpec};
-use crate::source::stall::{Activity, ActivityTracker, StallWatch};
+use crate::source::stall::StallWatch;
 use crate::status::TokenReporter;
 
 /// The ids and activity a live conversation or message event carries. A message event has

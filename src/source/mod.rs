@@ -8,8 +8,10 @@
 //! [`supervisor`] keeps one such task running per configured token and restarts it on panic.
 //! Beside the socket, a token given as an API access token reads Chatwoot's REST API
 //! ([`rest`]): to fill a reconnect's gap ([`backfill`]) and to notice a subscribed socket that
-//! Chatwoot stopped broadcasting to ([`stall`]); the socket reports to both through `gaps`.
+//! Chatwoot stopped broadcasting to ([`stall`]); the socket reports to both through [`gaps`],
+//! and both share what a token knows of its conversations' activity ([`activity`]).
 
+pub mod activity;
 pub mod backfill;
 pub mod cable;
 pub mod gaps;
