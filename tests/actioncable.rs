@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use chatwoot_bridge::status::{TokenState, TokenStatus};
 use chatwoot_bridge::Bridge;
 use serde_json::{json, Value};
 use support::{
-    assert_each_message_once, backfilled_conversations, free_port, quoted, shut_down,
+    assert_each_message_once, backfilled_conversations, events_in, free_port, quoted, shut_down,
     wait_for_messages, wait_until, wait_until_async, BridgeYaml, WAIT,
 };
 
@@ -183,12 +183,8 @@ fn config(url: &str, out: &Path) -> BridgeYaml {
         .spool(&out.with_extension("spool"))
 }
 
-fn read_events(path: &PathBuf) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect()
+fn read_events(path: &Path) -> Vec<Value> {
+    events_in(path)
 }
 
 /// What `token` read of `event`, as the `data.id`s.

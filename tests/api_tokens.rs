@@ -190,13 +190,7 @@ fn out_file() -> (tempfile::TempDir, PathBuf) {
 }
 
 fn read_events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .map(|text| {
-            text.lines()
-                .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-                .collect()
-        })
-        .unwrap_or_default()
+    support::events_in(path)
 }
 
 /// Waits until `condition` holds for token `name`'s status.

@@ -60,13 +60,7 @@ async fn stop(bridge: Bridge, server: MockServer) {
 }
 
 fn read_events(path: &Path) -> Vec<Value> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect(),
-        Err(_) => Vec::new(),
-    }
+    support::events_in(path)
 }
 
 /// Waits until the file holds at least `n` events; returns those it then held.

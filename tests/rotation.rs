@@ -12,7 +12,6 @@ use std::path::Path;
 use chatwoot_bridge::mock::MockServer;
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
-use serde_json::Value;
 use support::{
     api_agent_config, assert_each_message_once, mock_with_api_agent, shut_down, wait_for_messages,
     wait_until, WAIT,
@@ -20,10 +19,8 @@ use support::{
 
 /// The ids of the `message.created` events in the file.
 fn messages(out: &Path) -> Vec<u64> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("each line is JSON"))
+    support::events_in(out)
+        .into_iter()
         .filter(|e| {
             e["type"]
                 .as_str()

@@ -13,11 +13,7 @@ use serde_json::Value;
 use support::{mock_token, quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
 
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    support::events_in(path)
 }
 
 /// Chatwoot's `data` of a fixture, as the exact bytes it sent.
