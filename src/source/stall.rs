@@ -131,7 +131,8 @@ impl StallWatch {
             .skip_window(SystemTime::now());
     }
 
-    /// Activity is overdue: says so, reads the profile again and backfills the span.
+    /// Activity is overdue: says so, reads the profile again (at a stall's start) and
+    /// backfills the span.
     fn stalled(&self, overdue: Overdue, now: SystemTime) {
         let new = self
             .tracker
@@ -143,12 +144,14 @@ impl StallWatch {
                 "CABLE STALLED: the REST API shows activity the subscribed socket has not delivered \
                  for stall_after; Chatwoot's background workers (Sidekiq) may be down, or the \
                  pubsub token rotated");
+            // Once per stall: a rotation shows at the first read, and a long Sidekiq outage
+            // need not cost a profile read per check.
+            if let Some(refresh) = &self.refresh_profile {
+                refresh.notify_one();
+            }
         } else {
             warn!(token = %self.token, conversations = overdue.conversations,
                 "the cable is still stalled: more activity it has not delivered");
-        }
-        if let Some(refresh) = &self.refresh_profile {
-            refresh.notify_one();
         }
         let Some(backfiller) = &self.backfiller else {
             warn!(token = %self.token,
