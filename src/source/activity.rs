@@ -72,9 +72,10 @@ enum Checks {
     /// No confirmed subscription: nothing is checked.
     #[default]
     Down,
-    /// Confirmed at this moment, not checked since. What moved before it is a gap's (a
-    /// backfill reads it), so only activity after this second counts.
-    Confirmed(SystemTime),
+    /// Started afresh at this moment, not checked since: at a confirm (what moved before is a
+    /// gap's, which a backfill reads) or after a window too large to read. Only activity after
+    /// this second counts.
+    StartedAt(SystemTime),
     /// Checked last at this moment.
     Checked(SystemTime),
 }
@@ -107,7 +108,7 @@ pub(crate) struct ActivityTracker {
 impl ActivityTracker {
     /// The subscription is confirmed (again) at `at`: the checks start afresh from there.
     pub(crate) fn resubscribed(&mut self, at: SystemTime) {
-        self.checks = Checks::Confirmed(at);
+        self.checks = Checks::StartedAt(at);
         self.pending.clear();
     }
 
@@ -140,7 +141,7 @@ impl ActivityTracker {
     /// from `now`, counting only what moves after it.
     pub(crate) fn skip_window(&mut self, now: SystemTime) {
         if self.checks != Checks::Down {
-            self.checks = Checks::Confirmed(now);
+            self.checks = Checks::StartedAt(now);
         }
     }
 
@@ -177,7 +178,7 @@ impl ActivityTracker {
     /// could outgrow what one check reads and keep every later one failing.
     pub(crate) fn window(&self, now: SystemTime, interval: Duration) -> u64 {
         let since = match self.checks {
-            Checks::Confirmed(at) | Checks::Checked(at) => now.duration_since(at).ok(),
+            Checks::StartedAt(at) | Checks::Checked(at) => now.duration_since(at).ok(),
             Checks::Down => None,
         };
         let since = since
@@ -194,7 +195,7 @@ impl ActivityTracker {
     fn moved(&self, known: Option<&Activity>, activity: Activity) -> bool {
         match self.checks {
             Checks::Down => false,
-            Checks::Confirmed(at) => {
+            Checks::StartedAt(at) => {
                 activity.at > unix_seconds(at) && known.is_none_or(|known| activity > *known)
             }
             Checks::Checked(at) => match known {
