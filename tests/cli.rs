@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatwoot_bridge::mock::{Answer, Blast, MockConfig};
-use support::{free_port, mock_token, quoted, signal, start_mock, wait_until, within, BridgeYaml};
+use support::{
+    events_in, free_port, mock_token, quoted, signal, start_mock, wait_until, within, BridgeYaml,
+};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatwoot-bridge");
@@ -225,11 +227,7 @@ fn daemon(config: &Path) -> Command {
 /// Waits until the file sink's `file` holds at least `count` lines.
 async fn wait_for_lines_in(file: &Path, count: usize) {
     wait_until(&format!("events to flow ({count} in the file)"), || {
-        std::fs::read_to_string(file)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            >= count
+        events_in(file).len() >= count
     })
     .await;
 }
@@ -529,13 +527,9 @@ async fn dlq_list_skips_a_torn_line_and_says_how_many() {
     assert_eq!(torn.len(), 1, "the torn bytes are kept aside");
 }
 
-/// The lines of `file`, each checked to be a whole JSON object.
+/// How many complete lines `file` holds, each checked to be a whole JSON object.
 fn json_lines(file: &Path) -> usize {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
-    for line in text.lines() {
-        serde_json::from_str::<serde_json::Value>(line).expect("whole JSON lines");
-    }
-    text.lines().count()
+    events_in(file).len()
 }
 
 #[tokio::test]

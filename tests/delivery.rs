@@ -359,11 +359,9 @@ async fn a_replay_larger_than_the_spool_goes_on_where_it_stopped() {
 
 /// The `live` number of each event in a file sink's output, in file order.
 fn live_numbers(path: &std::path::Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+    support::events_in(path)
+        .into_iter()
+        .map(|event| {
             event["data"]["live"]
                 .as_u64()
                 .expect("live events carry `live`")
@@ -604,7 +602,7 @@ async fn dead_letters_can_go_to_another_sink() {
         r#"{"account_id":1,"conversation_id":5,"x":"fine"}"#,
     );
     wait_until("the poison parked, the other delivered", || {
-        std::fs::read_to_string(&parking).is_ok_and(|t| t.lines().count() == 1)
+        support::events_in(&parking).len() == 1
             && bridge.stats().delivered.load(Ordering::Relaxed) >= 2
     })
     .await;

@@ -88,13 +88,10 @@ async fn stream_in_waves(bridge: &Bridge, mock: &MockServer) {
 
 /// The `mock_seq` of each line the file sink wrote, in order.
 fn written_seqs(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).unwrap();
-            event["data"]["mock_seq"].as_u64().unwrap()
-        })
+    assert!(path.exists(), "no file at {}", path.display());
+    support::events_in(path)
+        .into_iter()
+        .map(|event| event["data"]["mock_seq"].as_u64().unwrap())
         .collect()
 }
 

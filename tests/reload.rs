@@ -30,16 +30,12 @@ struct Written {
 
 /// Every event in the file sink's file at `path`, in file order; none when there is no file.
 fn written(path: &Path) -> Vec<Written> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| {
-            let event: serde_json::Value = serde_json::from_str(line).expect("whole JSON lines");
-            Written {
-                id: event["id"].as_str().unwrap().to_owned(),
-                token: event["chatwoottoken"].as_str().unwrap().to_owned(),
-                seq: event["data"]["mock_seq"].as_u64().unwrap(),
-            }
+    support::events_in(path)
+        .into_iter()
+        .map(|event| Written {
+            id: event["id"].as_str().unwrap().to_owned(),
+            token: event["chatwoottoken"].as_str().unwrap().to_owned(),
+            seq: event["data"]["mock_seq"].as_u64().unwrap(),
         })
         .collect()
 }

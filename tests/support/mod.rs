@@ -1,8 +1,8 @@
 //! What the integration tests share: one wait budget and the waits that use it, the mock
 //! Chatwoot's tokens, the YAML of a bridge's config ([`BridgeYaml`]), real servers on free
 //! loopback ports ([`NatsServer`], [`KafkaBroker`], the webhook [`Receiver`], over TLS too), a
-//! private CA's certificates ([`Pki`]), dead letters to replay ([`padded_letters`]), and what a
-//! backfill wrote ([`message_marks`]).
+//! private CA's certificates ([`Pki`]), dead letters to replay ([`padded_letters`]), what a file
+//! sink wrote so far ([`events_in`]) and what a backfill wrote ([`message_marks`]).
 
 // Each test file uses its own part of this module.
 #![allow(dead_code, unused_imports)]
@@ -12,6 +12,7 @@ mod brokers;
 mod dead_letters;
 mod pki;
 mod receiver;
+mod written;
 mod yaml;
 
 use std::future::Future;
@@ -23,12 +24,13 @@ use chatwoot_bridge::sink::{Sink, SinkLimits};
 use chatwoot_bridge::{Bridge, ShutdownReport};
 
 pub(crate) use backfilled::{
-    assert_each_message_once, backfilled_conversations, events_in, message_marks, wait_for_messages,
+    assert_each_message_once, backfilled_conversations, message_marks, wait_for_messages,
 };
 pub(crate) use brokers::{kafka_consumer, KafkaBroker, NatsServer, TestCertificates};
 pub(crate) use dead_letters::{padded_letters, replay_progress_written};
 pub(crate) use pki::Pki;
 pub(crate) use receiver::{scripted, Received, Receiver, Reply, Responder};
+pub(crate) use written::events_in;
 pub(crate) use yaml::{quoted, BridgeYaml};
 
 /// Bounds every wait of the tests: for a condition, a server, a command or a future. Generous,
