@@ -377,23 +377,14 @@ async fn top(args: TopArgs) -> anyhow::Result<ExitCode> {
 
 /// The daemon, until SIGTERM or Ctrl-C; SIGHUP reloads the config file.
 async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    // Before anything slow: SIGHUP's default action ends the process.
+    // Before anything slow: the default actions of SIGHUP and SIGTERM end the process, and a
+    // stop asked for during a slow start is still a graceful one.
     let hangups = hangups()?;
+    let stops = StopSignals::listen()?;
     let config = Config::load(path)?;
-    let first_signal = std::sync::Arc::new(tokio::sync::Notify::new());
-    let stop = {
-        let first_signal = first_signal.clone();
-        async move {
-            shutdown_signal().await;
-            first_signal.notify_one();
-        }
-    };
     let report = tokio::select! {
-        report = serve(config, path, hangups, stop) => report?,
-        () = async {
-            first_signal.notified().await;
-            shutdown_signal().await;
-        } => {
+        report = serve(config, path, hangups, stops.clone().received(1)) => report?,
+        () = stops.received(2) => {
             // An operator who asks twice does not wait for the shutdown deadline.
             tracing::error!("second signal: exiting now, before the shutdown finished; \
                 what was appended stays in the spool for the next start, events still in memory \
@@ -739,6 +730,7 @@ async fn check_connect(config: &Config) -> ExitCode {
 
 /// A mock Chatwoot cable server, until SIGTERM or Ctrl-C.
 async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
+    let stops = StopSignals::listen()?;
     let answers = [
         (args.tokens, Answer::Confirm),
         (args.silent_tokens, Answer::Silent),
@@ -785,7 +777,7 @@ async fn mock_server(args: MockServerArgs) -> anyhow::Result<ExitCode> {
     .await
     .with_context(|| format!("cannot start the mock server on {listen}"))?;
     info!(url = %server.url(), "mock Chatwoot cable server listening");
-    shutdown_signal().await;
+    stops.received(1).await;
     server.stop().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -885,6 +877,7 @@ fn mock_accounts(users: &[MockUser], contacts: &[MockContact]) -> Vec<MockAccoun
 
 /// The demo: a mock Chatwoot with an agent and a widget visitor, and the bridge printing events.
 async fn demo(rate: f64, events: Option<u64>, file: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let stops = StopSignals::listen()?;
     let server = MockServer::start(MockConfig {
         tokens: vec![
             MockToken {
@@ -912,11 +905,11 @@ async fn demo(rate: f64, events: Option<u64>, file: Option<PathBuf>) -> anyhow::
         // Each event reaches both tokens: wait for all copies, then stop.
         Some(n) => {
             tokio::select! {
-                _ = shutdown_signal() => {}
+                () = stops.received(1) => {}
                 _ = delivered_at_least(&bridge, n * 2) => {}
             }
         }
-        None => shutdown_signal().await,
+        None => stops.received(1).await,
     }
     let report = bridge.shutdown().await;
     server.stop().await;
@@ -963,24 +956,50 @@ async fn delivered_at_least(bridge: &chatwoot_bridge::Bridge, want: u64) {
 const EXIT_SECOND_SIGNAL: i32 = 130;
 
 /// Completes on Ctrl-C or SIGTERM (what `docker stop` and systemd send).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and Ctrl-C (SIGINT), counted from the moment [`StopSignals::listen`] ran: the first
+/// asks for a graceful stop, a second for an immediate exit.
+#[derive(Clone)]
+struct StopSignals(tokio::sync::watch::Receiver<u32>);
+
+impl StopSignals {
+    /// Takes over both signals now, so that one arriving while the daemon is still starting is
+    /// counted instead of ending the process by the default action.
+    fn listen() -> anyhow::Result<Self> {
+        let (count, counted) = tokio::sync::watch::channel(0u32);
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut terminate =
+                signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+            let mut interrupt =
+                signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        Some(()) = terminate.recv() => info!("SIGTERM received"),
+                        Some(()) = interrupt.recv() => info!("Ctrl-C received"),
+                        else => break,
+                    }
+                    count.send_modify(|n| *n += 1);
+                }
+            });
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => info!("Ctrl-C received"),
-        _ = terminate => info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                info!("Ctrl-C received");
+                count.send_modify(|n| *n += 1);
+            }
+        });
+        Ok(Self(counted))
+    }
+
+    /// Completes once `n` signals have come since [`StopSignals::listen`]; never when the
+    /// signals cannot be listened to any more.
+    async fn received(mut self, n: u32) {
+        if self.0.wait_for(|count| *count >= n).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
