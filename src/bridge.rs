@@ -737,7 +737,7 @@ shutdown_timeout: {timeout}
 
     /// The most a shutdown may take: its one-second deadline, the grace periods, and slack for
     /// a loaded test machine.
-    const SHUTDOWN_BOUND: Duration = Duration::from_secs(1 + 3)
+    const SHUTDOWN_BOUND: Duration = Duration::from_secs(1 + 10)
         .saturating_add(STOP_GRACE)
         .saturating_add(FINAL_SYNC_LIMIT);
 

@@ -18,7 +18,7 @@ use chatwoot_bridge::Bridge;
 use serde_json::{json, Value};
 use support::{
     assert_each_message_once, backfilled_conversations, events_in, free_port, quoted, shut_down,
-    wait_for_messages, wait_until, wait_until_async, BridgeYaml, WAIT,
+    wait_for_messages, wait_until, wait_until_async, BridgeYaml, POLL, WAIT,
 };
 
 /// A puma serving tests/actioncable/config.ru on a free loopback port; killed on drop.
@@ -374,25 +374,46 @@ async fn a_rotated_token_is_followed_on_the_same_socket_and_the_old_stream_is_dr
         }
     })
     .await;
-    // The old subscription is unsubscribed right after the new one's confirm.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    rails
-        .broadcast("agent-token-1", "message.created", message(900))
-        .await;
-    rails
-        .broadcast("agent-token-1-rotated", "message.created", message(901))
-        .await;
-    wait_until("the last broadcast to the rotated token", || {
-        ids(&read_events(&out), "agent", "message.created").contains(&901)
+    // The old subscription is unsubscribed right after the new one's confirm, which may come
+    // after the new stream's first data: probe the old stream, then mark the new one, until a
+    // marker arrives without its probe.
+    let mut probe = 900;
+    wait_until_async("a broadcast to the old token to stay away", || {
+        probe += 1;
+        let (rails, out, probe) = (&rails, &out, probe);
+        async move {
+            rails
+                .broadcast("agent-token-1", "message.created", message(probe))
+                .await;
+            let marker = probe + 1000;
+            rails
+                .broadcast("agent-token-1-rotated", "message.created", message(marker))
+                .await;
+            loop {
+                let delivered = ids(&read_events(out), "agent", "message.created");
+                if delivered.contains(&marker) {
+                    return !delivered.contains(&probe);
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
     })
     .await;
+    // Whatever its stream's order, the probe would have come by a later round trip.
+    rails
+        .broadcast("agent-token-1-rotated", "message.created", message(5000))
+        .await;
+    wait_until("the last broadcast to the rotated token", || {
+        ids(&read_events(&out), "agent", "message.created").contains(&5000)
+    })
+    .await;
+    assert!(
+        !ids(&read_events(&out), "agent", "message.created").contains(&probe),
+        "the old token's stream was unsubscribed"
+    );
     let status = bridge.status().token("agent").unwrap();
     shut_down(bridge).await;
     assert_eq!(status.connects, 1, "the same socket all along");
-    assert!(
-        !ids(&read_events(&out), "agent", "message.created").contains(&900),
-        "the old token's stream was unsubscribed"
-    );
 }
 
 #[tokio::test]

@@ -170,7 +170,7 @@ async fn mock(tokens: Vec<MockToken>) -> MockServer {
 fn config(cable: &str, api: &str, out: &Path, token: &str) -> BridgeYaml {
     BridgeYaml::new(cable)
         .cable(&format!("api_url: {api}"))
-        .cable("confirm_timeout: 500ms")
+        .cable("confirm_timeout: 2s")
         .cable("stale_after: 2s")
         .cable("connect_timeout: 2s")
         .cable("reconnect: { initial: 50ms, max: 200ms }")

@@ -300,9 +300,10 @@ async fn a_stalled_broadcast_is_noticed_within_stall_after_shown_and_backfilled(
     let status = agent_when(&bridge, "the stall noticed", |t| t.stalled_since.is_some()).await;
     let noticed_after = stalled_at.elapsed();
     // At the earliest stall_after after a check first shows the activity; at the latest one
-    // check interval (500 ms) later, plus slack for a loaded machine.
+    // check interval (500 ms) later, plus slack for a loaded machine: a bound that still fails
+    // a check that waits for the profile refresh or a second stall_after.
     assert!(
-        noticed_after >= STALL_AFTER && noticed_after < STALL_AFTER + Duration::from_secs(4),
+        noticed_after >= STALL_AFTER && noticed_after < STALL_AFTER * 4,
         "noticed after {noticed_after:?}"
     );
     assert_eq!((status.stalls, status.connects), (1, 1), "{status:?}");

@@ -31,7 +31,7 @@ async fn mock(tokens: Vec<MockToken>) -> MockServer {
 fn config(url: &str, out: &Path) -> BridgeYaml {
     BridgeYaml::new(url)
         .cable("confirm_timeout: 500ms")
-        .cable("stale_after: 1s")
+        .cable("stale_after: 3s")
         .cable("reconnect: { initial: 50ms, max: 200ms }")
         .sink(
             "archive",

@@ -855,7 +855,8 @@ async fn a_kafka_outage_longer_than_the_message_timeout_loses_nothing() {
     // Past the message timeout: the records waiting for the broker fail in their reports.
     wait_until("a delivery failed", || retries() > retries_before).await;
     // Waits while the broker was away depend on how long that took on this machine; those after
-    // it is back do not: one each for hundreds of failed batches before, a few at most now.
+    // it is back do not: one each for hundreds of failed batches before, now a few passes until
+    // librdkafka has reconnected (more on a slow machine, never one per batch).
     let retries_at_return = retries();
     cluster.broker_up(BROKER).unwrap();
     wait_until("every event delivered", || {
@@ -873,7 +874,7 @@ async fn a_kafka_outage_longer_than_the_message_timeout_loses_nothing() {
     );
     let waits = status.retries - retries_at_return;
     assert!(
-        waits <= 5,
+        waits <= 20,
         "{waits} waits before a retry after the broker came back: each failed batch waited on its own"
     );
 

@@ -21,7 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 const QUIET: Duration = Duration::from_millis(400);
 
 /// Bounds every wait for a frame that should come.
-const PATIENCE: Duration = Duration::from_secs(5);
+const PATIENCE: Duration = Duration::from_secs(15);
 
 /// The mock's people: administrators 3 and 7 in account 1, administrator 9 in account 2, visitor
 /// 42 in account 1.
@@ -125,7 +125,7 @@ impl Client {
 
     /// The next frame, which must come.
     async fn expect(&mut self) -> Value {
-        self.next(PATIENCE).await.expect("a frame within 5 s")
+        self.next(PATIENCE).await.expect("a frame within PATIENCE")
     }
 
     /// The next data frame's event name, which must come.

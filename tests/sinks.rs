@@ -326,7 +326,7 @@ async fn nats_sink_starts_without_a_server_and_delivers_once_one_is_up() {
     )
     .await;
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(15),
         "building must not wait for the server"
     );
     let e = event(1, "message.created", r#"{"account_id":1}"#);
@@ -837,7 +837,10 @@ async fn kafka_sink_builds_without_a_broker_and_reports_no_delivery() {
         ),
     )
     .await;
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "building must not wait for a broker"
+    );
     let outcomes = deliver(&mut sink, &[event(1, "x", r#"{"a":1}"#)]).await;
     // Not confirmed by a broker, so not delivered; a timeout is worth retrying.
     assert_eq!(kind(&outcomes[0]), "retryable", "{outcomes:?}");

@@ -31,12 +31,18 @@ fn binary(name: &str, extra: &[PathBuf], install: &str) -> PathBuf {
         })
 }
 
-/// Waits until `port` accepts TCP connections, or panics after [`WAIT`] with the server's log.
+/// Waits until `port` accepts TCP connections while `child` still runs, or panics after
+/// [`WAIT`] with the server's log. A server that exited (a port taken meanwhile, for one) fails
+/// here even when something else answers on its port.
 async fn wait_for_port(port: u16, child: &mut Child, log: &Path, what: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
         let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
-        if let Ok(Ok(_)) = tokio::time::timeout(CONNECT_ATTEMPT, connect).await {
+        let accepted = matches!(
+            tokio::time::timeout(CONNECT_ATTEMPT, connect).await,
+            Ok(Ok(_))
+        );
+        if accepted && matches!(child.try_wait(), Ok(None)) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
