@@ -109,6 +109,12 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// `shutdown_timeout` plus 4 seconds.
 const FINAL_SYNC_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long a start waits for a spool lock that is held before it calls the spool in use. A
+/// process that another thread of this one is starting holds a copy of the lock from its fork
+/// to its exec, so a lock released by a shutdown (or a restart in the same process) can stay
+/// taken for a moment after it.
+const SPOOL_LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Whether the sinks caught up with the spool before the shutdown deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drain {
@@ -425,7 +431,7 @@ async fn final_sync(spool: Spool) -> Persistence {
 
 /// Takes the spool's lock, then opens the spool and the dead letters.
 async fn open_storage(config: &Config) -> Result<(File, Spool, DeadLetters), StartError> {
-    let spool_lock = lock_spool(&config.spool.dir)?;
+    let spool_lock = lock_spool(&config.spool.dir).await?;
     let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
     let spool_config = config.spool.clone();
     let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config, &sink_names))
@@ -596,7 +602,7 @@ fn start_supervisor(config: &Config, events: EventSender, status: &StatusBoard) 
 }
 
 /// Takes the spool's lock file, so a second process on the same spool fails at start.
-fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
+async fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
     std::fs::create_dir_all(dir).map_err(|source| StartError::Lock {
         path: dir.to_owned(),
         source,
@@ -622,10 +628,20 @@ fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
             path: path.clone(),
             source,
         })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::SpoolInUse(dir.to_owned())),
-        Err(std::fs::TryLockError::Error(source)) => Err(StartError::Lock { path, source }),
+    let patience = Instant::now() + SPOOL_LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < patience => {
+                tokio::time::sleep(SPOOL_LOCK_PATIENCE / 50).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StartError::SpoolInUse(dir.to_owned()))
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StartError::Lock { path, source })
+            }
+        }
     }
 }
 
@@ -733,6 +749,47 @@ shutdown_timeout: {timeout}
             bridge,
             fault,
         }
+    }
+
+    #[tokio::test]
+    async fn a_second_bridge_on_a_spool_in_use_is_refused_naming_it_and_starts_once_it_is_free() {
+        let mock = MockServer::start(MockConfig {
+            tokens: vec![MockToken {
+                pubsub_token: "t".into(),
+                answer: Answer::Confirm,
+            }],
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let first = Bridge::start(config(&mock.url(), dir.path(), "1s"))
+            .await
+            .unwrap();
+        let refused = Bridge::start(config(&mock.url(), dir.path(), "1s")).await;
+        let Err(StartError::SpoolInUse(spool)) = refused else {
+            panic!("a spool in use must be refused as such");
+        };
+        assert_eq!(spool, dir.path().join("spool"));
+        first.shutdown().await;
+
+        // A copy of the lock that outlives the shutdown for a moment, as a process being
+        // spawned holds one until its exec: the next start waits it out.
+        let copy = File::options()
+            .write(true)
+            .open(dir.path().join("spool/lock"))
+            .unwrap();
+        copy.try_lock().expect("the shutdown released the lock");
+        let released = tokio::spawn(async move {
+            tokio::time::sleep(SPOOL_LOCK_PATIENCE / 10).await;
+            drop(copy);
+        });
+        let second = Bridge::start(config(&mock.url(), dir.path(), "1s"))
+            .await
+            .expect("the start waits for a lock released within its patience");
+        released.await.unwrap();
+        second.shutdown().await;
+        mock.stop().await;
     }
 
     /// The most a shutdown may take: its one-second deadline, the grace periods, and slack for
