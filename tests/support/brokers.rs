@@ -61,6 +61,20 @@ async fn wait_for_port(port: u16, child: &mut Child, log: &Path, what: &str) {
     }
 }
 
+/// Whether every thread under `tasks` (a `/proc/PID/task` directory) is stopped by a signal:
+/// the state after the command name in its `stat` is `T`.
+fn every_thread_stopped(tasks: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return false;
+    };
+    entries.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
 /// A child process killed (and reaped) on drop, with its scratch directory.
 struct Process {
     /// Killed on drop so no server outlives its test.
@@ -144,6 +158,17 @@ impl NatsServer {
     /// clients write, but nothing is read or answered, as with a server stuck in a long pause.
     pub(crate) fn pause(&self) {
         self.signal("-STOP");
+        // SIGSTOP takes effect as each thread next runs: until all have stopped, the server
+        // may still read (and answer) what the test sends next.
+        let tasks = format!("/proc/{}/task", self.process.child.id());
+        let deadline = Instant::now() + WAIT;
+        while !every_thread_stopped(Path::new(&tasks)) {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not stop on SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Lets a paused server run again (SIGCONT).
