@@ -92,7 +92,7 @@ pub struct Bridge {
     /// Every event read is appended here before any sink sees it.
     spool: Spool,
     /// Held for the life of the bridge: two processes on one spool would deliver twice.
-    _spool_lock: File,
+    _spool_lock: SpoolLock,
     /// How long shutdown may take to store what was read and deliver it, from the signal.
     shutdown_timeout: Duration,
     /// The admin endpoint, when the config turns it on; stopped after the sinks at shutdown.
@@ -108,12 +108,6 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// cannot hold the process either. With [`STOP_GRACE`], a shutdown takes at most
 /// `shutdown_timeout` plus 4 seconds.
 const FINAL_SYNC_LIMIT: Duration = Duration::from_secs(2);
-
-/// How long a start waits for a spool lock that is held before it calls the spool in use. A
-/// process that another thread of this one is starting holds a copy of the lock from its fork
-/// to its exec, so a lock released by a shutdown (or a restart in the same process) can stay
-/// taken for a moment after it.
-const SPOOL_LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Whether the sinks caught up with the spool before the shutdown deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,8 +424,8 @@ async fn final_sync(spool: Spool) -> Persistence {
 }
 
 /// Takes the spool's lock, then opens the spool and the dead letters.
-async fn open_storage(config: &Config) -> Result<(File, Spool, DeadLetters), StartError> {
-    let spool_lock = lock_spool(&config.spool.dir).await?;
+async fn open_storage(config: &Config) -> Result<(SpoolLock, Spool, DeadLetters), StartError> {
+    let spool_lock = lock_spool(&config.spool.dir)?;
     let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
     let spool_config = config.spool.clone();
     let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config, &sink_names))
@@ -602,7 +596,7 @@ fn start_supervisor(config: &Config, events: EventSender, status: &StatusBoard) 
 }
 
 /// Takes the spool's lock file, so a second process on the same spool fails at start.
-async fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
+fn lock_spool(dir: &std::path::Path) -> Result<SpoolLock, StartError> {
     std::fs::create_dir_all(dir).map_err(|source| StartError::Lock {
         path: dir.to_owned(),
         source,
@@ -628,20 +622,22 @@ async fn lock_spool(dir: &std::path::Path) -> Result<File, StartError> {
             path: path.clone(),
             source,
         })?;
-    let patience = Instant::now() + SPOOL_LOCK_PATIENCE;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < patience => {
-                tokio::time::sleep(SPOOL_LOCK_PATIENCE / 50).await;
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StartError::SpoolInUse(dir.to_owned()))
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StartError::Lock { path, source })
-            }
-        }
+    match file.try_lock() {
+        Ok(()) => Ok(SpoolLock(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::SpoolInUse(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StartError::Lock { path, source }),
+    }
+}
+
+/// The spool's lock file, locked while the bridge runs. Unlocked explicitly when dropped:
+/// closing the file alone releases the lock only once every copy of its descriptor is closed,
+/// and a process that another thread of the host is spawning holds one from its fork to its
+/// exec, which would make a start right after a shutdown find the spool in use.
+struct SpoolLock(File);
+
+impl Drop for SpoolLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
     }
 }
 
@@ -752,7 +748,8 @@ shutdown_timeout: {timeout}
     }
 
     #[tokio::test]
-    async fn a_second_bridge_on_a_spool_in_use_is_refused_naming_it_and_starts_once_it_is_free() {
+    async fn a_second_bridge_on_a_spool_in_use_is_refused_naming_it_and_the_lock_ends_with_the_shutdown(
+    ) {
         let mock = MockServer::start(MockConfig {
             tokens: vec![MockToken {
                 pubsub_token: "t".into(),
@@ -771,23 +768,13 @@ shutdown_timeout: {timeout}
             panic!("a spool in use must be refused as such");
         };
         assert_eq!(spool, dir.path().join("spool"));
+        // A copy of the lock's descriptor, as a process being spawned holds one until its exec.
+        let copy = first._spool_lock.0.try_clone().unwrap();
         first.shutdown().await;
-
-        // A copy of the lock that outlives the shutdown for a moment, as a process being
-        // spawned holds one until its exec: the next start waits it out.
-        let copy = File::options()
-            .write(true)
-            .open(dir.path().join("spool/lock"))
-            .unwrap();
-        copy.try_lock().expect("the shutdown released the lock");
-        let released = tokio::spawn(async move {
-            tokio::time::sleep(SPOOL_LOCK_PATIENCE / 10).await;
-            drop(copy);
-        });
         let second = Bridge::start(config(&mock.url(), dir.path(), "1s"))
             .await
-            .expect("the start waits for a lock released within its patience");
-        released.await.unwrap();
+            .expect("the spool is free once its bridge shut down, whoever holds a descriptor");
+        drop(copy);
         second.shutdown().await;
         mock.stop().await;
     }

@@ -955,9 +955,9 @@ async fn delivered_at_least(bridge: &chatwoot_bridge::Bridge, want: u64) {
 /// shell reports an interrupted command.
 const EXIT_SECOND_SIGNAL: i32 = 130;
 
-/// Completes on Ctrl-C or SIGTERM (what `docker stop` and systemd send).
-/// SIGTERM and Ctrl-C (SIGINT), counted from the moment [`StopSignals::listen`] ran: the first
-/// asks for a graceful stop, a second for an immediate exit.
+/// SIGTERM (what `docker stop`, systemd and Kubernetes send) and Ctrl-C (SIGINT), counted from
+/// the moment [`StopSignals::listen`] ran: the first asks for a graceful stop, a second for an
+/// immediate exit.
 #[derive(Clone)]
 struct StopSignals(tokio::sync::watch::Receiver<u32>);
 
