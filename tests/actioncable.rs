@@ -183,10 +183,6 @@ fn config(url: &str, out: &Path) -> BridgeYaml {
         .spool(&out.with_extension("spool"))
 }
 
-fn read_events(path: &Path) -> Vec<Value> {
-    events_in(path)
-}
-
 /// What `token` read of `event`, as the `data.id`s.
 fn ids(events: &[Value], token: &str, event: &str) -> Vec<u64> {
     events
@@ -246,14 +242,14 @@ async fn each_identity_gets_the_streams_chatwoots_room_channel_gives_it() {
         .await;
     let mut events = Vec::new();
     wait_until("the broadcasts to reach the file", || {
-        events = read_events(&out);
+        events = events_in(&out);
         !ids(&events, "visitor", "message.created").is_empty()
             && !ids(&events, "agent", "contact.created").is_empty()
             && !ids(&events, "agent", "message.created").is_empty()
     })
     .await;
     shut_down(bridge).await;
-    let events = read_events(&out);
+    let events = events_in(&out);
 
     assert_eq!(
         ids(&events, "agent", "message.created"),
@@ -320,11 +316,11 @@ async fn a_wrong_user_or_account_is_answered_with_silence() {
         )
         .await;
     wait_until("the right token to read the account broadcast", || {
-        !ids(&read_events(&out), "right", "contact.created").is_empty()
+        !ids(&events_in(&out), "right", "contact.created").is_empty()
     })
     .await;
     shut_down(bridge).await;
-    let events = read_events(&out);
+    let events = events_in(&out);
     for name in ["wrong-user", "wrong-account", "unknown"] {
         let status_events: Vec<&Value> = events
             .iter()
@@ -370,7 +366,7 @@ async fn a_rotated_token_is_followed_on_the_same_socket_and_the_old_stream_is_dr
                 .broadcast("agent-token-1-rotated", "message.created", message(id))
                 .await;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            !ids(&read_events(out), "agent", "message.created").is_empty()
+            !ids(&events_in(out), "agent", "message.created").is_empty()
         }
     })
     .await;
@@ -390,7 +386,7 @@ async fn a_rotated_token_is_followed_on_the_same_socket_and_the_old_stream_is_dr
                 .broadcast("agent-token-1-rotated", "message.created", message(marker))
                 .await;
             loop {
-                let delivered = ids(&read_events(out), "agent", "message.created");
+                let delivered = ids(&events_in(out), "agent", "message.created");
                 if delivered.contains(&marker) {
                     return !delivered.contains(&probe);
                 }
@@ -404,11 +400,11 @@ async fn a_rotated_token_is_followed_on_the_same_socket_and_the_old_stream_is_dr
         .broadcast("agent-token-1-rotated", "message.created", message(5000))
         .await;
     wait_until("the last broadcast to the rotated token", || {
-        ids(&read_events(&out), "agent", "message.created").contains(&5000)
+        ids(&events_in(&out), "agent", "message.created").contains(&5000)
     })
     .await;
     assert!(
-        !ids(&read_events(&out), "agent", "message.created").contains(&probe),
+        !ids(&events_in(&out), "agent", "message.created").contains(&probe),
         "the old token's stream was unsubscribed"
     );
     let status = bridge.status().token("agent").unwrap();
@@ -448,7 +444,7 @@ async fn after_a_restart_with_a_rotated_token_the_unconfirmed_subscription_reads
         )
         .await;
     wait_until("the new token's broadcast", || {
-        ids(&read_events(&out), "agent", "message.created").contains(&401)
+        ids(&events_in(&out), "agent", "message.created").contains(&401)
     })
     .await;
     let status = bridge.status().token("agent").unwrap();

@@ -189,10 +189,6 @@ fn out_file() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-fn read_events(path: &Path) -> Vec<Value> {
-    support::events_in(path)
-}
-
 /// Waits until `condition` holds for token `name`'s status.
 async fn wait_token(
     bridge: &Bridge,
@@ -220,7 +216,7 @@ async fn deliver(server: &MockServer, out: &Path, pubsub_token: &str, marker: u6
     wait_until_explained(
         &format!("the event broadcast to one pubsub token (id {marker}) in the file"),
         || {
-            found = read_events(out)
+            found = support::events_in(out)
                 .into_iter()
                 .find(|e| e["data"]["id"] == marker);
             if found.is_none() {
@@ -228,7 +224,7 @@ async fn deliver(server: &MockServer, out: &Path, pubsub_token: &str, marker: u6
             }
             found.is_some()
         },
-        || format!("{:?}", read_events(out)),
+        || format!("{:?}", support::events_in(out)),
     )
     .await;
     found.unwrap()

@@ -59,20 +59,16 @@ async fn stop(bridge: Bridge, server: MockServer) {
     server.stop().await;
 }
 
-fn read_events(path: &Path) -> Vec<Value> {
-    support::events_in(path)
-}
-
 /// Waits until the file holds at least `n` events; returns those it then held.
 async fn wait_for_lines(path: &Path, n: usize) -> Vec<Value> {
     let mut events = Vec::new();
     wait_until_explained(
         &format!("{n} events in {}", path.display()),
         || {
-            events = read_events(path);
+            events = support::events_in(path);
             events.len() >= n
         },
-        || format!("found {}", read_events(path).len()),
+        || format!("found {}", support::events_in(path).len()),
     )
     .await;
     events
@@ -662,7 +658,7 @@ async fn shutdown_delivers_everything_that_was_read() {
     let report = shut_down(bridge).await;
     assert_eq!(report.drain, Drain::CaughtUp);
     let read = status.token("agent").unwrap().events as usize;
-    let events = read_events(&out);
+    let events = support::events_in(&out);
     assert_eq!(
         events.len(),
         read,

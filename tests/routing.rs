@@ -9,12 +9,7 @@ use chatwoot_bridge::mock::fixtures;
 use chatwoot_bridge::mock::{Answer, MockConfig};
 use chatwoot_bridge::status::TokenState;
 use chatwoot_bridge::Bridge;
-use serde_json::Value;
 use support::{mock_token, quoted, shut_down, start_mock, wait_until, BridgeYaml, WAIT};
-
-fn lines(path: &Path) -> Vec<Value> {
-    support::events_in(path)
-}
 
 /// Chatwoot's `data` of a fixture, as the exact bytes it sent.
 fn fixture_data(name: &str) -> String {
@@ -74,7 +69,7 @@ async fn routes_redact_and_count_what_matched_nothing() {
     server.broadcast("presence.update", &fixture_data("presence.update"));
 
     wait_until("events to arrive", || {
-        lines(&analytics).len() >= 2 && !lines(&raw).is_empty()
+        support::events_in(&analytics).len() >= 2 && !support::events_in(&raw).is_empty()
     })
     .await;
     let stats = bridge.stats();
@@ -87,7 +82,7 @@ async fn routes_redact_and_count_what_matched_nothing() {
     shut_down(bridge).await;
     server.stop().await;
 
-    let analytics = lines(&analytics);
+    let analytics = support::events_in(&analytics);
     let names: Vec<&str> = analytics
         .iter()
         .map(|e| e["chatwootevent"].as_str().unwrap())
@@ -104,7 +99,7 @@ async fn routes_redact_and_count_what_matched_nothing() {
         .is_none());
     assert!(analytics[0]["data"]["meta"]["sender"]["name"].is_string());
 
-    let raw = lines(&raw);
+    let raw = support::events_in(&raw);
     assert_eq!(raw.len(), 1);
     assert_eq!(
         raw[0]["data"]["contact_inbox"]["pubsub_token"],
